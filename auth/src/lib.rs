@@ -1,0 +1,108 @@
+//! Turns credentials into a [`Principal`] and decides which streams it may produce to.
+//!
+//! Until API keys, JWTs and mTLS land (issue 3), every producer is the anonymous principal, which
+//! may produce to every stream.
+
+use std::sync::Arc;
+
+/// Who is producing, as established by authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    name: Arc<str>,
+    permissions: Permissions,
+}
+
+impl Principal {
+    /// The principal of producers that presented no credentials where that is allowed.
+    pub fn anonymous() -> Self {
+        Self {
+            name: Arc::from("anonymous"),
+            permissions: Permissions::All,
+        }
+    }
+
+    /// A named principal with the given permissions.
+    pub fn new(name: impl Into<Arc<str>>, permissions: Permissions) -> Self {
+        Self {
+            name: name.into(),
+            permissions,
+        }
+    }
+
+    /// The principal's name, as recorded with its events.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this principal may append to `stream`.
+    pub fn may_produce_to(&self, stream: &str) -> bool {
+        self.permissions.allows(stream)
+    }
+}
+
+/// Streams a principal may produce to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Permissions {
+    /// Every stream.
+    All,
+    /// Streams matching any of these glob patterns (`*` any run of characters, `?` one).
+    Streams(Vec<String>),
+}
+
+impl Permissions {
+    /// Whether `stream` is allowed.
+    pub fn allows(&self, stream: &str) -> bool {
+        match self {
+            Permissions::All => true,
+            Permissions::Streams(patterns) => patterns.iter().any(|p| glob_match(p, stream)),
+        }
+    }
+}
+
+/// Matches `text` against `pattern`, where `*` stands for any run of characters and `?` for one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("telemetry.*", "telemetry.eu"));
+        assert!(!glob_match("telemetry.*", "telemetry"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c*", "abcdef"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("*.v1", "orders.v1"));
+        assert!(!glob_match("*.v1", "orders.v2"));
+    }
+
+    #[test]
+    fn permissions() {
+        let p = Principal::new("svc", Permissions::Streams(vec!["orders*".into()]));
+        assert!(p.may_produce_to("orders"));
+        assert!(!p.may_produce_to("payments"));
+        assert!(Principal::anonymous().may_produce_to("anything"));
+    }
+}

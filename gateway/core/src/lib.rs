@@ -1,0 +1,200 @@
+//! Sluice's shared vocabulary: the event, stream names, per-event receipts, the one rejection
+//! enum every adapter renders natively, the metrics every layer records, and the [`Ingest`]
+//! service the protocol adapters call.
+
+pub mod metrics;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use sluice_auth::Principal;
+pub use sluice_config::{AckMode, StreamSettings};
+
+/// A validated stream name (Kafka's topic rules: 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamName(Arc<str>);
+
+impl StreamName {
+    /// Checks `name` against the rules; the error says which rule it breaks.
+    pub fn parse(name: &str) -> Result<Self, Rejection> {
+        sluice_config::check_stream_name(name).map_err(|e| Rejection::Malformed {
+            message: format!("invalid stream name: {e}"),
+        })?;
+        Ok(Self(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The protocol an event arrived over (recorded with it and used as a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http,
+    Grpc,
+    Mqtt,
+    WebSocket,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+            Protocol::Mqtt => "mqtt",
+            Protocol::WebSocket => "websocket",
+        }
+    }
+}
+
+/// One event as a producer sent it. Every part is a slice of the received buffer where possible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    /// Chooses the partition; events with the same key keep their order.
+    pub key: Option<Bytes>,
+    /// The producer's own identifier of the event, stored with it.
+    pub id: Option<Bytes>,
+    /// Application headers, stored with the event.
+    pub headers: Vec<(Bytes, Bytes)>,
+    pub value: Bytes,
+}
+
+impl Event {
+    /// Bytes this event counts against `max_event_bytes`: key, id, headers and value.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len)
+            + self.id.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.value.len()
+    }
+}
+
+/// A batch of events for one stream from one principal.
+#[derive(Debug, Clone)]
+pub struct IngestRequest {
+    pub principal: Principal,
+    pub protocol: Protocol,
+    pub stream: StreamName,
+    /// Media type of the values, stored with the events (e.g. `application/json`).
+    pub content_type: Bytes,
+    pub events: Vec<Event>,
+}
+
+/// What happened to one event of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Receipt {
+    /// In the log at this position, at the stream's durable ack point.
+    Appended { partition: u32, offset: u64 },
+    /// Queued for this partition of a stream with `ack = "received"`; not yet durable.
+    Received { partition: u32 },
+    /// Not appended; the rejection says why and whether a retry can help.
+    Failed(Rejection),
+}
+
+/// Why a request or an event was not accepted. Classified once here; each adapter renders it in
+/// its protocol's own terms (see DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("{reason}")]
+    Unauthenticated { reason: String },
+    #[error("not allowed to produce to stream `{stream}`")]
+    Forbidden { stream: String },
+    #[error("{message}")]
+    Malformed { message: String },
+    #[error("{message}")]
+    TooLarge { message: String },
+    #[error("a request body with Content-Length (or chunked encoding) is required")]
+    LengthRequired,
+    #[error("{message}")]
+    UnsupportedMediaType { message: String },
+    #[error("stream `{stream}` does not exist and streams are not created on first use")]
+    NotFound { stream: String },
+    #[error("{message}")]
+    OverQuota {
+        retry_after: Duration,
+        message: String,
+    },
+    #[error("{message}")]
+    Unavailable {
+        retry_after: Duration,
+        message: String,
+    },
+    #[error("{message}")]
+    Internal { message: String },
+}
+
+impl Rejection {
+    /// A stable machine-readable code, used in error bodies and as the `reason` metrics label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Unauthenticated { .. } => "unauthenticated",
+            Rejection::Forbidden { .. } => "forbidden",
+            Rejection::Malformed { .. } => "malformed",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::LengthRequired => "length_required",
+            Rejection::UnsupportedMediaType { .. } => "unsupported_media_type",
+            Rejection::NotFound { .. } => "stream_not_found",
+            Rejection::OverQuota { .. } => "over_quota",
+            Rejection::Unavailable { .. } => "unavailable",
+            Rejection::Internal { .. } => "internal",
+        }
+    }
+
+    /// When a retry may succeed, how long to wait first.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Rejection::OverQuota { retry_after, .. } | Rejection::Unavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// The log cannot take the work now; `retry_after` says when to try again.
+    pub fn unavailable(retry_after: Duration, message: impl Into<String>) -> Self {
+        Rejection::Unavailable {
+            retry_after,
+            message: message.into(),
+        }
+    }
+}
+
+/// Settings the adapter needs before it reads a request's events.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub settings: StreamSettings,
+}
+
+/// The service every protocol adapter calls. The gateway implements it: authorize, validate,
+/// quota, in-flight budget, append, receipts.
+pub trait Ingest: Send + Sync + 'static {
+    /// Checks that `principal` may produce to `stream` and that the stream can exist, before any
+    /// of the request body is read; returns the stream's limits for the adapter to enforce while
+    /// reading.
+    fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection>;
+
+    /// Appends the request's events and answers with one receipt per event, in request order,
+    /// once they reached the stream's ack point. A whole-request rejection is an `Err`.
+    fn ingest(
+        &self,
+        request: IngestRequest,
+    ) -> impl Future<Output = Result<Vec<Receipt>, Rejection>> + Send;
+
+    /// Shared metrics.
+    fn metrics(&self) -> &metrics::Metrics;
+}

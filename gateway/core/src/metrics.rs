@@ -1,0 +1,104 @@
+//! The gateway's Prometheus metrics that more than one layer records. Names and labels are
+//! documented in docs/operations.md; label values come from bounded sets (protocols, outcome
+//! codes, and stream names, whose number is capped by `streams.max_streams`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-stream, per-protocol counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub stream: String,
+    pub protocol: &'static str,
+}
+
+/// Labels of request outcome counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub protocol: &'static str,
+    /// `ok`, `partial`, or a rejection code.
+    pub outcome: &'static str,
+}
+
+/// Labels of rejected-event counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of per-protocol gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+/// Metrics shared by the adapters and the admission layer.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// Events appended (or queued, for `ack = "received"`) by stream and protocol.
+    pub events_in: Family<StreamLabels, Counter>,
+    /// Bytes of those events (key + id + headers + value).
+    pub bytes_in: Family<StreamLabels, Counter>,
+    /// Requests by protocol and outcome.
+    pub requests: Family<OutcomeLabels, Counter>,
+    /// Events not appended, by protocol and reason.
+    pub events_rejected: Family<RejectLabels, Counter>,
+    /// Bytes admitted and not yet at their ack point.
+    pub in_flight_bytes: Gauge,
+    /// Open client connections by protocol.
+    pub connections: Family<ProtocolLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Registers every metric under `registry` (which adds the `sluice_` prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "events_in",
+            "Events accepted into the log, by stream and protocol",
+            self.events_in.clone(),
+        );
+        registry.register(
+            "bytes_in",
+            "Bytes of accepted events (key, id, headers, value), by stream and protocol",
+            self.bytes_in.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests by protocol and outcome (ok, partial, or the rejection code)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events not appended, by protocol and reason",
+            self.events_rejected.clone(),
+        );
+        registry.register(
+            "in_flight_bytes",
+            "Bytes admitted but not yet at their ack point",
+            self.in_flight_bytes.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections by protocol",
+            self.connections.clone(),
+        );
+    }
+
+    /// Counts one request's outcome.
+    pub fn request(&self, protocol: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&OutcomeLabels { protocol, outcome })
+            .inc();
+    }
+
+    /// Counts `n` rejected events.
+    pub fn rejected(&self, protocol: &'static str, reason: &'static str, n: u64) {
+        self.events_rejected
+            .get_or_create(&RejectLabels { protocol, reason })
+            .inc_by(n);
+    }
+}
