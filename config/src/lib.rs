@@ -404,18 +404,21 @@ impl Config {
             }
         }
         if self.http.listen == self.admin.listen && !self.http.listen.ends_with(":0") {
-            add(
-                "admin.listen",
-                "must differ from http.listen".to_string(),
-            );
+            add("admin.listen", "must differ from http.listen".to_string());
         }
         if self.http.max_connections == 0 {
             add("http.max_connections", "must be at least 1".into());
         }
         for (path, v) in [
-            ("http.header_read_timeout_ms", self.http.header_read_timeout_ms),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
             ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
-            ("server.shutdown_timeout_ms", self.server.shutdown_timeout_ms),
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
             ("log.flush_interval_ms", self.log.flush_interval_ms),
             (
                 "log.retention_check_interval_ms",
@@ -634,7 +637,9 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 fn parse_env_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -669,8 +674,7 @@ mod tests {
             [streams.declare."bad name"]
             max_event_bytes = 999999999
         "#;
-        let Err(ConfigError::Invalid(problems)) = Config::from_toml_str(text, "t", no_env())
-        else {
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml_str(text, "t", no_env()) else {
             panic!("expected invalid config");
         };
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
@@ -716,7 +720,10 @@ mod tests {
     fn environment_overrides_file_values() {
         let env = vec![
             ("SLUICE_HTTP__LISTEN".to_string(), "127.0.0.1:0".to_string()),
-            ("SLUICE_STREAMS__AUTO_CREATE".to_string(), "false".to_string()),
+            (
+                "SLUICE_STREAMS__AUTO_CREATE".to_string(),
+                "false".to_string(),
+            ),
             (
                 "SLUICE_STREAMS__DEFAULTS__PARTITIONS".to_string(),
                 "3".to_string(),

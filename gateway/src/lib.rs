@@ -1,1 +1,8 @@
-//! placeholder
+//! The Sluice gateway: admission, the embedded log sink, telemetry, admin endpoints, wiring and
+//! graceful drain. The `sluice` binary is a thin shell around [`cli::main`].
+
+pub mod admission;
+pub mod app;
+pub mod cli;
+pub mod logcmd;
+pub mod telemetry;

@@ -1,1 +1,6 @@
-//! placeholder
+//! Sluice's protocol adapters: each decodes its wire format, extracts credentials, calls
+//! [`sluice_core::Ingest`], and renders receipts and rejections in its protocol's own terms.
+//! No business logic lives here.
+
+pub mod http;
+pub mod server;

@@ -158,9 +158,8 @@ impl Rejection {
     /// When a retry may succeed, how long to wait first.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Rejection::OverQuota { retry_after, .. } | Rejection::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Rejection::OverQuota { retry_after, .. }
+            | Rejection::Unavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

@@ -108,7 +108,11 @@ fn now_ms() -> i64 {
 impl Log {
     /// Locks `opts.data_dir`, recovers every stream found there and starts their writers.
     /// `settings` gives the options of each existing stream by name.
-    pub async fn open<F>(opts: LogOptions, metrics: LogMetrics, settings: F) -> Result<Log, LogError>
+    pub async fn open<F>(
+        opts: LogOptions,
+        metrics: LogMetrics,
+        settings: F,
+    ) -> Result<Log, LogError>
     where
         F: Fn(&str) -> StreamOptions + Send + 'static,
     {
@@ -218,7 +222,11 @@ impl Log {
         })
         .await
         .map_err(|e| LogError::Corrupt(format!("stream creation task failed: {e}")))??;
-        tracing::info!(stream = name, partitions = opts.partitions, "stream created");
+        tracing::info!(
+            stream = name,
+            partitions = opts.partitions,
+            "stream created"
+        );
         Ok(self.install(name, writers))
     }
 
@@ -334,7 +342,8 @@ impl StreamLog {
         guard: Option<Guard>,
     ) -> Result<u64, LogError> {
         let (tx, rx) = oneshot::channel();
-        self.send(partition, frame, durable, Some(tx), guard).await?;
+        self.send(partition, frame, durable, Some(tx), guard)
+            .await?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 

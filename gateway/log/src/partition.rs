@@ -192,7 +192,9 @@ impl PartitionWriter {
             next += u64::from(f.count());
         }
         let result = if let [only] = frames {
-            self.active.log.write_all_at(only.as_bytes(), self.active.size)
+            self.active
+                .log
+                .write_all_at(only.as_bytes(), self.active.size)
         } else {
             for f in frames.iter() {
                 self.write_buf.extend_from_slice(f.as_bytes());
@@ -257,7 +259,8 @@ impl PartitionWriter {
             && a.first_ts
                 .is_some_and(|t| now_ms.saturating_sub(t) >= self.opts.segment_ms as i64);
         if full || old {
-            self.roll().inspect_err(|e| self.poison(format!("segment roll failed: {e}")))?;
+            self.roll()
+                .inspect_err(|e| self.poison(format!("segment roll failed: {e}")))?;
         }
         Ok(())
     }

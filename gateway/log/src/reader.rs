@@ -140,7 +140,11 @@ impl PartitionReader {
             return Ok(false);
         };
         self.buf.resize(h.frame_len(), 0);
-        if !read_exact_at(file, &mut self.buf[HEADER_LEN..], self.pos + HEADER_LEN as u64)? {
+        if !read_exact_at(
+            file,
+            &mut self.buf[HEADER_LEN..],
+            self.pos + HEADER_LEN as u64,
+        )? {
             return Ok(false);
         }
         let Ok(v) = FrameView::decode(&self.buf) else {
@@ -210,7 +214,10 @@ pub fn partition_dirs(data_dir: &Path, stream: &str) -> io::Result<Vec<(u32, Pat
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
-        if let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+        if let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
             && entry.file_type()?.is_dir()
         {
             out.push((p, entry.path()));

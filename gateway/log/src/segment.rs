@@ -129,7 +129,9 @@ pub(crate) fn scan(path: &Path, base: u64, interval: u64) -> io::Result<Scan> {
     while s.valid_len < file_len {
         let remaining = file_len - s.valid_len;
         if remaining < HEADER_LEN as u64 {
-            s.stopped = Some(format!("{remaining} trailing bytes, shorter than a frame header"));
+            s.stopped = Some(format!(
+                "{remaining} trailing bytes, shorter than a frame header"
+            ));
             break;
         }
         buf.resize(HEADER_LEN, 0);

@@ -1,0 +1,322 @@
+//! The admission path every protocol's events take into the log, in one place:
+//! authorize → validate → (quota, with the quotas issue) → in-flight budget → append → receipts.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use sluice_config::{AckMode, StreamsConfig};
+use sluice_core::metrics::{Metrics, StreamLabels};
+use sluice_core::{
+    Admission, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, StreamName,
+};
+use sluice_log::{FrameBuilder, Log, LogError, StreamLog, StreamOptions};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long producers are told to wait when the in-flight budget is exhausted.
+const BUDGET_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Per-record framing overhead charged against the budget besides the event's own bytes.
+const RECORD_OVERHEAD: usize = 24;
+
+/// The gateway's implementation of [`Ingest`] over the embedded log.
+pub struct Gateway {
+    streams: StreamsConfig,
+    log: Log,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    metrics: Metrics,
+}
+
+impl Gateway {
+    pub fn new(
+        streams: StreamsConfig,
+        log: Log,
+        max_in_flight_bytes: u64,
+        metrics: Metrics,
+    ) -> Self {
+        let budget_bytes = (max_in_flight_bytes as usize).min(Semaphore::MAX_PERMITS);
+        Self {
+            streams,
+            log,
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            metrics,
+        }
+    }
+
+    /// Bytes admitted and not yet at their ack point.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.budget_bytes - self.budget.available_permits()
+    }
+
+    /// The log behind this gateway.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    fn stream_options(&self, name: &str) -> StreamOptions {
+        stream_options(&self.streams, name)
+    }
+}
+
+/// Log options of `name` from the streams configuration.
+pub fn stream_options(streams: &StreamsConfig, name: &str) -> StreamOptions {
+    let s = streams.settings(name);
+    StreamOptions {
+        partitions: s.partitions,
+        retention_ms: s.retention_ms,
+        retention_bytes: s.retention_bytes,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Classifies a log failure once, for every protocol.
+fn log_rejection(e: LogError) -> Rejection {
+    match e {
+        LogError::Closed => Rejection::unavailable(
+            Duration::from_secs(1),
+            "the gateway is shutting down; retry against another instance",
+        ),
+        LogError::TooManyStreams(n) => Rejection::unavailable(
+            Duration::from_secs(60),
+            format!("the gateway holds its maximum of {n} streams; no new stream can be created"),
+        ),
+        LogError::Io(_) | LogError::Poisoned(_) => Rejection::unavailable(
+            Duration::from_secs(5),
+            format!("the log cannot take writes: {e}"),
+        ),
+        LogError::Locked(_) | LogError::Corrupt(_) => Rejection::Internal {
+            message: e.to_string(),
+        },
+    }
+}
+
+impl Ingest for Gateway {
+    fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection> {
+        // Authorize first: an unauthorized producer learns nothing about which streams exist.
+        if !principal.may_produce_to(stream.as_str()) {
+            return Err(Rejection::Forbidden {
+                stream: stream.to_string(),
+            });
+        }
+        // Then existence, so a typo in a stream name is a 404 before any body is read.
+        let name = stream.as_str();
+        if !self.streams.auto_create
+            && !self.streams.declare.contains_key(name)
+            && self.log.stream(name).is_none()
+        {
+            return Err(Rejection::NotFound {
+                stream: name.to_string(),
+            });
+        }
+        Ok(Admission {
+            settings: self.streams.settings(name),
+        })
+    }
+
+    async fn ingest(&self, req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
+        let name = req.stream.as_str();
+        let settings = self.streams.settings(name);
+        // Permissions are per stream, so they are checked for every request, not per connection.
+        if !req.principal.may_produce_to(name) {
+            return Err(Rejection::Forbidden {
+                stream: name.to_string(),
+            });
+        }
+        // Validate sizes before charging anything, so oversized input costs nobody else.
+        let bytes = validate(&req, &settings)?;
+        // The in-flight budget bounds memory when the log is slower than the producers.
+        let charge = bytes + req.events.len() * RECORD_OVERHEAD;
+        let permit = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(charge.min(u32::MAX as usize) as u32)
+            .map_err(|_| {
+                Rejection::unavailable(
+                    BUDGET_RETRY_AFTER,
+                    "the log is not keeping up: the gateway's in-flight budget is exhausted",
+                )
+            })?;
+        let stream = self
+            .log
+            .get_or_create(name, self.stream_options(name))
+            .await
+            .map_err(log_rejection)?;
+        let receipts = append(&stream, &req, settings.ack, permit).await;
+        let labels = StreamLabels {
+            stream: name.to_string(),
+            protocol: req.protocol.as_str(),
+        };
+        let failed = receipts
+            .iter()
+            .filter(|r| matches!(r, Receipt::Failed(_)))
+            .count();
+        if failed < receipts.len() {
+            self.metrics
+                .events_in
+                .get_or_create(&labels)
+                .inc_by((receipts.len() - failed) as u64);
+            self.metrics
+                .bytes_in
+                .get_or_create(&labels)
+                .inc_by(bytes as u64);
+        }
+        if failed > 0 {
+            self.metrics
+                .rejected(req.protocol.as_str(), "unavailable", failed as u64);
+        }
+        Ok(receipts)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// Checks the request against the stream's limits; returns the events' total size.
+fn validate(req: &IngestRequest, s: &sluice_config::StreamSettings) -> Result<usize, Rejection> {
+    let n = req.events.len();
+    if n == 0 {
+        return Err(Rejection::Malformed {
+            message: "the request holds no events".into(),
+        });
+    }
+    if n as u64 > s.max_events_per_request {
+        return Err(Rejection::TooLarge {
+            message: format!(
+                "the request holds {n} events; the limit for stream `{}` is {}",
+                req.stream, s.max_events_per_request
+            ),
+        });
+    }
+    let mut total = 0;
+    for (i, e) in req.events.iter().enumerate() {
+        let size = e.size();
+        if size as u64 > s.max_event_bytes {
+            return Err(Rejection::TooLarge {
+                message: format!(
+                    "event {i} has {size} bytes; the limit for stream `{}` is {}",
+                    req.stream, s.max_event_bytes
+                ),
+            });
+        }
+        total += size;
+    }
+    Ok(total)
+}
+
+/// Encodes the events into one frame per partition, appends them, and answers per event.
+async fn append(
+    stream: &StreamLog,
+    req: &IngestRequest,
+    ack: AckMode,
+    mut permit: OwnedSemaphorePermit,
+) -> Vec<Receipt> {
+    let n = stream.partition_count();
+    let sticky = stream.sticky_partition();
+    let partition_of = |e: &Event| match (&e.key, n) {
+        (_, 1) => 0,
+        (Some(k), _) => stream.partition_for_key(k),
+        (None, _) => sticky,
+    };
+    // Group event indexes by partition, keeping request order inside each group.
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (i, e) in req.events.iter().enumerate() {
+        let p = partition_of(e);
+        match groups.iter_mut().find(|(gp, _)| *gp == p) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((p, vec![i])),
+        }
+    }
+    let ts = now_ms();
+    let frames: Vec<_> = groups.iter().map(|(_, idx)| encode(req, idx, ts)).collect();
+
+    let mut receipts = vec![
+        Receipt::Failed(Rejection::Internal {
+            message: String::new()
+        });
+        req.events.len()
+    ];
+    match ack {
+        AckMode::Durable => {
+            let appends = groups
+                .iter()
+                .zip(frames)
+                .map(|((p, _), f)| stream.append(*p, f, true, None));
+            let results = join_all(appends).await;
+            for ((p, idx), r) in groups.iter().zip(results) {
+                for (j, &i) in idx.iter().enumerate() {
+                    receipts[i] = match &r {
+                        Ok(base) => Receipt::Appended {
+                            partition: *p,
+                            offset: base + j as u64,
+                        },
+                        Err(e) => Receipt::Failed(log_rejection(e.clone())),
+                    };
+                }
+            }
+            drop(permit);
+        }
+        AckMode::Received => {
+            let last = groups.len() - 1;
+            for (g, ((p, idx), f)) in groups.iter().zip(frames).enumerate() {
+                // Each queued frame keeps its share of the budget until it is written.
+                let share = if g == last {
+                    Some(std::mem::replace(&mut permit, empty_permit()))
+                } else {
+                    permit.split(frame_share(req, idx))
+                };
+                let guard = share.map(|p| Box::new(p) as sluice_log::Guard);
+                let r = stream.enqueue(*p, f, guard).await;
+                for &i in idx {
+                    receipts[i] = match &r {
+                        Ok(()) => Receipt::Received { partition: *p },
+                        Err(e) => Receipt::Failed(log_rejection(e.clone())),
+                    };
+                }
+            }
+        }
+    }
+    receipts
+}
+
+fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
+    idx.iter()
+        .map(|&i| req.events[i].size() + RECORD_OVERHEAD)
+        .sum()
+}
+
+fn empty_permit() -> OwnedSemaphorePermit {
+    Arc::new(Semaphore::new(0))
+        .try_acquire_many_owned(0)
+        .expect("zero permits are always available")
+}
+
+fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
+    let capacity = frame_share(req, idx);
+    let mut b = FrameBuilder::new(
+        ts,
+        &req.content_type,
+        req.protocol.as_str().as_bytes(),
+        req.principal.name().as_bytes(),
+        capacity,
+    );
+    for &i in idx {
+        let e = &req.events[i];
+        b.push(
+            e.key.as_deref(),
+            e.id.as_deref(),
+            e.headers
+                .iter()
+                .map(|(k, v): &(Bytes, Bytes)| (&k[..], &v[..])),
+            &e.value,
+        );
+    }
+    b.finish()
+}

@@ -1,0 +1,237 @@
+//! Wiring: open the log, build the gateway, bind the listeners, serve, drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use sluice_config::Config;
+use sluice_core::metrics::Metrics;
+use sluice_log::{Log, LogMetrics, LogOptions};
+use sluice_protocols::http::HttpOptions;
+use sluice_protocols::server::{self, ServerOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admission::{Gateway, stream_options};
+use sluice_core::Ingest as _;
+
+/// A started gateway: its bound addresses and the handle to drain it.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    drained: JoinHandle<()>,
+    admin: JoinHandle<()>,
+    admin_stop: watch::Sender<bool>,
+    gateway: Arc<Gateway>,
+    ready: Arc<AtomicBool>,
+    shutdown_timeout: Duration,
+}
+
+/// Opens the log and binds every listener of `config`; serving starts at once.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let mut registry = Registry::with_prefix("sluice");
+    let metrics = Metrics::default();
+    metrics.register(&mut registry);
+    let log_metrics = LogMetrics::default();
+    log_metrics.register(&mut registry);
+    registry.register(
+        "build",
+        "Build information",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    let in_flight_budget = Gauge::<i64>::default();
+    registry.register(
+        "in_flight_budget_bytes",
+        "Configured in-flight budget (limits.max_in_flight_bytes)",
+        in_flight_budget.clone(),
+    );
+    in_flight_budget.set(config.limits.max_in_flight_bytes as i64);
+
+    let log_opts = LogOptions {
+        data_dir: config.log.data_dir.clone(),
+        segment_bytes: config.log.segment_bytes,
+        segment_ms: config.log.segment_ms,
+        index_interval_bytes: config.log.index_interval_bytes,
+        max_group_bytes: config.log.max_group_bytes,
+        flush_interval: Duration::from_millis(config.log.flush_interval_ms),
+        retention_check_interval: Duration::from_millis(config.log.retention_check_interval_ms),
+        fault_append_delay: Duration::from_millis(config.log.fault_append_delay_ms),
+        max_streams: config.streams.max_streams,
+        queue_depth: 4096,
+    };
+    let streams_cfg = config.streams.clone();
+    let log = Log::open(log_opts, log_metrics, move |name| {
+        stream_options(&streams_cfg, name)
+    })
+    .await
+    .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?;
+    let gateway = Arc::new(Gateway::new(
+        config.streams.clone(),
+        log,
+        config.limits.max_in_flight_bytes,
+        metrics.clone(),
+    ));
+
+    let http_listener = TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("binding http.listen {}", config.http.listen))?;
+    let admin_listener = TcpListener::bind(&config.admin.listen)
+        .await
+        .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let http_opts = HttpOptions {
+        server: ServerOptions {
+            max_connections: config.http.max_connections,
+            header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+        },
+        body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
+    };
+    let http = tokio::spawn(sluice_protocols::http::serve(
+        http_listener,
+        gateway.clone(),
+        http_opts,
+        signalled(shutdown_rx),
+    ));
+    let drained = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let _ = http.await;
+            // Every request has been answered; let the writers finish and fsync.
+            gateway.log().close().await;
+        })
+    };
+
+    let registry = Arc::new(registry);
+    let (admin_stop, admin_rx) = watch::channel(false);
+    let admin = {
+        let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
+        let connections = Gauge::default();
+        tokio::spawn(server::serve(
+            admin_listener,
+            ServerOptions {
+                max_connections: 64,
+                header_read_timeout: Duration::from_secs(5),
+            },
+            connections,
+            move |req, _| {
+                let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
+                async move { admin(req.method(), req.uri().path(), &ready, &gateway, &registry) }
+            },
+            signalled(admin_rx),
+        ))
+    };
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(%http_addr, %admin_addr, data_dir = %config.log.data_dir.display(), "sluice is serving");
+    Ok(Running {
+        http_addr,
+        admin_addr,
+        shutdown,
+        drained,
+        admin,
+        admin_stop,
+        gateway,
+        ready,
+        shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
+    })
+}
+
+async fn signalled(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|&stop| stop).await;
+}
+
+impl Running {
+    /// Drains: readiness turns false, listeners stop accepting, in-flight requests are appended
+    /// and answered, the log is flushed. Returns false if `server.shutdown_timeout_ms` passed
+    /// before everything finished.
+    pub async fn drain(self) -> bool {
+        self.ready.store(false, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+        let in_time = tokio::time::timeout(self.shutdown_timeout, self.drained)
+            .await
+            .is_ok();
+        if !in_time {
+            tracing::warn!(
+                in_flight_bytes = self.gateway.in_flight_bytes(),
+                "drain deadline passed; exiting with requests still in flight (none of them was acked)"
+            );
+        }
+        let _ = self.admin_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
+        in_time
+    }
+}
+
+fn admin(
+    method: &Method,
+    path: &str,
+    ready: &AtomicBool,
+    gateway: &Gateway,
+    registry: &Registry,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if !ready.load(Ordering::SeqCst) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: draining\n".into(),
+                )
+            } else if !gateway.log().healthy() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: a log partition stopped taking writes after an I/O error\n".into(),
+                )
+            } else {
+                text(StatusCode::OK, "ready\n".into())
+            }
+        }
+        "/metrics" => {
+            gateway
+                .metrics()
+                .in_flight_bytes
+                .set(gateway.in_flight_bytes() as i64);
+            let mut out = String::with_capacity(16 * 1024);
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+            }
+            let mut r = text(StatusCode::OK, out);
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin endpoints: /healthz /readyz /metrics\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,168 @@
+//! The `sluice` command line: `serve`, `check-config`, `log read`, `log tail`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use sluice_config::Config;
+
+use crate::{app, logcmd, telemetry};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: the ingress gateway of a stream repository"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway (no config file needed: loopback listeners, embedded log under ./data).
+    Serve {
+        /// TOML configuration file; SLUICE_SECTION__KEY environment variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (with environment overrides) and report every problem.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Read the embedded log as NDJSON.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LogCommand {
+    /// Print records and exit.
+    Read(ReadArgs),
+    /// Print records, then keep following new appends until interrupted.
+    Tail(ReadArgs),
+}
+
+/// Which records `log read` and `log tail` print.
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// The embedded log's data directory.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// The stream to read.
+    #[arg(long)]
+    pub stream: String,
+    /// Only this partition (default: every partition, one after another).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Start at this offset in each partition.
+    #[arg(long, conflicts_with = "from_time")]
+    pub from_offset: Option<u64>,
+    /// Start at the first record received at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from_time: Option<String>,
+    /// Print at most this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+/// Entry point of the `sluice` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { file } => check_config(file),
+        Command::Log(LogCommand::Read(args)) => logcmd::run(&args, false),
+        Command::Log(LogCommand::Tail(args)) => logcmd::run(&args, true),
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path, std::env::vars()).map_err(|e| {
+        eprintln!("sluice: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn check_config(file: PathBuf) -> ExitCode {
+    match load(Some(&file)) {
+        Ok(c) => {
+            println!(
+                "{}: ok (http {}, admin {}, log {} in {}, {} declared stream(s), auto_create {})",
+                file.display(),
+                c.http.listen,
+                c.admin.listen,
+                match c.log.kind {
+                    sluice_config::LogKind::Embedded => "embedded",
+                },
+                c.log.data_dir.display(),
+                c.streams.declare.len(),
+                c.streams.auto_create
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> ExitCode {
+    let config = match load(config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init(&config.telemetry);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match app::start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("sluice: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // Tests and scripts read the bound addresses from this line (ports may be 0 in config).
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "sluice listening: http={} admin={}",
+            running.http_addr, running.admin_addr
+        );
+        let _ = out.flush();
+        drop(out);
+        let signal = wait_for_signal().await;
+        tracing::info!(signal, "draining");
+        if running.drain().await {
+            tracing::info!("drained; bye");
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; waiting forever");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

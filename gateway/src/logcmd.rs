@@ -1,0 +1,154 @@
+//! `sluice log read|tail`: the embedded log as NDJSON, one record per line:
+//! `{"stream","partition","offset","timestamp","timestamp_ms","key","id","headers","value","value_encoding"}`.
+//! Text that is valid UTF-8 is printed as a string, anything else as base64 and says so in an
+//! `…_encoding` field.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+use sluice_log::{PartitionReader, Record, partition_dirs};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::cli::ReadArgs;
+
+/// How often `tail` looks for new records when it has printed everything.
+const TAIL_POLL: Duration = Duration::from_millis(200);
+
+pub fn run(args: &ReadArgs, follow: bool) -> ExitCode {
+    match read(args, follow) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice log: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(args: &ReadArgs, follow: bool) -> io::Result<()> {
+    let from_time = match &args.from_time {
+        Some(t) => Some(
+            OffsetDateTime::parse(t, &Rfc3339)
+                .map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "--from-time {t:?} is not RFC 3339 (e.g. 2026-01-02T03:04:05Z): {e}"
+                        ),
+                    )
+                })?
+                .unix_timestamp_nanos()
+                / 1_000_000,
+        ),
+        None => None,
+    };
+    let dirs = partition_dirs(&args.data_dir, &args.stream).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "stream `{}` not found in {}: {e}",
+                args.stream,
+                args.data_dir.display()
+            ),
+        )
+    })?;
+    let mut readers = Vec::new();
+    for (p, dir) in dirs {
+        if args.partition.is_some_and(|want| want != p) {
+            continue;
+        }
+        let r = match from_time {
+            Some(t) => PartitionReader::from_time(&dir, t as i64)?,
+            None => PartitionReader::from_offset(&dir, args.from_offset.unwrap_or(0))?,
+        };
+        readers.push((p, r));
+    }
+    if let Some(want) = args.partition
+        && readers.is_empty()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("stream `{}` has no partition {want}", args.stream),
+        ));
+    }
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    loop {
+        let mut progressed = false;
+        for (p, r) in &mut readers {
+            while printed < limit {
+                let Some(rec) = r.next()? else { break };
+                serde_json::to_writer(&mut out, &render(&args.stream, *p, &rec))?;
+                out.write_all(b"\n")?;
+                printed += 1;
+                progressed = true;
+            }
+        }
+        if !follow || printed >= limit {
+            break;
+        }
+        if !progressed {
+            out.flush()?;
+            std::thread::sleep(TAIL_POLL);
+        }
+    }
+    out.flush()
+}
+
+fn text_or_base64(map: &mut Map<String, Value>, field: &str, bytes: Option<&[u8]>) {
+    let v = match bytes {
+        None => Value::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(_) => {
+                map.insert(format!("{field}_encoding"), json!("base64"));
+                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+            }
+        },
+    };
+    map.insert(field.to_string(), v);
+}
+
+/// One record as a JSON object.
+pub fn render(stream: &str, partition: u32, r: &Record) -> Value {
+    let mut m = Map::new();
+    m.insert("stream".into(), json!(stream));
+    m.insert("partition".into(), json!(partition));
+    m.insert("offset".into(), json!(r.offset));
+    let ts = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.timestamp_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok());
+    m.insert("timestamp".into(), json!(ts));
+    m.insert("timestamp_ms".into(), json!(r.timestamp_ms));
+    text_or_base64(&mut m, "key", r.key.as_deref());
+    text_or_base64(&mut m, "id", r.id.as_deref());
+    let mut headers = Map::new();
+    let lossy = |b: &[u8]| Value::String(String::from_utf8_lossy(b).into_owned());
+    headers.insert("content-type".into(), lossy(&r.content_type));
+    headers.insert("sluice-protocol".into(), lossy(&r.protocol));
+    headers.insert("sluice-principal".into(), lossy(&r.principal));
+    for (k, v) in &r.headers {
+        headers.insert(String::from_utf8_lossy(k).into_owned(), lossy(v));
+    }
+    m.insert("headers".into(), Value::Object(headers));
+    let encoding = if std::str::from_utf8(&r.value).is_ok() {
+        "utf8"
+    } else {
+        "base64"
+    };
+    m.insert(
+        "value".into(),
+        match encoding {
+            "utf8" => lossy(&r.value),
+            _ => json!(base64::engine::general_purpose::STANDARD.encode(&r.value)),
+        },
+    );
+    m.insert("value_encoding".into(), json!(encoding));
+    Value::Object(m)
+}

@@ -1,0 +1,380 @@
+//! Request bodies to events: content decoding (gzip, zstd) and the JSON, NDJSON and raw event
+//! formats. Values are slices of the received buffer wherever the input allows.
+//!
+//! The JSON event rule: an object whose members are all among `value`, `key`, `headers` and `id`,
+//! and that has `value`, is an event envelope; any other JSON value (including other objects) is
+//! the event's value itself. The stored value is the JSON text of `value`, byte for byte.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Read;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use sluice_core::{Event, Rejection};
+
+/// The formats a request body can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/json`: one event or an array of events.
+    Json,
+    /// `application/x-ndjson`: one JSON event per line.
+    Ndjson,
+    /// Anything else: the whole body is one event's value.
+    Raw,
+}
+
+/// The format for a `Content-Type` header value (parameters such as `charset` are ignored).
+pub fn format_of(content_type: Option<&str>) -> BodyFormat {
+    let Some(ct) = content_type else {
+        return BodyFormat::Raw;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        BodyFormat::Json
+    } else if essence.eq_ignore_ascii_case("application/x-ndjson")
+        || essence.eq_ignore_ascii_case("application/ndjson")
+    {
+        BodyFormat::Ndjson
+    } else {
+        BodyFormat::Raw
+    }
+}
+
+/// The content codings Sluice decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Identity,
+    Gzip,
+    Zstd,
+}
+
+/// Parses a `Content-Encoding` header value; anything but one supported coding is 415.
+pub fn coding_of(value: Option<&str>) -> Result<Coding, Rejection> {
+    let Some(v) = value.map(str::trim) else {
+        return Ok(Coding::Identity);
+    };
+    if v.is_empty() || v.eq_ignore_ascii_case("identity") {
+        Ok(Coding::Identity)
+    } else if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip") {
+        Ok(Coding::Gzip)
+    } else if v.eq_ignore_ascii_case("zstd") {
+        Ok(Coding::Zstd)
+    } else {
+        Err(Rejection::UnsupportedMediaType {
+            message: format!("Content-Encoding `{v}` is not supported; use gzip, zstd or identity"),
+        })
+    }
+}
+
+/// Decodes `body`, refusing output larger than `limit` bytes (decompression bombs get 413).
+pub fn decode(coding: Coding, body: Bytes, limit: u64) -> Result<Bytes, Rejection> {
+    let (name, reader): (&str, Box<dyn Read + '_>) = match coding {
+        Coding::Identity => return Ok(body),
+        Coding::Gzip => (
+            "gzip",
+            Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        ),
+        Coding::Zstd => (
+            "zstd",
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(&body[..]).map_err(|e| {
+                    Rejection::Malformed {
+                        message: format!("invalid zstd body: {e}"),
+                    }
+                })?,
+            ),
+        ),
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit as usize));
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Rejection::Malformed {
+            message: format!("invalid {name} body: {e}"),
+        })?;
+    if out.len() as u64 > limit {
+        return Err(Rejection::TooLarge {
+            message: format!("the decompressed body exceeds the stream's limit of {limit} bytes"),
+        });
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Parses a JSON body: one event, or an array of events.
+pub fn parse_json(body: &Bytes) -> Result<Vec<Event>, Rejection> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
+        if items.is_empty() {
+            return Err(malformed("the array holds no events"));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| event_from(body, raw).map_err(|m| malformed(format!("event {i}: {m}"))))
+            .collect()
+    } else {
+        let raw: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
+        Ok(vec![event_from(body, raw).map_err(malformed)?])
+    }
+}
+
+/// Parses an NDJSON body: one event per non-empty line.
+pub fn parse_ndjson(body: &Bytes) -> Result<Vec<Event>, Rejection> {
+    let mut events = Vec::new();
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let raw: &RawValue = serde_json::from_slice(line)
+            .map_err(|e| malformed(format!("line {}: invalid JSON: {e}", i + 1)))?;
+        events.push(event_from(body, raw).map_err(|m| malformed(format!("line {}: {m}", i + 1)))?);
+    }
+    if events.is_empty() {
+        return Err(malformed("the body holds no events"));
+    }
+    Ok(events)
+}
+
+fn malformed(message: impl Into<String>) -> Rejection {
+    Rejection::Malformed {
+        message: message.into(),
+    }
+}
+
+fn json_error(e: &serde_json::Error) -> Rejection {
+    malformed(format!("invalid JSON: {e}"))
+}
+
+/// The part of `body` that `part` borrows from, without copying.
+fn slice_of(body: &Bytes, part: &str) -> Bytes {
+    body.slice_ref(part.as_bytes())
+}
+
+fn event_from(body: &Bytes, raw: &RawValue) -> Result<Event, String> {
+    let text = raw.get();
+    if text.starts_with('{')
+        && let Ok(probe) = serde_json::from_str::<Probe<'_>>(text)
+        && !probe.unknown
+        && let Some(value) = probe.value
+    {
+        return Ok(Event {
+            key: probe
+                .key
+                .map(|k| string_field(body, k, "key"))
+                .transpose()?,
+            id: probe.id.map(|k| string_field(body, k, "id")).transpose()?,
+            headers: match probe.headers {
+                Some(h) => headers_field(body, h)?,
+                None => Vec::new(),
+            },
+            value: slice_of(body, value.get()),
+        });
+    }
+    Ok(Event {
+        value: slice_of(body, text),
+        ..Event::default()
+    })
+}
+
+fn string_field(body: &Bytes, raw: &RawValue, name: &str) -> Result<Bytes, String> {
+    match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+        Ok(Cow::Borrowed(s)) => Ok(slice_of(body, s)),
+        Ok(Cow::Owned(s)) => Ok(Bytes::from(s)),
+        Err(_) => Err(format!("`{name}` must be a string, found {}", raw.get())),
+    }
+}
+
+fn headers_field(body: &Bytes, raw: &RawValue) -> Result<Vec<(Bytes, Bytes)>, String> {
+    let map: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_str::<OrderedMap<'_>>(raw.get())
+        .map_err(|_| {
+            format!(
+                "`headers` must be an object of string values, found {}",
+                raw.get()
+            )
+        })?
+        .0;
+    map.into_iter()
+        .map(|(k, v)| {
+            if k.is_empty() {
+                return Err("header names must not be empty".to_string());
+            }
+            let k = match k {
+                Cow::Borrowed(s) => slice_of(body, s),
+                Cow::Owned(s) => Bytes::from(s),
+            };
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let v = string_field(body, v, &format!("headers.{name}"))?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// The members of a would-be envelope, left unparsed.
+struct Probe<'a> {
+    value: Option<&'a RawValue>,
+    key: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    headers: Option<&'a RawValue>,
+    unknown: bool,
+}
+
+impl<'de> Deserialize<'de> for Probe<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Probe<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe<'de>, A::Error> {
+                let mut p = Probe {
+                    value: None,
+                    key: None,
+                    id: None,
+                    headers: None,
+                    unknown: false,
+                };
+                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                    let slot = match k.as_ref() {
+                        "value" => &mut p.value,
+                        "key" => &mut p.key,
+                        "id" => &mut p.id,
+                        "headers" => &mut p.headers,
+                        _ => {
+                            p.unknown = true;
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.is_some() {
+                        return Err(de::Error::custom(format!("duplicate member `{k}`")));
+                    }
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An object's members in order, values unparsed.
+struct OrderedMap<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for OrderedMap<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OrderedMap<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedMap<'de>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                    v.push((k, map.next_value()?));
+                }
+                Ok(OrderedMap(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn envelope_and_bare_values() {
+        let body = b(
+            r#"[{"value":{"t":1},"key":"k1","id":"e1","headers":{"h":"v"}},
+                         {"t":2}, 3, "s", {"value":1,"other":2}]"#,
+        );
+        let ev = parse_json(&body).unwrap();
+        assert_eq!(ev.len(), 5);
+        assert_eq!(&ev[0].value[..], br#"{"t":1}"#);
+        assert_eq!(ev[0].key.as_deref(), Some(&b"k1"[..]));
+        assert_eq!(ev[0].id.as_deref(), Some(&b"e1"[..]));
+        assert_eq!(ev[0].headers, vec![(b("h"), b("v"))]);
+        assert_eq!(&ev[1].value[..], br#"{"t":2}"#);
+        assert_eq!(&ev[2].value[..], b"3");
+        assert_eq!(&ev[3].value[..], br#""s""#);
+        assert_eq!(&ev[4].value[..], br#"{"value":1,"other":2}"#);
+        assert!(ev[4].key.is_none());
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let ev = parse_json(&b(r#"{"value":null,"key":"a\"b\u00e9"}"#)).unwrap();
+        assert_eq!(ev[0].key.as_deref(), Some("a\"bé".as_bytes()));
+    }
+
+    #[test]
+    fn errors_name_the_event_and_field() {
+        let e = parse_json(&b(r#"[{"value":1},{"value":1,"key":5}]"#)).unwrap_err();
+        assert_eq!(e.to_string(), "event 1: `key` must be a string, found 5");
+        let e = parse_json(&b(r#"[{"value":1,"headers":{"a":1}}]"#)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("event 0: `headers.a` must be a string"),
+            "{e}"
+        );
+        let e = parse_json(&b("[1, 2,")).unwrap_err();
+        assert!(e.to_string().starts_with("invalid JSON:"), "{e}");
+        assert!(e.to_string().contains("line 1 column"), "{e}");
+        assert!(parse_json(&b("[]")).is_err());
+    }
+
+    #[test]
+    fn ndjson_lines() {
+        let ev = parse_ndjson(&b("{\"value\":1,\"key\":\"a\"}\r\n\n2\n")).unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(&ev[1].value[..], b"2");
+        let e = parse_ndjson(&b("1\n{oops\n")).unwrap_err();
+        assert!(e.to_string().starts_with("line 2: invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn formats_and_codings() {
+        assert_eq!(
+            format_of(Some("application/json; charset=utf-8")),
+            BodyFormat::Json
+        );
+        assert_eq!(format_of(Some("Application/X-NDJSON")), BodyFormat::Ndjson);
+        assert_eq!(format_of(Some("text/plain")), BodyFormat::Raw);
+        assert_eq!(format_of(None), BodyFormat::Raw);
+        assert_eq!(coding_of(Some("gzip")).unwrap(), Coding::Gzip);
+        assert!(matches!(
+            coding_of(Some("br")),
+            Err(Rejection::UnsupportedMediaType { .. })
+        ));
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        let raw = vec![b'a'; 10_000];
+        let z = Bytes::from(zstd::encode_all(&raw[..], 3).unwrap());
+        assert_eq!(
+            decode(Coding::Zstd, z.clone(), 10_000).unwrap().len(),
+            10_000
+        );
+        assert!(matches!(
+            decode(Coding::Zstd, z, 9_999),
+            Err(Rejection::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode(Coding::Gzip, b("not gzip"), 100),
+            Err(Rejection::Malformed { .. })
+        ));
+    }
+}

@@ -1,0 +1,328 @@
+//! HTTP ingest: `POST /v1/streams/{stream}/events` over HTTP/1.1 and h2c.
+//!
+//! The wire format is documented in docs/http.md.
+
+pub mod body;
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING,
+};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use sluice_core::metrics::ProtocolLabels;
+use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
+use tokio::net::TcpListener;
+
+use crate::server::{self, ServerOptions};
+use body::BodyFormat;
+
+/// Settings of the HTTP ingest listener.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub server: ServerOptions,
+    /// A request body must arrive completely within this time.
+    pub body_read_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            server: ServerOptions::default(),
+            body_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Request header carrying the key of a raw (non-JSON) event.
+pub const KEY_HEADER: &str = "sluice-key";
+/// Request header carrying the id of a raw (non-JSON) event.
+pub const ID_HEADER: &str = "sluice-id";
+
+const PROTO: &str = "http";
+
+/// Serves HTTP ingest on `listener` until `shutdown`, then drains (see [`server::serve`]).
+pub async fn serve<I: Ingest>(
+    listener: TcpListener,
+    ingest: Arc<I>,
+    opts: HttpOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let gauge = ingest
+        .metrics()
+        .connections
+        .get_or_create(&ProtocolLabels { protocol: PROTO })
+        .clone();
+    let body_timeout = opts.body_read_timeout;
+    server::serve(
+        listener,
+        opts.server,
+        gauge,
+        move |req, _peer| {
+            let ingest = ingest.clone();
+            async move { handle(req, &*ingest, body_timeout).await }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+async fn handle<I: Ingest>(
+    req: Request<Incoming>,
+    ingest: &I,
+    body_timeout: Duration,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let Some(stream) = path
+        .strip_prefix("/v1/streams/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+    else {
+        let message = format!("no route for {} {path}", req.method());
+        return error_body(StatusCode::NOT_FOUND, "no_route", &message);
+    };
+    if req.method() != Method::POST {
+        let mut r = error_body(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("{} is not allowed here; use POST", req.method()),
+        );
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let stream = stream.to_string();
+    let metrics = ingest.metrics();
+    match publish(req, &stream, ingest, body_timeout).await {
+        Ok((response, outcome)) => {
+            metrics.request(PROTO, outcome);
+            response
+        }
+        Err(rejection) => {
+            metrics.request(PROTO, rejection.code());
+            rejection_response(&rejection)
+        }
+    }
+}
+
+async fn publish<I: Ingest>(
+    req: Request<Incoming>,
+    stream: &str,
+    ingest: &I,
+    body_timeout: Duration,
+) -> Result<(Response<Full<Bytes>>, &'static str), Rejection> {
+    let stream = StreamName::parse(stream)?;
+    // Authentication arrives with the auth issue; until then every producer is anonymous.
+    let principal = Principal::anonymous();
+    let admission = ingest.admit(&principal, &stream)?;
+    let limits = admission.settings;
+
+    let (parts, body) = req.into_parts();
+    let header = |name| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let coding = body::coding_of(header(CONTENT_ENCODING))?;
+    let content_type = header(CONTENT_TYPE);
+    let format = body::format_of(content_type);
+    let declared_len = match header(CONTENT_LENGTH) {
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| Rejection::Malformed {
+            message: format!("invalid Content-Length `{v}`"),
+        })?),
+        None => None,
+    };
+    let chunked = parts.headers.contains_key(TRANSFER_ENCODING);
+    if declared_len.is_none() && !chunked && parts.version < Version::HTTP_2 {
+        return Err(Rejection::LengthRequired);
+    }
+    let max_body = limits.max_body_bytes;
+    if let Some(n) = declared_len
+        && n > max_body
+    {
+        return Err(too_large_body(n, max_body, &stream));
+    }
+    let collected = tokio::time::timeout(
+        body_timeout,
+        Limited::new(body, max_body as usize).collect(),
+    )
+    .await
+    .map_err(|_| Rejection::Malformed {
+        message: format!(
+            "the request body did not arrive within {} ms",
+            body_timeout.as_millis()
+        ),
+    })?;
+    let raw = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(Rejection::TooLarge {
+                message: format!(
+                    "the request body exceeds the limit of {max_body} bytes for stream `{stream}`"
+                ),
+            });
+        }
+        Err(e) => {
+            return Err(Rejection::Malformed {
+                message: format!("could not read the request body: {e}"),
+            });
+        }
+    };
+    let body = body::decode(coding, raw, max_body)?;
+    if body.is_empty() {
+        return Err(Rejection::Malformed {
+            message: "the request body is empty".into(),
+        });
+    }
+    let (events, stored_type) = match format {
+        BodyFormat::Json => (
+            body::parse_json(&body)?,
+            Bytes::from_static(b"application/json"),
+        ),
+        BodyFormat::Ndjson => (
+            body::parse_ndjson(&body)?,
+            Bytes::from_static(b"application/json"),
+        ),
+        BodyFormat::Raw => {
+            let event = sluice_core::Event {
+                key: header_bytes(&parts.headers, KEY_HEADER),
+                id: header_bytes(&parts.headers, ID_HEADER),
+                headers: Vec::new(),
+                value: body,
+            };
+            let ct = content_type.unwrap_or("application/octet-stream");
+            (vec![event], Bytes::copy_from_slice(ct.as_bytes()))
+        }
+    };
+    let receipts = ingest
+        .ingest(IngestRequest {
+            principal,
+            protocol: Protocol::Http,
+            stream,
+            content_type: stored_type,
+            events,
+        })
+        .await?;
+    Ok(receipts_response(&receipts))
+}
+
+fn header_bytes(headers: &http::HeaderMap, name: &str) -> Option<Bytes> {
+    headers
+        .get(name)
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+}
+
+fn too_large_body(n: u64, max: u64, stream: &StreamName) -> Rejection {
+    Rejection::TooLarge {
+        message: format!(
+            "the request body has {n} bytes; the limit for stream `{stream}` is {max}"
+        ),
+    }
+}
+
+/// 200 with one result per event (202 when every event was only queued); when every event
+/// failed, the first failure's status.
+fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static str) {
+    let failed = receipts
+        .iter()
+        .filter(|r| matches!(r, Receipt::Failed(_)))
+        .count();
+    if failed == receipts.len()
+        && let Some(Receipt::Failed(first)) = receipts.first()
+    {
+        return (rejection_response(first), first.code());
+    }
+    let all_received = receipts
+        .iter()
+        .all(|r| matches!(r, Receipt::Received { .. }));
+    let mut out = String::with_capacity(16 + receipts.len() * 32);
+    out.push_str("{\"results\":[");
+    for (i, r) in receipts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match r {
+            Receipt::Appended { partition, offset } => {
+                let _ = write!(out, "{{\"partition\":{partition},\"offset\":{offset}}}");
+            }
+            Receipt::Received { partition } => {
+                let _ = write!(out, "{{\"partition\":{partition},\"status\":\"received\"}}");
+            }
+            Receipt::Failed(e) => {
+                out.push_str(&error_json(e));
+            }
+        }
+    }
+    out.push(']');
+    if failed > 0 {
+        let _ = write!(out, ",\"failed\":{failed}");
+    }
+    out.push('}');
+    let status = if all_received {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let outcome = if failed > 0 { "partial" } else { "ok" };
+    (json_response(status, out), outcome)
+}
+
+/// The HTTP status of a rejection (DESIGN §3).
+pub fn status_of(r: &Rejection) -> StatusCode {
+    match r {
+        Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+        Rejection::Forbidden { .. } => StatusCode::FORBIDDEN,
+        Rejection::Malformed { .. } => StatusCode::BAD_REQUEST,
+        Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::LengthRequired => StatusCode::LENGTH_REQUIRED,
+        Rejection::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Rejection::NotFound { .. } => StatusCode::NOT_FOUND,
+        Rejection::OverQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Rejection::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_json(r: &Rejection) -> String {
+    let mut v = serde_json::json!({ "error": { "code": r.code(), "message": r.to_string() } });
+    if let Some(after) = r.retry_after() {
+        v["error"]["retry_after_ms"] = serde_json::json!(after.as_millis() as u64);
+    }
+    v.to_string()
+}
+
+/// The whole-request error response of a rejection.
+pub fn rejection_response(r: &Rejection) -> Response<Full<Bytes>> {
+    let mut resp = json_response(status_of(r), error_json(r));
+    if let Some(after) = r.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    if matches!(r, Rejection::Unauthenticated { .. }) {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+fn error_body(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let v = serde_json::json!({ "error": { "code": code, "message": message } });
+    json_response(status, v.to_string())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
