@@ -253,7 +253,8 @@ impl Log {
     }
 
     /// Stops taking new appends, lets every queued append finish (written and fsynced), and waits
-    /// for the writers to exit. Appends still holding a stream handle finish first.
+    /// for the writers to exit. A writer exits once every [`StreamLog`] handle of its stream is
+    /// dropped, so callers drop theirs (finish their requests) before awaiting this.
     pub async fn close(&self) {
         self.inner.streams.write().unwrap().clear();
         let handles: Vec<_> = std::mem::take(&mut *self.inner.writers.lock().unwrap());

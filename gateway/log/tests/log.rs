@@ -320,6 +320,7 @@ async fn group_commit_covers_every_waiting_append_with_one_fsync() {
     bases.sort_unstable();
     assert_eq!(bases, (0..64).map(|i| i * 2).collect::<Vec<_>>());
     assert_eq!(metrics.fsyncs.get(), 1, "one fsync for the whole group");
+    drop(s);
     log.close().await;
 }
 
