@@ -75,6 +75,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     })
     .await
     .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?;
+    // Declared streams exist from the start: readable, with their partition count fixed.
+    for name in config.streams.declare.keys() {
+        log.get_or_create(name, stream_options(&config.streams, name))
+            .await
+            .with_context(|| format!("creating declared stream `{name}`"))?;
+    }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
         log,

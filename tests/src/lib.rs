@@ -1,1 +1,214 @@
-//! e2e helpers
+//! Helpers for end-to-end tests: start the real `sluice` binary on 127.0.0.1:0 with a temporary
+//! data directory, wait for it to report its addresses, drive it, kill or drain it, and read the
+//! log back through `sluice log read`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Path of the gateway binary under test: `sluice-e2e`, which Cargo builds next to the
+/// integration tests of this package (`target/<profile>/`, one level above `deps/`).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    dir.join(format!("sluice-e2e{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// How long a test waits for the gateway to start or stop before failing.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A running `sluice serve` process.
+pub struct Sluice {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    config_path: PathBuf,
+}
+
+impl Sluice {
+    /// Starts `sluice serve` with `toml` as its config file, and environment overrides that
+    /// bind both listeners to port 0 on loopback and keep data in `data_dir`.
+    pub fn start(data_dir: &Path, toml: &str) -> Result<Sluice> {
+        let config_path = data_dir.with_extension("toml");
+        std::fs::write(&config_path, toml)?;
+        Self::start_with_config(data_dir, &config_path)
+    }
+
+    /// Starts `sluice serve --config config_path`, overriding the listeners (port 0) and the data
+    /// directory through `SLUICE_…` environment variables.
+    pub fn start_with_config(data_dir: &Path, config_path: &Path) -> Result<Sluice> {
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(config_path)
+            .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_LOG__DATA_DIR", data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning sluice")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("sluice listening:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(DEADLINE) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                bail!("sluice did not report its addresses within {DEADLINE:?} (exit: {status})");
+            }
+        };
+        let addr = |key: &str| -> Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .ok_or_else(|| anyhow!("no {key} in {line:?}"))?
+                .parse()
+                .context("parsing address")
+        };
+        Ok(Sluice {
+            http: addr("http=")?,
+            admin: addr("admin=")?,
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            config_path: config_path.to_path_buf(),
+        })
+    }
+
+    /// The path of the config file this process was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// `http://ADDR/v1/streams/{stream}/events`.
+    pub fn events_url(&self, stream: &str) -> String {
+        format!("http://{}/v1/streams/{stream}/events", self.http)
+    }
+
+    /// `http://ADMIN/{path}`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}/{}", self.admin, path.trim_start_matches('/'))
+    }
+
+    /// Process id of the gateway.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait (up to [`DEADLINE`]) for the exit status.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()?;
+        if !ok.success() {
+            bail!("kill -TERM failed");
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > DEADLINE {
+                let _ = c.kill();
+                bail!("sluice did not exit within {DEADLINE:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every record of `stream`, through `sluice log read`.
+    pub fn read_log(&self, stream: &str) -> Result<Vec<Value>> {
+        read_log(&self.data_dir, stream, &[])
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Runs `sluice log read --data-dir D --stream S ARGS…` and parses its NDJSON output.
+pub fn read_log(data_dir: &Path, stream: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let out = Command::new(binary())
+        .args(["log", "read", "--data-dir"])
+        .arg(data_dir)
+        .args(["--stream", stream])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "sluice log read failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {l:?}")))
+        .collect()
+}
+
+/// The value of the Prometheus sample `name{labels}` (labels as written, e.g.
+/// `stream="s",protocol="http"`), or 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series == want).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

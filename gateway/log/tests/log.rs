@@ -336,7 +336,12 @@ async fn streams_persist_across_reopen_and_the_directory_is_locked() {
     };
     let s = log.get_or_create("orders", three).await.unwrap();
     for p in 0..3 {
-        assert_eq!(s.append(p, frame(0, &[b"a".to_vec()]), true, None).await.unwrap(), 0);
+        assert_eq!(
+            s.append(p, frame(0, &[b"a".to_vec()]), true, None)
+                .await
+                .unwrap(),
+            0
+        );
     }
     let second = Log::open(log_opts(tmp.path()), LogMetrics::default(), |_| ONE).await;
     assert!(matches!(second, Err(LogError::Locked(_))));
@@ -351,7 +356,12 @@ async fn streams_persist_across_reopen_and_the_directory_is_locked() {
     assert_eq!(log.stream_names(), vec!["orders".to_string()]);
     let s = log.stream("orders").unwrap();
     assert_eq!(s.partition_count(), 3);
-    assert_eq!(s.append(2, frame(0, &[b"b".to_vec()]), true, None).await.unwrap(), 1);
+    assert_eq!(
+        s.append(2, frame(0, &[b"b".to_vec()]), true, None)
+            .await
+            .unwrap(),
+        1
+    );
     // A half-created stream (no stream.meta) is removed on open.
     drop(s);
     log.close().await;
@@ -374,7 +384,10 @@ async fn the_stream_limit_is_enforced() {
     let log = Log::open(o, LogMetrics::default(), |_| ONE).await.unwrap();
     log.get_or_create("a", ONE).await.unwrap();
     log.get_or_create("b", ONE).await.unwrap();
-    assert!(log.get_or_create("a", ONE).await.is_ok(), "existing streams still resolve");
+    assert!(
+        log.get_or_create("a", ONE).await.is_ok(),
+        "existing streams still resolve"
+    );
     assert!(matches!(
         log.get_or_create("c", ONE).await,
         Err(LogError::TooManyStreams(2))

@@ -1,0 +1,697 @@
+//! HTTP ingest against the real binary: every content type and encoding, every error status,
+//! offsets read back through `sluice log read`, concurrency, ack modes, admin endpoints.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_tests::{Sluice, metric, read_log, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let r = c
+        .post(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, v)
+}
+
+fn offsets(v: &Value) -> Vec<(u64, u64)> {
+    v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_u64().unwrap(),
+                r["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn every_content_type_and_encoding_lands_in_the_log_as_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let c = client();
+    let url = s.events_url("mixed");
+
+    let (st, v) = post(
+        &c,
+        &url,
+        "application/json",
+        r#"{"value":{"temp":21.5},"key":"dev-1","id":"e-1","headers":{"site":"north"}}"#,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(offsets(&v), vec![(0, 0)]);
+
+    let (st, v) = post(
+        &c,
+        &url,
+        "application/json; charset=utf-8",
+        r#"[1, "two", {"three":3}]"#,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(offsets(&v), vec![(0, 1), (0, 2), (0, 3)]);
+
+    let (st, v) = post(
+        &c,
+        &url,
+        "application/x-ndjson",
+        "{\"value\":4,\"key\":\"k4\"}\n5\n",
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(offsets(&v), vec![(0, 4), (0, 5)]);
+
+    let r = c
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .header("sluice-key", "raw-key")
+        .header("sluice-id", "raw-id")
+        .body(vec![0u8, 159, 146, 150])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gzip(br#"[{"value":"gz"}]"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let z = zstd::encode_all(&b"{\"value\":\"zs\"}\n"[..], 3).unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "zstd")
+        .body(z)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(offsets(&v), vec![(0, 8)]);
+
+    let recs = s.read_log("mixed").unwrap();
+    assert_eq!(recs.len(), 9);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["offset"], json!(i), "{r}");
+        assert_eq!(r["stream"], "mixed");
+        assert_eq!(r["headers"]["sluice-protocol"], "http");
+    }
+    assert_eq!(recs[0]["value"], r#"{"temp":21.5}"#);
+    assert_eq!(recs[0]["key"], "dev-1");
+    assert_eq!(recs[0]["id"], "e-1");
+    assert_eq!(recs[0]["headers"]["site"], "north");
+    assert_eq!(recs[0]["headers"]["content-type"], "application/json");
+    assert_eq!(recs[1]["value"], "1");
+    assert_eq!(recs[2]["value"], r#""two""#);
+    assert_eq!(recs[3]["value"], r#"{"three":3}"#);
+    assert_eq!(recs[4]["key"], "k4");
+    assert_eq!(recs[5]["value"], "5");
+    assert_eq!(recs[6]["value_encoding"], "base64");
+    assert_eq!(recs[6]["value"], "AJ+Slg==");
+    assert_eq!(recs[6]["key"], "raw-key");
+    assert_eq!(recs[6]["id"], "raw-id");
+    assert_eq!(
+        recs[6]["headers"]["content-type"],
+        "application/octet-stream"
+    );
+    assert_eq!(recs[7]["value"], r#""gz""#);
+    assert_eq!(recs[8]["value"], r#""zs""#);
+}
+
+#[tokio::test]
+async fn h2c_requests_are_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = c
+        .post(s.events_url("h2"))
+        .header("content-type", "application/json")
+        .body("[1,2]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(offsets(&v), vec![(0, 0), (0, 1)]);
+}
+
+async fn expect_error(r: reqwest::Response, status: StatusCode, code: &str, needle: &str) -> Value {
+    assert_eq!(r.status(), status);
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/json");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+    v
+}
+
+#[tokio::test]
+async fn every_error_status_names_what_was_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        r#"
+        [streams]
+        auto_create = false
+        [streams.declare.small]
+        max_body_bytes = 1000
+        max_event_bytes = 100
+        max_events_per_request = 5
+        [streams.declare.open]
+        "#,
+    )
+    .unwrap();
+    let c = client();
+    let send = |stream: &str, ct: &str, body: &str| {
+        c.post(s.events_url(stream))
+            .header("content-type", ct)
+            .body(body.to_string())
+            .send()
+    };
+    let json = "application/json";
+
+    // 400: bad stream name, bad JSON with position, bad envelope field with index, empty body.
+    expect_error(
+        send("bad$name", json, "1").await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed",
+        "invalid stream name",
+    )
+    .await;
+    expect_error(
+        send("open", json, "[1, 2,").await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed",
+        "line 1 column",
+    )
+    .await;
+    expect_error(
+        send("open", json, r#"[{"value":1},{"value":2,"headers":[]}]"#)
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed",
+        "event 1: `headers` must be an object",
+    )
+    .await;
+    expect_error(
+        send("open", "application/x-ndjson", "1\n{x\n")
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed",
+        "line 2",
+    )
+    .await;
+    let r = c
+        .post(s.events_url("open"))
+        .header("content-type", json)
+        .header("content-encoding", "gzip")
+        .body("not gzip")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::BAD_REQUEST, "malformed", "invalid gzip").await;
+
+    // 404: unknown stream when auto-create is off; unknown route.
+    expect_error(
+        send("nope", json, "1").await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "stream_not_found",
+        "`nope`",
+    )
+    .await;
+    let r = c
+        .get(format!("http://{}/v2/x", s.http))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::NOT_FOUND, "no_route", "/v2/x").await;
+
+    // 405: wrong method.
+    let r = c.get(s.events_url("open")).send().await.unwrap();
+    assert_eq!(r.headers().get("allow").unwrap(), "POST");
+    expect_error(
+        r,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "GET",
+    )
+    .await;
+
+    // 413: body, event and event count limits; decompression beyond the body limit.
+    expect_error(
+        send("small", json, &format!("\"{}\"", "x".repeat(2000)))
+            .await
+            .unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "limit for stream `small` is 1000",
+    )
+    .await;
+    expect_error(
+        send("small", json, &format!("[1, \"{}\"]", "x".repeat(200)))
+            .await
+            .unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "event 1 has 202 bytes",
+    )
+    .await;
+    expect_error(
+        send("small", json, "[1,2,3,4,5,6]").await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "6 events",
+    )
+    .await;
+    let bomb = gzip(&vec![b' '; 100_000]);
+    let r = c
+        .post(s.events_url("small"))
+        .header("content-type", json)
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        r,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "decompressed",
+    )
+    .await;
+    // A chunked body (no Content-Length) over the limit is cut off while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        vec![Ok(vec![b'1'; 600]), Ok(vec![b'1'; 600])];
+    let stream = futures_util::stream::iter(chunks);
+    let r = c
+        .post(s.events_url("small"))
+        .header("content-type", json)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        r,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "exceeds the limit of 1000",
+    )
+    .await;
+
+    // 415: unsupported content coding.
+    let r = c
+        .post(s.events_url("open"))
+        .header("content-encoding", "br")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        r,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "br",
+    )
+    .await;
+
+    // 411: HTTP/1.1 POST with neither Content-Length nor chunked encoding; 400 for an empty one.
+    let resp = raw_request(
+        s.http,
+        "POST /v1/streams/open/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 411"), "{resp}");
+    assert!(resp.contains("length_required"), "{resp}");
+    let resp = raw_request(s.http, "POST /v1/streams/open/events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("the request body is empty"), "{resp}");
+
+    // Nothing of the above reached the log; the well-formed request still works afterwards.
+    let (st, v) = post(&c, &s.events_url("open"), json, "[1]").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(offsets(&v), vec![(0, 0)]);
+    assert_eq!(s.read_log("open").unwrap().len(), 1);
+    assert!(s.read_log("small").unwrap().is_empty());
+
+    let m = c
+        .get(s.admin_url("metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_requests_total",
+            r#"protocol="http",outcome="too_large""#
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_requests_total",
+            r#"protocol="http",outcome="malformed""#
+        ),
+        6.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_requests_total",
+            r#"protocol="http",outcome="ok""#
+        ),
+        1.0
+    );
+}
+
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    tcp.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+#[tokio::test]
+async fn a_slow_log_fills_the_in_flight_budget_and_gets_503_with_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        r#"
+        [log]
+        fault_append_delay_ms = 3000
+        [limits]
+        max_in_flight_bytes = 4096
+        [streams.defaults]
+        max_body_bytes = 4096
+        max_event_bytes = 4096
+        "#,
+    )
+    .unwrap();
+    let c = client();
+    // One request that fills the budget and waits on the slow log.
+    let big = format!("\"{}\"", "x".repeat(4000));
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), s.events_url("slow"));
+        async move { post(&c, &url, "application/json", big).await }
+    });
+    let admin = s.admin_url("metrics");
+    let filled = wait_until(Duration::from_secs(10), || {
+        let (c, admin) = (c.clone(), admin.clone());
+        async move {
+            let m = c.get(&admin).send().await.unwrap().text().await.unwrap();
+            metric(&m, "sluice_in_flight_bytes", "") > 4000.0
+        }
+    })
+    .await;
+    assert!(filled, "the first request never showed up as in flight");
+    // 4000 + 24 bytes are charged; 100 more do not fit in 4096.
+    let r = c
+        .post(s.events_url("slow"))
+        .header("content-type", "application/json")
+        .body(format!("[\"{}\"]", "y".repeat(98)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+    let v = expect_error(
+        r,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "in-flight budget",
+    )
+    .await;
+    assert_eq!(v["error"]["retry_after_ms"], 1000);
+    // The first request is still acked once the slow write completes, and the budget never
+    // exceeded its configured size.
+    let (st, v) = first.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let m = c.get(&admin).send().await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&m, "sluice_in_flight_bytes", ""), 0.0);
+    assert_eq!(metric(&m, "sluice_in_flight_budget_bytes", ""), 4096.0);
+    assert_eq!(s.read_log("slow").unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_producers_get_contiguous_unique_offsets_per_partition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[streams.declare.fan]\npartitions = 4\n",
+    )
+    .unwrap();
+    let c = client();
+    let producers = 16;
+    let requests = 25;
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let (c, url) = (c.clone(), s.events_url("fan"));
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for r in 0..requests {
+                let events: Vec<Value> = (0..4)
+                    .map(|e| json!({"value": {"p": p, "r": r, "e": e}, "key": format!("dev-{}", (p + e) % 7)}))
+                    .collect();
+                let body = serde_json::to_string(&events).unwrap();
+                let (st, v) = post(&c, &url, "application/json", body).await;
+                assert_eq!(st, StatusCode::OK, "{v}");
+                for (e, (part, off)) in offsets(&v).into_iter().enumerate() {
+                    acked.push((part, off, json!({"p": p, "r": r, "e": e}).to_string()));
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), producers * requests * 4);
+    let unique: HashSet<(u64, u64)> = acked.iter().map(|a| (a.0, a.1)).collect();
+    assert_eq!(
+        unique.len(),
+        acked.len(),
+        "two events got the same position"
+    );
+
+    let log = s.read_log("fan").unwrap();
+    assert_eq!(log.len(), acked.len());
+    let mut by_pos = BTreeMap::new();
+    let mut per_partition: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for r in &log {
+        let (p, o) = (
+            r["partition"].as_u64().unwrap(),
+            r["offset"].as_u64().unwrap(),
+        );
+        by_pos.insert((p, o), r["value"].as_str().unwrap().to_string());
+        per_partition.entry(p).or_default().push(o);
+        // Same key, same partition (murmur2 like Kafka).
+        let key = r["key"].as_str().unwrap();
+        let expected = sluice_log_partition(key, 4);
+        assert_eq!(p, u64::from(expected), "key {key}");
+    }
+    for (p, offs) in per_partition {
+        let want: Vec<u64> = (0..offs.len() as u64).collect();
+        assert_eq!(
+            offs, want,
+            "partition {p} offsets are not contiguous from 0"
+        );
+    }
+    for (p, o, value) in &acked {
+        assert_eq!(
+            by_pos.get(&(*p, *o)),
+            Some(value),
+            "acked event at {p}/{o} differs in the log"
+        );
+    }
+    let m = c
+        .get(s.admin_url("metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_in_total",
+            r#"stream="fan",protocol="http""#
+        ),
+        acked.len() as f64
+    );
+    assert!(metric(&m, "sluice_log_fsyncs_total", "") >= 1.0);
+}
+
+fn sluice_log_partition(key: &str, n: u32) -> u32 {
+    // Kafka's murmur2 partitioner, computed independently of the gateway.
+    let data = key.as_bytes();
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(m);
+        k ^= k >> 24;
+        h = h.wrapping_mul(m) ^ k.wrapping_mul(m);
+    }
+    match rest.len() {
+        3 => h ^= u32::from(rest[2]) << 16 | u32::from(rest[1]) << 8 | u32::from(rest[0]),
+        2 => h ^= u32::from(rest[1]) << 8 | u32::from(rest[0]),
+        1 => h ^= u32::from(rest[0]),
+        _ => {}
+    }
+    if !rest.is_empty() {
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    (h & 0x7fff_ffff) % n
+}
+
+#[tokio::test]
+async fn received_ack_mode_answers_202_and_still_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[streams.declare.fire]\nack = \"received\"\n[log]\nflush_interval_ms = 10\n",
+    )
+    .unwrap();
+    let c = client();
+    let (st, v) = post(&c, &s.events_url("fire"), "application/json", "[1,2,3]").await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(
+        v,
+        json!({"results": [
+            {"partition": 0, "status": "received"},
+            {"partition": 0, "status": "received"},
+            {"partition": 0, "status": "received"}
+        ]})
+    );
+    let data = s.data_dir.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let data = data.clone();
+            async move { read_log(&data, "fire", &[]).unwrap().len() == 3 }
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_read_filters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[streams.declare.two]\npartitions = 2\n",
+    )
+    .unwrap();
+    let c = client();
+    let r = c.get(s.admin_url("healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = c.get(s.admin_url("readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let m = c.get(s.admin_url("metrics")).send().await.unwrap();
+    assert!(
+        m.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let m = m.text().await.unwrap();
+    for name in [
+        "sluice_build_info",
+        "sluice_log_fsync_seconds_bucket",
+        "sluice_log_group_commit_events_bucket",
+        "sluice_log_append_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+
+    // Keyless requests go round robin, one partition per request.
+    for i in 0..4 {
+        let (st, v) = post(
+            &c,
+            &s.events_url("two"),
+            "application/json",
+            format!("[{i},{i}]"),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        let o = offsets(&v);
+        assert_eq!(o[0].0, o[1].0, "one request, one partition");
+    }
+    let all = s.read_log("two").unwrap();
+    assert_eq!(all.len(), 8);
+    let p1 = read_log(&s.data_dir, "two", &["--partition", "1"]).unwrap();
+    assert_eq!(p1.len(), 4);
+    assert!(p1.iter().all(|r| r["partition"] == 1));
+    let from = read_log(
+        &s.data_dir,
+        "two",
+        &["--partition", "0", "--from-offset", "2"],
+    )
+    .unwrap();
+    assert_eq!(from.len(), 2);
+    assert_eq!(from[0]["offset"], 2);
+    let limited = read_log(&s.data_dir, "two", &["--limit", "3"]).unwrap();
+    assert_eq!(limited.len(), 3);
+    let future = read_log(&s.data_dir, "two", &["--from-time", "2999-01-01T00:00:00Z"]).unwrap();
+    assert!(future.is_empty());
+    let past = read_log(
+        &s.data_dir,
+        "two",
+        &["--from-time", "2000-01-01T00:00:00+01:00"],
+    )
+    .unwrap();
+    assert_eq!(past.len(), 8);
+    assert!(read_log(&s.data_dir, "missing", &[]).is_err());
+}
