@@ -1,0 +1,206 @@
+//! Process lifecycle: zero-config start, graceful drain on SIGTERM, the drain deadline, the data
+//! directory lock, and `check-config`.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_tests::{Sluice, binary, read_log, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let url = s.events_url("drain");
+    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let answered = Arc::new(Mutex::new((0usize, 0usize))); // (responses, transport errors)
+    let tasks: Vec<_> = (0..8)
+        .map(|id| {
+            let (url, acked, answered) = (url.clone(), acked.clone(), answered.clone());
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                for n in 0.. {
+                    let v = format!("d{id}-{n}");
+                    match c.post(&url).json(&json!([v])).send().await {
+                        Ok(r) => {
+                            answered.lock().unwrap().0 += 1;
+                            if r.status() != 200 {
+                                return;
+                            }
+                            let body: Value = r.json().await.unwrap();
+                            let o = body["results"][0]["offset"].as_u64().unwrap();
+                            acked.lock().unwrap().push((o, format!("\"{v}\"")));
+                        }
+                        Err(_) => {
+                            answered.lock().unwrap().1 += 1;
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let loaded = wait_until(Duration::from_secs(30), || {
+        let n = acked.lock().unwrap().len();
+        async move { n >= 200 }
+    })
+    .await;
+    assert!(loaded);
+    let status = s.terminate().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = read_log(&s.data_dir, "drain", &[]).unwrap();
+    for (o, v) in acked.lock().unwrap().iter() {
+        assert_eq!(&log[*o as usize]["value"], v, "acked event at {o}");
+    }
+}
+
+#[tokio::test]
+async fn the_drain_deadline_bounds_shutdown_and_never_acks_late() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(
+        &tmp.path().join("data"),
+        "[server]\nshutdown_timeout_ms = 300\n[log]\nfault_append_delay_ms = 20000\n",
+    )
+    .unwrap();
+    let url = s.events_url("late");
+    let pending = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(&url)
+            .json(&json!([1]))
+            .send()
+            .await
+    });
+    let admin = s.admin_url("metrics");
+    let in_flight = wait_until(Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            let m = reqwest::get(&admin).await.unwrap().text().await.unwrap();
+            sluice_tests::metric(&m, "sluice_in_flight_bytes", "") > 0.0
+        }
+    })
+    .await;
+    assert!(in_flight);
+    let started = std::time::Instant::now();
+    let status = s.terminate().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a drain cut short by its deadline exits 1"
+    );
+    let r = pending.await.unwrap();
+    assert!(
+        r.is_err(),
+        "the unfinished request must not be acked: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No --config at all: data under ./data of the working directory.
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .current_dir(tmp.path())
+        .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(
+        line.starts_with("sluice listening: http=127.0.0.1:"),
+        "{line}"
+    );
+    let http = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}/v1/streams/first/events"))
+        .json(&json!({"value": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(tmp.path().join("data/streams/first/0").is_dir());
+
+    // A second gateway on the same data directory refuses to start, and says why.
+    let out = Command::new(binary())
+        .arg("serve")
+        .current_dir(tmp.path())
+        .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn check_config_accepts_examples_and_reports_every_problem() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let out = Command::new(binary())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[http]\nlisten = \"nope\"\n[streams.defaults]\npartitions = 0\nmax_event_bytes = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 configuration problem(s)"), "{err}");
+    for path in [
+        "http.listen",
+        "streams.defaults.partitions",
+        "streams.defaults.max_event_bytes",
+    ] {
+        assert!(err.contains(path), "{path} not reported in {err}");
+    }
+    // Environment overrides are validated too.
+    let out = Command::new(binary())
+        .arg("check-config")
+        .arg(examples.join("minimal.toml"))
+        .env("SLUICE_STREAMS__DEFAULTS__ACK", "sometimes")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sometimes"));
+}
