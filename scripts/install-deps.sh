@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what building and testing Sluice needs, skipping whatever is already there.
+# Safe to run repeatedly; run as root (or with sudo available) on Debian/Ubuntu.
+set -euo pipefail
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+
+apt_updated=0
+apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    log "apt-get not found; please install: $*"
+    return 1
+  fi
+  if [ "$apt_updated" -eq 0 ]; then
+    $SUDO apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# The Rust toolchain is a prerequisite (README); say so plainly if it is missing.
+if ! command -v cargo >/dev/null 2>&1; then
+  log "cargo not found: install the Rust toolchain (https://rustup.rs) and run this again"
+  exit 1
+fi
+
+# A C compiler and make build the bundled C code of some crates (zstd).
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+
+# Formatting and lints are part of the test command.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  if command -v rustup >/dev/null 2>&1; then
+    log "adding rustfmt and clippy"
+    rustup component add rustfmt clippy
+  else
+    log "cargo fmt/clippy missing and no rustup to add them"
+    exit 1
+  fi
+fi
+log "ok"
