@@ -83,7 +83,7 @@ fn read(args: &ReadArgs, follow: bool) -> io::Result<()> {
         let mut progressed = false;
         for (p, r) in &mut readers {
             while printed < limit {
-                let Some(rec) = r.next()? else { break };
+                let Some(rec) = r.next_record()? else { break };
                 serde_json::to_writer(&mut out, &render(&args.stream, *p, &rec))?;
                 out.write_all(b"\n")?;
                 printed += 1;

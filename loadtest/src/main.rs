@@ -1,1 +1,342 @@
-fn main() {}
+//! `sluice-loadtest`: an HTTP load generator for Sluice with open-loop (fixed target rate,
+//! latency measured from each request's intended send time, so queueing is not hidden) and
+//! closed-loop (each connection sends as fast as it gets answers) modes, HDR latency histograms
+//! and JSON output. `sink` runs a do-nothing HTTP server as a peer: the ceiling of the HTTP
+//! stack and the generator on the same machine.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(name = "sluice-loadtest", about = "Load generator for Sluice")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// POST events to an HTTP ingest URL.
+    Http(HttpArgs),
+    /// A peer: an HTTP server that reads each request body and answers 200 at once.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Parser, Clone)]
+struct HttpArgs {
+    /// e.g. http://127.0.0.1:8080/v1/streams/bench/events
+    #[arg(long)]
+    url: String,
+    /// Concurrent HTTP/1.1 connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Events in each request (a JSON array).
+    #[arg(long, default_value_t = 1)]
+    events_per_request: usize,
+    /// Bytes of each event's value (a JSON string of this length, quotes included).
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Target requests per second over all connections (open loop); 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: &'static str,
+    url: String,
+    connections: usize,
+    events_per_request: usize,
+    payload_bytes: usize,
+    target_rate_rps: f64,
+    duration_s: f64,
+    requests: u64,
+    events: u64,
+    errors: u64,
+    non_2xx: u64,
+    requests_per_s: f64,
+    events_per_s: f64,
+    payload_mb_per_s: f64,
+    latency_us: Latency,
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+}
+
+struct Tally {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    non_2xx: u64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::Http(a) => rt.block_on(http(a)),
+        Cmd::Sink { listen } => rt.block_on(sink(listen)),
+    }
+}
+
+fn body(events: usize, payload: usize) -> Bytes {
+    let value = format!("\"{}\"", "x".repeat(payload.saturating_sub(2)));
+    let mut s = String::with_capacity(events * (value.len() + 1) + 2);
+    s.push('[');
+    for i in 0..events {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&value);
+    }
+    s.push(']');
+    Bytes::from(s)
+}
+
+async fn http(a: HttpArgs) -> Result<()> {
+    let uri: hyper::Uri = a.url.parse().context("--url")?;
+    let host = uri.host().context("--url needs a host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await?
+        .next()
+        .context("resolving --url")?;
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let payload = body(a.events_per_request, a.payload_bytes);
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
+    let end = measure_from + Duration::from_secs_f64(a.duration_secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(a.connections as f64 / a.rate));
+
+    let mut tasks = Vec::new();
+    for c in 0..a.connections {
+        let (uri, payload, stop) = (uri.clone(), payload.clone(), stop.clone());
+        // Spread the connections' schedules evenly over one interval.
+        let offset = interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(c as f64 / a.connections as f64)
+        });
+        tasks.push(tokio::spawn(async move {
+            connection(
+                addr,
+                uri,
+                payload,
+                start + offset,
+                interval,
+                measure_from,
+                end,
+                stop,
+            )
+            .await
+        }));
+    }
+    let mut total = Tally {
+        hist: Histogram::new(3)?,
+        ok: 0,
+        errors: 0,
+        non_2xx: 0,
+    };
+    for t in tasks {
+        let t = t.await??;
+        total.hist.add(&t.hist)?;
+        total.ok += t.ok;
+        total.errors += t.errors;
+        total.non_2xx += t.non_2xx;
+    }
+    let secs = a.duration_secs;
+    let h = &total.hist;
+    let report = Report {
+        mode: if interval.is_some() { "open" } else { "closed" },
+        url: a.url.clone(),
+        connections: a.connections,
+        events_per_request: a.events_per_request,
+        payload_bytes: a.payload_bytes,
+        target_rate_rps: a.rate,
+        duration_s: secs,
+        requests: total.ok,
+        events: total.ok * a.events_per_request as u64,
+        errors: total.errors,
+        non_2xx: total.non_2xx,
+        requests_per_s: total.ok as f64 / secs,
+        events_per_s: (total.ok * a.events_per_request as u64) as f64 / secs,
+        payload_mb_per_s: (total.ok as f64 * payload.len() as f64) / secs / 1e6,
+        latency_us: Latency {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        },
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} loop, {} conns, {} ev/req, {} B/ev: {:.0} req/s, {:.0} events/s, {:.1} MB/s; latency p50 {} us, p99 {} us, p99.9 {} us, max {} us; {} errors, {} non-2xx",
+            report.mode,
+            a.connections,
+            a.events_per_request,
+            a.payload_bytes,
+            report.requests_per_s,
+            report.events_per_s,
+            report.payload_mb_per_s,
+            report.latency_us.p50,
+            report.latency_us.p99,
+            report.latency_us.p999,
+            report.latency_us.max,
+            report.errors,
+            report.non_2xx
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    addr: SocketAddr,
+    uri: hyper::Uri,
+    payload: Bytes,
+    first: Instant,
+    interval: Option<Duration>,
+    measure_from: Instant,
+    end: Instant,
+    stop: Arc<AtomicBool>,
+) -> Result<Tally> {
+    let mut t = Tally {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        ok: 0,
+        errors: 0,
+        non_2xx: 0,
+    };
+    let mut sender = None;
+    let mut due = first;
+    tokio::time::sleep_until(first.into()).await;
+    while !stop.load(Ordering::Relaxed) {
+        let intended = match interval {
+            Some(i) => {
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let d = due;
+                due += i;
+                d
+            }
+            None => Instant::now(),
+        };
+        if intended >= end {
+            break;
+        }
+        if sender.is_none() {
+            match connect(addr).await {
+                Ok(s) => sender = Some(s),
+                Err(_) => {
+                    t.errors += 1;
+                    continue;
+                }
+            }
+        }
+        let s = sender.as_mut().expect("connected above");
+        let req = Request::post(&uri)
+            .header("content-type", "application/json")
+            .header("host", uri.authority().map_or("localhost", |a| a.as_str()))
+            .body(Full::new(payload.clone()))?;
+        let result = async {
+            s.ready().await?;
+            let resp = s.send_request(req).await?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            anyhow::Ok(status)
+        }
+        .await;
+        let done = Instant::now();
+        let measured = intended >= measure_from;
+        match result {
+            Ok(status) if status.is_success() => {
+                if measured {
+                    t.ok += 1;
+                    let us = done.duration_since(intended).as_micros() as u64;
+                    t.hist.record(us.clamp(1, 60_000_000))?;
+                }
+            }
+            Ok(_) => t.non_2xx += u64::from(measured),
+            Err(_) => {
+                t.errors += u64::from(measured);
+                sender = None;
+            }
+        }
+    }
+    Ok(t)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Sender> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn sink(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("sink listening: http={}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let n = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(format!(
+                        "{{\"bytes\":{n}}}"
+                    )))))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

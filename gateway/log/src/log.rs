@@ -494,10 +494,11 @@ fn commit(w: &mut PartitionWriter, ops: &mut Vec<Op>, s: &Shared) {
     let bytes: u64 = ops.iter().map(|o| o.frame.len() as u64).sum();
     let mut frames: Vec<&mut Frame> = ops.iter_mut().map(|o| &mut o.frame).collect();
     let mut result = w.append(&mut frames, false, now_ms());
-    if result.is_ok() && durable {
-        if let Err(e) = sync_timed(w, s) {
-            result = Err(e);
-        }
+    if result.is_ok()
+        && durable
+        && let Err(e) = sync_timed(w, s)
+    {
+        result = Err(e);
     }
     if w.poisoned().is_some() {
         s.healthy.store(false, Ordering::Relaxed);

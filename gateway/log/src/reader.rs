@@ -1,6 +1,6 @@
 //! Reading a partition from its files, independently of (and concurrently with) the writer.
 //! A reader stops at the first frame that is not complete and valid, which in the active segment
-//! is simply data still being written; [`PartitionReader::next`] returns `None` there and can be
+//! is simply data still being written; [`PartitionReader::next_record`] returns `None` there and can be
 //! called again later to follow new appends.
 
 use std::collections::VecDeque;
@@ -99,7 +99,7 @@ impl PartitionReader {
     }
 
     /// The next record, or `None` when no complete record follows yet.
-    pub fn next(&mut self) -> io::Result<Option<Record>> {
+    pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         loop {
             if let Some(r) = self.pending.pop_front() {
                 return Ok(Some(r));

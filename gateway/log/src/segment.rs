@@ -182,7 +182,7 @@ pub(crate) fn scan(path: &Path, base: u64, interval: u64) -> io::Result<Scan> {
 
 /// Parses offset-index bytes into (relative offset, position) pairs, if they are well formed.
 pub(crate) fn parse_offset_index(b: &[u8]) -> Option<Vec<(u32, u32)>> {
-    if b.len() % OFFSET_ENTRY != 0 {
+    if !b.len().is_multiple_of(OFFSET_ENTRY) {
         return None;
     }
     let v: Vec<(u32, u32)> = b
@@ -200,7 +200,7 @@ pub(crate) fn parse_offset_index(b: &[u8]) -> Option<Vec<(u32, u32)>> {
 
 /// Parses time-index bytes into (max timestamp, relative offset) pairs, if well formed.
 pub(crate) fn parse_time_index(b: &[u8]) -> Option<Vec<(i64, u32)>> {
-    if b.len() % TIME_ENTRY != 0 {
+    if !b.len().is_multiple_of(TIME_ENTRY) {
         return None;
     }
     let v: Vec<(i64, u32)> = b

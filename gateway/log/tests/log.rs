@@ -41,7 +41,7 @@ fn write_batches(w: &mut PartitionWriter, batches: &[Vec<Vec<u8>>], ts0: i64) ->
 fn read_all(dir: &Path, from: u64) -> Vec<(u64, Vec<u8>)> {
     let mut r = PartitionReader::from_offset(dir, from).unwrap();
     let mut out = Vec::new();
-    while let Some(rec) = r.next().unwrap() {
+    while let Some(rec) = r.next_record().unwrap() {
         out.push((rec.offset, rec.value));
     }
     out
@@ -264,12 +264,12 @@ fn time_lookup_finds_the_first_frame_at_or_after_a_time() {
     assert!(w.segment_count() > 2);
     for (t, want) in [(0, 0u64), (2500, 3), (3000, 3), (48_001, 49)] {
         let mut r = PartitionReader::from_time(tmp.path(), t).unwrap();
-        let rec = r.next().unwrap().unwrap();
+        let rec = r.next_record().unwrap().unwrap();
         assert_eq!(rec.offset, want, "from time {t}");
         assert!(rec.timestamp_ms >= t);
     }
     let mut r = PartitionReader::from_time(tmp.path(), 1_000_000).unwrap();
-    assert!(r.next().unwrap().is_none());
+    assert!(r.next_record().unwrap().is_none());
 }
 
 #[test]
@@ -277,13 +277,13 @@ fn a_reader_follows_appends_across_a_roll() {
     let tmp = tempfile::tempdir().unwrap();
     let (mut w, _) = PartitionWriter::open(tmp.path(), opts(600, 64)).unwrap();
     let mut r = PartitionReader::from_offset(tmp.path(), 0).unwrap();
-    assert!(r.next().unwrap().is_none());
+    assert!(r.next_record().unwrap().is_none());
     for i in 0..20u64 {
         let mut f = frame(0, &[vec![i as u8; 100]]);
         w.append(&mut [&mut f], false, 0).unwrap();
-        let rec = r.next().unwrap().expect("record just written");
+        let rec = r.next_record().unwrap().expect("record just written");
         assert_eq!(rec.offset, i);
-        assert!(r.next().unwrap().is_none());
+        assert!(r.next_record().unwrap().is_none());
     }
     assert!(w.segment_count() > 3);
 }
