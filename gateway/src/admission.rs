@@ -1,7 +1,6 @@
 //! The admission path every protocol's events take into the log, in one place:
 //! authorize → validate → (quota, with the quotas issue) → in-flight budget → append → receipts.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -9,13 +8,11 @@ use futures_util::future::join_all;
 use sluice_config::{AckMode, StreamsConfig};
 use sluice_core::metrics::{Metrics, StreamLabels};
 use sluice_core::{
-    Admission, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, StreamName,
+    Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
+    StreamName,
 };
 use sluice_log::{FrameBuilder, Log, LogError, StreamLog, StreamOptions};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// How long producers are told to wait when the in-flight budget is exhausted.
-const BUDGET_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Per-record framing overhead charged against the budget besides the event's own bytes.
 const RECORD_OVERHEAD: usize = 24;
 
@@ -23,8 +20,7 @@ const RECORD_OVERHEAD: usize = 24;
 pub struct Gateway {
     streams: StreamsConfig,
     log: Log,
-    budget: Arc<Semaphore>,
-    budget_bytes: usize,
+    budget: Budget,
     metrics: Metrics,
 }
 
@@ -35,19 +31,17 @@ impl Gateway {
         max_in_flight_bytes: u64,
         metrics: Metrics,
     ) -> Self {
-        let budget_bytes = (max_in_flight_bytes as usize).min(Semaphore::MAX_PERMITS);
         Self {
             streams,
             log,
-            budget: Arc::new(Semaphore::new(budget_bytes)),
-            budget_bytes,
+            budget: Budget::new(max_in_flight_bytes),
             metrics,
         }
     }
 
     /// Bytes admitted and not yet at their ack point.
     pub fn in_flight_bytes(&self) -> usize {
-        self.budget_bytes - self.budget.available_permits()
+        self.budget.in_use()
     }
 
     /// The log behind this gateway.
@@ -120,7 +114,7 @@ impl Ingest for Gateway {
         })
     }
 
-    async fn ingest(&self, req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
+    async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
         let name = req.stream.as_str();
         let settings = self.streams.settings(name);
         // Permissions are per stream, so they are checked for every request, not per connection.
@@ -131,24 +125,16 @@ impl Ingest for Gateway {
         }
         // Validate sizes before charging anything, so oversized input costs nobody else.
         let bytes = validate(&req, &settings)?;
-        // The in-flight budget bounds memory when the log is slower than the producers.
-        let charge = bytes + req.events.len() * RECORD_OVERHEAD;
-        let permit = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(charge.min(u32::MAX as usize) as u32)
-            .map_err(|_| {
-                Rejection::unavailable(
-                    BUDGET_RETRY_AFTER,
-                    "the log is not keeping up: the gateway's in-flight budget is exhausted",
-                )
-            })?;
+        // The in-flight budget bounds memory when the log is slower than the producers: settle
+        // what the adapter reserved while receiving to the events' exact size.
+        let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
+        reservation.resize(bytes + req.events.len() * RECORD_OVERHEAD)?;
         let stream = self
             .log
             .get_or_create(name, self.stream_options(name))
             .await
             .map_err(log_rejection)?;
-        let receipts = append(&stream, &req, settings.ack, permit).await;
+        let receipts = append(&stream, &req, settings.ack, reservation).await;
         let labels = StreamLabels {
             stream: name.to_string(),
             protocol: req.protocol.as_str(),
@@ -176,6 +162,10 @@ impl Ingest for Gateway {
 
     fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn budget(&self) -> &Budget {
+        &self.budget
     }
 }
 
@@ -216,7 +206,7 @@ async fn append(
     stream: &StreamLog,
     req: &IngestRequest,
     ack: AckMode,
-    mut permit: OwnedSemaphorePermit,
+    mut reservation: Reservation,
 ) -> Vec<Receipt> {
     let n = stream.partition_count();
     let sticky = stream.sticky_partition();
@@ -261,19 +251,18 @@ async fn append(
                     };
                 }
             }
-            drop(permit);
+            drop(reservation);
         }
         AckMode::Received => {
             let last = groups.len() - 1;
             for (g, ((p, idx), f)) in groups.iter().zip(frames).enumerate() {
                 // Each queued frame keeps its share of the budget until it is written.
                 let share = if g == last {
-                    Some(std::mem::replace(&mut permit, empty_permit()))
+                    reservation.split(usize::MAX)
                 } else {
-                    permit.split(frame_share(req, idx))
+                    reservation.split(frame_share(req, idx))
                 };
-                let guard = share.map(|p| Box::new(p) as sluice_log::Guard);
-                let r = stream.enqueue(*p, f, guard).await;
+                let r = stream.enqueue(*p, f, Some(Box::new(share))).await;
                 for &i in idx {
                     receipts[i] = match &r {
                         Ok(()) => Receipt::Received { partition: *p },
@@ -290,12 +279,6 @@ fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
     idx.iter()
         .map(|&i| req.events[i].size() + RECORD_OVERHEAD)
         .sum()
-}
-
-fn empty_permit() -> OwnedSemaphorePermit {
-    Arc::new(Semaphore::new(0))
-        .try_acquire_many_owned(0)
-        .expect("zero permits are always available")
 }
 
 fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {

@@ -469,6 +469,18 @@ async fn a_slow_log_fills_the_in_flight_budget_and_gets_503_with_retry_after() {
     )
     .await;
     assert_eq!(v["error"]["retry_after_ms"], 1000);
+    // The budget is held before a body is read: a request announcing 3000 bytes is refused
+    // before it sends any of them.
+    let resp = raw_request(
+        s.http,
+        "POST /v1/streams/slow/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("retry-after: 1"),
+        "{resp}"
+    );
     // The first request is still acked once the slow write completes, and the budget never
     // exceeded its configured size.
     let (st, v) = first.await.unwrap();

@@ -204,3 +204,54 @@ fn check_config_accepts_examples_and_reports_every_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sometimes"));
 }
+
+#[tokio::test]
+async fn retention_runs_in_the_background_and_reads_start_at_the_oldest_kept_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nsegment_bytes = 4096\nretention_check_interval_ms = 20\n[streams.defaults]\nretention_bytes = 16384\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let event = "x".repeat(500);
+    for _ in 0..100 {
+        let r = c
+            .post(s.events_url("short"))
+            .json(&json!([event]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let partition = s.data_dir.join("streams/short/0");
+    let size = || -> u64 {
+        std::fs::read_dir(&partition)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let n = size();
+            async move { n <= 16384 }
+        })
+        .await,
+        "retention never brought the partition under 16 KiB ({} bytes)",
+        size()
+    );
+    let log = read_log(&s.data_dir, "short", &[]).unwrap();
+    let first = log[0]["offset"].as_u64().unwrap();
+    assert!(first > 0, "old segments were deleted");
+    assert_eq!(log.last().unwrap()["offset"], 99);
+    assert_eq!(log.len() as u64, 100 - first);
+    let m = reqwest::get(s.admin_url("metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(sluice_tests::metric(&m, "sluice_log_segments_deleted_total", "") > 0.0);
+}

@@ -2,6 +2,7 @@
 //! enum every adapter renders natively, the metrics every layer records, and the [`Ingest`]
 //! service the protocol adapters call.
 
+pub mod budget;
 pub mod metrics;
 
 use std::fmt;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use budget::{Budget, Reservation};
 pub use sluice_auth::Principal;
 pub use sluice_config::{AckMode, StreamSettings};
 
@@ -85,7 +87,7 @@ impl Event {
 }
 
 /// A batch of events for one stream from one principal.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IngestRequest {
     pub principal: Principal,
     pub protocol: Protocol,
@@ -93,6 +95,9 @@ pub struct IngestRequest {
     /// Media type of the values, stored with the events (e.g. `application/json`).
     pub content_type: Bytes,
     pub events: Vec<Event>,
+    /// In-flight budget the adapter reserved while receiving the request; admission settles it
+    /// to the events' exact size and it is released once they reach their ack point.
+    pub reservation: Reservation,
 }
 
 /// What happened to one event of a request.
@@ -196,4 +201,7 @@ pub trait Ingest: Send + Sync + 'static {
 
     /// Shared metrics.
     fn metrics(&self) -> &metrics::Metrics;
+
+    /// The in-flight budget adapters reserve from before they read a request's events.
+    fn budget(&self) -> &Budget;
 }

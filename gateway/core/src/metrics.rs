@@ -47,7 +47,7 @@ pub struct Metrics {
     pub requests: Family<OutcomeLabels, Counter>,
     /// Events not appended, by protocol and reason.
     pub events_rejected: Family<RejectLabels, Counter>,
-    /// Bytes admitted and not yet at their ack point.
+    /// Bytes held for producers: bodies being received and events not yet at their ack point.
     pub in_flight_bytes: Gauge,
     /// Open client connections by protocol.
     pub connections: Family<ProtocolLabels, Gauge>,
@@ -78,7 +78,7 @@ impl Metrics {
         );
         registry.register(
             "in_flight_bytes",
-            "Bytes admitted but not yet at their ack point",
+            "Bytes held for producers: request bodies being received and events not yet at their ack point",
             self.in_flight_bytes.clone(),
         );
         registry.register(

@@ -232,6 +232,24 @@ fn retention_by_age_keeps_the_active_segment() {
 }
 
 #[test]
+fn segments_roll_by_age() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(1 << 30, 64);
+    o.segment_ms = 1000;
+    let (mut w, _) = PartitionWriter::open(tmp.path(), o).unwrap();
+    let mut f = frame(5_000, &[b"a".to_vec()]);
+    w.append(&mut [&mut f], true, 5_000).unwrap();
+    let mut f = frame(5_500, &[b"b".to_vec()]);
+    w.append(&mut [&mut f], true, 5_500).unwrap();
+    assert_eq!(w.segment_count(), 1, "younger than segment_ms");
+    let mut f = frame(6_000, &[b"c".to_vec()]);
+    w.append(&mut [&mut f], true, 6_000).unwrap();
+    assert_eq!(w.segment_count(), 2, "the first frame is now 1000 ms old");
+    assert_eq!(log_files(tmp.path()).len(), 2);
+    assert_eq!(read_all(tmp.path(), 0).len(), 3);
+}
+
+#[test]
 fn missing_sealed_index_is_rebuilt_and_orphans_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let o = opts(1024, 64);

@@ -148,6 +148,15 @@ async fn publish<I: Ingest>(
     {
         return Err(too_large_body(n, max_body, &stream));
     }
+    // Hold in-flight budget for the body before reading it, so concurrent uploads cannot hold
+    // more memory than limits.max_in_flight_bytes: its declared length, or the stream's limit
+    // when the length is unknown; compressed bodies also hold room for their decoded size.
+    let raw_bound = declared_len.unwrap_or(max_body);
+    let reserve = match coding {
+        body::Coding::Identity => raw_bound,
+        _ => raw_bound + max_body,
+    };
+    let mut reservation = ingest.budget().try_reserve(reserve as usize)?;
     let collected = tokio::time::timeout(
         body_timeout,
         Limited::new(body, max_body as usize).collect(),
@@ -175,6 +184,7 @@ async fn publish<I: Ingest>(
         }
     };
     let body = body::decode(coding, raw, max_body)?;
+    reservation.resize(body.len())?;
     if body.is_empty() {
         return Err(Rejection::Malformed {
             message: "the request body is empty".into(),
@@ -207,6 +217,7 @@ async fn publish<I: Ingest>(
             stream,
             content_type: stored_type,
             events,
+            reservation,
         })
         .await?;
     Ok(receipts_response(&receipts))
