@@ -373,9 +373,10 @@ impl Config {
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
-        let config: Config = Config::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Invalid(vec![de_problem(origin, e)]))?;
-        let problems = config.validate();
+        let (config, mut problems) = deserialize_sections(table, origin);
+        if problems.is_empty() {
+            problems = config.validate();
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -575,12 +576,58 @@ pub fn check_stream_name(name: &str) -> Result<(), StreamNameError> {
     Ok(())
 }
 
-fn de_problem(origin: &str, e: toml::de::Error) -> Problem {
-    // serde reports the first problem only; its message already names the field.
-    Problem {
-        path: origin.to_string(),
-        message: e.message().trim_end().to_string(),
+/// Deserializes each top-level section on its own, so that a mistake in one section does not
+/// hide the mistakes in the others (serde stops at the first error it meets).
+fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Problem>) {
+    fn section<T: for<'de> Deserialize<'de> + Default>(
+        table: &toml::Table,
+        key: &str,
+        origin: &str,
+        problems: &mut Vec<Problem>,
+    ) -> T {
+        let Some(v) = table.get(key) else {
+            return T::default();
+        };
+        T::deserialize(v.clone()).unwrap_or_else(|e| {
+            problems.push(Problem {
+                path: key.to_string(),
+                message: format!("{} (in {origin})", e.message().trim_end()),
+            });
+            T::default()
+        })
     }
+    const SECTIONS: [&str; 7] = [
+        "server",
+        "http",
+        "admin",
+        "log",
+        "limits",
+        "streams",
+        "telemetry",
+    ];
+    let mut problems = Vec::new();
+    for key in table.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            problems.push(Problem {
+                path: key.clone(),
+                message: format!(
+                    "unknown section (in {origin}); expected one of {}",
+                    SECTIONS.join(", ")
+                ),
+            });
+        }
+    }
+    let p = &mut problems;
+    let config = Config {
+        server: section(&table, "server", origin, p),
+        http: section(&table, "http", origin, p),
+        admin: section(&table, "admin", origin, p),
+        log: section(&table, "log", origin, p),
+        limits: section(&table, "limits", origin, p),
+        streams: section(&table, "streams", origin, p),
+        telemetry: section(&table, "telemetry", origin, p),
+    };
+    (config, problems)
 }
 
 /// Applies `SLUICE_SECTION__KEY=value` variables onto `table`. Key path segments are lowercased;
@@ -703,6 +750,17 @@ mod tests {
         };
         assert_eq!(p.len(), 1);
         assert!(p[0].message.contains("listen_addr"), "{:?}", p[0]);
+    }
+
+    #[test]
+    fn type_errors_in_several_sections_are_all_reported() {
+        let text = "[http]\nlisten = 5\n[log]\nsegment_bytes = \"big\"\n[extra]\n";
+        let Err(ConfigError::Invalid(p)) = Config::from_toml_str(text, "f.toml", no_env()) else {
+            panic!("expected invalid config");
+        };
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, vec!["extra", "http", "log"], "{p:?}");
+        assert!(p[1].message.contains("string"), "{:?}", p[1]);
     }
 
     #[test]
