@@ -204,47 +204,90 @@ async fn every_error_status_names_what_was_wrong() {
     )
     .unwrap();
     let c = client();
-    let send = |stream: &str, ct: &str, body: &str| {
-        c.post(s.events_url(stream))
+    let json = "application/json";
+    let big = format!("\"{}\"", "x".repeat(2000));
+    let big_event = format!("[1, \"{}\"]", "x".repeat(200));
+    // (stream, content type, body, status, code, what the message must name)
+    let cases: Vec<(&str, &str, &str, StatusCode, &str, &str)> = vec![
+        // 400: bad stream name, bad JSON with its position, a badly typed envelope member with
+        // the event's index, a bad NDJSON line with its number.
+        (
+            "bad$name",
+            json,
+            "1",
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "invalid stream name",
+        ),
+        (
+            "open",
+            json,
+            "[1, 2,",
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "line 1 column",
+        ),
+        (
+            "open",
+            json,
+            r#"[{"value":1},{"value":2,"headers":[]}]"#,
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "event 1: `headers` must be an object",
+        ),
+        (
+            "open",
+            "application/x-ndjson",
+            "1\n{x\n",
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "line 2",
+        ),
+        // 404: unknown stream when auto-create is off.
+        (
+            "nope",
+            json,
+            "1",
+            StatusCode::NOT_FOUND,
+            "stream_not_found",
+            "`nope`",
+        ),
+        // 413: body, event and event-count limits.
+        (
+            "small",
+            json,
+            &big,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "limit for stream `small` is 1000",
+        ),
+        (
+            "small",
+            json,
+            &big_event,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "event 1 has 202 bytes",
+        ),
+        (
+            "small",
+            json,
+            "[1,2,3,4,5,6]",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "6 events",
+        ),
+    ];
+    for (stream, ct, body, status, code, needle) in cases {
+        let r = c
+            .post(s.events_url(stream))
             .header("content-type", ct)
             .body(body.to_string())
             .send()
-    };
-    let json = "application/json";
-
-    // 400: bad stream name, bad JSON with position, bad envelope field with index, empty body.
-    expect_error(
-        send("bad$name", json, "1").await.unwrap(),
-        StatusCode::BAD_REQUEST,
-        "malformed",
-        "invalid stream name",
-    )
-    .await;
-    expect_error(
-        send("open", json, "[1, 2,").await.unwrap(),
-        StatusCode::BAD_REQUEST,
-        "malformed",
-        "line 1 column",
-    )
-    .await;
-    expect_error(
-        send("open", json, r#"[{"value":1},{"value":2,"headers":[]}]"#)
             .await
-            .unwrap(),
-        StatusCode::BAD_REQUEST,
-        "malformed",
-        "event 1: `headers` must be an object",
-    )
-    .await;
-    expect_error(
-        send("open", "application/x-ndjson", "1\n{x\n")
-            .await
-            .unwrap(),
-        StatusCode::BAD_REQUEST,
-        "malformed",
-        "line 2",
-    )
-    .await;
+            .unwrap();
+        expect_error(r, status, code, needle).await;
+    }
     let r = c
         .post(s.events_url("open"))
         .header("content-type", json)
@@ -255,22 +298,13 @@ async fn every_error_status_names_what_was_wrong() {
         .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "malformed", "invalid gzip").await;
 
-    // 404: unknown stream when auto-create is off; unknown route.
-    expect_error(
-        send("nope", json, "1").await.unwrap(),
-        StatusCode::NOT_FOUND,
-        "stream_not_found",
-        "`nope`",
-    )
-    .await;
+    // 404: unknown route; 405: wrong method.
     let r = c
         .get(format!("http://{}/v2/x", s.http))
         .send()
         .await
         .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "no_route", "/v2/x").await;
-
-    // 405: wrong method.
     let r = c.get(s.events_url("open")).send().await.unwrap();
     assert_eq!(r.headers().get("allow").unwrap(), "POST");
     expect_error(
@@ -281,32 +315,7 @@ async fn every_error_status_names_what_was_wrong() {
     )
     .await;
 
-    // 413: body, event and event count limits; decompression beyond the body limit.
-    expect_error(
-        send("small", json, &format!("\"{}\"", "x".repeat(2000)))
-            .await
-            .unwrap(),
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        "limit for stream `small` is 1000",
-    )
-    .await;
-    expect_error(
-        send("small", json, &format!("[1, \"{}\"]", "x".repeat(200)))
-            .await
-            .unwrap(),
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        "event 1 has 202 bytes",
-    )
-    .await;
-    expect_error(
-        send("small", json, "[1,2,3,4,5,6]").await.unwrap(),
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        "6 events",
-    )
-    .await;
+    // 413: decompression beyond the body limit.
     let bomb = gzip(&vec![b' '; 100_000]);
     let r = c
         .post(s.events_url("small"))
