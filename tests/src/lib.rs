@@ -109,6 +109,16 @@ impl Sluice {
         format!("http://{}/{}", self.admin, path.trim_start_matches('/'))
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     /// Process id of the gateway.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()

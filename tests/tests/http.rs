@@ -386,14 +386,7 @@ async fn every_error_status_names_what_was_wrong() {
     assert_eq!(s.read_log("open").unwrap().len(), 1);
     assert!(s.read_log("small").unwrap().is_empty());
 
-    let m = c
-        .get(s.admin_url("metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -451,13 +444,8 @@ async fn a_slow_log_fills_the_in_flight_budget_and_gets_503_with_retry_after() {
         let (c, url) = (c.clone(), s.events_url("slow"));
         async move { post(&c, &url, "application/json", big).await }
     });
-    let admin = s.admin_url("metrics");
-    let filled = wait_until(Duration::from_secs(10), || {
-        let (c, admin) = (c.clone(), admin.clone());
-        async move {
-            let m = c.get(&admin).send().await.unwrap().text().await.unwrap();
-            metric(&m, "sluice_in_flight_bytes", "") > 4000.0
-        }
+    let filled = wait_until(Duration::from_secs(10), || async {
+        metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 4000.0
     })
     .await;
     assert!(filled, "the first request never showed up as in flight");
@@ -494,7 +482,7 @@ async fn a_slow_log_fills_the_in_flight_budget_and_gets_503_with_retry_after() {
     // exceeded its configured size.
     let (st, v) = first.await.unwrap();
     assert_eq!(st, StatusCode::OK, "{v}");
-    let m = c.get(&admin).send().await.unwrap().text().await.unwrap();
+    let m = s.metrics().await;
     assert_eq!(metric(&m, "sluice_in_flight_bytes", ""), 0.0);
     assert_eq!(metric(&m, "sluice_in_flight_budget_bytes", ""), 4096.0);
     assert_eq!(s.read_log("slow").unwrap().len(), 1);
@@ -572,14 +560,7 @@ async fn concurrent_producers_get_contiguous_unique_offsets_per_partition() {
             "acked event at {p}/{o} differs in the log"
         );
     }
-    let m = c
-        .get(s.admin_url("metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert_eq!(
         metric(
             &m,

@@ -74,13 +74,8 @@ async fn the_drain_deadline_bounds_shutdown_and_never_acks_late() {
             .send()
             .await
     });
-    let admin = s.admin_url("metrics");
-    let in_flight = wait_until(Duration::from_secs(10), || {
-        let admin = admin.clone();
-        async move {
-            let m = reqwest::get(&admin).await.unwrap().text().await.unwrap();
-            sluice_tests::metric(&m, "sluice_in_flight_bytes", "") > 0.0
-        }
+    let in_flight = wait_until(Duration::from_secs(10), || async {
+        sluice_tests::metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 0.0
     })
     .await;
     assert!(in_flight);
@@ -247,11 +242,6 @@ async fn retention_runs_in_the_background_and_reads_start_at_the_oldest_kept_off
     assert!(first > 0, "old segments were deleted");
     assert_eq!(log.last().unwrap()["offset"], 99);
     assert_eq!(log.len() as u64, 100 - first);
-    let m = reqwest::get(s.admin_url("metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = s.metrics().await;
     assert!(sluice_tests::metric(&m, "sluice_log_segments_deleted_total", "") > 0.0);
 }
