@@ -1,9 +1,50 @@
-//! Turns credentials into a [`Principal`] and decides which streams it may produce to.
-//!
-//! Until API keys, JWTs and mTLS land (issue 3), every producer is the anonymous principal, which
-//! may produce to every stream.
+//! Turns credentials (API keys, OAuth2 bearer JWTs, client certificates) into a [`Principal`],
+//! decides which streams it may produce to, limits failed attempts per source address, and
+//! builds the TLS configuration of listeners.
+
+pub mod apikey;
+pub mod authn;
+pub mod failures;
+pub mod jwt;
+pub mod mtls;
+pub mod tls;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+pub use authn::{Authenticator, Credentials, ListenerPolicy};
+
+/// Why credentials were not accepted. `method` and `reason` are short stable labels (metrics,
+/// logs); `description` is for the producer and never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub method: &'static str,
+    pub reason: &'static str,
+    pub description: String,
+    pub kind: FailureKind,
+}
+
+/// How a failure is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// 401: the credentials are missing or wrong.
+    Unauthenticated,
+    /// 429: too many failures from this address; retry after the given time.
+    Throttled(Duration),
+    /// 503: the credentials cannot be checked now (e.g. no signing keys yet); retry later.
+    Unavailable(Duration),
+}
+
+impl AuthFailure {
+    pub fn new(method: &'static str, reason: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            method,
+            reason,
+            description: description.into(),
+            kind: FailureKind::Unauthenticated,
+        }
+    }
+}
 
 /// Who is producing, as established by authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,170 @@
+//! One place where every protocol turns credentials into a principal.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use sluice_config::{AuthConfig, AuthMethod, ListenerAuthConfig};
+
+use crate::apikey::ApiKeys;
+use crate::failures::FailureLimiter;
+use crate::jwt::JwtVerifier;
+use crate::mtls::MtlsMapper;
+use crate::{AuthFailure, FailureKind, Principal};
+
+/// What a listener accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerPolicy {
+    pub methods: Vec<AuthMethod>,
+    pub allow_anonymous: bool,
+}
+
+impl ListenerPolicy {
+    /// The policy of a listener bound to `listen`.
+    pub fn new(cfg: &ListenerAuthConfig, listen: &str) -> Self {
+        Self {
+            methods: cfg.methods.clone(),
+            allow_anonymous: cfg.anonymous_allowed(listen),
+        }
+    }
+
+    /// Anonymous allowed, every method accepted (tests, loopback defaults).
+    pub fn open() -> Self {
+        Self {
+            methods: vec![AuthMethod::ApiKey, AuthMethod::Jwt, AuthMethod::Mtls],
+            allow_anonymous: true,
+        }
+    }
+}
+
+/// The credentials a producer presented.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The `Authorization` header (or its protocol's equivalent), e.g. `Bearer …`.
+    pub authorization: Option<&'a str>,
+    /// An API key presented on its own (`X-API-Key`, an MQTT password, `?api_key=`).
+    pub api_key: Option<&'a str>,
+    /// A bearer token presented on its own (`?access_token=`, a WebSocket subprotocol).
+    pub bearer: Option<&'a str>,
+    /// The verified client certificate (DER) of the connection, if any.
+    pub client_cert: Option<&'a [u8]>,
+}
+
+/// API keys, JWT issuers and mTLS rules, with failure limiting per source address.
+pub struct Authenticator {
+    api_keys: ApiKeys,
+    jwt: JwtVerifier,
+    mtls: MtlsMapper,
+    failures: FailureLimiter,
+}
+
+fn method_not_allowed(method: &'static str) -> AuthFailure {
+    AuthFailure::new(
+        method,
+        "method_not_allowed",
+        format!("this listener does not accept {method} credentials"),
+    )
+}
+
+impl Authenticator {
+    /// From configuration; fails if a JWKS file cannot be read or a TLS root cannot load.
+    pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
+        Ok(Self {
+            api_keys: ApiKeys::new(&cfg.api_keys),
+            jwt: JwtVerifier::new(&cfg.jwt)?,
+            mtls: MtlsMapper::new(&cfg.mtls.rules),
+            failures: FailureLimiter::new(&cfg.failures),
+        })
+    }
+
+    /// Fetches JWKS URLs and starts key refreshes.
+    pub async fn start(&self) {
+        self.jwt.start().await;
+    }
+
+    /// The principal behind `creds` on a listener with `policy`, from source address `peer`.
+    /// Failed attempts count against `peer`; past the limit it gets a throttling failure.
+    pub async fn authenticate(
+        &self,
+        policy: &ListenerPolicy,
+        peer: IpAddr,
+        creds: Credentials<'_>,
+    ) -> Result<Principal, AuthFailure> {
+        if let Some(wait) = self.failures.blocked(peer, Instant::now()) {
+            return Err(AuthFailure {
+                kind: FailureKind::Throttled(wait),
+                ..AuthFailure::new(
+                    "any",
+                    "too_many_failures",
+                    "too many failed authentication attempts from this address",
+                )
+            });
+        }
+        let result = self.check(policy, creds).await;
+        if let Err(f) = &result
+            && f.kind == FailureKind::Unauthenticated
+        {
+            self.failures.record(peer, Instant::now());
+        }
+        result
+    }
+
+    async fn check(
+        &self,
+        policy: &ListenerPolicy,
+        creds: Credentials<'_>,
+    ) -> Result<Principal, AuthFailure> {
+        let allows = |m| policy.methods.contains(&m);
+        // Explicit credentials win over the connection's certificate.
+        let token = match (creds.api_key, creds.authorization, creds.bearer) {
+            (Some(key), _, _) => {
+                return if allows(AuthMethod::ApiKey) {
+                    self.api_keys.verify(key)
+                } else {
+                    Err(method_not_allowed("api_key"))
+                };
+            }
+            (None, Some(h), _) => Some(bearer_of(h)?),
+            (None, None, t) => t,
+        };
+        if let Some(token) = token {
+            // A JWT has three dot-separated parts; an API key (`id.secret`) has two.
+            return if token.matches('.').count() == 2 {
+                if allows(AuthMethod::Jwt) {
+                    self.jwt.verify(token).await
+                } else {
+                    Err(method_not_allowed("jwt"))
+                }
+            } else if allows(AuthMethod::ApiKey) {
+                self.api_keys.verify(token)
+            } else {
+                Err(method_not_allowed("api_key"))
+            };
+        }
+        if let Some(cert) = creds.client_cert
+            && allows(AuthMethod::Mtls)
+        {
+            return self.mtls.map(cert);
+        }
+        if policy.allow_anonymous {
+            return Ok(Principal::anonymous());
+        }
+        Err(AuthFailure::new(
+            "none",
+            "missing",
+            "credentials are required: an API key, a bearer token or a client certificate",
+        ))
+    }
+}
+
+fn bearer_of(header: &str) -> Result<&str, AuthFailure> {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header, ""));
+    let token = rest.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthFailure::new(
+            "none",
+            "malformed",
+            "the Authorization header must be `Bearer <token>`",
+        ));
+    }
+    Ok(token)
+}

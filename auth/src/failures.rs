@@ -1,0 +1,90 @@
+//! Limits failed authentications per source address: after `max_failures` within a window the
+//! address is refused (429) until the window passes. The table is bounded.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sluice_config::FailureLimitConfig;
+
+/// Failed attempts per address.
+pub struct FailureLimiter {
+    max: u32,
+    window: Duration,
+    capacity: usize,
+    table: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl FailureLimiter {
+    pub fn new(cfg: &FailureLimitConfig) -> Self {
+        Self {
+            max: cfg.max_failures,
+            window: Duration::from_millis(cfg.window_ms),
+            capacity: cfg.max_tracked_addresses,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long `addr` must wait before it may try again, if it is over its limit.
+    pub fn blocked(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+        let t = self.table.lock().unwrap();
+        let &(start, n) = t.get(&addr)?;
+        let end = start + self.window;
+        (n >= self.max && now < end).then(|| end - now)
+    }
+
+    /// Counts one failure of `addr`.
+    pub fn record(&self, addr: IpAddr, now: Instant) {
+        let mut t = self.table.lock().unwrap();
+        if t.len() >= self.capacity && !t.contains_key(&addr) {
+            let window = self.window;
+            t.retain(|_, (start, _)| now.duration_since(*start) < window);
+            if t.len() >= self.capacity {
+                // Still full of live windows: drop the oldest to make room.
+                if let Some(oldest) = t.iter().min_by_key(|(_, (s, _))| *s).map(|(a, _)| *a) {
+                    t.remove(&oldest);
+                }
+            }
+        }
+        let e = t.entry(addr).or_insert((now, 0));
+        if now.duration_since(e.0) >= self.window {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.table.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_max_until_the_window_passes_and_stays_bounded() {
+        let l = FailureLimiter::new(&FailureLimitConfig {
+            max_failures: 3,
+            window_ms: 1000,
+            max_tracked_addresses: 2,
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            l.record(a, t0);
+        }
+        assert_eq!(l.blocked(a, t0), None);
+        l.record(a, t0);
+        assert_eq!(
+            l.blocked(a, t0 + Duration::from_millis(400)),
+            Some(Duration::from_millis(600))
+        );
+        assert_eq!(l.blocked(a, t0 + Duration::from_millis(1000)), None);
+        l.record("10.0.0.2".parse().unwrap(), t0);
+        l.record("10.0.0.3".parse().unwrap(), t0 + Duration::from_millis(1));
+        assert_eq!(l.tracked(), 2, "capacity bounds the table");
+    }
+}

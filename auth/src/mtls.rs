@@ -1,0 +1,76 @@
+//! Verified client certificates to principals: the first rule whose pattern matches the
+//! certificate's SAN URI, SAN DNS name or subject CN decides the principal and its streams.
+
+use sluice_config::{CertField, MtlsRule};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::{AuthFailure, Permissions, Principal, glob_match};
+
+/// The configured mapping rules.
+pub struct MtlsMapper {
+    rules: Vec<MtlsRule>,
+}
+
+/// The values of `field` in a certificate.
+fn values(cert: &X509Certificate<'_>, field: CertField) -> Vec<String> {
+    match field {
+        CertField::Cn => cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+            .collect(),
+        CertField::SanUri | CertField::SanDns => {
+            let Ok(Some(san)) = cert.subject_alternative_name() else {
+                return Vec::new();
+            };
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match (n, field) {
+                    (GeneralName::URI(u), CertField::SanUri) => Some(u.to_string()),
+                    (GeneralName::DNSName(d), CertField::SanDns) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+}
+
+impl MtlsMapper {
+    pub fn new(rules: &[MtlsRule]) -> Self {
+        Self {
+            rules: rules.to_vec(),
+        }
+    }
+
+    /// The principal of a client certificate (DER) that TLS already verified.
+    pub fn map(&self, der: &[u8]) -> Result<Principal, AuthFailure> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|_| {
+            AuthFailure::new(
+                "mtls",
+                "malformed",
+                "the client certificate cannot be parsed",
+            )
+        })?;
+        for rule in &self.rules {
+            for v in values(&cert, rule.field) {
+                if glob_match(&rule.pattern, &v) {
+                    let name = rule
+                        .principal
+                        .as_deref()
+                        .map_or_else(|| v.clone(), |p| p.replace("{value}", &v));
+                    return Ok(Principal::new(
+                        name,
+                        Permissions::Streams(rule.streams.clone()),
+                    ));
+                }
+            }
+        }
+        Err(AuthFailure::new(
+            "mtls",
+            "no_matching_rule",
+            "the client certificate matches no mTLS mapping rule",
+        ))
+    }
+}
