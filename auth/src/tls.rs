@@ -99,6 +99,14 @@ pub struct TlsReloader {
     current: RwLock<Arc<ServerConfig>>,
 }
 
+impl std::fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsReloader")
+            .field("cert_file", &self.cfg.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
 fn stamps(cfg: &TlsConfig) -> Vec<Option<SystemTime>> {
     let mut files: Vec<&PathBuf> = vec![&cfg.cert_file, &cfg.key_file];
     files.extend(cfg.client_ca_file.iter());

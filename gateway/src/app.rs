@@ -97,14 +97,39 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let auth = Arc::new(
+        sluice_auth::Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?,
+    );
+    auth.start().await;
+    let policy = sluice_auth::ListenerPolicy::new(&config.http.auth, &config.http.listen);
+    if policy.allow_anonymous {
+        tracing::warn!(
+            listen = %config.http.listen,
+            "anonymous producers are allowed on the HTTP listener (it is bound to loopback, or \
+             http.auth.allow_anonymous = true); they may produce to every stream"
+        );
+    }
+    let tls = match &config.http.tls {
+        Some(t) => {
+            let reloader = sluice_auth::tls::TlsReloader::new(t)
+                .map_err(|e| anyhow::anyhow!("http.tls: {e}"))?;
+            tokio::spawn(reloader.clone().watch());
+            Some(reloader)
+        }
+        None => None,
+    };
+
     let ready = Arc::new(AtomicBool::new(false));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let http_opts = HttpOptions {
         server: ServerOptions {
             max_connections: config.http.max_connections,
             header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+            tls,
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
+        auth,
+        policy,
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
         http_listener,
@@ -131,6 +156,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ServerOptions {
                 max_connections: 64,
                 header_read_timeout: Duration::from_secs(5),
+                tls: None,
             },
             connections,
             move |req, _| {

@@ -36,6 +36,25 @@ enum Command {
     /// Read the embedded log as NDJSON.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Print a fresh random API key (once) and the config entry that accepts it.
+    New {
+        /// The principal the key authenticates as.
+        #[arg(long)]
+        principal: String,
+        /// Glob patterns of the streams it may produce to (repeat or separate with commas).
+        #[arg(long, value_delimiter = ',', required = true)]
+        streams: Vec<String>,
+        /// The key's public id (default: random).
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,7 +96,51 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(file),
         Command::Log(LogCommand::Read(args)) => logcmd::run(&args, false),
         Command::Log(LogCommand::Tail(args)) => logcmd::run(&args, true),
+        Command::Keys(KeysCommand::New {
+            principal,
+            streams,
+            id,
+        }) => new_key(&principal, &streams, id),
     }
+}
+
+fn new_key(principal: &str, streams: &[String], id: Option<String>) -> ExitCode {
+    use sluice_auth::apikey;
+    let id = match id.map_or_else(|| apikey::generate_id().map_err(|_| ()), Ok) {
+        Ok(id)
+            if !id.is_empty()
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            id
+        }
+        _ => {
+            eprintln!("sluice keys new: --id must be 1+ characters of a-z A-Z 0-9 - _");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(key) = apikey::generate(&id) else {
+        eprintln!("sluice keys new: the system random generator failed");
+        return ExitCode::FAILURE;
+    };
+    let streams = streams
+        .iter()
+        .map(|s| format!("{:?}", s.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("# The key (shown once; give it to the producer, store it as a secret):");
+    println!("{key}");
+    println!();
+    println!("# Add this to the gateway's configuration (it holds only a hash of the key):");
+    println!("[[auth.api_keys]]");
+    println!("id = {id:?}");
+    println!("secret_sha256 = {:?}", apikey::hash_hex(&key));
+    println!("principal = {principal:?}");
+    println!("streams = [{streams}]");
+    println!("# expires_at = 2027-01-01T00:00:00Z");
+    println!("# disabled = false");
+    ExitCode::SUCCESS
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {

@@ -16,8 +16,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
+use sluice_auth::tls::TlsReloader;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+/// What a handler knows about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The client certificate (DER) that TLS verified, if the client presented one.
+    pub client_cert: Option<Arc<[u8]>>,
+}
 
 /// Connection-level settings of a listener.
 #[derive(Debug, Clone)]
@@ -26,6 +35,8 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// HTTP/1.1 clients must send request headers within this time.
     pub header_read_timeout: Duration,
+    /// TLS, when the listener has it.
+    pub tls: Option<Arc<TlsReloader>>,
 }
 
 impl Default for ServerOptions {
@@ -33,6 +44,7 @@ impl Default for ServerOptions {
         Self {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -47,7 +59,7 @@ pub async fn serve<F, Fut>(
     handler: F,
     shutdown: impl Future<Output = ()>,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -61,6 +73,7 @@ pub async fn serve<F, Fut>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
+    let builder = Arc::new(builder);
     let limit = Arc::new(Semaphore::new(opts.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -84,20 +97,45 @@ pub async fn serve<F, Fut>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let h = handler.clone();
-        let svc = service_fn(move |req| {
-            let h = h.clone();
-            async move { Ok::<_, Infallible>(h(req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let gauge = connections.clone();
+        let (handler, builder, watcher, gauge, tls) = (
+            handler.clone(),
+            builder.clone(),
+            graceful.watcher(),
+            connections.clone(),
+            opts.tls.clone(),
+        );
         gauge.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            // The TLS handshake runs here, never in the accept loop, so a slow client holds
+            // only its own connection.
+            match tls {
+                None => {
+                    let info = ConnInfo {
+                        peer,
+                        client_cert: None,
+                    };
+                    serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
+                }
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                    match tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            let client_cert = tls_stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| Arc::<[u8]>::from(c.as_ref()));
+                            let info = ConnInfo { peer, client_cert };
+                            serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher)
+                                .await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             gauge.dec();
             drop(permit);
@@ -105,4 +143,26 @@ pub async fn serve<F, Fut>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+async fn serve_io<IO, F, Fut>(
+    io: IO,
+    info: ConnInfo,
+    handler: F,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let peer = info.peer;
+    let svc = service_fn(move |req| {
+        let (h, info) = (handler.clone(), info.clone());
+        async move { Ok::<_, Infallible>(h(req, info).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

@@ -115,8 +115,9 @@ pub enum Receipt {
 /// its protocol's own terms (see DESIGN §3).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    /// Missing or wrong credentials. `invalid_token` is false when none were presented.
     #[error("{reason}")]
-    Unauthenticated { reason: String },
+    Unauthenticated { reason: String, invalid_token: bool },
     #[error("not allowed to produce to stream `{stream}`")]
     Forbidden { stream: String },
     #[error("{message}")]
@@ -174,6 +175,26 @@ impl Rejection {
         Rejection::Unavailable {
             retry_after,
             message: message.into(),
+        }
+    }
+}
+
+impl From<sluice_auth::AuthFailure> for Rejection {
+    fn from(f: sluice_auth::AuthFailure) -> Self {
+        use sluice_auth::FailureKind;
+        match f.kind {
+            FailureKind::Unauthenticated => Rejection::Unauthenticated {
+                invalid_token: f.reason != "missing",
+                reason: f.description,
+            },
+            FailureKind::Throttled(retry_after) => Rejection::OverQuota {
+                retry_after,
+                message: f.description,
+            },
+            FailureKind::Unavailable(retry_after) => Rejection::Unavailable {
+                retry_after,
+                message: f.description,
+            },
         }
     }
 }

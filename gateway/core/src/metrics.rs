@@ -30,6 +30,14 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
+/// Labels of failed authentications.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    pub protocol: &'static str,
+    pub method: &'static str,
+    pub reason: &'static str,
+}
+
 /// Labels of per-protocol gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -51,6 +59,8 @@ pub struct Metrics {
     pub in_flight_bytes: Gauge,
     /// Open client connections by protocol.
     pub connections: Family<ProtocolLabels, Gauge>,
+    /// Failed authentications by protocol, method and reason.
+    pub auth_failures: Family<AuthLabels, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +96,22 @@ impl Metrics {
             "Open client connections by protocol",
             self.connections.clone(),
         );
+        registry.register(
+            "auth_failures",
+            "Failed authentications by protocol, method (api_key, jwt, mtls, none, any) and reason",
+            self.auth_failures.clone(),
+        );
+    }
+
+    /// Counts one failed authentication.
+    pub fn auth_failure(&self, protocol: &'static str, method: &'static str, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&AuthLabels {
+                protocol,
+                method,
+                reason,
+            })
+            .inc();
     }
 
     /// Counts one request's outcome.

@@ -16,29 +16,28 @@ use http::header::{
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use sluice_auth::{Authenticator, Credentials, ListenerPolicy};
 use sluice_core::metrics::ProtocolLabels;
 use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 
-use crate::server::{self, ServerOptions};
+use crate::server::{self, ConnInfo, ServerOptions};
 use body::BodyFormat;
 
 /// Settings of the HTTP ingest listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpOptions {
     pub server: ServerOptions,
     /// A request body must arrive completely within this time.
     pub body_read_timeout: Duration,
+    /// Turns each request's credentials into a principal.
+    pub auth: Arc<Authenticator>,
+    /// Which credentials this listener accepts.
+    pub policy: ListenerPolicy,
 }
 
-impl Default for HttpOptions {
-    fn default() -> Self {
-        Self {
-            server: ServerOptions::default(),
-            body_read_timeout: Duration::from_secs(30),
-        }
-    }
-}
+/// Request header carrying an API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// Request header carrying the key of a raw (non-JSON) event.
 pub const KEY_HEADER: &str = "sluice-key";
@@ -59,24 +58,36 @@ pub async fn serve<I: Ingest>(
         .connections
         .get_or_create(&ProtocolLabels { protocol: PROTO })
         .clone();
-    let body_timeout = opts.body_read_timeout;
+    let ctx = Arc::new(Ctx {
+        body_timeout: opts.body_read_timeout,
+        auth: opts.auth,
+        policy: opts.policy,
+    });
     server::serve(
         listener,
         opts.server,
         gauge,
-        move |req, _peer| {
-            let ingest = ingest.clone();
-            async move { handle(req, &*ingest, body_timeout).await }
+        move |req, conn| {
+            let (ingest, ctx) = (ingest.clone(), ctx.clone());
+            async move { handle(req, conn, &*ingest, &ctx).await }
         },
         shutdown,
     )
     .await;
 }
 
+/// What every request handler of one listener shares.
+struct Ctx {
+    body_timeout: Duration,
+    auth: Arc<Authenticator>,
+    policy: ListenerPolicy,
+}
+
 async fn handle<I: Ingest>(
     req: Request<Incoming>,
+    conn: ConnInfo,
     ingest: &I,
-    body_timeout: Duration,
+    ctx: &Ctx,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let Some(stream) = path
@@ -98,7 +109,7 @@ async fn handle<I: Ingest>(
     }
     let stream = stream.to_string();
     let metrics = ingest.metrics();
-    match publish(req, &stream, ingest, body_timeout).await {
+    match publish(req, &conn, &stream, ingest, ctx).await {
         Ok((response, outcome)) => {
             metrics.request(PROTO, outcome);
             response
@@ -110,15 +121,45 @@ async fn handle<I: Ingest>(
     }
 }
 
+/// The request's principal, from its headers and the connection's client certificate.
+async fn authenticate<I: Ingest>(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    ingest: &I,
+    ctx: &Ctx,
+) -> Result<Principal, Rejection> {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let creds = Credentials {
+        authorization: header(http::header::AUTHORIZATION.as_str()),
+        api_key: header(API_KEY_HEADER),
+        bearer: None,
+        client_cert: conn.client_cert.as_deref(),
+    };
+    ctx.auth
+        .authenticate(&ctx.policy, conn.peer.ip(), creds)
+        .await
+        .map_err(|f| {
+            ingest.metrics().auth_failure(PROTO, f.method, f.reason);
+            // Never log the credential itself: method, reason and peer say enough.
+            tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
+            Rejection::from(f)
+        })
+}
+
 async fn publish<I: Ingest>(
     req: Request<Incoming>,
+    conn: &ConnInfo,
     stream: &str,
     ingest: &I,
-    body_timeout: Duration,
+    ctx: &Ctx,
 ) -> Result<(Response<Full<Bytes>>, &'static str), Rejection> {
+    let body_timeout = ctx.body_timeout;
     let stream = StreamName::parse(stream)?;
-    // Authentication arrives with the auth issue; until then every producer is anonymous.
-    let principal = Principal::anonymous();
+    let principal = authenticate(&req, conn, ingest, ctx).await?;
     let admission = ingest.admit(&principal, &stream)?;
     let limits = admission.settings;
 
@@ -316,11 +357,26 @@ pub fn rejection_response(r: &Rejection) -> Response<Full<Bytes>> {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    if matches!(r, Rejection::Unauthenticated { .. }) {
-        resp.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer"),
-        );
+    if let Rejection::Unauthenticated {
+        reason,
+        invalid_token,
+    } = r
+    {
+        // RFC 6750 §3: no error code when no credentials were presented.
+        let challenge = if *invalid_token {
+            let description: String = reason
+                .chars()
+                .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
+                .collect();
+            format!(
+                "Bearer realm=\"sluice\", error=\"invalid_token\", error_description=\"{description}\""
+            )
+        } else {
+            "Bearer realm=\"sluice\"".to_string()
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
     }
     resp
 }
