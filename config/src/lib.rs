@@ -178,24 +178,13 @@ impl fmt::Debug for Secret {
 }
 
 /// Credentials and how they map to principals.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     pub jwt: JwtConfig,
     pub mtls: MtlsConfig,
     pub failures: FailureLimitConfig,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            api_keys: Vec::new(),
-            jwt: JwtConfig::default(),
-            mtls: MtlsConfig::default(),
-            failures: FailureLimitConfig::default(),
-        }
-    }
 }
 
 /// One API key. The secret itself is never stored, only its SHA-256.
