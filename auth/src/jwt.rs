@@ -167,10 +167,11 @@ impl Issuer {
             .lock()
             .unwrap()
             .is_none_or(|t| t.elapsed() >= min);
-        if due && !matches!(self.source, Source::None) {
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(issuer = %self.cfg.issuer, error = %e, "JWKS refresh failed; keeping the last good key set");
-            }
+        if due
+            && !matches!(self.source, Source::None)
+            && let Err(e) = self.refresh().await
+        {
+            tracing::warn!(issuer = %self.cfg.issuer, error = %e, "JWKS refresh failed; keeping the last good key set");
         }
         let keys = self.keys.read().unwrap().clone();
         match (&keys, lookup(&keys)) {
