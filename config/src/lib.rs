@@ -119,6 +119,20 @@ pub struct TlsConfig {
     pub handshake_timeout_ms: u64,
 }
 
+/// Accepts a TOML date-time or a string holding one; keeps its RFC 3339 text.
+fn datetime_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Datetime(toml::value::Datetime),
+        Text(String),
+    }
+    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
+        Either::Datetime(t) => t.to_string(),
+        Either::Text(s) => s,
+    }))
+}
+
 fn default_tls_reload_ms() -> u64 {
     10_000
 }
@@ -199,8 +213,10 @@ pub struct ApiKeyConfig {
     pub principal: String,
     /// Glob patterns of the streams it may produce to.
     pub streams: Vec<String>,
-    /// After this instant (a TOML date-time with offset) the key is refused.
-    pub expires_at: Option<toml::value::Datetime>,
+    /// After this instant (RFC 3339 with offset, as a TOML date-time or a string) the key is
+    /// refused.
+    #[serde(default, deserialize_with = "datetime_or_string")]
+    pub expires_at: Option<String>,
     #[serde(default)]
     pub disabled: bool,
 }
@@ -874,7 +890,9 @@ impl Config {
                 add(at("principal"), "must not be empty".into());
             }
             if let Some(t) = &k.expires_at
-                && (t.date.is_none() || t.time.is_none() || t.offset.is_none())
+                && !t
+                    .parse::<toml::value::Datetime>()
+                    .is_ok_and(|t| t.date.is_some() && t.time.is_some() && t.offset.is_some())
             {
                 add(
                     at("expires_at"),

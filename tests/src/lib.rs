@@ -2,6 +2,8 @@
 //! data directory, wait for it to report its addresses, drive it, kill or drain it, and read the
 //! log back through `sluice log read`.
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

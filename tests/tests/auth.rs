@@ -1,0 +1,682 @@
+//! Authentication and authorization against the real binary on 127.0.0.1:0 over TLS: API keys,
+//! JWTs from a local HTTPS JWKS server that rotates keys, HS256, and client certificates; every
+//! accepted method and the rejected cases, each with its exact protocol error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde_json::{Value, json};
+use sluice_auth::apikey::hash_hex as auth_hash;
+use sluice_tests::pki::{self, Answer, Ca, JwksServer, SigningKey, tls_client, tls_post};
+use sluice_tests::{Sluice, metric, read_log, wait_until};
+
+const ISS_A: &str = "https://idp.test/a";
+const ISS_DOWN: &str = "https://idp.test/down";
+const ISS_HS: &str = "https://idp.test/hs";
+const HS_SECRET: &str = "an-hs256-secret-that-is-long-enough-1234";
+
+fn claims(iss: &str, sub: &str, scope: &str) -> Value {
+    json!({"iss": iss, "sub": sub, "aud": "sluice", "exp": pki::now() + 3600, "scope": scope})
+}
+
+fn with(mut c: Value, key: &str, v: Value) -> Value {
+    c[key] = v;
+    c
+}
+
+fn without(mut c: Value, key: &str) -> Value {
+    c.as_object_mut().unwrap().remove(key);
+    c
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    ca: Ca,
+    s: Sluice,
+    jwks: JwksServer,
+    client: Arc<rustls::ClientConfig>,
+    rsa: SigningKey,
+    ps: SigningKey,
+    ec: SigningKey,
+    ed: SigningKey,
+}
+
+const GOOD_KEY: &str = "good.s3cr3t-s3cr3t-s3cr3t";
+const EXPIRED_KEY: &str = "old.s3cr3t-s3cr3t-s3cr3t";
+const DISABLED_KEY: &str = "off.s3cr3t-s3cr3t-s3cr3t";
+
+async fn world(max_failures: u32) -> World {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("test-ca").unwrap();
+    let server = ca
+        .issue_valid("sluice", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let rsa = SigningKey::rsa("rsa-1", Algorithm::RS256, dir).unwrap();
+    let ps = SigningKey::rsa("ps-1", Algorithm::PS256, dir).unwrap();
+    let ec = SigningKey::es256("ec-1").unwrap();
+    let ed = SigningKey::ed25519("ed-1").unwrap();
+    let jwks = JwksServer::start(&ca, &[&rsa, &ps, &ec, &ed])
+        .await
+        .unwrap();
+    let w = |n: &str, c: &str| pki::write(dir, n, c).unwrap().display().to_string();
+    let config = format!(
+        r#"
+[http.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+client_auth = "optional"
+client_ca_file = "{ca}"
+
+[http.auth]
+allow_anonymous = false
+
+[auth.failures]
+max_failures = {max_failures}
+window_ms = 600000
+
+[[auth.api_keys]]
+id = "good"
+secret_sha256 = "{good}"
+principal = "svc-good"
+streams = ["a.*"]
+
+[[auth.api_keys]]
+id = "old"
+secret_sha256 = "{old}"
+principal = "svc-old"
+streams = ["*"]
+expires_at = 2001-01-01T00:00:00Z
+
+[[auth.api_keys]]
+id = "off"
+secret_sha256 = "{off}"
+principal = "svc-off"
+streams = ["*"]
+disabled = true
+
+[[auth.jwt.issuers]]
+issuer = "{ISS_A}"
+audiences = ["sluice"]
+algorithms = ["RS256", "PS256", "ES256", "EdDSA"]
+jwks_url = "{url}"
+jwks_ca_file = "{ca}"
+jwks_min_refresh_interval_ms = 0
+leeway_s = 0
+
+[[auth.jwt.issuers]]
+issuer = "{ISS_DOWN}"
+audiences = ["sluice"]
+algorithms = ["ES256"]
+jwks_url = "https://127.0.0.1:1/jwks.json"
+jwks_min_refresh_interval_ms = 0
+
+[[auth.jwt.issuers]]
+issuer = "{ISS_HS}"
+audiences = ["sluice"]
+algorithms = ["HS256"]
+hs256_secret = "{HS_SECRET}"
+permissions_claim = "streams"
+permission_prefix = ""
+
+[[auth.mtls.rules]]
+field = "san_uri"
+pattern = "spiffe://test/*"
+streams = ["m.*"]
+
+[[auth.mtls.rules]]
+field = "cn"
+pattern = "legacy-*"
+principal = "cn:{{value}}"
+streams = ["m.legacy"]
+"#,
+        cert = w("server.pem", &server.cert_pem),
+        key = w("server.key", &server.key_pem),
+        ca = w("ca.pem", &ca.cert_pem()),
+        good = auth_hash(GOOD_KEY),
+        old = auth_hash(EXPIRED_KEY),
+        off = auth_hash(DISABLED_KEY),
+        url = jwks.url(),
+    );
+    let s = Sluice::start(&dir.join("data"), &config).unwrap();
+    let client = tls_client(&ca.cert_pem(), None).unwrap();
+    World {
+        _tmp: tmp,
+        ca,
+        s,
+        jwks,
+        client,
+        rsa,
+        ps,
+        ec,
+        ed,
+    }
+}
+
+impl World {
+    async fn post_with(
+        &self,
+        client: &Arc<rustls::ClientConfig>,
+        stream: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Answer> {
+        tls_post(
+            self.s.http,
+            client,
+            &format!("/v1/streams/{stream}/events"),
+            headers,
+            "[1]",
+        )
+        .await
+    }
+
+    async fn bearer(&self, stream: &str, token: &str) -> Answer {
+        let h = format!("Bearer {token}");
+        self.post_with(&self.client, stream, &[("authorization", &h)])
+            .await
+            .unwrap()
+    }
+
+    async fn api_key(&self, stream: &str, key: &str) -> Answer {
+        self.post_with(&self.client, stream, &[("x-api-key", key)])
+            .await
+            .unwrap()
+    }
+}
+
+/// 200, and the event is in the log under `principal`.
+fn accepted(w: &World, a: &Answer, stream: &str, principal: &str) {
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let offset = a.body["results"][0]["offset"].as_u64().unwrap() as usize;
+    let log = read_log(&w.s.data_dir, stream, &[]).unwrap();
+    assert_eq!(log[offset]["headers"]["sluice-principal"], principal);
+}
+
+/// 401 with a Bearer challenge; `invalid_token` unless no credentials were presented.
+fn unauthenticated(case: &str, a: &Answer, needle: &str, invalid_token: bool) {
+    assert_eq!(a.status, 401, "{case}: {:?}", a.body);
+    assert_eq!(a.body["error"]["code"], "unauthenticated", "{case}");
+    let msg = a.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(needle),
+        "{case}: {msg:?} should contain {needle:?}"
+    );
+    let challenge = a.headers["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.starts_with("Bearer realm=\"sluice\""),
+        "{case}: {challenge}"
+    );
+    assert_eq!(
+        challenge.contains("error=\"invalid_token\""),
+        invalid_token,
+        "{case}: {challenge}"
+    );
+}
+
+fn forbidden(case: &str, a: &Answer, stream: &str) {
+    assert_eq!(a.status, 403, "{case}: {:?}", a.body);
+    assert_eq!(a.body["error"]["code"], "forbidden", "{case}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("`{stream}`")),
+        "{case}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_is_accepted_and_every_bad_credential_gets_its_exact_error() {
+    let w = world(10_000).await;
+    let tmp = tempfile::tempdir().unwrap();
+
+    // ---- accepted, one per method and algorithm ----
+    accepted(
+        &w,
+        &w.api_key("a.keys", GOOD_KEY).await,
+        "a.keys",
+        "svc-good",
+    );
+    accepted(
+        &w,
+        &w.bearer("a.keys", GOOD_KEY).await,
+        "a.keys",
+        "svc-good",
+    );
+    for (k, who) in [(&w.rsa, "rs"), (&w.ps, "ps"), (&w.ec, "es"), (&w.ed, "ed")] {
+        let t = k.sign(&claims(ISS_A, who, "produce:a.* produce:other"));
+        accepted(&w, &w.bearer("a.jwt", &t).await, "a.jwt", who);
+        // The second use of the same token is served from the verified-token cache.
+        accepted(&w, &w.bearer("a.jwt", &t).await, "a.jwt", who);
+    }
+    let hs = pki::hs256(
+        HS_SECRET.as_bytes(),
+        &with(claims(ISS_HS, "hs-svc", ""), "streams", json!(["h.*"])),
+    );
+    accepted(&w, &w.bearer("h.x", &hs).await, "h.x", "hs-svc");
+    let device =
+        w.ca.issue_valid("device-1", &["uri:spiffe://test/device-1"])
+            .unwrap();
+    let device_tls = tls_client(&w.ca.cert_pem(), Some(&device)).unwrap();
+    let a = w.post_with(&device_tls, "m.x", &[]).await.unwrap();
+    accepted(&w, &a, "m.x", "spiffe://test/device-1");
+    let legacy = w.ca.issue_valid("legacy-7", &[]).unwrap();
+    let legacy_tls = tls_client(&w.ca.cert_pem(), Some(&legacy)).unwrap();
+    accepted(
+        &w,
+        &w.post_with(&legacy_tls, "m.legacy", &[]).await.unwrap(),
+        "m.legacy",
+        "cn:legacy-7",
+    );
+    // An explicit credential wins over the connection's certificate.
+    let a = w
+        .post_with(&device_tls, "a.keys", &[("x-api-key", GOOD_KEY)])
+        .await
+        .unwrap();
+    accepted(&w, &a, "a.keys", "svc-good");
+
+    // ---- key rotation: a new kid appears in the JWKS and is fetched on first sight ----
+    let ec2 = SigningKey::es256("ec-2").unwrap();
+    w.jwks.set_keys(&[&w.rsa, &w.ps, &w.ec, &w.ed, &ec2]);
+    let t = ec2.sign(&claims(ISS_A, "rotated", "produce:a.*"));
+    accepted(&w, &w.bearer("a.jwt", &t).await, "a.jwt", "rotated");
+
+    // ---- rejected: every case names its cause ----
+    let base = claims(ISS_A, "u", "produce:a.*");
+    let mut n = 0;
+    let mut case = |name: &str| {
+        n += 1;
+        format!("case {n}: {name}")
+    };
+
+    unauthenticated(
+        &case("missing credentials"),
+        &w.post_with(&w.client, "a.x", &[]).await.unwrap(),
+        "credentials are required",
+        false,
+    );
+    unauthenticated(
+        &case("unknown API key"),
+        &w.api_key("a.x", "good.wrong-secret").await,
+        "unknown API key",
+        true,
+    );
+    unauthenticated(
+        &case("unknown key id"),
+        &w.bearer("a.x", "nobody.secret").await,
+        "unknown API key",
+        true,
+    );
+    unauthenticated(
+        &case("expired API key"),
+        &w.api_key("a.x", EXPIRED_KEY).await,
+        "`old` has expired",
+        true,
+    );
+    unauthenticated(
+        &case("disabled API key"),
+        &w.api_key("a.x", DISABLED_KEY).await,
+        "`off` is disabled",
+        true,
+    );
+    let a = w
+        .post_with(&w.client, "a.x", &[("authorization", "Basic Zm9vOmJhcg==")])
+        .await
+        .unwrap();
+    unauthenticated(
+        &case("not a bearer scheme"),
+        &a,
+        "must be `Bearer <token>`",
+        true,
+    );
+    let t =
+        w.ec.sign(&with(base.clone(), "exp", json!(pki::now() - 60)));
+    unauthenticated(
+        &case("expired JWT"),
+        &w.bearer("a.x", &t).await,
+        "expired",
+        true,
+    );
+    let t =
+        w.ec.sign(&with(base.clone(), "nbf", json!(pki::now() + 3600)));
+    unauthenticated(
+        &case("nbf in the future"),
+        &w.bearer("a.x", &t).await,
+        "not valid yet",
+        true,
+    );
+    let t = w.ec.sign(&with(base.clone(), "nbf", json!("99999999999")));
+    unauthenticated(
+        &case("nbf of the wrong type (CVE-2026-25537)"),
+        &w.bearer("a.x", &t).await,
+        "`nbf`",
+        true,
+    );
+    let t =
+        w.ec.sign(&with(base.clone(), "iss", json!("https://evil.test")));
+    unauthenticated(
+        &case("untrusted issuer"),
+        &w.bearer("a.x", &t).await,
+        "`https://evil.test` is not trusted",
+        true,
+    );
+    let t = w.ec.sign(&with(base.clone(), "aud", json!("someone-else")));
+    unauthenticated(
+        &case("wrong audience"),
+        &w.bearer("a.x", &t).await,
+        "not for this audience",
+        true,
+    );
+    let t = w.ec.sign(&without(base.clone(), "exp"));
+    unauthenticated(
+        &case("no exp"),
+        &w.bearer("a.x", &t).await,
+        "no `exp` claim",
+        true,
+    );
+    let t = w.ec.sign(&without(base.clone(), "sub"));
+    unauthenticated(
+        &case("no principal claim"),
+        &w.bearer("a.x", &t).await,
+        "no `sub` claim",
+        true,
+    );
+    let impostor = SigningKey::es256("ec-2").unwrap(); // same kid, other key
+    let t = impostor.sign(&base);
+    unauthenticated(
+        &case("bad signature"),
+        &w.bearer("a.x", &t).await,
+        "signature does not verify",
+        true,
+    );
+    let mut forged = w.ec.sign(&base);
+    forged.push('x');
+    unauthenticated(
+        &case("tampered signature"),
+        &w.bearer("a.x", &forged).await,
+        "",
+        true,
+    );
+    unauthenticated(
+        &case("alg none"),
+        &w.bearer("a.x", &pki::unsigned(&base)).await,
+        "alg none",
+        true,
+    );
+    let t = pki::hs256(w.rsa.public_pem.as_bytes(), &base);
+    unauthenticated(
+        &case("HS256 signed with the RSA public key"),
+        &w.bearer("a.x", &t).await,
+        "HS256 is not accepted",
+        true,
+    );
+    let t = pki::hs256(w.rsa.public_pem.as_bytes(), &claims(ISS_HS, "x", ""));
+    unauthenticated(
+        &case("HS256 with the public key against an HS issuer"),
+        &w.bearer("h.x", &t).await,
+        "signature does not verify",
+        true,
+    );
+    let t = SigningKey::rsa("rsa-9", Algorithm::RS384, tmp.path())
+        .unwrap()
+        .sign(&base);
+    unauthenticated(
+        &case("algorithm not allowed for the issuer"),
+        &w.bearer("a.x", &t).await,
+        "RS384 is not accepted",
+        true,
+    );
+    let hits = w.jwks.hits();
+    let t = w.ec.sign_as(Some("nope"), &base);
+    unauthenticated(
+        &case("unknown kid, also after a refresh"),
+        &w.bearer("a.x", &t).await,
+        "no signing key with kid `nope`",
+        true,
+    );
+    assert!(
+        w.jwks.hits() > hits,
+        "an unknown kid triggers a JWKS refresh"
+    );
+    unauthenticated(
+        &case("malformed token"),
+        &w.bearer("a.x", "a.b.c").await,
+        "not base64url JSON",
+        true,
+    );
+    unauthenticated(
+        &case("garbage token"),
+        &w.bearer("a.x", "!!!.???.###").await,
+        "",
+        true,
+    );
+
+    // The identity provider goes down: keys already fetched keep serving.
+    w.jwks.go_down();
+    let t = ec2.sign(&claims(ISS_A, "cached", "produce:a.*"));
+    accepted(&w, &w.bearer("a.jwt", &t).await, "a.jwt", "cached");
+    let t = SigningKey::es256("ec-3").unwrap().sign(&base); // published only after the outage
+    unauthenticated(
+        &case("JWKS down, key not cached"),
+        &w.bearer("a.x", &t).await,
+        "kid `ec-3`",
+        true,
+    );
+    // An issuer whose JWKS was never reachable: nothing cached, answer 503 + Retry-After.
+    let down_key = SigningKey::es256("d-1").unwrap();
+    let a = w
+        .bearer("a.x", &down_key.sign(&claims(ISS_DOWN, "u", "")))
+        .await;
+    assert_eq!(
+        a.status,
+        503,
+        "{}: {:?}",
+        case("JWKS down, no key set at all"),
+        a.body
+    );
+    assert_eq!(a.headers["retry-after"], "5");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be loaded")
+    );
+
+    // Client certificates: another CA, expired, and one that no rule maps.
+    let other = Ca::new("other-ca")
+        .unwrap()
+        .issue_valid("x", &["uri:spiffe://test/x"])
+        .unwrap();
+    let r = w
+        .post_with(
+            &tls_client(&w.ca.cert_pem(), Some(&other)).unwrap(),
+            "m.x",
+            &[],
+        )
+        .await;
+    assert!(
+        r.is_err(),
+        "{}: {r:?}",
+        case("client certificate from another CA")
+    );
+    let expired =
+        w.ca.issue("old-device", &["uri:spiffe://test/old"], -30, -1)
+            .unwrap();
+    let r = w
+        .post_with(
+            &tls_client(&w.ca.cert_pem(), Some(&expired)).unwrap(),
+            "m.x",
+            &[],
+        )
+        .await;
+    assert!(r.is_err(), "{}: {r:?}", case("expired client certificate"));
+    let unmapped = w.ca.issue_valid("printer", &["uri:urn:printer"]).unwrap();
+    let a = w
+        .post_with(
+            &tls_client(&w.ca.cert_pem(), Some(&unmapped)).unwrap(),
+            "m.x",
+            &[],
+        )
+        .await
+        .unwrap();
+    unauthenticated(
+        &case("certificate matches no mapping rule"),
+        &a,
+        "matches no mTLS mapping rule",
+        true,
+    );
+
+    // Authorization: valid principals, streams they may not produce to.
+    forbidden(
+        &case("API key outside its streams"),
+        &w.api_key("b.x", GOOD_KEY).await,
+        "b.x",
+    );
+    let t =
+        w.ed.sign(&claims(ISS_A, "scoped", "produce:a.only other:b.x"));
+    forbidden(
+        &case("JWT scope outside its streams"),
+        &w.bearer("b.x", &t).await,
+        "b.x",
+    );
+    forbidden(
+        &case("JWT array claim outside its streams"),
+        &w.bearer("a.x", &hs).await,
+        "a.x",
+    );
+    forbidden(
+        &case("mTLS principal outside its streams"),
+        &w.post_with(&device_tls, "a.x", &[]).await.unwrap(),
+        "a.x",
+    );
+    assert!(n >= 25, "only {n} rejected cases");
+
+    // Failures are counted by method and reason.
+    let m = w.s.metrics().await;
+    for (method, reason, at_least) in [
+        ("none", "missing", 1.0),
+        ("api_key", "unknown_key", 2.0),
+        ("api_key", "expired_key", 1.0),
+        ("jwt", "expired", 1.0),
+        ("jwt", "alg_none", 1.0),
+        ("jwt", "unknown_kid", 2.0),
+        ("mtls", "no_matching_rule", 1.0),
+    ] {
+        let v = metric(
+            &m,
+            "sluice_auth_failures_total",
+            &format!("protocol=\"http\",method=\"{method}\",reason=\"{reason}\""),
+        );
+        assert!(v >= at_least, "auth failures {method}/{reason}: {v}");
+    }
+}
+
+// Multi-threaded: the JWKS server runs on the test's runtime while the test thread waits for the
+// gateway to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_from_one_address_are_throttled() {
+    let w = world(3).await;
+    for _ in 0..3 {
+        let a = w.api_key("a.x", "good.wrong").await;
+        assert_eq!(a.status, 401);
+    }
+    // Now even a valid key from this address waits for the window to pass.
+    let a = w.api_key("a.x", GOOD_KEY).await;
+    assert_eq!(a.status, 429, "{:?}", a.body);
+    assert_eq!(a.body["error"]["code"], "over_quota");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed authentication attempts")
+    );
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((500..=600).contains(&retry), "Retry-After {retry}");
+    let m = w.s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_auth_failures_total",
+            "protocol=\"http\",method=\"any\",reason=\"too_many_failures\""
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_and_certificate_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = Ca::new("ca").unwrap();
+    let first = ca.issue_valid("first", &["localhost"]).unwrap();
+    let cert = pki::write(dir, "server.pem", &first.cert_pem).unwrap();
+    let key = pki::write(dir, "server.key", &first.key_pem).unwrap();
+    let ca_file = pki::write(dir, "ca.pem", &ca.cert_pem()).unwrap();
+    let config = format!(
+        "[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_auth = \"required\"\nclient_ca_file = {ca_file:?}\nreload_interval_ms = 100\n\
+         [http.auth]\nmethods = [\"mtls\"]\nallow_anonymous = false\n\
+         [[auth.mtls.rules]]\nfield = \"san_dns\"\npattern = \"*.devices.test\"\nstreams = [\"*\"]\n"
+    );
+    let s = Sluice::start(&dir.join("data"), &config).unwrap();
+    let device = ca.issue_valid("d", &["pump-1.devices.test"]).unwrap();
+    let with_cert = tls_client(&ca.cert_pem(), Some(&device)).unwrap();
+    let no_cert = tls_client(&ca.cert_pem(), None).unwrap();
+    let url = "/v1/streams/pumps/events";
+    let a = tls_post(s.http, &with_cert, url, &[], "[1]").await.unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let r = tls_post(s.http, &no_cert, url, &[], "[1]").await;
+    assert!(r.is_err(), "no certificate where one is required: {r:?}");
+    // This listener accepts only mTLS: an API key is refused by method, with the cert present.
+    let a = tls_post(s.http, &with_cert, url, &[("x-api-key", "k.v")], "[1]")
+        .await
+        .unwrap();
+    unauthenticated("method not accepted", &a, "does not accept api_key", true);
+
+    // Replace the server certificate on disk: new connections get it without a restart.
+    let other_ca = Ca::new("ca-2").unwrap();
+    let second = other_ca.issue_valid("second", &["localhost"]).unwrap();
+    std::fs::write(&key, &second.key_pem).unwrap();
+    std::fs::write(&cert, &second.cert_pem).unwrap();
+    let trusts_second = tls_client(&other_ca.cert_pem(), Some(&device)).unwrap();
+    let reloaded = wait_until(Duration::from_secs(10), || async {
+        tls_post(s.http, &trusts_second, url, &[], "[1]")
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await;
+    assert!(reloaded, "the new certificate was never served");
+    assert!(
+        tls_post(s.http, &with_cert, url, &[], "[1]").await.is_err(),
+        "the old chain is gone"
+    );
+}
+
+#[test]
+fn keys_new_prints_a_key_and_a_config_entry_that_accepts_it() {
+    let out = std::process::Command::new(sluice_tests::binary())
+        .args(["keys", "new", "--principal", "svc", "--streams", "a.*,b"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().nth(1).unwrap().to_string();
+    let entry: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("[[auth"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        entry.contains(&format!("secret_sha256 = \"{}\"", auth_hash(&key))),
+        "{entry}"
+    );
+    assert!(entry.contains("streams = [\"a.*\", \"b\"]"), "{entry}");
+    assert!(
+        !entry.contains(key.split_once('.').unwrap().1),
+        "the secret must not be in the config entry"
+    );
+    let cfg = sluice_config::Config::from_toml_str(&entry, "keys new", Vec::new())
+        .expect("the printed entry is valid config");
+    let keys = sluice_auth::apikey::ApiKeys::new(&cfg.auth.api_keys);
+    assert_eq!(keys.verify(&key).unwrap().name(), "svc");
+}
