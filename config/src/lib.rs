@@ -1270,6 +1270,69 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_is_allowed_by_default_only_on_loopback() {
+        let l = ListenerAuthConfig::default();
+        assert!(l.anonymous_allowed("127.0.0.1:8080"));
+        assert!(l.anonymous_allowed("[::1]:8080"));
+        assert!(!l.anonymous_allowed("0.0.0.0:8080"));
+        assert!(!l.anonymous_allowed("10.1.2.3:8080"));
+        let explicit = ListenerAuthConfig {
+            allow_anonymous: Some(false),
+            ..ListenerAuthConfig::default()
+        };
+        assert!(!explicit.anonymous_allowed("127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn auth_settings_are_validated() {
+        let text = r#"
+            [http.tls]
+            cert_file = "c.pem"
+            key_file = "k.pem"
+            client_auth = "required"
+            [[auth.api_keys]]
+            id = "a.b"
+            secret_sha256 = "XYZ"
+            principal = "p"
+            streams = ["*"]
+            expires_at = "tomorrow"
+            [[auth.jwt.issuers]]
+            issuer = "i"
+            audiences = []
+            algorithms = ["HS256", "none"]
+        "#;
+        let Err(ConfigError::Invalid(p)) = Config::from_toml_str(text, "t", no_env()) else {
+            panic!("expected invalid config");
+        };
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "http.tls.client_ca_file",
+            "auth.api_keys[0].id",
+            "auth.api_keys[0].secret_sha256",
+            "auth.api_keys[0].expires_at",
+            "auth.jwt.issuers[0].audiences",
+            "auth.jwt.issuers[0].algorithms",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        assert!(
+            p.iter()
+                .any(|p| p.message.contains("HS256 needs hs256_secret")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|p| p.message.contains("`none` is not one of")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let s = Secret("hunter2-hunter2-hunter2-hunter2-x".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn stream_names_follow_kafka_rules() {
         assert!(check_stream_name("orders.v1-eu_2").is_ok());
         assert_eq!(check_stream_name(""), Err(StreamNameError::Empty));

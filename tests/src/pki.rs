@@ -82,6 +82,46 @@ impl Ca {
         })
     }
 
+    /// A currently valid certificate with the given serial number.
+    pub fn issue_serial(&self, cn: &str, sans: &[&str], serial: u64) -> Result<Issued> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        for san in sans {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*san).try_into()?));
+        }
+        params.serial_number = Some(serial.into());
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A CRL revoking the certificates with these serial numbers.
+    pub fn crl(&self, revoked: &[u64]) -> Result<String> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - TimeDuration::days(1),
+            next_update: now + TimeDuration::days(30),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: now - TimeDuration::hours(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     /// A currently valid certificate.
     pub fn issue_valid(&self, cn: &str, sans: &[&str]) -> Result<Issued> {
         self.issue(cn, sans, -1, 30)

@@ -47,6 +47,10 @@ const EXPIRED_KEY: &str = "old.s3cr3t-s3cr3t-s3cr3t";
 const DISABLED_KEY: &str = "off.s3cr3t-s3cr3t-s3cr3t";
 
 async fn world(max_failures: u32) -> World {
+    world_with(max_failures, 0).await
+}
+
+async fn world_with(max_failures: u32, min_refresh_ms: u64) -> World {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::new("test-ca").unwrap();
@@ -102,7 +106,7 @@ audiences = ["sluice"]
 algorithms = ["RS256", "PS256", "ES256", "EdDSA"]
 jwks_url = "{url}"
 jwks_ca_file = "{ca}"
-jwks_min_refresh_interval_ms = 0
+jwks_min_refresh_interval_ms = {min_refresh_ms}
 leeway_s = 0
 
 [[auth.jwt.issuers]]
@@ -605,6 +609,28 @@ async fn repeated_failures_from_one_address_are_throttled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kids_cannot_make_the_gateway_hammer_the_identity_provider() {
+    let w = world_with(10_000, 3_600_000).await;
+    assert_eq!(w.jwks.hits(), 1, "one fetch at startup");
+    for i in 0..5 {
+        let t = w.ec.sign_as(
+            Some(&format!("flood-{i}")),
+            &claims(ISS_A, "u", "produce:a.*"),
+        );
+        let a = w.bearer("a.x", &t).await;
+        unauthenticated("unknown kid", &a, &format!("kid `flood-{i}`"), true);
+    }
+    assert_eq!(
+        w.jwks.hits(),
+        1,
+        "refreshes are rate limited by jwks_min_refresh_interval_ms"
+    );
+    // Known keys keep working meanwhile.
+    let t = w.ec.sign(&claims(ISS_A, "fine", "produce:a.*"));
+    accepted(&w, &w.bearer("a.x", &t).await, "a.x", "fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_client_certificates_and_certificate_reload() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -613,8 +639,9 @@ async fn required_client_certificates_and_certificate_reload() {
     let cert = pki::write(dir, "server.pem", &first.cert_pem).unwrap();
     let key = pki::write(dir, "server.key", &first.key_pem).unwrap();
     let ca_file = pki::write(dir, "ca.pem", &ca.cert_pem()).unwrap();
+    let crl_file = pki::write(dir, "revoked.crl.pem", &ca.crl(&[666]).unwrap()).unwrap();
     let config = format!(
-        "[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_auth = \"required\"\nclient_ca_file = {ca_file:?}\nreload_interval_ms = 100\n\
+        "[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_auth = \"required\"\nclient_ca_file = {ca_file:?}\ncrl_files = [{crl_file:?}]\nreload_interval_ms = 100\n\
          [http.auth]\nmethods = [\"mtls\"]\nallow_anonymous = false\n\
          [[auth.mtls.rules]]\nfield = \"san_dns\"\npattern = \"*.devices.test\"\nstreams = [\"*\"]\n"
     );
@@ -627,6 +654,34 @@ async fn required_client_certificates_and_certificate_reload() {
     assert_eq!(a.status, 200, "{:?}", a.body);
     let r = tls_post(s.http, &no_cert, url, &[], "[1]").await;
     assert!(r.is_err(), "no certificate where one is required: {r:?}");
+    let revoked = ca
+        .issue_serial("stolen", &["pump-9.devices.test"], 666)
+        .unwrap();
+    let r = tls_post(
+        s.http,
+        &tls_client(&ca.cert_pem(), Some(&revoked)).unwrap(),
+        url,
+        &[],
+        "[1]",
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a certificate revoked by the configured CRL: {r:?}"
+    );
+    let unrevoked = ca
+        .issue_serial("fine", &["pump-2.devices.test"], 667)
+        .unwrap();
+    let a = tls_post(
+        s.http,
+        &tls_client(&ca.cert_pem(), Some(&unrevoked)).unwrap(),
+        url,
+        &[],
+        "[1]",
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, 200, "a certificate the CRL does not list");
     // This listener accepts only mTLS: an API key is refused by method, with the cert present.
     let a = tls_post(s.http, &with_cert, url, &[("x-api-key", "k.v")], "[1]")
         .await
