@@ -50,7 +50,8 @@ impl AuthFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     name: Arc<str>,
-    permissions: Permissions,
+    // Shared, so that handing a cached principal to every request is two reference counts.
+    permissions: Arc<Permissions>,
 }
 
 impl Principal {
@@ -58,7 +59,7 @@ impl Principal {
     pub fn anonymous() -> Self {
         Self {
             name: Arc::from("anonymous"),
-            permissions: Permissions::All,
+            permissions: Arc::new(Permissions::All),
         }
     }
 
@@ -66,7 +67,7 @@ impl Principal {
     pub fn new(name: impl Into<Arc<str>>, permissions: Permissions) -> Self {
         Self {
             name: name.into(),
-            permissions,
+            permissions: Arc::new(permissions),
         }
     }
 

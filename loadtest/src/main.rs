@@ -36,6 +36,21 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
     },
+    /// Print an HS256-signed JWT (for benchmarks against an issuer with `hs256_secret`).
+    Token {
+        #[arg(long)]
+        hs256_secret: String,
+        #[arg(long)]
+        iss: String,
+        #[arg(long, default_value = "sluice")]
+        aud: String,
+        #[arg(long, default_value = "loadtest")]
+        sub: String,
+        #[arg(long, default_value = "produce:*")]
+        scope: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
 }
 
 #[derive(Parser, Clone)]
@@ -64,6 +79,15 @@ struct HttpArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Extra request header `name: value` (repeatable), e.g. `authorization: Bearer …`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// PEM CA bundle to trust for an https:// URL.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Open a new connection (and TLS handshake) for every request.
+    #[arg(long)]
+    new_connection_per_request: bool,
 }
 
 #[derive(Serialize)]
@@ -109,6 +133,28 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Http(a) => rt.block_on(http(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
+        Cmd::Token {
+            hs256_secret,
+            iss,
+            aud,
+            sub,
+            scope,
+            ttl_secs,
+        } => {
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + ttl_secs;
+            let claims =
+                serde_json::json!({"iss": iss, "aud": aud, "sub": sub, "scope": scope, "exp": exp});
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(hs256_secret.as_bytes()),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
     }
 }
 
@@ -138,6 +184,26 @@ async fn http(a: HttpArgs) -> Result<()> {
         bail!("--connections must be at least 1");
     }
     let payload = body(a.events_per_request, a.payload_bytes);
+    let tls = match uri.scheme_str() {
+        Some("https") => Some(tls_connector(a.tls_ca.as_deref(), &host)?),
+        _ => None,
+    };
+    let mut headers = Vec::new();
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .context("--header must be `name: value`")?;
+        headers.push((
+            http::HeaderName::from_bytes(k.trim().as_bytes())?,
+            http::HeaderValue::from_str(v.trim())?,
+        ));
+    }
+    let conn = Arc::new(ConnSpec {
+        addr,
+        tls,
+        headers,
+        fresh: a.new_connection_per_request,
+    });
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
     let end = measure_from + Duration::from_secs_f64(a.duration_secs);
@@ -146,14 +212,14 @@ async fn http(a: HttpArgs) -> Result<()> {
 
     let mut tasks = Vec::new();
     for c in 0..a.connections {
-        let (uri, payload, stop) = (uri.clone(), payload.clone(), stop.clone());
+        let (uri, payload, stop, conn) = (uri.clone(), payload.clone(), stop.clone(), conn.clone());
         // Spread the connections' schedules evenly over one interval.
         let offset = interval.map_or(Duration::ZERO, |i| {
             i.mul_f64(c as f64 / a.connections as f64)
         });
         tasks.push(tokio::spawn(async move {
             connection(
-                addr,
+                conn,
                 uri,
                 payload,
                 start + offset,
@@ -226,9 +292,46 @@ async fn http(a: HttpArgs) -> Result<()> {
     Ok(())
 }
 
+/// How each connection is made and what each request carries.
+struct ConnSpec {
+    addr: SocketAddr,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    fresh: bool,
+}
+
+fn tls_connector(
+    ca: Option<&std::path::Path>,
+    host: &str,
+) -> Result<(
+    tokio_rustls::TlsConnector,
+    rustls_pki_types::ServerName<'static>,
+)> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+            roots.add(c?)?;
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok((
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+        rustls_pki_types::ServerName::try_from(host.to_string())?,
+    ))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn connection(
-    addr: SocketAddr,
+    spec: Arc<ConnSpec>,
     uri: hyper::Uri,
     payload: Bytes,
     first: Instant,
@@ -262,7 +365,7 @@ async fn connection(
             break;
         }
         if sender.is_none() {
-            match connect(addr).await {
+            match connect(&spec).await {
                 Ok(s) => sender = Some(s),
                 Err(_) => {
                     t.errors += 1;
@@ -271,10 +374,13 @@ async fn connection(
             }
         }
         let s = sender.as_mut().expect("connected above");
-        let req = Request::post(&uri)
+        let mut req = Request::post(&uri)
             .header("content-type", "application/json")
             .header("host", uri.authority().map_or("localhost", |a| a.as_str()))
             .body(Full::new(payload.clone()))?;
+        for (k, v) in &spec.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
         let result = async {
             s.ready().await?;
             let resp = s.send_request(req).await?;
@@ -299,20 +405,35 @@ async fn connection(
                 sender = None;
             }
         }
+        if spec.fresh {
+            sender = None;
+        }
     }
     Ok(t)
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> Result<Sender> {
-    let tcp = TcpStream::connect(addr).await?;
+async fn connect(spec: &ConnSpec) -> Result<Sender> {
+    let tcp = TcpStream::connect(spec.addr).await?;
     tcp.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+    match &spec.tls {
+        None => {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+        Some((connector, name)) => {
+            let tls = connector.connect(name.clone(), tcp).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+    }
 }
 
 async fn sink(listen: SocketAddr) -> Result<()> {
