@@ -354,12 +354,15 @@ impl Default for FailureLimitConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: String,
+    /// TLS for the admin listener (client certificates can restrict who scrapes it).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
+            tls: None,
         }
     }
 }
@@ -825,28 +828,29 @@ pub const JWT_ALGORITHMS: [&str; 10] = [
 impl Config {
     fn validate_auth(&self, p: &mut Vec<Problem>) {
         let mut add = |path: String, message: String| p.push(Problem { path, message });
-        if let Some(tls) = &self.http.tls {
+        for (section, tls) in [("http", &self.http.tls), ("admin", &self.admin.tls)] {
+            let Some(tls) = tls else { continue };
             if tls.client_auth != ClientAuth::None && tls.client_ca_file.is_none() {
                 add(
-                    "http.tls.client_ca_file".into(),
+                    format!("{section}.tls.client_ca_file"),
                     "is required when client_auth is optional or required".into(),
                 );
             }
             if !tls.crl_files.is_empty() && tls.client_ca_file.is_none() {
                 add(
-                    "http.tls.crl_files".into(),
+                    format!("{section}.tls.crl_files"),
                     "CRLs need client_ca_file (they apply to client certificates)".into(),
                 );
             }
             if tls.reload_interval_ms < 100 {
                 add(
-                    "http.tls.reload_interval_ms".into(),
+                    format!("{section}.tls.reload_interval_ms"),
                     "must be at least 100".into(),
                 );
             }
             if tls.handshake_timeout_ms == 0 {
                 add(
-                    "http.tls.handshake_timeout_ms".into(),
+                    format!("{section}.tls.handshake_timeout_ms"),
                     "must be at least 1".into(),
                 );
             }

@@ -109,15 +109,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
              http.auth.allow_anonymous = true); they may produce to every stream"
         );
     }
-    let tls = match &config.http.tls {
-        Some(t) => {
-            let reloader = sluice_auth::tls::TlsReloader::new(t)
-                .map_err(|e| anyhow::anyhow!("http.tls: {e}"))?;
-            tokio::spawn(reloader.clone().watch());
-            Some(reloader)
-        }
-        None => None,
-    };
+    let tls = tls_listener("http.tls", config.http.tls.as_ref())?;
+    let admin_tls = tls_listener("admin.tls", config.admin.tls.as_ref())?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -156,7 +149,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ServerOptions {
                 max_connections: 64,
                 header_read_timeout: Duration::from_secs(5),
-                tls: None,
+                tls: admin_tls,
             },
             connections,
             move |req, _| {
@@ -179,6 +172,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ready,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
     })
+}
+
+/// A listener's TLS configuration, reloaded when its files change.
+fn tls_listener(
+    key: &str,
+    cfg: Option<&sluice_config::TlsConfig>,
+) -> anyhow::Result<Option<Arc<sluice_auth::tls::TlsReloader>>> {
+    let Some(cfg) = cfg else { return Ok(None) };
+    let reloader =
+        sluice_auth::tls::TlsReloader::new(cfg).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+    tokio::spawn(reloader.clone().watch());
+    Ok(Some(reloader))
 }
 
 async fn signalled(mut rx: watch::Receiver<bool>) {

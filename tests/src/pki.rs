@@ -372,6 +372,18 @@ pub async fn tls_post(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Result<Answer> {
+    tls_request(addr, tls, http::Method::POST, path, headers, body).await
+}
+
+/// Sends one request over a new TLS connection.
+pub async fn tls_request(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Answer> {
     let tcp = TcpStream::connect(addr).await?;
     let stream = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(ServerName::try_from("localhost")?, tcp)
@@ -381,7 +393,9 @@ pub async fn tls_post(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let mut req = http::Request::post(path)
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "localhost")
         .header("content-type", "application/json");
     for (k, v) in headers {
@@ -393,7 +407,8 @@ pub async fn tls_post(
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok(Answer {
         status,
         headers,

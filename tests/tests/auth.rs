@@ -642,6 +642,7 @@ async fn required_client_certificates_and_certificate_reload() {
     let crl_file = pki::write(dir, "revoked.crl.pem", &ca.crl(&[666]).unwrap()).unwrap();
     let config = format!(
         "[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_auth = \"required\"\nclient_ca_file = {ca_file:?}\ncrl_files = [{crl_file:?}]\nreload_interval_ms = 100\n\
+         [admin.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
          [http.auth]\nmethods = [\"mtls\"]\nallow_anonymous = false\n\
          [[auth.mtls.rules]]\nfield = \"san_dns\"\npattern = \"*.devices.test\"\nstreams = [\"*\"]\n"
     );
@@ -652,6 +653,15 @@ async fn required_client_certificates_and_certificate_reload() {
     let url = "/v1/streams/pumps/events";
     let a = tls_post(s.http, &with_cert, url, &[], "[1]").await.unwrap();
     assert_eq!(a.status, 200, "{:?}", a.body);
+    // The admin listener is TLS too.
+    let a = pki::tls_request(s.admin, &no_cert, http::Method::GET, "/readyz", &[], "")
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, Some("ready\n")));
+    assert!(
+        reqwest::get(s.admin_url("readyz")).await.is_err(),
+        "plain HTTP to a TLS admin listener"
+    );
     let r = tls_post(s.http, &no_cert, url, &[], "[1]").await;
     assert!(r.is_err(), "no certificate where one is required: {r:?}");
     let revoked = ca

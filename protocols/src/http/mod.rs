@@ -144,8 +144,13 @@ async fn authenticate<I: Ingest>(
         .await
         .map_err(|f| {
             ingest.metrics().auth_failure(PROTO, f.method, f.reason);
-            // Never log the credential itself: method, reason and peer say enough.
-            tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
+            // Never log the credential itself: method, reason and peer say enough. Throttled
+            // attempts are only counted, so a brute-force run cannot flood the log.
+            if f.reason == "too_many_failures" {
+                tracing::debug!(peer = %conn.peer, "authentication throttled");
+            } else {
+                tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
+            }
             Rejection::from(f)
         })
 }
