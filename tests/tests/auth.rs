@@ -745,3 +745,54 @@ fn keys_new_prints_a_key_and_a_config_entry_that_accepts_it() {
     let keys = sluice_auth::apikey::ApiKeys::new(&cfg.auth.api_keys);
     assert_eq!(keys.verify(&key).unwrap().name(), "svc");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_file_is_reread_on_the_refresh_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let first = SigningKey::es256("file-1").unwrap();
+    let second = SigningKey::ed25519("file-2").unwrap();
+    let jwks = |keys: &[&SigningKey]| {
+        json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
+    };
+    let file = pki::write(dir, "jwks.json", &jwks(&[&first])).unwrap();
+    // Unknown kids may not trigger refreshes (1 h); only the 1 s interval re-reads the file.
+    // The failure limit is lifted: the test polls with a token that fails until the refresh.
+    let config = format!(
+        "[http.auth]\nallow_anonymous = false\n[auth.failures]\nmax_failures = 1000000\n\
+         [[auth.jwt.issuers]]\nissuer = \"file-issuer\"\naudiences = [\"sluice\"]\nalgorithms = [\"ES256\", \"EdDSA\"]\n\
+         jwks_file = {file:?}\njwks_refresh_interval_ms = 1000\njwks_min_refresh_interval_ms = 3600000\n"
+    );
+    let s = Sluice::start(&dir.join("data"), &config).unwrap();
+    let post = |token: String| {
+        let url = s.events_url("f");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!([1]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        post(first.sign(&claims("file-issuer", "a", "produce:*"))).await,
+        200
+    );
+    let t2 = second.sign(&claims("file-issuer", "b", "produce:*"));
+    assert_eq!(post(t2.clone()).await, 401, "file-2 is not published yet");
+    std::fs::write(&file, jwks(&[&first, &second])).unwrap();
+    let picked_up = wait_until(Duration::from_secs(10), || {
+        let t = second.sign(&claims("file-issuer", "b", "produce:*"));
+        let f = post(t);
+        async move { f.await == 200 }
+    })
+    .await;
+    assert!(
+        picked_up,
+        "the periodic refresh never re-read the JWKS file"
+    );
+}
