@@ -5,13 +5,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use sluice_config::{AckMode, StreamsConfig};
-use sluice_core::metrics::{Metrics, StreamLabels};
+use std::collections::HashSet;
+
+use sluice_config::{AckMode, QuotaPolicy, QuotaScope, QuotasConfig, StreamsConfig};
+use sluice_core::metrics::{Metrics, StreamLabels, ThrottleLabels};
 use sluice_core::{
     Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
     StreamName,
 };
 use sluice_log::{FrameBuilder, Log, LogError, StreamLog, StreamOptions};
+
+use crate::quota::{Quotas, Verdict};
 
 /// Per-record framing overhead charged against the budget besides the event's own bytes.
 const RECORD_OVERHEAD: usize = 24;
@@ -22,6 +26,9 @@ pub struct Gateway {
     log: Log,
     budget: Budget,
     metrics: Metrics,
+    quotas: Quotas,
+    max_delay: Duration,
+    metrics_principals: HashSet<String>,
 }
 
 impl Gateway {
@@ -29,6 +36,7 @@ impl Gateway {
         streams: StreamsConfig,
         log: Log,
         max_in_flight_bytes: u64,
+        quotas: &QuotasConfig,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -36,6 +44,32 @@ impl Gateway {
             log,
             budget: Budget::new(max_in_flight_bytes),
             metrics,
+            quotas: Quotas::new(quotas),
+            max_delay: Duration::from_millis(quotas.max_delay_ms),
+            metrics_principals: quotas.metrics_principals.iter().cloned().collect(),
+        }
+    }
+
+    /// Runs the quotas over the request's events: with a `delay` rule, waits (up to
+    /// `quotas.max_delay_ms`) for the rest of the batch to fit.
+    async fn throttle(&self, principal: &str, stream: &str, sizes: &[usize]) -> Verdict {
+        let start = tokio::time::Instant::now();
+        let mut admitted = 0;
+        let mut delayed = false;
+        loop {
+            let v = self.quotas.check(principal, stream, &sizes[admitted..]);
+            admitted += v.admitted;
+            let done = admitted == sizes.len()
+                || v.policy != QuotaPolicy::Delay
+                || start.elapsed().saturating_add(v.retry_after) > self.max_delay;
+            if done {
+                if delayed {
+                    self.metrics.requests_delayed.inc();
+                }
+                return Verdict { admitted, ..v };
+            }
+            delayed = true;
+            tokio::time::sleep(v.retry_after).await;
         }
     }
 
@@ -124,7 +158,25 @@ impl Ingest for Gateway {
             });
         }
         // Validate sizes before charging anything, so oversized input costs nobody else.
-        let bytes = validate(&req, &settings)?;
+        validate(&req, &settings)?;
+        // Quotas before the budget: a producer over its quota holds no in-flight bytes. The
+        // longest prefix that fits goes on; the rest is answered per event.
+        let mut refused = Vec::new();
+        let mut refusal = None;
+        if !self.quotas.is_empty() {
+            let sizes: Vec<usize> = req.events.iter().map(Event::size).collect();
+            let v = self.throttle(req.principal.name(), name, &sizes).await;
+            if v.admitted < sizes.len() {
+                let r = over_quota(&v, name);
+                self.count_throttled(&req, &v, sizes.len() - v.admitted);
+                if v.admitted == 0 {
+                    return Err(r);
+                }
+                refused = req.events.split_off(v.admitted);
+                refusal = Some(r);
+            }
+        }
+        let bytes: usize = req.events.iter().map(Event::size).sum();
         // The in-flight budget bounds memory when the log is slower than the producers: settle
         // what the adapter reserved while receiving to the events' exact size.
         let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
@@ -134,7 +186,10 @@ impl Ingest for Gateway {
             .get_or_create(name, self.stream_options(name))
             .await
             .map_err(log_rejection)?;
-        let receipts = append(&stream, &req, settings.ack, reservation).await;
+        let mut receipts = append(&stream, &req, settings.ack, reservation).await;
+        if let Some(r) = refusal {
+            receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
+        }
         let labels = StreamLabels {
             stream: name.to_string(),
             protocol: req.protocol.as_str(),
@@ -142,12 +197,13 @@ impl Ingest for Gateway {
         let failed = receipts
             .iter()
             .filter(|r| matches!(r, Receipt::Failed(_)))
-            .count();
-        if failed < receipts.len() {
+            .count()
+            - refused.len();
+        if failed < req.events.len() {
             self.metrics
                 .events_in
                 .get_or_create(&labels)
-                .inc_by((receipts.len() - failed) as u64);
+                .inc_by((req.events.len() - failed) as u64);
             self.metrics
                 .bytes_in
                 .get_or_create(&labels)
@@ -166,6 +222,47 @@ impl Ingest for Gateway {
 
     fn budget(&self) -> &Budget {
         &self.budget
+    }
+}
+
+impl Gateway {
+    fn count_throttled(&self, req: &IngestRequest, v: &Verdict, n: usize) {
+        let name = req.principal.name();
+        let principal = if self.metrics_principals.contains(name) {
+            name.to_string()
+        } else {
+            "other".to_string()
+        };
+        self.metrics
+            .events_throttled
+            .get_or_create(&ThrottleLabels {
+                stream: req.stream.to_string(),
+                scope: v.scope.map_or("stream", QuotaScope::as_str),
+                principal,
+            })
+            .inc_by(n as u64);
+    }
+}
+
+/// The rejection of events a quota refused.
+fn over_quota(v: &Verdict, stream: &str) -> Rejection {
+    let scope = v.scope.map_or("stream", QuotaScope::as_str);
+    if v.retry_after == Duration::MAX {
+        return Rejection::TooLarge {
+            message: format!(
+                "larger than the whole burst of the {scope} quota ({}) on stream `{stream}`; it can never be admitted",
+                v.limit
+            ),
+        };
+    }
+    let retry_after = crate::quota::hint(v.retry_after);
+    Rejection::OverQuota {
+        retry_after,
+        message: format!(
+            "over the {scope} quota of {} on stream `{stream}`; retry after {} ms",
+            v.limit,
+            retry_after.as_millis()
+        ),
     }
 }
 

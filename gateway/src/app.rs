@@ -85,6 +85,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.streams.clone(),
         log,
         config.limits.max_in_flight_bytes,
+        &config.quotas,
         metrics.clone(),
     ));
 

@@ -5,4 +5,5 @@ pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod logcmd;
+pub mod quota;
 pub mod telemetry;

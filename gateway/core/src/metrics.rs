@@ -38,6 +38,16 @@ pub struct AuthLabels {
     pub reason: &'static str,
 }
 
+/// Labels of throttled events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    pub stream: String,
+    /// `stream`, `principal` or `principal_stream`.
+    pub scope: &'static str,
+    /// The principal if it is in `quotas.metrics_principals`, otherwise `other`.
+    pub principal: String,
+}
+
 /// Labels of per-protocol gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -61,6 +71,10 @@ pub struct Metrics {
     pub connections: Family<ProtocolLabels, Gauge>,
     /// Failed authentications by protocol, method and reason.
     pub auth_failures: Family<AuthLabels, Counter>,
+    /// Events refused or delayed by quotas.
+    pub events_throttled: Family<ThrottleLabels, Counter>,
+    /// Requests held by a `delay` quota before they fit.
+    pub requests_delayed: Counter,
 }
 
 impl Metrics {
@@ -95,6 +109,16 @@ impl Metrics {
             "connections",
             "Open client connections by protocol",
             self.connections.clone(),
+        );
+        registry.register(
+            "events_throttled",
+            "Events refused by quotas, by stream, scope and principal (allow-listed, else other)",
+            self.events_throttled.clone(),
+        );
+        registry.register(
+            "requests_delayed",
+            "Requests held by a delay quota until they fit",
+            self.requests_delayed.clone(),
         );
         registry.register(
             "auth_failures",

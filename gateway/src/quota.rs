@@ -1,0 +1,304 @@
+//! Quotas: GCRA rate limits (governor) on events/s and bytes/s with bursts, per stream, per
+//! principal and per principal per stream. For each scope the first matching rule applies; all
+//! three scopes apply to every request.
+//!
+//! A batch that is partly over quota is answered per event: the longest prefix of the batch that
+//! fits every applicable bucket is admitted, the rest is refused with a retry hint computed from
+//! the bucket that refused it. governor checks are all-or-nothing per call and consume only on
+//! success, so the prefix is found by halving the chunk size; each successful chunk consumes
+//! exactly its own events. When a later bucket admits less than an earlier one, the earlier one
+//! has already counted the difference: a throttled producer loses that much of its allowance,
+//! never more than one batch.
+
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::time::Duration;
+
+use governor::clock::{Clock, MonotonicClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+use sluice_auth::glob_match;
+use sluice_config::{QuotaPolicy, QuotaRule, QuotaScope, QuotasConfig};
+
+type Keyed<C> =
+    RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+struct Rule<C: Clock> {
+    cfg: QuotaRule,
+    events: Option<Keyed<C>>,
+    bytes: Option<Keyed<C>>,
+}
+
+/// Every configured quota rule with its buckets.
+pub struct Quotas<C: Clock = MonotonicClock> {
+    rules: Vec<Rule<C>>,
+    clock: C,
+    max_keys: usize,
+}
+
+/// What the quotas decided for a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The first `admitted` events fit; the others do not.
+    pub admitted: usize,
+    /// When the first refused event could fit.
+    pub retry_after: Duration,
+    /// The scope of the rule that refused, if any refused.
+    pub scope: Option<QuotaScope>,
+    /// That rule's policy.
+    pub policy: QuotaPolicy,
+    /// The rule's limit, for the message.
+    pub limit: String,
+}
+
+fn quota(per_sec: u32, burst: Option<u32>) -> Quota {
+    let rate = NonZeroU32::new(per_sec).unwrap_or(NonZeroU32::MIN);
+    let burst = burst.and_then(NonZeroU32::new).unwrap_or(rate);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+impl Quotas<MonotonicClock> {
+    pub fn new(cfg: &QuotasConfig) -> Self {
+        Self::with_clock(cfg, MonotonicClock)
+    }
+}
+
+impl<C: Clock + Clone> Quotas<C> {
+    /// With a given clock (tests use governor's fake clock).
+    pub fn with_clock(cfg: &QuotasConfig, clock: C) -> Self {
+        let rules = cfg
+            .rules
+            .iter()
+            .map(|r| Rule {
+                cfg: r.clone(),
+                events: r.events_per_sec.map(|e| {
+                    RateLimiter::new(
+                        quota(e, r.burst_events),
+                        HashMapStateStore::default(),
+                        clock.clone(),
+                    )
+                }),
+                bytes: r.bytes_per_sec.map(|b| {
+                    RateLimiter::new(
+                        quota(b, r.burst_bytes),
+                        HashMapStateStore::default(),
+                        clock.clone(),
+                    )
+                }),
+            })
+            .collect();
+        Self {
+            rules,
+            clock,
+            max_keys: cfg.max_tracked_keys,
+        }
+    }
+
+    /// Whether any rule is configured.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// For each scope, the first rule matching `stream` and `principal`, with its bucket key.
+    fn applicable<'a>(
+        &'a self,
+        principal: &'a str,
+        stream: &'a str,
+    ) -> impl Iterator<Item = (&'a Rule<C>, String)> + 'a {
+        [
+            QuotaScope::Stream,
+            QuotaScope::Principal,
+            QuotaScope::PrincipalStream,
+        ]
+        .into_iter()
+        .filter_map(move |scope| {
+            let rule = self.rules.iter().find(|r| {
+                r.cfg.scope == scope
+                    && glob_match(&r.cfg.streams, stream)
+                    && glob_match(&r.cfg.principals, principal)
+            })?;
+            let key = match scope {
+                QuotaScope::Stream => stream.to_string(),
+                QuotaScope::Principal => principal.to_string(),
+                QuotaScope::PrincipalStream => format!("{principal}\u{0}{stream}"),
+            };
+            Some((rule, key))
+        })
+    }
+
+    /// Counts `sizes` (one entry per event, in bytes) against every applicable bucket and says
+    /// how many events, from the front, fit.
+    pub fn check(&self, principal: &str, stream: &str, sizes: &[usize]) -> Verdict {
+        let mut v = Verdict {
+            admitted: sizes.len(),
+            retry_after: Duration::ZERO,
+            scope: None,
+            policy: QuotaPolicy::Reject,
+            limit: String::new(),
+        };
+        let mut prefix = Vec::with_capacity(sizes.len() + 1);
+        prefix.push(0u64);
+        for s in sizes {
+            prefix.push(prefix.last().copied().unwrap_or(0) + *s as u64);
+        }
+        for (rule, key) in self.applicable(principal, stream) {
+            for (limiter, unit, per_sec) in [
+                (&rule.events, "events", rule.cfg.events_per_sec),
+                (&rule.bytes, "bytes", rule.cfg.bytes_per_sec),
+            ] {
+                let Some(l) = limiter else { continue };
+                if l.len() >= self.max_keys {
+                    l.retain_recent();
+                }
+                let weight = |r: Range<usize>| -> u64 {
+                    if unit == "events" {
+                        r.len() as u64
+                    } else {
+                        prefix[r.end] - prefix[r.start]
+                    }
+                };
+                let (k, wait) = self.take_prefix(l, &key, v.admitted, weight);
+                if k < v.admitted {
+                    v.admitted = k;
+                    v.retry_after = wait;
+                    v.scope = Some(rule.cfg.scope);
+                    v.policy = rule.cfg.policy;
+                    v.limit = format!("{} {unit}/s", per_sec.unwrap_or(0));
+                }
+            }
+        }
+        v
+    }
+
+    /// The longest prefix of `n` events that `l` admits for `key`; consumes exactly that prefix.
+    fn take_prefix(
+        &self,
+        l: &Keyed<C>,
+        key: &String,
+        n: usize,
+        weight: impl Fn(Range<usize>) -> u64,
+    ) -> (usize, Duration) {
+        let (mut admitted, mut step, mut wait) = (0, n, Duration::ZERO);
+        while step > 0 && admitted < n {
+            let take = step.min(n - admitted);
+            let amount = weight(admitted..admitted + take);
+            let Some(amount) = NonZeroU32::new(amount.min(u64::from(u32::MAX)) as u32) else {
+                admitted += take;
+                continue;
+            };
+            match l.check_key_n(key, amount) {
+                Ok(Ok(())) => admitted += take,
+                Ok(Err(not_until)) => {
+                    wait = not_until.wait_time_from(self.clock.now());
+                    step = take / 2;
+                }
+                Err(_insufficient) => {
+                    // More than the whole burst: this chunk can never pass at once. A single
+                    // event that large can never pass at all.
+                    wait = Duration::MAX;
+                    step = take / 2;
+                }
+            }
+        }
+        (admitted, wait)
+    }
+}
+
+/// Rounds a wait up to whole milliseconds (at least 1 ms), capped at an hour.
+pub fn hint(wait: Duration) -> Duration {
+    let ms = wait.as_nanos().div_ceil(1_000_000).clamp(1, 3_600_000);
+    Duration::from_millis(ms as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn rules(text: &str) -> QuotasConfig {
+        sluice_config::Config::from_toml_str(text, "t", Vec::new())
+            .unwrap()
+            .quotas
+    }
+
+    #[test]
+    fn gcra_admits_the_burst_then_the_rate_and_says_when() {
+        let clock = FakeRelativeClock::default();
+        let q = Quotas::with_clock(
+            &rules("[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 10\nburst_events = 5\n"),
+            clock.clone(),
+        );
+        let v = q.check("p", "s", &[1; 8]);
+        assert_eq!(v.admitted, 5, "the burst");
+        assert_eq!(v.scope, Some(QuotaScope::Stream));
+        assert_eq!(
+            v.retry_after,
+            Duration::from_millis(100),
+            "one event per 100 ms"
+        );
+        assert_eq!(q.check("p", "s", &[1]).admitted, 0);
+        clock.advance(Duration::from_millis(300));
+        assert_eq!(q.check("p", "s", &[1; 8]).admitted, 3, "300 ms = 3 events");
+        // Over one simulated second at the rate, exactly the rate is admitted.
+        let mut admitted = 0;
+        for _ in 0..100 {
+            clock.advance(Duration::from_millis(10));
+            admitted += q.check("p", "s", &[1]).admitted;
+        }
+        assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn bytes_and_every_scope_apply_and_the_first_matching_rule_wins() {
+        let clock = FakeRelativeClock::default();
+        let q = Quotas::with_clock(
+            &rules(
+                r#"
+                [[quotas.rules]]
+                scope = "principal_stream"
+                principals = "vip"
+                events_per_sec = 1000
+                [[quotas.rules]]
+                scope = "principal_stream"
+                events_per_sec = 2
+                [[quotas.rules]]
+                scope = "stream"
+                streams = "big.*"
+                bytes_per_sec = 100
+                "#,
+            ),
+            clock.clone(),
+        );
+        // Each principal has its own bucket on a shared stream.
+        assert_eq!(q.check("a", "s", &[1; 5]).admitted, 2);
+        assert_eq!(q.check("b", "s", &[1; 5]).admitted, 2);
+        assert_eq!(
+            q.check("vip", "s", &[1; 5]).admitted,
+            5,
+            "first matching rule"
+        );
+        // Bytes: 100 bytes/s on big.* streams cuts the batch by size.
+        let v = q.check("vip", "big.x", &[40, 40, 40]);
+        assert_eq!(v.admitted, 2);
+        assert_eq!(v.limit, "100 bytes/s");
+        // An event larger than the whole burst can never pass.
+        let v = q.check("vip", "big.y", &[101]);
+        assert_eq!((v.admitted, v.retry_after), (0, Duration::MAX));
+    }
+
+    #[test]
+    fn idle_keys_are_dropped_when_the_table_is_full() {
+        let clock = FakeRelativeClock::default();
+        let mut cfg = rules("[[quotas.rules]]\nscope = \"principal\"\nevents_per_sec = 10\n");
+        cfg.max_tracked_keys = 10;
+        let q = Quotas::with_clock(&cfg, clock.clone());
+        for i in 0..10 {
+            q.check(&format!("p{i}"), "s", &[1]);
+        }
+        clock.advance(Duration::from_secs(5)); // every bucket is full again: idle
+        q.check("new", "s", &[1]);
+        let l = q.rules[0].events.as_ref().unwrap();
+        assert!(l.len() <= 2, "idle keys were dropped: {}", l.len());
+    }
+}

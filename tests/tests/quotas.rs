@@ -1,0 +1,236 @@
+//! Quotas against the real binary: the protocol-native signal with an accurate retry hint,
+//! per-event answers for partly admitted batches, the admitted rate, fairness between principals
+//! on a shared stream, and the delay policy.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_auth::apikey::hash_hex;
+use sluice_tests::{Sluice, metric};
+
+async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    n: usize,
+) -> (u16, Option<String>, Value) {
+    let events: Vec<Value> = (0..n).map(|i| json!(i)).collect();
+    let mut req = c.post(url).json(&events);
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry, r.json().await.unwrap())
+}
+
+fn admitted(body: &Value) -> usize {
+    body["results"].as_array().map_or(0, |r| {
+        r.iter().filter(|e| e.get("offset").is_some()).count()
+    })
+}
+
+#[tokio::test]
+async fn a_batch_over_quota_is_answered_per_event_and_then_with_429() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[[quotas.rules]]\nscope = \"stream\"\nstreams = \"q.*\"\nevents_per_sec = 10\nburst_events = 10\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let (st, _, body) = post(&c, &s.events_url("q.one"), None, 15).await;
+    assert_eq!(st, 200);
+    assert_eq!(admitted(&body), 10, "the burst is admitted: {body}");
+    assert_eq!(body["failed"], 5);
+    let refused = &body["results"][10]["error"];
+    assert_eq!(refused["code"], "over_quota");
+    let hint = refused["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=100).contains(&hint), "one event per 100 ms: {hint}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("stream quota of 10 events/s")
+    );
+    // Nothing fits now: the whole request gets 429 with Retry-After in whole seconds.
+    let (st, retry, body) = post(&c, &s.events_url("q.one"), None, 1).await;
+    assert_eq!(st, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "over_quota");
+    assert!(body["error"]["retry_after_ms"].as_u64().unwrap() <= 100);
+    // Streams the rule does not match are not limited.
+    let (st, _, body) = post(&c, &s.events_url("other"), None, 50).await;
+    assert_eq!((st, admitted(&body)), (200, 50));
+    assert_eq!(
+        s.read_log("q.one").unwrap().len(),
+        10,
+        "refused events are not in the log"
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_throttled_total",
+            r#"stream="q.one",scope="stream",principal="other""#
+        ),
+        6.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admitted_rate_over_five_seconds_is_within_ten_percent_of_the_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 200\nburst_events = 20\n",
+    )
+    .unwrap();
+    let url = s.events_url("rate");
+    let start = Instant::now();
+    let window = Duration::from_secs(5);
+    let producers: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let (mut ok, mut signalled) = (0, 0);
+                while start.elapsed() < window {
+                    let (st, _, body) = post(&c, &url, None, 10).await;
+                    ok += admitted(&body);
+                    if st == 429 || body.get("failed").is_some() {
+                        signalled += 1;
+                    }
+                }
+                (ok, signalled)
+            })
+        })
+        .collect();
+    let (mut ok, mut signalled) = (0, 0);
+    for p in producers {
+        let (o, sg) = p.await.unwrap();
+        ok += o;
+        signalled += sg;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let expected = 200.0 * secs + 20.0;
+    let ratio = ok as f64 / expected;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "admitted {ok} events in {secs:.2} s; the quota allows {expected:.0} (ratio {ratio:.3})"
+    );
+    assert!(signalled > 0, "the producers were told to slow down");
+    assert_eq!(s.read_log("rate").unwrap().len(), ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_principal_does_not_push_a_polite_one_below_its_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (flood, polite) = ("flood.0123456789abcdef", "polite.0123456789abcdef");
+    let config = format!(
+        r#"
+[quotas]
+metrics_principals = ["flooder"]
+[[quotas.rules]]
+scope = "principal_stream"
+events_per_sec = 100
+burst_events = 10
+[[auth.api_keys]]
+id = "flood"
+secret_sha256 = "{}"
+principal = "flooder"
+streams = ["*"]
+[[auth.api_keys]]
+id = "polite"
+secret_sha256 = "{}"
+principal = "polite"
+streams = ["*"]
+"#,
+        hash_hex(flood),
+        hash_hex(polite)
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let url = s.events_url("shared");
+    let start = Instant::now();
+    let window = Duration::from_secs(3);
+    let flooders: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let mut refused = 0;
+                while start.elapsed() < window {
+                    let (st, _, _) = post(&c, &url, Some(flood), 20).await;
+                    refused += usize::from(st == 429);
+                }
+                refused
+            })
+        })
+        .collect();
+    // The polite producer sends 5 events every 100 ms: 50 events/s, half its quota.
+    let c = reqwest::Client::new();
+    let (mut sent, mut ok) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while start.elapsed() < window {
+        tick.tick().await;
+        let (_, _, body) = post(&c, &url, Some(polite), 5).await;
+        sent += 5;
+        ok += admitted(&body);
+    }
+    let mut refused = 0;
+    for f in flooders {
+        refused += f.await.unwrap();
+    }
+    assert!(refused > 0, "the flooder was throttled");
+    assert_eq!(
+        ok, sent,
+        "the polite producer kept its whole quota ({ok} of {sent})"
+    );
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "sluice_events_throttled_total",
+            r#"stream="shared",scope="principal_stream",principal="flooder""#
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_throttled_total",
+            r#"stream="shared",scope="principal_stream",principal="other""#
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_delay_quota_holds_a_request_until_it_fits_then_rejects_beyond_max_delay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[quotas]\nmax_delay_ms = 1000\n[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 20\nburst_events = 1\npolicy = \"delay\"\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let t = Instant::now();
+    let (st, _, body) = post(&c, &s.events_url("slow"), None, 6).await;
+    let held = t.elapsed();
+    assert_eq!((st, admitted(&body)), (200, 6), "{body}");
+    assert!(
+        held >= Duration::from_millis(200),
+        "5 events at 20/s need 250 ms; held {held:?}"
+    );
+    // 40 more events need 2 s, more than max_delay: held up to 1 s, the rest refused.
+    let (st, _, body) = post(&c, &s.events_url("slow"), None, 40).await;
+    assert_eq!(st, 200);
+    let n = admitted(&body);
+    assert!((15..=25).contains(&n), "about 1 s worth admitted, got {n}");
+    assert_eq!(body["failed"].as_u64().unwrap() as usize, 40 - n);
+    let m = s.metrics().await;
+    assert!(metric(&m, "sluice_requests_delayed_total", "") >= 2.0);
+}
