@@ -305,11 +305,14 @@ impl JwtVerifier {
             {
                 tracing::warn!(issuer = %issuer.cfg.issuer, error = %e, "initial JWKS fetch failed; tokens of this issuer get 503 until a refresh succeeds");
             }
-            let issuer = issuer.clone();
+            // The task holds the issuer weakly, so it ends when a configuration reload drops
+            // this verifier.
+            let weak = Arc::downgrade(issuer);
+            let every = Duration::from_millis(issuer.cfg.jwks_refresh_interval_ms);
             tokio::spawn(async move {
-                let every = Duration::from_millis(issuer.cfg.jwks_refresh_interval_ms);
                 loop {
                     tokio::time::sleep(every).await;
+                    let Some(issuer) = weak.upgrade() else { break };
                     if let Err(e) = issuer.refresh().await {
                         tracing::warn!(issuer = %issuer.cfg.issuer, error = %e, "JWKS refresh failed; keeping the last good key set");
                     }

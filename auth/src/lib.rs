@@ -14,6 +14,27 @@ use std::time::Duration;
 
 pub use authn::{Authenticator, Credentials, ListenerPolicy};
 
+/// A value replaced as a whole at run time (configuration reload): readers take a cheap
+/// snapshot, writers swap in a new value; requests in flight keep the snapshot they took.
+#[derive(Debug)]
+pub struct Swap<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Swap<T> {
+    pub fn new(value: T) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(value)))
+    }
+
+    /// The current value.
+    pub fn load(&self) -> Arc<T> {
+        self.0.read().unwrap().clone()
+    }
+
+    /// Replaces the value for every later `load`.
+    pub fn store(&self, value: T) {
+        *self.0.write().unwrap() = Arc::new(value);
+    }
+}
+
 /// Why credentials were not accepted. `method` and `reason` are short stable labels (metrics,
 /// logs); `description` is for the producer and never contains a secret.
 #[derive(Debug, Clone, PartialEq, Eq)]

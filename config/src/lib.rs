@@ -127,12 +127,15 @@ pub struct QuotaRule {
 pub struct ServerConfig {
     /// How long a SIGTERM/SIGINT drain may take before the process exits anyway.
     pub shutdown_timeout_ms: u64,
+    /// How often the config file is checked for changes to reload (0 = only on SIGHUP).
+    pub config_watch_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             shutdown_timeout_ms: 10_000,
+            config_watch_interval_ms: 2_000,
         }
     }
 }

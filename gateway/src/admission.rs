@@ -15,20 +15,39 @@ use sluice_core::{
 };
 use sluice_log::{FrameBuilder, Log, LogError, StreamLog, StreamOptions};
 
+use sluice_auth::Swap;
+
 use crate::quota::{Quotas, Verdict};
 
 /// Per-record framing overhead charged against the budget besides the event's own bytes.
 const RECORD_OVERHEAD: usize = 24;
 
-/// The gateway's implementation of [`Ingest`] over the embedded log.
-pub struct Gateway {
+/// What a configuration reload replaces: stream settings and quotas. Requests in flight keep
+/// the snapshot they started with.
+pub struct Policy {
     streams: StreamsConfig,
-    log: Log,
-    budget: Budget,
-    metrics: Metrics,
     quotas: Quotas,
     max_delay: Duration,
     metrics_principals: HashSet<String>,
+}
+
+impl Policy {
+    pub fn new(streams: &StreamsConfig, quotas: &QuotasConfig) -> Self {
+        Self {
+            streams: streams.clone(),
+            quotas: Quotas::new(quotas),
+            max_delay: Duration::from_millis(quotas.max_delay_ms),
+            metrics_principals: quotas.metrics_principals.iter().cloned().collect(),
+        }
+    }
+}
+
+/// The gateway's implementation of [`Ingest`] over the embedded log.
+pub struct Gateway {
+    policy: Swap<Policy>,
+    log: Log,
+    budget: Budget,
+    metrics: Metrics,
 }
 
 impl Gateway {
@@ -40,28 +59,36 @@ impl Gateway {
         metrics: Metrics,
     ) -> Self {
         Self {
-            streams,
+            policy: Swap::new(Policy::new(&streams, quotas)),
             log,
             budget: Budget::new(max_in_flight_bytes),
             metrics,
-            quotas: Quotas::new(quotas),
-            max_delay: Duration::from_millis(quotas.max_delay_ms),
-            metrics_principals: quotas.metrics_principals.iter().cloned().collect(),
         }
+    }
+
+    /// Replaces stream settings and quotas (quota buckets start full again).
+    pub fn reload(&self, policy: Policy) {
+        self.policy.store(policy);
     }
 
     /// Runs the quotas over the request's events: with a `delay` rule, waits (up to
     /// `quotas.max_delay_ms`) for the rest of the batch to fit.
-    async fn throttle(&self, principal: &str, stream: &str, sizes: &[usize]) -> Verdict {
+    async fn throttle(
+        &self,
+        policy: &Policy,
+        principal: &str,
+        stream: &str,
+        sizes: &[usize],
+    ) -> Verdict {
         let start = tokio::time::Instant::now();
         let mut admitted = 0;
         let mut delayed = false;
         loop {
-            let v = self.quotas.check(principal, stream, &sizes[admitted..]);
+            let v = policy.quotas.check(principal, stream, &sizes[admitted..]);
             admitted += v.admitted;
             let done = admitted == sizes.len()
                 || v.policy != QuotaPolicy::Delay
-                || start.elapsed().saturating_add(v.retry_after) > self.max_delay;
+                || start.elapsed().saturating_add(v.retry_after) > policy.max_delay;
             if done {
                 if delayed {
                     self.metrics.requests_delayed.inc();
@@ -81,10 +108,6 @@ impl Gateway {
     /// The log behind this gateway.
     pub fn log(&self) -> &Log {
         &self.log
-    }
-
-    fn stream_options(&self, name: &str) -> StreamOptions {
-        stream_options(&self.streams, name)
     }
 }
 
@@ -135,8 +158,9 @@ impl Ingest for Gateway {
         }
         // Then existence, so a typo in a stream name is a 404 before any body is read.
         let name = stream.as_str();
-        if !self.streams.auto_create
-            && !self.streams.declare.contains_key(name)
+        let policy = self.policy.load();
+        if !policy.streams.auto_create
+            && !policy.streams.declare.contains_key(name)
             && self.log.stream(name).is_none()
         {
             return Err(Rejection::NotFound {
@@ -144,13 +168,14 @@ impl Ingest for Gateway {
             });
         }
         Ok(Admission {
-            settings: self.streams.settings(name),
+            settings: policy.streams.settings(name),
         })
     }
 
     async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
         let name = req.stream.as_str();
-        let settings = self.streams.settings(name);
+        let policy = self.policy.load();
+        let settings = policy.streams.settings(name);
         // Permissions are per stream, so they are checked for every request, not per connection.
         if !req.principal.may_produce_to(name) {
             return Err(Rejection::Forbidden {
@@ -163,12 +188,14 @@ impl Ingest for Gateway {
         // longest prefix that fits goes on; the rest is answered per event.
         let mut refused = Vec::new();
         let mut refusal = None;
-        if !self.quotas.is_empty() {
+        if !policy.quotas.is_empty() {
             let sizes: Vec<usize> = req.events.iter().map(Event::size).collect();
-            let v = self.throttle(req.principal.name(), name, &sizes).await;
+            let v = self
+                .throttle(&policy, req.principal.name(), name, &sizes)
+                .await;
             if v.admitted < sizes.len() {
                 let r = over_quota(&v, name);
-                self.count_throttled(&req, &v, sizes.len() - v.admitted);
+                self.count_throttled(&policy, &req, &v, sizes.len() - v.admitted);
                 if v.admitted == 0 {
                     return Err(r);
                 }
@@ -183,7 +210,7 @@ impl Ingest for Gateway {
         reservation.resize(bytes + req.events.len() * RECORD_OVERHEAD)?;
         let stream = self
             .log
-            .get_or_create(name, self.stream_options(name))
+            .get_or_create(name, stream_options(&policy.streams, name))
             .await
             .map_err(log_rejection)?;
         let mut receipts = append(&stream, &req, settings.ack, reservation).await;
@@ -226,9 +253,9 @@ impl Ingest for Gateway {
 }
 
 impl Gateway {
-    fn count_throttled(&self, req: &IngestRequest, v: &Verdict, n: usize) {
+    fn count_throttled(&self, policy: &Policy, req: &IngestRequest, v: &Verdict, n: usize) {
         let name = req.principal.name();
-        let principal = if self.metrics_principals.contains(name) {
+        let principal = if policy.metrics_principals.contains(name) {
             name.to_string()
         } else {
             "other".to_string()

@@ -21,11 +21,81 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admission::{Gateway, stream_options};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use sluice_auth::{Authenticator, Swap};
+
+use crate::admission::{Gateway, Policy, stream_options};
 use sluice_core::Ingest as _;
+
+/// Re-reads the configuration file and swaps in what can change at run time: API keys, JWT
+/// issuers, mTLS rules, quotas and stream settings. A file that does not load or validate is
+/// rejected with a logged reason, and the running configuration stays.
+pub struct Reloader {
+    path: Option<std::path::PathBuf>,
+    auth: Arc<Swap<Authenticator>>,
+    gateway: Arc<Gateway>,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+impl Reloader {
+    /// Loads and applies the configuration file; false if it was rejected.
+    pub async fn reload(&self) -> bool {
+        let applied = self.try_reload().await;
+        let result = if applied.is_ok() { "ok" } else { "rejected" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        match applied {
+            Ok(()) => {
+                tracing::info!(
+                    "configuration reloaded: API keys, JWT issuers, mTLS rules, quotas and stream settings (listeners, TLS files and log settings are not reloaded)"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
+                false
+            }
+        }
+    }
+
+    async fn try_reload(&self) -> anyhow::Result<()> {
+        let config = Config::load(self.path.as_deref(), std::env::vars())?;
+        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        auth.start().await;
+        self.auth.store(auth);
+        self.gateway
+            .reload(Policy::new(&config.streams, &config.quotas));
+        Ok(())
+    }
+
+    /// Reloads whenever the file's modification time changes, checking every `every`.
+    async fn watch(self: Arc<Self>, every: Duration) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen = stamp(&path);
+        loop {
+            tokio::time::sleep(every).await;
+            let now = stamp(&path);
+            if now != seen {
+                seen = now;
+                self.reload().await;
+            }
+        }
+    }
+}
 
 /// A started gateway: its bound addresses and the handle to drain it.
 pub struct Running {
+    /// Applies configuration changes (SIGHUP).
+    pub reloader: Arc<Reloader>,
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -37,8 +107,9 @@ pub struct Running {
     shutdown_timeout: Duration,
 }
 
-/// Opens the log and binds every listener of `config`; serving starts at once.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+/// Opens the log and binds every listener of `config` (read from `path`, if any, which is also
+/// what reloads re-read); serving starts at once.
+pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Running> {
     let mut registry = Registry::with_prefix("sluice");
     let metrics = Metrics::default();
     metrics.register(&mut registry);
@@ -56,6 +127,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         in_flight_budget.clone(),
     );
     in_flight_budget.set(config.limits.max_in_flight_bytes as i64);
+    let reloads = Family::<ReloadLabels, Counter>::default();
+    registry.register(
+        "config_reloads",
+        "Configuration reloads (SIGHUP or file change) by result: ok or rejected",
+        reloads.clone(),
+    );
 
     let log_opts = LogOptions {
         data_dir: config.log.data_dir.clone(),
@@ -98,10 +175,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let auth = Arc::new(
-        sluice_auth::Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?,
-    );
-    auth.start().await;
+    let authenticator =
+        Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    authenticator.start().await;
+    let auth = Arc::new(Swap::new(authenticator));
     let policy = sluice_auth::ListenerPolicy::new(&config.http.auth, &config.http.listen);
     if policy.allow_anonymous {
         tracing::warn!(
@@ -122,7 +199,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             tls,
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
-        auth,
+        auth: auth.clone(),
         policy,
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
@@ -160,9 +237,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             signalled(admin_rx),
         ))
     };
+    let reloader = Arc::new(Reloader {
+        path,
+        auth,
+        gateway: gateway.clone(),
+        reloads,
+    });
+    if config.server.config_watch_interval_ms > 0 {
+        tokio::spawn(reloader.clone().watch(Duration::from_millis(
+            config.server.config_watch_interval_ms,
+        )));
+    }
     ready.store(true, Ordering::SeqCst);
     tracing::info!(%http_addr, %admin_addr, data_dir = %config.log.data_dir.display(), "sluice is serving");
     Ok(Running {
+        reloader,
         http_addr,
         admin_addr,
         shutdown,

@@ -171,8 +171,8 @@ fn check_config(file: PathBuf) -> ExitCode {
     }
 }
 
-fn serve(config: Option<PathBuf>) -> ExitCode {
-    let config = match load(config.as_deref()) {
+fn serve(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match load(config_path.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -188,7 +188,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let running = match app::start(config).await {
+        let running = match app::start(config, config_path).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("sluice: {e:#}");
@@ -204,7 +204,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         );
         let _ = out.flush();
         drop(out);
-        let signal = wait_for_signal().await;
+        let signal = wait_for_signal(&running.reloader).await;
         tracing::info!(signal, "draining");
         if running.drain().await {
             tracing::info!("drained; bye");
@@ -215,17 +215,25 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Waits for SIGTERM or SIGINT; reloads the configuration on every SIGHUP meanwhile.
+async fn wait_for_signal(reloader: &app::Reloader) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; waiting forever");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                reloader.reload().await;
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@ use http::header::{
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use sluice_auth::{Authenticator, Credentials, ListenerPolicy};
+use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
 use sluice_core::metrics::ProtocolLabels;
 use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
@@ -30,8 +30,8 @@ pub struct HttpOptions {
     pub server: ServerOptions,
     /// A request body must arrive completely within this time.
     pub body_read_timeout: Duration,
-    /// Turns each request's credentials into a principal.
-    pub auth: Arc<Authenticator>,
+    /// Turns each request's credentials into a principal (replaced on configuration reload).
+    pub auth: Arc<Swap<Authenticator>>,
     /// Which credentials this listener accepts.
     pub policy: ListenerPolicy,
 }
@@ -79,7 +79,7 @@ pub async fn serve<I: Ingest>(
 /// What every request handler of one listener shares.
 struct Ctx {
     body_timeout: Duration,
-    auth: Arc<Authenticator>,
+    auth: Arc<Swap<Authenticator>>,
     policy: ListenerPolicy,
 }
 
@@ -140,6 +140,7 @@ async fn authenticate<I: Ingest>(
         client_cert: conn.client_cert.as_deref(),
     };
     ctx.auth
+        .load()
         .authenticate(&ctx.policy, conn.peer.ip(), creds)
         .await
         .map_err(|f| {
