@@ -152,6 +152,8 @@ pub struct HttpConfig {
     pub header_read_timeout_ms: u64,
     /// A client must deliver a whole request body within this time.
     pub body_read_timeout_ms: u64,
+    /// Requests handled at once on this listener; more get 503 with Retry-After.
+    pub max_concurrent_requests: usize,
     /// TLS for this listener; plain TCP when absent.
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
@@ -165,6 +167,7 @@ impl Default for HttpConfig {
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            max_concurrent_requests: 4096,
             tls: None,
             auth: ListenerAuthConfig::default(),
         }
@@ -773,6 +776,9 @@ impl Config {
         }
         if self.http.max_connections == 0 {
             add("http.max_connections", "must be at least 1".into());
+        }
+        if self.http.max_concurrent_requests == 0 {
+            add("http.max_concurrent_requests", "must be at least 1".into());
         }
         for (path, v) in [
             (

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use std::collections::HashSet;
 
 use sluice_config::{AckMode, QuotaPolicy, QuotaScope, QuotasConfig, StreamsConfig};
-use sluice_core::metrics::{Metrics, StreamLabels, ThrottleLabels};
+use sluice_core::metrics::{Metrics, ShedLabels, StreamLabels, ThrottleLabels};
 use sluice_core::{
     Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
     StreamName,
@@ -207,7 +207,16 @@ impl Ingest for Gateway {
         // The in-flight budget bounds memory when the log is slower than the producers: settle
         // what the adapter reserved while receiving to the events' exact size.
         let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
-        reservation.resize(bytes + req.events.len() * RECORD_OVERHEAD)?;
+        if let Err(shed) = reservation.resize(bytes + req.events.len() * RECORD_OVERHEAD) {
+            self.metrics
+                .events_shed
+                .get_or_create(&ShedLabels {
+                    stream: name.to_string(),
+                    reason: "in_flight_budget",
+                })
+                .inc_by(req.events.len() as u64);
+            return Err(shed);
+        }
         let stream = self
             .log
             .get_or_create(name, stream_options(&policy.streams, name))

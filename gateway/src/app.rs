@@ -201,6 +201,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
         auth: auth.clone(),
         policy,
+        max_concurrent_requests: config.http.max_concurrent_requests,
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
         http_listener,

@@ -234,3 +234,82 @@ async fn a_delay_quota_holds_a_request_until_it_fits_then_rejects_beyond_max_del
     let m = s.metrics().await;
     assert!(metric(&m, "sluice_requests_delayed_total", "") >= 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_in_flight_limits_shed_load_with_503_and_count_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[http]\nmax_concurrent_requests = 2\n[log]\nfault_append_delay_ms = 2000\n\
+         [limits]\nmax_in_flight_bytes = 4096\n[streams.defaults]\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    // One request holds 4000 of the 4096 budget bytes and one of the two request slots.
+    let big = json!(["x".repeat(3970)]);
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), s.events_url("shed"));
+        async move {
+            c.post(url)
+                .json(&big)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3900.0
+        })
+        .await
+    );
+    // 20 tiny events: the 41-byte body fits, but with framing they need 500 bytes: shed.
+    let (st, retry, body) = post(&c, &s.events_url("shed"), None, 20).await;
+    assert_eq!((st, retry.as_deref()), (503, Some("1")), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in-flight budget")
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_shed_total",
+            r#"stream="shed",reason="in_flight_budget""#
+        ),
+        20.0
+    );
+    // Two requests in flight at once: the third is refused without waiting.
+    let second = tokio::spawn({
+        let (c, url) = (c.clone(), s.events_url("other"));
+        async move {
+            c.post(url)
+                .json(&json!([1]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 4000.0
+        })
+        .await
+    );
+    let (st, _, body) = post(&c, &s.events_url("other"), None, 1).await;
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurrent requests")
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(second.await.unwrap(), 200);
+}

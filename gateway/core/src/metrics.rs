@@ -48,6 +48,14 @@ pub struct ThrottleLabels {
     pub principal: String,
 }
 
+/// Labels of shed events.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub stream: String,
+    /// `in_flight_budget` (the log is not keeping up) or `concurrency` (too many requests).
+    pub reason: &'static str,
+}
+
 /// Labels of per-protocol gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -75,6 +83,8 @@ pub struct Metrics {
     pub events_throttled: Family<ThrottleLabels, Counter>,
     /// Requests held by a `delay` quota before they fit.
     pub requests_delayed: Counter,
+    /// Events refused because the gateway was overloaded (503), by stream and reason.
+    pub events_shed: Family<ShedLabels, Counter>,
 }
 
 impl Metrics {
@@ -114,6 +124,11 @@ impl Metrics {
             "events_throttled",
             "Events refused by quotas, by stream, scope and principal (allow-listed, else other)",
             self.events_throttled.clone(),
+        );
+        registry.register(
+            "events_shed",
+            "Events refused with 503 because the gateway was overloaded, by stream and reason",
+            self.events_shed.clone(),
         );
         registry.register(
             "requests_delayed",

@@ -34,6 +34,8 @@ pub struct HttpOptions {
     pub auth: Arc<Swap<Authenticator>>,
     /// Which credentials this listener accepts.
     pub policy: ListenerPolicy,
+    /// Requests handled at once; more get 503 with Retry-After.
+    pub max_concurrent_requests: usize,
 }
 
 /// Request header carrying an API key.
@@ -62,6 +64,7 @@ pub async fn serve<I: Ingest>(
         body_timeout: opts.body_read_timeout,
         auth: opts.auth,
         policy: opts.policy,
+        concurrency: Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_requests)),
     });
     server::serve(
         listener,
@@ -81,6 +84,7 @@ struct Ctx {
     body_timeout: Duration,
     auth: Arc<Swap<Authenticator>>,
     policy: ListenerPolicy,
+    concurrency: Arc<tokio::sync::Semaphore>,
 }
 
 async fn handle<I: Ingest>(
@@ -109,6 +113,15 @@ async fn handle<I: Ingest>(
     }
     let stream = stream.to_string();
     let metrics = ingest.metrics();
+    // Bounded concurrency: past the limit, answer at once instead of queueing without bound.
+    let Ok(_slot) = ctx.concurrency.clone().try_acquire_owned() else {
+        let r = Rejection::unavailable(
+            Duration::from_secs(1),
+            "the gateway is handling its maximum number of concurrent requests",
+        );
+        metrics.request(PROTO, r.code());
+        return rejection_response(&r);
+    };
     match publish(req, &conn, &stream, ingest, ctx).await {
         Ok((response, outcome)) => {
             metrics.request(PROTO, outcome);
