@@ -561,6 +561,9 @@ pub struct StreamSettings {
     pub retention_ms: u64,
     /// Delete the oldest sealed segments while a partition is larger than this (0 = no limit).
     pub retention_bytes: u64,
+    /// Bytes of this stream's events accepted but not yet acked; when used up its producers get
+    /// 503 while other streams go on (0 = only the global `limits.max_in_flight_bytes`).
+    pub max_in_flight_bytes: u64,
 }
 
 impl Default for StreamSettings {
@@ -573,6 +576,7 @@ impl Default for StreamSettings {
             max_events_per_request: 10_000,
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: 0,
+            max_in_flight_bytes: 0,
         }
     }
 }
@@ -588,6 +592,7 @@ pub struct StreamOverrides {
     pub max_events_per_request: Option<u64>,
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
+    pub max_in_flight_bytes: Option<u64>,
 }
 
 impl StreamOverrides {
@@ -603,6 +608,7 @@ impl StreamOverrides {
                 .unwrap_or(d.max_events_per_request),
             retention_ms: self.retention_ms.unwrap_or(d.retention_ms),
             retention_bytes: self.retention_bytes.unwrap_or(d.retention_bytes),
+            max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(d.max_in_flight_bytes),
         }
     }
 }

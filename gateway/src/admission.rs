@@ -47,6 +47,8 @@ pub struct Gateway {
     policy: Swap<Policy>,
     log: Log,
     budget: Budget,
+    /// Per-stream budgets (`max_in_flight_bytes` of a stream), by stream, with their size.
+    stream_budgets: std::sync::Mutex<std::collections::HashMap<String, (u64, Budget)>>,
     metrics: Metrics,
 }
 
@@ -62,8 +64,36 @@ impl Gateway {
             policy: Swap::new(Policy::new(&streams, quotas)),
             log,
             budget: Budget::new(max_in_flight_bytes),
+            stream_budgets: Default::default(),
             metrics,
         }
+    }
+
+    /// The stream's own budget, if its settings give it one; a changed size (after a reload)
+    /// takes effect for new requests.
+    fn stream_budget(&self, stream: &str, size: u64) -> Option<Budget> {
+        if size == 0 {
+            return None;
+        }
+        let mut m = self.stream_budgets.lock().unwrap();
+        match m.get(stream) {
+            Some((s, b)) if *s == size => Some(b.clone()),
+            _ => {
+                let b = Budget::new(size);
+                m.insert(stream.to_string(), (size, b.clone()));
+                Some(b)
+            }
+        }
+    }
+
+    fn shed(&self, stream: &str, reason: &'static str, events: usize) {
+        self.metrics
+            .events_shed
+            .get_or_create(&ShedLabels {
+                stream: stream.to_string(),
+                reason,
+            })
+            .inc_by(events as u64);
     }
 
     /// Replaces stream settings and quotas (quota buckets start full again).
@@ -207,22 +237,37 @@ impl Ingest for Gateway {
         // The in-flight budget bounds memory when the log is slower than the producers: settle
         // what the adapter reserved while receiving to the events' exact size.
         let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
-        if let Err(shed) = reservation.resize(bytes + req.events.len() * RECORD_OVERHEAD) {
-            self.metrics
-                .events_shed
-                .get_or_create(&ShedLabels {
-                    stream: name.to_string(),
-                    reason: "in_flight_budget",
-                })
-                .inc_by(req.events.len() as u64);
+        let charge = bytes + req.events.len() * RECORD_OVERHEAD;
+        if let Err(shed) = reservation.resize(charge) {
+            self.shed(name, "in_flight_budget", req.events.len());
             return Err(shed);
         }
+        // The stream's own budget keeps one slow or hot stream from taking the whole global one.
+        let stream_reservation = match self.stream_budget(name, settings.max_in_flight_bytes) {
+            Some(b) => match b.try_reserve(charge) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    self.shed(name, "stream_in_flight_budget", req.events.len());
+                    return Err(Rejection::unavailable(
+                        sluice_core::budget::RETRY_AFTER,
+                        format!(
+                            "the log is not keeping up with stream `{name}`: its in-flight budget is exhausted"
+                        ),
+                    ));
+                }
+            },
+            None => None,
+        };
         let stream = self
             .log
             .get_or_create(name, stream_options(&policy.streams, name))
             .await
             .map_err(log_rejection)?;
-        let mut receipts = append(&stream, &req, settings.ack, reservation).await;
+        let held = Held {
+            global: reservation,
+            stream: stream_reservation,
+        };
+        let mut receipts = append(&stream, &req, settings.ack, held).await;
         if let Some(r) = refusal {
             receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
         }
@@ -339,7 +384,7 @@ async fn append(
     stream: &StreamLog,
     req: &IngestRequest,
     ack: AckMode,
-    mut reservation: Reservation,
+    mut held: Held,
 ) -> Vec<Receipt> {
     let n = stream.partition_count();
     let sticky = stream.sticky_partition();
@@ -384,17 +429,17 @@ async fn append(
                     };
                 }
             }
-            drop(reservation);
+            drop(held);
         }
         AckMode::Received => {
             let last = groups.len() - 1;
             for (g, ((p, idx), f)) in groups.iter().zip(frames).enumerate() {
                 // Each queued frame keeps its share of the budget until it is written.
-                let share = if g == last {
-                    reservation.split(usize::MAX)
+                let share = held.split(if g == last {
+                    usize::MAX
                 } else {
-                    reservation.split(frame_share(req, idx))
-                };
+                    frame_share(req, idx)
+                });
                 let r = stream.enqueue(*p, f, Some(Box::new(share))).await;
                 for &i in idx {
                     receipts[i] = match &r {
@@ -406,6 +451,21 @@ async fn append(
         }
     }
     receipts
+}
+
+/// Budget held for a request: the global reservation and the stream's, if it has one.
+struct Held {
+    global: Reservation,
+    stream: Option<Reservation>,
+}
+
+impl Held {
+    fn split(&mut self, bytes: usize) -> Held {
+        Held {
+            global: self.global.split(bytes),
+            stream: self.stream.as_mut().map(|r| r.split(bytes)),
+        }
+    }
 }
 
 fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {

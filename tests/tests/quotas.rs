@@ -313,3 +313,55 @@ async fn concurrency_and_in_flight_limits_shed_load_with_503_and_count_it() {
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(second.await.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fills_its_own_budget_does_not_block_other_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nfault_append_delay_ms = 1500\n\
+         [streams.declare.hot]\nmax_in_flight_bytes = 4096\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let big = json!(["x".repeat(3970)]);
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), s.events_url("hot"));
+        async move {
+            c.post(url)
+                .json(&big)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3900.0
+        })
+        .await
+    );
+    let (st, _, body) = post(&c, &s.events_url("hot"), None, 10).await;
+    assert_eq!(st, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stream `hot`")
+    );
+    // Another stream still has the (large) global budget.
+    let (st, _, body) = post(&c, &s.events_url("cold"), None, 10).await;
+    assert_eq!((st, admitted(&body)), (200, 10));
+    assert_eq!(first.await.unwrap(), 200);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_shed_total",
+            r#"stream="hot",reason="stream_in_flight_budget""#
+        ),
+        10.0
+    );
+}
