@@ -154,6 +154,9 @@ pub struct HttpConfig {
     pub body_read_timeout_ms: u64,
     /// Requests handled at once on this listener; more get 503 with Retry-After.
     pub max_concurrent_requests: usize,
+    /// Open connections per principal on this listener (0 = no limit); a connection whose
+    /// principal is at its limit gets 429 and is closed.
+    pub max_connections_per_principal: usize,
     /// TLS for this listener; plain TCP when absent.
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
@@ -168,6 +171,7 @@ impl Default for HttpConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_concurrent_requests: 4096,
+            max_connections_per_principal: 1000,
             tls: None,
             auth: ListenerAuthConfig::default(),
         }

@@ -202,6 +202,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         auth: auth.clone(),
         policy,
         max_concurrent_requests: config.http.max_concurrent_requests,
+        max_connections_per_principal: config.http.max_connections_per_principal,
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
         http_listener,

@@ -26,6 +26,68 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The client certificate (DER) that TLS verified, if the client presented one.
     pub client_cert: Option<Arc<[u8]>>,
+    /// The principal this connection counts against, once a request authenticated (shared by
+    /// all requests of the connection, released when it closes).
+    pub principal: Arc<std::sync::Mutex<Option<PrincipalSlot>>>,
+}
+
+/// Open connections per principal, bounded by a limit.
+#[derive(Debug, Default)]
+pub struct PrincipalConnections {
+    max: usize,
+    open: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
+}
+
+/// One connection counted against a principal; dropping it releases the count.
+#[derive(Debug)]
+pub struct PrincipalSlot {
+    name: Arc<str>,
+    table: Arc<PrincipalConnections>,
+}
+
+impl Drop for PrincipalSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl PrincipalConnections {
+    /// A table allowing `max` connections per principal (0 = no limit).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Default::default(),
+        })
+    }
+
+    /// Counts `conn` against `principal` the first time it authenticates; false if that
+    /// principal already has its maximum of open connections.
+    pub fn admit(self: &Arc<Self>, conn: &ConnInfo, principal: &str) -> bool {
+        let mut slot = conn.principal.lock().unwrap();
+        if slot.is_some() || self.max == 0 {
+            return true;
+        }
+        let mut open = self.open.lock().unwrap();
+        let n = open.entry(Arc::from(principal)).or_insert(0);
+        if *n >= self.max {
+            if *n == 0 {
+                open.remove(principal);
+            }
+            return false;
+        }
+        *n += 1;
+        *slot = Some(PrincipalSlot {
+            name: Arc::from(principal),
+            table: self.clone(),
+        });
+        true
+    }
 }
 
 /// Connection-level settings of a listener.
@@ -113,6 +175,7 @@ pub async fn serve<F, Fut>(
                     let info = ConnInfo {
                         peer,
                         client_cert: None,
+                        principal: Default::default(),
                     };
                     serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
                 }
@@ -128,7 +191,11 @@ pub async fn serve<F, Fut>(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .map(|c| Arc::<[u8]>::from(c.as_ref()));
-                            let info = ConnInfo { peer, client_cert };
+                            let info = ConnInfo {
+                                peer,
+                                client_cert,
+                                principal: Default::default(),
+                            };
                             serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher)
                                 .await;
                         }

@@ -365,3 +365,63 @@ async fn a_stream_that_fills_its_own_budget_does_not_block_other_streams() {
         10.0
     );
 }
+
+#[tokio::test]
+async fn a_principal_at_its_connection_limit_gets_429_and_the_connection_closes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[http]\nmax_connections_per_principal = 2\n",
+    )
+    .unwrap();
+    // Two keep-alive connections of the anonymous principal, each authenticated by a request.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Full<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("/v1/streams/c/events")
+            .header("host", "x")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"[1]")))
+            .unwrap();
+        assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+        open.push(sender);
+    }
+    // A third connection is refused and closed.
+    let r = reqwest::Client::new()
+        .post(s.events_url("c"))
+        .json(&json!([1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["connection"], "close");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum of open connections")
+    );
+    // Closing one of the two frees its place.
+    drop(open.pop());
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            reqwest::Client::new()
+                .post(s.events_url("c"))
+                .json(&json!([1]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        })
+        .await
+    );
+}

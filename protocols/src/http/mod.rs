@@ -21,7 +21,7 @@ use sluice_core::metrics::ProtocolLabels;
 use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 
-use crate::server::{self, ConnInfo, ServerOptions};
+use crate::server::{self, ConnInfo, PrincipalConnections, ServerOptions};
 use body::BodyFormat;
 
 /// Settings of the HTTP ingest listener.
@@ -36,6 +36,8 @@ pub struct HttpOptions {
     pub policy: ListenerPolicy,
     /// Requests handled at once; more get 503 with Retry-After.
     pub max_concurrent_requests: usize,
+    /// Open connections per principal (0 = no limit).
+    pub max_connections_per_principal: usize,
 }
 
 /// Request header carrying an API key.
@@ -65,6 +67,7 @@ pub async fn serve<I: Ingest>(
         auth: opts.auth,
         policy: opts.policy,
         concurrency: Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_requests)),
+        per_principal: PrincipalConnections::new(opts.max_connections_per_principal),
     });
     server::serve(
         listener,
@@ -85,6 +88,7 @@ struct Ctx {
     auth: Arc<Swap<Authenticator>>,
     policy: ListenerPolicy,
     concurrency: Arc<tokio::sync::Semaphore>,
+    per_principal: Arc<PrincipalConnections>,
 }
 
 async fn handle<I: Ingest>(
@@ -179,6 +183,20 @@ async fn publish<I: Ingest>(
     let body_timeout = ctx.body_timeout;
     let stream = StreamName::parse(stream)?;
     let principal = authenticate(&req, conn, ingest, ctx).await?;
+    if !ctx.per_principal.admit(conn, principal.name()) {
+        let r = Rejection::OverQuota {
+            retry_after: Duration::from_secs(1),
+            message: format!(
+                "principal `{}` has its maximum of open connections; reuse one of them",
+                principal.name()
+            ),
+        };
+        // The connection could not be counted against its principal, so it is closed.
+        let mut resp = rejection_response(&r);
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok((resp, r.code()));
+    }
     let admission = ingest.admit(&principal, &stream)?;
     let limits = admission.settings;
 
