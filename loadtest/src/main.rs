@@ -103,6 +103,11 @@ struct Report {
     events: u64,
     errors: u64,
     non_2xx: u64,
+    /// Non-2xx answers by status code.
+    statuses: std::collections::BTreeMap<u16, u64>,
+    /// Events the gateway acked (results with an offset), counted from the response bodies.
+    admitted_events: u64,
+    admitted_events_per_s: f64,
     requests_per_s: f64,
     events_per_s: f64,
     payload_mb_per_s: f64,
@@ -123,6 +128,8 @@ struct Tally {
     ok: u64,
     errors: u64,
     non_2xx: u64,
+    statuses: std::collections::BTreeMap<u16, u64>,
+    admitted: u64,
 }
 
 fn main() -> Result<()> {
@@ -236,6 +243,8 @@ async fn http(a: HttpArgs) -> Result<()> {
         ok: 0,
         errors: 0,
         non_2xx: 0,
+        statuses: Default::default(),
+        admitted: 0,
     };
     for t in tasks {
         let t = t.await??;
@@ -243,6 +252,10 @@ async fn http(a: HttpArgs) -> Result<()> {
         total.ok += t.ok;
         total.errors += t.errors;
         total.non_2xx += t.non_2xx;
+        total.admitted += t.admitted;
+        for (k, v) in t.statuses {
+            *total.statuses.entry(k).or_default() += v;
+        }
     }
     let secs = a.duration_secs;
     let h = &total.hist;
@@ -258,6 +271,9 @@ async fn http(a: HttpArgs) -> Result<()> {
         events: total.ok * a.events_per_request as u64,
         errors: total.errors,
         non_2xx: total.non_2xx,
+        statuses: total.statuses.clone(),
+        admitted_events: total.admitted,
+        admitted_events_per_s: total.admitted as f64 / secs,
         requests_per_s: total.ok as f64 / secs,
         events_per_s: (total.ok * a.events_per_request as u64) as f64 / secs,
         payload_mb_per_s: (total.ok as f64 * payload.len() as f64) / secs / 1e6,
@@ -345,6 +361,8 @@ async fn connection(
         ok: 0,
         errors: 0,
         non_2xx: 0,
+        statuses: Default::default(),
+        admitted: 0,
     };
     let mut sender = None;
     let mut due = first;
@@ -385,21 +403,29 @@ async fn connection(
             s.ready().await?;
             let resp = s.send_request(req).await?;
             let status = resp.status();
-            resp.into_body().collect().await?;
-            anyhow::Ok(status)
+            let body = resp.into_body().collect().await?.to_bytes();
+            // Acked events are the results with an offset.
+            let admitted = body.windows(9).filter(|w| w == b"\"offset\":").count() as u64;
+            anyhow::Ok((status, admitted))
         }
         .await;
         let done = Instant::now();
         let measured = intended >= measure_from;
         match result {
-            Ok(status) if status.is_success() => {
+            Ok((status, admitted)) if status.is_success() => {
                 if measured {
                     t.ok += 1;
+                    t.admitted += admitted;
                     let us = done.duration_since(intended).as_micros() as u64;
                     t.hist.record(us.clamp(1, 60_000_000))?;
                 }
             }
-            Ok(_) => t.non_2xx += u64::from(measured),
+            Ok((status, _)) => {
+                if measured {
+                    t.non_2xx += 1;
+                    *t.statuses.entry(status.as_u16()).or_default() += 1;
+                }
+            }
             Err(_) => {
                 t.errors += u64::from(measured);
                 sender = None;
