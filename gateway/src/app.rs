@@ -25,6 +25,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use sluice_auth::{Authenticator, Swap};
+use sluice_core::Budget;
+use sluice_protocols::server::PrincipalConnections;
 
 use crate::admission::{Gateway, Policy, stream_options};
 use sluice_core::Ingest as _;
@@ -37,6 +39,16 @@ pub struct Reloader {
     auth: Arc<Swap<Authenticator>>,
     gateway: Arc<Gateway>,
     reloads: Family<ReloadLabels, Counter>,
+    limits: HttpLimits,
+    in_flight_budget: Gauge,
+}
+
+/// The HTTP listener's run-time resizable limits.
+#[derive(Clone)]
+struct HttpLimits {
+    connections: Budget,
+    concurrency: Budget,
+    per_principal: Arc<PrincipalConnections>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +83,20 @@ impl Reloader {
         self.auth.store(auth);
         self.gateway
             .reload(Policy::new(&config.streams, &config.quotas));
+        self.gateway
+            .budget()
+            .set_total(config.limits.max_in_flight_bytes);
+        self.in_flight_budget
+            .set(config.limits.max_in_flight_bytes as i64);
+        self.limits
+            .connections
+            .set_total(config.http.max_connections as u64);
+        self.limits
+            .concurrency
+            .set_total(config.http.max_concurrent_requests as u64);
+        self.limits
+            .per_principal
+            .set_max(config.http.max_connections_per_principal);
         Ok(())
     }
 
@@ -192,17 +218,22 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
 
     let ready = Arc::new(AtomicBool::new(false));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let limits = HttpLimits {
+        connections: Budget::new(config.http.max_connections as u64),
+        concurrency: Budget::new(config.http.max_concurrent_requests as u64),
+        per_principal: PrincipalConnections::new(config.http.max_connections_per_principal),
+    };
     let http_opts = HttpOptions {
         server: ServerOptions {
-            max_connections: config.http.max_connections,
+            connections: limits.connections.clone(),
             header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
             tls,
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
         auth: auth.clone(),
         policy,
-        max_concurrent_requests: config.http.max_concurrent_requests,
-        max_connections_per_principal: config.http.max_connections_per_principal,
+        concurrency: limits.concurrency.clone(),
+        per_principal: limits.per_principal.clone(),
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
         http_listener,
@@ -227,7 +258,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         tokio::spawn(server::serve(
             admin_listener,
             ServerOptions {
-                max_connections: 64,
+                connections: Budget::new(64),
                 header_read_timeout: Duration::from_secs(5),
                 tls: admin_tls,
             },
@@ -244,6 +275,8 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         auth,
         gateway: gateway.clone(),
         reloads,
+        limits,
+        in_flight_budget: in_flight_budget.clone(),
     });
     if config.server.config_watch_interval_ms > 0 {
         tokio::spawn(reloader.clone().watch(Duration::from_millis(

@@ -18,7 +18,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
 use sluice_auth::tls::TlsReloader;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// What a handler knows about the connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -34,7 +33,7 @@ pub struct ConnInfo {
 /// Open connections per principal, bounded by a limit.
 #[derive(Debug, Default)]
 pub struct PrincipalConnections {
-    max: usize,
+    max: std::sync::atomic::AtomicUsize,
     open: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
@@ -61,21 +60,27 @@ impl PrincipalConnections {
     /// A table allowing `max` connections per principal (0 = no limit).
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            max,
+            max: max.into(),
             open: Default::default(),
         })
+    }
+
+    /// Changes the limit; connections already counted stay open.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts `conn` against `principal` the first time it authenticates; false if that
     /// principal already has its maximum of open connections.
     pub fn admit(self: &Arc<Self>, conn: &ConnInfo, principal: &str) -> bool {
         let mut slot = conn.principal.lock().unwrap();
-        if slot.is_some() || self.max == 0 {
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
+        if slot.is_some() || max == 0 {
             return true;
         }
         let mut open = self.open.lock().unwrap();
         let n = open.entry(Arc::from(principal)).or_insert(0);
-        if *n >= self.max {
+        if *n >= max {
             if *n == 0 {
                 open.remove(principal);
             }
@@ -93,8 +98,9 @@ impl PrincipalConnections {
 /// Connection-level settings of a listener.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Connections beyond this are closed right after accept.
-    pub max_connections: usize,
+    /// Connections beyond this limit (one unit each; resizable at run time) are closed right
+    /// after accept.
+    pub connections: sluice_core::Budget,
     /// HTTP/1.1 clients must send request headers within this time.
     pub header_read_timeout: Duration,
     /// TLS, when the listener has it.
@@ -104,7 +110,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            max_connections: 10_000,
+            connections: sluice_core::Budget::new(10_000),
             header_read_timeout: Duration::from_secs(10),
             tls: None,
         }
@@ -136,7 +142,6 @@ pub async fn serve<F, Fut>(
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
     let builder = Arc::new(builder);
-    let limit = Arc::new(Semaphore::new(opts.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -153,7 +158,7 @@ pub async fn serve<F, Fut>(
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = opts.connections.try_reserve(1) else {
             tracing::debug!(%peer, "connection refused: listener at max_connections");
             drop(stream);
             continue;

@@ -97,7 +97,11 @@ async fn sighup_reloads_quotas_and_keys_without_dropping_connections_and_rejects
     );
 
     // New quota and keys, applied on SIGHUP.
-    std::fs::write(s.config_path(), config(1000, KEY_B, 0)).unwrap();
+    let bigger_budget = format!(
+        "{}\n[limits]\nmax_in_flight_bytes = 300000000\n[http]\nmax_concurrent_requests = 100\n",
+        config(1000, KEY_B, 0)
+    );
+    std::fs::write(s.config_path(), bigger_budget).unwrap();
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &s.pid().to_string()])
         .status()
@@ -115,6 +119,11 @@ async fn sighup_reloads_quotas_and_keys_without_dropping_connections_and_rejects
         "the new quota, same connection"
     );
     assert_eq!(conn.post(1, Some(KEY_A)).await.0, 401, "key A was removed");
+    assert_eq!(
+        metric(&s.metrics().await, "sluice_in_flight_budget_bytes", ""),
+        300_000_000.0,
+        "limits reload too"
+    );
 
     // An invalid file is rejected; the running configuration stays.
     std::fs::write(s.config_path(), "[quotas]\nmax_delay_ms = \"soon\"\n").unwrap();

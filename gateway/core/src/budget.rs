@@ -2,6 +2,7 @@
 //! waiting for the log) are bounded by configuration, not by load.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -11,11 +12,12 @@ use crate::Rejection;
 /// How long producers are told to wait when the budget is used up.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// A shared pool of bytes. Cheap to clone.
+/// A shared pool of bytes (or of any unit: connections, requests). Cheap to clone; resizable at
+/// run time.
 #[derive(Clone, Debug)]
 pub struct Budget {
     sem: Arc<Semaphore>,
-    total: usize,
+    total: Arc<AtomicUsize>,
 }
 
 /// Bytes held from a [`Budget`]; they return to it when this is dropped.
@@ -38,18 +40,39 @@ impl Budget {
         let total = (total as usize).min(Semaphore::MAX_PERMITS);
         Self {
             sem: Arc::new(Semaphore::new(total)),
-            total,
+            total: Arc::new(AtomicUsize::new(total)),
         }
     }
 
     /// Configured size.
     pub fn total(&self) -> usize {
-        self.total
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Bytes currently held.
     pub fn in_use(&self) -> usize {
-        self.total - self.sem.available_permits()
+        self.total().saturating_sub(self.sem.available_permits())
+    }
+
+    /// Changes the size. Growing takes effect at once; shrinking removes free room at once and
+    /// the rest as holders release it (nothing already held is taken back).
+    pub fn set_total(&self, total: u64) {
+        let new = (total as usize).min(Semaphore::MAX_PERMITS);
+        let old = self.total.swap(new, Ordering::Relaxed);
+        if new > old {
+            self.sem.add_permits(new - old);
+        } else if new < old {
+            let mut debt = old - new;
+            debt -= self.sem.forget_permits(debt);
+            if debt > 0 {
+                let sem = self.sem.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(debt as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
     }
 
     /// A reservation holding nothing.
@@ -80,7 +103,7 @@ impl Reservation {
     /// Grows or shrinks to `bytes` (capped at the budget's size). Growing fails with
     /// `Unavailable` when the budget has no room; the bytes already held stay held.
     pub fn resize(&mut self, bytes: usize) -> Result<(), Rejection> {
-        let want = bytes.min(self.budget.total);
+        let want = bytes.min(self.budget.total());
         let have = self.bytes();
         if want > have {
             let more = u32::try_from(want - have).map_err(|_| exhausted())?;
@@ -135,5 +158,25 @@ mod tests {
         assert_eq!(b.in_use(), 0);
         let err = b.try_reserve(1000).map(|r| r.bytes());
         assert_eq!(err.unwrap(), 100);
+    }
+
+    #[tokio::test]
+    async fn budgets_resize_at_run_time() {
+        let b = Budget::new(100);
+        let held = b.try_reserve(80).unwrap();
+        b.set_total(200);
+        assert!(b.try_reserve(120).is_ok());
+        b.set_total(50); // 20 free now; 30 more to take back once released
+        assert!(b.try_reserve(1).is_err());
+        drop(held);
+        // The debt is collected by a task as the 80 bytes come back.
+        for _ in 0..100 {
+            if b.sem.available_permits() == 50 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(b.sem.available_permits(), 50);
+        assert_eq!(b.in_use(), 0);
     }
 }

@@ -34,10 +34,10 @@ pub struct HttpOptions {
     pub auth: Arc<Swap<Authenticator>>,
     /// Which credentials this listener accepts.
     pub policy: ListenerPolicy,
-    /// Requests handled at once; more get 503 with Retry-After.
-    pub max_concurrent_requests: usize,
-    /// Open connections per principal (0 = no limit).
-    pub max_connections_per_principal: usize,
+    /// Requests handled at once (one unit each; resizable); more get 503 with Retry-After.
+    pub concurrency: sluice_core::Budget,
+    /// Open connections per principal.
+    pub per_principal: Arc<PrincipalConnections>,
 }
 
 /// Request header carrying an API key.
@@ -66,8 +66,8 @@ pub async fn serve<I: Ingest>(
         body_timeout: opts.body_read_timeout,
         auth: opts.auth,
         policy: opts.policy,
-        concurrency: Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_requests)),
-        per_principal: PrincipalConnections::new(opts.max_connections_per_principal),
+        concurrency: opts.concurrency,
+        per_principal: opts.per_principal,
     });
     server::serve(
         listener,
@@ -87,7 +87,7 @@ struct Ctx {
     body_timeout: Duration,
     auth: Arc<Swap<Authenticator>>,
     policy: ListenerPolicy,
-    concurrency: Arc<tokio::sync::Semaphore>,
+    concurrency: sluice_core::Budget,
     per_principal: Arc<PrincipalConnections>,
 }
 
@@ -118,7 +118,7 @@ async fn handle<I: Ingest>(
     let stream = stream.to_string();
     let metrics = ingest.metrics();
     // Bounded concurrency: past the limit, answer at once instead of queueing without bound.
-    let Ok(_slot) = ctx.concurrency.clone().try_acquire_owned() else {
+    let Ok(_slot) = ctx.concurrency.try_reserve(1) else {
         let r = Rejection::unavailable(
             Duration::from_secs(1),
             "the gateway is handling its maximum number of concurrent requests",
