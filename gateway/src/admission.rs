@@ -90,10 +90,20 @@ impl Gateway {
         self.metrics
             .events_shed
             .get_or_create(&ShedLabels {
-                stream: stream.to_string(),
+                stream: self.stream_label(stream),
                 reason,
             })
             .inc_by(events as u64);
+    }
+
+    /// The `stream` label for events refused before their stream was created: the name if the
+    /// stream exists, `other` otherwise, so refused producers cannot mint label series.
+    fn stream_label(&self, stream: &str) -> String {
+        if self.log.stream(stream).is_some() {
+            stream.to_string()
+        } else {
+            "other".to_string()
+        }
     }
 
     /// Replaces stream settings and quotas (quota buckets start full again).
@@ -225,12 +235,12 @@ impl Ingest for Gateway {
                 .await;
             if v.admitted < sizes.len() {
                 let r = over_quota(&v, name);
-                self.count_throttled(&policy, &req, &v, sizes.len() - v.admitted);
                 if v.admitted == 0 {
+                    self.count_throttled(&policy, &req, &v, sizes.len());
                     return Err(r);
                 }
                 refused = req.events.split_off(v.admitted);
-                refusal = Some(r);
+                refusal = Some((r, v));
             }
         }
         let bytes: usize = req.events.iter().map(Event::size).sum();
@@ -242,6 +252,13 @@ impl Ingest for Gateway {
             self.shed(name, "in_flight_budget", req.events.len());
             return Err(shed);
         }
+        // The stream exists (or is created, within streams.max_streams) before anything is kept
+        // per stream, so made-up stream names cannot grow the per-stream tables.
+        let stream = self
+            .log
+            .get_or_create(name, stream_options(&policy.streams, name))
+            .await
+            .map_err(log_rejection)?;
         // The stream's own budget keeps one slow or hot stream from taking the whole global one.
         let stream_reservation = match self.stream_budget(name, settings.max_in_flight_bytes) {
             Some(b) => match b.try_reserve(charge) {
@@ -258,17 +275,16 @@ impl Ingest for Gateway {
             },
             None => None,
         };
-        let stream = self
-            .log
-            .get_or_create(name, stream_options(&policy.streams, name))
-            .await
-            .map_err(log_rejection)?;
+        // Counted once the stream exists, so the refusals carry its name.
+        if let Some((_, v)) = &refusal {
+            self.count_throttled(&policy, &req, v, refused.len());
+        }
         let held = Held {
             global: reservation,
             stream: stream_reservation,
         };
         let mut receipts = append(&stream, &req, settings.ack, held).await;
-        if let Some(r) = refusal {
+        if let Some((r, _)) = refusal {
             receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
         }
         let labels = StreamLabels {
@@ -317,7 +333,7 @@ impl Gateway {
         self.metrics
             .events_throttled
             .get_or_create(&ThrottleLabels {
-                stream: req.stream.to_string(),
+                stream: self.stream_label(req.stream.as_str()),
                 scope: v.scope.map_or("stream", QuotaScope::as_str),
                 principal,
             })

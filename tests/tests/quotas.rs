@@ -425,3 +425,28 @@ async fn a_principal_at_its_connection_limit_gets_429_and_the_connection_closes(
         .await
     );
 }
+
+#[tokio::test]
+async fn refusals_for_streams_that_do_not_exist_cannot_mint_metric_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[[quotas.rules]]\nscope = \"principal\"\nevents_per_sec = 1\nburst_events = 5\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    assert_eq!(post(&c, &s.events_url("real"), None, 5).await.0, 200);
+    for i in 0..20 {
+        let (st, _, _) = post(&c, &s.events_url(&format!("made-up-{i}")), None, 1).await;
+        assert_eq!(st, 429);
+    }
+    let m = s.metrics().await;
+    assert!(!m.contains("made-up-"), "no series per made-up stream");
+    assert!(
+        metric(
+            &m,
+            "sluice_events_throttled_total",
+            r#"stream="other",scope="principal",principal="other""#
+        ) >= 20.0
+    );
+}
