@@ -135,16 +135,22 @@ impl Sluice {
         Ok(())
     }
 
-    /// SIGTERM, then wait (up to [`DEADLINE`]) for the exit status.
-    pub fn terminate(&mut self) -> Result<ExitStatus> {
-        let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+    /// Sends `signal` (e.g. `HUP`) to the gateway.
+    pub fn signal(&self, signal: &str) -> Result<()> {
         let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
             .status()?;
         if !ok.success() {
-            bail!("kill -TERM failed");
+            bail!("kill -{signal} failed");
         }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait (up to [`DEADLINE`]) for the exit status.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        self.signal("TERM")?;
+        let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
         let start = Instant::now();
         loop {
             if let Some(status) = c.try_wait()? {

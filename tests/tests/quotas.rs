@@ -39,7 +39,8 @@ async fn a_batch_over_quota_is_answered_per_event_and_then_with_429() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Sluice::start(
         &tmp.path().join("data"),
-        "[[quotas.rules]]\nscope = \"stream\"\nstreams = \"q.*\"\nevents_per_sec = 10\nburst_events = 10\n",
+        // 1 event/s after a burst of 10: the checks below tolerate a stalled machine for 1 s.
+        "[[quotas.rules]]\nscope = \"stream\"\nstreams = \"q.*\"\nevents_per_sec = 1\nburst_events = 10\n",
     )
     .unwrap();
     let c = reqwest::Client::new();
@@ -50,19 +51,19 @@ async fn a_batch_over_quota_is_answered_per_event_and_then_with_429() {
     let refused = &body["results"][10]["error"];
     assert_eq!(refused["code"], "over_quota");
     let hint = refused["retry_after_ms"].as_u64().unwrap();
-    assert!((1..=100).contains(&hint), "one event per 100 ms: {hint}");
+    assert!((900..=1000).contains(&hint), "one event per second: {hint}");
     assert!(
         refused["message"]
             .as_str()
             .unwrap()
-            .contains("stream quota of 10 events/s")
+            .contains("stream quota of 1 events/s")
     );
     // Nothing fits now: the whole request gets 429 with Retry-After in whole seconds.
     let (st, retry, body) = post(&c, &s.events_url("q.one"), None, 1).await;
     assert_eq!(st, 429, "{body}");
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(body["error"]["code"], "over_quota");
-    assert!(body["error"]["retry_after_ms"].as_u64().unwrap() <= 100);
+    assert!(body["error"]["retry_after_ms"].as_u64().unwrap() <= 1000);
     // Streams the rule does not match are not limited.
     let (st, _, body) = post(&c, &s.events_url("other"), None, 50).await;
     assert_eq!((st, admitted(&body)), (200, 50));
@@ -85,12 +86,24 @@ async fn a_batch_over_quota_is_answered_per_event_and_then_with_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admitted_rate_over_five_seconds_is_within_ten_percent_of_the_quota() {
     let tmp = tempfile::tempdir().unwrap();
+    // A one-second burst: producer stalls shorter than that (a busy CI machine) lose nothing.
     let s = Sluice::start(
         &tmp.path().join("data"),
-        "[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 200\nburst_events = 20\n",
+        "[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 200\nburst_events = 200\n",
     )
     .unwrap();
     let url = s.events_url("rate");
+    // Empty the bucket first, so the window measures the rate alone.
+    let c = reqwest::Client::new();
+    let mut drained = 0;
+    loop {
+        let (st, _, body) = post(&c, &url, None, 50).await;
+        drained += admitted(&body);
+        if st == 429 || body.get("failed").is_some() {
+            break;
+        }
+    }
+    assert!(drained >= 200, "the burst is admitted first ({drained})");
     let start = Instant::now();
     let window = Duration::from_secs(5);
     let producers: Vec<_> = (0..4)
@@ -117,14 +130,13 @@ async fn the_admitted_rate_over_five_seconds_is_within_ten_percent_of_the_quota(
         signalled += sg;
     }
     let secs = start.elapsed().as_secs_f64();
-    let expected = 200.0 * secs + 20.0;
-    let ratio = ok as f64 / expected;
+    let rate = ok as f64 / secs;
     assert!(
-        (0.9..=1.1).contains(&ratio),
-        "admitted {ok} events in {secs:.2} s; the quota allows {expected:.0} (ratio {ratio:.3})"
+        (180.0..=220.0).contains(&rate),
+        "admitted {ok} events in {secs:.2} s = {rate:.1}/s; the quota is 200/s"
     );
     assert!(signalled > 0, "the producers were told to slow down");
-    assert_eq!(s.read_log("rate").unwrap().len(), ok);
+    assert_eq!(s.read_log("rate").unwrap().len(), ok + drained);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,6 +187,8 @@ streams = ["*"]
     let c = reqwest::Client::new();
     let (mut sent, mut ok) = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Never catch up on late ticks with a burst: the polite producer stays at 50 events/s.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while start.elapsed() < window {
         tick.tick().await;
         let (_, _, body) = post(&c, &url, Some(polite), 5).await;
@@ -246,25 +260,7 @@ async fn concurrency_and_in_flight_limits_shed_load_with_503_and_count_it() {
     .unwrap();
     let c = reqwest::Client::new();
     // One request holds 4000 of the 4096 budget bytes and one of the two request slots.
-    let big = json!(["x".repeat(3970)]);
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), s.events_url("shed"));
-        async move {
-            c.post(url)
-                .json(&big)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    });
-    assert!(
-        sluice_tests::wait_until(Duration::from_secs(10), || async {
-            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3900.0
-        })
-        .await
-    );
+    let first = hold_budget(&s, "shed").await;
     // 20 tiny events: the 41-byte body fits, but with framing they need 500 bytes: shed.
     let (st, retry, body) = post(&c, &s.events_url("shed"), None, 20).await;
     assert_eq!((st, retry.as_deref()), (503, Some("1")), "{body}");
@@ -275,14 +271,17 @@ async fn concurrency_and_in_flight_limits_shed_load_with_503_and_count_it() {
             .contains("in-flight budget")
     );
     let m = s.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            "sluice_events_shed_total",
-            r#"stream="shed",reason="in_flight_budget""#
-        ),
-        20.0
+    // The stream may not exist yet when the budget refuses (then the label is `other`).
+    let shed = metric(
+        &m,
+        "sluice_events_shed_total",
+        r#"stream="shed",reason="in_flight_budget""#,
+    ) + metric(
+        &m,
+        "sluice_events_shed_total",
+        r#"stream="other",reason="in_flight_budget""#,
     );
+    assert_eq!(shed, 20.0);
     // Two requests in flight at once: the third is refused without waiting.
     let second = tokio::spawn({
         let (c, url) = (c.clone(), s.events_url("other"));
@@ -324,25 +323,7 @@ async fn a_stream_that_fills_its_own_budget_does_not_block_other_streams() {
     )
     .unwrap();
     let c = reqwest::Client::new();
-    let big = json!(["x".repeat(3970)]);
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), s.events_url("hot"));
-        async move {
-            c.post(url)
-                .json(&big)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    });
-    assert!(
-        sluice_tests::wait_until(Duration::from_secs(10), || async {
-            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3900.0
-        })
-        .await
-    );
+    let first = hold_budget(&s, "hot").await;
     let (st, _, body) = post(&c, &s.events_url("hot"), None, 10).await;
     assert_eq!(st, 503, "{body}");
     assert!(
@@ -449,4 +430,28 @@ async fn refusals_for_streams_that_do_not_exist_cannot_mint_metric_series() {
             r#"stream="other",scope="principal",principal="other""#
         ) >= 20.0
     );
+}
+
+/// Sends one 3970-byte event to `stream` (on a gateway whose log is slowed down) and waits until
+/// it holds its place in the in-flight budget; the handle yields its final status.
+async fn hold_budget(s: &Sluice, stream: &str) -> tokio::task::JoinHandle<u16> {
+    let url = s.events_url(stream);
+    let first = tokio::spawn(async move {
+        let big = json!(["x".repeat(3970)]);
+        let r = reqwest::Client::new()
+            .post(url)
+            .json(&big)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3900.0
+        })
+        .await,
+        "the first request never showed up as in flight"
+    );
+    first
 }

@@ -102,11 +102,7 @@ async fn sighup_reloads_quotas_and_keys_without_dropping_connections_and_rejects
         config(1000, KEY_B, 0)
     );
     std::fs::write(s.config_path(), bigger_budget).unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    s.signal("HUP").unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
             reloads(&s, "ok").await >= 1.0
@@ -127,11 +123,7 @@ async fn sighup_reloads_quotas_and_keys_without_dropping_connections_and_rejects
 
     // An invalid file is rejected; the running configuration stays.
     std::fs::write(s.config_path(), "[quotas]\nmax_delay_ms = \"soon\"\n").unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    s.signal("HUP").unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
             reloads(&s, "rejected").await >= 1.0
