@@ -33,6 +33,9 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+# The tests generate RSA keys with openssl and signal the gateway with kill(1).
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"

@@ -428,7 +428,7 @@ async fn a_slow_log_fills_the_in_flight_budget_and_gets_503_with_retry_after() {
         &tmp.path().join("data"),
         r#"
         [log]
-        fault_append_delay_ms = 3000
+        fault_append_delay_ms = 5000
         [limits]
         max_in_flight_bytes = 4096
         [streams.defaults]

@@ -254,7 +254,7 @@ async fn concurrency_and_in_flight_limits_shed_load_with_503_and_count_it() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Sluice::start(
         &tmp.path().join("data"),
-        "[http]\nmax_concurrent_requests = 2\n[log]\nfault_append_delay_ms = 2000\n\
+        "[http]\nmax_concurrent_requests = 2\n[log]\nfault_append_delay_ms = 5000\n\
          [limits]\nmax_in_flight_bytes = 4096\n[streams.defaults]\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
     )
     .unwrap();
@@ -318,7 +318,7 @@ async fn a_stream_that_fills_its_own_budget_does_not_block_other_streams() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Sluice::start(
         &tmp.path().join("data"),
-        "[log]\nfault_append_delay_ms = 1500\n\
+        "[log]\nfault_append_delay_ms = 4000\n\
          [streams.declare.hot]\nmax_in_flight_bytes = 4096\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
     )
     .unwrap();
