@@ -1,5 +1,7 @@
 //! Limits failed authentications per source address: after `max_failures` within a window the
-//! address is refused (429) until the window passes. The table is bounded.
+//! address is refused (429) until the window passes. IPv6 addresses count per /64 network (one
+//! host usually owns a whole /64 and could otherwise rotate through it). The table is bounded,
+//! and keeping it bounded costs amortized O(1) per failure.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +30,7 @@ impl FailureLimiter {
 
     /// How long `addr` must wait before it may try again, if it is over its limit.
     pub fn blocked(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+        let addr = source(addr);
         let t = self.table.lock().unwrap();
         let &(start, n) = t.get(&addr)?;
         let end = start + self.window;
@@ -36,15 +39,16 @@ impl FailureLimiter {
 
     /// Counts one failure of `addr`.
     pub fn record(&self, addr: IpAddr, now: Instant) {
+        let addr = source(addr);
         let mut t = self.table.lock().unwrap();
         if t.len() >= self.capacity && !t.contains_key(&addr) {
             let window = self.window;
             t.retain(|_, (start, _)| now.duration_since(*start) < window);
-            if t.len() >= self.capacity {
-                // Still full of live windows: drop the oldest to make room.
-                if let Some(oldest) = t.iter().min_by_key(|(_, (s, _))| *s).map(|(a, _)| *a) {
-                    t.remove(&oldest);
-                }
+            if t.len() * 2 > self.capacity {
+                // Still mostly live windows (many addresses failing at once): start over rather
+                // than pay a full scan for every new address. Throttled addresses get a fresh
+                // window, which only ever happens under a flood this large.
+                t.clear();
             }
         }
         let e = t.entry(addr).or_insert((now, 0));
@@ -57,6 +61,20 @@ impl FailureLimiter {
     /// Addresses tracked now.
     pub fn tracked(&self) -> usize {
         self.table.lock().unwrap().len()
+    }
+}
+
+/// The key an address counts under: itself for IPv4, its /64 network for IPv6.
+fn source(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -85,6 +103,29 @@ mod tests {
         assert_eq!(l.blocked(a, t0 + Duration::from_millis(1000)), None);
         l.record("10.0.0.2".parse().unwrap(), t0);
         l.record("10.0.0.3".parse().unwrap(), t0 + Duration::from_millis(1));
-        assert_eq!(l.tracked(), 2, "capacity bounds the table");
+        assert!(l.tracked() <= 2, "capacity bounds the table");
+    }
+
+    #[test]
+    fn ipv6_hosts_count_per_64_network() {
+        let l = FailureLimiter::new(&FailureLimitConfig {
+            max_failures: 2,
+            window_ms: 1000,
+            max_tracked_addresses: 10,
+        });
+        let t0 = Instant::now();
+        l.record("2001:db8:1:2::1".parse().unwrap(), t0);
+        l.record("2001:db8:1:2:ffff::9".parse().unwrap(), t0);
+        assert!(
+            l.blocked("2001:db8:1:2::abcd".parse().unwrap(), t0)
+                .is_some()
+        );
+        assert!(l.blocked("2001:db8:1:3::1".parse().unwrap(), t0).is_none());
+        l.record("::ffff:10.0.0.9".parse().unwrap(), t0);
+        l.record("10.0.0.9".parse().unwrap(), t0);
+        assert!(
+            l.blocked("10.0.0.9".parse().unwrap(), t0).is_some(),
+            "v4-mapped is v4"
+        );
     }
 }

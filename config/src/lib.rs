@@ -76,7 +76,7 @@ impl QuotaScope {
 pub struct QuotasConfig {
     /// Longest time a `delay` rule holds a request before rejecting it.
     pub max_delay_ms: u64,
-    /// Most principal and principal×stream buckets kept; idle ones are dropped first.
+    /// Buckets per rule past which idle ones (full again) are dropped, at most once a second.
     pub max_tracked_keys: usize,
     /// Principals named in throttling metrics; every other principal is counted as `other`.
     pub metrics_principals: Vec<String>,

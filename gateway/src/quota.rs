@@ -12,9 +12,10 @@
 
 use std::num::NonZeroU32;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, MonotonicClock};
+use governor::clock::{Clock, MonotonicClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
@@ -28,12 +29,19 @@ struct Rule<C: Clock> {
     cfg: QuotaRule,
     events: Option<Keyed<C>>,
     bytes: Option<Keyed<C>>,
+    /// When idle keys were last swept (ms since the rule was made); sweeps are O(keys), so a
+    /// full table of active keys must not make every request pay for one.
+    last_sweep_ms: AtomicU64,
 }
+
+/// Idle keys are swept at most this often per rule.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Every configured quota rule with its buckets.
 pub struct Quotas<C: Clock = MonotonicClock> {
     rules: Vec<Rule<C>>,
     clock: C,
+    start: C::Instant,
     max_keys: usize,
 }
 
@@ -86,10 +94,12 @@ impl<C: Clock + Clone> Quotas<C> {
                         clock.clone(),
                     )
                 }),
+                last_sweep_ms: AtomicU64::new(0),
             })
             .collect();
         Self {
             rules,
+            start: clock.now(),
             clock,
             max_keys: cfg.max_tracked_keys,
         }
@@ -148,9 +158,7 @@ impl<C: Clock + Clone> Quotas<C> {
                 (&rule.bytes, "bytes", rule.cfg.bytes_per_sec),
             ] {
                 let Some(l) = limiter else { continue };
-                if l.len() >= self.max_keys {
-                    l.retain_recent();
-                }
+                self.sweep(rule, l);
                 let weight = |r: Range<usize>| -> u64 {
                     if unit == "events" {
                         r.len() as u64
@@ -169,6 +177,26 @@ impl<C: Clock + Clone> Quotas<C> {
             }
         }
         v
+    }
+
+    /// Drops idle keys (buckets full again) when the rule's table has reached
+    /// `max_tracked_keys`, at most once per [`SWEEP_EVERY`]: between sweeps the table can grow
+    /// by the keys that become active in that time, and keys whose buckets refilled go.
+    fn sweep(&self, rule: &Rule<C>, l: &Keyed<C>) {
+        if l.len() < self.max_keys {
+            return;
+        }
+        let now_ms = self.clock.now().duration_since(self.start).as_u64() / 1_000_000;
+        let last = rule.last_sweep_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= SWEEP_EVERY.as_millis() as u64;
+        if due
+            && rule
+                .last_sweep_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            l.retain_recent();
+        }
     }
 
     /// The longest prefix of `n` events that `l` admits for `key`; consumes exactly that prefix.
@@ -300,5 +328,23 @@ mod tests {
         q.check("new", "s", &[1]);
         let l = q.rules[0].events.as_ref().unwrap();
         assert!(l.len() <= 2, "idle keys were dropped: {}", l.len());
+        // A full table is swept at most once a second: an idle key survives until then.
+        let swept_at = l.len();
+        clock.advance(Duration::from_millis(500)); // "new" has refilled: idle
+        for i in 0..20 {
+            q.check(&format!("busy{i}"), "s", &[1; 10]); // empties each bucket: active
+        }
+        assert_eq!(
+            l.len(),
+            swept_at + 20,
+            "no sweep within the second, idle key kept"
+        );
+        clock.advance(Duration::from_millis(600));
+        q.check("late", "s", &[1]);
+        assert_eq!(
+            l.len(),
+            swept_at + 20,
+            "the sweep dropped the idle key, kept the 20 active ones and added one"
+        );
     }
 }
