@@ -196,6 +196,17 @@ pub fn read_log(data_dir: &Path, stream: &str, args: &[&str]) -> Result<Vec<Valu
         .collect()
 }
 
+/// A `[[auth.api_keys]]` config entry accepting `key` (`{id}.{secret}`) as `principal`.
+pub fn api_key_entry(key: &str, principal: &str, streams: &[&str]) -> String {
+    let id = key.split_once('.').map_or(key, |(id, _)| id);
+    let hash = sluice_auth::apikey::hash_hex(key);
+    let streams: Vec<String> = streams.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "\n[[auth.api_keys]]\nid = {id:?}\nsecret_sha256 = {hash:?}\nprincipal = {principal:?}\nstreams = [{}]\n",
+        streams.join(", ")
+    )
+}
+
 /// The value of the Prometheus sample `name{labels}` (labels as written, e.g.
 /// `stream="s",protocol="http"`), or 0 when absent.
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {

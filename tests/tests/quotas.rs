@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_auth::apikey::hash_hex;
-use sluice_tests::{Sluice, metric};
+use sluice_tests::{Sluice, api_key_entry, metric};
 
 async fn post(
     c: &reqwest::Client,
@@ -144,26 +143,10 @@ async fn a_flooding_principal_does_not_push_a_polite_one_below_its_quota() {
     let tmp = tempfile::tempdir().unwrap();
     let (flood, polite) = ("flood.0123456789abcdef", "polite.0123456789abcdef");
     let config = format!(
-        r#"
-[quotas]
-metrics_principals = ["flooder"]
-[[quotas.rules]]
-scope = "principal_stream"
-events_per_sec = 100
-burst_events = 10
-[[auth.api_keys]]
-id = "flood"
-secret_sha256 = "{}"
-principal = "flooder"
-streams = ["*"]
-[[auth.api_keys]]
-id = "polite"
-secret_sha256 = "{}"
-principal = "polite"
-streams = ["*"]
-"#,
-        hash_hex(flood),
-        hash_hex(polite)
+        "[quotas]\nmetrics_principals = [\"flooder\"]\n\
+         [[quotas.rules]]\nscope = \"principal_stream\"\nevents_per_sec = 100\nburst_events = 10\n{}{}",
+        api_key_entry(flood, "flooder", &["*"]),
+        api_key_entry(polite, "polite", &["*"])
     );
     let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
     let url = s.events_url("shared");

@@ -8,8 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use sluice_auth::apikey::hash_hex;
-use sluice_tests::{Sluice, metric, wait_until};
+use sluice_tests::{Sluice, api_key_entry, metric, wait_until};
 
 const KEY_A: &str = "a.0123456789abcdef";
 const KEY_B: &str = "b.0123456789abcdef";
@@ -17,20 +16,9 @@ const KEY_B: &str = "b.0123456789abcdef";
 fn config(rate: u32, key: &str, watch_ms: u64) -> String {
     let id = key.split('.').next().unwrap();
     format!(
-        r#"
-[server]
-config_watch_interval_ms = {watch_ms}
-[[quotas.rules]]
-scope = "stream"
-events_per_sec = {rate}
-burst_events = {rate}
-[[auth.api_keys]]
-id = "{id}"
-secret_sha256 = "{}"
-principal = "svc-{id}"
-streams = ["*"]
-"#,
-        hash_hex(key)
+        "[server]\nconfig_watch_interval_ms = {watch_ms}\n\
+         [[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = {rate}\nburst_events = {rate}\n{}",
+        api_key_entry(key, &format!("svc-{id}"), &["*"])
     )
 }
 
