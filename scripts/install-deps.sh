@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Installs what building and testing Sluice needs, skipping whatever is already there.
 # Safe to run repeatedly; run as root (or with sudo available) on Debian/Ubuntu.
+#   --with-tansu  also install the Tansu Kafka-compatible broker (the Kafka tests need it;
+#                 about 11 minutes to build on 2 cores, once per machine)
 set -euo pipefail
+
+with_tansu=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-tansu) with_tansu=1 ;;
+    *) echo "usage: $0 [--with-tansu]" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 
@@ -27,7 +37,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# A C compiler and make build the bundled C code of some crates (zstd).
+# A C compiler and make build the bundled C code of some crates (zstd, librdkafka); librdkafka
+# links the system's OpenSSL and zlib.
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
@@ -36,6 +47,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 # The tests generate RSA keys with openssl and signal the gateway with kill(1).
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
+if command -v dpkg >/dev/null 2>&1; then
+  for pkg in libssl-dev zlib1g-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
@@ -49,6 +65,16 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   else
     log "cargo fmt/clippy missing and no rustup to add them"
     exit 1
+  fi
+fi
+# Tansu, a Kafka-compatible broker, for the Kafka tests and local use (scripts/kafka-local.sh).
+if [ "$with_tansu" -eq 1 ]; then
+  cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+  if command -v tansu >/dev/null 2>&1 || [ -x "$cargo_bin/tansu" ]; then
+    :
+  else
+    log "installing the Tansu broker (cargo install tansu; about 11 minutes on 2 cores)"
+    cargo install tansu --locked --features dynostore --quiet
   fi
 fi
 log "ok"

@@ -3,7 +3,7 @@
 # Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh --with-tansu
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

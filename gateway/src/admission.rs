@@ -13,11 +13,12 @@ use sluice_core::{
     Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
     StreamName,
 };
-use sluice_log::{FrameBuilder, Log, LogError, StreamLog, StreamOptions};
+use sluice_log::{FrameBuilder, LogError, StreamLog, StreamOptions};
 
 use sluice_auth::Swap;
 
 use crate::quota::{Quotas, Verdict};
+use crate::sink::{Sink, Target};
 
 /// Per-record framing overhead charged against the budget besides the event's own bytes.
 const RECORD_OVERHEAD: usize = 24;
@@ -42,10 +43,10 @@ impl Policy {
     }
 }
 
-/// The gateway's implementation of [`Ingest`] over the embedded log.
+/// The gateway's implementation of [`Ingest`] over its sink (the embedded log or Kafka).
 pub struct Gateway {
     policy: Swap<Policy>,
-    log: Log,
+    sink: Sink,
     budget: Budget,
     /// Per-stream budgets (`max_in_flight_bytes` of a stream), by stream, with their size.
     stream_budgets: std::sync::Mutex<std::collections::HashMap<String, (u64, Budget)>>,
@@ -55,14 +56,14 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         streams: StreamsConfig,
-        log: Log,
+        sink: Sink,
         max_in_flight_bytes: u64,
         quotas: &QuotasConfig,
         metrics: Metrics,
     ) -> Self {
         Self {
             policy: Swap::new(Policy::new(&streams, quotas)),
-            log,
+            sink,
             budget: Budget::new(max_in_flight_bytes),
             stream_budgets: Default::default(),
             metrics,
@@ -99,7 +100,7 @@ impl Gateway {
     /// The `stream` label for events refused before their stream was created: the name if the
     /// stream exists, `other` otherwise, so refused producers cannot mint label series.
     fn stream_label(&self, stream: &str) -> String {
-        if self.log.stream(stream).is_some() {
+        if self.sink.known(stream) == Some(true) {
             stream.to_string()
         } else {
             "other".to_string()
@@ -146,8 +147,8 @@ impl Gateway {
     }
 
     /// The log behind this gateway.
-    pub fn log(&self) -> &Log {
-        &self.log
+    pub fn sink(&self) -> &Sink {
+        &self.sink
     }
 }
 
@@ -168,7 +169,7 @@ fn now_ms() -> i64 {
 }
 
 /// Classifies a log failure once, for every protocol.
-fn log_rejection(e: LogError) -> Rejection {
+pub(crate) fn log_rejection(e: LogError) -> Rejection {
     match e {
         LogError::Closed => Rejection::unavailable(
             Duration::from_secs(1),
@@ -201,7 +202,7 @@ impl Ingest for Gateway {
         let policy = self.policy.load();
         if !policy.streams.auto_create
             && !policy.streams.declare.contains_key(name)
-            && self.log.stream(name).is_none()
+            && self.sink.known(name) == Some(false)
         {
             return Err(Rejection::NotFound {
                 stream: name.to_string(),
@@ -254,11 +255,7 @@ impl Ingest for Gateway {
         }
         // The stream exists (or is created, within streams.max_streams) before anything is kept
         // per stream, so made-up stream names cannot grow the per-stream tables.
-        let stream = self
-            .log
-            .get_or_create(name, stream_options(&policy.streams, name))
-            .await
-            .map_err(log_rejection)?;
+        let target = self.sink.target(name, &policy.streams).await?;
         // The stream's own budget keeps one slow or hot stream from taking the whole global one.
         let stream_reservation = match self.stream_budget(name, settings.max_in_flight_bytes) {
             Some(b) => match b.try_reserve(charge) {
@@ -283,7 +280,10 @@ impl Ingest for Gateway {
             global: reservation,
             stream: stream_reservation,
         };
-        let mut receipts = append(&stream, &req, settings.ack, held).await;
+        let mut receipts = match &target {
+            Target::Embedded(stream) => append(stream, &req, settings.ack, held).await,
+            Target::Kafka(sink, topic) => sink.append(topic, &req, settings.ack, held).await,
+        };
         if let Some((r, _)) = refusal {
             receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
         }
@@ -470,7 +470,7 @@ async fn append(
 }
 
 /// Budget held for a request: the global reservation and the stream's, if it has one.
-struct Held {
+pub(crate) struct Held {
     global: Reservation,
     stream: Option<Reservation>,
 }

@@ -12,7 +12,7 @@ use http_body_util::Full;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use sluice_config::Config;
+use sluice_config::{Config, LogKind};
 use sluice_core::metrics::Metrics;
 use sluice_log::{Log, LogMetrics, LogOptions};
 use sluice_protocols::http::HttpOptions;
@@ -29,6 +29,8 @@ use sluice_core::Budget;
 use sluice_protocols::server::PrincipalConnections;
 
 use crate::admission::{Gateway, Policy, stream_options};
+use crate::kafka::{KafkaMetrics, KafkaSink};
+use crate::sink::Sink;
 use sluice_core::Ingest as _;
 
 /// Re-reads the configuration file and swaps in what can change at run time: API keys, JWT
@@ -160,33 +162,22 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         reloads.clone(),
     );
 
-    let log_opts = LogOptions {
-        data_dir: config.log.data_dir.clone(),
-        segment_bytes: config.log.segment_bytes,
-        segment_ms: config.log.segment_ms,
-        index_interval_bytes: config.log.index_interval_bytes,
-        max_group_bytes: config.log.max_group_bytes,
-        flush_interval: Duration::from_millis(config.log.flush_interval_ms),
-        retention_check_interval: Duration::from_millis(config.log.retention_check_interval_ms),
-        fault_append_delay: Duration::from_millis(config.log.fault_append_delay_ms),
-        max_streams: config.streams.max_streams,
-        queue_depth: 4096,
+    let sink = match config.log.kind {
+        LogKind::Embedded => Sink::Embedded(open_embedded(&config, log_metrics).await?),
+        LogKind::Kafka => {
+            let kafka_metrics = KafkaMetrics::default();
+            kafka_metrics.register(&mut registry);
+            let k = KafkaSink::new(&config.log.kafka, config.streams.max_streams, kafka_metrics)
+                .context("log.kafka")?;
+            // Declared streams' topics are looked up (and created, with create_topics) in the
+            // background, so a cluster that is down does not keep the gateway from starting.
+            tokio::spawn(prepare_topics(k.clone(), config.streams.clone()));
+            Sink::Kafka(k)
+        }
     };
-    let streams_cfg = config.streams.clone();
-    let log = Log::open(log_opts, log_metrics, move |name| {
-        stream_options(&streams_cfg, name)
-    })
-    .await
-    .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?;
-    // Declared streams exist from the start: readable, with their partition count fixed.
-    for name in config.streams.declare.keys() {
-        log.get_or_create(name, stream_options(&config.streams, name))
-            .await
-            .with_context(|| format!("creating declared stream `{name}`"))?;
-    }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
-        log,
+        sink,
         config.limits.max_in_flight_bytes,
         &config.quotas,
         metrics.clone(),
@@ -246,7 +237,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         tokio::spawn(async move {
             let _ = http.await;
             // Every request has been answered; let the writers finish and fsync.
-            gateway.log().close().await;
+            gateway.sink().close().await;
         })
     };
 
@@ -284,7 +275,14 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         )));
     }
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(%http_addr, %admin_addr, data_dir = %config.log.data_dir.display(), "sluice is serving");
+    match config.log.kind {
+        LogKind::Embedded => {
+            tracing::info!(%http_addr, %admin_addr, data_dir = %config.log.data_dir.display(), "sluice is serving (embedded log)")
+        }
+        LogKind::Kafka => {
+            tracing::info!(%http_addr, %admin_addr, bootstrap_servers = %config.log.kafka.bootstrap_servers, "sluice is serving (Kafka)")
+        }
+    }
     Ok(Running {
         reloader,
         http_addr,
@@ -297,6 +295,59 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         ready,
         shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
     })
+}
+
+/// Opens the embedded log under `log.data_dir` and creates the declared streams.
+async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<Log> {
+    let log_opts = LogOptions {
+        data_dir: config.log.data_dir.clone(),
+        segment_bytes: config.log.segment_bytes,
+        segment_ms: config.log.segment_ms,
+        index_interval_bytes: config.log.index_interval_bytes,
+        max_group_bytes: config.log.max_group_bytes,
+        flush_interval: Duration::from_millis(config.log.flush_interval_ms),
+        retention_check_interval: Duration::from_millis(config.log.retention_check_interval_ms),
+        fault_append_delay: Duration::from_millis(config.log.fault_append_delay_ms),
+        max_streams: config.streams.max_streams,
+        queue_depth: 4096,
+    };
+    let streams_cfg = config.streams.clone();
+    let log = Log::open(log_opts, metrics, move |name| {
+        stream_options(&streams_cfg, name)
+    })
+    .await
+    .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?;
+    // Declared streams exist from the start: readable, with their partition count fixed.
+    for name in config.streams.declare.keys() {
+        log.get_or_create(name, stream_options(&config.streams, name))
+            .await
+            .with_context(|| format!("creating declared stream `{name}`"))?;
+    }
+    Ok(log)
+}
+
+/// Looks up (or creates) the topics of the declared streams, retrying while Kafka is away.
+async fn prepare_topics(kafka: KafkaSink, streams: sluice_config::StreamsConfig) {
+    for name in streams.declare.keys() {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match kafka
+                .get_or_create(name, &streams.settings(name), true)
+                .await
+            {
+                Ok(_) => break,
+                Err(e @ sluice_core::Rejection::Unavailable { .. }) => {
+                    tracing::debug!(stream = %name, error = %e, "declared stream's topic not ready; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %name, error = %e, "declared stream's topic is not usable");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// A listener's TLS configuration, reloaded when its files change.
@@ -364,10 +415,10 @@ fn admin(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: draining\n".into(),
                 )
-            } else if !gateway.log().healthy() {
+            } else if let Err(why) = gateway.sink().health() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: a log partition stopped taking writes after an I/O error\n".into(),
+                    format!("not ready: {why}\n"),
                 )
             } else {
                 text(StatusCode::OK, "ready\n".into())

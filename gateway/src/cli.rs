@@ -154,14 +154,16 @@ fn check_config(file: PathBuf) -> ExitCode {
     match load(Some(&file)) {
         Ok(c) => {
             println!(
-                "{}: ok (http {}, admin {}, log {} in {}, {} declared stream(s), auto_create {})",
+                "{}: ok (http {}, admin {}, log {}, {} declared stream(s), auto_create {})",
                 file.display(),
                 c.http.listen,
                 c.admin.listen,
                 match c.log.kind {
-                    sluice_config::LogKind::Embedded => "embedded",
+                    sluice_config::LogKind::Embedded =>
+                        format!("embedded in {}", c.log.data_dir.display()),
+                    sluice_config::LogKind::Kafka =>
+                        format!("kafka at {}", c.log.kafka.bootstrap_servers),
                 },
-                c.log.data_dir.display(),
                 c.streams.declare.len(),
                 c.streams.auto_create
             );

@@ -4,6 +4,8 @@
 pub mod admission;
 pub mod app;
 pub mod cli;
+pub mod kafka;
 pub mod logcmd;
 pub mod quota;
+pub mod sink;
 pub mod telemetry;

@@ -2,6 +2,7 @@
 //! data directory, wait for it to report its addresses, drive it, kill or drain it, and read the
 //! log back through `sluice log read`.
 
+pub mod kafka;
 pub mod pki;
 
 use std::io::{BufRead, BufReader};
@@ -94,6 +95,19 @@ impl Sluice {
             data_dir: data_dir.to_path_buf(),
             config_path: config_path.to_path_buf(),
         })
+    }
+
+    /// Waits (up to `timeout`) until `/readyz` answers `status` (200 ready, 503 not ready).
+    pub async fn wait_readyz(&self, status: u16, timeout: Duration) -> bool {
+        let c = reqwest::Client::new();
+        let url = self.admin_url("/readyz");
+        wait_until(timeout, || async {
+            c.get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().as_u16() == status)
+        })
+        .await
     }
 
     /// The path of the config file this process was started with.

@@ -1,0 +1,231 @@
+//! Kafka helpers for end-to-end tests: a real Tansu broker on a free loopback port, topic
+//! creation, and an rdkafka consumer that reads topics back (the rdkafka crate's bundled
+//! librdkafka; Debian's kcat cannot talk to Tansu).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Where the `tansu` binary is: `$SLUICE_TANSU`, else on `PATH`, else in Cargo's bin directory
+/// (where `scripts/install-deps.sh` puts it).
+pub fn tansu_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_TANSU") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+        .context(
+            "the Kafka tests need the Tansu broker: run scripts/install-deps.sh \
+             (cargo install tansu --locked --features dynostore) or set SLUICE_TANSU",
+        )
+}
+
+/// A free TCP port on loopback (bound, read and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
+
+/// A Tansu broker with in-memory storage, killed when dropped.
+pub struct Tansu {
+    child: Child,
+    pub bootstrap: String,
+}
+
+impl Tansu {
+    /// Starts Tansu on a free loopback port and waits until it answers metadata requests.
+    pub fn start() -> Result<Tansu> {
+        Self::start_on(free_port())
+    }
+
+    /// Starts Tansu on `port` and waits until it answers metadata requests.
+    pub fn start_on(port: u16) -> Result<Tansu> {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_binary()?)
+            .arg("broker")
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning tansu")?;
+        let tansu = Tansu {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        };
+        wait_for_broker(&tansu.bootstrap, Duration::from_secs(60))?;
+        Ok(tansu)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until a broker at `bootstrap` answers a metadata request.
+pub fn wait_for_broker(bootstrap: &str, timeout: Duration) -> Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let start = Instant::now();
+    loop {
+        match producer
+            .client()
+            .fetch_metadata(None, Duration::from_millis(500))
+        {
+            Ok(md) if !md.brokers().is_empty() => return Ok(()),
+            Ok(_) => {}
+            Err(e) if start.elapsed() > timeout => {
+                bail!("no broker at {bootstrap} after {timeout:?}: {e}")
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication factor 1).
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&t],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for r in results {
+        if let Err((name, code)) = r {
+            bail!("creating topic {name}: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp: Option<i64>,
+}
+
+impl Record {
+    /// The value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Reads `topic` from the beginning of every partition until `expected` records have arrived
+/// (or `timeout` passed; then it returns what it has, for the caller's assertions to explain).
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "sluice-tests")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("topic metadata")?;
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if partitions == 0 {
+        bail!("topic {topic} has no partitions");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while out.len() < expected && start.elapsed() < timeout {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        out.push(Record {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            timestamp: m.timestamp().to_millis(),
+        });
+    }
+    Ok(out)
+}
+
+/// Records by (partition, offset).
+pub fn by_position(records: &[Record]) -> HashMap<(i32, i64), &Record> {
+    records
+        .iter()
+        .map(|r| ((r.partition, r.offset), r))
+        .collect()
+}
+
+/// Config of a gateway producing to `bootstrap`, followed by `extra` TOML.
+pub fn kafka_config(bootstrap: &str, extra_kafka: &str) -> String {
+    format!(
+        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = {bootstrap:?}\nhealth_check_interval_ms = 200\n{extra_kafka}\n"
+    )
+}

@@ -1,0 +1,285 @@
+//! The Kafka sink against a real Kafka-compatible broker (Tansu, in memory, on a free loopback
+//! port): events from HTTP land in their topic and partition with key, headers and value
+//! intact and in order per key; receipts name the offsets a consumer sees; many producers at
+//! once; topic creation; a broker that is down at startup and comes up later.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_tests::kafka::{Tansu, by_position, create_topic, free_port, kafka_config, read_topic};
+use sluice_tests::{Sluice, api_key_entry, metric};
+
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn post_json(
+    c: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> (StatusCode, Value, Option<String>) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    let status = r.status();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, v, retry)
+}
+
+fn positions(v: &Value) -> Vec<(i32, i64)> {
+    v["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results: {v}"))
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_i64().unwrap_or_else(|| panic!("{r}")) as i32,
+                r["offset"].as_i64().unwrap_or_else(|| panic!("{r}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
+    let tansu = Tansu::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "k1.secret-one-secret-one";
+    let toml = format!(
+        "{}{}\n[http.auth]\nmethods = [\"api_key\"]\n[streams.declare.orders]\npartitions = 4\n",
+        kafka_config(
+            &tansu.bootstrap,
+            "topic = \"sluice.{stream}\"\ncreate_topics = true\nlinger_ms = 2"
+        ),
+        api_key_entry(key, "shop", &["orders"]),
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let c = client();
+    assert!(
+        s.wait_readyz(200, Duration::from_secs(30)).await,
+        "never ready against Tansu"
+    );
+
+    // Three requests of ten keys each, so every key has three events in a known order.
+    let mut sent: Vec<(String, String, String)> = Vec::new(); // (key, id, value)
+    let mut receipts = Vec::new();
+    for round in 0..3 {
+        let events: Vec<Value> = (0..10)
+            .map(|k| {
+                let (key, id) = (format!("device-{k}"), format!("e-{round}-{k}"));
+                let value = json!({"round": round, "device": k});
+                sent.push((key.clone(), id.clone(), value.to_string()));
+                json!({"key": key, "id": id, "value": value, "headers": {"site": "north"}})
+            })
+            .collect();
+        let r = c
+            .post(s.events_url("orders"))
+            .header("x-api-key", key)
+            .json(&events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        receipts.extend(positions(&v));
+    }
+    let records = read_topic(&tansu.bootstrap, "sluice.orders", sent.len(), READ_TIMEOUT).unwrap();
+    assert_eq!(records.len(), sent.len(), "{records:#?}");
+    let at = by_position(&records);
+    let mut last_offset: BTreeMap<String, i64> = BTreeMap::new();
+    for ((key, id, value), (p, o)) in sent.iter().zip(&receipts) {
+        // Kafka's murmur2, as the Java client computes it, picks the partition.
+        let want_p = sluice_log::partition_for_key(key.as_bytes(), 4) as i32;
+        assert_eq!(*p, want_p, "key {key}");
+        let r = at
+            .get(&(*p, *o))
+            .unwrap_or_else(|| panic!("receipt ({p},{o}) for {id} not in the topic"));
+        assert_eq!(r.key.as_deref(), Some(key.as_bytes()));
+        assert_eq!(String::from_utf8_lossy(&r.value), *value);
+        assert_eq!(r.header("sluice-event-id").as_deref(), Some(id.as_str()));
+        assert_eq!(r.header("sluice-principal").as_deref(), Some("shop"));
+        assert_eq!(r.header("sluice-protocol").as_deref(), Some("http"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(r.header("site").as_deref(), Some("north"));
+        let received: i64 = r.header("sluice-received-at").unwrap().parse().unwrap();
+        assert_eq!(
+            r.timestamp,
+            Some(received),
+            "record timestamp is the receive time"
+        );
+        // In order per key: each event of a key sits after the previous one.
+        if let Some(prev) = last_offset.insert(key.clone(), *o) {
+            assert!(*o > prev, "key {key}: offset {o} after {prev}");
+        }
+    }
+    assert!(
+        receipts
+            .iter()
+            .map(|(p, _)| p)
+            .collect::<HashSet<_>>()
+            .len()
+            > 1,
+        "ten keys all hashed to one partition: {receipts:?}"
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_events_in_total",
+            "stream=\"orders\",protocol=\"http\""
+        ),
+        30.0
+    );
+    assert_eq!(metric(&m, "sluice_kafka_reachable", ""), 1.0);
+}
+
+#[tokio::test]
+async fn many_concurrent_producers_get_distinct_offsets_that_a_consumer_sees() {
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.bootstrap, "busy", 3).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &kafka_config(&tansu.bootstrap, ""),
+    )
+    .unwrap();
+    assert!(
+        s.wait_readyz(200, Duration::from_secs(30)).await,
+        "never ready against Tansu"
+    );
+    let c = client();
+    const PRODUCERS: usize = 16;
+    const REQUESTS: usize = 10;
+    const EVENTS: usize = 25;
+    let url = s.events_url("busy");
+    let tasks: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for r in 0..REQUESTS {
+                    let events: Vec<Value> = (0..EVENTS)
+                        .map(|e| json!({"key": format!("p{p}"), "value": format!("{p}/{r}/{e}")}))
+                        .collect();
+                    let (st, v, _) = post_json(&c, &url, &json!(events)).await;
+                    assert_eq!(st, StatusCode::OK, "{v}");
+                    let pos = positions(&v);
+                    assert_eq!(pos.len(), EVENTS);
+                    for (e, pos) in pos.into_iter().enumerate() {
+                        // A JSON value is stored as its JSON text.
+                        out.push((pos, json!(format!("{p}/{r}/{e}")).to_string()));
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    let total = PRODUCERS * REQUESTS * EVENTS;
+    assert_eq!(acked.len(), total);
+    let distinct: HashSet<_> = acked.iter().map(|(pos, _)| *pos).collect();
+    assert_eq!(
+        distinct.len(),
+        total,
+        "two events acked at the same position"
+    );
+    let records = read_topic(&tansu.bootstrap, "busy", total, READ_TIMEOUT).unwrap();
+    assert_eq!(records.len(), total);
+    let at = by_position(&records);
+    for (pos, value) in &acked {
+        let r = at
+            .get(pos)
+            .unwrap_or_else(|| panic!("acked {pos:?} missing"));
+        assert_eq!(String::from_utf8_lossy(&r.value), *value);
+    }
+}
+
+#[tokio::test]
+async fn missing_topics_are_404_unless_creation_is_on_and_received_mode_acks_with_202() {
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.bootstrap, "present", 1).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[streams.declare.present]\nack = \"received\"\n",
+        kafka_config(&tansu.bootstrap, "")
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    assert!(
+        s.wait_readyz(200, Duration::from_secs(30)).await,
+        "never ready against Tansu"
+    );
+    let c = client();
+    let (st, v, _) = post_json(&c, &s.events_url("absent"), &json!({"value": 1})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "stream_not_found", "{v}");
+
+    let (st, v, _) = post_json(
+        &c,
+        &s.events_url("present"),
+        &json!([{"value": "a"}, {"value": "b"}]),
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let records = read_topic(&tansu.bootstrap, "present", 2, READ_TIMEOUT).unwrap();
+    let values: Vec<_> = records.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(values, vec![b"\"a\"".to_vec(), b"\"b\"".to_vec()]);
+}
+
+#[tokio::test]
+async fn broker_down_at_startup_means_not_ready_and_503_until_it_comes_up() {
+    let port = free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &kafka_config(
+            &bootstrap,
+            "create_topics = true\nmetadata_timeout_ms = 1000",
+        ),
+    )
+    .unwrap();
+    let c = client();
+    let r = c.get(s.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.text().await.unwrap().contains("Kafka"));
+    let (st, v, retry) = post_json(&c, &s.events_url("later"), &json!({"value": 1})).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(retry.is_some(), "503 without Retry-After");
+
+    // The broker comes up on the configured address: the same process recovers.
+    let tansu = Tansu::start_on(port).unwrap();
+    assert!(
+        s.wait_readyz(200, Duration::from_secs(30)).await,
+        "gateway did not become ready once the broker was up"
+    );
+    let (st, v, _) = post_json(
+        &c,
+        &s.events_url("later"),
+        &json!({"key": "a", "value": "now"}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let records = read_topic(&tansu.bootstrap, "later", 1, READ_TIMEOUT).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].value, b"\"now\"");
+    assert_eq!(
+        positions(&v),
+        vec![(records[0].partition, records[0].offset)]
+    );
+}
