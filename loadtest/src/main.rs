@@ -31,6 +31,10 @@ struct Cli {
 enum Cmd {
     /// POST events to an HTTP ingest URL.
     Http(HttpArgs),
+    /// A peer: produce straight to Kafka with rdkafka, with the producer settings of a Sluice
+    /// config file's `[log.kafka]`, in batches like HTTP requests, each awaiting its delivery
+    /// reports.
+    Kafka(KafkaArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -90,6 +94,35 @@ struct HttpArgs {
     new_connection_per_request: bool,
 }
 
+#[derive(Parser, Clone)]
+struct KafkaArgs {
+    /// Sluice config file whose `[log.kafka]` settings the producer uses (bootstrap servers,
+    /// compression, linger, batch size, idempotence, acks, overrides).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Topic to produce to (must exist).
+    #[arg(long)]
+    topic: String,
+    /// Concurrent producers, each with one batch outstanding (like HTTP connections).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Events per batch (like events per HTTP request); one partition per batch, round robin.
+    #[arg(long, default_value_t = 100)]
+    events_per_request: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Leave out the headers Sluice adds to each record (content type, principal, protocol,
+    /// receive time).
+    #[arg(long)]
+    no_headers: bool,
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Serialize)]
 struct Report {
     mode: &'static str,
@@ -139,6 +172,7 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Cmd::Http(a) => rt.block_on(http(a)),
+        Cmd::Kafka(a) => rt.block_on(kafka(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
             hs256_secret,
@@ -486,4 +520,139 @@ async fn sink(listen: SocketAddr) -> Result<()> {
                 .await;
         });
     }
+}
+
+/// Direct rdkafka producer: the ceiling of Kafka ingest on this machine with Sluice's settings.
+async fn kafka(a: KafkaArgs) -> Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+    let config = sluice_config::Config::load(Some(&a.config), std::env::vars())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let producer: FutureProducer =
+        sluice_gateway::kafka::client_config(&config.log.kafka).create()?;
+    let md = producer
+        .client()
+        .fetch_metadata(Some(&a.topic), Duration::from_secs(10))?;
+    let partitions = md
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32);
+    if partitions == 0 {
+        bail!("topic {} does not exist (or has no partitions)", a.topic);
+    }
+    let value = Bytes::from(format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2))));
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
+    let end = measure_from + Duration::from_secs_f64(a.duration_secs);
+    let next_partition = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections {
+        let (producer, value, a, next_partition) =
+            (producer.clone(), value.clone(), a.clone(), next_partition.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let mut t = Tally {
+                hist: Histogram::new(3)?,
+                ok: 0,
+                errors: 0,
+                non_2xx: 0,
+                statuses: Default::default(),
+                admitted: 0,
+            };
+            while Instant::now() < end {
+                let sent = Instant::now();
+                let p = next_partition.fetch_add(1, Ordering::Relaxed) % partitions;
+                let received = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_millis()
+                    .to_string();
+                let mut deliveries = Vec::with_capacity(a.events_per_request);
+                for _ in 0..a.events_per_request {
+                    let headers = (!a.no_headers).then(|| {
+                        [
+                            ("content-type", &b"application/json"[..]),
+                            ("sluice-principal", b"anonymous"),
+                            ("sluice-protocol", b"http"),
+                            ("sluice-received-at", received.as_bytes()),
+                        ]
+                        .into_iter()
+                        .fold(OwnedHeaders::new_with_capacity(4), |h, (key, v)| {
+                            h.insert(Header {
+                                key,
+                                value: Some(v),
+                            })
+                        })
+                    });
+                    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord {
+                        topic: &a.topic,
+                        partition: Some(p),
+                        payload: Some(&value[..]),
+                        key: None,
+                        timestamp: None,
+                        headers,
+                    };
+                    match producer.send_result(record) {
+                        Ok(d) => deliveries.push(d),
+                        Err(_) => t.errors += 1,
+                    }
+                }
+                let mut acked = 0;
+                for d in deliveries {
+                    match d.await {
+                        Ok(Ok(_)) => acked += 1,
+                        _ => t.errors += 1,
+                    }
+                }
+                if sent >= measure_from && Instant::now() <= end {
+                    t.ok += 1;
+                    t.admitted += acked;
+                    t.hist.record(sent.elapsed().as_micros() as u64)?;
+                }
+            }
+            anyhow::Ok(t)
+        }));
+    }
+    let mut total = Histogram::<u64>::new(3)?;
+    let (mut batches, mut acked, mut errors) = (0u64, 0u64, 0u64);
+    for t in tasks {
+        let t = t.await??;
+        total.add(&t.hist)?;
+        batches += t.ok;
+        acked += t.admitted;
+        errors += t.errors;
+    }
+    let secs = a.duration_secs;
+    let report = serde_json::json!({
+        "mode": "kafka-direct",
+        "topic": a.topic,
+        "connections": a.connections,
+        "events_per_request": a.events_per_request,
+        "payload_bytes": a.payload_bytes,
+        "duration_s": secs,
+        "requests": batches,
+        "errors": errors,
+        "admitted_events": acked,
+        "admitted_events_per_s": acked as f64 / secs,
+        "latency_us": {
+            "p50": total.value_at_quantile(0.5),
+            "p99": total.value_at_quantile(0.99),
+            "max": total.max(),
+        },
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "kafka direct, {} producers, {} ev/batch, {} B/ev: {:.0} events/s acked; batch latency p50 {} us, p99 {} us; {} errors",
+            a.connections,
+            a.events_per_request,
+            a.payload_bytes,
+            acked as f64 / secs,
+            total.value_at_quantile(0.5),
+            total.value_at_quantile(0.99),
+            errors
+        );
+    }
+    Ok(())
 }
