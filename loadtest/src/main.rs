@@ -541,15 +541,22 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
     if partitions == 0 {
         bail!("topic {} does not exist (or has no partitions)", a.topic);
     }
-    let value = Bytes::from(format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2))));
+    let value = Bytes::from(format!(
+        "\"{}\"",
+        "x".repeat(a.payload_bytes.saturating_sub(2))
+    ));
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
     let end = measure_from + Duration::from_secs_f64(a.duration_secs);
     let next_partition = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let mut tasks = Vec::new();
     for _ in 0..a.connections {
-        let (producer, value, a, next_partition) =
-            (producer.clone(), value.clone(), a.clone(), next_partition.clone());
+        let (producer, value, a, next_partition) = (
+            producer.clone(),
+            value.clone(),
+            a.clone(),
+            next_partition.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let mut t = Tally {
@@ -577,12 +584,15 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
                             ("sluice-received-at", received.as_bytes()),
                         ]
                         .into_iter()
-                        .fold(OwnedHeaders::new_with_capacity(4), |h, (key, v)| {
-                            h.insert(Header {
-                                key,
-                                value: Some(v),
-                            })
-                        })
+                        .fold(
+                            OwnedHeaders::new_with_capacity(4),
+                            |h, (key, v)| {
+                                h.insert(Header {
+                                    key,
+                                    value: Some(v),
+                                })
+                            },
+                        )
                     });
                     let record: FutureRecord<'_, [u8], [u8]> = FutureRecord {
                         topic: &a.topic,

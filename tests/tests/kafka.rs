@@ -283,3 +283,63 @@ async fn broker_down_at_startup_means_not_ready_and_503_until_it_comes_up() {
         vec![(records[0].partition, records[0].offset)]
     );
 }
+
+#[tokio::test]
+async fn every_event_acked_before_sigkill_is_in_kafka() {
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.bootstrap, "crash", 2).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(
+        &tmp.path().join("data"),
+        &kafka_config(&tansu.bootstrap, ""),
+    )
+    .unwrap();
+    assert!(
+        s.wait_readyz(200, Duration::from_secs(30)).await,
+        "never ready against Tansu"
+    );
+    let c = client();
+    let url = s.events_url("crash");
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (c, url, acked) = (c.clone(), url.clone(), acked.clone());
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let values: Vec<String> = (0..20).map(|i| format!("{p}-{n}-{i}")).collect();
+                    let body: Vec<Value> = values
+                        .iter()
+                        .map(|v| json!({"key": v, "value": v}))
+                        .collect();
+                    // After the kill, requests fail at the transport: those were never acked.
+                    let Ok(r) = c.post(&url).json(&body).send().await else {
+                        return;
+                    };
+                    let Ok(v) = r.json::<Value>().await else {
+                        return;
+                    };
+                    let mut acked = acked.lock().unwrap();
+                    for (pos, value) in positions(&v).into_iter().zip(values) {
+                        acked.push((pos, json!(value).to_string()));
+                    }
+                }
+            })
+        })
+        .collect();
+    let enough = sluice_tests::wait_until(Duration::from_secs(60), || async {
+        acked.lock().unwrap().len() >= 2000
+    })
+    .await;
+    assert!(enough, "load did not get going");
+    s.kill().unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let records = read_topic(&tansu.bootstrap, "crash", acked.len(), READ_TIMEOUT).unwrap();
+    let at = by_position(&records);
+    for (pos, value) in &acked {
+        let r = at.get(pos).unwrap_or_else(|| panic!("acked {pos:?} lost"));
+        assert_eq!(String::from_utf8_lossy(&r.value), *value);
+    }
+}
