@@ -165,6 +165,19 @@ struct Tally {
     admitted: u64,
 }
 
+impl Tally {
+    fn new() -> Result<Self> {
+        Ok(Tally {
+            hist: Histogram::new(3)?,
+            ok: 0,
+            errors: 0,
+            non_2xx: 0,
+            statuses: Default::default(),
+            admitted: 0,
+        })
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -272,14 +285,7 @@ async fn http(a: HttpArgs) -> Result<()> {
             .await
         }));
     }
-    let mut total = Tally {
-        hist: Histogram::new(3)?,
-        ok: 0,
-        errors: 0,
-        non_2xx: 0,
-        statuses: Default::default(),
-        admitted: 0,
-    };
+    let mut total = Tally::new()?;
     for t in tasks {
         let t = t.await??;
         total.hist.add(&t.hist)?;
@@ -559,14 +565,7 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
         );
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
-            let mut t = Tally {
-                hist: Histogram::new(3)?,
-                ok: 0,
-                errors: 0,
-                non_2xx: 0,
-                statuses: Default::default(),
-                admitted: 0,
-            };
+            let mut t = Tally::new()?;
             while Instant::now() < end {
                 let sent = Instant::now();
                 let p = next_partition.fetch_add(1, Ordering::Relaxed) % partitions;

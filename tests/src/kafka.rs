@@ -154,12 +154,14 @@ impl Record {
     }
 }
 
-/// Reads `topic` from the beginning of every partition until `expected` records have arrived
-/// (or `timeout` passed; then it returns what it has, for the caller's assertions to explain).
+/// Reads `topic` from the beginning of every partition: at least `at_least` records, and then
+/// on to the end of every partition as of that moment (a topic can hold more than was acked,
+/// e.g. events delivered while their producer was cut off). Returns what it has when `timeout`
+/// passes, for the caller's assertions to explain.
 pub fn read_topic(
     bootstrap: &str,
     topic: &str,
-    expected: usize,
+    at_least: usize,
     timeout: Duration,
 ) -> Result<Vec<Record>> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -175,22 +177,44 @@ pub fn read_topic(
         .topics()
         .first()
         .map(|t| t.partitions().len())
-        .unwrap_or(0);
+        .unwrap_or(0) as i32;
     if partitions == 0 {
         bail!("topic {topic} has no partitions");
     }
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut out = Vec::new();
+    let mut out: Vec<Record> = Vec::new();
+    // Next offset to read per partition, and the end to read to once `at_least` arrived.
+    let mut next = vec![0i64; partitions as usize];
+    let mut end: Option<Vec<i64>> = None;
     let start = Instant::now();
-    while out.len() < expected && start.elapsed() < timeout {
+    while start.elapsed() < timeout {
+        if out.len() >= at_least {
+            if end.is_none() {
+                let mut highs = Vec::new();
+                for p in 0..partitions {
+                    highs.push(
+                        consumer
+                            .fetch_watermarks(topic, p, Duration::from_secs(10))?
+                            .1,
+                    );
+                }
+                end = Some(highs);
+            }
+            if let Some(end) = &end
+                && next.iter().zip(end).all(|(n, e)| n >= e)
+            {
+                break;
+            }
+        }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let m = m?;
+        next[m.partition() as usize] = m.offset() + 1;
         out.push(Record {
             partition: m.partition(),
             offset: m.offset(),
@@ -228,4 +252,25 @@ pub fn kafka_config(bootstrap: &str, extra_kafka: &str) -> String {
     format!(
         "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = {bootstrap:?}\nhealth_check_interval_ms = 200\n{extra_kafka}\n"
     )
+}
+
+/// Starts a gateway with `toml` and waits until `/readyz` says it can reach the brokers.
+pub async fn start_ready(data_dir: &std::path::Path, toml: &str) -> crate::Sluice {
+    let s = crate::Sluice::start(data_dir, toml).expect("starting sluice");
+    assert!(
+        s.wait_readyz(200, crate::DEADLINE).await,
+        "the gateway never became ready against the broker"
+    );
+    s
+}
+
+/// Panics unless every acked `(partition, offset)` holds its value among `records`.
+pub fn assert_acked_in(records: &[Record], acked: &[((i32, i64), String)]) {
+    let at = by_position(records);
+    for (pos, value) in acked {
+        let r = at
+            .get(pos)
+            .unwrap_or_else(|| panic!("acked {pos:?} ({value}) is not in the log"));
+        assert_eq!(String::from_utf8_lossy(&r.value), *value, "at {pos:?}");
+    }
 }

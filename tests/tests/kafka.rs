@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sluice_tests::kafka::{Tansu, by_position, create_topic, free_port, kafka_config, read_topic};
+use sluice_tests::kafka::{
+    Tansu, assert_acked_in, by_position, create_topic, free_port, kafka_config, read_topic,
+    start_ready,
+};
 use sluice_tests::{Sluice, api_key_entry, metric};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,12 +66,8 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
         ),
         api_key_entry(key, "shop", &["orders"]),
     );
-    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let s = start_ready(&tmp.path().join("data"), &toml).await;
     let c = client();
-    assert!(
-        s.wait_readyz(200, Duration::from_secs(30)).await,
-        "never ready against Tansu"
-    );
 
     // Three requests of ten keys each, so every key has three events in a known order.
     let mut sent: Vec<(String, String, String)> = Vec::new(); // (key, id, value)
@@ -151,15 +150,11 @@ async fn many_concurrent_producers_get_distinct_offsets_that_a_consumer_sees() {
     let tansu = Tansu::start().unwrap();
     create_topic(&tansu.bootstrap, "busy", 3).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let s = Sluice::start(
+    let s = start_ready(
         &tmp.path().join("data"),
         &kafka_config(&tansu.bootstrap, ""),
     )
-    .unwrap();
-    assert!(
-        s.wait_readyz(200, Duration::from_secs(30)).await,
-        "never ready against Tansu"
-    );
+    .await;
     let c = client();
     const PRODUCERS: usize = 16;
     const REQUESTS: usize = 10;
@@ -201,13 +196,7 @@ async fn many_concurrent_producers_get_distinct_offsets_that_a_consumer_sees() {
     );
     let records = read_topic(&tansu.bootstrap, "busy", total, READ_TIMEOUT).unwrap();
     assert_eq!(records.len(), total);
-    let at = by_position(&records);
-    for (pos, value) in &acked {
-        let r = at
-            .get(pos)
-            .unwrap_or_else(|| panic!("acked {pos:?} missing"));
-        assert_eq!(String::from_utf8_lossy(&r.value), *value);
-    }
+    assert_acked_in(&records, &acked);
 }
 
 #[tokio::test]
@@ -219,11 +208,7 @@ async fn missing_topics_are_404_unless_creation_is_on_and_received_mode_acks_wit
         "{}\n[streams.declare.present]\nack = \"received\"\n",
         kafka_config(&tansu.bootstrap, "")
     );
-    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
-    assert!(
-        s.wait_readyz(200, Duration::from_secs(30)).await,
-        "never ready against Tansu"
-    );
+    let s = start_ready(&tmp.path().join("data"), &toml).await;
     let c = client();
     let (st, v, _) = post_json(&c, &s.events_url("absent"), &json!({"value": 1})).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
@@ -289,15 +274,11 @@ async fn every_event_acked_before_sigkill_is_in_kafka() {
     let tansu = Tansu::start().unwrap();
     create_topic(&tansu.bootstrap, "crash", 2).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Sluice::start(
+    let mut s = start_ready(
         &tmp.path().join("data"),
         &kafka_config(&tansu.bootstrap, ""),
     )
-    .unwrap();
-    assert!(
-        s.wait_readyz(200, Duration::from_secs(30)).await,
-        "never ready against Tansu"
-    );
+    .await;
     let c = client();
     let url = s.events_url("crash");
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -337,9 +318,5 @@ async fn every_event_acked_before_sigkill_is_in_kafka() {
     }
     let acked = acked.lock().unwrap().clone();
     let records = read_topic(&tansu.bootstrap, "crash", acked.len(), READ_TIMEOUT).unwrap();
-    let at = by_position(&records);
-    for (pos, value) in &acked {
-        let r = at.get(pos).unwrap_or_else(|| panic!("acked {pos:?} lost"));
-        assert_eq!(String::from_utf8_lossy(&r.value), *value);
-    }
+    assert_acked_in(&records, &acked);
 }

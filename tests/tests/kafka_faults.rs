@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sluice_tests::kafka::{by_position, kafka_config, read_topic};
+use sluice_tests::kafka::{assert_acked_in, kafka_config, read_topic};
 use sluice_tests::{Sluice, metric, wait_until};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -180,13 +180,7 @@ async fn broker_lost_under_load_loses_no_acked_event_and_recovers_without_restar
         acked.extend(a);
     }
     let records = read_topic(&bootstrap, "load", acked.len(), READ_TIMEOUT).unwrap();
-    let at = by_position(&records);
-    for (pos, value) in &acked {
-        let r = at
-            .get(pos)
-            .unwrap_or_else(|| panic!("acked {pos:?} ({value}) is not in the log"));
-        assert_eq!(String::from_utf8_lossy(&r.value), *value, "at {pos:?}");
-    }
+    assert_acked_in(&records, &acked);
     assert!(refused_count.load(Ordering::Relaxed) > 0);
 }
 
@@ -343,11 +337,5 @@ async fn a_slow_broker_turns_into_backpressure_within_the_budget_and_a_full_queu
 
     cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
     let records = read_topic(&bootstrap, "slow", acked.len(), READ_TIMEOUT).unwrap();
-    let at = by_position(&records);
-    for (pos, value) in &acked {
-        let r = at
-            .get(pos)
-            .unwrap_or_else(|| panic!("acked {pos:?} missing"));
-        assert_eq!(String::from_utf8_lossy(&r.value), *value);
-    }
+    assert_acked_in(&records, &acked);
 }
