@@ -28,6 +28,7 @@ pub const MAX_PARTITIONS: u32 = 1024;
 pub struct Config {
     pub server: ServerConfig,
     pub http: HttpConfig,
+    pub grpc: GrpcConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
@@ -171,6 +172,47 @@ impl Default for HttpConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_concurrent_requests: 4096,
+            max_connections_per_principal: 1000,
+            tls: None,
+            auth: ListenerAuthConfig::default(),
+        }
+    }
+}
+
+/// The gRPC ingest listener (`sluice.v1.Ingest`, health and reflection).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Serve gRPC at all.
+    pub enabled: bool,
+    /// Address to bind; port 0 picks a free port (the bound address is printed on stdout).
+    pub listen: String,
+    /// Open connections beyond this are closed right after accept.
+    pub max_connections: usize,
+    /// Largest message a client may send (after decompression) or receive.
+    pub max_message_bytes: u64,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// Batches of one `PublishStream` call in flight at once; past it the server stops reading
+    /// the call (HTTP/2 flow control then holds the client).
+    pub max_batches_in_flight: usize,
+    /// Open connections per principal on this listener (0 = no limit).
+    pub max_connections_per_principal: usize,
+    /// TLS for this listener; plain TCP (h2c) when absent.
+    pub tls: Option<TlsConfig>,
+    /// Which credentials this listener accepts.
+    pub auth: ListenerAuthConfig,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:50051".into(),
+            max_connections: 10_000,
+            max_message_bytes: 8 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            max_batches_in_flight: 64,
             max_connections_per_principal: 1000,
             tls: None,
             auth: ListenerAuthConfig::default(),
@@ -1009,6 +1051,7 @@ impl Config {
         };
         for (path, addr) in [
             ("http.listen", &self.http.listen),
+            ("grpc.listen", &self.grpc.listen),
             ("admin.listen", &self.admin.listen),
         ] {
             if addr.parse::<SocketAddr>().is_err() {
@@ -1020,6 +1063,39 @@ impl Config {
         }
         if self.http.listen == self.admin.listen && !self.http.listen.ends_with(":0") {
             add("admin.listen", "must differ from http.listen".to_string());
+        }
+        if self.grpc.enabled
+            && !self.grpc.listen.ends_with(":0")
+            && (self.grpc.listen == self.http.listen || self.grpc.listen == self.admin.listen)
+        {
+            add(
+                "grpc.listen",
+                "must differ from http.listen and admin.listen".to_string(),
+            );
+        }
+        if self.grpc.max_connections == 0 || self.grpc.max_concurrent_streams == 0 {
+            add(
+                "grpc",
+                "max_connections and max_concurrent_streams must be at least 1".into(),
+            );
+        }
+        if !(1..=4096).contains(&self.grpc.max_batches_in_flight) {
+            add(
+                "grpc.max_batches_in_flight",
+                format!(
+                    "{} is outside the allowed 1..=4096",
+                    self.grpc.max_batches_in_flight
+                ),
+            );
+        }
+        if !(1024..=MAX_BODY_BYTES_LIMIT).contains(&self.grpc.max_message_bytes) {
+            add(
+                "grpc.max_message_bytes",
+                format!(
+                    "{} is outside the allowed 1024..={MAX_BODY_BYTES_LIMIT}",
+                    self.grpc.max_message_bytes
+                ),
+            );
         }
         if self.http.max_connections == 0 {
             add("http.max_connections", "must be at least 1".into());
@@ -1329,7 +1405,11 @@ impl Config {
 
     fn validate_auth(&self, p: &mut Vec<Problem>) {
         let mut add = |path: String, message: String| p.push(Problem { path, message });
-        for (section, tls) in [("http", &self.http.tls), ("admin", &self.admin.tls)] {
+        for (section, tls) in [
+            ("http", &self.http.tls),
+            ("grpc", &self.grpc.tls),
+            ("admin", &self.admin.tls),
+        ] {
             let Some(tls) = tls else { continue };
             if tls.client_auth != ClientAuth::None && tls.client_ca_file.is_none() {
                 add(
@@ -1356,12 +1436,16 @@ impl Config {
                 );
             }
         }
-        if self.http.auth.methods.is_empty() && !self.http.auth.anonymous_allowed(&self.http.listen)
-        {
-            add(
-                "http.auth.methods".into(),
-                "is empty and anonymous producers are not allowed: nobody could produce".into(),
-            );
+        for (key, auth, listen) in [
+            ("http.auth.methods", &self.http.auth, &self.http.listen),
+            ("grpc.auth.methods", &self.grpc.auth, &self.grpc.listen),
+        ] {
+            if auth.methods.is_empty() && !auth.anonymous_allowed(listen) {
+                add(
+                    key.into(),
+                    "is empty and anonymous producers are not allowed: nobody could produce".into(),
+                );
+            }
         }
         let mut ids = std::collections::HashSet::new();
         for (i, k) in self.auth.api_keys.iter().enumerate() {
@@ -1578,9 +1662,10 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 9] = [
+    const SECTIONS: [&str; 10] = [
         "server",
         "http",
+        "grpc",
         "admin",
         "log",
         "limits",
@@ -1605,6 +1690,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
     let config = Config {
         server: section(&table, "server", origin, p),
         http: section(&table, "http", origin, p),
+        grpc: section(&table, "grpc", origin, p),
         admin: section(&table, "admin", origin, p),
         log: section(&table, "log", origin, p),
         limits: section(&table, "limits", origin, p),

@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use sluice_config::{Config, LogKind};
 use sluice_core::metrics::Metrics;
 use sluice_log::{Log, LogMetrics, LogOptions};
+use sluice_protocols::grpc::GrpcOptions;
 use sluice_protocols::http::HttpOptions;
 use sluice_protocols::server::{self, ServerOptions};
 use tokio::net::TcpListener;
@@ -125,6 +126,8 @@ pub struct Running {
     /// Applies configuration changes (SIGHUP).
     pub reloader: Arc<Reloader>,
     pub http_addr: SocketAddr,
+    /// The gRPC listener's address, when `grpc.enabled`.
+    pub grpc_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     drained: JoinHandle<()>,
@@ -189,6 +192,16 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let admin_listener = TcpListener::bind(&config.admin.listen)
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+    let grpc_listener = if config.grpc.enabled {
+        Some(
+            TcpListener::bind(&config.grpc.listen)
+                .await
+                .with_context(|| format!("binding grpc.listen {}", config.grpc.listen))?,
+        )
+    } else {
+        None
+    };
+    let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -230,12 +243,50 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         http_listener,
         gateway.clone(),
         http_opts,
-        signalled(shutdown_rx),
+        signalled(shutdown_rx.clone()),
     ));
+    let grpc = match grpc_listener {
+        Some(listener) => {
+            let grpc_policy =
+                sluice_auth::ListenerPolicy::new(&config.grpc.auth, &config.grpc.listen);
+            if grpc_policy.allow_anonymous {
+                tracing::warn!(listen = %config.grpc.listen, "anonymous producers are allowed on the gRPC listener");
+            }
+            let ready_fn = {
+                let (ready, gateway) = (ready.clone(), gateway.clone());
+                Arc::new(move || ready.load(Ordering::SeqCst) && gateway.sink().health().is_ok())
+                    as Arc<dyn Fn() -> bool + Send + Sync>
+            };
+            let opts = GrpcOptions {
+                server: ServerOptions {
+                    connections: Budget::new(config.grpc.max_connections as u64),
+                    header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+                    tls: tls_listener("grpc.tls", config.grpc.tls.as_ref())?,
+                },
+                auth: auth.clone(),
+                policy: grpc_policy,
+                per_principal: PrincipalConnections::new(config.grpc.max_connections_per_principal),
+                max_message_bytes: config.grpc.max_message_bytes as usize,
+                max_concurrent_streams: config.grpc.max_concurrent_streams,
+                max_batches_in_flight: config.grpc.max_batches_in_flight,
+                ready: ready_fn,
+            };
+            Some(tokio::spawn(sluice_protocols::grpc::serve(
+                listener,
+                gateway.clone(),
+                opts,
+                signalled(shutdown_rx.clone()),
+            )))
+        }
+        None => None,
+    };
     let drained = {
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let _ = http.await;
+            if let Some(grpc) = grpc {
+                let _ = grpc.await;
+            }
             // Every request has been answered; let the writers finish and fsync.
             gateway.sink().close().await;
         })
@@ -286,6 +337,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     Ok(Running {
         reloader,
         http_addr,
+        grpc_addr,
         admin_addr,
         shutdown,
         drained,

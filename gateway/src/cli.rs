@@ -201,8 +201,13 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "sluice listening: http={} admin={}",
-            running.http_addr, running.admin_addr
+            "sluice listening: http={} admin={}{}",
+            running.http_addr,
+            running.admin_addr,
+            running
+                .grpc_addr
+                .map(|a| format!(" grpc={a}"))
+                .unwrap_or_default()
         );
         let _ = out.flush();
         drop(out);

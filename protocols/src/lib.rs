@@ -2,5 +2,6 @@
 //! [`sluice_core::Ingest`], and renders receipts and rejections in its protocol's own terms.
 //! No business logic lives here.
 
+pub mod grpc;
 pub mod http;
 pub mod server;

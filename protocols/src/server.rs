@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -120,7 +119,7 @@ impl Default for ServerOptions {
 /// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
 /// for open connections to finish their in-flight requests (idle keep-alive connections are
 /// closed). The caller bounds the wait with its own deadline.
-pub async fn serve<F, Fut>(
+pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     opts: ServerOptions,
     connections: Gauge,
@@ -128,7 +127,26 @@ pub async fn serve<F, Fut>(
     shutdown: impl Future<Output = ()>,
 ) where
     F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(listener, opts, connections, handler, shutdown, |_| {}).await
+}
+
+/// [`serve`], with `tune` adjusting the HTTP/2 settings (e.g. gRPC's concurrent streams).
+pub async fn serve_with<F, Fut, B>(
+    listener: TcpListener,
+    opts: ServerOptions,
+    connections: Gauge,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+    tune: impl FnOnce(&mut auto::Builder<TokioExecutor>),
+) where
+    F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -141,6 +159,7 @@ pub async fn serve<F, Fut>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
+    tune(&mut builder);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -217,7 +236,7 @@ pub async fn serve<F, Fut>(
     graceful.shutdown().await;
 }
 
-async fn serve_io<IO, F, Fut>(
+async fn serve_io<IO, F, Fut, B>(
     io: IO,
     info: ConnInfo,
     handler: F,
@@ -226,7 +245,9 @@ async fn serve_io<IO, F, Fut>(
 ) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let peer = info.peer;
     let svc = service_fn(move |req| {

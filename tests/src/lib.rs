@@ -34,6 +34,8 @@ pub struct Sluice {
     child: Option<Child>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The gRPC listener, unless `grpc.enabled = false`.
+    pub grpc: Option<SocketAddr>,
     pub data_dir: PathBuf,
     config_path: PathBuf,
 }
@@ -56,6 +58,7 @@ impl Sluice {
             .arg(config_path)
             .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
             .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
             .env("SLUICE_LOG__DATA_DIR", data_dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -91,10 +94,16 @@ impl Sluice {
         Ok(Sluice {
             http: addr("http=")?,
             admin: addr("admin=")?,
+            grpc: addr("grpc=").ok(),
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             config_path: config_path.to_path_buf(),
         })
+    }
+
+    /// `http://ADDR` of the gRPC listener (panics when gRPC is disabled).
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc.expect("grpc listener"))
     }
 
     /// Waits (up to `timeout`) until `/readyz` answers `status` (200 ready, 503 not ready).

@@ -1,0 +1,506 @@
+//! gRPC ingest: `sluice.v1.Ingest` (unary `Publish` and bidirectional `PublishStream`), plus
+//! `grpc.health.v1.Health` and server reflection, on the shared connection loop (TLS, limits,
+//! drain). The wire format is proto/sluice/v1/ingest.proto, documented in docs/grpc.md.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
+use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
+use sluice_core::metrics::ProtocolLabels;
+use sluice_core::{
+    Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use tonic::codegen::Service;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::server::{self, ConnInfo, PrincipalConnections, ServerOptions};
+
+/// Messages and services generated from proto/sluice/v1/ingest.proto.
+pub mod pb {
+    tonic::include_proto!("sluice.v1");
+
+    /// The encoded descriptor set of the proto (served by reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/sluice_v1_descriptor.bin"));
+}
+
+use pb::ingest_server::{Ingest as IngestService, IngestServer};
+
+const PROTO: &str = "grpc";
+
+/// Metadata key carrying an API key.
+pub const API_KEY_METADATA: &str = "x-api-key";
+
+/// Settings of the gRPC listener.
+#[derive(Clone)]
+pub struct GrpcOptions {
+    pub server: ServerOptions,
+    pub auth: Arc<Swap<Authenticator>>,
+    pub policy: ListenerPolicy,
+    pub per_principal: Arc<PrincipalConnections>,
+    /// Largest message either way, after decompression.
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    /// Batches of one `PublishStream` call in flight.
+    pub max_batches_in_flight: usize,
+    /// Whether the gateway is ready (reported by `grpc.health.v1.Health`).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Serves gRPC on `listener` until `shutdown`, then drains like every listener.
+pub async fn serve<I: Ingest>(
+    listener: TcpListener,
+    ingest: Arc<I>,
+    opts: GrpcOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let gauge = ingest
+        .metrics()
+        .connections
+        .get_or_create(&ProtocolLabels { protocol: PROTO })
+        .clone();
+    let limit = opts.max_message_bytes;
+    let service = GrpcIngest {
+        ingest,
+        auth: opts.auth.clone(),
+        policy: opts.policy.clone(),
+        per_principal: opts.per_principal.clone(),
+        max_batches_in_flight: opts.max_batches_in_flight,
+    };
+    let ingest_svc = IngestServer::new(service)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let (reporter, health_svc) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(reporter, opts.ready.clone()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("valid descriptors");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("valid descriptors");
+    let streams = opts.max_concurrent_streams;
+    server::serve_with(
+        listener,
+        opts.server,
+        gauge,
+        move |req: Request<Incoming>, conn: ConnInfo| {
+            let mut ingest_svc = ingest_svc.clone();
+            let mut health_svc = health_svc.clone();
+            let mut reflection_v1 = reflection_v1.clone();
+            let mut reflection_v1alpha = reflection_v1alpha.clone();
+            async move {
+                let path = req.uri().path().to_string();
+                let mut req = req.map(tonic::body::Body::new);
+                req.extensions_mut().insert(conn);
+                let resp = if path.starts_with("/sluice.v1.Ingest/") {
+                    ingest_svc.call(req).await
+                } else if path.starts_with("/grpc.health.v1.Health/") {
+                    health_svc.call(req).await
+                } else if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+                    reflection_v1.call(req).await
+                } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+                    reflection_v1alpha.call(req).await
+                } else {
+                    Ok(Status::unimplemented(format!("no gRPC method {path}")).into_http())
+                };
+                match resp {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                }
+            }
+        },
+        shutdown,
+        |b| {
+            b.http2()
+                .max_concurrent_streams(streams)
+                // Room for a whole maximum-size message per stream window.
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20);
+        },
+    )
+    .await;
+}
+
+/// Keeps `grpc.health.v1.Health` in step with the gateway's readiness: the overall service ("")
+/// and `sluice.v1.Ingest` are SERVING while ready.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
+    let mut last = None;
+    loop {
+        let now = ready();
+        if last != Some(now) {
+            let status = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(pb::ingest_server::SERVICE_NAME, status)
+                .await;
+            last = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The `sluice.v1.Ingest` implementation over an [`Ingest`] service.
+struct GrpcIngest<I> {
+    ingest: Arc<I>,
+    auth: Arc<Swap<Authenticator>>,
+    policy: ListenerPolicy,
+    per_principal: Arc<PrincipalConnections>,
+    max_batches_in_flight: usize,
+}
+
+/// The gRPC status of a rejection (DESIGN §3); retryable ones carry google.rpc.RetryInfo.
+pub fn status_of(r: &Rejection) -> Status {
+    let code = match r {
+        Rejection::Unauthenticated { .. } => Code::Unauthenticated,
+        Rejection::Forbidden { .. } => Code::PermissionDenied,
+        Rejection::Malformed { .. }
+        | Rejection::TooLarge { .. }
+        | Rejection::LengthRequired
+        | Rejection::UnsupportedMediaType { .. } => Code::InvalidArgument,
+        Rejection::NotFound { .. } => Code::NotFound,
+        Rejection::OverQuota { .. } => Code::ResourceExhausted,
+        Rejection::Unavailable { .. } => Code::Unavailable,
+        Rejection::Internal { .. } => Code::Internal,
+    };
+    match r.retry_after() {
+        Some(after) => Status::with_error_details(
+            code,
+            r.to_string(),
+            ErrorDetails::with_retry_info(Some(after)),
+        ),
+        None => Status::new(code, r.to_string()),
+    }
+}
+
+/// The same status as a `google.rpc.Status` message (for a rejected batch of a stream).
+fn rpc_status(r: &Rejection) -> tonic_types::pb::Status {
+    let s = status_of(r);
+    let details = s.details();
+    if details.is_empty() {
+        tonic_types::pb::Status {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+            details: Vec::new(),
+        }
+    } else {
+        // Status::with_error_details encodes the whole google.rpc.Status as its details.
+        prost::Message::decode(details).unwrap_or_else(|_| tonic_types::pb::Status {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+            details: Vec::new(),
+        })
+    }
+}
+
+fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
+    use pb::event_result::Result as R;
+    receipts
+        .into_iter()
+        .map(|r| pb::EventResult {
+            result: Some(match r {
+                Receipt::Appended { partition, offset } => R::Position(pb::Position {
+                    partition,
+                    offset: Some(offset),
+                }),
+                Receipt::Received { partition } => R::Position(pb::Position {
+                    partition,
+                    offset: None,
+                }),
+                Receipt::Failed(e) => R::Error(pb::EventError {
+                    code: e.code().to_string(),
+                    message: e.to_string(),
+                    retry_after_ms: e.retry_after().map_or(0, |d| d.as_millis() as u64),
+                }),
+            }),
+        })
+        .collect()
+}
+
+/// The request's deadline (`grpc-timeout`), if it set one.
+fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(tokio::time::Instant::now() + d)
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded(
+        "the call's deadline passed; events not answered may still be appended, so retry them",
+    )
+}
+
+/// Converts a batch's events; an event whose content type differs from the batch's keeps it as
+/// a `content-type` header.
+fn events_of(events: Vec<pb::Event>, content_type: &str) -> Vec<Event> {
+    events
+        .into_iter()
+        .map(|e| {
+            let mut headers: Vec<(Bytes, Bytes)> = e
+                .headers
+                .into_iter()
+                .map(|h| (Bytes::from(h.key), h.value))
+                .collect();
+            if !e.content_type.is_empty() && e.content_type != content_type {
+                headers.insert(
+                    0,
+                    (
+                        Bytes::from_static(b"content-type"),
+                        Bytes::from(e.content_type),
+                    ),
+                );
+            }
+            Event {
+                key: e.key,
+                id: (!e.id.is_empty()).then(|| Bytes::from(e.id)),
+                headers,
+                value: e.value,
+            }
+        })
+        .collect()
+}
+
+impl<I: Ingest> GrpcIngest<I> {
+    /// The call's principal, from its metadata and the connection's client certificate.
+    async fn authenticate<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<(Principal, ConnInfo), Status> {
+        let conn = req
+            .extensions()
+            .get::<ConnInfo>()
+            .cloned()
+            .ok_or_else(|| Status::internal("connection info missing"))?;
+        let md = req.metadata();
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok());
+        let creds = Credentials {
+            authorization: get("authorization"),
+            api_key: get(API_KEY_METADATA),
+            bearer: None,
+            client_cert: conn.client_cert.as_deref(),
+        };
+        let principal = self
+            .auth
+            .load()
+            .authenticate(&self.policy, conn.peer.ip(), creds)
+            .await
+            .map_err(|f| {
+                self.ingest.metrics().auth_failure(PROTO, f.method, f.reason);
+                if f.reason != "too_many_failures" {
+                    tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
+                }
+                status_of(&Rejection::from(f))
+            })?;
+        if !self.per_principal.admit(&conn, principal.name()) {
+            return Err(status_of(&Rejection::OverQuota {
+                retry_after: Duration::from_secs(1),
+                message: format!(
+                    "principal `{}` has its maximum of open connections; reuse one of them",
+                    principal.name()
+                ),
+            }));
+        }
+        Ok((principal, conn))
+    }
+}
+
+/// Admits and appends one batch in its own task, so a cancelled call never cuts an append
+/// short (the events' budget stays held until they reach their ack point).
+fn spawn_batch<I: Ingest>(
+    ingest: Arc<I>,
+    principal: Principal,
+    stream: String,
+    content_type: String,
+    events: Vec<pb::Event>,
+) -> JoinHandle<Result<Vec<Receipt>, Rejection>> {
+    tokio::spawn(async move {
+        let stream = StreamName::parse(&stream)?;
+        ingest.admit(&principal, &stream)?;
+        let content_type = if content_type.is_empty() {
+            "application/octet-stream".to_string()
+        } else {
+            content_type
+        };
+        let events = events_of(events, &content_type);
+        let size: usize = events.iter().map(Event::size).sum();
+        let reservation = ingest.budget().try_reserve(size)?;
+        let result = ingest
+            .ingest(IngestRequest {
+                principal,
+                protocol: Protocol::Grpc,
+                stream,
+                content_type: Bytes::from(content_type),
+                events,
+                reservation,
+            })
+            .await;
+        let outcome = match &result {
+            Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        ingest.metrics().request(PROTO, outcome);
+        result
+    })
+}
+
+fn joined(
+    r: Result<Result<Vec<Receipt>, Rejection>, tokio::task::JoinError>,
+) -> Result<Vec<Receipt>, Rejection> {
+    r.unwrap_or_else(|e| {
+        Err(Rejection::Internal {
+            message: format!("the batch failed: {e}"),
+        })
+    })
+}
+
+#[tonic::async_trait]
+impl<I: Ingest> IngestService for GrpcIngest<I> {
+    async fn publish(
+        &self,
+        request: tonic::Request<pb::PublishRequest>,
+    ) -> Result<tonic::Response<pb::PublishResponse>, Status> {
+        let deadline = deadline_of(request.metadata());
+        let (principal, _conn) = self.authenticate(&request).await?;
+        let req = request.into_inner();
+        let task = spawn_batch(
+            self.ingest.clone(),
+            principal,
+            req.stream,
+            req.content_type,
+            req.events,
+        );
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at(d, task)
+                .await
+                .map_err(|_| deadline_exceeded())?,
+            None => task.await,
+        };
+        let receipts = joined(result).map_err(|r| status_of(&r))?;
+        // As over HTTP: when every event failed, the call fails with the first failure.
+        if let Some(Receipt::Failed(first)) = receipts.first()
+            && receipts.iter().all(|r| matches!(r, Receipt::Failed(_)))
+        {
+            return Err(status_of(first));
+        }
+        Ok(tonic::Response::new(pb::PublishResponse {
+            results: event_results(receipts),
+        }))
+    }
+
+    type PublishStreamStream = ReceiverStream<Result<pb::PublishStreamResponse, Status>>;
+
+    async fn publish_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::PublishStreamRequest>>,
+    ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
+        let deadline = deadline_of(request.metadata());
+        let (principal, _conn) = self.authenticate(&request).await?;
+        let mut input = request.into_inner();
+        // Batches in flight, in the order they arrived: a bounded queue, so past
+        // max_batches_in_flight the reader waits and HTTP/2 flow control holds the client.
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(self.max_batches_in_flight);
+        let (out_tx, out_rx) = mpsc::channel(self.max_batches_in_flight);
+        let ingest = self.ingest.clone();
+        tokio::spawn(async move {
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+            let deadline_at = deadline.unwrap_or(far);
+            loop {
+                let next = tokio::select! {
+                    m = input.message() => m,
+                    _ = tokio::time::sleep_until(deadline_at) => {
+                        let _ = pending_tx.send(Pending::End(deadline_exceeded())).await;
+                        return;
+                    }
+                };
+                match next {
+                    Ok(Some(batch)) => {
+                        let task = spawn_batch(
+                            ingest.clone(),
+                            principal.clone(),
+                            batch.stream,
+                            batch.content_type,
+                            batch.events,
+                        );
+                        if pending_tx
+                            .send(Pending::Batch(batch.sequence, task))
+                            .await
+                            .is_err()
+                        {
+                            return; // the client went away; spawned batches finish anyway
+                        }
+                    }
+                    Ok(None) => return, // the client finished sending
+                    Err(status) => {
+                        let _ = pending_tx.send(Pending::End(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(p) = pending_rx.recv().await {
+                let item = match p {
+                    Pending::Batch(sequence, task) => {
+                        let resp = match joined(task.await) {
+                            Ok(receipts) => pb::PublishStreamResponse {
+                                sequence,
+                                results: event_results(receipts),
+                                status: None,
+                            },
+                            Err(r) => pb::PublishStreamResponse {
+                                sequence,
+                                results: Vec::new(),
+                                status: Some(rpc_status(&r)),
+                            },
+                        };
+                        Ok(resp)
+                    }
+                    Pending::End(status) => Err(status),
+                };
+                let end = item.is_err();
+                if out_tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+/// What the responder of a stream waits for next.
+enum Pending {
+    Batch(u64, JoinHandle<Result<Vec<Receipt>, Rejection>>),
+    End(Status),
+}

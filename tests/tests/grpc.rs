@@ -1,0 +1,327 @@
+//! gRPC ingest against the real binary with a tonic client: unary and streaming publish with
+//! per-event results read back from the log, many batches in flight, rejections as gRPC
+//! statuses (with RetryInfo), a rejected batch that does not end its stream, compression,
+//! health and reflection.
+
+use std::time::Duration;
+
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+use sluice_tests::{Sluice, api_key_entry, read_log};
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+async fn client(s: &Sluice) -> IngestClient<Channel> {
+    let ch = Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    IngestClient::new(ch)
+}
+
+fn event(value: &str, key: Option<&str>) -> pb::Event {
+    pb::Event {
+        value: value.as_bytes().to_vec().into(),
+        key: key.map(|k| k.as_bytes().to_vec().into()),
+        headers: vec![pb::Header {
+            key: "site".into(),
+            value: b"north".to_vec().into(),
+        }],
+        id: format!("id-{value}"),
+        content_type: String::new(),
+    }
+}
+
+fn offsets(results: &[pb::EventResult]) -> Vec<(u32, u64)> {
+    results
+        .iter()
+        .map(|r| match &r.result {
+            Some(pb::event_result::Result::Position(p)) => (p.partition, p.offset.unwrap()),
+            other => panic!("not a position: {other:?}"),
+        })
+        .collect()
+}
+
+fn with_key<T>(msg: T, key: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn unary_publish_appends_every_event_and_answers_per_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let mut c = client(&s).await;
+    let resp = c
+        .publish(pb::PublishRequest {
+            stream: "orders".into(),
+            events: vec![
+                event("a", Some("k1")),
+                event("b", None),
+                event("c", Some("k1")),
+            ],
+            content_type: "text/plain".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offsets(&resp.results), vec![(0, 0), (0, 1), (0, 2)]);
+    let log = read_log(&s.data_dir, "orders", &[]).unwrap();
+    assert_eq!(log.len(), 3);
+    assert_eq!(log[0]["value"], "a");
+    assert_eq!(log[0]["key"], "k1");
+    assert_eq!(log[0]["id"], "id-a");
+    assert_eq!(log[1]["value"], "b");
+    let text = log[2].to_string();
+    assert!(
+        text.contains("north") && text.contains("grpc") && text.contains("text/plain"),
+        "{text}"
+    );
+
+    // Compressed both ways.
+    let mut z = client(&s)
+        .await
+        .send_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let resp = z
+        .publish(pb::PublishRequest {
+            stream: "orders".into(),
+            events: vec![event(&"z".repeat(10_000), None)],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offsets(&resp.results), vec![(0, 3)]);
+    let log = read_log(&s.data_dir, "orders", &[]).unwrap();
+    assert_eq!(log[3]["value"].as_str().unwrap().len(), 10_000);
+}
+
+#[tokio::test]
+async fn publish_stream_answers_every_batch_in_order_with_many_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let mut c = client(&s).await;
+    const BATCHES: u64 = 300;
+    const EVENTS: usize = 20;
+    let batches = (0..BATCHES).map(|seq| pb::PublishStreamRequest {
+        sequence: 1000 + seq,
+        stream: "stream".into(),
+        events: (0..EVENTS)
+            .map(|i| event(&format!("{seq}-{i}"), None))
+            .collect(),
+        content_type: String::new(),
+    });
+    let mut out = c
+        .publish_stream(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(r) = out.message().await.unwrap() {
+        assert!(r.status.is_none(), "{r:?}");
+        assert_eq!(r.results.len(), EVENTS);
+        seen.push((r.sequence, offsets(&r.results)));
+    }
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1000..1000 + BATCHES).collect::<Vec<_>>(),
+        "answers out of order"
+    );
+    // Every event at its own offset, and the log holds what each answer says.
+    let log = read_log(&s.data_dir, "stream", &[]).unwrap();
+    assert_eq!(log.len(), BATCHES as usize * EVENTS);
+    for (seq, offs) in &seen {
+        for (i, (_, o)) in offs.iter().enumerate() {
+            assert_eq!(log[*o as usize]["value"], format!("{}-{i}", seq - 1000));
+        }
+    }
+}
+
+#[tokio::test]
+async fn rejections_are_grpc_statuses_and_a_rejected_batch_does_not_end_its_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "k1.secret-one-secret-one";
+    let toml = format!(
+        "[grpc.auth]\nallow_anonymous = false\n[streams]\nauto_create = false\n[streams.declare.mine]\n[streams.declare.other]\n[streams.declare.limited]\n{}\n[[quotas.rules]]\nstreams = \"limited\"\nscope = \"stream\"\nevents_per_sec = 1\nburst_events = 2\n",
+        api_key_entry(key, "svc", &["mine", "limited", "nowhere"])
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let mut c = client(&s).await;
+    let req = |stream: &str| pb::PublishRequest {
+        stream: stream.into(),
+        events: vec![event("x", None)],
+        content_type: String::new(),
+    };
+
+    let e = c.publish(req("mine")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .publish(with_key(req("mine"), "k1.wrong-secret-wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c.publish(with_key(req("other"), key)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .publish(with_key(req("bad name!"), key))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c.publish(with_key(req("nowhere"), key)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    c.publish(with_key(req("mine"), key)).await.unwrap();
+
+    // Over quota: RESOURCE_EXHAUSTED with google.rpc.RetryInfo.
+    let burst = pb::PublishRequest {
+        stream: "limited".into(),
+        events: vec![event("1", None), event("2", None)],
+        content_type: String::new(),
+    };
+    c.publish(with_key(burst.clone(), key)).await.unwrap();
+    let e = c.publish(with_key(burst, key)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let retry = e
+        .get_details_retry_info()
+        .expect("RetryInfo in the details");
+    assert!(
+        retry.retry_delay.is_some_and(|d| d > Duration::ZERO),
+        "{retry:?}"
+    );
+
+    // On a stream, a forbidden batch is answered with its status; the next batch goes on.
+    let batches = vec![
+        pb::PublishStreamRequest {
+            sequence: 1,
+            stream: "other".into(),
+            events: vec![event("no", None)],
+            content_type: String::new(),
+        },
+        pb::PublishStreamRequest {
+            sequence: 2,
+            stream: "mine".into(),
+            events: vec![event("yes", None)],
+            content_type: String::new(),
+        },
+    ];
+    let mut out = c
+        .publish_stream(with_key(tokio_stream::iter(batches), key))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = out.message().await.unwrap().unwrap();
+    assert_eq!(first.sequence, 1);
+    let status = first.status.expect("batch status");
+    assert_eq!(status.code, Code::PermissionDenied as i32, "{status:?}");
+    let second = out.message().await.unwrap().unwrap();
+    assert_eq!(second.sequence, 2);
+    assert!(second.status.is_none());
+    assert_eq!(offsets(&second.results).len(), 1);
+    assert!(out.message().await.unwrap().is_none());
+
+    // A stream without credentials fails as a whole.
+    let e = c
+        .publish_stream(tokio_stream::iter(Vec::<pb::PublishStreamRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_the_connection_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[grpc]\nmax_message_bytes = 65536\n",
+    )
+    .unwrap();
+    let mut c = client(&s).await;
+    let e = c
+        .publish(pb::PublishRequest {
+            stream: "big".into(),
+            events: vec![event(&"x".repeat(100_000), None)],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{e:?}"
+    );
+    let ok = c
+        .publish(pb::PublishRequest {
+            stream: "big".into(),
+            events: vec![event("small", None)],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offsets(&ok.results), vec![(0, 0)]);
+}
+
+#[tokio::test]
+async fn health_follows_readiness_and_reflection_lists_the_service() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let ch = Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    let serving = sluice_tests::wait_until(Duration::from_secs(10), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "sluice.v1.Ingest".into(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        }
+    })
+    .await;
+    assert!(serving, "health never reported SERVING");
+    let overall = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(overall.status, ServingStatus::Serving as i32);
+
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut out = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = out.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"sluice.v1.Ingest".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
