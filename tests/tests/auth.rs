@@ -8,8 +8,11 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use sluice_auth::apikey::hash_hex as auth_hash;
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
 use sluice_tests::pki::{self, Answer, Ca, JwksServer, SigningKey, tls_client, tls_post};
 use sluice_tests::{Sluice, metric, read_log, wait_until};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const ISS_A: &str = "https://idp.test/a";
 const ISS_DOWN: &str = "https://idp.test/down";
@@ -74,6 +77,15 @@ client_auth = "optional"
 client_ca_file = "{ca}"
 
 [http.auth]
+allow_anonymous = false
+
+[grpc.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+client_auth = "optional"
+client_ca_file = "{ca}"
+
+[grpc.auth]
 allow_anonymous = false
 
 [auth.failures]
@@ -187,6 +199,155 @@ impl World {
             .await
             .unwrap()
     }
+}
+
+impl World {
+    /// A tonic client of the gRPC listener over TLS, with a client certificate if given.
+    async fn grpc(&self, cert: Option<&pki::Issued>) -> IngestClient<Channel> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca.cert_pem()))
+            .domain_name("localhost");
+        if let Some(c) = cert {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        let ch = Channel::from_shared(format!("https://{}", self.s.grpc.unwrap()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IngestClient::new(ch)
+    }
+}
+
+/// One gRPC Publish of one event with `metadata`; the principal it was stored under, or the
+/// status.
+async fn grpc_publish(
+    w: &World,
+    c: &mut IngestClient<Channel>,
+    stream: &str,
+    metadata: &[(&'static str, &str)],
+) -> Result<String, tonic::Status> {
+    let mut req = tonic::Request::new(pb::PublishRequest {
+        stream: stream.into(),
+        events: vec![pb::Event {
+            value: b"1".to_vec().into(),
+            ..Default::default()
+        }],
+        content_type: String::new(),
+    });
+    for (k, v) in metadata {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    let resp = c.publish(req).await?.into_inner();
+    let Some(pb::event_result::Result::Position(p)) = &resp.results[0].result else {
+        panic!("{resp:?}");
+    };
+    let log = read_log(&w.s.data_dir, stream, &[]).unwrap();
+    Ok(
+        log[p.offset.unwrap() as usize]["headers"]["sluice-principal"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_accepts_every_method_and_maps_every_failure_to_its_status() {
+    let w = world(10_000).await;
+    let mut c = w.grpc(None).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // Accepted: API key (two ways), JWT, client certificate.
+    let ok = grpc_publish(&w, &mut c, "a.g", &[("x-api-key", GOOD_KEY)]).await;
+    assert_eq!(ok.unwrap(), "svc-good");
+    let ok = grpc_publish(&w, &mut c, "a.g", &[("authorization", &bearer(GOOD_KEY))]).await;
+    assert_eq!(ok.unwrap(), "svc-good");
+    let t = w.ec.sign(&claims(ISS_A, "grpc-svc", "produce:a.*"));
+    let ok = grpc_publish(&w, &mut c, "a.g", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(ok.unwrap(), "grpc-svc");
+    let device =
+        w.ca.issue_valid("device-9", &["uri:spiffe://test/device-9"])
+            .unwrap();
+    let mut dc = w.grpc(Some(&device)).await;
+    let ok = grpc_publish(&w, &mut dc, "m.g", &[]).await;
+    assert_eq!(ok.unwrap(), "spiffe://test/device-9");
+
+    // Rejected, each with its status and cause.
+    let expired = w.rsa.sign(&with(
+        claims(ISS_A, "u", "produce:a.*"),
+        "exp",
+        json!(pki::now() - 60),
+    ));
+    let forged = {
+        let other = SigningKey::es256("ec-1").unwrap(); // same kid, different key
+        other.sign(&claims(ISS_A, "u", "produce:a.*"))
+    };
+    let (expired_b, forged_b) = (bearer(&expired), bearer(&forged));
+    let cases: [(&str, Vec<(&'static str, &str)>, tonic::Code, &str); 7] = [
+        (
+            "missing",
+            vec![],
+            tonic::Code::Unauthenticated,
+            "credentials are required",
+        ),
+        (
+            "unknown key",
+            vec![("x-api-key", "good.wrong-secret")],
+            tonic::Code::Unauthenticated,
+            "unknown API key",
+        ),
+        (
+            "expired key",
+            vec![("x-api-key", EXPIRED_KEY)],
+            tonic::Code::Unauthenticated,
+            "expired",
+        ),
+        (
+            "disabled key",
+            vec![("x-api-key", DISABLED_KEY)],
+            tonic::Code::Unauthenticated,
+            "disabled",
+        ),
+        (
+            "expired JWT",
+            vec![("authorization", &expired_b)],
+            tonic::Code::Unauthenticated,
+            "expired",
+        ),
+        (
+            "forged JWT",
+            vec![("authorization", &forged_b)],
+            tonic::Code::Unauthenticated,
+            "signature",
+        ),
+        (
+            "other stream",
+            vec![("x-api-key", GOOD_KEY)],
+            tonic::Code::PermissionDenied,
+            "`b.g`",
+        ),
+    ];
+    for (case, md, code, needle) in cases {
+        let stream = if case == "other stream" { "b.g" } else { "a.g" };
+        let e = grpc_publish(&w, &mut c, stream, &md).await.expect_err(case);
+        assert_eq!(e.code(), code, "{case}: {e:?}");
+        assert!(
+            e.message().contains(needle),
+            "{case}: {:?} lacks {needle:?}",
+            e.message()
+        );
+    }
+    let m = w.s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "sluice_auth_failures_total",
+            "protocol=\"grpc\",method=\"api_key\",reason=\"expired_key\""
+        ) >= 1.0,
+        "{m}"
+    );
 }
 
 /// 200, and the event is in the log under `principal`.

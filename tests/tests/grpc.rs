@@ -325,3 +325,187 @@ async fn health_follows_readiness_and_reflection_lists_the_service() {
         "{names:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_and_quotas_are_grpc_signals_with_retry_info() {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = "[limits]\nmax_in_flight_bytes = 65536\n[streams.defaults]\nmax_body_bytes = 32768\nmax_event_bytes = 32768\n[log]\nfault_append_delay_ms = 1500\n[[quotas.rules]]\nstreams = \"q\"\nscope = \"stream\"\nevents_per_sec = 1\nburst_events = 2\n";
+    let s = Sluice::start(&tmp.path().join("data"), toml).unwrap();
+    let c = client(&s).await;
+
+    // A slow log: the in-flight budget fills and further batches get UNAVAILABLE + RetryInfo.
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                c.publish(pb::PublishRequest {
+                    stream: "slow".into(),
+                    events: vec![event(&format!("{i}{}", "x".repeat(10_000)), None)],
+                    content_type: String::new(),
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(e.get_details_retry_info().is_some(), "no RetryInfo: {e:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && shed > 0, "ok {ok}, shed {shed}");
+    let m = s.metrics().await;
+    assert!(
+        sluice_tests::metric(
+            &m,
+            "sluice_requests_total",
+            "protocol=\"grpc\",outcome=\"unavailable\""
+        ) >= shed as f64,
+        "{m}"
+    );
+
+    // A batch over its quota: the prefix that fits is appended, the rest answered per event.
+    let mut c2 = c.clone();
+    let r = c2
+        .publish(pb::PublishRequest {
+            stream: "q".into(),
+            events: (0..5).map(|i| event(&i.to_string(), None)).collect(),
+            content_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<String> = r
+        .results
+        .iter()
+        .map(|r| match &r.result {
+            Some(pb::event_result::Result::Position(_)) => "ok".to_string(),
+            Some(pb::event_result::Result::Error(e)) => {
+                assert!(e.retry_after_ms > 0, "{e:?}");
+                e.code.clone()
+            }
+            None => panic!("empty result"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        ["ok", "ok", "over_quota", "over_quota", "over_quota"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_cancellation_never_cut_an_append_short() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nfault_append_delay_ms = 1000\n",
+    )
+    .unwrap();
+    let mut c = client(&s).await;
+    let mut req = Request::new(pb::PublishRequest {
+        stream: "late".into(),
+        events: vec![event("slow", None)],
+        content_type: String::new(),
+    });
+    req.set_timeout(Duration::from_millis(200));
+    let e = c.publish(req).await.unwrap_err();
+    // Whichever side's timer fires first: the server's DEADLINE_EXCEEDED or tonic's own.
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    // Not acked, but not cut short either: the append completes.
+    let appended = sluice_tests::wait_until(Duration::from_secs(20), || async {
+        read_log(&s.data_dir, "late", &[]).is_ok_and(|l| l.len() == 1)
+    })
+    .await;
+    assert!(appended, "the append of a timed-out call was lost");
+
+    // A stream cancelled after some answers: everything answered is in the log.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut out = c
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for seq in 0..6u64 {
+        tx.send(pb::PublishStreamRequest {
+            sequence: seq,
+            stream: "cancel".into(),
+            events: vec![event(&format!("c{seq}"), None)],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let mut acked = Vec::new();
+    for _ in 0..2 {
+        let r = out.message().await.unwrap().unwrap();
+        acked.extend(offsets(&r.results));
+    }
+    drop(out);
+    drop(tx);
+    let log = read_log(&s.data_dir, "cancel", &[]).unwrap();
+    for (_, o) in &acked {
+        assert!(log.len() > *o as usize, "acked offset {o} missing");
+    }
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_the_log_is_unavailable() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let port = sluice_tests::kafka::free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &sluice_tests::kafka::kafka_config(&format!("127.0.0.1:{port}"), ""),
+    )
+    .unwrap();
+    let ch = Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch);
+    let not_serving = sluice_tests::wait_until(Duration::from_secs(10), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32)
+        }
+    })
+    .await;
+    assert!(
+        not_serving,
+        "health did not report NOT_SERVING without a broker"
+    );
+    let e = IngestClient::new(
+        Channel::from_shared(s.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .publish(pb::PublishRequest {
+        stream: "x".into(),
+        events: vec![event("1", None)],
+        content_type: String::new(),
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.get_details_retry_info().is_some());
+    let _ = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+}

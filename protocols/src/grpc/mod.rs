@@ -345,26 +345,29 @@ fn spawn_batch<I: Ingest>(
     events: Vec<pb::Event>,
 ) -> JoinHandle<Result<Vec<Receipt>, Rejection>> {
     tokio::spawn(async move {
-        let stream = StreamName::parse(&stream)?;
-        ingest.admit(&principal, &stream)?;
-        let content_type = if content_type.is_empty() {
-            "application/octet-stream".to_string()
-        } else {
-            content_type
-        };
-        let events = events_of(events, &content_type);
-        let size: usize = events.iter().map(Event::size).sum();
-        let reservation = ingest.budget().try_reserve(size)?;
-        let result = ingest
-            .ingest(IngestRequest {
-                principal,
-                protocol: Protocol::Grpc,
-                stream,
-                content_type: Bytes::from(content_type),
-                events,
-                reservation,
-            })
-            .await;
+        let result = async {
+            let stream = StreamName::parse(&stream)?;
+            ingest.admit(&principal, &stream)?;
+            let content_type = if content_type.is_empty() {
+                "application/octet-stream".to_string()
+            } else {
+                content_type
+            };
+            let events = events_of(events, &content_type);
+            let size: usize = events.iter().map(Event::size).sum();
+            let reservation = ingest.budget().try_reserve(size)?;
+            ingest
+                .ingest(IngestRequest {
+                    principal,
+                    protocol: Protocol::Grpc,
+                    stream,
+                    content_type: Bytes::from(content_type),
+                    events,
+                    reservation,
+                })
+                .await
+        }
+        .await;
         let outcome = match &result {
             Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
             Ok(_) => "ok",
@@ -503,4 +506,85 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
 enum Pending {
     Batch(u64, JoinHandle<Result<Vec<Receipt>, Rejection>>),
     End(Status),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_headers_become_deadlines() {
+        let at = |v: &str| {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert("grpc-timeout", v.parse().unwrap());
+            deadline_of(&md).map(|d| d - tokio::time::Instant::now())
+        };
+        let near = |d: Option<Duration>, want: Duration| {
+            let d = d.expect("a deadline");
+            d <= want && want - d < Duration::from_millis(50)
+        };
+        assert!(near(at("200m"), Duration::from_millis(200)));
+        assert!(near(at("3S"), Duration::from_secs(3)));
+        assert!(near(at("1M"), Duration::from_secs(60)));
+        assert!(near(at("5000u"), Duration::from_millis(5)));
+        assert_eq!(at("12x"), None);
+        assert_eq!(at("m"), None);
+        assert!(deadline_of(&tonic::metadata::MetadataMap::new()).is_none());
+    }
+
+    #[test]
+    fn rejections_map_to_the_design_table_with_retry_info_when_retryable() {
+        let cases = [
+            (
+                Rejection::Unauthenticated {
+                    reason: "x".into(),
+                    invalid_token: true,
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                Rejection::Forbidden { stream: "s".into() },
+                Code::PermissionDenied,
+            ),
+            (
+                Rejection::Malformed {
+                    message: "m".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Rejection::TooLarge {
+                    message: "m".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (Rejection::NotFound { stream: "s".into() }, Code::NotFound),
+            (
+                Rejection::OverQuota {
+                    retry_after: Duration::from_millis(250),
+                    message: "q".into(),
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                Rejection::unavailable(Duration::from_secs(2), "u"),
+                Code::Unavailable,
+            ),
+            (
+                Rejection::Internal {
+                    message: "i".into(),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (r, code) in cases {
+            let s = status_of(&r);
+            assert_eq!(s.code(), code, "{r:?}");
+            let retry = s.get_details_retry_info().and_then(|i| i.retry_delay);
+            assert_eq!(retry, r.retry_after(), "{r:?}");
+            let rpc = rpc_status(&r);
+            assert_eq!(rpc.code, code as i32);
+            assert_eq!(rpc.details.is_empty(), r.retry_after().is_none(), "{r:?}");
+        }
+    }
 }
