@@ -285,7 +285,8 @@ async fn grpc_accepts_every_method_and_maps_every_failure_to_its_status() {
         other.sign(&claims(ISS_A, "u", "produce:a.*"))
     };
     let (expired_b, forged_b) = (bearer(&expired), bearer(&forged));
-    let cases: [(&str, Vec<(&'static str, &str)>, tonic::Code, &str); 7] = [
+    type Metadata<'a> = Vec<(&'static str, &'a str)>;
+    let cases: [(&str, Metadata, tonic::Code, &str); 7] = [
         (
             "missing",
             vec![],
