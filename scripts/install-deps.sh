@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Installs what building and testing Sluice needs, skipping whatever is already there.
 # Safe to run repeatedly; run as root (or with sudo available) on Debian/Ubuntu.
-#   --with-tansu  also install the Tansu Kafka-compatible broker (the Kafka tests need it;
-#                 about 11 minutes to build on 2 cores, once per machine)
+#   --with-tansu   also install the Tansu Kafka-compatible broker (the Kafka tests need it;
+#                  about 11 minutes to build on 2 cores, once per machine)
+#   --with-grpcio  also install Python grpcio and grpcio-tools (the second gRPC client the
+#                  tests use to check the wire format)
+#   --for-tests    everything the test suite needs (both of the above)
 set -euo pipefail
 
 with_tansu=0
+with_grpcio=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
-    *) echo "usage: $0 [--with-tansu]" >&2; exit 2 ;;
+    --with-grpcio) with_grpcio=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -75,6 +81,19 @@ if [ "$with_tansu" -eq 1 ]; then
   else
     log "installing the Tansu broker (cargo install tansu; about 11 minutes on 2 cores)"
     cargo install tansu --locked --features dynostore --quiet
+  fi
+fi
+# Python grpcio: an independent gRPC implementation for tests/python/grpc_smoke.py.
+if [ "$with_grpcio" -eq 1 ]; then
+  if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+    if ! command -v python3 >/dev/null 2>&1; then
+      log "installing python3"
+      apt_install python3 python3-pip
+    fi
+    log "installing Python grpcio and grpcio-tools"
+    python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools 2>/dev/null \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-tools \
+      || apt_install python3-grpcio python3-grpc-tools
   fi
 fi
 log "ok"

@@ -3,7 +3,7 @@
 # Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh --with-tansu
+scripts/install-deps.sh --for-tests
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
