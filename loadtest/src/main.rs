@@ -35,6 +35,9 @@ enum Cmd {
     /// config file's `[log.kafka]`, in batches like HTTP requests, each awaiting its delivery
     /// reports.
     Kafka(KafkaArgs),
+    /// gRPC `sluice.v1.Ingest`: unary `Publish` calls or `PublishStream` with many batches in
+    /// flight per stream (closed loop).
+    Grpc(GrpcArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -123,6 +126,38 @@ struct KafkaArgs {
     json: bool,
 }
 
+#[derive(Parser, Clone)]
+struct GrpcArgs {
+    /// e.g. http://127.0.0.1:50051
+    #[arg(long)]
+    url: String,
+    #[arg(long)]
+    stream: String,
+    /// `unary` (Publish) or `stream` (PublishStream).
+    #[arg(long, default_value = "stream")]
+    mode: String,
+    /// HTTP/2 connections (one call at a time per connection in unary mode; one
+    /// PublishStream per connection in stream mode).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Unary calls in flight per connection (HTTP/2 streams).
+    #[arg(long, default_value_t = 1)]
+    calls_per_connection: usize,
+    /// Batches in flight per PublishStream.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+    #[arg(long, default_value_t = 100)]
+    events_per_request: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Serialize)]
 struct Report {
     mode: &'static str,
@@ -186,6 +221,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Http(a) => rt.block_on(http(a)),
         Cmd::Kafka(a) => rt.block_on(kafka(a)),
+        Cmd::Grpc(a) => rt.block_on(grpc(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
             hs256_secret,
@@ -661,6 +697,161 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
             total.value_at_quantile(0.5),
             total.value_at_quantile(0.99),
             errors
+        );
+    }
+    Ok(())
+}
+
+/// gRPC load: unary calls or streams, closed loop; latency per call or per batch.
+async fn grpc(a: GrpcArgs) -> Result<()> {
+    use sluice_protocols::grpc::pb;
+    use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+
+    let value = Bytes::from(format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2))));
+    let events: Vec<pb::Event> = (0..a.events_per_request)
+        .map(|_| pb::Event {
+            value: value.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let start = Instant::now() + Duration::from_millis(300);
+    let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
+    let end = measure_from + Duration::from_secs_f64(a.duration_secs);
+    let mut tasks = Vec::new();
+    for _ in 0..a.connections {
+        let channel = tonic::transport::Channel::from_shared(a.url.clone())?
+            .connect()
+            .await
+            .context("connecting")?;
+        let client = IngestClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let lanes = if a.mode == "unary" {
+            a.calls_per_connection
+        } else {
+            1
+        };
+        for _ in 0..lanes {
+            let (mut client, a, events) = (client.clone(), a.clone(), events.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                let mut t = Tally::new()?;
+                if a.mode == "unary" {
+                    while Instant::now() < end {
+                        let sent = Instant::now();
+                        let r = client
+                            .publish(pb::PublishRequest {
+                                stream: a.stream.clone(),
+                                events: events.clone(),
+                                content_type: String::new(),
+                            })
+                            .await;
+                        if sent >= measure_from && Instant::now() <= end {
+                            match r {
+                                Ok(r) => {
+                                    t.ok += 1;
+                                    t.admitted += r.into_inner().results.len() as u64;
+                                    t.hist.record(sent.elapsed().as_micros() as u64)?;
+                                }
+                                Err(_) => t.errors += 1,
+                            }
+                        }
+                    }
+                    return anyhow::Ok(t);
+                }
+                // Stream mode: a window of `in_flight` batches; answers come in order.
+                let (tx, rx) = tokio::sync::mpsc::channel(a.in_flight);
+                let sent_at = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+                let window = Arc::new(tokio::sync::Semaphore::new(a.in_flight));
+                let feeder = {
+                    let (sent_at, window, a) = (sent_at.clone(), window.clone(), a.clone());
+                    tokio::spawn(async move {
+                        for seq in 0u64.. {
+                            let Ok(p) = window.clone().acquire_owned().await else { break };
+                            p.forget();
+                            if Instant::now() >= end {
+                                break;
+                            }
+                            sent_at.lock().unwrap().push_back(Instant::now());
+                            let batch = pb::PublishStreamRequest {
+                                sequence: seq,
+                                stream: a.stream.clone(),
+                                events: events.clone(),
+                                content_type: String::new(),
+                            };
+                            if tx.send(batch).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                };
+                let mut out = client
+                    .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                while let Some(r) = out.message().await? {
+                    let sent = sent_at.lock().unwrap().pop_front().context("unexpected answer")?;
+                    window.add_permits(1);
+                    if sent >= measure_from && Instant::now() <= end {
+                        if r.status.is_some() {
+                            t.errors += 1;
+                        } else {
+                            t.ok += 1;
+                            t.admitted += r.results.len() as u64;
+                            t.hist.record(sent.elapsed().as_micros() as u64)?;
+                        }
+                    }
+                    if Instant::now() >= end && sent_at.lock().unwrap().is_empty() {
+                        break;
+                    }
+                }
+                feeder.abort();
+                anyhow::Ok(t)
+            }));
+        }
+    }
+    let mut total = Tally::new()?;
+    for t in tasks {
+        let t = t.await??;
+        total.hist.add(&t.hist)?;
+        total.ok += t.ok;
+        total.errors += t.errors;
+        total.admitted += t.admitted;
+    }
+    let secs = a.duration_secs;
+    let h = &total.hist;
+    let report = serde_json::json!({
+        "mode": format!("grpc-{}", a.mode),
+        "connections": a.connections,
+        "calls_per_connection": a.calls_per_connection,
+        "in_flight": a.in_flight,
+        "events_per_request": a.events_per_request,
+        "payload_bytes": a.payload_bytes,
+        "duration_s": secs,
+        "requests": total.ok,
+        "requests_per_s": total.ok as f64 / secs,
+        "errors": total.errors,
+        "admitted_events": total.admitted,
+        "admitted_events_per_s": total.admitted as f64 / secs,
+        "latency_us": {
+            "p50": h.value_at_quantile(0.5),
+            "p99": h.value_at_quantile(0.99),
+            "p999": h.value_at_quantile(0.999),
+            "max": h.max(),
+        },
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "grpc {}, {} conns: {:.0} calls/s, {:.0} events/s acked; latency p50 {} us, p99 {} us; {} errors",
+            a.mode,
+            a.connections,
+            total.ok as f64 / secs,
+            total.admitted as f64 / secs,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            total.errors
         );
     }
     Ok(())
