@@ -707,7 +707,10 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
     use sluice_protocols::grpc::pb;
     use sluice_protocols::grpc::pb::ingest_client::IngestClient;
 
-    let value = Bytes::from(format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2))));
+    let value = Bytes::from(format!(
+        "\"{}\"",
+        "x".repeat(a.payload_bytes.saturating_sub(2))
+    ));
     let events: Vec<pb::Event> = (0..a.events_per_request)
         .map(|_| pb::Event {
             value: value.clone(),
@@ -767,7 +770,9 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                     let (sent_at, window, a) = (sent_at.clone(), window.clone(), a.clone());
                     tokio::spawn(async move {
                         for seq in 0u64.. {
-                            let Ok(p) = window.clone().acquire_owned().await else { break };
+                            let Ok(p) = window.clone().acquire_owned().await else {
+                                break;
+                            };
                             p.forget();
                             if Instant::now() >= end {
                                 break;
@@ -790,7 +795,11 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                     .await?
                     .into_inner();
                 while let Some(r) = out.message().await? {
-                    let sent = sent_at.lock().unwrap().pop_front().context("unexpected answer")?;
+                    let sent = sent_at
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .context("unexpected answer")?;
                     window.add_permits(1);
                     if sent >= measure_from && Instant::now() <= end {
                         if r.status.is_some() {

@@ -509,3 +509,108 @@ async fn health_is_not_serving_while_the_log_is_unavailable() {
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_keep_send_order_within_a_call_while_calls_complete_out_of_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Batches to `slow` beyond its burst are held by a delay quota (about a second);
+    // batches to `fast` are not.
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[quotas]\nmax_delay_ms = 5000\n[[quotas.rules]]\nstreams = \"slow\"\nscope = \"stream\"\nevents_per_sec = 1\nburst_events = 1\npolicy = \"delay\"\n",
+    )
+    .unwrap();
+    let c = client(&s).await;
+    let batch = |sequence, stream: &str| pb::PublishStreamRequest {
+        sequence,
+        stream: stream.into(),
+        events: vec![event(&format!("{stream}-{sequence}"), None)],
+        content_type: String::new(),
+    };
+    // Call A: the burst, then a held batch, then a fast one sent after it.
+    let (a_tx, a_rx) = tokio::sync::mpsc::channel(8);
+    let mut a = c
+        .clone()
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(a_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    a_tx.send(batch(1, "slow")).await.unwrap();
+    assert_eq!(a.message().await.unwrap().unwrap().sequence, 1);
+    // Three events at 1/s: held for about three seconds.
+    let mut held = batch(2, "slow");
+    held.events = (0..3).map(|i| event(&format!("held-{i}"), None)).collect();
+    a_tx.send(held).await.unwrap();
+    a_tx.send(batch(3, "fast")).await.unwrap();
+
+    // Call B, meanwhile: its batch completes while A's second batch is still held.
+    let mut b = c
+        .clone()
+        .publish_stream(tokio_stream::iter(vec![batch(7, "fast")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let b_answer = b.message().await.unwrap().unwrap();
+    let b_done = std::time::Instant::now();
+    assert_eq!(b_answer.sequence, 7);
+    assert!(b_answer.status.is_none());
+    // A's batch 3 is appended while its batch 2 is still held: completion is out of order.
+    let appended = sluice_tests::wait_until(Duration::from_secs(2), || async {
+        read_log(&s.data_dir, "fast", &[]).is_ok_and(|l| l.iter().any(|e| e["value"] == "fast-3"))
+    })
+    .await;
+    assert!(
+        appended,
+        "batch 3 was not appended before batch 2 was released"
+    );
+    assert_eq!(read_log(&s.data_dir, "slow", &[]).unwrap().len(), 1);
+
+    // A's answers still come in send order: 2 (held), then 3 (done long before).
+    let second = a.message().await.unwrap().unwrap();
+    let a2_done = std::time::Instant::now();
+    let third = a.message().await.unwrap().unwrap();
+    assert_eq!((second.sequence, third.sequence), (2, 3));
+    assert!(
+        second.status.is_none() && third.status.is_none(),
+        "{second:?} {third:?}"
+    );
+    assert!(
+        b_done < a2_done,
+        "call B did not complete before call A's held batch"
+    );
+    // The fast batch sent after the held one was appended first: completion was out of order.
+    let fast = read_log(&s.data_dir, "fast", &[]).unwrap();
+    assert_eq!(fast.len(), 2);
+    drop(a_tx);
+    assert!(a.message().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_principal_at_its_connection_limit_gets_resource_exhausted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "k1.secret-one-secret-one";
+    let toml = format!(
+        "[grpc]\nmax_connections_per_principal = 1\n{}",
+        api_key_entry(key, "svc", &["*"])
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let req = || {
+        with_key(
+            pb::PublishRequest {
+                stream: "conns".into(),
+                events: vec![event("1", None)],
+                content_type: String::new(),
+            },
+            key,
+        )
+    };
+    let mut first = client(&s).await;
+    first.publish(req()).await.unwrap();
+    // A second connection of the same principal is refused while the first is open...
+    let mut second = client(&s).await;
+    let e = second.publish(req()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.get_details_retry_info().is_some());
+    // ...and the first one goes on.
+    first.publish(req()).await.unwrap();
+}
