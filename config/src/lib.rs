@@ -29,6 +29,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
+    pub websocket: WebSocketConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
@@ -216,6 +217,41 @@ impl Default for GrpcConfig {
             max_connections_per_principal: 1000,
             tls: None,
             auth: ListenerAuthConfig::default(),
+        }
+    }
+}
+
+/// WebSocket ingest on the HTTP listener(s): `GET /v1/streams/{stream}/ws` and `GET /v1/ws`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    /// Largest message (a whole frame sequence); larger ones close the socket with 1009.
+    pub max_message_bytes: u64,
+    /// Frames read but not yet answered, per socket; past it the server stops reading.
+    pub max_pending_frames: usize,
+    /// A socket with no frame (data, ping or pong) from the client for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often the server pings (0 = never).
+    pub ping_interval_ms: u64,
+    /// Acks the client does not read within this time close the socket (1008): a stalled
+    /// reader cannot make the server buffer without bound.
+    pub ack_write_timeout_ms: u64,
+    /// Browser origins allowed to connect (`Origin` header, e.g. `https://app.example.com`);
+    /// empty: any. Clients that send no Origin (non-browsers) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_message_bytes: 1024 * 1024,
+            max_pending_frames: 256,
+            idle_timeout_ms: 120_000,
+            ping_interval_ms: 30_000,
+            ack_write_timeout_ms: 10_000,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -1097,6 +1133,44 @@ impl Config {
                 ),
             );
         }
+        let ws = &self.websocket;
+        for (key, v, lo, hi) in [
+            (
+                "max_message_bytes",
+                ws.max_message_bytes,
+                1024,
+                MAX_BODY_BYTES_LIMIT,
+            ),
+            (
+                "max_pending_frames",
+                ws.max_pending_frames as u64,
+                1,
+                65_536,
+            ),
+            ("idle_timeout_ms", ws.idle_timeout_ms, 100, 86_400_000),
+            ("ping_interval_ms", ws.ping_interval_ms, 0, 86_400_000),
+            (
+                "ack_write_timeout_ms",
+                ws.ack_write_timeout_ms,
+                10,
+                3_600_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                add(
+                    &format!("websocket.{key}"),
+                    format!("{v} is outside the allowed {lo}..={hi}"),
+                );
+            }
+        }
+        for o in &ws.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                add(
+                    "websocket.allowed_origins",
+                    format!("`{o}` is not an origin like https://app.example.com"),
+                );
+            }
+        }
         if self.http.max_connections == 0 {
             add("http.max_connections", "must be at least 1".into());
         }
@@ -1662,10 +1736,11 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 10] = [
+    const SECTIONS: [&str; 11] = [
         "server",
         "http",
         "grpc",
+        "websocket",
         "admin",
         "log",
         "limits",
@@ -1691,6 +1766,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         server: section(&table, "server", origin, p),
         http: section(&table, "http", origin, p),
         grpc: section(&table, "grpc", origin, p),
+        websocket: section(&table, "websocket", origin, p),
         admin: section(&table, "admin", origin, p),
         log: section(&table, "log", origin, p),
         limits: section(&table, "limits", origin, p),

@@ -17,6 +17,7 @@ use sluice_core::metrics::Metrics;
 use sluice_log::{Log, LogMetrics, LogOptions};
 use sluice_protocols::grpc::GrpcOptions;
 use sluice_protocols::http::HttpOptions;
+use sluice_protocols::http::ws::WsOptions;
 use sluice_protocols::server::{self, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -238,6 +239,17 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         policy,
         concurrency: limits.concurrency.clone(),
         per_principal: limits.per_principal.clone(),
+        websocket: config.websocket.enabled.then(|| {
+            let w = &config.websocket;
+            WsOptions {
+                max_message_bytes: w.max_message_bytes as usize,
+                max_pending_frames: w.max_pending_frames,
+                idle_timeout: Duration::from_millis(w.idle_timeout_ms),
+                ping_interval: Duration::from_millis(w.ping_interval_ms),
+                ack_write_timeout: Duration::from_millis(w.ack_write_timeout_ms),
+                allowed_origins: w.allowed_origins.clone(),
+            }
+        }),
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
         http_listener,

@@ -3,6 +3,7 @@
 //! The wire format is documented in docs/http.md.
 
 pub mod body;
+pub mod ws;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -38,6 +39,8 @@ pub struct HttpOptions {
     pub concurrency: sluice_core::Budget,
     /// Open connections per principal.
     pub per_principal: Arc<PrincipalConnections>,
+    /// WebSocket ingest on this listener, when enabled.
+    pub websocket: Option<ws::WsOptions>,
 }
 
 /// Request header carrying an API key.
@@ -62,24 +65,45 @@ pub async fn serve<I: Ingest>(
         .connections
         .get_or_create(&ProtocolLabels { protocol: PROTO })
         .clone();
+    let (ws_stop, ws_shutdown) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
         body_timeout: opts.body_read_timeout,
         auth: opts.auth,
         policy: opts.policy,
         concurrency: opts.concurrency,
         per_principal: opts.per_principal,
+        websocket: opts.websocket,
+        ws_sessions: Arc::new(tokio::sync::RwLock::new(())),
+        ws_shutdown,
     });
+    let sessions = ctx.ws_sessions.clone();
     server::serve(
         listener,
         opts.server,
         gauge,
         move |req, conn| {
             let (ingest, ctx) = (ingest.clone(), ctx.clone());
-            async move { handle(req, conn, &*ingest, &ctx).await }
+            async move {
+                if let Some(stream) = ws::route(req.uri().path()) {
+                    let stream = stream.map(str::to_string);
+                    let (resp, outcome) = ws::upgrade(req, conn, stream, ingest.clone(), ctx).await;
+                    if outcome != "upgraded" {
+                        ingest.metrics().request("websocket", outcome);
+                    }
+                    return resp;
+                }
+                handle(req, conn, &*ingest, &ctx).await
+            }
         },
-        shutdown,
+        async move {
+            shutdown.await;
+            // Upgraded sockets are no longer hyper's: tell them to finish and close.
+            let _ = ws_stop.send(true);
+        },
     )
     .await;
+    // Wait for every WebSocket session to answer what it read and close.
+    let _ = sessions.write().await;
 }
 
 /// What every request handler of one listener shares.
@@ -89,6 +113,10 @@ struct Ctx {
     policy: ListenerPolicy,
     concurrency: sluice_core::Budget,
     per_principal: Arc<PrincipalConnections>,
+    websocket: Option<ws::WsOptions>,
+    /// Every WebSocket session holds a read guard; the drain takes the write lock.
+    ws_sessions: Arc<tokio::sync::RwLock<()>>,
+    ws_shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 async fn handle<I: Ingest>(
@@ -418,7 +446,7 @@ pub fn rejection_response(r: &Rejection) -> Response<Full<Bytes>> {
     resp
 }
 
-fn error_body(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error_body(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let v = serde_json::json!({ "error": { "code": code, "message": message } });
     json_response(status, v.to_string())
 }

@@ -1,0 +1,627 @@
+//! WebSocket ingest on the HTTP listener: `GET /v1/streams/{stream}/ws` (every frame goes to
+//! that stream) and `GET /v1/ws` (every frame names its stream). Credentials are checked and
+//! the stream authorized before the upgrade, so failures are plain HTTP 401/403. Each event is
+//! answered with a JSON ack or nack once it reached its ack point or was refused. The protocol
+//! is documented in docs/websocket.md.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::value::RawValue;
+use sluice_auth::Credentials;
+use sluice_core::{
+    Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::{API_KEY_HEADER, Ctx, body, error_body, rejection_response};
+use crate::server::ConnInfo;
+
+const PROTO: &str = "websocket";
+
+/// The subprotocol Sluice speaks; a client that offers subprotocols must offer this one.
+pub const SUBPROTOCOL: &str = "sluice.v1";
+
+/// Settings of WebSocket ingest.
+#[derive(Debug, Clone)]
+pub struct WsOptions {
+    pub max_message_bytes: usize,
+    pub max_pending_frames: usize,
+    pub idle_timeout: Duration,
+    /// Zero: never ping.
+    pub ping_interval: Duration,
+    pub ack_write_timeout: Duration,
+    /// Empty: any origin.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Whether `path` is a WebSocket endpoint; `Some(None)` for `/v1/ws`.
+pub fn route(path: &str) -> Option<Option<&str>> {
+    if path == "/v1/ws" {
+        return Some(None);
+    }
+    path.strip_prefix("/v1/streams/")
+        .and_then(|rest| rest.strip_suffix("/ws"))
+        .map(Some)
+}
+
+/// The query parameter `name`, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Answers the upgrade request: 101 and a session, or an HTTP error before any upgrade.
+pub(super) async fn upgrade<I: Ingest>(
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    stream: Option<String>,
+    ingest: Arc<I>,
+    ctx: Arc<Ctx>,
+) -> (Response<Full<Bytes>>, &'static str) {
+    let Some(opts) = ctx.websocket.clone() else {
+        return (
+            error_body(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "WebSocket ingest is disabled",
+            ),
+            "no_route",
+        );
+    };
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if req.method() != http::Method::GET {
+        return (
+            error_body(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET with Upgrade: websocket",
+            ),
+            "method_not_allowed",
+        );
+    }
+    let is_upgrade = h("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        && h("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+    let Some(key) = h("sec-websocket-key").map(str::to_string) else {
+        return (
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Key) is required",
+            ),
+            "malformed",
+        );
+    };
+    if !is_upgrade {
+        return (
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade) is required",
+            ),
+            "malformed",
+        );
+    }
+    if h("sec-websocket-version") != Some("13") {
+        let mut r = error_body(
+            StatusCode::UPGRADE_REQUIRED,
+            "malformed",
+            "WebSocket version 13 is required",
+        );
+        r.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return (r, "malformed");
+    }
+    if !opts.allowed_origins.is_empty()
+        && let Some(origin) = h("origin")
+        && !opts.allowed_origins.iter().any(|o| o == origin)
+    {
+        return (
+            error_body(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                &format!("origin `{origin}` may not connect (websocket.allowed_origins)"),
+            ),
+            "forbidden",
+        );
+    }
+    // Subprotocols: `sluice.v1`, and optionally `bearer.<token>` (browsers cannot set headers).
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
+        return (
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "offer the subprotocol `sluice.v1` (with `bearer.<token>` for credentials)",
+            ),
+            "malformed",
+        );
+    }
+    let sub_token = offered
+        .iter()
+        .find_map(|p| p.strip_prefix("bearer."))
+        .map(str::to_string);
+    let query = req.uri().query();
+    let query_token = query_param(query, "access_token");
+    let query_key = query_param(query, "api_key");
+    let stream = match stream.as_deref().map(StreamName::parse).transpose() {
+        Ok(s) => s,
+        Err(r) => return (rejection_response(&r), r.code()),
+    };
+    let creds = Credentials {
+        authorization: h(http::header::AUTHORIZATION.as_str()),
+        api_key: h(API_KEY_HEADER).or(query_key.as_deref()),
+        bearer: sub_token.as_deref().or(query_token.as_deref()),
+        client_cert: conn.client_cert.as_deref(),
+    };
+    let principal = match ctx
+        .auth
+        .load()
+        .authenticate(&ctx.policy, conn.peer.ip(), creds)
+        .await
+    {
+        Ok(p) => p,
+        Err(f) => {
+            ingest.metrics().auth_failure(PROTO, f.method, f.reason);
+            let r = Rejection::from(f);
+            return (rejection_response(&r), r.code());
+        }
+    };
+    if let Some(s) = &stream
+        && let Err(r) = ingest.admit(&principal, s)
+    {
+        return (rejection_response(&r), r.code());
+    }
+    if !ctx.per_principal.admit(&conn, principal.name()) {
+        let r = Rejection::OverQuota {
+            retry_after: Duration::from_secs(1),
+            message: format!(
+                "principal `{}` has its maximum of open connections",
+                principal.name()
+            ),
+        };
+        return (rejection_response(&r), r.code());
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let Ok(sessions) = ctx.ws_sessions.clone().try_read_owned() else {
+        let r = Rejection::unavailable(Duration::from_secs(1), "the gateway is shutting down");
+        return (rejection_response(&r), r.code());
+    };
+    let shutdown = ctx.ws_shutdown.clone();
+    tokio::spawn(async move {
+        let _session = sessions;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let cfg = WebSocketConfig::default()
+                    .max_message_size(Some(opts.max_message_bytes))
+                    .max_frame_size(Some(opts.max_message_bytes));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(cfg),
+                )
+                .await;
+                let gauge = ingest
+                    .metrics()
+                    .connections
+                    .get_or_create(&sluice_core::metrics::ProtocolLabels { protocol: PROTO })
+                    .clone();
+                gauge.inc();
+                Session {
+                    ingest,
+                    principal,
+                    stream,
+                    opts,
+                }
+                .run(ws, shutdown)
+                .await;
+                gauge.dec();
+            }
+            Err(e) => tracing::debug!(peer = %conn.peer, error = %e, "WebSocket upgrade failed"),
+        }
+        drop(conn);
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = r.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    if !offered.is_empty() {
+        headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    (r, "upgraded")
+}
+
+/// One upgraded socket.
+struct Session<I> {
+    ingest: Arc<I>,
+    principal: Principal,
+    /// The stream of `/v1/streams/{stream}/ws`; `None` on `/v1/ws`.
+    stream: Option<StreamName>,
+    opts: WsOptions,
+}
+
+fn close(code: CloseCode, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_string().into(),
+    }))
+}
+
+/// What the frame handler sends to the writer.
+enum Out {
+    Msg(Message),
+    /// Close with this frame, then stop.
+    Close(Message),
+}
+
+impl<I: Ingest> Session<I> {
+    async fn run<S>(self, ws: WebSocketStream<S>, mut shutdown: watch::Receiver<bool>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sink, mut source) = ws.split();
+        let opts = self.opts.clone();
+        // Room for every pending frame's answers is not reserved: a frame of many events may
+        // block its task until the writer catches up, which stops the reader in turn.
+        let (out_tx, mut out_rx) = mpsc::channel::<Out>(opts.max_pending_frames * 2);
+        let write_timeout = opts.ack_write_timeout;
+        let writer = tokio::spawn(async move {
+            while let Some(out) = out_rx.recv().await {
+                let (msg, last) = match out {
+                    Out::Msg(m) => (m, false),
+                    Out::Close(m) => (m, true),
+                };
+                match tokio::time::timeout(write_timeout, sink.send(msg)).await {
+                    Ok(Ok(())) if !last => {}
+                    Ok(_) => break,
+                    Err(_) => {
+                        // The client does not read its acks: stop rather than buffer.
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            sink.send(close(CloseCode::Policy, "acks were not read in time")),
+                        )
+                        .await;
+                        break;
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        });
+        let pending = Arc::new(Semaphore::new(opts.max_pending_frames));
+        let seq = AtomicU64::new(0);
+        let session = Arc::new(self);
+        // Per stream, the completion of the last frame, so a stream's answers keep frame order.
+        let mut last_of: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        let mut ping = (!opts.ping_interval.is_zero()).then(|| {
+            let mut i = tokio::time::interval(opts.ping_interval);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let mut idle = tokio::time::Instant::now() + opts.idle_timeout;
+        loop {
+            // At most max_pending_frames unanswered frames: past it, stop reading.
+            let permit = tokio::select! {
+                p = pending.clone().acquire_owned() => p.expect("never closed"),
+                _ = stopped(&mut shutdown) => break,
+                _ = out_tx.closed() => break, // the writer gave up (stalled reader, or gone)
+            };
+            let next = tokio::select! {
+                m = source.next() => m,
+                _ = tokio::time::sleep_until(idle) => {
+                    let _ = out_tx.send(Out::Close(close(CloseCode::Away, "idle timeout"))).await;
+                    break;
+                }
+                _ = async { ping.as_mut().unwrap().tick().await }, if ping.is_some() => {
+                    drop(permit);
+                    if out_tx.send(Out::Msg(Message::Ping(Bytes::new()))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                _ = stopped(&mut shutdown) => break,
+                _ = out_tx.closed() => break,
+            };
+            idle = tokio::time::Instant::now() + opts.idle_timeout;
+            let msg = match next {
+                None => break,
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    let (code, reason) = match &e {
+                        tungstenite::Error::Capacity(_) => (CloseCode::Size, "message too large"),
+                        tungstenite::Error::Utf8(_) => {
+                            (CloseCode::Invalid, "text frame is not UTF-8")
+                        }
+                        tungstenite::Error::Protocol(_) => (CloseCode::Protocol, "protocol error"),
+                        _ => break,
+                    };
+                    let _ = out_tx.send(Out::Close(close(code, reason))).await;
+                    break;
+                }
+            };
+            let frame = match msg {
+                Message::Text(t) => Frame::Text(Bytes::from(t)),
+                Message::Binary(b) => Frame::Binary(b),
+                Message::Close(_) => break,
+                _ => continue, // pings are answered by the protocol; pongs only keep it alive
+            };
+            let n = seq.fetch_add(1, Ordering::Relaxed);
+            let s = session.clone();
+            let out = out_tx.clone();
+            let parsed = s.parse(frame);
+            let stream_key = match &parsed {
+                Ok((stream, _, _)) => stream.to_string(),
+                Err(_) => String::new(),
+            };
+            if last_of.len() > 1024 {
+                last_of.retain(|_, rx| {
+                    matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                });
+            }
+            let (done_tx, done_rx) = oneshot::channel();
+            let previous = last_of.insert(stream_key, done_rx);
+            tokio::spawn(async move {
+                let answers = match parsed {
+                    Ok((stream, content_type, events)) => {
+                        s.append(stream, content_type, events).await
+                    }
+                    Err((r, ids)) => Answers::Rejected(r, ids),
+                };
+                if let Some(p) = previous {
+                    let _ = p.await;
+                }
+                for m in answers.messages(n) {
+                    if out.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = done_tx.send(());
+                drop(permit);
+            });
+        }
+        // Draining or closed: let pending frames answer, then close (1001 on shutdown).
+        let _ = tokio::time::timeout(
+            opts.ack_write_timeout,
+            pending.acquire_many(opts.max_pending_frames as u32),
+        )
+        .await;
+        let draining = *shutdown.borrow();
+        if draining {
+            let _ = out_tx
+                .send(Out::Close(close(
+                    CloseCode::Away,
+                    "the gateway is shutting down",
+                )))
+                .await;
+        }
+        drop(out_tx);
+        let _ = writer.await;
+    }
+
+    /// A frame's stream, content type and events, or why it cannot be taken (with the ids it
+    /// could read, for the nack).
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        &self,
+        frame: Frame,
+    ) -> Result<(StreamName, Bytes, Vec<Event>), (Rejection, Vec<Option<Bytes>>)> {
+        let fail = |r: Rejection| (r, vec![None]);
+        match (frame, &self.stream) {
+            (Frame::Binary(b), Some(stream)) => Ok((
+                stream.clone(),
+                Bytes::from_static(b"application/octet-stream"),
+                vec![Event {
+                    value: b,
+                    ..Event::default()
+                }],
+            )),
+            (Frame::Binary(_), None) => Err(fail(Rejection::Malformed {
+                message: "binary frames need a stream: use /v1/streams/{stream}/ws".into(),
+            })),
+            (Frame::Text(t), Some(stream)) => {
+                let events = body::parse_json(&t).map_err(fail)?;
+                Ok((
+                    stream.clone(),
+                    Bytes::from_static(b"application/json"),
+                    events,
+                ))
+            }
+            (Frame::Text(t), None) => {
+                #[derive(serde::Deserialize)]
+                struct Envelope<'a> {
+                    stream: String,
+                    #[serde(borrow)]
+                    events: &'a RawValue,
+                }
+                let env: Envelope = serde_json::from_slice(&t).map_err(|e| {
+                    fail(Rejection::Malformed {
+                        message: format!(
+                            "on /v1/ws a frame is {{\"stream\": \"…\", \"events\": event or array}}: {e}"
+                        ),
+                    })
+                })?;
+                let stream = StreamName::parse(&env.stream).map_err(fail)?;
+                let events =
+                    body::parse_json(&t.slice_ref(env.events.get().as_bytes())).map_err(fail)?;
+                Ok((stream, Bytes::from_static(b"application/json"), events))
+            }
+        }
+    }
+
+    async fn append(&self, stream: StreamName, content_type: Bytes, events: Vec<Event>) -> Answers {
+        let ids: Vec<Option<Bytes>> = events.iter().map(|e| e.id.clone()).collect();
+        let result = async {
+            self.ingest.admit(&self.principal, &stream)?;
+            let size: usize = events.iter().map(Event::size).sum();
+            let reservation = self.ingest.budget().try_reserve(size)?;
+            self.ingest
+                .ingest(IngestRequest {
+                    principal: self.principal.clone(),
+                    protocol: Protocol::WebSocket,
+                    stream,
+                    content_type,
+                    events,
+                    reservation,
+                })
+                .await
+        }
+        .await;
+        let outcome = match &result {
+            Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        self.ingest.metrics().request(PROTO, outcome);
+        match result {
+            Ok(receipts) => Answers::Receipts(receipts, ids),
+            Err(r) => Answers::Rejected(r, ids),
+        }
+    }
+}
+
+/// Completes once the gateway starts draining.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|&s| s).await;
+}
+
+enum Frame {
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+/// The answers to one frame.
+enum Answers {
+    Receipts(Vec<Receipt>, Vec<Option<Bytes>>),
+    /// The whole frame was refused: one nack per event (or one for an unparsable frame).
+    Rejected(Rejection, Vec<Option<Bytes>>),
+}
+
+impl Answers {
+    fn messages(self, seq: u64) -> Vec<Out> {
+        let id_json = |id: &Option<Bytes>| match id {
+            Some(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
+            None => serde_json::Value::Null,
+        };
+        let nack = |r: &Rejection, i: usize, id: &Option<Bytes>| {
+            let mut v = serde_json::json!({
+                "seq": seq, "index": i, "id": id_json(id),
+                "error": {"code": r.code(), "message": r.to_string()},
+            });
+            if let Some(after) = r.retry_after() {
+                v["retry_after_ms"] = serde_json::json!(after.as_millis() as u64);
+            }
+            v
+        };
+        let text = |v: serde_json::Value| Out::Msg(Message::Text(v.to_string().into()));
+        match self {
+            Answers::Receipts(receipts, ids) => receipts
+                .iter()
+                .zip(ids.iter())
+                .enumerate()
+                .map(|(i, (r, id))| {
+                    text(match r {
+                        Receipt::Appended { partition, offset } => serde_json::json!({
+                            "seq": seq, "index": i, "id": id_json(id),
+                            "partition": partition, "offset": offset,
+                        }),
+                        Receipt::Received { partition } => serde_json::json!({
+                            "seq": seq, "index": i, "id": id_json(id),
+                            "partition": partition, "status": "received",
+                        }),
+                        Receipt::Failed(r) => nack(r, i, id),
+                    })
+                })
+                .collect(),
+            Answers::Rejected(Rejection::Internal { message }, _) => {
+                tracing::error!(%message, "WebSocket frame failed internally");
+                vec![Out::Close(close(CloseCode::Error, "internal error"))]
+            }
+            Answers::Rejected(r, ids) => {
+                let mut out: Vec<Out> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| text(nack(&r, i, id)))
+                    .collect();
+                // The log cannot take events now (budget full, log failing, Kafka away): after
+                // the nacks, 1013 asks the client to reconnect later, perhaps elsewhere.
+                if matches!(r, Rejection::Unavailable { .. }) {
+                    out.push(Out::Close(close(
+                        CloseCode::Again,
+                        "the log is unavailable; reconnect later",
+                    )));
+                }
+                out
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_query_parameters() {
+        assert_eq!(route("/v1/ws"), Some(None));
+        assert_eq!(route("/v1/streams/a.b/ws"), Some(Some("a.b")));
+        assert_eq!(route("/v1/streams/a/events"), None);
+        assert_eq!(
+            query_param(Some("x=1&access_token=a%2Eb.c&api_key=k"), "access_token").as_deref(),
+            Some("a.b.c")
+        );
+        assert_eq!(query_param(Some("x=1"), "api_key"), None);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("a+b%20c"), "a b c");
+    }
+}
