@@ -5,17 +5,21 @@
 #                  about 11 minutes to build on 2 cores, once per machine)
 #   --with-grpcio  also install Python grpcio and grpcio-tools (the second gRPC client the
 #                  tests use to check the wire format)
-#   --for-tests    everything the test suite needs (both of the above)
+#   --with-browser also install Debian's chromium and chromium-driver (the real-browser test of
+#                  the WebSocket example page)
+#   --for-tests    everything the test suite needs (all of the above)
 set -euo pipefail
 
 with_tansu=0
 with_grpcio=0
+with_browser=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
     --with-grpcio) with_grpcio=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--for-tests]" >&2; exit 2 ;;
+    --with-browser) with_browser=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -57,6 +61,10 @@ if command -v dpkg >/dev/null 2>&1; then
   for pkg in libssl-dev zlib1g-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
+fi
+if [ "$with_browser" -eq 1 ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"

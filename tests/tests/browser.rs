@@ -1,0 +1,231 @@
+//! A real browser: headless Chromium (Debian's chromium and chromium-driver, installed by
+//! scripts/install-deps.sh --for-tests), driven over WebDriver, loads examples/browser/ from a
+//! local web server, connects to the gateway with a token in the subprotocol, and sends events
+//! typed into the page; the test waits for the acks on the page and reads the events back from
+//! the log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_tests::{Sluice, api_key_entry, read_log, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// Serves the files of `dir` over HTTP/1.1 on 127.0.0.1 (one request per connection).
+async fn static_server(dir: PathBuf) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let path = path.split('?').next().unwrap().trim_start_matches('/');
+                let name = Path::new(path).file_name().map(|f| f.to_owned());
+                let (status, body, ctype) = match name.map(|f| std::fs::read(dir.join(f))) {
+                    Some(Ok(b)) if path.ends_with(".js") => ("200 OK", b, "text/javascript"),
+                    Some(Ok(b)) => ("200 OK", b, "text/html; charset=utf-8"),
+                    _ => ("404 Not Found", b"not found".to_vec(), "text/plain"),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Driver {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = sluice_tests::kafka::free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (scripts/install-deps.sh --for-tests installs chromium-driver)");
+        let d = Driver {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        let up = wait_until(Duration::from_secs(30), || async {
+            d.http
+                .get(format!("{}/status", d.base))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(up, "chromedriver did not start");
+        d
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let v: Value = r.send().await.unwrap().json().await.unwrap();
+        if v["value"].get("error").is_some() {
+            panic!("webdriver {path}: {v}");
+        }
+        v["value"].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_sends_events_from_the_example_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "web.browser-secret-1234";
+    let toml = format!(
+        "[http.auth]\nallow_anonymous = false\n{}",
+        api_key_entry(key, "browser-user", &["browser"])
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let site =
+        static_server(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/browser")).await;
+    let page = format!(
+        "http://{site}/index.html?gateway=ws://{}&stream=browser&token={key}&connect=1",
+        s.http
+    );
+
+    let d = Driver::start().await;
+    let profile = tmp.path().join("chromium-profile");
+    let session = d
+        .call(
+            reqwest::Method::POST,
+            "/session",
+            Some(json!({"capabilities": {"alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": ["--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-background-networking", "--disable-dev-shm-usage",
+                             "--no-first-run", format!("--user-data-dir={}", profile.display())]
+                }
+            }}})),
+        )
+        .await;
+    let sid = session["sessionId"].as_str().unwrap().to_string();
+    let at = |p: &str| format!("/session/{sid}{p}");
+    d.call(
+        reqwest::Method::POST,
+        &at("/url"),
+        Some(json!({"url": page})),
+    )
+    .await;
+    let find = |css: &'static str| {
+        let (d, at) = (&d, at(""));
+        async move {
+            let e = d
+                .call(
+                    reqwest::Method::POST,
+                    &format!("{at}/element"),
+                    Some(json!({"using": "css selector", "value": css})),
+                )
+                .await;
+            e[ELEMENT].as_str().unwrap().to_string()
+        }
+    };
+    let text = |id: String| {
+        let (d, at) = (&d, at(""));
+        async move {
+            d.call(
+                reqwest::Method::GET,
+                &format!("{at}/element/{id}/text"),
+                None,
+            )
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
+        }
+    };
+    let state = find("#state").await;
+    let connected = wait_until(Duration::from_secs(30), || async {
+        text(state.clone()).await == "connected"
+    })
+    .await;
+    assert!(connected, "page state: {}", text(state.clone()).await);
+
+    let input = find("#event").await;
+    let send = find("#send").await;
+    let typed = [r#"{"temp": 21.5}"#, "hello from chromium", "[1, 2, 3]"];
+    for t in typed {
+        d.call(
+            reqwest::Method::POST,
+            &at(&format!("/element/{input}/clear")),
+            Some(json!({})),
+        )
+        .await;
+        d.call(
+            reqwest::Method::POST,
+            &at(&format!("/element/{input}/value")),
+            Some(json!({"text": t})),
+        )
+        .await;
+        d.call(
+            reqwest::Method::POST,
+            &at(&format!("/element/{send}/click")),
+            Some(json!({})),
+        )
+        .await;
+    }
+    let log_el = find("#log").await;
+    let acked = wait_until(Duration::from_secs(30), || async {
+        text(log_el.clone()).await.matches("ack browser-").count() == typed.len()
+    })
+    .await;
+    let shown = text(log_el.clone()).await;
+    assert!(acked, "acks on the page: {shown:?}");
+    assert!(
+        shown.contains("ack browser-1: partition 0 offset 0"),
+        "{shown:?}"
+    );
+    let _ = d.call(reqwest::Method::DELETE, &at(""), None).await;
+
+    let log = read_log(&s.data_dir, "browser", &[]).unwrap();
+    let values: Vec<&str> = log.iter().map(|e| e["value"].as_str().unwrap()).collect();
+    assert_eq!(
+        values,
+        [r#"{"temp":21.5}"#, r#""hello from chromium""#, "[1,2,3]"]
+    );
+    assert!(
+        log.iter()
+            .all(|e| e["headers"]["sluice-principal"] == "browser-user")
+    );
+    assert_eq!(log[1]["id"], "browser-2");
+}
