@@ -38,6 +38,9 @@ enum Cmd {
     /// gRPC `sluice.v1.Ingest`: unary `Publish` calls or `PublishStream` with many batches in
     /// flight per stream (closed loop).
     Grpc(GrpcArgs),
+    /// WebSocket: frames of JSON events on `/v1/streams/{stream}/ws`, each acked per event;
+    /// a window of unacked frames per connection (closed loop), or a target rate (open loop).
+    Ws(WsArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -158,6 +161,31 @@ struct GrpcArgs {
     json: bool,
 }
 
+#[derive(Parser, Clone)]
+struct WsArgs {
+    /// e.g. ws://127.0.0.1:8080/v1/streams/bench/ws
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Unacked frames per connection.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    #[arg(long, default_value_t = 1)]
+    events_per_frame: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Target frames per second over all connections (open loop); 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Serialize)]
 struct Report {
     mode: &'static str,
@@ -222,6 +250,7 @@ fn main() -> Result<()> {
         Cmd::Http(a) => rt.block_on(http(a)),
         Cmd::Kafka(a) => rt.block_on(kafka(a)),
         Cmd::Grpc(a) => rt.block_on(grpc(a)),
+        Cmd::Ws(a) => rt.block_on(ws(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
             hs256_secret,
@@ -857,6 +886,145 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
             a.mode,
             a.connections,
             total.ok as f64 / secs,
+            total.admitted as f64 / secs,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            total.errors
+        );
+    }
+    Ok(())
+}
+
+/// WebSocket load: per connection a sender (window of unacked frames, or a fixed schedule) and a
+/// reader matching acks to frames in order; latency from the frame's intended send time.
+async fn ws(a: WsArgs) -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let value = format!("\"{}\"", "x".repeat(a.payload_bytes.saturating_sub(2)));
+    let frame = if a.events_per_frame == 1 {
+        value
+    } else {
+        format!("[{}]", vec![value; a.events_per_frame].join(","))
+    };
+    let start = Instant::now() + Duration::from_millis(500);
+    let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
+    let end = measure_from + Duration::from_secs_f64(a.duration_secs);
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(a.connections as f64 / a.rate));
+    let mut tasks = Vec::new();
+    for c in 0..a.connections {
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(a.url.as_str(), None, true)
+            .await
+            .context("connecting")?;
+        let (mut tx, mut rx) = socket.split();
+        let (a, frame) = (a.clone(), frame.clone());
+        let offset = interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(c as f64 / a.connections as f64)
+        });
+        tasks.push(tokio::spawn(async move {
+            let sent_at = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+            let window = Arc::new(tokio::sync::Semaphore::new(a.window));
+            let sender = {
+                let (sent_at, window) = (sent_at.clone(), window.clone());
+                tokio::spawn(async move {
+                    let mut due = start + offset;
+                    loop {
+                        if interval.is_some() {
+                            tokio::time::sleep_until(due.into()).await;
+                        }
+                        let Ok(p) = window.acquire().await else { break };
+                        p.forget();
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        // Open loop: latency counts from the scheduled time.
+                        sent_at.lock().unwrap().push_back(if interval.is_some() {
+                            due
+                        } else {
+                            now
+                        });
+                        if tx.send(Message::text(frame.clone())).await.is_err() {
+                            break;
+                        }
+                        if let Some(i) = interval {
+                            due += i;
+                        }
+                    }
+                    let _ = tx.close().await;
+                })
+            };
+            let mut t = Tally::new()?;
+            let mut acks_in_frame = 0;
+            while let Some(m) = rx.next().await {
+                let Ok(Message::Text(text)) = m else { continue };
+                acks_in_frame += 1;
+                let ok = !text.contains("\"error\"");
+                if !ok {
+                    t.errors += 1;
+                }
+                if acks_in_frame < a.events_per_frame {
+                    if ok && Instant::now() >= measure_from && Instant::now() <= end {
+                        t.admitted += 1;
+                    }
+                    continue;
+                }
+                acks_in_frame = 0;
+                let Some(sent) = sent_at.lock().unwrap().pop_front() else {
+                    break;
+                };
+                window.add_permits(1);
+                if sent >= measure_from && Instant::now() <= end {
+                    t.ok += 1;
+                    if ok {
+                        t.admitted += 1;
+                    }
+                    t.hist.record(sent.elapsed().as_micros() as u64)?;
+                }
+                if Instant::now() >= end && sent_at.lock().unwrap().is_empty() {
+                    break;
+                }
+            }
+            sender.abort();
+            anyhow::Ok(t)
+        }));
+    }
+    let mut total = Tally::new()?;
+    for t in tasks {
+        let t = t.await??;
+        total.hist.add(&t.hist)?;
+        total.ok += t.ok;
+        total.errors += t.errors;
+        total.admitted += t.admitted;
+    }
+    let secs = a.duration_secs;
+    let h = &total.hist;
+    let report = serde_json::json!({
+        "mode": if interval.is_some() { "ws-open" } else { "ws-closed" },
+        "connections": a.connections,
+        "window": a.window,
+        "events_per_frame": a.events_per_frame,
+        "payload_bytes": a.payload_bytes,
+        "target_rate_fps": a.rate,
+        "duration_s": secs,
+        "frames": total.ok,
+        "errors": total.errors,
+        "admitted_events": total.admitted,
+        "admitted_events_per_s": total.admitted as f64 / secs,
+        "latency_us": {
+            "p50": h.value_at_quantile(0.5),
+            "p99": h.value_at_quantile(0.99),
+            "p999": h.value_at_quantile(0.999),
+            "max": h.max(),
+        },
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "ws {} conns, window {}: {:.0} events/s acked; frame latency p50 {} us, p99 {} us; {} errors",
+            a.connections,
+            a.window,
             total.admitted as f64 / secs,
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.99),

@@ -318,21 +318,39 @@ impl<I: Ingest> Session<I> {
         let (out_tx, mut out_rx) = mpsc::channel::<Out>(opts.max_pending_frames * 2);
         let write_timeout = opts.ack_write_timeout;
         let writer = tokio::spawn(async move {
-            while let Some(out) = out_rx.recv().await {
+            // Messages are fed without a flush each; the socket is flushed when nothing else is
+            // waiting, so a burst of acks costs one write, not one per ack.
+            let mut unflushed = false;
+            loop {
+                let out = match out_rx.try_recv() {
+                    Ok(out) => out,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if unflushed {
+                            match tokio::time::timeout(write_timeout, sink.flush()).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break,
+                                Err(_) => {
+                                    stalled(&mut sink).await;
+                                    break;
+                                }
+                            }
+                        }
+                        match out_rx.recv().await {
+                            Some(out) => out,
+                            None => break,
+                        }
+                    }
+                };
                 let (msg, last) = match out {
                     Out::Msg(m) => (m, false),
                     Out::Close(m) => (m, true),
                 };
-                match tokio::time::timeout(write_timeout, sink.send(msg)).await {
-                    Ok(Ok(())) if !last => {}
+                match tokio::time::timeout(write_timeout, sink.feed(msg)).await {
+                    Ok(Ok(())) if !last => unflushed = true,
                     Ok(_) => break,
                     Err(_) => {
-                        // The client does not read its acks: stop rather than buffer.
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            sink.send(close(CloseCode::Policy, "acks were not read in time")),
-                        )
-                        .await;
+                        stalled(&mut sink).await;
                         break;
                     }
                 }
@@ -530,6 +548,19 @@ impl<I: Ingest> Session<I> {
     }
 }
 
+/// The client does not read its acks: tell it why (if the socket still takes a frame) and stop,
+/// rather than buffer.
+async fn stalled<S>(sink: &mut S)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(close(CloseCode::Policy, "acks were not read in time")),
+    )
+    .await;
+}
+
 /// Completes once the gateway starts draining.
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|&s| s).await;
@@ -549,38 +580,50 @@ enum Answers {
 
 impl Answers {
     fn messages(self, seq: u64) -> Vec<Out> {
+        use std::fmt::Write as _;
         let id_json = |id: &Option<Bytes>| match id {
-            Some(b) => serde_json::Value::String(String::from_utf8_lossy(b).into_owned()),
-            None => serde_json::Value::Null,
+            Some(b) => {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned()).to_string()
+            }
+            None => "null".to_string(),
         };
         let nack = |r: &Rejection, i: usize, id: &Option<Bytes>| {
             let mut v = serde_json::json!({
-                "seq": seq, "index": i, "id": id_json(id),
+                "seq": seq, "index": i, "id": serde_json::from_str::<serde_json::Value>(&id_json(id)).unwrap_or_default(),
                 "error": {"code": r.code(), "message": r.to_string()},
             });
             if let Some(after) = r.retry_after() {
                 v["retry_after_ms"] = serde_json::json!(after.as_millis() as u64);
             }
-            v
+            v.to_string()
         };
-        let text = |v: serde_json::Value| Out::Msg(Message::Text(v.to_string().into()));
+        let text = |s: String| Out::Msg(Message::Text(s.into()));
         match self {
             Answers::Receipts(receipts, ids) => receipts
                 .iter()
                 .zip(ids.iter())
                 .enumerate()
                 .map(|(i, (r, id))| {
-                    text(match r {
-                        Receipt::Appended { partition, offset } => serde_json::json!({
-                            "seq": seq, "index": i, "id": id_json(id),
-                            "partition": partition, "offset": offset,
-                        }),
-                        Receipt::Received { partition } => serde_json::json!({
-                            "seq": seq, "index": i, "id": id_json(id),
-                            "partition": partition, "status": "received",
-                        }),
-                        Receipt::Failed(r) => nack(r, i, id),
-                    })
+                    // Acks are the hot path: written directly, not through a JSON tree.
+                    let mut s = String::with_capacity(80);
+                    match r {
+                        Receipt::Appended { partition, offset } => {
+                            let _ = write!(
+                                s,
+                                r#"{{"seq":{seq},"index":{i},"id":{},"partition":{partition},"offset":{offset}}}"#,
+                                id_json(id)
+                            );
+                        }
+                        Receipt::Received { partition } => {
+                            let _ = write!(
+                                s,
+                                r#"{{"seq":{seq},"index":{i},"id":{},"partition":{partition},"status":"received"}}"#,
+                                id_json(id)
+                            );
+                        }
+                        Receipt::Failed(r) => s = nack(r, i, id),
+                    }
+                    text(s)
                 })
                 .collect(),
             Answers::Rejected(Rejection::Internal { message }, _) => {
