@@ -958,3 +958,128 @@ async fn a_jwks_file_is_reread_on_the_refresh_interval() {
         "the periodic refresh never re-read the JWKS file"
     );
 }
+
+/// A WebSocket over TLS to the HTTP listener, or the HTTP status of the refused upgrade.
+async fn wss(
+    w: &World,
+    client: &Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    u16,
+> {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tcp = tokio::net::TcpStream::connect(w.s.http).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut req = format!("wss://localhost:{}{path}", w.s.http.port())
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    match tokio_tungstenite::client_async(req, tls).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_tls_accepts_every_method_and_refuses_bad_credentials_before_the_upgrade() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let w = world(10_000).await;
+    let send_one = |mut ws: tokio_tungstenite::WebSocketStream<_>| async move {
+        ws.send(Message::text("1")).await.unwrap();
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    return v["offset"].as_u64().expect("an ack") as usize;
+                }
+                _ => continue,
+            }
+        }
+    };
+    let principal_at = |stream: &str, offset: usize| {
+        read_log(&w.s.data_dir, stream, &[]).unwrap()[offset]["headers"]["sluice-principal"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // A JWT in the subprotocol (the browser way), an API key in the query, a client certificate.
+    let t = w.ec.sign(&claims(ISS_A, "ws-user", "produce:a.*"));
+    let proto = format!("sluice.v1, bearer.{t}");
+    let ws = wss(
+        &w,
+        &w.client,
+        "/v1/streams/a.ws/ws",
+        &[("sec-websocket-protocol", &proto)],
+    )
+    .await
+    .unwrap();
+    let o = send_one(ws).await;
+    assert_eq!(principal_at("a.ws", o), "ws-user");
+    let ws = wss(
+        &w,
+        &w.client,
+        &format!("/v1/streams/a.ws/ws?api_key={GOOD_KEY}"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let o = send_one(ws).await;
+    assert_eq!(principal_at("a.ws", o), "svc-good");
+    let device =
+        w.ca.issue_valid("device-ws", &["uri:spiffe://test/device-ws"])
+            .unwrap();
+    let device_tls = tls_client(&w.ca.cert_pem(), Some(&device)).unwrap();
+    let ws = wss(&w, &device_tls, "/v1/streams/m.ws/ws", &[])
+        .await
+        .unwrap();
+    let o = send_one(ws).await;
+    assert_eq!(principal_at("m.ws", o), "spiffe://test/device-ws");
+
+    // Refused before the upgrade, with HTTP statuses.
+    let expired = w.rsa.sign(&with(
+        claims(ISS_A, "u", "produce:a.*"),
+        "exp",
+        json!(pki::now() - 60),
+    ));
+    let forged = SigningKey::es256("ec-1")
+        .unwrap()
+        .sign(&claims(ISS_A, "u", "produce:a.*"));
+    for (case, path, status) in [
+        ("missing", "/v1/streams/a.ws/ws".to_string(), 401),
+        (
+            "expired JWT",
+            format!("/v1/streams/a.ws/ws?access_token={expired}"),
+            401,
+        ),
+        (
+            "forged JWT",
+            format!("/v1/streams/a.ws/ws?access_token={forged}"),
+            401,
+        ),
+        (
+            "disabled key",
+            format!("/v1/streams/a.ws/ws?api_key={DISABLED_KEY}"),
+            401,
+        ),
+        (
+            "other stream",
+            format!("/v1/streams/b.ws/ws?api_key={GOOD_KEY}"),
+            403,
+        ),
+    ] {
+        let got = wss(&w, &w.client, &path, &[]).await.err();
+        assert_eq!(got, Some(status), "{case}");
+    }
+}
