@@ -1,7 +1,8 @@
 //! WebSocket ingest against the real binary with tokio-tungstenite clients: JSON and binary
 //! frames, arrays, per-event acks and nacks, `/v1/ws` frames that name their stream,
 //! credentials (header, query, subprotocol) checked before the upgrade, Origin allow-list, close
-//! codes (1009 too large, 1008 stalled reader, 1001 idle, 1013 log unavailable), many sockets.
+//! codes (1009 too large, 1008 stalled reader, 1001 idle, 1013 log unavailable, 1011 internal),
+//! many sockets.
 
 use std::time::Duration;
 
@@ -370,4 +371,33 @@ async fn many_concurrent_sockets_get_every_ack() {
         read_log(&s.data_dir, "many", &[]).unwrap().len(),
         SOCKETS * FRAMES
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_failure_is_nacked_and_closes_1011() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    // A final broker error (authorization) is an internal failure for the producer: only an
+    // operator can fix it. librdkafka's mock cluster injects it.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("locked", 1, 1).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &sluice_tests::kafka::kafka_config(&cluster.bootstrap_servers(), "linger_ms = 1"),
+    )
+    .unwrap();
+    assert!(s.wait_readyz(200, Duration::from_secs(30)).await);
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let mut ws = connect(&s, "/v1/streams/locked/ws").await;
+    ws.send(Message::text(r#"{"id":"x","value":1}"#))
+        .await
+        .unwrap();
+    let nack = answer(&mut ws).await;
+    assert_eq!(nack["error"]["code"], "internal", "{nack}");
+    assert!(nack.get("retry_after_ms").is_none(), "{nack}");
+    assert_eq!(close_code(&mut ws).await, CloseCode::Error);
 }

@@ -599,7 +599,11 @@ impl Answers {
         };
         let text = |s: String| Out::Msg(Message::Text(s.into()));
         match self {
-            Answers::Receipts(receipts, ids) => receipts
+            Answers::Receipts(receipts, ids) => {
+                let internal = receipts
+                    .iter()
+                    .any(|r| matches!(r, Receipt::Failed(Rejection::Internal { .. })));
+                let mut out: Vec<Out> = receipts
                 .iter()
                 .zip(ids.iter())
                 .enumerate()
@@ -625,10 +629,13 @@ impl Answers {
                     }
                     text(s)
                 })
-                .collect(),
-            Answers::Rejected(Rejection::Internal { message }, _) => {
-                tracing::error!(%message, "WebSocket frame failed internally");
-                vec![Out::Close(close(CloseCode::Error, "internal error"))]
+                .collect();
+                // An internal failure (the log refused in a way no retry fixes): the nacks, then
+                // 1011, so the client does not go on sending into it.
+                if internal {
+                    out.push(Out::Close(close(CloseCode::Error, "internal error")));
+                }
+                out
             }
             Answers::Rejected(r, ids) => {
                 let mut out: Vec<Out> = ids
