@@ -133,6 +133,15 @@ async fn publish_stream_answers_every_batch_in_order_with_many_in_flight() {
         (1000..1000 + BATCHES).collect::<Vec<_>>(),
         "answers out of order"
     );
+    // Pipelined batches of one stream are appended in the order they were sent.
+    let flat: Vec<u64> = seen
+        .iter()
+        .flat_map(|(_, o)| o.iter().map(|(_, o)| *o))
+        .collect();
+    assert!(
+        flat.windows(2).all(|w| w[0] < w[1]),
+        "log order differs from send order"
+    );
     // Every event at its own offset, and the log holds what each answer says.
     let log = read_log(&s.data_dir, "stream", &[]).unwrap();
     assert_eq!(log.len(), BATCHES as usize * EVENTS);

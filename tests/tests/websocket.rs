@@ -356,6 +356,8 @@ async fn many_concurrent_sockets_get_every_ack() {
                     assert_eq!(a["id"], format!("{i}-{f}"), "answers out of order");
                     offsets.push(a["offset"].as_u64().unwrap());
                 }
+                // One socket's frames of one stream are appended in the order they were sent.
+                assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
                 offsets
             })
         })

@@ -11,9 +11,7 @@ use http::Request;
 use hyper::body::Incoming;
 use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
 use sluice_core::metrics::ProtocolLabels;
-use sluice_core::{
-    Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
-};
+use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,6 +21,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::lanes::{self, Lanes};
 use crate::server::{self, ConnInfo, PrincipalConnections, ServerOptions};
 
 /// Messages and services generated from proto/sluice/v1/ingest.proto.
@@ -261,6 +260,15 @@ fn deadline_exceeded() -> Status {
     )
 }
 
+/// A batch's content type, `application/octet-stream` when it gave none.
+fn content_type_or_default(content_type: String) -> String {
+    if content_type.is_empty() {
+        "application/octet-stream".to_string()
+    } else {
+        content_type
+    }
+}
+
 /// Converts a batch's events; an event whose content type differs from the batch's keeps it as
 /// a `content-type` header.
 fn events_of(events: Vec<pb::Event>, content_type: &str) -> Vec<Event> {
@@ -345,36 +353,24 @@ fn spawn_batch<I: Ingest>(
     events: Vec<pb::Event>,
 ) -> JoinHandle<Result<Vec<Receipt>, Rejection>> {
     tokio::spawn(async move {
-        let result = async {
-            let stream = StreamName::parse(&stream)?;
-            ingest.admit(&principal, &stream)?;
-            let content_type = if content_type.is_empty() {
-                "application/octet-stream".to_string()
-            } else {
-                content_type
-            };
-            let events = events_of(events, &content_type);
-            let size: usize = events.iter().map(Event::size).sum();
-            let reservation = ingest.budget().try_reserve(size)?;
-            ingest
-                .ingest(IngestRequest {
-                    principal,
-                    protocol: Protocol::Grpc,
-                    stream,
-                    content_type: Bytes::from(content_type),
-                    events,
-                    reservation,
-                })
-                .await
-        }
-        .await;
-        let outcome = match &result {
-            Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
-            Ok(_) => "ok",
-            Err(e) => e.code(),
+        let stream = match StreamName::parse(&stream) {
+            Ok(s) => s,
+            Err(r) => {
+                ingest.metrics().request(PROTO, r.code());
+                return Err(r);
+            }
         };
-        ingest.metrics().request(PROTO, outcome);
-        result
+        let content_type = content_type_or_default(content_type);
+        let events = events_of(events, &content_type);
+        crate::append_batch(
+            &*ingest,
+            principal,
+            Protocol::Grpc,
+            stream,
+            Bytes::from(content_type),
+            events,
+        )
+        .await
     })
 }
 
@@ -435,6 +431,14 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         // max_batches_in_flight the reader waits and HTTP/2 flow control holds the client.
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(self.max_batches_in_flight);
         let (out_tx, out_rx) = mpsc::channel(self.max_batches_in_flight);
+        // Batches of one stream are appended in the order they were sent (merged when several
+        // wait), so pipelining keeps the log's order per stream and key.
+        let mut lanes = Lanes::new(
+            self.ingest.clone(),
+            principal,
+            Protocol::Grpc,
+            self.max_batches_in_flight,
+        );
         let ingest = self.ingest.clone();
         tokio::spawn(async move {
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -449,19 +453,22 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                 };
                 match next {
                     Ok(Some(batch)) => {
-                        let task = spawn_batch(
-                            ingest.clone(),
-                            principal.clone(),
-                            batch.stream,
-                            batch.content_type,
-                            batch.events,
-                        );
-                        if pending_tx
-                            .send(Pending::Batch(batch.sequence, task))
-                            .await
-                            .is_err()
-                        {
-                            return; // the client went away; spawned batches finish anyway
+                        let pending = match StreamName::parse(&batch.stream) {
+                            Err(r) => {
+                                ingest.metrics().request(PROTO, r.code());
+                                Pending::Done(batch.sequence, Err(r))
+                            }
+                            Ok(stream) => {
+                                let content_type = content_type_or_default(batch.content_type);
+                                let events = events_of(batch.events, &content_type);
+                                let outcome = lanes
+                                    .submit(stream, Bytes::from(content_type), events)
+                                    .await;
+                                Pending::Batch(batch.sequence, outcome)
+                            }
+                        };
+                        if pending_tx.send(pending).await.is_err() {
+                            return; // the client went away; queued batches are appended anyway
                         }
                     }
                     Ok(None) => return, // the client finished sending
@@ -475,22 +482,16 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
                 let item = match p {
-                    Pending::Batch(sequence, task) => {
-                        let resp = match joined(task.await) {
-                            Ok(receipts) => pb::PublishStreamResponse {
-                                sequence,
-                                results: event_results(receipts),
-                                status: None,
-                            },
-                            Err(r) => pb::PublishStreamResponse {
-                                sequence,
-                                results: Vec::new(),
-                                status: Some(rpc_status(&r)),
-                            },
-                        };
-                        Ok(resp)
-                    }
                     Pending::End(status) => Err(status),
+                    Pending::Done(sequence, outcome) => Ok(stream_answer(sequence, outcome)),
+                    Pending::Batch(sequence, rx) => {
+                        let outcome = rx.await.unwrap_or_else(|_| {
+                            Err(Rejection::Internal {
+                                message: "the batch's lane ended before answering".into(),
+                            })
+                        });
+                        Ok(stream_answer(sequence, outcome))
+                    }
                 };
                 let end = item.is_err();
                 if out_tx.send(item).await.is_err() || end {
@@ -502,9 +503,28 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
     }
 }
 
+/// The answer to one batch of a stream: its results, or its rejection as a status.
+fn stream_answer(sequence: u64, outcome: lanes::Outcome) -> pb::PublishStreamResponse {
+    match outcome {
+        Ok(receipts) => pb::PublishStreamResponse {
+            sequence,
+            results: event_results(receipts),
+            status: None,
+        },
+        Err(r) => pb::PublishStreamResponse {
+            sequence,
+            results: Vec::new(),
+            status: Some(rpc_status(&r)),
+        },
+    }
+}
+
 /// What the responder of a stream waits for next.
 enum Pending {
-    Batch(u64, JoinHandle<Result<Vec<Receipt>, Rejection>>),
+    /// A batch queued on its stream's lane.
+    Batch(u64, tokio::sync::oneshot::Receiver<lanes::Outcome>),
+    /// A batch answered without an append (e.g. an invalid stream name).
+    Done(u64, lanes::Outcome),
     End(Status),
 }
 

@@ -18,9 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use sluice_auth::Credentials;
-use sluice_core::{
-    Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
-};
+use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -28,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::{API_KEY_HEADER, Ctx, body, error_body, rejection_response};
+use crate::lanes::Lanes;
 use crate::server::ConnInfo;
 
 const PROTO: &str = "websocket";
@@ -362,6 +361,12 @@ impl<I: Ingest> Session<I> {
         let session = Arc::new(self);
         // Per stream, the completion of the last frame, so a stream's answers keep frame order.
         let mut last_of: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        let mut lanes = Lanes::new(
+            session.ingest.clone(),
+            session.principal.clone(),
+            Protocol::WebSocket,
+            opts.max_pending_frames,
+        );
         let mut ping = (!opts.ping_interval.is_zero()).then(|| {
             let mut i = tokio::time::interval(opts.ping_interval);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -429,11 +434,27 @@ impl<I: Ingest> Session<I> {
             }
             let (done_tx, done_rx) = oneshot::channel();
             let previous = last_of.insert(stream_key, done_rx);
+            // Frames of one stream are appended in the order they arrived (the lane), and
+            // answered in that order (the chain of `previous`).
+            let queued = match parsed {
+                Ok((stream, content_type, events)) => {
+                    let ids: Vec<Option<Bytes>> = events.iter().map(|e| e.id.clone()).collect();
+                    Ok((lanes.submit(stream, content_type, events).await, ids))
+                }
+                Err(e) => Err(e),
+            };
             tokio::spawn(async move {
-                let answers = match parsed {
-                    Ok((stream, content_type, events)) => {
-                        s.append(stream, content_type, events).await
-                    }
+                let answers = match queued {
+                    Ok((outcome, ids)) => match outcome.await {
+                        Ok(Ok(receipts)) => Answers::Receipts(receipts, ids),
+                        Ok(Err(r)) => Answers::Rejected(r, ids),
+                        Err(_) => Answers::Rejected(
+                            Rejection::Internal {
+                                message: "the frame's lane ended before answering".into(),
+                            },
+                            ids,
+                        ),
+                    },
                     Err((r, ids)) => Answers::Rejected(r, ids),
                 };
                 if let Some(p) = previous {
@@ -514,36 +535,6 @@ impl<I: Ingest> Session<I> {
                     body::parse_json(&t.slice_ref(env.events.get().as_bytes())).map_err(fail)?;
                 Ok((stream, Bytes::from_static(b"application/json"), events))
             }
-        }
-    }
-
-    async fn append(&self, stream: StreamName, content_type: Bytes, events: Vec<Event>) -> Answers {
-        let ids: Vec<Option<Bytes>> = events.iter().map(|e| e.id.clone()).collect();
-        let result = async {
-            self.ingest.admit(&self.principal, &stream)?;
-            let size: usize = events.iter().map(Event::size).sum();
-            let reservation = self.ingest.budget().try_reserve(size)?;
-            self.ingest
-                .ingest(IngestRequest {
-                    principal: self.principal.clone(),
-                    protocol: Protocol::WebSocket,
-                    stream,
-                    content_type,
-                    events,
-                    reservation,
-                })
-                .await
-        }
-        .await;
-        let outcome = match &result {
-            Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
-            Ok(_) => "ok",
-            Err(e) => e.code(),
-        };
-        self.ingest.metrics().request(PROTO, outcome);
-        match result {
-            Ok(receipts) => Answers::Receipts(receipts, ids),
-            Err(r) => Answers::Rejected(r, ids),
         }
     }
 }

@@ -1,0 +1,157 @@
+//! Batches of one stream from one connection (a gRPC `PublishStream` call, a WebSocket) are
+//! appended in the order they arrived: one lane per stream takes its batches in order and
+//! merges those already waiting into one append, so pipelined batches keep their order in the
+//! log (per key, as a producer expects) without waiting for each other's fsync one by one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
+use tokio::sync::{mpsc, oneshot};
+
+/// The outcome of one batch: a receipt per event, or the batch's rejection.
+pub type Outcome = Result<Vec<Receipt>, Rejection>;
+
+struct Item {
+    content_type: Bytes,
+    events: Vec<Event>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The lanes of one connection, by stream. Bounded: past `max_lanes` streams, lanes with
+/// nothing queued are dropped (their tasks end), and a new one starts when needed.
+pub struct Lanes<I> {
+    ingest: Arc<I>,
+    principal: Principal,
+    protocol: Protocol,
+    depth: usize,
+    lanes: HashMap<StreamName, mpsc::Sender<Item>>,
+}
+
+const MAX_LANES: usize = 256;
+
+impl<I: Ingest> Lanes<I> {
+    /// `depth`: batches that may queue per stream (the caller bounds its pending batches too).
+    pub fn new(ingest: Arc<I>, principal: Principal, protocol: Protocol, depth: usize) -> Self {
+        Self {
+            ingest,
+            principal,
+            protocol,
+            depth: depth.max(1),
+            lanes: HashMap::new(),
+        }
+    }
+
+    /// Queues a batch behind the earlier batches of its stream; the receiver gets its outcome.
+    pub async fn submit(
+        &mut self,
+        stream: StreamName,
+        content_type: Bytes,
+        events: Vec<Event>,
+    ) -> oneshot::Receiver<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        if self.lanes.len() >= MAX_LANES && !self.lanes.contains_key(&stream) {
+            self.lanes.retain(|_, tx| tx.capacity() < tx.max_capacity());
+        }
+        let tx = self
+            .lanes
+            .entry(stream.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(self.depth);
+                tokio::spawn(run(
+                    self.ingest.clone(),
+                    self.principal.clone(),
+                    self.protocol,
+                    stream,
+                    rx,
+                ));
+                tx
+            })
+            .clone();
+        let item = Item {
+            content_type,
+            events,
+            reply,
+        };
+        // The lane ends only when its sender is dropped, so this send waits for room at most.
+        let _ = tx.send(item).await;
+        rx
+    }
+}
+
+/// One stream's lane: appends queued batches in order, merging those already waiting (same
+/// content type, within the stream's events-per-request limit) into one append.
+async fn run<I: Ingest>(
+    ingest: Arc<I>,
+    principal: Principal,
+    protocol: Protocol,
+    stream: StreamName,
+    mut rx: mpsc::Receiver<Item>,
+) {
+    let mut next: Option<Item> = None;
+    loop {
+        let first = match next.take() {
+            Some(i) => i,
+            None => match rx.recv().await {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let limit = ingest
+            .admit(&principal, &stream)
+            .map(|a| a.settings.max_events_per_request as usize)
+            .unwrap_or(0);
+        let content_type = first.content_type.clone();
+        let mut total = first.events.len();
+        let mut group = vec![first];
+        while let Ok(item) = rx.try_recv() {
+            if item.content_type != content_type || total + item.events.len() > limit {
+                next = Some(item);
+                break;
+            }
+            total += item.events.len();
+            group.push(item);
+        }
+        // Empty batches are answered on their own (an empty request is malformed).
+        let (empty, group): (Vec<Item>, Vec<Item>) =
+            group.into_iter().partition(|i| i.events.is_empty());
+        for i in empty {
+            let _ = i.reply.send(Err(Rejection::Malformed {
+                message: "the batch holds no events".into(),
+            }));
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let counts: Vec<usize> = group.iter().map(|i| i.events.len()).collect();
+        let mut replies = Vec::with_capacity(group.len());
+        let mut events = Vec::with_capacity(total);
+        for i in group {
+            events.extend(i.events);
+            replies.push(i.reply);
+        }
+        let outcome = crate::append_batch(
+            &*ingest,
+            principal.clone(),
+            protocol,
+            stream.clone(),
+            content_type,
+            events,
+        )
+        .await;
+        match outcome {
+            Ok(receipts) => {
+                let mut rest = receipts.into_iter();
+                for (reply, n) in replies.into_iter().zip(counts) {
+                    let _ = reply.send(Ok(rest.by_ref().take(n).collect()));
+                }
+            }
+            Err(r) => {
+                for reply in replies {
+                    let _ = reply.send(Err(r.clone()));
+                }
+            }
+        }
+    }
+}
