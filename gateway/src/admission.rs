@@ -280,9 +280,12 @@ impl Ingest for Gateway {
             global: reservation,
             stream: stream_reservation,
         };
+        let queued = req.queued.take();
         let mut receipts = match &target {
-            Target::Embedded(stream) => append(stream, &req, settings.ack, held).await,
-            Target::Kafka(sink, topic) => sink.append(topic, &req, settings.ack, held).await,
+            Target::Embedded(stream) => append(stream, &req, settings.ack, held, queued).await,
+            Target::Kafka(sink, topic) => {
+                sink.append(topic, &req, settings.ack, held, queued).await
+            }
         };
         if let Some((r, _)) = refusal {
             receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
@@ -401,6 +404,7 @@ async fn append(
     req: &IngestRequest,
     ack: AckMode,
     mut held: Held,
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Vec<Receipt> {
     let n = stream.partition_count();
     let sticky = stream.sticky_partition();
@@ -429,11 +433,22 @@ async fn append(
     ];
     match ack {
         AckMode::Durable => {
-            let appends = groups
-                .iter()
-                .zip(frames)
-                .map(|((p, _), f)| stream.append(*p, f, true, None));
-            let results = join_all(appends).await;
+            // Queue every frame first (their order in the log is then fixed), tell the caller,
+            // then wait for the writes.
+            let mut waits = Vec::with_capacity(groups.len());
+            for ((p, _), f) in groups.iter().zip(frames) {
+                waits.push(stream.append_queued(*p, f, true).await);
+            }
+            if let Some(q) = queued {
+                let _ = q.send(());
+            }
+            let results = join_all(waits.into_iter().map(|w| async move {
+                match w {
+                    Ok(rx) => rx.await.unwrap_or(Err(LogError::Closed)),
+                    Err(e) => Err(e),
+                }
+            }))
+            .await;
             for ((p, idx), r) in groups.iter().zip(results) {
                 for (j, &i) in idx.iter().enumerate() {
                     receipts[i] = match &r {
@@ -463,6 +478,9 @@ async fn append(
                         Err(e) => Receipt::Failed(log_rejection(e.clone())),
                     };
                 }
+            }
+            if let Some(q) = queued {
+                let _ = q.send(());
             }
         }
     }

@@ -516,6 +516,7 @@ impl KafkaSink {
         req: &IngestRequest,
         ack: AckMode,
         held: Held,
+        queued: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Vec<Receipt> {
         let n = topic.partition_count();
         let sticky = if req.events.iter().any(|e| e.key.is_none()) && n > 1 {
@@ -566,6 +567,10 @@ impl KafkaSink {
                 }
             }
             pending.push(None);
+        }
+        // Every event is in the producer's queue (or refused): their order is fixed.
+        if let Some(q) = queued {
+            let _ = q.send(());
         }
         // Nobody waits longer than message_timeout_ms for an answer. librdkafka reports within
         // it, except for requests already on the wire to a broker that vanished: those are

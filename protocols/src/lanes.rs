@@ -1,7 +1,8 @@
 //! Batches of one stream from one connection (a gRPC `PublishStream` call, a WebSocket) are
-//! appended in the order they arrived: one lane per stream takes its batches in order and
-//! merges those already waiting into one append, so pipelined batches keep their order in the
-//! log (per key, as a producer expects) without waiting for each other's fsync one by one.
+//! appended in the order they arrived: one lane per stream takes its batches in order, merges
+//! those already waiting into one append, and starts the next append as soon as the previous
+//! one is in the log's queue (its order fixed), so pipelined batches keep their order in the
+//! log (per key, as a producer expects) while their writes still share group commits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -131,27 +132,35 @@ async fn run<I: Ingest>(
             events.extend(i.events);
             replies.push(i.reply);
         }
-        let outcome = crate::append_batch(
-            &*ingest,
-            principal.clone(),
-            protocol,
-            stream.clone(),
-            content_type,
-            events,
-        )
-        .await;
-        match outcome {
-            Ok(receipts) => {
-                let mut rest = receipts.into_iter();
-                for (reply, n) in replies.into_iter().zip(counts) {
-                    let _ = reply.send(Ok(rest.by_ref().take(n).collect()));
+        let (queued_tx, queued_rx) = oneshot::channel();
+        let (ingest2, principal2, stream2) = (ingest.clone(), principal.clone(), stream.clone());
+        tokio::spawn(async move {
+            let outcome = crate::append_batch(
+                &*ingest2,
+                principal2,
+                protocol,
+                stream2,
+                content_type,
+                events,
+                Some(queued_tx),
+            )
+            .await;
+            match outcome {
+                Ok(receipts) => {
+                    let mut rest = receipts.into_iter();
+                    for (reply, n) in replies.into_iter().zip(counts) {
+                        let _ = reply.send(Ok(rest.by_ref().take(n).collect()));
+                    }
+                }
+                Err(r) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(r.clone()));
+                    }
                 }
             }
-            Err(r) => {
-                for reply in replies {
-                    let _ = reply.send(Err(r.clone()));
-                }
-            }
-        }
+        });
+        // The next append starts once this one is queued (or refused): order is kept, and
+        // the writes of both can share a group commit.
+        let _ = queued_rx.await;
     }
 }

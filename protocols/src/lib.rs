@@ -21,6 +21,7 @@ pub(crate) async fn append_batch<I: Ingest>(
     stream: StreamName,
     content_type: Bytes,
     events: Vec<Event>,
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<Vec<Receipt>, Rejection> {
     let result = async {
         ingest.admit(&principal, &stream)?;
@@ -34,6 +35,7 @@ pub(crate) async fn append_batch<I: Ingest>(
                 content_type,
                 events,
                 reservation,
+                queued,
             })
             .await
     }

@@ -98,6 +98,10 @@ pub struct IngestRequest {
     /// In-flight budget the adapter reserved while receiving the request; admission settles it
     /// to the events' exact size and it is released once they reach their ack point.
     pub reservation: Reservation,
+    /// Fired (or dropped, when the request is refused first) once the events are in the log's
+    /// queue, i.e. their order in the log is fixed, before they reach their ack point. Lets a
+    /// connection pipeline its batches of one stream without reordering them.
+    pub queued: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What happened to one event of a request.

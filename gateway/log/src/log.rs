@@ -348,6 +348,19 @@ impl StreamLog {
         rx.await.map_err(|_| LogError::Closed)?
     }
 
+    /// Queues `frame` for `partition` (its place in the log is fixed when this returns); the
+    /// receiver answers like [`StreamLog::append`] once it is written (and fsynced if durable).
+    pub async fn append_queued(
+        &self,
+        partition: u32,
+        frame: Frame,
+        durable: bool,
+    ) -> Result<oneshot::Receiver<Result<u64, LogError>>, LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(partition, frame, durable, Some(tx), None).await?;
+        Ok(rx)
+    }
+
     /// Queues `frame` for `partition` without waiting for the write (for `ack = "received"`).
     /// `guard` is released when the write is done.
     pub async fn enqueue(

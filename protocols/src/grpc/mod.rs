@@ -369,6 +369,7 @@ fn spawn_batch<I: Ingest>(
             stream,
             Bytes::from(content_type),
             events,
+            None,
         )
         .await
     })

@@ -324,6 +324,7 @@ async fn publish<I: Ingest>(
             content_type: stored_type,
             events,
             reservation,
+            queued: None,
         })
         .await?;
     Ok(receipts_response(&receipts))
