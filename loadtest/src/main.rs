@@ -241,6 +241,23 @@ impl Tally {
     }
 }
 
+/// Waits for every connection's tally and adds them up.
+async fn total_of(tasks: Vec<tokio::task::JoinHandle<Result<Tally>>>) -> Result<Tally> {
+    let mut total = Tally::new()?;
+    for t in tasks {
+        let t = t.await??;
+        total.hist.add(&t.hist)?;
+        total.ok += t.ok;
+        total.errors += t.errors;
+        total.non_2xx += t.non_2xx;
+        total.admitted += t.admitted;
+        for (k, v) in t.statuses {
+            *total.statuses.entry(k).or_default() += v;
+        }
+    }
+    Ok(total)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -350,18 +367,7 @@ async fn http(a: HttpArgs) -> Result<()> {
             .await
         }));
     }
-    let mut total = Tally::new()?;
-    for t in tasks {
-        let t = t.await??;
-        total.hist.add(&t.hist)?;
-        total.ok += t.ok;
-        total.errors += t.errors;
-        total.non_2xx += t.non_2xx;
-        total.admitted += t.admitted;
-        for (k, v) in t.statuses {
-            *total.statuses.entry(k).or_default() += v;
-        }
-    }
+    let total = total_of(tasks).await?;
     let secs = a.duration_secs;
     let h = &total.hist;
     let report = Report {
@@ -687,15 +693,8 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
             anyhow::Ok(t)
         }));
     }
-    let mut total = Histogram::<u64>::new(3)?;
-    let (mut batches, mut acked, mut errors) = (0u64, 0u64, 0u64);
-    for t in tasks {
-        let t = t.await??;
-        total.add(&t.hist)?;
-        batches += t.ok;
-        acked += t.admitted;
-        errors += t.errors;
-    }
+    let tally = total_of(tasks).await?;
+    let (total, batches, acked, errors) = (&tally.hist, tally.ok, tally.admitted, tally.errors);
     let secs = a.duration_secs;
     let report = serde_json::json!({
         "mode": "kafka-direct",
@@ -848,14 +847,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
             }));
         }
     }
-    let mut total = Tally::new()?;
-    for t in tasks {
-        let t = t.await??;
-        total.hist.add(&t.hist)?;
-        total.ok += t.ok;
-        total.errors += t.errors;
-        total.admitted += t.admitted;
-    }
+    let total = total_of(tasks).await?;
     let secs = a.duration_secs;
     let h = &total.hist;
     let report = serde_json::json!({
@@ -989,14 +981,7 @@ async fn ws(a: WsArgs) -> Result<()> {
             anyhow::Ok(t)
         }));
     }
-    let mut total = Tally::new()?;
-    for t in tasks {
-        let t = t.await??;
-        total.hist.add(&t.hist)?;
-        total.ok += t.ok;
-        total.errors += t.errors;
-        total.admitted += t.admitted;
-    }
+    let total = total_of(tasks).await?;
     let secs = a.duration_secs;
     let h = &total.hist;
     let report = serde_json::json!({

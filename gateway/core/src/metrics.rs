@@ -143,6 +143,13 @@ impl Metrics {
     }
 
     /// Counts one failed authentication.
+    /// The open-connections gauge of `protocol`.
+    pub fn connections_of(&self, protocol: &'static str) -> Gauge {
+        self.connections
+            .get_or_create(&ProtocolLabels { protocol })
+            .clone()
+    }
+
     pub fn auth_failure(&self, protocol: &'static str, method: &'static str, reason: &'static str) {
         self.auth_failures
             .get_or_create(&AuthLabels {

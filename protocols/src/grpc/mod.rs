@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
-use sluice_core::metrics::ProtocolLabels;
 use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -63,11 +62,7 @@ pub async fn serve<I: Ingest>(
     opts: GrpcOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let gauge = ingest
-        .metrics()
-        .connections
-        .get_or_create(&ProtocolLabels { protocol: PROTO })
-        .clone();
+    let gauge = ingest.metrics().connections_of(PROTO);
     let limit = opts.max_message_bytes;
     let service = GrpcIngest {
         ingest,

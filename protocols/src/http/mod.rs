@@ -18,7 +18,6 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
-use sluice_core::metrics::ProtocolLabels;
 use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 
@@ -60,11 +59,7 @@ pub async fn serve<I: Ingest>(
     opts: HttpOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let gauge = ingest
-        .metrics()
-        .connections
-        .get_or_create(&ProtocolLabels { protocol: PROTO })
-        .clone();
+    let gauge = ingest.metrics().connections_of(PROTO);
     let (ws_stop, ws_shutdown) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
         body_timeout: opts.body_read_timeout,

@@ -243,11 +243,7 @@ pub(super) async fn upgrade<I: Ingest>(
                     Some(cfg),
                 )
                 .await;
-                let gauge = ingest
-                    .metrics()
-                    .connections
-                    .get_or_create(&sluice_core::metrics::ProtocolLabels { protocol: PROTO })
-                    .clone();
+                let gauge = ingest.metrics().connections_of(PROTO);
                 gauge.inc();
                 Session {
                     ingest,
