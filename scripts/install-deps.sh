@@ -7,19 +7,24 @@
 #                  tests use to check the wire format)
 #   --with-browser also install Debian's chromium and chromium-driver (the real-browser test of
 #                  the WebSocket example page)
+#   --with-mqtt    also install Debian's mosquitto-clients (mosquitto_pub, a second MQTT client
+#                  the tests use over TCP and TLS) and mosquitto (the reference broker the MQTT
+#                  benchmark measures; its service is not enabled)
 #   --for-tests    everything the test suite needs (all of the above)
 set -euo pipefail
 
 with_tansu=0
 with_grpcio=0
 with_browser=0
+with_mqtt=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
     --with-grpcio) with_grpcio=1 ;;
     --with-browser) with_browser=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--for-tests]" >&2; exit 2 ;;
+    --with-mqtt) with_mqtt=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -66,9 +71,18 @@ if [ "$with_browser" -eq 1 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 fi
+if [ "$with_mqtt" -eq 1 ]; then
+  command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
+  # Debian starts mosquitto's service on port 1883 (Sluice's MQTT default); the benchmark runs
+  # its own instance, so the service is stopped and disabled again.
+  if printf '%s\n' "${missing[@]}" | grep -qx mosquitto && command -v systemctl >/dev/null 2>&1; then
+    $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
 fi
 
 # Formatting and lints are part of the test command.

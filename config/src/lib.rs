@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod mqtt;
+pub use mqtt::{MqttConfig, TopicError, TopicMap, TopicRuleConfig};
+
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "SLUICE_";
 /// Separator between key path segments in an environment variable name.
@@ -30,6 +33,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
     pub websocket: WebSocketConfig,
+    pub mqtt: MqttConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
@@ -1088,6 +1092,8 @@ impl Config {
         for (path, addr) in [
             ("http.listen", &self.http.listen),
             ("grpc.listen", &self.grpc.listen),
+            ("mqtt.listen", &self.mqtt.listen),
+            ("mqtt.tls_listen", &self.mqtt.tls_listen),
             ("admin.listen", &self.admin.listen),
         ] {
             if addr.parse::<SocketAddr>().is_err() {
@@ -1133,6 +1139,7 @@ impl Config {
                 ),
             );
         }
+        self.validate_mqtt(&mut add);
         let ws = &self.websocket;
         for (key, v, lo, hi) in [
             (
@@ -1477,11 +1484,83 @@ impl Config {
         }
     }
 
+    fn validate_mqtt(&self, add: &mut impl FnMut(&str, String)) {
+        let m = &self.mqtt;
+        if !m.enabled {
+            return;
+        }
+        let mut addrs = vec![
+            ("http.listen", &self.http.listen),
+            ("admin.listen", &self.admin.listen),
+        ];
+        if self.grpc.enabled {
+            addrs.push(("grpc.listen", &self.grpc.listen));
+        }
+        let mut own = Vec::new();
+        if m.plaintext {
+            own.push(("mqtt.listen", &m.listen));
+        }
+        if m.tls.is_some() {
+            own.push(("mqtt.tls_listen", &m.tls_listen));
+        }
+        for (i, (path, addr)) in own.iter().enumerate() {
+            if addr.ends_with(":0") {
+                continue;
+            }
+            let others = addrs.iter().chain(&own[..i]);
+            if let Some((other, _)) = others.into_iter().find(|(_, a)| a == addr) {
+                add(path, format!("`{addr}` is also {other}"));
+            }
+        }
+        if !m.plaintext && m.tls.is_none() && !m.websocket {
+            add(
+                "mqtt.plaintext",
+                "is false, and neither [mqtt.tls] nor mqtt.websocket is on: MQTT has no listener (set mqtt.enabled = false instead)".into(),
+            );
+        }
+        for (key, v, lo, hi) in [
+            ("max_connections", m.max_connections as u64, 1, 10_000_000),
+            (
+                "max_packet_bytes",
+                u64::from(m.max_packet_bytes),
+                64,
+                256 * 1024 * 1024,
+            ),
+            ("receive_maximum", u64::from(m.receive_maximum), 1, 65_535),
+            ("connect_timeout_ms", m.connect_timeout_ms, 100, 600_000),
+            (
+                "max_keep_alive_secs",
+                u64::from(m.max_keep_alive_secs),
+                1,
+                65_535,
+            ),
+            ("write_timeout_ms", m.write_timeout_ms, 10, 3_600_000),
+            ("max_hold_ms", m.max_hold_ms, 0, 3_600_000),
+            (
+                "max_pending_wills",
+                m.max_pending_wills as u64,
+                0,
+                10_000_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                add(
+                    &format!("mqtt.{key}"),
+                    format!("{v} is outside the allowed {lo}..={hi}"),
+                );
+            }
+        }
+        if let Err((i, e)) = TopicMap::compile(&m.topics) {
+            add(&format!("mqtt.topics[{i}]"), e);
+        }
+    }
+
     fn validate_auth(&self, p: &mut Vec<Problem>) {
         let mut add = |path: String, message: String| p.push(Problem { path, message });
         for (section, tls) in [
             ("http", &self.http.tls),
             ("grpc", &self.grpc.tls),
+            ("mqtt", &self.mqtt.tls),
             ("admin", &self.admin.tls),
         ] {
             let Some(tls) = tls else { continue };
@@ -1513,6 +1592,7 @@ impl Config {
         for (key, auth, listen) in [
             ("http.auth.methods", &self.http.auth, &self.http.listen),
             ("grpc.auth.methods", &self.grpc.auth, &self.grpc.listen),
+            ("mqtt.auth.methods", &self.mqtt.auth, &self.mqtt.listen),
         ] {
             if auth.methods.is_empty() && !auth.anonymous_allowed(listen) {
                 add(
@@ -1736,11 +1816,12 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 11] = [
+    const SECTIONS: [&str; 12] = [
         "server",
         "http",
         "grpc",
         "websocket",
+        "mqtt",
         "admin",
         "log",
         "limits",
@@ -1767,6 +1848,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         http: section(&table, "http", origin, p),
         grpc: section(&table, "grpc", origin, p),
         websocket: section(&table, "websocket", origin, p),
+        mqtt: section(&table, "mqtt", origin, p),
         admin: section(&table, "admin", origin, p),
         log: section(&table, "log", origin, p),
         limits: section(&table, "limits", origin, p),

@@ -18,6 +18,7 @@ use sluice_log::{Log, LogMetrics, LogOptions};
 use sluice_protocols::grpc::GrpcOptions;
 use sluice_protocols::http::HttpOptions;
 use sluice_protocols::http::ws::WsOptions;
+use sluice_protocols::mqtt::{Mqtt, MqttOptions};
 use sluice_protocols::server::{self, ServerOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -129,6 +130,9 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The gRPC listener's address, when `grpc.enabled`.
     pub grpc_addr: Option<SocketAddr>,
+    /// The MQTT listeners' addresses (plain TCP, TLS), when enabled.
+    pub mqtt_addr: Option<SocketAddr>,
+    pub mqtts_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     drained: JoinHandle<()>,
@@ -203,6 +207,30 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         None
     };
     let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let m = &config.mqtt;
+    let mqtt_listener = if m.enabled && m.plaintext {
+        Some(
+            TcpListener::bind(&m.listen)
+                .await
+                .with_context(|| format!("binding mqtt.listen {}", m.listen))?,
+        )
+    } else {
+        None
+    };
+    let mqtts_listener = if m.enabled && m.tls.is_some() {
+        Some(
+            TcpListener::bind(&m.tls_listen)
+                .await
+                .with_context(|| format!("binding mqtt.tls_listen {}", m.tls_listen))?,
+        )
+    } else {
+        None
+    };
+    let mqtt_addr = mqtt_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let mqtts_addr = mqtts_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let http_addr = http_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -228,6 +256,53 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         concurrency: Budget::new(config.http.max_concurrent_requests as u64),
         per_principal: PrincipalConnections::new(config.http.max_connections_per_principal),
     };
+    let mqtt = if config.mqtt.enabled {
+        let m = &config.mqtt;
+        let policy = sluice_auth::ListenerPolicy::new(&m.auth, &m.listen);
+        if policy.allow_anonymous {
+            tracing::warn!(listen = %m.listen, "anonymous producers are allowed on the MQTT listeners");
+        }
+        let topics = sluice_config::TopicMap::compile(&m.topics)
+            .map_err(|(i, e)| anyhow::anyhow!("mqtt.topics[{i}]: {e}"))?;
+        Some(Mqtt::new(
+            gateway.clone(),
+            MqttOptions {
+                auth: auth.clone(),
+                policy,
+                per_principal: PrincipalConnections::new(m.max_connections_per_principal),
+                topics: Arc::new(topics),
+                max_packet_bytes: m.max_packet_bytes,
+                receive_maximum: m.receive_maximum,
+                topic_alias_maximum: m.topic_alias_maximum,
+                connect_timeout: Duration::from_millis(m.connect_timeout_ms),
+                max_keep_alive_secs: m.max_keep_alive_secs,
+                write_timeout: Duration::from_millis(m.write_timeout_ms),
+                max_hold: Duration::from_millis(m.max_hold_ms),
+                quota_disconnect_after: m.quota_disconnect_after,
+                max_will_delay_secs: m.max_will_delay_secs,
+                max_pending_wills: m.max_pending_wills,
+            },
+        ))
+    } else {
+        None
+    };
+    let mut mqtt_listeners = Vec::new();
+    if let Some(mqtt) = &mqtt {
+        let m = &config.mqtt;
+        for (listener, tls) in [
+            (mqtt_listener, None),
+            (mqtts_listener, tls_listener("mqtt.tls", m.tls.as_ref())?),
+        ] {
+            if let Some(listener) = listener {
+                mqtt_listeners.push(tokio::spawn(mqtt.clone().serve(
+                    listener,
+                    Budget::new(m.max_connections as u64),
+                    tls,
+                    signalled(shutdown_rx.clone()),
+                )));
+            }
+        }
+    }
     let http_opts = HttpOptions {
         server: ServerOptions {
             connections: limits.connections.clone(),
@@ -249,6 +324,12 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 ack_write_timeout: Duration::from_millis(w.ack_write_timeout_ms),
                 allowed_origins: w.allowed_origins.clone(),
             }
+        }),
+        mqtt: mqtt.as_ref().filter(|_| config.mqtt.websocket).map(|m| {
+            (
+                Arc::new(m.clone()) as Arc<dyn sluice_protocols::mqtt::WsSessions>,
+                config.mqtt.max_packet_bytes,
+            )
         }),
     };
     let http = tokio::spawn(sluice_protocols::http::serve(
@@ -295,10 +376,22 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let drained = {
         let gateway = gateway.clone();
         tokio::spawn(async move {
-            let _ = http.await;
-            if let Some(grpc) = grpc {
-                let _ = grpc.await;
-            }
+            let requests = async {
+                let _ = http.await;
+                if let Some(grpc) = grpc {
+                    let _ = grpc.await;
+                }
+            };
+            let sessions = async {
+                for l in mqtt_listeners {
+                    let _ = l.await;
+                }
+                // MQTT sessions answer what they read, send DISCONNECT 0x8B (MQTT 5), close.
+                if let Some(mqtt) = mqtt {
+                    mqtt.drain().await;
+                }
+            };
+            tokio::join!(requests, sessions);
             // Every request has been answered; let the writers finish and fsync.
             gateway.sink().close().await;
         })
@@ -350,6 +443,8 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         reloader,
         http_addr,
         grpc_addr,
+        mqtt_addr,
+        mqtts_addr,
         admin_addr,
         shutdown,
         drained,

@@ -201,12 +201,20 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "sluice listening: http={} admin={}{}",
+            "sluice listening: http={} admin={}{}{}{}",
             running.http_addr,
             running.admin_addr,
             running
                 .grpc_addr
                 .map(|a| format!(" grpc={a}"))
+                .unwrap_or_default(),
+            running
+                .mqtt_addr
+                .map(|a| format!(" mqtt={a}"))
+                .unwrap_or_default(),
+            running
+                .mqtts_addr
+                .map(|a| format!(" mqtts={a}"))
                 .unwrap_or_default()
         );
         let _ = out.flush();

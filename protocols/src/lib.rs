@@ -5,6 +5,7 @@
 pub mod grpc;
 pub mod http;
 pub mod lanes;
+pub mod mqtt;
 pub mod server;
 
 use bytes::Bytes;

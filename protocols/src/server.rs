@@ -204,27 +204,13 @@ pub async fn serve_with<F, Fut, B>(
                     serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
                 }
                 Some(tls) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                    match tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls_stream)) => {
-                            let client_cert = tls_stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|c| Arc::<[u8]>::from(c.as_ref()));
-                            let info = ConnInfo {
-                                peer,
-                                client_cert,
-                                principal: Default::default(),
-                            };
-                            serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher)
-                                .await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    if let Some((tls_stream, client_cert)) = accept_tls(&tls, stream, peer).await {
+                        let info = ConnInfo {
+                            peer,
+                            client_cert,
+                            principal: Default::default(),
+                        };
+                        serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher).await;
                     }
                 }
             }
@@ -234,6 +220,38 @@ pub async fn serve_with<F, Fut, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The TLS handshake of an accepted connection, bounded by the listener's handshake timeout:
+/// the stream and the client certificate (DER) TLS verified, if the client presented one.
+pub async fn accept_tls(
+    tls: &TlsReloader,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Option<Arc<[u8]>>,
+)> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    match tokio::time::timeout(tls.handshake_timeout(), acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let client_cert = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::<[u8]>::from(c.as_ref()));
+            Some((tls_stream, client_cert))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 async fn serve_io<IO, F, Fut, B>(

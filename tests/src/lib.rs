@@ -36,6 +36,9 @@ pub struct Sluice {
     pub admin: SocketAddr,
     /// The gRPC listener, unless `grpc.enabled = false`.
     pub grpc: Option<SocketAddr>,
+    /// The MQTT listeners (plain TCP, TLS), when enabled.
+    pub mqtt: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
     pub data_dir: PathBuf,
     config_path: PathBuf,
 }
@@ -59,6 +62,8 @@ impl Sluice {
             .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
             .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
             .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_MQTT__TLS_LISTEN", "127.0.0.1:0")
             .env("SLUICE_LOG__DATA_DIR", data_dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -95,6 +100,8 @@ impl Sluice {
             http: addr("http=")?,
             admin: addr("admin=")?,
             grpc: addr("grpc=").ok(),
+            mqtt: addr("mqtt=").ok(),
+            mqtts: addr("mqtts=").ok(),
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             config_path: config_path.to_path_buf(),

@@ -85,11 +85,36 @@ pub struct Metrics {
     pub requests_delayed: Counter,
     /// Events refused because the gateway was overloaded (503), by stream and reason.
     pub events_shed: Family<ShedLabels, Counter>,
+    /// MQTT connections ended by the server or the client, by reason (a fixed set).
+    pub mqtt_disconnects: Family<ReasonLabels, Counter>,
+    /// MQTT Last Wills by outcome: appended, failed, cancelled (a new connection of the
+    /// session came back within the will delay), shed (too many delayed wills waiting).
+    pub mqtt_wills: Family<OutcomeOnlyLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeOnlyLabels {
+    pub outcome: &'static str,
 }
 
 impl Metrics {
     /// Registers every metric under `registry` (which adds the `sluice_` prefix).
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "mqtt_disconnects",
+            "MQTT connections ended, by reason (client, client_will, eof, keep_alive, malformed, too_large, protocol, not_authorized, quota, taken_over, shutdown, write_timeout, connect_timeout, refused)",
+            self.mqtt_disconnects.clone(),
+        );
+        registry.register(
+            "mqtt_wills",
+            "MQTT Last Wills by outcome (appended, failed, cancelled, shed)",
+            self.mqtt_wills.clone(),
+        );
         registry.register(
             "events_in",
             "Events accepted into the log, by stream and protocol",
@@ -164,6 +189,20 @@ impl Metrics {
     pub fn request(&self, protocol: &'static str, outcome: &'static str) {
         self.requests
             .get_or_create(&OutcomeLabels { protocol, outcome })
+            .inc();
+    }
+
+    /// Counts one ended MQTT connection.
+    pub fn mqtt_disconnect(&self, reason: &'static str) {
+        self.mqtt_disconnects
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts one Last Will's outcome.
+    pub fn mqtt_will(&self, outcome: &'static str) {
+        self.mqtt_wills
+            .get_or_create(&OutcomeOnlyLabels { outcome })
             .inc();
     }
 

@@ -40,6 +40,8 @@ pub struct HttpOptions {
     pub per_principal: Arc<PrincipalConnections>,
     /// WebSocket ingest on this listener, when enabled.
     pub websocket: Option<ws::WsOptions>,
+    /// MQTT over WebSocket at `/mqtt`, when enabled, and MQTT's Maximum Packet Size.
+    pub mqtt: Option<(Arc<dyn crate::mqtt::WsSessions>, u32)>,
 }
 
 /// Request header carrying an API key.
@@ -68,6 +70,8 @@ pub async fn serve<I: Ingest>(
         concurrency: opts.concurrency,
         per_principal: opts.per_principal,
         websocket: opts.websocket,
+        mqtt_max_packet_bytes: opts.mqtt.as_ref().map_or(0, |(_, m)| *m as usize),
+        mqtt: opts.mqtt.map(|(m, _)| m),
         ws_sessions: Arc::new(tokio::sync::RwLock::new(())),
         ws_shutdown,
     });
@@ -79,6 +83,13 @@ pub async fn serve<I: Ingest>(
         move |req, conn| {
             let (ingest, ctx) = (ingest.clone(), ctx.clone());
             async move {
+                if req.uri().path() == "/mqtt" {
+                    let (resp, outcome) = ws::upgrade_mqtt(req, conn, ctx).await;
+                    if outcome != "upgraded" {
+                        ingest.metrics().request("mqtt", outcome);
+                    }
+                    return resp;
+                }
                 if let Some(stream) = ws::route(req.uri().path()) {
                     let stream = stream.map(str::to_string);
                     let (resp, outcome) = ws::upgrade(req, conn, stream, ingest.clone(), ctx).await;
@@ -109,6 +120,8 @@ struct Ctx {
     concurrency: sluice_core::Budget,
     per_principal: Arc<PrincipalConnections>,
     websocket: Option<ws::WsOptions>,
+    mqtt: Option<Arc<dyn crate::mqtt::WsSessions>>,
+    mqtt_max_packet_bytes: usize,
     /// Every WebSocket session holds a read guard; the drain takes the write lock.
     ws_sessions: Arc<tokio::sync::RwLock<()>>,
     ws_shutdown: tokio::sync::watch::Receiver<bool>,

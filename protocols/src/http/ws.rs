@@ -85,6 +85,142 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Checks the upgrade request's method and WebSocket headers; the `Sec-WebSocket-Key`, or the
+/// HTTP error to answer.
+#[allow(clippy::result_large_err)] // built once per upgrade request, answered at once
+fn handshake(req: &Request<Incoming>) -> Result<String, (Response<Full<Bytes>>, &'static str)> {
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if req.method() != http::Method::GET {
+        return Err((
+            error_body(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET with Upgrade: websocket",
+            ),
+            "method_not_allowed",
+        ));
+    }
+    let is_upgrade = h("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        && h("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+    let Some(key) = h("sec-websocket-key").map(str::to_string) else {
+        return Err((
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Key) is required",
+            ),
+            "malformed",
+        ));
+    };
+    if !is_upgrade {
+        return Err((
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade) is required",
+            ),
+            "malformed",
+        ));
+    }
+    if h("sec-websocket-version") != Some("13") {
+        let mut r = error_body(
+            StatusCode::UPGRADE_REQUIRED,
+            "malformed",
+            "WebSocket version 13 is required",
+        );
+        r.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return Err((r, "malformed"));
+    }
+    Ok(key)
+}
+
+/// The `101 Switching Protocols` answer to `key`, naming `subprotocol` if the client offered
+/// any.
+fn switching(key: &str, subprotocol: Option<&'static str>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = r.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    if let Some(p) = subprotocol {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    r
+}
+
+/// The subprotocols a client offers.
+fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// MQTT over WebSocket (`GET /mqtt`, subprotocol `mqtt`): after the upgrade every binary
+/// message carries MQTT bytes and the MQTT session authenticates the CONNECT as on TCP.
+pub(super) async fn upgrade_mqtt(
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+    ctx: Arc<Ctx>,
+) -> (Response<Full<Bytes>>, &'static str) {
+    let Some(mqtt) = ctx.mqtt.clone() else {
+        return (
+            error_body(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "MQTT over WebSocket is disabled",
+            ),
+            "no_route",
+        );
+    };
+    let key = match handshake(&req) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let offered = offered_subprotocols(&req);
+    if !offered.is_empty() && !offered.iter().any(|p| p == crate::mqtt::WS_SUBPROTOCOL) {
+        return (
+            error_body(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "offer the WebSocket subprotocol `mqtt`",
+            ),
+            "malformed",
+        );
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let max = ctx.mqtt_max_packet_bytes;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let cfg = WebSocketConfig::default()
+                    .max_message_size(Some(max + 5))
+                    .max_frame_size(Some(max + 5));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(cfg),
+                )
+                .await;
+                mqtt.serve_ws(ws, conn).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "MQTT WebSocket upgrade failed"),
+        }
+    });
+    let sub = (!offered.is_empty()).then_some(crate::mqtt::WS_SUBPROTOCOL);
+    (switching(&key, sub), "upgraded")
+}
+
 /// Answers the upgrade request: 101 and a session, or an HTTP error before any upgrade.
 pub(super) async fn upgrade<I: Ingest>(
     mut req: Request<Incoming>,
@@ -103,49 +239,11 @@ pub(super) async fn upgrade<I: Ingest>(
             "no_route",
         );
     };
-    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if req.method() != http::Method::GET {
-        return (
-            error_body(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use GET with Upgrade: websocket",
-            ),
-            "method_not_allowed",
-        );
-    }
-    let is_upgrade = h("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-        && h("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
-    let Some(key) = h("sec-websocket-key").map(str::to_string) else {
-        return (
-            error_body(
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "a WebSocket upgrade request (Upgrade: websocket, Sec-WebSocket-Key) is required",
-            ),
-            "malformed",
-        );
+    let key = match handshake(&req) {
+        Ok(k) => k,
+        Err(r) => return r,
     };
-    if !is_upgrade {
-        return (
-            error_body(
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "a WebSocket upgrade request (Upgrade: websocket, Connection: Upgrade) is required",
-            ),
-            "malformed",
-        );
-    }
-    if h("sec-websocket-version") != Some("13") {
-        let mut r = error_body(
-            StatusCode::UPGRADE_REQUIRED,
-            "malformed",
-            "WebSocket version 13 is required",
-        );
-        r.headers_mut()
-            .insert("sec-websocket-version", HeaderValue::from_static("13"));
-        return (r, "malformed");
-    }
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if !opts.allowed_origins.is_empty()
         && let Some(origin) = h("origin")
         && !opts.allowed_origins.iter().any(|o| o == origin)
@@ -160,15 +258,7 @@ pub(super) async fn upgrade<I: Ingest>(
         );
     }
     // Subprotocols: `sluice.v1`, and optionally `bearer.<token>` (browsers cannot set headers).
-    let offered: Vec<String> = req
-        .headers()
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let offered = offered_subprotocols(&req);
     if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
         return (
             error_body(
@@ -259,23 +349,8 @@ pub(super) async fn upgrade<I: Ingest>(
         }
         drop(conn);
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = r.headers_mut();
-    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    headers.insert(
-        SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
-    if !offered.is_empty() {
-        headers.insert(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-    }
-    (r, "upgraded")
+    let sub = (!offered.is_empty()).then_some(SUBPROTOCOL);
+    (switching(&key, sub), "upgraded")
 }
 
 /// One upgraded socket.

@@ -1,0 +1,262 @@
+//! MQTT ingest: 3.1.1 and 5.0 on one port (the version comes from CONNECT), over TCP, TLS and
+//! WebSocket (`/mqtt` on the HTTP listener, subprotocol `mqtt`).
+//!
+//! Sluice runs its own publish-only session loop on `rmqtt-codec` (DESIGN §4): one task per
+//! connection reads packets, maps each PUBLISH topic to a stream and key, hands consecutive
+//! publishes of one stream to the connection's ordering lane as one batch, and answers PUBACK
+//! (QoS 1) and PUBREC (QoS 2) only once the events reached the stream's ack point, in the
+//! order the publishes arrived. At most Receive Maximum QoS 1/2 publishes are unanswered per
+//! connection; past that, and while a publish waits for quota or for the log, the connection
+//! is not read. Documented for users in docs/mqtt.md.
+
+pub mod codec;
+mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use sluice_auth::{Authenticator, ListenerPolicy, Swap};
+use sluice_config::TopicMap;
+use sluice_core::Ingest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::server::{ConnInfo, PrincipalConnections, accept_tls};
+
+const PROTO: &str = "mqtt";
+
+/// The WebSocket subprotocol of MQTT over WebSocket.
+pub const WS_SUBPROTOCOL: &str = "mqtt";
+
+/// Settings of MQTT ingest, shared by its listeners.
+#[derive(Clone)]
+pub struct MqttOptions {
+    pub auth: Arc<Swap<Authenticator>>,
+    pub policy: ListenerPolicy,
+    pub per_principal: Arc<PrincipalConnections>,
+    pub topics: Arc<TopicMap>,
+    pub max_packet_bytes: u32,
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+    pub connect_timeout: Duration,
+    pub max_keep_alive_secs: u16,
+    pub write_timeout: Duration,
+    pub max_hold: Duration,
+    pub quota_disconnect_after: u32,
+    pub max_will_delay_secs: u32,
+    pub max_pending_wills: usize,
+}
+
+/// A transport carrying MQTT bytes: a TCP or TLS stream, or WebSocket binary messages.
+pub trait Transport: Send + 'static {
+    /// Reads more bytes into `buf`; `Ok(0)` at the end of the stream. Cancel-safe.
+    fn read_into<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + 'a;
+    /// Writes all of `data` and flushes it.
+    fn write_all<'a>(
+        &'a mut self,
+        data: &'a [u8],
+    ) -> impl Future<Output = std::io::Result<()>> + Send + 'a;
+    /// Closes the write side (best effort).
+    fn close(&mut self) -> impl Future<Output = ()> + Send + '_;
+}
+
+/// A byte stream (TCP, TLS) as a [`Transport`].
+pub struct Stream<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Stream<S> {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        self.0.read_buf(buf).await
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(data).await?;
+        self.0.flush().await
+    }
+
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.0.shutdown()).await;
+    }
+}
+
+/// MQTT over WebSocket: every binary message carries MQTT bytes (packets may span messages).
+pub struct Ws<S>(pub WebSocketStream<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Ws<S> {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        loop {
+            match self.0.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(0),
+                Some(Ok(Message::Binary(b))) => {
+                    if b.is_empty() {
+                        continue;
+                    }
+                    buf.extend_from_slice(&b);
+                    return Ok(b.len());
+                }
+                Some(Ok(Message::Text(_))) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "MQTT over WebSocket uses binary messages",
+                    ));
+                }
+                Some(Ok(_)) => continue, // ping/pong: answered by the protocol
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.0
+            .send(Message::Binary(bytes::Bytes::copy_from_slice(data)))
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.0.close(None)).await;
+    }
+}
+
+/// A session's identity for takeover and will delay: its principal and client identifier.
+type SessionKey = (Arc<str>, bytestring::ByteString);
+
+/// Open sessions by client identifier (a new CONNECT with the same identifier takes the
+/// session over), and wills waiting for their delay. Both are bounded: sessions by the
+/// connection limits, wills by `max_pending_wills`.
+#[derive(Default)]
+struct Registry {
+    sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
+    wills: Mutex<HashMap<SessionKey, (u64, AbortHandle)>>,
+}
+
+/// MQTT ingest: serves its listeners and MQTT-over-WebSocket sessions, and drains them.
+pub struct Mqtt<I> {
+    ingest: Arc<I>,
+    opts: MqttOptions,
+    registry: Registry,
+    next_id: AtomicU64,
+    /// Every session holds a read guard; the drain takes the write lock.
+    sessions: Arc<tokio::sync::RwLock<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl<I: Ingest> Mqtt<I> {
+    pub fn new(ingest: Arc<I>, opts: MqttOptions) -> Arc<Self> {
+        Arc::new(Self {
+            ingest,
+            opts,
+            registry: Registry::default(),
+            next_id: AtomicU64::new(1),
+            sessions: Arc::new(tokio::sync::RwLock::new(())),
+            stop: watch::channel(false).0,
+        })
+    }
+
+    /// Accepts MQTT connections (TLS when `tls` is set) on `listener` until `shutdown`,
+    /// closing connections beyond `connections` right after accept.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        connections: sluice_core::Budget,
+        tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = connections.try_reserve(1) else {
+                tracing::debug!(%peer, "MQTT connection refused: listener at max_connections");
+                self.ingest.metrics().mqtt_disconnect("refused");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (this, tls) = (self.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    None => this.session(Stream(stream), conn_info(peer, None)).await,
+                    Some(tls) => {
+                        if let Some((s, cert)) = accept_tls(&tls, stream, peer).await {
+                            this.session(Stream(s), conn_info(peer, cert)).await;
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Runs one MQTT session over `io` to its end.
+    pub async fn session<T: Transport>(self: Arc<Self>, io: T, conn: ConnInfo) {
+        let Ok(guard) = self.sessions.clone().try_read_owned() else {
+            return; // draining
+        };
+        let gauge = self.ingest.metrics().connections_of(PROTO);
+        gauge.inc();
+        // Boxed: the session's state lives on the heap once, not in every spawned future.
+        Box::pin(session::run(self.clone(), io, conn)).await;
+        gauge.dec();
+        drop(guard);
+    }
+
+    /// Tells every session to answer what it read, send MQTT 5 clients DISCONNECT 0x8B and
+    /// close; returns once all have ended.
+    pub async fn drain(&self) {
+        let _ = self.stop.send(true);
+        let _ = self.sessions.write().await;
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn conn_info(peer: SocketAddr, client_cert: Option<Arc<[u8]>>) -> ConnInfo {
+    ConnInfo {
+        peer,
+        client_cert,
+        principal: Default::default(),
+    }
+}
+
+/// Serves MQTT over an upgraded WebSocket (`/mqtt` on the HTTP listener).
+pub trait WsSessions: Send + Sync + 'static {
+    fn serve_ws(
+        &self,
+        ws: WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+        conn: ConnInfo,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+impl<I: Ingest> WsSessions for Arc<Mqtt<I>> {
+    fn serve_ws(
+        &self,
+        ws: WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+        conn: ConnInfo,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.clone().session(Ws(ws), conn))
+    }
+}

@@ -1,0 +1,1215 @@
+//! One MQTT connection: CONNECT, then the publish loop, then the will.
+
+use std::collections::{HashSet, VecDeque};
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use rmqtt_codec::error::DecodeError;
+use rmqtt_codec::types::{Publish, QoS};
+use sluice_auth::{Credentials, FailureKind, Principal};
+use sluice_core::{Event, Ingest, Protocol, Receipt, Rejection, StreamName};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
+use super::{Mqtt, PROTO, SessionKey, Transport};
+use crate::lanes::{Lanes, Outcome};
+use crate::server::ConnInfo;
+
+/// Publishes of one stream handed to the lane as one batch, at most.
+const MAX_GROUP: usize = 256;
+/// Batches per connection not yet answered; past it the connection is not read.
+const MAX_GROUPS: usize = 64;
+const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
+const MAX_CLIENT_ID: usize = 256;
+
+/// Why and how a connection ends.
+enum Close {
+    /// DISCONNECT from the client; `will` for reason 0x04 (disconnect with will message).
+    Client { will: bool },
+    /// The connection ended without DISCONNECT.
+    Eof,
+    /// The server ends it: MQTT 5 gets DISCONNECT `code`.
+    Error {
+        code: u8,
+        label: &'static str,
+        message: String,
+    },
+    /// A new connection with the same client identifier took the session over.
+    TakenOver,
+    /// The gateway is draining.
+    Shutdown,
+    /// Acks could not be written in time (or at all).
+    WriteFailed,
+}
+
+fn error(code: u8, label: &'static str, message: impl Into<String>) -> Close {
+    Close::Error {
+        code,
+        label,
+        message: message.into(),
+    }
+}
+
+/// A publish refused with an MQTT 5 reason code.
+#[derive(Debug, Clone)]
+struct Refusal {
+    code: u8,
+    label: &'static str,
+    message: String,
+}
+
+fn refusal_of(r: &Rejection) -> Refusal {
+    let (code, label) = match r {
+        Rejection::Unauthenticated { .. } | Rejection::Forbidden { .. } => (0x87, "not_authorized"),
+        Rejection::Malformed { .. }
+        | Rejection::UnsupportedMediaType { .. }
+        | Rejection::LengthRequired => (0x99, "malformed"),
+        Rejection::TooLarge { .. } => (0x99, "too_large"),
+        Rejection::NotFound { .. } => (0x90, "topic"),
+        Rejection::OverQuota { .. } => (0x97, "quota"),
+        Rejection::Unavailable { .. } => (0x83, "unavailable"),
+        Rejection::Internal { .. } => (0x83, "internal"),
+    };
+    Refusal {
+        code,
+        label,
+        message: r.to_string(),
+    }
+}
+
+enum State {
+    /// Handed to the lane; the group's receiver answers it.
+    Submitted,
+    /// Answered: `None` is success.
+    Done(Option<Refusal>),
+    /// Waiting to be retried (quota in 3.1.1, an unavailable log or budget in both).
+    Hold(Rejection),
+}
+
+struct Item {
+    /// QoS 1/2 packet identifier; `None` for QoS 0.
+    packet_id: Option<NonZeroU16>,
+    qos2: bool,
+    event: Event,
+    state: State,
+}
+
+/// Consecutive publishes of one stream, answered in order.
+struct Group {
+    stream: Option<StreamName>,
+    items: Vec<Item>,
+    /// The first item not answered yet.
+    next: usize,
+    /// The receiver of the batch in flight and which items it holds.
+    rx: Option<(oneshot::Receiver<Outcome>, Vec<usize>)>,
+    retry_at: Option<Instant>,
+    held_since: Option<Instant>,
+}
+
+/// A will, checked at CONNECT: its stream and event.
+struct PreparedWill {
+    stream: StreamName,
+    event: Event,
+    delay_secs: u32,
+}
+
+struct Session<I> {
+    mqtt: Arc<Mqtt<I>>,
+    codec: Codec,
+    principal: Principal,
+    client_id: ByteString,
+    lanes: Lanes<I>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    pending: VecDeque<Group>,
+    /// QoS 1/2 publishes read and not answered.
+    unanswered: usize,
+    /// QoS 2 packet ids handed to the lane, not answered yet.
+    qos2_pending: HashSet<u16>,
+    /// QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
+    qos2_received: HashSet<u16>,
+    aliases: Vec<Option<ByteString>>,
+    /// The last topic's mapping (devices mostly publish to one topic).
+    last_topic: Option<(ByteString, StreamName, Option<Bytes>)>,
+    over_quota: u32,
+    over_quota_qos0: bool,
+    closing: bool,
+}
+
+pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, conn: ConnInfo) {
+    let metrics = mqtt.ingest.metrics().clone();
+    let opts = mqtt.opts.clone();
+    let mut rbuf = BytesMut::with_capacity(256);
+    let mut wbuf = BytesMut::new();
+    let first = tokio::time::timeout(
+        opts.connect_timeout,
+        read_connect(&mut io, &mut rbuf, &mut wbuf, opts.max_packet_bytes),
+    )
+    .await;
+    let (mut codec, connect) = match first {
+        Ok(Ok(c)) => c,
+        Ok(Err(label)) => {
+            if !wbuf.is_empty() {
+                let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf)).await;
+            }
+            metrics.mqtt_disconnect(label);
+            io.close().await;
+            return;
+        }
+        Err(_) => {
+            metrics.mqtt_disconnect("connect_timeout");
+            io.close().await;
+            return;
+        }
+    };
+    let conn_id = mqtt.next_conn_id();
+    let accepted = match accept(&mqtt, &mut codec, &connect, &conn, conn_id).await {
+        Ok(a) => a,
+        Err((code, reason)) => {
+            let props = ConnAckProps {
+                reason: Some(reason.into()),
+                ..Default::default()
+            };
+            if codec.connack(code, props, &mut wbuf).is_ok() {
+                let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf)).await;
+            }
+            metrics.mqtt_disconnect("refused");
+            io.close().await;
+            return;
+        }
+    };
+    let Accepted {
+        principal,
+        key,
+        kicked,
+        will,
+        keep_alive,
+        props,
+    } = accepted;
+    wbuf.clear();
+    if codec.connack(0, props, &mut wbuf).is_err()
+        || tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf))
+            .await
+            .map_or(true, |r| r.is_err())
+    {
+        mqtt.release(&key, conn_id);
+        metrics.mqtt_disconnect("write_timeout");
+        return;
+    }
+    wbuf.clear();
+    tracing::debug!(peer = %conn.peer, client_id = %connect.client_id, principal = principal.name(), version = codec.version().as_str(), "MQTT session started");
+    let lanes = Lanes::new(
+        mqtt.ingest.clone(),
+        principal.clone(),
+        Protocol::Mqtt,
+        MAX_GROUPS,
+    );
+    let mut s = Session {
+        mqtt: mqtt.clone(),
+        codec,
+        principal,
+        client_id: connect.client_id.clone(),
+        lanes,
+        rbuf,
+        wbuf,
+        pending: VecDeque::new(),
+        unanswered: 0,
+        qos2_pending: HashSet::new(),
+        qos2_received: HashSet::new(),
+        aliases: Vec::new(),
+        last_topic: None,
+        over_quota: 0,
+        over_quota_qos0: false,
+        closing: false,
+    };
+    let close = s.serve(&mut io, kicked, keep_alive).await;
+    let version = s.codec.version();
+    let (label, publish_will) = match &close {
+        Close::Client { will } => (if *will { "client_will" } else { "client" }, *will),
+        Close::Eof => ("eof", true),
+        Close::Error { label, .. } => (*label, true),
+        // A new connection of the session is there: a delayed will is not due (MQTT 5 §3.1.3.2.2).
+        Close::TakenOver => (
+            "taken_over",
+            will.as_ref().is_some_and(|w| w.delay_secs == 0),
+        ),
+        Close::Shutdown => ("shutdown", false),
+        Close::WriteFailed => ("write_timeout", true),
+    };
+    let disconnect = match &close {
+        Close::Error { code, message, .. } => Some((*code, message.as_str())),
+        Close::TakenOver => Some((0x8E, "another connection took the session over")),
+        Close::Shutdown => Some((0x8B, "the gateway is shutting down")),
+        _ => None,
+    };
+    if let Some((code, message)) = disconnect
+        && version == Version::V5
+    {
+        s.wbuf.clear();
+        if s.codec.disconnect(code, message, &mut s.wbuf).is_ok() {
+            let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&s.wbuf)).await;
+        }
+    }
+    if let Close::Error { message, .. } = &close {
+        tracing::debug!(peer = %conn.peer, client_id = %s.client_id, reason = label, %message, "MQTT connection closed by the server");
+    }
+    metrics.mqtt_disconnect(label);
+    mqtt.release(&key, conn_id);
+    io.close().await;
+    if let Some(w) = will
+        && publish_will
+    {
+        mqtt.will(key, conn_id, s.principal.clone(), w);
+    }
+    drop(conn);
+}
+
+/// Reads the first packet: it must be a CONNECT of a version Sluice speaks. Refusals that
+/// have a CONNACK leave it in `out`.
+async fn read_connect<T: Transport>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    max_packet_bytes: u32,
+) -> Result<(Codec, Box<Connect>), &'static str> {
+    let limit = max_packet_bytes as usize + 5;
+    let version = loop {
+        match hello(buf) {
+            Hello::Version(v) => break v,
+            Hello::NotMqtt => return Err("malformed"),
+            Hello::UnsupportedLevel(level) => {
+                // A level above 5 reads a 5.0 CONNACK (0x84); older ones the 3.1.1 one (0x01).
+                let (v, code) = if level > 5 {
+                    (Version::V5, 0x84)
+                } else {
+                    (Version::V3, 0x01)
+                };
+                let _ = Codec::new(v, 0).connack(code, ConnAckProps::default(), out);
+                return Err("refused");
+            }
+            Hello::NeedMore => {
+                buf.reserve(256);
+                if io.read_into(buf).await.map_err(|_| "eof")? == 0 {
+                    return Err("eof");
+                }
+            }
+        }
+    };
+    let mut codec = Codec::new(version, max_packet_bytes);
+    loop {
+        match codec.decode(buf) {
+            Ok(Some(Inbound::Connect(c))) => return Ok((codec, c)),
+            Ok(Some(_)) => return Err("protocol"),
+            Ok(None) => {
+                if buf.len() > limit {
+                    return Err("too_large");
+                }
+                buf.reserve(1024);
+                if io.read_into(buf).await.map_err(|_| "eof")? == 0 {
+                    return Err("eof");
+                }
+            }
+            Err(e) => {
+                let (code, label) = match e {
+                    DecodeError::MaxSizeExceeded { .. } => (0x95, "too_large"),
+                    DecodeError::InvalidClientId => (0x85, "malformed"),
+                    DecodeError::MalformedPacket | DecodeError::InvalidLength => {
+                        (0x81, "malformed")
+                    }
+                    _ => (0x82, "protocol"),
+                };
+                if version == Version::V5 {
+                    let _ = codec.connack(code, ConnAckProps::default(), out);
+                }
+                return Err(label);
+            }
+        }
+    }
+}
+
+struct Accepted {
+    principal: Principal,
+    key: SessionKey,
+    kicked: oneshot::Receiver<()>,
+    will: Option<PreparedWill>,
+    keep_alive: Duration,
+    props: ConnAckProps,
+}
+
+/// Checks a CONNECT: client identifier, credentials, connection limits and the will. On
+/// refusal, the version's CONNACK code and a reason.
+async fn accept<I: Ingest>(
+    mqtt: &Arc<Mqtt<I>>,
+    codec: &mut Codec,
+    c: &Connect,
+    conn: &ConnInfo,
+    conn_id: u64,
+) -> Result<Accepted, (u8, String)> {
+    let v5 = codec.version() == Version::V5;
+    let code = |v3: u8, v5code: u8| if v5 { v5code } else { v3 };
+    let opts = &mqtt.opts;
+    if *mqtt.stop.borrow() {
+        return Err((code(3, 0x88), "the gateway is shutting down".into()));
+    }
+    if c.auth_method.is_some() {
+        return Err((0x8C, "enhanced authentication is not supported; use username/password or a client certificate".into()));
+    }
+    let id_ok = c.client_id.len() <= MAX_CLIENT_ID && !c.client_id.chars().any(char::is_control);
+    if !id_ok || (c.client_id.is_empty() && !c.clean_start) {
+        return Err((
+            code(2, 0x85),
+            "the client identifier must be 1-256 characters without control characters (empty only with a clean session)".into(),
+        ));
+    }
+    // Credentials: the password holds an API key (`id.secret`) or a JWT; a password without a
+    // dot is the secret of the key whose id is the username.
+    let password = match c.password.as_deref().map(std::str::from_utf8) {
+        Some(Err(_)) => return Err((code(4, 0x86), "the password is not UTF-8".into())),
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let joined;
+    let token = match (c.username.as_deref(), password) {
+        (Some(u), Some(p)) if !p.contains('.') && !u.is_empty() => {
+            joined = format!("{u}.{p}");
+            Some(joined.as_str())
+        }
+        (_, p) => p,
+    };
+    let creds = Credentials {
+        authorization: None,
+        api_key: None,
+        bearer: token,
+        client_cert: conn.client_cert.as_deref(),
+    };
+    let principal = match mqtt
+        .opts
+        .auth
+        .load()
+        .authenticate(&opts.policy, conn.peer.ip(), creds)
+        .await
+    {
+        Ok(p) => p,
+        Err(f) => {
+            mqtt.ingest
+                .metrics()
+                .auth_failure(PROTO, f.method, f.reason);
+            if f.reason != "too_many_failures" {
+                tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "MQTT authentication failed");
+            }
+            let c = match f.kind {
+                FailureKind::Unauthenticated if f.reason == "missing" => code(5, 0x87),
+                FailureKind::Unauthenticated => code(4, 0x86),
+                FailureKind::Throttled(_) => code(3, 0x9F),
+                FailureKind::Unavailable(_) => code(3, 0x88),
+            };
+            return Err((c, f.description));
+        }
+    };
+    if !opts.per_principal.admit(conn, principal.name()) {
+        return Err((
+            code(3, 0x97),
+            format!(
+                "principal `{}` has its maximum of open MQTT connections",
+                principal.name()
+            ),
+        ));
+    }
+    let will = match &c.will {
+        None => None,
+        Some(w) => {
+            Some(prepare_will(mqtt, &principal, w, v5).map_err(|(v3, v5c, m)| (code(v3, v5c), m))?)
+        }
+    };
+    let mut client_id = c.client_id.clone();
+    let assigned = client_id.is_empty().then(|| {
+        client_id = ByteString::from(format!("sluice-{:016x}", rand_id(conn_id)));
+        client_id.clone()
+    });
+    let key: SessionKey = (Arc::from(principal.name()), client_id);
+    let kicked = mqtt.claim(&key, conn_id);
+    let max_ka = opts.max_keep_alive_secs;
+    let ka = if c.keep_alive == 0 || c.keep_alive > max_ka {
+        max_ka
+    } else {
+        c.keep_alive
+    };
+    if let Some(m) = c.max_packet_size {
+        codec.set_max_outbound(m.get());
+    }
+    let props = ConnAckProps {
+        receive_max: NonZeroU16::new(opts.receive_maximum).unwrap_or(NonZeroU16::MIN),
+        max_packet_size: opts.max_packet_bytes,
+        topic_alias_max: opts.topic_alias_maximum,
+        assigned_client_id: if v5 { assigned } else { None },
+        server_keep_alive: (ka != c.keep_alive).then_some(ka),
+        session_expiry_secs: (c.session_expiry_secs > 0).then_some(0),
+        reason: None,
+    };
+    Ok(Accepted {
+        principal,
+        key,
+        kicked,
+        will,
+        // Silence for 1.5× the keep-alive ends the connection (MQTT §3.1.2.10).
+        keep_alive: Duration::from_millis(u64::from(ka) * 1500),
+        props,
+    })
+}
+
+/// A process-unique pseudo-random identifier (assigned client ids).
+fn rand_id(conn_id: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(conn_id);
+    h.finish()
+}
+
+fn prepare_will<I: Ingest>(
+    mqtt: &Mqtt<I>,
+    principal: &Principal,
+    w: &Will,
+    v5: bool,
+) -> Result<PreparedWill, (u8, u8, String)> {
+    if v5 && w.retain {
+        return Err((
+            5,
+            0x9A,
+            "retained messages are not supported (Retain Available = 0)".into(),
+        ));
+    }
+    if w.topic.contains(['+', '#']) || w.topic.is_empty() {
+        return Err((
+            5,
+            0x90,
+            format!("will topic `{}` is not a topic name", w.topic),
+        ));
+    }
+    let (stream, key) = mqtt
+        .opts
+        .topics
+        .map(&w.topic)
+        .map_err(|e| (5, 0x90, format!("will topic `{}`: {e}", w.topic)))?;
+    let stream = StreamName::parse(&stream).map_err(|r| (5, 0x90, r.to_string()))?;
+    match mqtt.ingest.admit(principal, &stream) {
+        Ok(_) => {}
+        Err(r @ (Rejection::Forbidden { .. } | Rejection::Unauthenticated { .. })) => {
+            return Err((5, 0x87, format!("will: {r}")));
+        }
+        Err(r @ Rejection::NotFound { .. }) => return Err((5, 0x90, format!("will: {r}"))),
+        Err(r) => return Err((3, 0x88, format!("will: {r}"))),
+    }
+    if w.utf8_payload && std::str::from_utf8(&w.payload).is_err() {
+        return Err((
+            5,
+            0x99,
+            "the will payload is marked UTF-8 but is not".into(),
+        ));
+    }
+    let mut headers = vec![
+        (
+            Bytes::from_static(b"mqtt-topic"),
+            w.topic.as_bytes().clone(),
+        ),
+        (
+            Bytes::from_static(b"mqtt-will"),
+            Bytes::from_static(b"true"),
+        ),
+    ];
+    push_properties(
+        &mut headers,
+        w.content_type.as_ref(),
+        w.utf8_payload,
+        &w.user_properties,
+    );
+    Ok(PreparedWill {
+        stream,
+        event: Event {
+            key: key.map(Bytes::from),
+            id: None,
+            headers,
+            value: w.payload.clone(),
+        },
+        delay_secs: w.delay_secs.min(mqtt.opts.max_will_delay_secs),
+    })
+}
+
+fn push_properties(
+    headers: &mut Vec<(Bytes, Bytes)>,
+    content_type: Option<&ByteString>,
+    utf8: bool,
+    user: &[(ByteString, ByteString)],
+) {
+    if let Some(ct) = content_type {
+        headers.push((Bytes::from_static(b"content-type"), ct.as_bytes().clone()));
+    }
+    if utf8 {
+        headers.push((
+            Bytes::from_static(b"mqtt-payload-format"),
+            Bytes::from_static(b"utf-8"),
+        ));
+    }
+    for (k, v) in user {
+        headers.push((k.as_bytes().clone(), v.as_bytes().clone()));
+    }
+}
+
+/// What the loop does next.
+enum Step {
+    Kicked,
+    Stop,
+    Outcome(Result<Outcome, oneshot::error::RecvError>),
+    Retry,
+    Read(std::io::Result<usize>),
+    KeepAlive,
+}
+
+impl<I: Ingest> Session<I> {
+    fn v5(&self) -> bool {
+        self.codec.version() == Version::V5
+    }
+
+    fn can_read(&self) -> bool {
+        !self.closing
+            && self.unanswered + self.qos2_received.len()
+                < usize::from(self.mqtt.opts.receive_maximum)
+            && self.pending.len() < MAX_GROUPS
+            && self.pending.front().is_none_or(|g| g.held_since.is_none())
+    }
+
+    async fn serve<T: Transport>(
+        &mut self,
+        io: &mut T,
+        mut kicked: oneshot::Receiver<()>,
+        keep_alive: Duration,
+    ) -> Close {
+        let mut stop = self.mqtt.stop.subscribe();
+        let mut deadline = Instant::now() + keep_alive;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            if self.closing && self.pending.is_empty() {
+                return Close::Shutdown;
+            }
+            let can_read = self.can_read();
+            if !can_read {
+                // Not reading is the server's doing: the client's silence does not count.
+                deadline = Instant::now() + keep_alive;
+            }
+            let step = {
+                let (head_rx, retry_at) = match self.pending.front_mut() {
+                    Some(g) => (g.rx.as_mut().map(|(rx, _)| rx), g.retry_at),
+                    None => (None, None),
+                };
+                let has_rx = head_rx.is_some();
+                if can_read && self.rbuf.capacity() - self.rbuf.len() < 512 {
+                    self.rbuf.reserve(2048);
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut kicked => Step::Kicked,
+                    _ = stop.changed(), if !self.closing => Step::Stop,
+                    r = async { head_rx.expect("checked").await }, if has_rx => Step::Outcome(r),
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
+                    r = io.read_into(&mut self.rbuf), if can_read => Step::Read(r),
+                    _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
+                }
+            };
+            let result = match step {
+                Step::Kicked => return Close::TakenOver,
+                Step::Stop => {
+                    self.closing = true;
+                    // Held publishes are not retried any more: answer them now.
+                    if let Some(g) = self.pending.front_mut() {
+                        g.retry_at = None;
+                        for i in &mut g.items {
+                            if let State::Hold(r) = &i.state {
+                                i.state = State::Done(Some(Refusal {
+                                    code: 0x83,
+                                    label: "shutdown",
+                                    message: format!("the gateway is shutting down: {r}"),
+                                }));
+                            }
+                        }
+                    }
+                    self.answer_head()
+                }
+                Step::Outcome(r) => self.settle(r).and_then(|()| self.answer_head()),
+                Step::Retry => {
+                    self.retry().await;
+                    Ok(())
+                }
+                Step::Read(Ok(0)) | Step::Read(Err(_)) => return Close::Eof,
+                Step::Read(Ok(_)) => {
+                    deadline = Instant::now() + keep_alive;
+                    self.decode_ready().await
+                }
+                Step::KeepAlive => {
+                    return error(
+                        0x8D,
+                        "keep_alive",
+                        "no packet within 1.5 times the keep-alive",
+                    );
+                }
+            };
+            // Acks may have made room: decode what is already buffered; groups refused before
+            // the lane (e.g. for their topic) are answered as soon as they are at the head.
+            let result = match result {
+                Ok(()) if self.can_read() && !self.rbuf.is_empty() => self.decode_ready().await,
+                r => r,
+            }
+            .and_then(|()| self.answer_head());
+            if !self.wbuf.is_empty() {
+                let written =
+                    tokio::time::timeout(self.mqtt.opts.write_timeout, io.write_all(&self.wbuf))
+                        .await;
+                self.wbuf.clear();
+                if !matches!(written, Ok(Ok(()))) {
+                    return Close::WriteFailed;
+                }
+                if self.wbuf.capacity() > 64 * 1024 {
+                    self.wbuf = BytesMut::new();
+                }
+            }
+            if let Err(close) = result {
+                return close;
+            }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+                self.rbuf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Handles every complete packet in the read buffer while the connection may read.
+    async fn decode_ready(&mut self) -> Result<(), Close> {
+        let mut batch: Option<Group> = None;
+        let result = loop {
+            if !self.can_read() {
+                break Ok(());
+            }
+            let packet = match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(decode_error(e)),
+            };
+            match packet {
+                Inbound::Publish(p) => match self.prepare(*p) {
+                    Ok(Some((item, stream))) => {
+                        let joins = matches!(&batch, Some(b) if stream.is_some() && b.stream == stream && b.items.len() < MAX_GROUP);
+                        if !joins {
+                            if let Some(b) = batch.take() {
+                                self.submit(b).await;
+                            }
+                            batch = Some(Group {
+                                stream,
+                                items: Vec::new(),
+                                next: 0,
+                                rx: None,
+                                retry_at: None,
+                                held_since: None,
+                            });
+                        }
+                        if item.packet_id.is_some() {
+                            self.unanswered += 1;
+                        }
+                        batch.as_mut().expect("set above").items.push(item);
+                    }
+                    Ok(None) => {}
+                    Err(close) => break Err(close),
+                },
+                Inbound::PubRel(id) => {
+                    let found = self.qos2_received.remove(&id);
+                    if let Some(id) = NonZeroU16::new(id) {
+                        let _ = self.codec.pubcomp(id, found, &mut self.wbuf);
+                    }
+                }
+                Inbound::Subscribe { packet_id, filters } => {
+                    if let Some(id) = NonZeroU16::new(packet_id) {
+                        let _ = self.codec.suback_refused(id, filters, &mut self.wbuf);
+                    }
+                }
+                Inbound::Unsubscribe { packet_id, filters } => {
+                    if let Some(id) = NonZeroU16::new(packet_id) {
+                        let _ = self.codec.unsuback(id, filters, &mut self.wbuf);
+                    }
+                }
+                Inbound::PingReq => {
+                    let _ = self.codec.pingresp(&mut self.wbuf);
+                }
+                Inbound::Disconnect { reason } => {
+                    break Err(Close::Client {
+                        will: reason == 0x04,
+                    });
+                }
+                Inbound::Connect(_) => break Err(error(0x82, "protocol", "a second CONNECT")),
+                Inbound::Unexpected(name) => {
+                    break Err(error(
+                        0x82,
+                        "protocol",
+                        format!("{name} is not expected from a client of a publish-only server"),
+                    ));
+                }
+            }
+        };
+        if let Some(b) = batch {
+            self.submit(b).await;
+        }
+        result
+    }
+
+    /// Hands a group's publishes to the lane (a group refused before it, e.g. for its topic,
+    /// only waits for its turn to be answered).
+    async fn submit(&mut self, mut g: Group) {
+        if let Some(stream) = g.stream.clone() {
+            let idx: Vec<usize> = (0..g.items.len()).collect();
+            let events = g.items.iter().map(|i| i.event.clone()).collect();
+            let rx = self.lanes.submit(stream, CONTENT_TYPE, events).await;
+            g.rx = Some((rx, idx));
+        }
+        self.pending.push_back(g);
+    }
+
+    /// Checks a PUBLISH and turns it into an item: to append (`Submitted`, with its stream in
+    /// `last_topic`), refused (`Done`), or nothing (a QoS 2 retransmission).
+    fn prepare(&mut self, p: Publish) -> Result<Option<(Item, Option<StreamName>)>, Close> {
+        let v5 = self.v5();
+        let (qos, qos2) = match p.qos {
+            QoS::AtMostOnce => (0u8, false),
+            QoS::AtLeastOnce => (1, false),
+            QoS::ExactlyOnce => (2, true),
+        };
+        let packet_id = p.packet_id;
+        if qos > 0 && packet_id.is_none() {
+            return Err(error(
+                0x82,
+                "protocol",
+                "QoS 1/2 PUBLISH without a packet identifier",
+            ));
+        }
+        if v5 && p.retain {
+            return Err(error(
+                0x9A,
+                "protocol",
+                "retained messages are not supported (Retain Available = 0)",
+            ));
+        }
+        if qos2 {
+            let id = packet_id.expect("checked").get();
+            if self.qos2_received.contains(&id) {
+                // Already appended and answered: answer again, append nothing.
+                let _ = self
+                    .codec
+                    .ack(true, packet_id.expect("checked"), 0, None, &mut self.wbuf);
+                return Ok(None);
+            }
+            if self.qos2_pending.contains(&id) {
+                return Ok(None); // its answer is on the way
+            }
+        }
+        let props = p.properties.as_ref();
+        let mut topic = p.topic.clone();
+        if let Some(alias) = props.and_then(|pr| pr.topic_alias) {
+            let a = usize::from(alias.get());
+            if a > usize::from(self.mqtt.opts.topic_alias_maximum) {
+                return Err(error(
+                    0x94,
+                    "protocol",
+                    format!("topic alias {a} is above Topic Alias Maximum"),
+                ));
+            }
+            if self.aliases.len() < a {
+                self.aliases.resize(a, None);
+            }
+            if topic.is_empty() {
+                match &self.aliases[a - 1] {
+                    Some(t) => topic = t.clone(),
+                    None => {
+                        return Err(error(
+                            0x82,
+                            "protocol",
+                            format!("topic alias {a} was never set"),
+                        ));
+                    }
+                }
+            } else {
+                self.aliases[a - 1] = Some(topic.clone());
+            }
+        } else if topic.is_empty() {
+            return Err(error(
+                0x82,
+                "protocol",
+                "PUBLISH without a topic name or alias",
+            ));
+        }
+        let utf8 = props.is_some_and(|pr| pr.is_utf8_payload);
+        let refused = |code, label, message: String| {
+            Ok(Some((
+                Item {
+                    packet_id,
+                    qos2,
+                    event: Event::default(),
+                    state: State::Done(Some(Refusal {
+                        code,
+                        label,
+                        message,
+                    })),
+                },
+                None,
+            )))
+        };
+        if topic.contains(['+', '#']) {
+            self.count_refusal("topic");
+            return refused(
+                0x90,
+                "topic",
+                format!("`{topic}` has wildcards; a PUBLISH needs a topic name"),
+            );
+        }
+        let (stream, key) = match &self.last_topic {
+            Some((t, s, k)) if *t == topic => (s.clone(), k.clone()),
+            _ => match self.mqtt.opts.topics.map(&topic) {
+                Ok((s, k)) => match StreamName::parse(&s) {
+                    Ok(s) => {
+                        let k = k.map(Bytes::from);
+                        self.last_topic = Some((topic.clone(), s.clone(), k.clone()));
+                        (s, k)
+                    }
+                    Err(r) => {
+                        self.count_refusal("topic");
+                        return refused(0x90, "topic", r.to_string());
+                    }
+                },
+                Err(e) => {
+                    self.count_refusal("topic");
+                    return refused(0x90, "topic", format!("topic `{topic}`: {e}"));
+                }
+            },
+        };
+        if utf8 && std::str::from_utf8(&p.payload).is_err() {
+            self.count_refusal("malformed");
+            return refused(
+                0x99,
+                "malformed",
+                "the payload is marked UTF-8 (Payload Format Indicator) but is not".into(),
+            );
+        }
+        let mut headers = vec![(Bytes::from_static(b"mqtt-topic"), topic.as_bytes().clone())];
+        if let Some(pr) = props {
+            push_properties(
+                &mut headers,
+                pr.content_type.as_ref(),
+                utf8,
+                &pr.user_properties,
+            );
+        }
+        if qos2 {
+            self.qos2_pending.insert(packet_id.expect("checked").get());
+        }
+        let item = Item {
+            packet_id,
+            qos2,
+            event: Event {
+                key,
+                id: None,
+                headers,
+                value: p.payload,
+            },
+            state: State::Submitted,
+        };
+        Ok(Some((item, Some(stream))))
+    }
+
+    fn count_refusal(&self, reason: &'static str) {
+        self.mqtt.ingest.metrics().rejected(PROTO, reason, 1);
+    }
+
+    /// Records the head group's outcome in its items.
+    fn settle(&mut self, outcome: Result<Outcome, oneshot::error::RecvError>) -> Result<(), Close> {
+        let v5 = self.v5();
+        let max_hold = self.mqtt.opts.max_hold;
+        let Some(g) = self.pending.front_mut() else {
+            return Ok(());
+        };
+        let Some((_, idx)) = g.rx.take() else {
+            return Ok(());
+        };
+        let per_item: Vec<Result<(), Rejection>> = match outcome {
+            Ok(Ok(receipts)) => receipts
+                .into_iter()
+                .map(|r| match r {
+                    Receipt::Appended { .. } | Receipt::Received { .. } => Ok(()),
+                    Receipt::Failed(r) => Err(r),
+                })
+                .collect(),
+            Ok(Err(r)) => vec![Err(r); idx.len()],
+            Err(_) => vec![
+                Err(Rejection::Internal {
+                    message: "the append ended without an answer".into(),
+                });
+                idx.len()
+            ],
+        };
+        let now = Instant::now();
+        let mut retry_after: Option<Duration> = None;
+        for (i, r) in idx.into_iter().zip(per_item) {
+            let item = &mut g.items[i];
+            item.state = match r {
+                Ok(()) => State::Done(None),
+                Err(r) => {
+                    let holdable = item.packet_id.is_some()
+                        && match &r {
+                            Rejection::Unavailable { .. } => g
+                                .held_since
+                                .is_none_or(|s| now.duration_since(s) < max_hold),
+                            // 3.1.1 has no way to say "over quota": hold the ack until it fits.
+                            Rejection::OverQuota { .. } => !v5,
+                            _ => false,
+                        };
+                    if holdable {
+                        let wait = r.retry_after().unwrap_or(Duration::from_millis(100));
+                        retry_after = Some(retry_after.map_or(wait, |w| w.min(wait)));
+                        State::Hold(r)
+                    } else {
+                        State::Done(Some(refusal_of(&r)))
+                    }
+                }
+            };
+        }
+        match retry_after {
+            Some(wait) => {
+                g.held_since.get_or_insert(now);
+                let wait = wait.clamp(Duration::from_millis(10), Duration::from_secs(1));
+                g.retry_at = Some(now + wait);
+            }
+            None => {
+                g.held_since = None;
+                g.retry_at = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the head group's held publishes to the lane again.
+    async fn retry(&mut self) {
+        let Some(g) = self.pending.front_mut() else {
+            return;
+        };
+        g.retry_at = None;
+        let Some(stream) = g.stream.clone() else {
+            return;
+        };
+        let mut idx = Vec::new();
+        let mut events = Vec::new();
+        for (i, item) in g.items.iter_mut().enumerate() {
+            if matches!(item.state, State::Hold(_)) {
+                idx.push(i);
+                events.push(item.event.clone());
+                item.state = State::Submitted;
+            }
+        }
+        if idx.is_empty() {
+            return;
+        }
+        let rx = self.lanes.submit(stream, CONTENT_TYPE, events).await;
+        if let Some(g) = self.pending.front_mut() {
+            g.rx = Some((rx, idx));
+        }
+    }
+
+    /// Writes the answers of settled publishes, in the order they arrived, from the head.
+    fn answer_head(&mut self) -> Result<(), Close> {
+        let v5 = self.v5();
+        let limit = self.mqtt.opts.quota_disconnect_after;
+        while let Some(g) = self.pending.front_mut() {
+            while g.next < g.items.len() {
+                let item = &mut g.items[g.next];
+                let refusal = match &mut item.state {
+                    State::Done(r) => r.take(),
+                    _ => break,
+                };
+                g.next += 1;
+                match &refusal {
+                    Some(r) if r.code == 0x97 => {
+                        self.over_quota += 1;
+                        self.over_quota_qos0 = item.packet_id.is_none();
+                    }
+                    None => self.over_quota = 0,
+                    _ => {}
+                }
+                let Some(id) = item.packet_id else {
+                    // QoS 0 has no answer; 3.1.1 still ends the connection on what it cannot
+                    // signal otherwise (not authorized, unmapped topic, …), except quota.
+                    if let Some(r) = refusal
+                        && !v5
+                        && r.code != 0x97
+                    {
+                        return Err(error(0, r.label, r.message));
+                    }
+                    continue;
+                };
+                self.unanswered -= 1;
+                if item.qos2 {
+                    self.qos2_pending.remove(&id.get());
+                }
+                match refusal {
+                    None => {
+                        if item.qos2 {
+                            self.qos2_received.insert(id.get());
+                        }
+                        let _ = self.codec.ack(item.qos2, id, 0, None, &mut self.wbuf);
+                    }
+                    Some(r) if v5 => {
+                        let mut message = r.message;
+                        message.truncate(message.floor_char_boundary(256));
+                        let _ =
+                            self.codec
+                                .ack(item.qos2, id, r.code, Some(message), &mut self.wbuf);
+                    }
+                    // 3.1.1 has no reason codes: the connection ends; the client resends.
+                    Some(r) => return Err(error(0, r.label, r.message)),
+                }
+                item.event = Event::default();
+            }
+            if limit > 0 && self.over_quota >= limit {
+                let (code, what) = if self.over_quota_qos0 {
+                    (0x96, "message rate too high")
+                } else {
+                    (0x97, "quota exceeded")
+                };
+                return Err(error(
+                    code,
+                    "quota",
+                    format!("{what}: {} publishes in a row over quota", self.over_quota),
+                ));
+            }
+            if g.next < g.items.len() {
+                break;
+            }
+            self.pending.pop_front();
+        }
+        Ok(())
+    }
+}
+
+fn decode_error(e: DecodeError) -> Close {
+    match e {
+        DecodeError::MaxSizeExceeded { size, max } => error(
+            0x95,
+            "too_large",
+            format!("packet of {size} bytes is above Maximum Packet Size {max}"),
+        ),
+        DecodeError::MalformedPacket | DecodeError::InvalidLength | DecodeError::Utf8Error => {
+            error(0x81, "malformed", e.to_string())
+        }
+        DecodeError::InvalidTopicName => error(0x90, "malformed", e.to_string()),
+        _ => error(0x82, "protocol", e.to_string()),
+    }
+}
+
+impl<I: Ingest> Mqtt<I> {
+    /// Registers a session under `key`, taking over (and telling) the session that had it,
+    /// and cancels a will still waiting for its delay under that key.
+    fn claim(&self, key: &SessionKey, conn_id: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let old = self
+            .registry
+            .sessions
+            .lock()
+            .unwrap()
+            .insert(key.clone(), (conn_id, tx));
+        if let Some((_, old)) = old {
+            let _ = old.send(());
+        }
+        if let Some((_, pending)) = self.registry.wills.lock().unwrap().remove(key) {
+            pending.abort();
+            self.ingest.metrics().mqtt_will("cancelled");
+        }
+        rx
+    }
+
+    pub(super) fn release(&self, key: &SessionKey, conn_id: u64) {
+        let mut sessions = self.registry.sessions.lock().unwrap();
+        if sessions.get(key).is_some_and(|(id, _)| *id == conn_id) {
+            sessions.remove(key);
+        }
+    }
+
+    /// Publishes a will now, or after its delay unless a new connection of the session
+    /// comes first.
+    fn will(
+        self: &Arc<Self>,
+        key: SessionKey,
+        conn_id: u64,
+        principal: Principal,
+        w: PreparedWill,
+    ) {
+        let this = self.clone();
+        if w.delay_secs == 0 {
+            tokio::spawn(async move { this.append_will(principal, w).await });
+            return;
+        }
+        let mut wills = self.registry.wills.lock().unwrap();
+        if wills.len() >= self.opts.max_pending_wills {
+            drop(wills);
+            self.ingest.metrics().mqtt_will("shed");
+            tokio::spawn(async move { this.append_will(principal, w).await });
+            return;
+        }
+        let key2 = key.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(w.delay_secs))).await;
+            {
+                let mut wills = this.registry.wills.lock().unwrap();
+                if wills.get(&key2).is_some_and(|(id, _)| *id == conn_id) {
+                    wills.remove(&key2);
+                }
+            }
+            this.append_will(principal, w).await;
+        });
+        wills.insert(key, (conn_id, task.abort_handle()));
+    }
+
+    async fn append_will(&self, principal: Principal, w: PreparedWill) {
+        let deadline = Instant::now() + self.opts.max_hold;
+        loop {
+            let r = crate::append_batch(
+                &*self.ingest,
+                principal.clone(),
+                Protocol::Mqtt,
+                w.stream.clone(),
+                CONTENT_TYPE,
+                vec![w.event.clone()],
+                None,
+            )
+            .await;
+            let failure = match r {
+                Ok(receipts) => receipts.into_iter().find_map(|r| match r {
+                    Receipt::Failed(r) => Some(r),
+                    _ => None,
+                }),
+                Err(r) => Some(r),
+            };
+            match failure {
+                None => {
+                    self.ingest.metrics().mqtt_will("appended");
+                    return;
+                }
+                Some(r) if r.retry_after().is_some() && Instant::now() < deadline => {
+                    let wait = r.retry_after().unwrap_or_default();
+                    tokio::time::sleep(
+                        wait.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                    )
+                    .await;
+                }
+                Some(r) => {
+                    tracing::warn!(stream = %w.stream, principal = principal.name(), error = %r, "MQTT will not appended");
+                    self.ingest.metrics().mqtt_will("failed");
+                    return;
+                }
+            }
+        }
+    }
+}
