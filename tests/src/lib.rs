@@ -3,6 +3,7 @@
 //! log back through `sluice log read`.
 
 pub mod kafka;
+pub mod mqtt;
 pub mod pki;
 
 use std::io::{BufRead, BufReader};

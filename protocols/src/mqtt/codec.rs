@@ -324,7 +324,8 @@ impl Codec {
         }
     }
 
-    /// SUBACK refusing every filter (3.1.1: 0x80; 5.0: 0xA1 — the server has no subscriptions).
+    /// SUBACK refusing every filter (3.1.1: 0x80; 5.0: 0x87 not authorized — Sluice delivers
+    /// nothing to clients).
     pub fn suback_refused(
         &mut self,
         packet_id: NonZeroU16,
@@ -346,10 +347,7 @@ impl Codec {
                     reason_string: Some(
                         "Sluice accepts publishes only; nothing is delivered to clients".into(),
                     ),
-                    status: vec![
-                        v5::SubscribeAckReason::SubscriptionIdentifiersNotSupported;
-                        filters
-                    ],
+                    status: vec![v5::SubscribeAckReason::NotAuthorized; filters],
                 }),
                 out,
             ),

@@ -1,0 +1,183 @@
+//! A raw MQTT client for the cases a well-behaved client library will not produce: packets
+//! written and read one by one with `rmqtt-codec`, the same codec the server uses (its
+//! client-side half), plus hand-made bytes.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rmqtt_codec::types::{Protocol, Publish, QoS};
+use rmqtt_codec::{v3, v5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// One TCP connection speaking MQTT 5 (`v5`) or 3.1.1.
+pub struct Raw {
+    pub stream: TcpStream,
+    v5: v5::Codec,
+    v3: v3::Codec,
+    buf: BytesMut,
+    is_v5: bool,
+}
+
+/// How long a raw client waits for the next packet.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr, is_v5: bool) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.expect("connect"),
+            v5: v5::Codec::new(0, 0),
+            v3: v3::Codec::new(0),
+            buf: BytesMut::new(),
+            is_v5,
+        }
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        self.stream.write_all(b).await.expect("write");
+    }
+
+    pub async fn send5(&mut self, p: v5::Packet) {
+        let mut out = BytesMut::new();
+        self.v5.encode(p, &mut out).expect("encode");
+        self.send_bytes(&out).await;
+    }
+
+    pub async fn send3(&mut self, p: v3::Packet) {
+        let mut out = BytesMut::new();
+        self.v3.encode(p, &mut out).expect("encode");
+        self.send_bytes(&out).await;
+    }
+
+    async fn fill(&mut self) -> bool {
+        match tokio::time::timeout(WAIT, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(_)) => true,
+            Err(_) => panic!("no packet within {WAIT:?}"),
+        }
+    }
+
+    /// The next MQTT 5 packet, or `None` once the server closed the connection.
+    pub async fn recv5(&mut self) -> Option<v5::Packet> {
+        assert!(self.is_v5);
+        loop {
+            if let Some((p, _)) = self
+                .v5
+                .decode(&mut self.buf)
+                .expect("server packet decodes")
+            {
+                return Some(p);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next MQTT 3.1.1 packet, or `None` once the server closed the connection.
+    pub async fn recv3(&mut self) -> Option<v3::Packet> {
+        assert!(!self.is_v5);
+        loop {
+            if let Some((p, _)) = self
+                .v3
+                .decode(&mut self.buf)
+                .expect("server packet decodes")
+            {
+                return Some(p);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Whether the server closes the connection (without sending anything else) within the wait.
+    pub async fn closed(&mut self) -> bool {
+        let mut scratch = [0u8; 256];
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.read(&mut scratch)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A 5.0 CONNECT.
+pub fn connect5(client_id: &str, keep_alive: u16) -> v5::Connect {
+    v5::Connect {
+        clean_start: true,
+        keep_alive,
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+/// A 3.1.1 CONNECT.
+pub fn connect3(client_id: &str, keep_alive: u16) -> v3::Connect {
+    v3::Connect {
+        protocol: Protocol(4),
+        clean_session: true,
+        keep_alive,
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+/// A PUBLISH (5.0 when `props` is given).
+pub fn publish(
+    topic: &str,
+    qos: u8,
+    id: u16,
+    payload: &'static [u8],
+    props: Option<v5::PublishProperties>,
+) -> Publish {
+    Publish {
+        dup: false,
+        retain: false,
+        qos: match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        },
+        topic: topic.into(),
+        packet_id: NonZeroU16::new(id),
+        payload: Bytes::from_static(payload),
+        properties: props,
+    }
+}
+
+/// Connects with 5.0 and expects CONNACK success; returns the connection and the CONNACK.
+pub async fn session5(addr: SocketAddr, c: v5::Connect) -> (Raw, v5::ConnectAck) {
+    let mut raw = Raw::connect(addr, true).await;
+    raw.send5(v5::Packet::Connect(Box::new(c))).await;
+    match raw.recv5().await {
+        Some(v5::Packet::ConnectAck(ack)) => {
+            assert_eq!(
+                ack.reason_code,
+                v5::ConnectAckReason::Success,
+                "{:?}",
+                ack.reason_string
+            );
+            (raw, *ack)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// Connects with 3.1.1 and expects CONNACK accepted.
+pub async fn session3(addr: SocketAddr, c: v3::Connect) -> Raw {
+    let mut raw = Raw::connect(addr, false).await;
+    raw.send3(v3::Packet::Connect(Box::new(c))).await;
+    match raw.recv3().await {
+        Some(v3::Packet::ConnectAck(ack)) => {
+            assert_eq!(ack.return_code, v3::ConnectAckReason::ConnectionAccepted);
+            raw
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
