@@ -908,3 +908,138 @@ async fn per_principal_connection_limit_gives_0x97() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Pipelined raw 5.0 publishers (QoS 1 and 2 alternating, 32 in flight each) until told to
+/// stop; every payload whose PUBACK or PUBREC arrived is pushed to `acked`.
+async fn acked_publisher(
+    addr: std::net::SocketAddr,
+    id: usize,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (raw, _) = session5(addr, connect5(&format!("crash-{id}"), 30)).await;
+    let (mut rd, wr) = raw.stream.into_split();
+    let wr = std::sync::Arc::new(tokio::sync::Mutex::new(wr));
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let inflight: std::sync::Arc<std::sync::Mutex<HashMap<u16, String>>> = Default::default();
+    let reader = {
+        let (wr, window, inflight, acked) =
+            (wr.clone(), window.clone(), inflight.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut codec = v5::Codec::new(0, 0);
+            let mut buf = BytesMut::new();
+            loop {
+                while let Ok(Some((p, _))) = codec.decode(&mut buf) {
+                    let (id, rel) = match p {
+                        v5::Packet::PublishAck(a) => (a.packet_id, false),
+                        v5::Packet::PublishReceived(a) => (a.packet_id, true),
+                        v5::Packet::PublishComplete(_) => continue,
+                        _ => return,
+                    };
+                    if let Some(payload) = inflight.lock().unwrap().remove(&id.get()) {
+                        acked.lock().unwrap().push(payload);
+                    }
+                    if rel {
+                        let mut out = BytesMut::new();
+                        codec
+                            .encode(
+                                v5::Packet::PublishRelease(v5::PublishAck2 {
+                                    packet_id: id,
+                                    reason_code: v5::PublishAck2Reason::Success,
+                                    properties: Vec::new(),
+                                    reason_string: None,
+                                }),
+                                &mut out,
+                            )
+                            .unwrap();
+                        if wr.lock().await.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    window.add_permits(1);
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+    let mut codec = v5::Codec::new(0, 0);
+    let mut n: u32 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(permit) = window.acquire().await else {
+            break;
+        };
+        permit.forget();
+        let pid = (n % 60_000 + 1) as u16;
+        let payload = format!("c{id}-{n}");
+        let mut p = publish(
+            "crashy/k",
+            if n % 2 == 0 { 1 } else { 2 },
+            pid,
+            b"",
+            Some(Default::default()),
+        );
+        p.payload = bytes::Bytes::from(payload.clone());
+        inflight.lock().unwrap().insert(pid, payload);
+        let mut out = BytesMut::new();
+        codec
+            .encode(v5::Packet::Publish(Box::new(p)), &mut out)
+            .unwrap();
+        if wr.lock().await.write_all(&out).await.is_err() {
+            break;
+        }
+        n += 1;
+    }
+    let _ = reader.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_and_qos2_acked_before_sigkill_are_in_the_log_after_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = Sluice::start(&data, "").unwrap();
+    let addr = s.mqtt.unwrap();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(acked_publisher(addr, i, acked.clone(), stop.clone())))
+        .collect();
+    let enough = wait_until(Duration::from_secs(60), || {
+        let n = acked.lock().unwrap().len();
+        async move { n >= 4000 }
+    })
+    .await;
+    assert!(
+        enough,
+        "publishers got {} acks",
+        acked.lock().unwrap().len()
+    );
+    // Under load: kill -9, while publishes are in flight.
+    s.kill().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    let s = Sluice::start(&data, "").unwrap();
+    let stored: std::collections::HashSet<String> = read_log(&s.data_dir, "crashy", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|p| !stored.contains(*p)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acked publishes lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
