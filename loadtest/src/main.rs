@@ -20,6 +20,8 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
+mod mqtt;
+
 #[derive(Parser)]
 #[command(name = "sluice-loadtest", about = "Load generator for Sluice")]
 struct Cli {
@@ -41,6 +43,9 @@ enum Cmd {
     /// WebSocket: frames of JSON events on `/v1/streams/{stream}/ws`, each acked per event;
     /// a window of unacked frames per connection (closed loop), or a target rate (open loop).
     Ws(WsArgs),
+    /// MQTT 3.1.1 QoS 1 (or 0) publishes over TCP, a window per connection (closed loop) or a
+    /// target rate (open loop); `--idle` holds idle connections (memory per connection).
+    Mqtt(mqtt::MqttArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -268,6 +273,7 @@ fn main() -> Result<()> {
         Cmd::Kafka(a) => rt.block_on(kafka(a)),
         Cmd::Grpc(a) => rt.block_on(grpc(a)),
         Cmd::Ws(a) => rt.block_on(ws(a)),
+        Cmd::Mqtt(a) => rt.block_on(mqtt::run(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
             hs256_secret,

@@ -637,4 +637,26 @@ mod tests {
             .unwrap();
         assert_eq!(&out[..], b"\x50\x02\x00\x07");
     }
+
+    /// Replays the fuzz target's seed corpus (protocols/fuzz/corpus/mqtt_decoder): `ok-*`
+    /// inputs decode at least one packet without error, `bad-*` inputs are refused, and none
+    /// panics.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/mqtt_decoder");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(&path).unwrap();
+            let result = decode_all(&bytes, 64 * 1024);
+            if name.starts_with("ok-") {
+                assert!(matches!(result, Ok(n) if n >= 1), "{name}: {result:?}");
+            } else if name.starts_with("bad-") {
+                assert!(result.is_err(), "{name} should be refused: {result:?}");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 10, "only {seen} seeds in {}", dir.display());
+    }
 }

@@ -25,6 +25,8 @@ const MAX_GROUP: usize = 256;
 const MAX_GROUPS: usize = 64;
 const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
 const MAX_CLIENT_ID: usize = 256;
+/// The smallest read buffer (idle connections).
+const MIN_READ: usize = 512;
 
 /// Why and how a connection ends.
 enum Close {
@@ -138,6 +140,8 @@ struct Session<I> {
     over_quota: u32,
     over_quota_qos0: bool,
     closing: bool,
+    /// How many bytes the next read has room for.
+    read_hint: usize,
 }
 
 pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, conn: ConnInfo) {
@@ -225,6 +229,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
         over_quota: 0,
         over_quota_qos0: false,
         closing: false,
+        read_hint: MIN_READ,
     };
     let close = s.serve(&mut io, kicked, keep_alive).await;
     let version = s.codec.version();
@@ -599,15 +604,18 @@ impl<I: Ingest> Session<I> {
                 // Not reading is the server's doing: the client's silence does not count.
                 deadline = Instant::now() + keep_alive;
             }
+            // The read buffer follows the traffic: an idle connection holds a small one (memory
+            // per idle connection), a busy one grows it (fewer reads per packet).
+            if can_read && self.rbuf.capacity() - self.rbuf.len() < self.read_hint / 2 {
+                self.rbuf.reserve(self.read_hint);
+            }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
             let step = {
                 let (head_rx, retry_at) = match self.pending.front_mut() {
                     Some(g) => (g.rx.as_mut().map(|(rx, _)| rx), g.retry_at),
                     None => (None, None),
                 };
                 let has_rx = head_rx.is_some();
-                if can_read && self.rbuf.capacity() - self.rbuf.len() < 512 {
-                    self.rbuf.reserve(2048);
-                }
                 tokio::select! {
                     biased;
                     _ = &mut kicked => Step::Kicked,
@@ -643,8 +651,13 @@ impl<I: Ingest> Session<I> {
                     Ok(())
                 }
                 Step::Read(Ok(0)) | Step::Read(Err(_)) => return Close::Eof,
-                Step::Read(Ok(_)) => {
+                Step::Read(Ok(n)) => {
                     deadline = Instant::now() + keep_alive;
+                    if n >= spare {
+                        self.read_hint = (self.read_hint * 2).min(64 * 1024);
+                    } else if n < self.read_hint / 4 {
+                        self.read_hint = (self.read_hint / 2).max(MIN_READ);
+                    }
                     self.decode_ready().await
                 }
                 Step::KeepAlive => {
@@ -677,7 +690,7 @@ impl<I: Ingest> Session<I> {
             if let Err(close) = result {
                 return close;
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_hint {
                 self.rbuf = BytesMut::new();
             }
         }

@@ -1,0 +1,315 @@
+//! `sluice-loadtest mqtt`: MQTT 3.1.1 publishers over plain TCP with hand-encoded packets (so
+//! the generator costs little and any broker — Sluice or Mosquitto — is measured the same
+//! way). Closed loop (a window of unacked QoS 1 publishes per connection) or open loop (a
+//! target rate; latency counts from each publish's scheduled time). `--idle` opens connections
+//! that only keep alive, for the memory-per-connection measurement.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{Tally, total_of};
+
+#[derive(Parser, Clone)]
+pub struct MqttArgs {
+    /// Broker address, e.g. 127.0.0.1:1883.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    addr: SocketAddr,
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Unacked QoS 1 publishes per connection.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// QoS of the publishes (1 or 0; QoS 0 is measured as sent, not acked).
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Topic; `{c}` is replaced by the connection number.
+    #[arg(long, default_value = "bench/dev{c}")]
+    topic: String,
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// Target publishes per second over all connections (open loop); 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup_secs: f64,
+    /// Open `connections` idle connections (keep-alive only), print when all are connected,
+    /// hold them for `duration_secs`.
+    #[arg(long)]
+    idle: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn connect_packet(client_id: &str, user: Option<&str>, pass: Option<&str>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    let mut flags = 0x02; // clean session
+    if user.is_some() {
+        flags |= 0x80;
+    }
+    if pass.is_some() {
+        flags |= 0x40;
+    }
+    body.push(flags);
+    body.extend_from_slice(&60u16.to_be_bytes());
+    for s in [Some(client_id), user, pass].into_iter().flatten() {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut p = vec![0x10];
+    remaining_length(body.len(), &mut p);
+    p.extend(body);
+    p
+}
+
+fn publish_packet(topic: &str, qos: u8, id: u16, payload: &[u8], out: &mut Vec<u8>) {
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    out.push(0x30 | (qos << 1));
+    remaining_length(len, out);
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// Splits complete packets off `buf`: (first byte, body).
+fn next_packet(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    let mut len = 0usize;
+    let mut mult = 1usize;
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        len += (b & 0x7f) as usize * mult;
+        mult *= 128;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    if buf.len() < i + len {
+        return None;
+    }
+    let first = buf[0];
+    let body = buf[i..i + len].to_vec();
+    buf.drain(..i + len);
+    Some((first, body))
+}
+
+async fn open(a: &MqttArgs, c: usize) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(a.addr)
+        .await
+        .with_context(|| format!("connecting to {}", a.addr))?;
+    s.set_nodelay(true)?;
+    s.write_all(&connect_packet(
+        &format!("lt-{}-{c}", std::process::id()),
+        a.username.as_deref(),
+        a.password.as_deref(),
+    ))
+    .await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before CONNACK");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((first, body)) = next_packet(&mut buf) {
+            if first != 0x20 || body.get(1) != Some(&0) {
+                bail!("CONNACK refused: {body:?}");
+            }
+            return Ok(s);
+        }
+    }
+}
+
+pub async fn run(a: MqttArgs) -> Result<()> {
+    if a.idle {
+        return idle(a).await;
+    }
+    let payload = vec![b'x'; a.payload_bytes];
+    let start = Instant::now() + Duration::from_millis(500);
+    let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
+    let end = measure_from + Duration::from_secs_f64(a.duration_secs);
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(a.connections as f64 / a.rate));
+    let mut tasks = Vec::new();
+    for c in 0..a.connections {
+        let stream = open(&a, c).await?;
+        let (mut rd, mut wr) = stream.into_split();
+        let (a, payload) = (a.clone(), payload.clone());
+        let topic = a.topic.replace("{c}", &c.to_string());
+        let offset = interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(c as f64 / a.connections as f64)
+        });
+        tasks.push(tokio::spawn(async move {
+            let sent_at = Arc::new(Mutex::new(VecDeque::new()));
+            let window = Arc::new(tokio::sync::Semaphore::new(a.window));
+            let qos = a.qos;
+            let sender = {
+                let (sent_at, window) = (sent_at.clone(), window.clone());
+                tokio::spawn(async move {
+                    let mut due = start + offset;
+                    let mut id: u16 = 0;
+                    let mut out = Vec::with_capacity(64 * 1024);
+                    let mut sent0 = 0u64;
+                    loop {
+                        if let Some(i) = interval {
+                            tokio::time::sleep_until(due.into()).await;
+                            due += i;
+                        }
+                        if qos > 0 {
+                            let Ok(p) = window.acquire().await else { break };
+                            p.forget();
+                        }
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        id = id % 65_535 + 1;
+                        if qos > 0 {
+                            sent_at.lock().unwrap().push_back(if interval.is_some() {
+                                due
+                            } else {
+                                now
+                            });
+                        } else if now >= measure_from {
+                            sent0 += 1;
+                        }
+                        out.clear();
+                        publish_packet(&topic, qos, id, &payload, &mut out);
+                        if wr.write_all(&out).await.is_err() {
+                            break;
+                        }
+                        if qos == 0 && interval.is_none() && id.is_multiple_of(64) {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    let _ = wr.write_all(&[0xe0, 0]).await; // DISCONNECT
+                    sent0
+                })
+            };
+            let mut t = Tally::new()?;
+            if qos == 0 {
+                t.admitted = sender.await.unwrap_or(0);
+                t.ok = t.admitted;
+                return anyhow::Ok(t);
+            }
+            let mut buf = Vec::with_capacity(4096);
+            let mut chunk = vec![0u8; 16 * 1024];
+            'read: loop {
+                let n = match rd.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some((first, body)) = next_packet(&mut buf) {
+                    if first != 0x40 {
+                        continue;
+                    }
+                    let ok = body.get(2).is_none_or(|code| *code == 0);
+                    if !ok {
+                        t.errors += 1;
+                    }
+                    let Some(sent) = sent_at.lock().unwrap().pop_front() else {
+                        break 'read;
+                    };
+                    window.add_permits(1);
+                    if sent >= measure_from && Instant::now() <= end {
+                        t.ok += 1;
+                        if ok {
+                            t.admitted += 1;
+                        }
+                        t.hist.record(sent.elapsed().as_micros() as u64)?;
+                    }
+                    if Instant::now() >= end && sent_at.lock().unwrap().is_empty() {
+                        break 'read;
+                    }
+                }
+            }
+            sender.abort();
+            anyhow::Ok(t)
+        }));
+    }
+    let total = total_of(tasks).await?;
+    let secs = a.duration_secs;
+    let h = &total.hist;
+    let report = serde_json::json!({
+        "mode": if interval.is_some() { "mqtt-open" } else { "mqtt-closed" },
+        "addr": a.addr.to_string(),
+        "connections": a.connections,
+        "window": a.window,
+        "qos": a.qos,
+        "payload_bytes": a.payload_bytes,
+        "target_rate": a.rate,
+        "duration_s": secs,
+        "acked": total.ok,
+        "errors": total.errors,
+        "msgs_per_s": total.admitted as f64 / secs,
+        "latency_us": {
+            "p50": h.value_at_quantile(0.5),
+            "p99": h.value_at_quantile(0.99),
+            "p999": h.value_at_quantile(0.999),
+            "max": h.max(),
+        },
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "mqtt {} conns, window {}, QoS {}: {:.0} msgs/s; latency p50 {} us, p99 {} us; {} errors",
+            a.connections,
+            a.window,
+            a.qos,
+            total.admitted as f64 / secs,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            total.errors
+        );
+    }
+    Ok(())
+}
+
+/// Holds `connections` idle connections (PINGREQ every 30 s).
+async fn idle(a: MqttArgs) -> Result<()> {
+    let mut conns = Vec::with_capacity(a.connections);
+    for c in 0..a.connections {
+        conns.push(open(&a, c).await?);
+    }
+    println!("idle connections open: {}", conns.len());
+    let end = Instant::now() + Duration::from_secs_f64(a.duration_secs);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(30).min(end - Instant::now())).await;
+        for s in &mut conns {
+            let _ = s.write_all(&[0xc0, 0]).await;
+        }
+    }
+    Ok(())
+}
