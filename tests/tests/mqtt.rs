@@ -1047,3 +1047,45 @@ async fn qos1_and_qos2_acked_before_sigkill_are_in_the_log_after_restart() {
         &lost[..lost.len().min(5)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_in_flight_budget_holds_publishes_instead_of_refusing_them() {
+    // A 4 KiB budget and a slow log: only a few 1000-byte events fit at a time.
+    let (_d, s) = start(
+        "[limits]\nmax_in_flight_bytes = 4096\n[log]\nfault_append_delay_ms = 200\n\
+         [streams.defaults]\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
+    );
+    let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("budget", 30)).await;
+    for i in 1..=20u16 {
+        let mut p = publish(
+            &format!("budget/k{}", i % 4),
+            1,
+            i,
+            b"",
+            Some(Default::default()),
+        );
+        p.payload = bytes::Bytes::from(vec![b'x'; 1000]);
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 20 {
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) => {
+                answers.push((a.packet_id.get(), u8::from(a.reason_code)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Every publish was held until it fit, then stored: success, in publish order.
+    assert_eq!(answers, (1..=20u16).map(|i| (i, 0u8)).collect::<Vec<_>>());
+    assert_eq!(read_log(&s.data_dir, "budget", &[]).unwrap().len(), 20);
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "sluice_requests_total",
+            r#"protocol="mqtt",outcome="unavailable""#
+        ) >= 1.0,
+        "the budget did refuse batches (then retried): {m}"
+    );
+}
