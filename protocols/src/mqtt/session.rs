@@ -949,21 +949,24 @@ impl<I: Ingest> Session<I> {
         let Some((_, idx)) = g.rx.take() else {
             return Ok(());
         };
+        let lost = || Rejection::Internal {
+            message: "the append ended without an answer".into(),
+        };
         let per_item: Vec<Result<(), Rejection>> = match outcome {
-            Ok(Ok(receipts)) => receipts
-                .into_iter()
-                .map(|r| match r {
-                    Receipt::Appended { .. } | Receipt::Received { .. } => Ok(()),
-                    Receipt::Failed(r) => Err(r),
-                })
-                .collect(),
+            // One receipt per event; should one be missing, its publish fails instead of
+            // waiting forever at the head.
+            Ok(Ok(receipts)) => {
+                let mut receipts = receipts.into_iter();
+                (0..idx.len())
+                    .map(|_| match receipts.next() {
+                        Some(Receipt::Appended { .. } | Receipt::Received { .. }) => Ok(()),
+                        Some(Receipt::Failed(r)) => Err(r),
+                        None => Err(lost()),
+                    })
+                    .collect()
+            }
             Ok(Err(r)) => vec![Err(r); idx.len()],
-            Err(_) => vec![
-                Err(Rejection::Internal {
-                    message: "the append ended without an answer".into(),
-                });
-                idx.len()
-            ],
+            Err(_) => vec![Err(lost()); idx.len()],
         };
         let now = Instant::now();
         let mut retry_after: Option<Duration> = None;
