@@ -16,10 +16,17 @@ use tokio::time::Instant;
 
 use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
 use super::{Mqtt, PROTO, SessionKey, Transport};
-use crate::lanes::{Lanes, Outcome};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+/// The outcome of one append: a receipt per event, or the batch's rejection.
+type Outcome = Result<Vec<Receipt>, Rejection>;
+/// An append in flight: its group, the items it holds, and its outcome.
+type Append =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<usize>, Outcome)> + Send>>;
 use crate::server::ConnInfo;
 
-/// Publishes of one stream handed to the lane as one batch, at most.
+/// Publishes of one stream appended as one batch, at most.
 const MAX_GROUP: usize = 256;
 /// Batches per connection not yet answered; past it the connection is not read.
 const MAX_GROUPS: usize = 64;
@@ -84,7 +91,7 @@ fn refusal_of(r: &Rejection) -> Refusal {
 }
 
 enum State {
-    /// Handed to the lane; the group's receiver answers it.
+    /// Being appended; the append reports its outcome by the group id.
     Submitted,
     /// Answered: `None` is success.
     Done(Option<Refusal>),
@@ -106,8 +113,10 @@ struct Group {
     items: Vec<Item>,
     /// The first item not answered yet.
     next: usize,
-    /// The receiver of the batch in flight and which items it holds.
-    rx: Option<(oneshot::Receiver<Outcome>, Vec<usize>)>,
+    /// Which connection-wide batch this is (appends report their outcome by it).
+    id: u64,
+    /// The outcome of that append, once it arrived, with the items it held.
+    outcome: Option<(Vec<usize>, Outcome)>,
     retry_at: Option<Instant>,
     held_since: Option<Instant>,
 }
@@ -124,13 +133,14 @@ struct Session<I> {
     codec: Codec,
     principal: Principal,
     client_id: ByteString,
-    lanes: Lanes<I>,
+    appender: Appender<I>,
+    next_group: u64,
     rbuf: BytesMut,
     wbuf: BytesMut,
     pending: VecDeque<Group>,
     /// QoS 1/2 publishes read and not answered.
     unanswered: usize,
-    /// QoS 2 packet ids handed to the lane, not answered yet.
+    /// QoS 2 packet ids being appended, not answered yet.
     qos2_pending: HashSet<u16>,
     /// QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
     qos2_received: HashSet<u16>,
@@ -206,18 +216,19 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
     }
     wbuf.clear();
     tracing::debug!(peer = %conn.peer, client_id = %connect.client_id, principal = principal.name(), version = codec.version().as_str(), "MQTT session started");
-    let lanes = Lanes::new(
-        mqtt.ingest.clone(),
-        principal.clone(),
-        Protocol::Mqtt,
-        MAX_GROUPS,
-    );
     let mut s = Session {
         mqtt: mqtt.clone(),
         codec,
-        principal,
+        principal: principal.clone(),
         client_id: connect.client_id.clone(),
-        lanes,
+        appender: Appender {
+            ingest: mqtt.ingest.clone(),
+            principal,
+            appends: FuturesUnordered::new(),
+            to_start: VecDeque::new(),
+            last_queued: None,
+        },
+        next_group: 0,
         rbuf,
         wbuf,
         pending: VecDeque::new(),
@@ -232,6 +243,19 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
         read_hint: MIN_READ,
     };
     let close = s.serve(&mut io, kicked, keep_alive).await;
+    let appender = std::mem::replace(
+        &mut s.appender,
+        Appender {
+            ingest: mqtt.ingest.clone(),
+            principal: s.principal.clone(),
+            appends: FuturesUnordered::new(),
+            to_start: VecDeque::new(),
+            last_queued: None,
+        },
+    );
+    if !(appender.appends.is_empty() && appender.to_start.is_empty()) {
+        tokio::spawn(appender.finish());
+    }
     let version = s.codec.version();
     let (label, publish_will) = match &close {
         Close::Client { will } => (if *will { "client_will" } else { "client" }, *will),
@@ -563,11 +587,74 @@ fn push_properties(
     }
 }
 
+/// A connection's appends, polled by the connection's own task (no task per append).
+struct Appender<I> {
+    ingest: Arc<I>,
+    principal: Principal,
+    /// Appends in flight.
+    appends: FuturesUnordered<Append>,
+    /// Appends not started yet: the one before has not reached the log's queue.
+    to_start: VecDeque<(u64, StreamName, Vec<Event>, Vec<usize>)>,
+    /// Fires once the last started append is in the log's queue (its order fixed).
+    last_queued: Option<oneshot::Receiver<()>>,
+}
+
+impl<I: Ingest> Appender<I> {
+    /// Starts the next queued append once the one before is in the log's queue, so a
+    /// connection's publishes of one stream are appended in the order they arrived while their
+    /// writes still share group commits.
+    fn start(&mut self) {
+        if let Some(rx) = &mut self.last_queued {
+            match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                _ => self.last_queued = None,
+            }
+        }
+        let Some((id, stream, events, idx)) = self.to_start.pop_front() else {
+            return;
+        };
+        let (queued_tx, queued_rx) = oneshot::channel();
+        let (ingest, principal) = (self.ingest.clone(), self.principal.clone());
+        self.appends.push(Box::pin(async move {
+            let out = crate::append_batch(
+                &*ingest,
+                principal,
+                Protocol::Mqtt,
+                stream,
+                CONTENT_TYPE,
+                events,
+                Some(queued_tx),
+            )
+            .await;
+            (id, idx, out)
+        }));
+        self.last_queued = Some(queued_rx);
+    }
+
+    /// Runs what is queued and in flight to its end after the connection closed: publishes
+    /// read before a DISCONNECT (QoS 0 ones in particular) are still appended, in order.
+    async fn finish(mut self) {
+        loop {
+            self.start();
+            if self.appends.is_empty() && self.to_start.is_empty() {
+                return;
+            }
+            let queued = self.last_queued.as_mut();
+            let has_queued = queued.is_some();
+            tokio::select! {
+                _ = self.appends.next(), if !self.appends.is_empty() => {}
+                _ = async { queued.expect("checked").await }, if has_queued => self.last_queued = None,
+            }
+        }
+    }
+}
+
 /// What the loop does next.
 enum Step {
     Kicked,
     Stop,
-    Outcome(Result<Outcome, oneshot::error::RecvError>),
+    Appended(u64, Vec<usize>, Outcome),
+    Queued,
     Retry,
     Read(std::io::Result<usize>),
     KeepAlive,
@@ -611,16 +698,16 @@ impl<I: Ingest> Session<I> {
             }
             let spare = self.rbuf.capacity() - self.rbuf.len();
             let step = {
-                let (head_rx, retry_at) = match self.pending.front_mut() {
-                    Some(g) => (g.rx.as_mut().map(|(rx, _)| rx), g.retry_at),
-                    None => (None, None),
-                };
-                let has_rx = head_rx.is_some();
+                let retry_at = self.pending.front().and_then(|g| g.retry_at);
+                let has_appends = !self.appender.appends.is_empty();
+                let queued = self.appender.last_queued.as_mut();
+                let has_queued = queued.is_some();
                 tokio::select! {
                     biased;
                     _ = &mut kicked => Step::Kicked,
                     _ = stop.changed(), if !self.closing => Step::Stop,
-                    r = async { head_rx.expect("checked").await }, if has_rx => Step::Outcome(r),
+                    Some((id, idx, out)) = self.appender.appends.next(), if has_appends => Step::Appended(id, idx, out),
+                    _ = async { queued.expect("checked").await }, if has_queued => Step::Queued,
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
                     r = io.read_into(&mut self.rbuf), if can_read => Step::Read(r),
                     _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
@@ -645,9 +732,19 @@ impl<I: Ingest> Session<I> {
                     }
                     self.answer_head()
                 }
-                Step::Outcome(r) => self.settle(r).and_then(|()| self.answer_head()),
+                Step::Appended(id, idx, out) => {
+                    if let Some(g) = self.pending.iter_mut().find(|g| g.id == id) {
+                        g.outcome = Some((idx, out));
+                    }
+                    Ok(())
+                }
+                Step::Queued => {
+                    self.appender.last_queued = None;
+                    self.appender.start();
+                    Ok(())
+                }
                 Step::Retry => {
-                    self.retry().await;
+                    self.retry();
                     Ok(())
                 }
                 Step::Read(Ok(0)) | Step::Read(Err(_)) => return Close::Eof,
@@ -668,13 +765,15 @@ impl<I: Ingest> Session<I> {
                     );
                 }
             };
-            // Acks may have made room: decode what is already buffered; groups refused before
-            // the lane (e.g. for their topic) are answered as soon as they are at the head.
-            let result = match result {
-                Ok(()) if self.can_read() && !self.rbuf.is_empty() => self.decode_ready().await,
+            // Answer what is settled; acks may have made room: decode what is already buffered
+            // (groups refused before appending, e.g. for their topic, are answered at once).
+            let result = match result.and_then(|()| self.settle_and_answer()) {
+                Ok(()) if self.can_read() && !self.rbuf.is_empty() => self
+                    .decode_ready()
+                    .await
+                    .and_then(|()| self.settle_and_answer()),
                 r => r,
-            }
-            .and_then(|()| self.answer_head());
+            };
             if !self.wbuf.is_empty() {
                 let written =
                     tokio::time::timeout(self.mqtt.opts.write_timeout, io.write_all(&self.wbuf))
@@ -714,13 +813,14 @@ impl<I: Ingest> Session<I> {
                         let joins = matches!(&batch, Some(b) if stream.is_some() && b.stream == stream && b.items.len() < MAX_GROUP);
                         if !joins {
                             if let Some(b) = batch.take() {
-                                self.submit(b).await;
+                                self.submit(b);
                             }
                             batch = Some(Group {
                                 stream,
                                 items: Vec::new(),
                                 next: 0,
-                                rx: None,
+                                id: 0,
+                                outcome: None,
                                 retry_at: None,
                                 held_since: None,
                             });
@@ -768,19 +868,23 @@ impl<I: Ingest> Session<I> {
             }
         };
         if let Some(b) = batch {
-            self.submit(b).await;
+            self.submit(b);
         }
         result
     }
 
-    /// Hands a group's publishes to the lane (a group refused before it, e.g. for its topic,
+    /// Queues a group's publishes for appending (a group refused before, e.g. for its topic,
     /// only waits for its turn to be answered).
-    async fn submit(&mut self, mut g: Group) {
+    fn submit(&mut self, mut g: Group) {
+        g.id = self.next_group;
+        self.next_group += 1;
         if let Some(stream) = g.stream.clone() {
             let idx: Vec<usize> = (0..g.items.len()).collect();
             let events = g.items.iter().map(|i| i.event.clone()).collect();
-            let rx = self.lanes.submit(stream, CONTENT_TYPE, events).await;
-            g.rx = Some((rx, idx));
+            self.appender
+                .to_start
+                .push_back((g.id, stream, events, idx));
+            self.appender.start();
         }
         self.pending.push_back(g);
     }
@@ -939,15 +1043,30 @@ impl<I: Ingest> Session<I> {
         self.mqtt.ingest.metrics().rejected(PROTO, reason, 1);
     }
 
-    /// Records the head group's outcome in its items.
-    fn settle(&mut self, outcome: Result<Outcome, oneshot::error::RecvError>) -> Result<(), Close> {
+    /// Settles the outcomes that arrived for the head and writes the answers that are due.
+    fn settle_and_answer(&mut self) -> Result<(), Close> {
+        loop {
+            self.settle();
+            let before = self.pending.len();
+            self.answer_head()?;
+            // A popped head may have uncovered a group whose outcome is already there.
+            if self.pending.len() == before
+                || self.pending.front().is_none_or(|g| g.outcome.is_none())
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Records the head group's outcome, if it arrived, in its items.
+    fn settle(&mut self) {
         let v5 = self.v5();
         let max_hold = self.mqtt.opts.max_hold;
         let Some(g) = self.pending.front_mut() else {
-            return Ok(());
+            return;
         };
-        let Some((_, idx)) = g.rx.take() else {
-            return Ok(());
+        let Some((idx, outcome)) = g.outcome.take() else {
+            return;
         };
         let lost = || Rejection::Internal {
             message: "the append ended without an answer".into(),
@@ -955,7 +1074,7 @@ impl<I: Ingest> Session<I> {
         let per_item: Vec<Result<(), Rejection>> = match outcome {
             // One receipt per event; should one be missing, its publish fails instead of
             // waiting forever at the head.
-            Ok(Ok(receipts)) => {
+            Ok(receipts) => {
                 let mut receipts = receipts.into_iter();
                 (0..idx.len())
                     .map(|_| match receipts.next() {
@@ -965,8 +1084,7 @@ impl<I: Ingest> Session<I> {
                     })
                     .collect()
             }
-            Ok(Err(r)) => vec![Err(r); idx.len()],
-            Err(_) => vec![Err(lost()); idx.len()],
+            Err(r) => vec![Err(r); idx.len()],
         };
         let now = Instant::now();
         let mut retry_after: Option<Duration> = None;
@@ -1005,11 +1123,10 @@ impl<I: Ingest> Session<I> {
                 g.retry_at = None;
             }
         }
-        Ok(())
     }
 
-    /// Hands the head group's held publishes to the lane again.
-    async fn retry(&mut self) {
+    /// Appends the head group's held publishes again.
+    fn retry(&mut self) {
         let Some(g) = self.pending.front_mut() else {
             return;
         };
@@ -1029,10 +1146,11 @@ impl<I: Ingest> Session<I> {
         if idx.is_empty() {
             return;
         }
-        let rx = self.lanes.submit(stream, CONTENT_TYPE, events).await;
-        if let Some(g) = self.pending.front_mut() {
-            g.rx = Some((rx, idx));
-        }
+        // The head goes first: nothing after it can be answered before it anyway.
+        self.appender
+            .to_start
+            .push_front((g.id, stream, events, idx));
+        self.appender.start();
     }
 
     /// Writes the answers of settled publishes, in the order they arrived, from the head.
