@@ -2,8 +2,8 @@
 //! WebSocket (`/mqtt` on the HTTP listener, subprotocol `mqtt`).
 //!
 //! Sluice runs its own publish-only session loop on `rmqtt-codec` (DESIGN §4): one task per
-//! connection reads packets, maps each PUBLISH topic to a stream and key, hands consecutive
-//! publishes of one stream to the connection's ordering lane as one batch, and answers PUBACK
+//! connection reads packets, maps each PUBLISH topic to a stream and key, appends consecutive
+//! publishes of one stream as one batch (polling the appends itself, in order), and answers PUBACK
 //! (QoS 1) and PUBREC (QoS 2) only once the events reached the stream's ack point, in the
 //! order the publishes arrived. At most Receive Maximum QoS 1/2 publishes are unanswered per
 //! connection; past that, and while a publish waits for quota or for the log, the connection
