@@ -1089,3 +1089,30 @@ async fn exhausted_in_flight_budget_holds_publishes_instead_of_refusing_them() {
         "the budget did refuse batches (then retried): {m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_listener_limit_are_closed_at_once() {
+    let (_d, s) = start("[mqtt]\nmax_connections = 2\n");
+    let addr = s.mqtt.unwrap();
+    let (_a, _) = session5(addr, connect5("l1", 30)).await;
+    let (_b, _) = session5(addr, connect5("l2", 30)).await;
+    let mut third = Raw::connect(addr, true).await;
+    third
+        .send5(v5::Packet::Connect(Box::new(connect5("l3", 30))))
+        .await;
+    assert!(third.closed().await, "closed without a CONNACK");
+    let m = s.metrics().await;
+    assert!(
+        metric(&m, "sluice_mqtt_disconnects_total", r#"reason="refused""#) >= 1.0,
+        "{m}"
+    );
+    // Room again once one of them leaves.
+    drop(_a);
+    let ok = wait_until(Duration::from_secs(10), || async {
+        let mut r = Raw::connect(addr, true).await;
+        r.send5(v5::Packet::Connect(Box::new(connect5("l4", 30)))).await;
+        matches!(r.recv5().await, Some(v5::Packet::ConnectAck(a)) if a.reason_code == v5::ConnectAckReason::Success)
+    })
+    .await;
+    assert!(ok);
+}
