@@ -253,9 +253,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
             last_queued: None,
         },
     );
-    if !(appender.appends.is_empty() && appender.to_start.is_empty()) {
-        tokio::spawn(appender.finish());
-    }
+
     let version = s.codec.version();
     let (label, publish_will) = match &close {
         Close::Client { will } => (if *will { "client_will" } else { "client" }, *will),
@@ -289,6 +287,9 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
     metrics.mqtt_disconnect(label);
     mqtt.release(&key, conn_id);
     io.close().await;
+    // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
+    // before the will, and while the session still counts for the drain.
+    appender.finish().await;
     if let Some(w) = will
         && publish_will
     {
@@ -633,6 +634,7 @@ impl<I: Ingest> Appender<I> {
 
     /// Runs what is queued and in flight to its end after the connection closed: publishes
     /// read before a DISCONNECT (QoS 0 ones in particular) are still appended, in order.
+    /// Bounded: at most `MAX_GROUPS` batches of `MAX_GROUP` publishes were read.
     async fn finish(mut self) {
         loop {
             self.start();
