@@ -247,6 +247,16 @@ impl Tally {
 }
 
 /// Waits for every connection's tally and adds them up.
+/// Latency percentiles of `h` (µs) for the JSON reports.
+fn latency_json(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50": h.value_at_quantile(0.5),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+    })
+}
+
 async fn total_of(tasks: Vec<tokio::task::JoinHandle<Result<Tally>>>) -> Result<Tally> {
     let mut total = Tally::new()?;
     for t in tasks {
@@ -869,12 +879,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
         "errors": total.errors,
         "admitted_events": total.admitted,
         "admitted_events_per_s": total.admitted as f64 / secs,
-        "latency_us": {
-            "p50": h.value_at_quantile(0.5),
-            "p99": h.value_at_quantile(0.99),
-            "p999": h.value_at_quantile(0.999),
-            "max": h.max(),
-        },
+        "latency_us": latency_json(h),
     });
     if a.json {
         println!("{report}");
@@ -1002,12 +1007,7 @@ async fn ws(a: WsArgs) -> Result<()> {
         "errors": total.errors,
         "admitted_events": total.admitted,
         "admitted_events_per_s": total.admitted as f64 / secs,
-        "latency_us": {
-            "p50": h.value_at_quantile(0.5),
-            "p99": h.value_at_quantile(0.99),
-            "p999": h.value_at_quantile(0.999),
-            "max": h.max(),
-        },
+        "latency_us": latency_json(h),
     });
     if a.json {
         println!("{report}");

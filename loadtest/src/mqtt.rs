@@ -14,7 +14,7 @@ use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::{Tally, total_of};
+use crate::{Tally, latency_json, total_of};
 
 #[derive(Parser, Clone)]
 pub struct MqttArgs {
@@ -273,12 +273,7 @@ pub async fn run(a: MqttArgs) -> Result<()> {
         "acked": total.ok,
         "errors": total.errors,
         "msgs_per_s": total.admitted as f64 / secs,
-        "latency_us": {
-            "p50": h.value_at_quantile(0.5),
-            "p99": h.value_at_quantile(0.99),
-            "p999": h.value_at_quantile(0.999),
-            "max": h.max(),
-        },
+        "latency_us": latency_json(h),
     });
     if a.json {
         println!("{report}");

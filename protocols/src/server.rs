@@ -163,26 +163,9 @@ pub async fn serve_with<F, Fut, B>(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = opts.connections.try_reserve(1) else {
-            tracing::debug!(%peer, "connection refused: listener at max_connections");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer, permit)) =
+        accept_within(&listener, &opts.connections, shutdown.as_mut(), |_| {}).await
+    {
         let (handler, builder, watcher, gauge, tls) = (
             handler.clone(),
             builder.clone(),
@@ -220,6 +203,39 @@ pub async fn serve_with<F, Fut, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The next connection on `listener` that fits in `connections` (one unit each, held by the
+/// returned reservation), with TCP_NODELAY set; `None` once `shutdown` completes. Connections
+/// beyond the limit are closed right after accept (`refused` hears of each); accept errors
+/// (out of file descriptors and the like) back off instead of spinning.
+pub async fn accept_within<S: Future<Output = ()>>(
+    listener: &TcpListener,
+    connections: &sluice_core::Budget,
+    mut shutdown: std::pin::Pin<&mut S>,
+    refused: impl Fn(SocketAddr),
+) -> Option<(tokio::net::TcpStream, SocketAddr, sluice_core::Reservation)> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.try_reserve(1) else {
+            tracing::debug!(%peer, "connection refused: listener at max_connections");
+            refused(peer);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        return Some((stream, peer, permit));
+    }
 }
 
 /// The TLS handshake of an accepted connection, bounded by the listener's handshake timeout:

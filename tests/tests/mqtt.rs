@@ -601,6 +601,8 @@ async fn will_delay_is_cancelled_by_a_reconnect_and_published_after_it_otherwise
     let w = &log_len(&s, "offline", 1).await[0];
     assert!(t0.elapsed() >= Duration::from_millis(900));
     assert_eq!(w["key"], "gone");
+    let offline = read_log(&s.data_dir, "offline", &[]).unwrap();
+    assert!(offline.iter().all(|r| r["key"] != "back"), "{offline:?}");
     assert_eq!(header(w, "fw").as_deref(), Some("1.2"));
     assert_eq!(header(w, "content-type").as_deref(), Some("text/plain"));
     drop(raw);

@@ -31,7 +31,7 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::server::{ConnInfo, PrincipalConnections, accept_tls};
+use crate::server::{ConnInfo, PrincipalConnections, accept_tls, accept_within};
 
 const PROTO: &str = "mqtt";
 
@@ -175,25 +175,13 @@ impl<I: Ingest> Mqtt<I> {
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = connections.try_reserve(1) else {
-                tracing::debug!(%peer, "MQTT connection refused: listener at max_connections");
-                self.ingest.metrics().mqtt_disconnect("refused");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
+        let metrics = self.ingest.metrics().clone();
+        while let Some((stream, peer, permit)) =
+            accept_within(&listener, &connections, shutdown.as_mut(), |_| {
+                metrics.mqtt_disconnect("refused")
+            })
+            .await
+        {
             let (this, tls) = (self.clone(), tls.clone());
             tokio::spawn(async move {
                 match tls {

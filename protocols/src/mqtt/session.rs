@@ -290,10 +290,11 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
     // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
     // before the will, and while the session still counts for the drain.
     appender.finish().await;
-    if let Some(w) = will
-        && publish_will
-    {
-        mqtt.will(key, conn_id, s.principal.clone(), w);
+    match will {
+        Some(w) if publish_will => mqtt.will(key, conn_id, s.principal.clone(), w),
+        // The new connection of the session came before the will was due.
+        Some(_) if matches!(close, Close::TakenOver) => metrics.mqtt_will("cancelled"),
+        _ => {}
     }
     drop(conn);
 }
@@ -1250,13 +1251,10 @@ impl<I: Ingest> Mqtt<I> {
     /// and cancels a will still waiting for its delay under that key.
     fn claim(&self, key: &SessionKey, conn_id: u64) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let old = self
-            .registry
-            .sessions
-            .lock()
-            .unwrap()
-            .insert(key.clone(), (conn_id, tx));
-        if let Some((_, old)) = old {
+        // Lock order: sessions, then wills (as in `will`), so a will is either waiting here
+        // (and cancelled) or sees this session and is not scheduled.
+        let mut sessions = self.registry.sessions.lock().unwrap();
+        if let Some((_, old)) = sessions.insert(key.clone(), (conn_id, tx)) {
             let _ = old.send(());
         }
         if let Some((_, pending)) = self.registry.wills.lock().unwrap().remove(key) {
@@ -1287,9 +1285,16 @@ impl<I: Ingest> Mqtt<I> {
             tokio::spawn(async move { this.append_will(principal, w).await });
             return;
         }
+        let sessions = self.registry.sessions.lock().unwrap();
+        if sessions.contains_key(&key) {
+            // A new connection of the session is already there (this one was released first).
+            self.ingest.metrics().mqtt_will("cancelled");
+            return;
+        }
         let mut wills = self.registry.wills.lock().unwrap();
         if wills.len() >= self.opts.max_pending_wills {
             drop(wills);
+            drop(sessions);
             self.ingest.metrics().mqtt_will("shed");
             tokio::spawn(async move { this.append_will(principal, w).await });
             return;
