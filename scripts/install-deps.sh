@@ -10,6 +10,8 @@
 #   --with-mqtt    also install Debian's mosquitto-clients (mosquitto_pub, a second MQTT client
 #                  the tests use over TCP and TLS) and mosquitto (the reference broker the MQTT
 #                  benchmark measures; its service is not enabled)
+#   --with-prometheus also install Debian's prometheus package (its promtool checks and tests
+#                  deploy/prometheus/alerts.yml; its service is not enabled)
 #   --for-tests    everything the test suite needs (all of the above)
 set -euo pipefail
 
@@ -17,14 +19,16 @@ with_tansu=0
 with_grpcio=0
 with_browser=0
 with_mqtt=0
+with_prometheus=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
     --with-grpcio) with_grpcio=1 ;;
     --with-browser) with_browser=1 ;;
     --with-mqtt) with_mqtt=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--for-tests]" >&2; exit 2 ;;
+    --with-prometheus) with_prometheus=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -75,14 +79,19 @@ if [ "$with_mqtt" -eq 1 ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
   command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 fi
+if [ "$with_prometheus" -eq 1 ]; then
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
   # Debian starts mosquitto's service on port 1883 (Sluice's MQTT default); the benchmark runs
   # its own instance, so the service is stopped and disabled again.
-  if printf '%s\n' "${missing[@]}" | grep -qx mosquitto && command -v systemctl >/dev/null 2>&1; then
-    $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
-  fi
+  for svc in mosquitto prometheus; do
+    if printf '%s\n' "${missing[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null 2>&1; then
+      $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 # Formatting and lints are part of the test command.

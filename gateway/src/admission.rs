@@ -308,6 +308,7 @@ impl Ingest for Gateway {
                 .bytes_in
                 .get_or_create(&labels)
                 .inc_by(bytes as u64);
+            self.metrics.stream_appended(&labels.stream);
         }
         if failed > 0 {
             self.metrics

@@ -156,6 +156,12 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         "Build information",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
+    let ready_gauge = Gauge::<i64>::default();
+    registry.register(
+        "ready",
+        "1 while /readyz answers 200, 0 while it answers 503 (set at each scrape)",
+        ready_gauge.clone(),
+    );
     let in_flight_budget = Gauge::<i64>::default();
     registry.register(
         "in_flight_budget_bytes",
@@ -401,7 +407,8 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let (admin_stop, admin_rx) = watch::channel(false);
     let admin = {
         let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
-        let connections = Gauge::default();
+        let ready_gauge = ready_gauge.clone();
+        let connections = Default::default();
         tokio::spawn(server::serve(
             admin_listener,
             ServerOptions {
@@ -412,7 +419,17 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             connections,
             move |req, _| {
                 let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
-                async move { admin(req.method(), req.uri().path(), &ready, &gateway, &registry) }
+                let ready_gauge = ready_gauge.clone();
+                async move {
+                    admin(
+                        req.method(),
+                        req.uri().path(),
+                        &ready,
+                        &gateway,
+                        &registry,
+                        &ready_gauge,
+                    )
+                }
             },
             signalled(admin_rx),
         ))
@@ -553,6 +570,7 @@ fn admin(
     ready: &AtomicBool,
     gateway: &Gateway,
     registry: &Registry,
+    ready_gauge: &Gauge,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -584,6 +602,8 @@ fn admin(
             }
         }
         "/metrics" => {
+            let is_ready = ready.load(Ordering::SeqCst) && gateway.sink().health().is_ok();
+            ready_gauge.set(i64::from(is_ready));
             gateway
                 .metrics()
                 .in_flight_bytes

@@ -14,8 +14,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use prometheus_client::metrics::gauge::Gauge;
 use sluice_auth::tls::TlsReloader;
+use sluice_core::metrics::ConnectionMetrics;
 use tokio::net::TcpListener;
 
 /// What a handler knows about the connection a request arrived on.
@@ -122,7 +122,7 @@ impl Default for ServerOptions {
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     opts: ServerOptions,
-    connections: Gauge,
+    connections: ConnectionMetrics,
     handler: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -138,7 +138,7 @@ pub async fn serve<F, Fut, B>(
 pub async fn serve_with<F, Fut, B>(
     listener: TcpListener,
     opts: ServerOptions,
-    connections: Gauge,
+    connections: ConnectionMetrics,
     handler: F,
     shutdown: impl Future<Output = ()>,
     tune: impl FnOnce(&mut auto::Builder<TokioExecutor>),

@@ -77,6 +77,11 @@ pub struct Metrics {
     pub in_flight_bytes: Gauge,
     /// Open client connections by protocol.
     pub connections: Family<ProtocolLabels, Gauge>,
+    /// Client connections accepted, by protocol (their rate is the connection rate).
+    pub connections_opened: Family<ProtocolLabels, Counter>,
+    /// When each stream last had an event appended (Unix seconds), for "no data" alerts.
+    /// Bounded by `streams.max_streams`.
+    pub stream_last_event: Family<StreamOnlyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Failed authentications by protocol, method and reason.
     pub auth_failures: Family<AuthLabels, Counter>,
     /// Events refused or delayed by quotas.
@@ -93,6 +98,31 @@ pub struct Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamOnlyLabels {
+    pub stream: String,
+}
+
+/// The open-connections gauge and accepted-connections counter of one protocol.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    open: Gauge,
+    opened: Counter,
+}
+
+impl ConnectionMetrics {
+    /// A connection opened.
+    pub fn inc(&self) {
+        self.open.inc();
+        self.opened.inc();
+    }
+
+    /// A connection closed.
+    pub fn dec(&self) {
+        self.open.dec();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -105,6 +135,16 @@ pub struct OutcomeOnlyLabels {
 impl Metrics {
     /// Registers every metric under `registry` (which adds the `sluice_` prefix).
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connections_opened",
+            "Client connections accepted, by protocol",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "stream_last_event_timestamp_seconds",
+            "When each stream last had an event appended through this gateway (Unix seconds)",
+            self.stream_last_event.clone(),
+        );
         registry.register(
             "mqtt_disconnects",
             "MQTT connections ended, by reason (client, client_will, eof, keep_alive, malformed, too_large, protocol, not_authorized, quota, taken_over, shutdown, write_timeout, connect_timeout, refused)",
@@ -168,11 +208,25 @@ impl Metrics {
     }
 
     /// Counts one failed authentication.
-    /// The open-connections gauge of `protocol`.
-    pub fn connections_of(&self, protocol: &'static str) -> Gauge {
-        self.connections
-            .get_or_create(&ProtocolLabels { protocol })
-            .clone()
+    /// The connection metrics of `protocol`.
+    pub fn connections_of(&self, protocol: &'static str) -> ConnectionMetrics {
+        let labels = ProtocolLabels { protocol };
+        ConnectionMetrics {
+            open: self.connections.get_or_create(&labels).clone(),
+            opened: self.connections_opened.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Records that `stream` had events appended now.
+    pub fn stream_appended(&self, stream: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.stream_last_event
+            .get_or_create(&StreamOnlyLabels {
+                stream: stream.to_string(),
+            })
+            .set(now);
     }
 
     pub fn auth_failure(&self, protocol: &'static str, method: &'static str, reason: &'static str) {
