@@ -121,3 +121,134 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         );
     }
 }
+
+/// The TOML block of the ConfigMap (`sluice.toml: |`, indented four spaces).
+fn configmap_toml(yaml: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in yaml.lines() {
+        if line.trim_start().starts_with("sluice.toml: |") {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if !line.is_empty() && !line.starts_with("    ") {
+                break;
+            }
+            out.push_str(line.strip_prefix("    ").unwrap_or(""));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn check_config(path: &Path, env: &[(String, String)]) -> String {
+    let out = Command::new(sluice_tests::binary())
+        .arg("check-config")
+        .arg(path)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} does not pass check-config:\n{text}",
+        path.display()
+    );
+    text
+}
+
+/// `number` after `key:` or `key=` on its line.
+fn number_after(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix(key)?;
+            let digits: String = rest
+                .trim_start_matches([':', '=', ' '])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {key} in the file"))
+}
+
+#[test]
+fn kubernetes_docker_and_systemd_files_fit_the_gateway() {
+    let k8s = deploy().join("kubernetes");
+    let read =
+        |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let dir = tempfile::tempdir().unwrap();
+    // The ConfigMap's configuration, with the Secret's environment overrides, passes
+    // check-config, and lists Kafka as the log (several gateways in front of one cluster).
+    let toml = configmap_toml(&read(k8s.join("configmap.yaml")));
+    assert!(toml.contains("kind = \"kafka\""), "{toml}");
+    let cm = dir.path().join("configmap.toml");
+    std::fs::write(&cm, &toml).unwrap();
+    let env: Vec<(String, String)> = read(k8s.join("secret.yaml"))
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("SLUICE_")
+                .map(|r| format!("SLUICE_{r}"))
+        })
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect();
+    assert!(!env.is_empty(), "the Secret carries SLUICE_ overrides");
+    let ok = check_config(&cm, &env);
+    assert!(ok.contains("log kafka"), "{ok}");
+    // The container image's default configuration passes too.
+    check_config(&deploy().join("docker/sluice.toml"), &[]);
+
+    // Every port the Deployment exposes is one the configuration listens on.
+    let deployment = read(k8s.join("deployment.yaml"));
+    for port in ["8080", "50051", "1883", "9090"] {
+        assert!(
+            deployment.contains(&format!("containerPort: {port}")),
+            "port {port}"
+        );
+        assert!(
+            toml.contains(&format!("0.0.0.0:{port}")),
+            "config listens on {port}"
+        );
+    }
+    // Kubernetes waits longer than the drain may take; so does systemd for the default.
+    let grace = number_after(&deployment, "terminationGracePeriodSeconds");
+    let drain_ms = number_after(&toml, "shutdown_timeout_ms");
+    assert!(
+        grace * 1000 > drain_ms + 5_000,
+        "grace {grace} s vs drain {drain_ms} ms + preStop"
+    );
+    let unit = read(deploy().join("systemd/sluice.service"));
+    assert!(number_after(&unit, "TimeoutStopSec") * 1000 > 10_000);
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/sluice serve --config /etc/sluice/sluice.toml")
+    );
+    for kind in [
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+        "Secret",
+    ] {
+        let found = std::fs::read_dir(&k8s)
+            .unwrap()
+            .any(|e| read(e.unwrap().path()).contains(&format!("kind: {kind}")));
+        assert!(found, "deploy/kubernetes has a {kind}");
+    }
+    let dockerfile = read(deploy().join("Dockerfile"));
+    assert!(
+        dockerfile.contains("USER 10001"),
+        "the image runs as a non-root user"
+    );
+    assert_eq!(
+        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")),
+        2,
+        "multi-stage"
+    );
+}
