@@ -421,6 +421,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
                 let ready_gauge = ready_gauge.clone();
                 async move {
+                    if req.uri().path() == "/loglevel" {
+                        return loglevel(req).await;
+                    }
                     admin(
                         req.method(),
                         req.uri().path(),
@@ -564,6 +567,54 @@ impl Running {
     }
 }
 
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// `GET /loglevel` answers the current log filter; `PUT /loglevel` with a filter as the body
+/// (`debug`, `sluice=debug,hyper=warn`, …) replaces it until the next restart.
+async fn loglevel(req: http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    match *req.method() {
+        Method::GET | Method::HEAD => match crate::telemetry::level() {
+            Some(l) => plain(StatusCode::OK, format!("{l}\n")),
+            None => plain(
+                StatusCode::NOT_FOUND,
+                "logging is not set up by this process\n".into(),
+            ),
+        },
+        Method::PUT | Method::POST => {
+            let body = http_body_util::Limited::new(req.into_body(), 4096)
+                .collect()
+                .await;
+            let Ok(body) = body else {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "a log filter is at most 4096 bytes\n".into(),
+                );
+            };
+            let spec = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+            match crate::telemetry::set_level(&spec) {
+                Ok(()) => {
+                    tracing::warn!(
+                        filter = spec.trim(),
+                        "log level changed through the admin listener"
+                    );
+                    plain(StatusCode::OK, format!("{}\n", spec.trim()))
+                }
+                Err(e) => plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        _ => plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n".into()),
+    }
+}
+
 fn admin(
     method: &Method,
     path: &str,
@@ -572,15 +623,7 @@ fn admin(
     registry: &Registry,
     ready_gauge: &Gauge,
 ) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
+    let text = plain;
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
     }
@@ -623,7 +666,7 @@ fn admin(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /healthz /readyz /metrics\n".into(),
+            "admin endpoints: /healthz /readyz /metrics /loglevel\n".into(),
         ),
     }
 }

@@ -1,0 +1,272 @@
+//! Operations against the real binary: the metrics exposition parses and its counters move by
+//! exactly the scripted mix of accepted and refused traffic on every protocol (HTTP, gRPC,
+//! WebSocket, MQTT); the log level changes at run time through the admin listener.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rmqtt_codec::v5;
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+use sluice_tests::Sluice;
+use sluice_tests::mqtt::{connect5, publish, session5};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Every sample of an OpenMetrics text: `name{labels}` → value. Panics on a line that is not a
+/// comment or a `series value` pair (the exposition must parse).
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let mut eof = false;
+    for line in text.lines() {
+        if line == "# EOF" {
+            eof = true;
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(series.starts_with("sluice_"), "unprefixed series {line:?}");
+        assert!(
+            out.insert(series.to_string(), value).is_none(),
+            "duplicate series {series}"
+        );
+    }
+    assert!(eof, "the exposition ends with # EOF");
+    out
+}
+
+fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_by_the_scripted_traffic_on_every_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&dir.path().join("data"), "").unwrap();
+    let before = samples(&s.metrics().await);
+    let http = reqwest::Client::new();
+
+    // HTTP: 3 events accepted in one request; one request refused as malformed (bad JSON).
+    let r = http
+        .post(s.events_url("ops"))
+        .header("content-type", "application/json")
+        .body(r#"[{"value":1},{"value":2},{"value":3}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(s.events_url("ops"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // gRPC: 2 events accepted; one call refused (invalid stream name).
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut g = IngestClient::new(ch);
+    let ev = |v: &str| pb::Event {
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    g.publish(pb::PublishRequest {
+        stream: "ops".into(),
+        events: vec![ev("g1"), ev("g2")],
+        content_type: String::new(),
+    })
+    .await
+    .unwrap();
+    let refused = g
+        .publish(pb::PublishRequest {
+            stream: "bad stream".into(),
+            events: vec![ev("g3")],
+            content_type: String::new(),
+        })
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // WebSocket: 1 event accepted.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/ops/ws", s.http))
+            .await
+            .unwrap();
+    ws.send(Message::text(r#"{"value":"w1"}"#)).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(t))) => {
+                assert!(t.contains("offset"), "{t}");
+                break;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.close(None).await.unwrap();
+
+    // MQTT: 2 QoS 1 publishes accepted; one refused (payload marked UTF-8, but is not).
+    let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("ops", 30)).await;
+    let utf8 = v5::PublishProperties {
+        is_utf8_payload: true,
+        ..Default::default()
+    };
+    raw.send5(v5::Packet::Publish(Box::new(publish(
+        "ops/a",
+        1,
+        1,
+        b"m1",
+        Some(Default::default()),
+    ))))
+    .await;
+    raw.send5(v5::Packet::Publish(Box::new(publish(
+        "ops/a",
+        1,
+        2,
+        b"m2",
+        Some(Default::default()),
+    ))))
+    .await;
+    raw.send5(v5::Packet::Publish(Box::new(publish(
+        "ops/a",
+        1,
+        3,
+        b"\xff",
+        Some(utf8),
+    ))))
+    .await;
+    for want in [0u8, 0, 0x99] {
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), want),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    let after = samples(&s.metrics().await);
+    let delta = |series: &str| get(&after, series) - get(&before, series);
+    for (protocol, n) in [
+        ("http", 3.0),
+        ("grpc", 2.0),
+        ("websocket", 1.0),
+        ("mqtt", 2.0),
+    ] {
+        assert_eq!(
+            delta(&format!(
+                r#"sluice_events_in_total{{stream="ops",protocol="{protocol}"}}"#
+            )),
+            n,
+            "{protocol} events in"
+        );
+        assert!(
+            delta(&format!(
+                r#"sluice_connections_opened_total{{protocol="{protocol}"}}"#
+            )) >= 1.0,
+            "{protocol} connections opened"
+        );
+    }
+    assert_eq!(
+        delta(r#"sluice_requests_total{protocol="http",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"sluice_requests_total{protocol="http",outcome="malformed"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"sluice_requests_total{protocol="grpc",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"sluice_requests_total{protocol="grpc",outcome="malformed"}"#),
+        1.0
+    );
+    assert_eq!(
+        delta(r#"sluice_events_rejected_total{protocol="mqtt",reason="malformed"}"#),
+        1.0
+    );
+    assert_eq!(get(&after, "sluice_ready"), 1.0);
+    let last = get(
+        &after,
+        r#"sluice_stream_last_event_timestamp_seconds{stream="ops"}"#,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - last).abs() < 60.0, "last event at {last}, now {now}");
+    assert!(
+        after
+            .iter()
+            .any(|(k, v)| k.starts_with("sluice_build_info{version=") && *v == 1.0),
+        "build info"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_changes_at_run_time_through_the_admin_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&dir.path().join("data"), "").unwrap();
+    let c = reqwest::Client::new();
+    let url = s.admin_url("/loglevel");
+    // The harness starts the gateway with RUST_LOG=warn.
+    assert_eq!(
+        c.get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .trim(),
+        "warn"
+    );
+    let r = c
+        .put(&url)
+        .body("sluice=debug,hyper=warn")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .trim(),
+        "sluice=debug,hyper=warn"
+    );
+    // A filter that does not parse is refused and the level stays.
+    let r = c.put(&url).body("sluice=loudest").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("not a log filter"));
+    assert_eq!(
+        c.get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .trim(),
+        "sluice=debug,hyper=warn"
+    );
+    let r = c.delete(&url).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+}
