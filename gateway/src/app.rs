@@ -314,6 +314,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             connections: limits.connections.clone(),
             header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
             tls,
+            protocol: "http",
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
         auth: auth.clone(),
@@ -361,6 +362,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                     connections: Budget::new(config.grpc.max_connections as u64),
                     header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
                     tls: tls_listener("grpc.tls", config.grpc.tls.as_ref())?,
+                    protocol: "grpc",
                 },
                 auth: auth.clone(),
                 policy: grpc_policy,
@@ -415,6 +417,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 connections: Budget::new(64),
                 header_read_timeout: Duration::from_secs(5),
                 tls: admin_tls,
+                protocol: "admin",
             },
             connections,
             move |req, _| {

@@ -104,6 +104,8 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// TLS, when the listener has it.
     pub tls: Option<Arc<TlsReloader>>,
+    /// The protocol of the listener, for its connections' tracing spans.
+    pub protocol: &'static str,
 }
 
 impl Default for ServerOptions {
@@ -112,6 +114,7 @@ impl Default for ServerOptions {
             connections: sluice_core::Budget::new(10_000),
             header_read_timeout: Duration::from_secs(10),
             tls: None,
+            protocol: "http",
         }
     }
 }
@@ -166,6 +169,7 @@ pub async fn serve_with<F, Fut, B>(
     while let Some((stream, peer, permit)) =
         accept_within(&listener, &opts.connections, shutdown.as_mut(), |_| {}).await
     {
+        let span = tracing::info_span!("conn", protocol = opts.protocol, peer = %peer);
         let (handler, builder, watcher, gauge, tls) = (
             handler.clone(),
             builder.clone(),
@@ -174,32 +178,38 @@ pub async fn serve_with<F, Fut, B>(
             opts.tls.clone(),
         );
         gauge.inc();
-        tokio::spawn(async move {
-            // The TLS handshake runs here, never in the accept loop, so a slow client holds
-            // only its own connection.
-            match tls {
-                None => {
-                    let info = ConnInfo {
-                        peer,
-                        client_cert: None,
-                        principal: Default::default(),
-                    };
-                    serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
-                }
-                Some(tls) => {
-                    if let Some((tls_stream, client_cert)) = accept_tls(&tls, stream, peer).await {
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                // The TLS handshake runs here, never in the accept loop, so a slow client holds
+                // only its own connection.
+                match tls {
+                    None => {
                         let info = ConnInfo {
                             peer,
-                            client_cert,
+                            client_cert: None,
                             principal: Default::default(),
                         };
-                        serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher).await;
+                        serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
+                    }
+                    Some(tls) => {
+                        if let Some((tls_stream, client_cert)) =
+                            accept_tls(&tls, stream, peer).await
+                        {
+                            let info = ConnInfo {
+                                peer,
+                                client_cert,
+                                principal: Default::default(),
+                            };
+                            serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher)
+                                .await;
+                        }
                     }
                 }
-            }
-            gauge.dec();
-            drop(permit);
-        });
+                gauge.dec();
+                drop(permit);
+            },
+            span,
+        ));
     }
     drop(listener);
     graceful.shutdown().await;

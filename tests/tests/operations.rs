@@ -270,3 +270,100 @@ async fn log_level_changes_at_run_time_through_the_admin_listener() {
     let r = c.delete(&url).send().await.unwrap();
     assert_eq!(r.status(), 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let key = "logdev.t0p-s3cret";
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[telemetry]\nlog_format = \"json\"\n[mqtt.auth]\nallow_anonymous = false\n{}",
+            sluice_tests::api_key_entry(key, "log-device", &["*"])
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(sluice_tests::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
+        .env("RUST_LOG", "sluice=debug,info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let line = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("sluice listening:"))
+        .expect("listening line");
+    let mqtt: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mqtt="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    // A device with the key as its password, and one with a wrong secret.
+    let mut c = connect5("pump-9", 30);
+    c.password = Some(bytes::Bytes::from_static(key.as_bytes()));
+    let (raw, _) = session5(mqtt, c).await;
+    let mut bad = connect5("pump-x", 30);
+    bad.password = Some(bytes::Bytes::from_static(b"logdev.wrong-s3cret"));
+    let mut r = sluice_tests::mqtt::Raw::connect(mqtt, true).await;
+    r.send5(v5::Packet::Connect(Box::new(bad))).await;
+    let _ = r.recv5().await;
+    drop(raw);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut session_line, mut failure_line) = (None, None);
+    while (session_line.is_none() || failure_line.is_none()) && std::time::Instant::now() < deadline
+    {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: serde_json::Value =
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"));
+            if v["fields"]["message"] == "MQTT session started" {
+                session_line = Some(v.clone());
+            }
+            if v["fields"]["message"] == "MQTT authentication failed" {
+                failure_line = Some(v.clone());
+            }
+            lines.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = session_line.unwrap_or_else(|| panic!("no session line in {lines:#?}"));
+    let span = &v["span"];
+    assert_eq!(span["protocol"], "mqtt", "{v}");
+    assert_eq!(span["client_id"], "pump-9", "{v}");
+    assert_eq!(span["principal"], "log-device", "{v}");
+    assert!(
+        span["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{v}"
+    );
+    // The failed login is logged with method and reason, never with the secret.
+    let f = failure_line.unwrap_or_else(|| panic!("no failure line in {lines:#?}"));
+    // A wrong secret reads as an unknown key (no hint which key ids exist).
+    assert_eq!(f["fields"]["reason"], "unknown_key", "{f}");
+    assert_eq!(f["span"]["protocol"], "mqtt", "{f}");
+    let all = lines.join("\n");
+    assert!(
+        !all.contains("t0p-s3cret") && !all.contains("wrong-s3cret"),
+        "a secret reached the log"
+    );
+}

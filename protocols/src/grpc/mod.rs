@@ -389,6 +389,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         let deadline = deadline_of(request.metadata());
         let (principal, _conn) = self.authenticate(&request).await?;
         let req = request.into_inner();
+        tracing::debug!(principal = principal.name(), stream = %req.stream, events = req.events.len(), "Publish");
         let task = spawn_batch(
             self.ingest.clone(),
             principal,
@@ -422,6 +423,11 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
     ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
         let deadline = deadline_of(request.metadata());
         let (principal, _conn) = self.authenticate(&request).await?;
+        let span = tracing::info_span!(
+            "call",
+            method = "PublishStream",
+            principal = principal.name()
+        );
         let mut input = request.into_inner();
         // Batches in flight, in the order they arrived: a bounded queue, so past
         // max_batches_in_flight the reader waits and HTTP/2 flow control holds the client.
@@ -436,45 +442,48 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
             self.max_batches_in_flight,
         );
         let ingest = self.ingest.clone();
-        tokio::spawn(async move {
-            let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-            let deadline_at = deadline.unwrap_or(far);
-            loop {
-                let next = tokio::select! {
-                    m = input.message() => m,
-                    _ = tokio::time::sleep_until(deadline_at) => {
-                        let _ = pending_tx.send(Pending::End(deadline_exceeded())).await;
-                        return;
-                    }
-                };
-                match next {
-                    Ok(Some(batch)) => {
-                        let pending = match StreamName::parse(&batch.stream) {
-                            Err(r) => {
-                                ingest.metrics().request(PROTO, r.code());
-                                Pending::Done(batch.sequence, Err(r))
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+                let deadline_at = deadline.unwrap_or(far);
+                loop {
+                    let next = tokio::select! {
+                        m = input.message() => m,
+                        _ = tokio::time::sleep_until(deadline_at) => {
+                            let _ = pending_tx.send(Pending::End(deadline_exceeded())).await;
+                            return;
+                        }
+                    };
+                    match next {
+                        Ok(Some(batch)) => {
+                            let pending = match StreamName::parse(&batch.stream) {
+                                Err(r) => {
+                                    ingest.metrics().request(PROTO, r.code());
+                                    Pending::Done(batch.sequence, Err(r))
+                                }
+                                Ok(stream) => {
+                                    let content_type = content_type_or_default(batch.content_type);
+                                    let events = events_of(batch.events, &content_type);
+                                    let outcome = lanes
+                                        .submit(stream, Bytes::from(content_type), events)
+                                        .await;
+                                    Pending::Batch(batch.sequence, outcome)
+                                }
+                            };
+                            if pending_tx.send(pending).await.is_err() {
+                                return; // the client went away; queued batches are appended anyway
                             }
-                            Ok(stream) => {
-                                let content_type = content_type_or_default(batch.content_type);
-                                let events = events_of(batch.events, &content_type);
-                                let outcome = lanes
-                                    .submit(stream, Bytes::from(content_type), events)
-                                    .await;
-                                Pending::Batch(batch.sequence, outcome)
-                            }
-                        };
-                        if pending_tx.send(pending).await.is_err() {
-                            return; // the client went away; queued batches are appended anyway
+                        }
+                        Ok(None) => return, // the client finished sending
+                        Err(status) => {
+                            let _ = pending_tx.send(Pending::End(status)).await;
+                            return;
                         }
                     }
-                    Ok(None) => return, // the client finished sending
-                    Err(status) => {
-                        let _ = pending_tx.send(Pending::End(status)).await;
-                        return;
-                    }
                 }
-            }
-        });
+            },
+            span,
+        ));
         tokio::spawn(async move {
             while let Some(p) = pending_rx.recv().await {
                 let item = match p {

@@ -162,7 +162,12 @@ async fn handle<I: Ingest>(
         metrics.request(PROTO, r.code());
         return rejection_response(&r);
     };
-    match publish(req, &conn, &stream, ingest, ctx).await {
+    let span = tracing::info_span!(
+        "request",
+        stream = %stream,
+        principal = tracing::field::Empty
+    );
+    match tracing::Instrument::instrument(publish(req, &conn, &stream, ingest, ctx), span).await {
         Ok((response, outcome)) => {
             metrics.request(PROTO, outcome);
             response
@@ -219,6 +224,7 @@ async fn publish<I: Ingest>(
     let body_timeout = ctx.body_timeout;
     let stream = StreamName::parse(stream)?;
     let principal = authenticate(&req, conn, ingest, ctx).await?;
+    tracing::Span::current().record("principal", principal.name());
     if !ctx.per_principal.admit(conn, principal.name()) {
         let r = Rejection::OverQuota {
             retry_after: Duration::from_secs(1),

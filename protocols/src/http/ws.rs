@@ -320,35 +320,45 @@ pub(super) async fn upgrade<I: Ingest>(
         return (rejection_response(&r), r.code());
     };
     let shutdown = ctx.ws_shutdown.clone();
-    tokio::spawn(async move {
-        let _session = sessions;
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let cfg = WebSocketConfig::default()
-                    .max_message_size(Some(opts.max_message_bytes))
-                    .max_frame_size(Some(opts.max_message_bytes));
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(cfg),
-                )
-                .await;
-                let gauge = ingest.metrics().connections_of(PROTO);
-                gauge.inc();
-                Session {
-                    ingest,
-                    principal,
-                    stream,
-                    opts,
+    let span = tracing::info_span!(
+        "conn",
+        protocol = PROTO,
+        peer = %conn.peer,
+        principal = principal.name(),
+        stream = stream.as_ref().map_or("", |s| s.as_str())
+    );
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let _session = sessions;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let cfg = WebSocketConfig::default()
+                        .max_message_size(Some(opts.max_message_bytes))
+                        .max_frame_size(Some(opts.max_message_bytes));
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(cfg),
+                    )
+                    .await;
+                    let gauge = ingest.metrics().connections_of(PROTO);
+                    gauge.inc();
+                    Session {
+                        ingest,
+                        principal,
+                        stream,
+                        opts,
+                    }
+                    .run(ws, shutdown)
+                    .await;
+                    gauge.dec();
                 }
-                .run(ws, shutdown)
-                .await;
-                gauge.dec();
+                Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
             }
-            Err(e) => tracing::debug!(peer = %conn.peer, error = %e, "WebSocket upgrade failed"),
-        }
-        drop(conn);
-    });
+            drop(conn);
+        },
+        span,
+    ));
     let sub = (!offered.is_empty()).then_some(SUBPROTOCOL);
     (switching(&key, sub), "upgraded")
 }

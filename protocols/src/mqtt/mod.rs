@@ -204,8 +204,15 @@ impl<I: Ingest> Mqtt<I> {
         };
         let gauge = self.ingest.metrics().connections_of(PROTO);
         gauge.inc();
+        let span = tracing::info_span!(
+            "conn",
+            protocol = PROTO,
+            peer = %conn.peer,
+            client_id = tracing::field::Empty,
+            principal = tracing::field::Empty
+        );
         // Boxed: the session's state lives on the heap once, not in every spawned future.
-        Box::pin(session::run(self.clone(), io, conn)).await;
+        tracing::Instrument::instrument(Box::pin(session::run(self.clone(), io, conn)), span).await;
         gauge.dec();
         drop(guard);
     }

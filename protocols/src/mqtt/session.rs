@@ -215,7 +215,10 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
         return;
     }
     wbuf.clear();
-    tracing::debug!(peer = %conn.peer, client_id = %connect.client_id, principal = principal.name(), version = codec.version().as_str(), "MQTT session started");
+    let span = tracing::Span::current();
+    span.record("client_id", key.1.as_ref() as &str);
+    span.record("principal", principal.name());
+    tracing::debug!(version = codec.version().as_str(), "MQTT session started");
     let mut s = Session {
         mqtt: mqtt.clone(),
         codec,
