@@ -8,7 +8,9 @@ use futures_util::future::join_all;
 use std::collections::HashSet;
 
 use sluice_config::{AckMode, QuotaPolicy, QuotaScope, QuotasConfig, StreamsConfig};
-use sluice_core::metrics::{Metrics, ShedLabels, StreamLabels, ThrottleLabels};
+use sluice_core::metrics::{
+    AckLabels, Metrics, ProtocolLabels, ShedLabels, StreamLabels, ThrottleLabels,
+};
 use sluice_core::{
     Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
     StreamName,
@@ -51,9 +53,18 @@ pub struct Gateway {
     /// Per-stream budgets (`max_in_flight_bytes` of a stream), by stream, with their size.
     stream_budgets: std::sync::Mutex<std::collections::HashMap<String, (u64, Budget)>>,
     metrics: Metrics,
+    /// Set when the drain deadline is near: batches still waiting for their ack point are
+    /// answered with a retryable error instead of being cut off when the process exits.
+    deadline: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gateway {
+    /// From now on, batches waiting for their ack point are answered with a retryable error
+    /// (the drain deadline is near; see `server.shutdown_timeout_ms`).
+    pub fn answer_in_flight_now(&self) {
+        let _ = self.deadline.send(true);
+    }
+
     pub fn new(
         streams: StreamsConfig,
         sink: Sink,
@@ -67,6 +78,7 @@ impl Gateway {
             budget: Budget::new(max_in_flight_bytes),
             stream_budgets: Default::default(),
             metrics,
+            deadline: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -281,12 +293,41 @@ impl Ingest for Gateway {
             stream: stream_reservation,
         };
         let queued = req.queued.take();
-        let mut receipts = match &target {
-            Target::Embedded(stream) => append(stream, &req, settings.ack, held, queued).await,
-            Target::Kafka(sink, topic) => {
-                sink.append(topic, &req, settings.ack, held, queued).await
+        let started = std::time::Instant::now();
+        self.metrics
+            .batch_events
+            .get_or_create(&ProtocolLabels {
+                protocol: req.protocol.as_str(),
+            })
+            .observe(req.events.len() as f64);
+        let appended = async {
+            match &target {
+                Target::Embedded(stream) => append(stream, &req, settings.ack, held, queued).await,
+                Target::Kafka(sink, topic) => {
+                    sink.append(topic, &req, settings.ack, held, queued).await
+                }
             }
         };
+        let mut deadline = self.deadline.subscribe();
+        let mut receipts = tokio::select! {
+            r = appended => r,
+            _ = deadline.wait_for(|passed| *passed) => {
+                return Err(Rejection::unavailable(
+                    Duration::from_secs(1),
+                    "the gateway is shutting down and these events did not reach their ack point in time; they may or may not be stored: retry",
+                ));
+            }
+        };
+        self.metrics
+            .ack_seconds
+            .get_or_create(&AckLabels {
+                protocol: req.protocol.as_str(),
+                ack: match settings.ack {
+                    sluice_config::AckMode::Durable => "durable",
+                    sluice_config::AckMode::Received => "received",
+                },
+            })
+            .observe(started.elapsed().as_secs_f64());
         if let Some((r, _)) = refusal {
             receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
         }

@@ -555,13 +555,27 @@ impl Running {
     pub async fn drain(self) -> bool {
         self.ready.store(false, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
+        // Shortly before the deadline, whatever still waits for its ack point is answered with
+        // a retryable error, so no producer is left with a cut connection and no answer.
+        let margin = (self.shutdown_timeout / 5).min(Duration::from_secs(2));
+        let answer_at = self.shutdown_timeout.saturating_sub(margin);
+        let gateway = self.gateway.clone();
+        let answer = tokio::spawn(async move {
+            tokio::time::sleep(answer_at).await;
+            tracing::warn!(
+                in_flight_bytes = gateway.in_flight_bytes(),
+                "drain deadline near: answering what is still in flight with a retryable error"
+            );
+            gateway.answer_in_flight_now();
+        });
         let in_time = tokio::time::timeout(self.shutdown_timeout, self.drained)
             .await
             .is_ok();
+        answer.abort();
         if !in_time {
             tracing::warn!(
                 in_flight_bytes = self.gateway.in_flight_bytes(),
-                "drain deadline passed; exiting with requests still in flight (none of them was acked)"
+                "drain deadline passed; exiting (what was still in flight was answered with a retryable error, none of it acked)"
             );
         }
         let _ = self.admin_stop.send(true);

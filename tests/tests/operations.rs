@@ -367,3 +367,64 @@ async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
         "a secret reached the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_deadline_in_flight_events_are_answered_retryable_not_cut_off() {
+    // A log slower than the drain deadline: what is in flight cannot reach its ack point.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(
+        &dir.path().join("data"),
+        "[server]\nshutdown_timeout_ms = 2500\n[log]\nfault_append_delay_ms = 8000\n",
+    )
+    .unwrap();
+    let url = s.events_url("slowdrain");
+    let http = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(r#"{"value":"late"}"#)
+            .send()
+            .await
+    });
+    let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("late", 30)).await;
+    raw.send5(v5::Packet::Publish(Box::new(publish(
+        "slowdrain/k",
+        1,
+        1,
+        b"late",
+        Some(Default::default()),
+    ))))
+    .await;
+    let in_flight = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        sluice_tests::metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 0.0
+    })
+    .await;
+    assert!(in_flight);
+    let t0 = std::time::Instant::now();
+    s.signal("TERM").unwrap();
+    // HTTP: 503 with Retry-After before the process exits, not a cut connection.
+    let r = http
+        .await
+        .unwrap()
+        .expect("an HTTP answer, not a broken connection");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(r.text().await.unwrap().contains("may or may not be stored"));
+    // MQTT 5: PUBACK 0x83 with the reason, then DISCONNECT 0x8B.
+    match raw.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => {
+            assert_eq!(u8::from(a.reason_code), 0x83);
+            assert!(a.reason_string.is_some_and(|r| r.contains("shutting down")));
+        }
+        other => panic!("{other:?}"),
+    }
+    match raw.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x8B),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "answered before the deadline"
+    );
+    let _ = s.terminate();
+}

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Labels of per-stream, per-protocol counters.
@@ -62,8 +63,27 @@ pub struct ProtocolLabels {
     pub protocol: &'static str,
 }
 
+/// Labels of the ack latency: protocol and the stream's ack point (`durable`, `received`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AckLabels {
+    pub protocol: &'static str,
+    pub ack: &'static str,
+}
+
+fn ack_histogram() -> Histogram {
+    // 100 µs … ~6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+fn batch_histogram() -> Histogram {
+    // 1 … 16,384 events.
+    Histogram::new(exponential_buckets(1.0, 2.0, 15))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
 /// Metrics shared by the adapters and the admission layer.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     /// Events appended (or queued, for `ack = "received"`) by stream and protocol.
     pub events_in: Family<StreamLabels, Counter>,
@@ -95,6 +115,35 @@ pub struct Metrics {
     /// MQTT Last Wills by outcome: appended, failed, cancelled (a new connection of the
     /// session came back within the will delay), shed (too many delayed wills waiting).
     pub mqtt_wills: Family<OutcomeOnlyLabels, Counter>,
+    /// From a batch reaching admission until its events are at their ack point, by protocol
+    /// and ack point.
+    pub ack_seconds: HistogramFamily<AckLabels>,
+    /// Events per admitted batch (an HTTP request, a gRPC/WebSocket batch, an MQTT read), by
+    /// protocol.
+    pub batch_events: HistogramFamily<ProtocolLabels>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events_in: Default::default(),
+            bytes_in: Default::default(),
+            requests: Default::default(),
+            events_rejected: Default::default(),
+            in_flight_bytes: Default::default(),
+            connections: Default::default(),
+            connections_opened: Default::default(),
+            stream_last_event: Default::default(),
+            auth_failures: Default::default(),
+            events_throttled: Default::default(),
+            requests_delayed: Default::default(),
+            events_shed: Default::default(),
+            mqtt_disconnects: Default::default(),
+            mqtt_wills: Default::default(),
+            ack_seconds: Family::new_with_constructor(ack_histogram),
+            batch_events: Family::new_with_constructor(batch_histogram),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +184,16 @@ pub struct OutcomeOnlyLabels {
 impl Metrics {
     /// Registers every metric under `registry` (which adds the `sluice_` prefix).
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ack_seconds",
+            "From a batch reaching admission until its events are at their ack point, by protocol and ack point (durable, received)",
+            self.ack_seconds.clone(),
+        );
+        registry.register(
+            "batch_events",
+            "Events per admitted batch, by protocol",
+            self.batch_events.clone(),
+        );
         registry.register(
             "connections_opened",
             "Client connections accepted, by protocol",

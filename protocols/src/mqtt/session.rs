@@ -1067,6 +1067,7 @@ impl<I: Ingest> Session<I> {
     /// Records the head group's outcome, if it arrived, in its items.
     fn settle(&mut self) {
         let v5 = self.v5();
+        let closing = self.closing;
         let max_hold = self.mqtt.opts.max_hold;
         let Some(g) = self.pending.front_mut() else {
             return;
@@ -1099,7 +1100,9 @@ impl<I: Ingest> Session<I> {
             item.state = match r {
                 Ok(()) => State::Done(None),
                 Err(r) => {
+                    // Draining: nothing is held any more, everything is answered.
                     let holdable = item.packet_id.is_some()
+                        && !closing
                         && match &r {
                             Rejection::Unavailable { .. } => g
                                 .held_since
