@@ -66,7 +66,10 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
             k.queue_max_events.to_string(),
         )
         // Sluice creates topics itself (log.kafka.create_topics); a metadata request must not.
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // Broker round-trip times for `sluice_kafka_broker_rtt_seconds` (an override wins;
+        // "0" turns the statistics off).
+        .set("statistics.interval.ms", "10000");
     let s = &k.security;
     c.set("security.protocol", s.protocol.as_str());
     if let Some(m) = s.sasl_mechanism {
@@ -121,6 +124,45 @@ pub struct KafkaMetrics {
     queue_events: Gauge,
     reachable: Gauge,
     topics: Gauge,
+    /// Round-trip time to each broker (librdkafka statistics), by broker; bounded by the
+    /// cluster's size.
+    broker_rtt: Family<RttLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RttLabels {
+    /// `host:port/node-id`.
+    broker: String,
+    /// `avg` or `p99` over librdkafka's statistics window.
+    quantile: &'static str,
+}
+
+/// The producer's librdkafka context: turns its statistics into broker round-trip gauges.
+pub struct StatsContext {
+    metrics: KafkaMetrics,
+}
+
+impl rdkafka::client::ClientContext for StatsContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for broker in statistics.brokers.values() {
+            // Bootstrap entries (node id -1) are not brokers of the cluster.
+            let (true, Some(rtt)) = (broker.nodeid >= 0, broker.rtt.as_ref()) else {
+                continue;
+            };
+            if rtt.cnt == 0 {
+                continue;
+            }
+            for (quantile, micros) in [("avg", rtt.avg), ("p99", rtt.p99)] {
+                self.metrics
+                    .broker_rtt
+                    .get_or_create(&RttLabels {
+                        broker: broker.name.clone(),
+                        quantile,
+                    })
+                    .set(micros as f64 / 1e6);
+            }
+        }
+    }
 }
 
 impl KafkaMetrics {
@@ -144,6 +186,11 @@ impl KafkaMetrics {
             "kafka_topics",
             "Topics the gateway knows and produces to",
             self.topics.clone(),
+        );
+        registry.register(
+            "kafka_broker_rtt_seconds",
+            "Round-trip time to each broker over librdkafka's statistics window (avg, p99)",
+            self.broker_rtt.clone(),
         );
     }
 }
@@ -174,7 +221,7 @@ pub struct KafkaSink {
 
 struct Inner {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<StatsContext>,
     admin: Option<AdminClient<DefaultClientContext>>,
     topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
     create: tokio::sync::Mutex<()>,
@@ -209,7 +256,11 @@ impl KafkaSink {
         metrics: KafkaMetrics,
     ) -> Result<Self, KafkaSinkError> {
         let config = client_config(cfg);
-        let producer: FutureProducer = config.create().map_err(KafkaSinkError::Config)?;
+        let producer: FutureProducer<StatsContext> = config
+            .create_with_context(StatsContext {
+                metrics: metrics.clone(),
+            })
+            .map_err(KafkaSinkError::Config)?;
         let admin = if cfg.create_topics {
             Some(config.create().map_err(KafkaSinkError::Config)?)
         } else {

@@ -12,7 +12,7 @@ use sluice_tests::kafka::{
     Tansu, assert_acked_in, by_position, create_topic, free_port, kafka_config, read_topic,
     start_ready,
 };
-use sluice_tests::{Sluice, api_key_entry, metric};
+use sluice_tests::{Sluice, api_key_entry, metric, wait_until};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,7 +62,7 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
         "{}{}\n[http.auth]\nmethods = [\"api_key\"]\n[streams.declare.orders]\npartitions = 4\n",
         kafka_config(
             &tansu.bootstrap,
-            "topic = \"sluice.{stream}\"\ncreate_topics = true\nlinger_ms = 2"
+            "topic = \"sluice.{stream}\"\ncreate_topics = true\nlinger_ms = 2\n[log.kafka.overrides]\n\"statistics.interval.ms\" = \"200\""
         ),
         api_key_entry(key, "shop", &["orders"]),
     );
@@ -143,6 +143,18 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
         30.0
     );
     assert_eq!(metric(&m, "sluice_kafka_reachable", ""), 1.0);
+    // librdkafka's statistics give each broker's round-trip time.
+    let rtt = wait_until(Duration::from_secs(20), || async {
+        s.metrics().await.lines().any(|l| {
+            l.starts_with("sluice_kafka_broker_rtt_seconds{")
+                && l.contains("quantile=\"avg\"")
+                && l.rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+        })
+    })
+    .await;
+    assert!(rtt, "no broker round-trip time in {}", s.metrics().await);
 }
 
 #[tokio::test]
