@@ -428,3 +428,175 @@ async fn at_the_drain_deadline_in_flight_events_are_answered_retryable_not_cut_o
     );
     let _ = s.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_on_every_protocol_loses_no_acked_event() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(&dir.path().join("data"), "").unwrap();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    // HTTP.
+    for id in 0..2 {
+        let (url, acked) = (s.events_url("drainall"), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            for n in 0.. {
+                let v = format!("h{id}-{n}");
+                let Ok(r) = c
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(format!("{{\"value\":\"{v}\"}}"))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status() != 200 {
+                    return;
+                }
+                acked.lock().unwrap().push(format!("\"{v}\""));
+            }
+        }));
+    }
+    // gRPC.
+    {
+        let (url, acked) = (s.grpc_url(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let ch = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut g = IngestClient::new(ch);
+            for n in 0.. {
+                let v = format!("g-{n}");
+                let req = pb::PublishRequest {
+                    stream: "drainall".into(),
+                    events: vec![pb::Event {
+                        value: v.clone().into_bytes().into(),
+                        ..Default::default()
+                    }],
+                    content_type: String::new(),
+                };
+                match g.publish(req).await {
+                    Ok(r)
+                        if r.get_ref().results.iter().all(|e| {
+                            matches!(e.result, Some(pb::event_result::Result::Position(_)))
+                        }) =>
+                    {
+                        acked.lock().unwrap().push(v)
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    // WebSocket: one frame at a time, acked by offset.
+    {
+        let (url, acked) = (
+            format!("ws://{}/v1/streams/drainall/ws", s.http),
+            acked.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            for n in 0.. {
+                let v = format!("w-{n}");
+                if ws
+                    .send(Message::text(format!("{{\"value\":\"{v}\"}}")))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.contains("\"offset\"") => {
+                            acked.lock().unwrap().push(format!("\"{v}\""));
+                            break;
+                        }
+                        Some(Ok(Message::Text(_)))
+                        | None
+                        | Some(Err(_))
+                        | Some(Ok(Message::Close(_))) => return,
+                        Some(Ok(_)) => continue,
+                    }
+                }
+            }
+        }));
+    }
+    // MQTT 5: one QoS 1 publish at a time, until DISCONNECT 0x8B. A publish the gateway read is
+    // answered before it disconnects; one still unread in the socket is neither answered nor
+    // stored (the client resends it after reconnecting).
+    let mqtt_task = {
+        let (addr, acked) = (s.mqtt.unwrap(), acked.clone());
+        tokio::spawn(async move {
+            let (mut raw, _) = session5(addr, connect5("drainer", 30)).await;
+            for n in 1u16.. {
+                let mut p = publish("drainall/m", 1, n, b"", Some(Default::default()));
+                let v = format!("m-{n}");
+                p.payload = bytes::Bytes::from(v.clone());
+                raw.send5(v5::Packet::Publish(Box::new(p))).await;
+                match raw.recv5().await {
+                    Some(v5::Packet::PublishAck(a)) if u8::from(a.reason_code) == 0 => {
+                        acked.lock().unwrap().push(v)
+                    }
+                    Some(v5::Packet::PublishAck(_)) | None => return None,
+                    Some(v5::Packet::Disconnect(d)) => {
+                        assert_eq!(u8::from(d.reason_code), 0x8B);
+                        return Some(v);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            None
+        })
+    };
+    let loaded = sluice_tests::wait_until(Duration::from_secs(30), || {
+        let n = acked.lock().unwrap().len();
+        async move { n >= 400 }
+    })
+    .await;
+    assert!(loaded, "only {} acks", acked.lock().unwrap().len());
+    let status = s.terminate().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let unanswered = tokio::time::timeout(Duration::from_secs(20), mqtt_task)
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: std::collections::HashSet<String> =
+        sluice_tests::read_log(&s.data_dir, "drainall", &[])
+            .unwrap()
+            .iter()
+            .map(|r| match &r["value"] {
+                serde_json::Value::String(v) => v.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+    if let Some(v) = unanswered {
+        assert!(!stored.contains(&v), "{v} was stored but never answered");
+    }
+    let acked = acked.lock().unwrap().clone();
+    let lost: Vec<&String> = acked.iter().filter(|v| !stored.contains(*v)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acked events lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    for prefix in ["h0-", "g-", "w-", "m-"] {
+        assert!(
+            acked
+                .iter()
+                .any(|v| v.trim_matches('"').starts_with(prefix)),
+            "no {prefix} acks"
+        );
+    }
+}

@@ -722,6 +722,9 @@ impl<I: Ingest> Session<I> {
             let result = match step {
                 Step::Kicked => return Close::TakenOver,
                 Step::Stop => {
+                    // Packets already read are still handled (and answered before the
+                    // DISCONNECT); the socket is not read any more.
+                    let decoded = self.decode_ready().await;
                     self.closing = true;
                     // Held publishes are not retried any more: answer them now.
                     if let Some(g) = self.pending.front_mut() {
@@ -736,7 +739,7 @@ impl<I: Ingest> Session<I> {
                             }
                         }
                     }
-                    self.answer_head()
+                    decoded.and_then(|()| self.answer_head())
                 }
                 Step::Appended(id, idx, out) => {
                     if let Some(g) = self.pending.iter_mut().find(|g| g.id == id) {
