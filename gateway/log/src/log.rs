@@ -502,6 +502,11 @@ fn sync_timed(w: &mut PartitionWriter, s: &Shared) -> Result<(), LogError> {
 
 /// One group commit: write every frame, fsync once if any is durable, answer every waiter.
 fn commit(w: &mut PartitionWriter, ops: &mut Vec<Op>, s: &Shared) {
+    for op in ops.iter() {
+        s.metrics
+            .linger_seconds
+            .observe(op.enqueued.elapsed().as_secs_f64());
+    }
     let durable = ops.iter().any(|o| o.durable);
     let events: u64 = ops.iter().map(|o| u64::from(o.frame.count())).sum();
     let bytes: u64 = ops.iter().map(|o| o.frame.len() as u64).sum();

@@ -12,6 +12,7 @@ pub struct LogMetrics {
     pub group_events: Histogram,
     pub group_bytes: Histogram,
     pub append_seconds: Histogram,
+    pub linger_seconds: Histogram,
     pub truncated_bytes: Counter,
     pub segments_deleted: Counter,
     pub append_errors: Counter,
@@ -25,6 +26,7 @@ impl Default for LogMetrics {
             group_events: Histogram::new(exponential_buckets(1.0, 2.0, 18)),
             group_bytes: Histogram::new(exponential_buckets(64.0, 4.0, 12)),
             append_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            linger_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             truncated_bytes: Counter::default(),
             segments_deleted: Counter::default(),
             append_errors: Counter::default(),
@@ -62,6 +64,12 @@ impl LogMetrics {
             "Time from handing a request's events to the log until they are written (and fsynced when durable)",
             Unit::Seconds,
             self.append_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "log_linger",
+            "Time a batch waited in the log's queue before its group commit started (the log's linger: the previous commit's write and fsync)",
+            Unit::Seconds,
+            self.linger_seconds.clone(),
         );
         registry.register_with_unit(
             "log_recovery_truncated",
