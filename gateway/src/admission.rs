@@ -226,6 +226,17 @@ impl Ingest for Gateway {
     }
 
     async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
+        let protocol = ProtocolLabels {
+            protocol: req.protocol.as_str(),
+        };
+        self.metrics
+            .events_received
+            .get_or_create(&protocol)
+            .inc_by(req.events.len() as u64);
+        self.metrics
+            .bytes_received
+            .get_or_create(&protocol)
+            .inc_by(req.events.iter().map(Event::size).sum::<usize>() as u64);
         let name = req.stream.as_str();
         let policy = self.policy.load();
         let settings = policy.streams.settings(name);

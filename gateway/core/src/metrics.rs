@@ -85,6 +85,11 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Metrics shared by the adapters and the admission layer.
 #[derive(Clone)]
 pub struct Metrics {
+    /// Events that reached admission (decoded and authenticated), by protocol; whether they
+    /// were then appended or refused is in `events_in` and the refusal counters.
+    pub events_received: Family<ProtocolLabels, Counter>,
+    /// Bytes of those events.
+    pub bytes_received: Family<ProtocolLabels, Counter>,
     /// Events appended (or queued, for `ack = "received"`) by stream and protocol.
     pub events_in: Family<StreamLabels, Counter>,
     /// Bytes of those events (key + id + headers + value).
@@ -126,6 +131,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
+            events_received: Default::default(),
+            bytes_received: Default::default(),
             events_in: Default::default(),
             bytes_in: Default::default(),
             requests: Default::default(),
@@ -184,6 +191,16 @@ pub struct OutcomeOnlyLabels {
 impl Metrics {
     /// Registers every metric under `registry` (which adds the `sluice_` prefix).
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "events_received",
+            "Events that reached admission (decoded and authenticated), by protocol",
+            self.events_received.clone(),
+        );
+        registry.register(
+            "bytes_received",
+            "Bytes of the events that reached admission, by protocol",
+            self.bytes_received.clone(),
+        );
         registry.register(
             "ack_seconds",
             "From a batch reaching admission until its events are at their ack point, by protocol and ack point (durable, received)",

@@ -389,30 +389,42 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         let deadline = deadline_of(request.metadata());
         let (principal, _conn) = self.authenticate(&request).await?;
         let req = request.into_inner();
-        tracing::debug!(principal = principal.name(), stream = %req.stream, events = req.events.len(), "Publish");
-        let task = spawn_batch(
-            self.ingest.clone(),
-            principal,
-            req.stream,
-            req.content_type,
-            req.events,
+        let span = tracing::info_span!(
+            "call",
+            method = "Publish",
+            principal = principal.name(),
+            stream = %req.stream
         );
-        let result = match deadline {
-            Some(d) => tokio::time::timeout_at(d, task)
-                .await
-                .map_err(|_| deadline_exceeded())?,
-            None => task.await,
-        };
-        let receipts = joined(result).map_err(|r| status_of(&r))?;
-        // As over HTTP: when every event failed, the call fails with the first failure.
-        if let Some(Receipt::Failed(first)) = receipts.first()
-            && receipts.iter().all(|r| matches!(r, Receipt::Failed(_)))
-        {
-            return Err(status_of(first));
-        }
-        Ok(tonic::Response::new(pb::PublishResponse {
-            results: event_results(receipts),
-        }))
+        tracing::Instrument::instrument(
+            async move {
+                tracing::debug!(events = req.events.len(), "Publish");
+                let task = spawn_batch(
+                    self.ingest.clone(),
+                    principal,
+                    req.stream,
+                    req.content_type,
+                    req.events,
+                );
+                let result = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, task)
+                        .await
+                        .map_err(|_| deadline_exceeded())?,
+                    None => task.await,
+                };
+                let receipts = joined(result).map_err(|r| status_of(&r))?;
+                // As over HTTP: when every event failed, the call fails with the first failure.
+                if let Some(Receipt::Failed(first)) = receipts.first()
+                    && receipts.iter().all(|r| matches!(r, Receipt::Failed(_)))
+                {
+                    return Err(status_of(first));
+                }
+                Ok(tonic::Response::new(pb::PublishResponse {
+                    results: event_results(receipts),
+                }))
+            },
+            span,
+        )
+        .await
     }
 
     type PublishStreamStream = ReceiverStream<Result<pb::PublishStreamResponse, Status>>;

@@ -620,19 +620,23 @@ impl<I: Ingest> Appender<I> {
         };
         let (queued_tx, queued_rx) = oneshot::channel();
         let (ingest, principal) = (self.ingest.clone(), self.principal.clone());
-        self.appends.push(Box::pin(async move {
-            let out = crate::append_batch(
-                &*ingest,
-                principal,
-                Protocol::Mqtt,
-                stream,
-                CONTENT_TYPE,
-                events,
-                Some(queued_tx),
-            )
-            .await;
-            (id, idx, out)
-        }));
+        let span = tracing::debug_span!("batch", stream = %stream, events = events.len());
+        self.appends.push(Box::pin(tracing::Instrument::instrument(
+            async move {
+                let out = crate::append_batch(
+                    &*ingest,
+                    principal,
+                    Protocol::Mqtt,
+                    stream,
+                    CONTENT_TYPE,
+                    events,
+                    Some(queued_tx),
+                )
+                .await;
+                (id, idx, out)
+            },
+            span,
+        )));
         self.last_queued = Some(queued_rx);
     }
 
