@@ -171,6 +171,14 @@ async fn counters_move_by_the_scripted_traffic_on_every_protocol() {
             n,
             "{protocol} events in"
         );
+        // Refused before admission (bad JSON, bad stream name, bad UTF-8) is not "received".
+        assert_eq!(
+            delta(&format!(
+                r#"sluice_events_received_total{{protocol="{protocol}"}}"#
+            )),
+            n,
+            "{protocol} events received"
+        );
         assert!(
             delta(&format!(
                 r#"sluice_connections_opened_total{{protocol="{protocol}"}}"#
