@@ -1,7 +1,8 @@
 //! The Kafka sink against a real Kafka-compatible broker (Tansu, in memory, on a free loopback
 //! port): events from HTTP land in their topic and partition with key, headers and value
 //! intact and in order per key; receipts name the offsets a consumer sees; many producers at
-//! once; topic creation; a broker that is down at startup and comes up later.
+//! once; topic creation; a broker that is down at startup and comes up later; MQTT QoS 1/2
+//! publishes acked once Kafka has them, keyed and ordered per device; broker round-trip times.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -331,4 +332,65 @@ async fn every_event_acked_before_sigkill_is_in_kafka() {
     let acked = acked.lock().unwrap().clone();
     let records = read_topic(&tansu.bootstrap, "crash", acked.len(), READ_TIMEOUT).unwrap();
     assert_acked_in(&records, &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_publishes_are_acked_once_kafka_has_them() {
+    use rmqtt_codec::v5;
+    use sluice_tests::mqtt::{connect5, publish, session5};
+    let tansu = Tansu::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[[mqtt.topics]]\npattern = \"devices/{{device}}/telemetry\"\nstream = \"telemetry\"\nkey = \"{{device}}\"\n[streams.declare.telemetry]\npartitions = 2\n",
+        kafka_config(&tansu.bootstrap, "create_topics = true\nlinger_ms = 2")
+    );
+    let s = start_ready(&tmp.path().join("data"), &toml).await;
+    let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("kafka-dev", 30)).await;
+    // QoS 1 and QoS 2 from two devices; every answer comes after Kafka acknowledged the event.
+    let mut sent = Vec::new();
+    for i in 1..=20u16 {
+        let device = if i % 2 == 0 { "d1" } else { "d2" };
+        let mut p = publish(
+            &format!("devices/{device}/telemetry"),
+            1 + (i % 2) as u8,
+            i,
+            b"",
+            Some(Default::default()),
+        );
+        let v = format!("{device}-{i}");
+        p.payload = bytes::Bytes::from(v.clone());
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+        sent.push((device, v));
+    }
+    let mut answered = 0;
+    while answered < 20 {
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) | Some(v5::Packet::PublishReceived(a)) => {
+                assert_eq!(u8::from(a.reason_code), 0, "{a:?}");
+                answered += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let records = read_topic(&tansu.bootstrap, "telemetry", 20, READ_TIMEOUT).unwrap();
+    assert_eq!(records.len(), 20);
+    // Keyed by device, in publish order per device, with the MQTT topic as a header.
+    for device in ["d1", "d2"] {
+        let got: Vec<String> = records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(device.as_bytes()))
+            .map(|r| String::from_utf8(r.value.clone()).unwrap())
+            .collect();
+        let want: Vec<String> = sent
+            .iter()
+            .filter(|(d, _)| *d == device)
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(got, want, "order of {device}");
+    }
+    assert!(records.iter().all(|r| {
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "mqtt-topic" && v.starts_with(b"devices/"))
+    }));
 }
