@@ -233,10 +233,11 @@ impl Ingest for Gateway {
             .events_received
             .get_or_create(&protocol)
             .inc_by(req.events.len() as u64);
+        let received_bytes: usize = req.events.iter().map(Event::size).sum();
         self.metrics
             .bytes_received
             .get_or_create(&protocol)
-            .inc_by(req.events.iter().map(Event::size).sum::<usize>() as u64);
+            .inc_by(received_bytes as u64);
         let name = req.stream.as_str();
         let policy = self.policy.load();
         let settings = policy.streams.settings(name);
@@ -267,7 +268,12 @@ impl Ingest for Gateway {
                 refusal = Some((r, v));
             }
         }
-        let bytes: usize = req.events.iter().map(Event::size).sum();
+        // Sized once more only when quotas split the batch.
+        let bytes: usize = if refused.is_empty() {
+            received_bytes
+        } else {
+            req.events.iter().map(Event::size).sum()
+        };
         // The in-flight budget bounds memory when the log is slower than the producers: settle
         // what the adapter reserved while receiving to the events' exact size.
         let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
