@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use sluice_config::{AuthConfig, AuthMethod, ListenerAuthConfig};
+use sluice_config::{AuthConfig, AuthMethod, ProducerTransport};
 
 use crate::apikey::ApiKeys;
 use crate::failures::FailureLimiter;
@@ -19,11 +19,19 @@ pub struct ListenerPolicy {
 }
 
 impl ListenerPolicy {
-    /// The policy of a listener bound to `listen`.
-    pub fn new(cfg: &ListenerAuthConfig, listen: &str) -> Self {
+    /// The policy of one producer transport (`Config::producer_transports` decides it).
+    pub fn of(transport: &ProducerTransport) -> Self {
         Self {
-            methods: cfg.methods.clone(),
-            allow_anonymous: cfg.anonymous_allowed(listen),
+            methods: transport.methods.clone(),
+            allow_anonymous: transport.allow_anonymous,
+        }
+    }
+
+    /// Nothing accepted (a transport that is not served).
+    pub fn closed() -> Self {
+        Self {
+            methods: Vec::new(),
+            allow_anonymous: false,
         }
     }
 
@@ -101,7 +109,7 @@ impl Authenticator {
         }
         let result = self.check(policy, creds).await;
         if let Err(f) = &result
-            && f.kind == FailureKind::Unauthenticated
+            && matches!(f.kind, FailureKind::Unauthenticated | FailureKind::Missing)
         {
             self.failures.record(peer, Instant::now());
         }
@@ -148,11 +156,14 @@ impl Authenticator {
         if policy.allow_anonymous {
             return Ok(Principal::anonymous());
         }
-        Err(AuthFailure::new(
-            "none",
-            "missing",
-            "credentials are required: an API key, a bearer token or a client certificate",
-        ))
+        Err(AuthFailure {
+            kind: FailureKind::Missing,
+            ..AuthFailure::new(
+                "none",
+                "missing",
+                "credentials are required: an API key, a bearer token or a client certificate",
+            )
+        })
     }
 }
 

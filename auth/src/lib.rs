@@ -48,7 +48,9 @@ pub struct AuthFailure {
 /// How a failure is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// 401: the credentials are missing or wrong.
+    /// 401: no credentials were presented where they are required.
+    Missing,
+    /// 401: the credentials are wrong (unknown, expired, malformed, not accepted here).
     Unauthenticated,
     /// 429: too many failures from this address; retry after the given time.
     Throttled(Duration),

@@ -154,8 +154,18 @@ pub struct HttpConfig {
     pub listen: String,
     /// Open connections beyond this are closed right after accept.
     pub max_connections: usize,
-    /// A client must send a request's headers within this time (HTTP/1.1).
+    /// Open connections per source address beyond this are closed right after accept
+    /// (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection's first request must start within this time of accept (a silent socket or
+    /// a partial HTTP/2 preface is closed), and HTTP/1.1 request headers must arrive within it.
     pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed when its next request does not start
+    /// within this time (HTTP/1.1 keep-alive and HTTP/2).
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive: PING connections with requests in flight this often, closing them when
+    /// the answer does not come within the same time (0 = no pings).
+    pub h2_keepalive_interval_ms: u64,
     /// A client must deliver a whole request body within this time.
     pub body_read_timeout_ms: u64,
     /// Requests handled at once on this listener; more get 503 with Retry-After.
@@ -174,7 +184,10 @@ impl Default for HttpConfig {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_connections: 10_000,
+            max_connections_per_address: 1024,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            h2_keepalive_interval_ms: 30_000,
             body_read_timeout_ms: 30_000,
             max_concurrent_requests: 4096,
             max_connections_per_principal: 1000,
@@ -194,6 +207,15 @@ pub struct GrpcConfig {
     pub listen: String,
     /// Open connections beyond this are closed right after accept.
     pub max_connections: usize,
+    /// Open connections per source address beyond this are closed right after accept
+    /// (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection with no call in flight is closed when its next call does not start within
+    /// this time. (The first call must start within `http.header_read_timeout_ms`.)
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive: PING connections with calls in flight this often, closing them when the
+    /// answer does not come within the same time (0 = no pings).
+    pub h2_keepalive_interval_ms: u64,
     /// Largest message a client may send (after decompression) or receive.
     pub max_message_bytes: u64,
     /// Concurrent calls (HTTP/2 streams) per connection.
@@ -215,6 +237,9 @@ impl Default for GrpcConfig {
             enabled: true,
             listen: "127.0.0.1:50051".into(),
             max_connections: 10_000,
+            max_connections_per_address: 1024,
+            idle_timeout_ms: 300_000,
+            h2_keepalive_interval_ms: 30_000,
             max_message_bytes: 8 * 1024 * 1024,
             max_concurrent_streams: 256,
             max_batches_in_flight: 64,
@@ -354,6 +379,99 @@ impl ListenerAuthConfig {
                 .parse::<SocketAddr>()
                 .is_ok_and(|a| a.ip().is_loopback())
         })
+    }
+}
+
+/// A way producers reach the gateway: one transport on one listener, with the credentials it
+/// accepts. Anonymity is decided here, per listener and transport, and nowhere else (DESIGN
+/// §11): every adapter gets its policy from [`Config::producer_transports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerTransport {
+    /// Stable name: `http` (the HTTP API and WebSocket ingest), `grpc`, `mqtt` (TCP), `mqtts`
+    /// (TLS) or `mqtt_ws` (MQTT over WebSocket at `/mqtt` on the HTTP listener).
+    pub name: &'static str,
+    /// The config key of the listener's address, e.g. `mqtt.tls_listen`.
+    pub listen_key: &'static str,
+    /// The address the transport is served on.
+    pub listen: String,
+    /// The config section whose `auth` applies, e.g. `mqtt.auth`.
+    pub auth_key: &'static str,
+    /// The credential types it accepts.
+    pub methods: Vec<AuthMethod>,
+    /// Whether producers without credentials are accepted (as `anonymous`).
+    pub allow_anonymous: bool,
+}
+
+impl Config {
+    /// Every enabled producer transport with its listener and the credentials it accepts.
+    ///
+    /// Each listener decides anonymity from its own address (unset `allow_anonymous`: only on a
+    /// loopback address). MQTT over WebSocket shares the HTTP listener, so it follows
+    /// `http.auth.allow_anonymous` unless `mqtt.auth.allow_anonymous` is set, and validation
+    /// refuses a setting where the two transports of that listener would disagree.
+    pub fn producer_transports(&self) -> Vec<ProducerTransport> {
+        let t = |name, listen_key, listen: &str, auth_key, auth: &ListenerAuthConfig| {
+            ProducerTransport {
+                name,
+                listen_key,
+                listen: listen.to_string(),
+                auth_key,
+                methods: auth.methods.clone(),
+                allow_anonymous: auth.anonymous_allowed(listen),
+            }
+        };
+        let mut out = vec![t(
+            "http",
+            "http.listen",
+            &self.http.listen,
+            "http.auth",
+            &self.http.auth,
+        )];
+        if self.grpc.enabled {
+            out.push(t(
+                "grpc",
+                "grpc.listen",
+                &self.grpc.listen,
+                "grpc.auth",
+                &self.grpc.auth,
+            ));
+        }
+        let m = &self.mqtt;
+        if m.enabled {
+            if m.plaintext {
+                out.push(t("mqtt", "mqtt.listen", &m.listen, "mqtt.auth", &m.auth));
+            }
+            if m.tls.is_some() {
+                out.push(t(
+                    "mqtts",
+                    "mqtt.tls_listen",
+                    &m.tls_listen,
+                    "mqtt.auth",
+                    &m.auth,
+                ));
+            }
+            if m.websocket {
+                let http_anonymous = self.http.auth.anonymous_allowed(&self.http.listen);
+                out.push(ProducerTransport {
+                    allow_anonymous: m.auth.allow_anonymous.unwrap_or(http_anonymous),
+                    ..t(
+                        "mqtt_ws",
+                        "http.listen",
+                        &self.http.listen,
+                        "mqtt.auth",
+                        &m.auth,
+                    )
+                });
+            }
+        }
+        out
+    }
+
+    /// The transport named `name` (see [`ProducerTransport::name`]), if enabled.
+    pub fn producer_transport(&self, name: &str) -> Option<ProducerTransport> {
+        self.producer_transports()
+            .into_iter()
+            .find(|t| t.name == name)
     }
 }
 
@@ -533,6 +651,19 @@ pub struct AdminConfig {
     pub listen: String,
     /// TLS for the admin listener (client certificates can restrict who scrapes it).
     pub tls: Option<TlsConfig>,
+    /// Open connections; the admin listener's own, so producers cannot take them.
+    pub max_connections: usize,
+    /// Open connections per source address beyond this are closed right after accept, so one
+    /// client cannot hold every admin connection (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection's first request must start within this time of accept.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this time.
+    pub idle_timeout_ms: u64,
+    /// Bearer token that actions changing the gateway's behaviour (`PUT /loglevel`) require.
+    /// Without it they are allowed only on a loopback admin listener or one whose TLS requires
+    /// client certificates.
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -540,7 +671,28 @@ impl Default for AdminConfig {
         Self {
             listen: "127.0.0.1:9090".into(),
             tls: None,
+            max_connections: 64,
+            max_connections_per_address: 16,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            token: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// Whether actions that change behaviour may run without the token: the listener is on a
+    /// loopback address, or its TLS requires a client certificate.
+    pub fn open_for_actions(&self) -> bool {
+        let loopback = self
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        let certified = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth == ClientAuth::Required);
+        loopback || certified
     }
 }
 
@@ -1189,6 +1341,14 @@ impl Config {
                 "http.header_read_timeout_ms",
                 self.http.header_read_timeout_ms,
             ),
+            ("http.idle_timeout_ms", self.http.idle_timeout_ms),
+            ("grpc.idle_timeout_ms", self.grpc.idle_timeout_ms),
+            (
+                "admin.header_read_timeout_ms",
+                self.admin.header_read_timeout_ms,
+            ),
+            ("admin.idle_timeout_ms", self.admin.idle_timeout_ms),
+            ("admin.max_connections", self.admin.max_connections as u64),
             ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
             (
                 "server.shutdown_timeout_ms",
@@ -1589,17 +1749,37 @@ impl Config {
                 );
             }
         }
-        for (key, auth, listen) in [
-            ("http.auth.methods", &self.http.auth, &self.http.listen),
-            ("grpc.auth.methods", &self.grpc.auth, &self.grpc.listen),
-            ("mqtt.auth.methods", &self.mqtt.auth, &self.mqtt.listen),
-        ] {
-            if auth.methods.is_empty() && !auth.anonymous_allowed(listen) {
+        let transports = self.producer_transports();
+        for t in &transports {
+            if t.methods.is_empty() && !t.allow_anonymous {
                 add(
-                    key.into(),
-                    "is empty and anonymous producers are not allowed: nobody could produce".into(),
+                    format!("{}.methods", t.auth_key),
+                    format!(
+                        "is empty and anonymous producers are not allowed on {} ({}): nobody could produce",
+                        t.listen_key, t.listen
+                    ),
                 );
             }
+        }
+        // Two transports on one listener must agree on anonymity: a producer refused by one
+        // must not walk in through the other (DESIGN §11).
+        if let (Some(http), Some(ws)) = (
+            transports.iter().find(|t| t.name == "http"),
+            transports.iter().find(|t| t.name == "mqtt_ws"),
+        ) && http.allow_anonymous != ws.allow_anonymous
+        {
+            let says = |allowed: bool| if allowed { "allows" } else { "refuses" };
+            add(
+                "mqtt.auth.allow_anonymous".into(),
+                format!(
+                    "{} anonymous MQTT over WebSocket on http.listen ({}), where the HTTP API {} \
+                     anonymous producers: the two transports of one listener would disagree. Set \
+                     http.auth.allow_anonymous to the same value, or mqtt.websocket = false",
+                    says(ws.allow_anonymous),
+                    http.listen,
+                    says(http.allow_anonymous)
+                ),
+            );
         }
         let mut ids = std::collections::HashSet::new();
         for (i, k) in self.auth.api_keys.iter().enumerate() {
@@ -2167,6 +2347,123 @@ mod tests {
         assert!(!explicit.anonymous_allowed("127.0.0.1:8080"));
     }
 
+    /// The transports' anonymity, by name, for `text`.
+    fn anonymity(text: &str) -> Vec<(&'static str, bool)> {
+        let c = Config::from_toml_str(text, "t", no_env()).unwrap();
+        c.producer_transports()
+            .into_iter()
+            .map(|t| (t.name, t.allow_anonymous))
+            .collect()
+    }
+
+    #[test]
+    fn anonymity_is_decided_per_listener_and_transport() {
+        // Defaults: everything on loopback, everything open to local producers.
+        assert_eq!(
+            anonymity(""),
+            [
+                ("http", true),
+                ("grpc", true),
+                ("mqtt", true),
+                ("mqtt_ws", true)
+            ]
+        );
+        // The HTTP listener on the network: the HTTP API and MQTT over WebSocket on it both
+        // refuse anonymous producers; the MQTT TCP listener, still on loopback, does not.
+        assert_eq!(
+            anonymity("[http]\nlisten = \"0.0.0.0:8080\"\n"),
+            [
+                ("http", false),
+                ("grpc", true),
+                ("mqtt", true),
+                ("mqtt_ws", false)
+            ]
+        );
+        // The MQTT TLS listener on the network refuses them; the loopback TCP one does not.
+        let tls = "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n[mqtt.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        assert_eq!(
+            anonymity(tls),
+            [
+                ("http", true),
+                ("grpc", true),
+                ("mqtt", true),
+                ("mqtts", false),
+                ("mqtt_ws", true)
+            ]
+        );
+        let c = Config::from_toml_str(tls, "t", no_env()).unwrap();
+        let mqtts = c.producer_transport("mqtts").unwrap();
+        assert_eq!(
+            (mqtts.listen.as_str(), mqtts.listen_key),
+            ("0.0.0.0:8883", "mqtt.tls_listen")
+        );
+    }
+
+    #[test]
+    fn transports_of_one_listener_that_disagree_on_anonymity_are_refused() {
+        for (text, ok) in [
+            // MQTT allows anonymous producers where HTTP refuses them (the hole of issue 14).
+            (
+                "[http]\nlisten = \"0.0.0.0:8080\"\n[mqtt.auth]\nallow_anonymous = true\n",
+                false,
+            ),
+            // MQTT refuses them where HTTP (on loopback) allows them.
+            ("[mqtt.auth]\nallow_anonymous = false\n", false),
+            // Either side made to agree, or MQTT over WebSocket off: accepted.
+            (
+                "[http.auth]\nallow_anonymous = false\n[mqtt.auth]\nallow_anonymous = false\n",
+                true,
+            ),
+            (
+                "[mqtt]\nwebsocket = false\n[mqtt.auth]\nallow_anonymous = false\n",
+                true,
+            ),
+            ("[http.auth]\nallow_anonymous = false\n", true),
+        ] {
+            match Config::from_toml_str(text, "t", no_env()) {
+                Ok(_) => assert!(ok, "accepted: {text}"),
+                Err(ConfigError::Invalid(problems)) => {
+                    assert!(!ok, "refused: {text}: {problems:?}");
+                    assert_eq!(problems.len(), 1, "{problems:?}");
+                    assert_eq!(problems[0].path, "mqtt.auth.allow_anonymous");
+                    assert!(
+                        problems[0].message.contains("would disagree"),
+                        "{}",
+                        problems[0].message
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // With MQTT over WebSocket following the HTTP listener, it is as closed as HTTP.
+        assert_eq!(
+            anonymity("[http.auth]\nallow_anonymous = false\n"),
+            [
+                ("http", false),
+                ("grpc", true),
+                ("mqtt", true),
+                ("mqtt_ws", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transport_nobody_could_use_is_named() {
+        let text = "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n[mqtt.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[mqtt.auth]\nmethods = []\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml_str(text, "t", no_env()) else {
+            panic!("expected invalid config");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "mqtt.auth.methods");
+        assert!(
+            problems[0]
+                .message
+                .contains("mqtt.tls_listen (0.0.0.0:8883)"),
+            "{}",
+            problems[0].message
+        );
+    }
+
     #[test]
     fn auth_settings_are_validated() {
         let text = r#"
@@ -2228,6 +2525,27 @@ mod tests {
             check_stream_name(&"a".repeat(250)),
             Err(StreamNameError::TooLong(250))
         );
+    }
+
+    #[test]
+    fn the_secure_example_allows_no_anonymous_producer_anywhere() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/secure.toml");
+        let c = Config::load(Some(&path), no_env()).unwrap();
+        let transports = c.producer_transports();
+        let names: Vec<&str> = transports.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["http", "grpc", "mqtts", "mqtt_ws"]);
+        for t in &transports {
+            assert!(!t.allow_anonymous, "{t:?}");
+        }
+        // Explicitly so: moved to a loopback address, nothing opens up.
+        let env = [
+            ("SLUICE_HTTP__LISTEN", "127.0.0.1:0"),
+            ("SLUICE_GRPC__LISTEN", "127.0.0.1:0"),
+            ("SLUICE_MQTT__TLS_LISTEN", "127.0.0.1:0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load(Some(&path), env).unwrap();
+        assert!(c.producer_transports().iter().all(|t| !t.allow_anonymous));
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Open connections per principal over all MQTT listeners (0 = no limit).
     pub max_connections_per_principal: usize,
+    /// Open connections per source address, per listener (0 = no limit: fleets behind one NAT
+    /// address are common; set it where devices have their own addresses).
+    pub max_connections_per_address: usize,
     /// Largest packet a client may send (announced as Maximum Packet Size in MQTT 5).
     pub max_packet_bytes: u32,
     /// QoS 1 and 2 publishes a connection may have unacknowledged (announced as Receive
@@ -70,6 +73,7 @@ impl Default for MqttConfig {
             websocket: true,
             max_connections: 100_000,
             max_connections_per_principal: 10_000,
+            max_connections_per_address: 0,
             max_packet_bytes: 1024 * 1024,
             receive_maximum: 256,
             topic_alias_maximum: 64,

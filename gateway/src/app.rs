@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use sluice_config::{Config, LogKind};
 use sluice_core::metrics::Metrics;
 use sluice_log::{Log, LogMetrics, LogOptions};
+use sluice_protocols::gate::Gate;
 use sluice_protocols::grpc::GrpcOptions;
 use sluice_protocols::http::HttpOptions;
 use sluice_protocols::http::ws::WsOptions;
@@ -29,7 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use sluice_auth::{Authenticator, Swap};
 use sluice_core::Budget;
-use sluice_protocols::server::PrincipalConnections;
+use sluice_protocols::server::{AddressSlots, PrincipalConnections};
 
 use crate::admission::{Gateway, Policy, stream_options};
 use crate::kafka::{KafkaMetrics, KafkaSink};
@@ -244,14 +245,22 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     authenticator.start().await;
     let auth = Arc::new(Swap::new(authenticator));
-    let policy = sluice_auth::ListenerPolicy::new(&config.http.auth, &config.http.listen);
-    if policy.allow_anonymous {
-        tracing::warn!(
-            listen = %config.http.listen,
-            "anonymous producers are allowed on the HTTP listener (it is bound to loopback, or \
-             http.auth.allow_anonymous = true); they may produce to every stream"
-        );
-    }
+    // Anonymity is decided per listener and transport, in one place (DESIGN §11).
+    let policy_of = |name: &str| {
+        let t = config
+            .producer_transport(name)
+            .expect("policies are asked only for enabled transports");
+        if t.allow_anonymous {
+            tracing::warn!(
+                transport = t.name,
+                listen = %t.listen,
+                "anonymous producers are allowed (the listener is bound to loopback, or {}.allow_anonymous = true); they may produce to every stream",
+                t.auth_key
+            );
+        }
+        sluice_auth::ListenerPolicy::of(&t)
+    };
+    let policy = policy_of("http");
     let tls = tls_listener("http.tls", config.http.tls.as_ref())?;
     let admin_tls = tls_listener("admin.tls", config.admin.tls.as_ref())?;
 
@@ -264,17 +273,17 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     };
     let mqtt = if config.mqtt.enabled {
         let m = &config.mqtt;
-        let policy = sluice_auth::ListenerPolicy::new(&m.auth, &m.listen);
-        if policy.allow_anonymous {
-            tracing::warn!(listen = %m.listen, "anonymous producers are allowed on the MQTT listeners");
-        }
         let topics = sluice_config::TopicMap::compile(&m.topics)
             .map_err(|(i, e)| anyhow::anyhow!("mqtt.topics[{i}]: {e}"))?;
         Some(Mqtt::new(
             gateway.clone(),
             MqttOptions {
                 auth: auth.clone(),
-                policy,
+                websocket_policy: if m.websocket {
+                    policy_of("mqtt_ws")
+                } else {
+                    sluice_auth::ListenerPolicy::closed()
+                },
                 per_principal: PrincipalConnections::new(m.max_connections_per_principal),
                 topics: Arc::new(topics),
                 max_packet_bytes: m.max_packet_bytes,
@@ -295,15 +304,24 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let mut mqtt_listeners = Vec::new();
     if let Some(mqtt) = &mqtt {
         let m = &config.mqtt;
-        for (listener, tls) in [
-            (mqtt_listener, None),
-            (mqtts_listener, tls_listener("mqtt.tls", m.tls.as_ref())?),
+        for (listener, tls, transport) in [
+            (mqtt_listener, None, "mqtt"),
+            (
+                mqtts_listener,
+                tls_listener("mqtt.tls", m.tls.as_ref())?,
+                "mqtts",
+            ),
         ] {
             if let Some(listener) = listener {
+                let settings = sluice_protocols::mqtt::ListenerSettings {
+                    connections: Budget::new(m.max_connections as u64),
+                    per_address: AddressSlots::new(m.max_connections_per_address),
+                    tls,
+                    policy: policy_of(transport),
+                };
                 mqtt_listeners.push(tokio::spawn(mqtt.clone().serve(
                     listener,
-                    Budget::new(m.max_connections as u64),
-                    tls,
+                    settings,
                     signalled(shutdown_rx.clone()),
                 )));
             }
@@ -312,15 +330,20 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let http_opts = HttpOptions {
         server: ServerOptions {
             connections: limits.connections.clone(),
+            per_address: AddressSlots::new(config.http.max_connections_per_address),
             header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
+            h2_keepalive: keepalive(config.http.h2_keepalive_interval_ms),
             tls,
             protocol: "http",
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
-        auth: auth.clone(),
-        policy,
+        gate: Gate {
+            auth: auth.clone(),
+            policy,
+            per_principal: limits.per_principal.clone(),
+        },
         concurrency: limits.concurrency.clone(),
-        per_principal: limits.per_principal.clone(),
         websocket: config.websocket.enabled.then(|| {
             let w = &config.websocket;
             WsOptions {
@@ -347,11 +370,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     ));
     let grpc = match grpc_listener {
         Some(listener) => {
-            let grpc_policy =
-                sluice_auth::ListenerPolicy::new(&config.grpc.auth, &config.grpc.listen);
-            if grpc_policy.allow_anonymous {
-                tracing::warn!(listen = %config.grpc.listen, "anonymous producers are allowed on the gRPC listener");
-            }
+            let grpc_policy = policy_of("grpc");
             let ready_fn = {
                 let (ready, gateway) = (ready.clone(), gateway.clone());
                 Arc::new(move || ready.load(Ordering::SeqCst) && gateway.sink().health().is_ok())
@@ -360,13 +379,20 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             let opts = GrpcOptions {
                 server: ServerOptions {
                     connections: Budget::new(config.grpc.max_connections as u64),
+                    per_address: AddressSlots::new(config.grpc.max_connections_per_address),
                     header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
+                    idle_timeout: Duration::from_millis(config.grpc.idle_timeout_ms),
+                    h2_keepalive: keepalive(config.grpc.h2_keepalive_interval_ms),
                     tls: tls_listener("grpc.tls", config.grpc.tls.as_ref())?,
                     protocol: "grpc",
                 },
-                auth: auth.clone(),
-                policy: grpc_policy,
-                per_principal: PrincipalConnections::new(config.grpc.max_connections_per_principal),
+                gate: Gate {
+                    auth: auth.clone(),
+                    policy: grpc_policy,
+                    per_principal: PrincipalConnections::new(
+                        config.grpc.max_connections_per_principal,
+                    ),
+                },
                 max_message_bytes: config.grpc.max_message_bytes as usize,
                 max_concurrent_streams: config.grpc.max_concurrent_streams,
                 max_batches_in_flight: config.grpc.max_batches_in_flight,
@@ -411,11 +437,18 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
         let ready_gauge = ready_gauge.clone();
         let connections = Default::default();
+        let actions = Arc::new(AdminActions {
+            token: config.admin.token.as_ref().map(|t| t.0.clone()),
+            open: config.admin.open_for_actions(),
+        });
         tokio::spawn(server::serve(
             admin_listener,
             ServerOptions {
-                connections: Budget::new(64),
-                header_read_timeout: Duration::from_secs(5),
+                connections: Budget::new(config.admin.max_connections as u64),
+                per_address: AddressSlots::new(config.admin.max_connections_per_address),
+                header_read_timeout: Duration::from_millis(config.admin.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(config.admin.idle_timeout_ms),
+                h2_keepalive: None,
                 tls: admin_tls,
                 protocol: "admin",
             },
@@ -423,8 +456,15 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             move |req, _| {
                 let (ready, gateway, registry) = (ready.clone(), gateway.clone(), registry.clone());
                 let ready_gauge = ready_gauge.clone();
+                let actions = actions.clone();
                 async move {
                     if req.uri().path() == "/loglevel" {
+                        if req.method() != Method::GET
+                            && req.method() != Method::HEAD
+                            && let Err(refused) = actions.check(req.headers())
+                        {
+                            return refused;
+                        }
                         return loglevel(req).await;
                     }
                     admin(
@@ -596,6 +636,57 @@ fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// `GET /loglevel` answers the current log filter; `PUT /loglevel` with a filter as the body
 /// (`debug`, `sluice=debug,hyper=warn`, …) replaces it until the next restart.
+/// Who may run admin actions that change the gateway's behaviour (`PUT /loglevel`).
+struct AdminActions {
+    /// `admin.token`: when set, every action must present it as a bearer token.
+    token: Option<String>,
+    /// Without a token: whether the listener itself restricts who reaches it (loopback, or
+    /// TLS with required client certificates).
+    open: bool,
+}
+
+impl AdminActions {
+    /// Ok, or the answer refusing the action (401 without the right token, 403 when actions
+    /// are closed because no token is configured on a listener reachable from the network).
+    #[allow(clippy::result_large_err)] // answered at once
+    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
+        let Some(token) = &self.token else {
+            return if self.open {
+                Ok(())
+            } else {
+                Err(plain(
+                    StatusCode::FORBIDDEN,
+                    "admin actions are off: the admin listener is reachable from the network; \
+                     set admin.token (or admin TLS with client_auth = \"required\")\n"
+                        .into(),
+                ))
+            };
+        };
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compared in constant time (as digests, so the length does not leak either).
+        let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            digest(presented).as_ref(),
+            digest(token).as_ref(),
+        )) {
+            return Ok(());
+        }
+        let mut r = plain(
+            StatusCode::UNAUTHORIZED,
+            "this admin action needs `Authorization: Bearer <admin.token>`\n".into(),
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"sluice-admin\""),
+        );
+        Err(r)
+    }
+}
+
 async fn loglevel(req: http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
     match *req.method() {
@@ -686,4 +777,9 @@ fn admin(
             "admin endpoints: /healthz /readyz /metrics /loglevel\n".into(),
         ),
     }
+}
+
+/// HTTP/2 keep-alive pings every `ms` (0: none).
+fn keepalive(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }

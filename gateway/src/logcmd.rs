@@ -130,12 +130,15 @@ pub fn render(stream: &str, partition: u32, r: &Record) -> Value {
     text_or_base64(&mut m, "id", r.id.as_deref());
     let mut headers = Map::new();
     let lossy = |b: &[u8]| Value::String(String::from_utf8_lossy(b).into_owned());
+    // An event's own `content-type` header (gRPC, MQTT 5) wins over the batch's.
     headers.insert("content-type".into(), lossy(&r.content_type));
-    headers.insert("sluice-protocol".into(), lossy(&r.protocol));
-    headers.insert("sluice-principal".into(), lossy(&r.principal));
     for (k, v) in &r.headers {
         headers.insert(String::from_utf8_lossy(k).into_owned(), lossy(v));
     }
+    // Sluice's own facts last, so that no stored header (older records were not checked
+    // against the reserved names) can stand in for them.
+    headers.insert("sluice-protocol".into(), lossy(&r.protocol));
+    headers.insert("sluice-principal".into(), lossy(&r.principal));
     m.insert("headers".into(), Value::Object(headers));
     let encoding = if std::str::from_utf8(&r.value).is_ok() {
         "utf8"

@@ -2,6 +2,7 @@
 //! [`sluice_core::Ingest`], and renders receipts and rejections in its protocol's own terms.
 //! No business logic lives here.
 
+pub mod gate;
 pub mod grpc;
 pub mod http;
 pub mod lanes;

@@ -100,8 +100,18 @@ pub struct ServerOptions {
     /// Connections beyond this limit (one unit each; resizable at run time) are closed right
     /// after accept.
     pub connections: sluice_core::Budget,
-    /// HTTP/1.1 clients must send request headers within this time.
+    /// Open connections per source address; beyond it new ones are closed right after accept.
+    pub per_address: Arc<AddressSlots>,
+    /// The first request of a connection must start within this time of accept (a silent
+    /// socket, a partial HTTP/2 preface or request head is closed), and HTTP/1.1 clients must
+    /// send each request's headers within it.
     pub header_read_timeout: Duration,
+    /// With no request in flight, a connection whose next request does not start within this
+    /// time of the last one's end is closed (HTTP/1.1 keep-alive and HTTP/2 alike).
+    pub idle_timeout: Duration,
+    /// HTTP/2: PING a connection with calls in flight this often and close it if the answer
+    /// does not come within the same time (a peer that vanished). `None`: no pings.
+    pub h2_keepalive: Option<Duration>,
     /// TLS, when the listener has it.
     pub tls: Option<Arc<TlsReloader>>,
     /// The protocol of the listener, for its connections' tracing spans.
@@ -112,11 +122,80 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             connections: sluice_core::Budget::new(10_000),
+            per_address: AddressSlots::new(0),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            h2_keepalive: Some(Duration::from_secs(30)),
             tls: None,
             protocol: "http",
         }
     }
+}
+
+/// Open connections per source address, bounded by a limit (0 = no limit). Entries exist only
+/// while their address has open connections, so the map is bounded by the listener's
+/// connection limit.
+#[derive(Debug, Default)]
+pub struct AddressSlots {
+    max: std::sync::atomic::AtomicUsize,
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection counted against its source address; dropping it releases the count.
+#[derive(Debug)]
+pub struct AddressSlot {
+    addr: std::net::IpAddr,
+    table: Arc<AddressSlots>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap();
+        if let Some(n) = open.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
+}
+
+impl AddressSlots {
+    /// A table allowing `max` connections per address (0 = no limit).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.into(),
+            open: Default::default(),
+        })
+    }
+
+    /// Changes the limit; connections already counted stay open.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a connection from `addr`; `None` if that address has its maximum open.
+    pub fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Option<AddressSlot> {
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
+        let mut open = self.open.lock().unwrap();
+        let n = open.entry(addr).or_insert(0);
+        if max != 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            addr,
+            table: self.clone(),
+        })
+    }
+}
+
+/// What an accepted connection holds until it closes: its place in the listener's connection
+/// limit and in its address's.
+#[derive(Debug)]
+pub struct Admitted {
+    _connection: sluice_core::Reservation,
+    _address: AddressSlot,
 }
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
@@ -131,7 +210,7 @@ pub async fn serve<F, Fut, B>(
 ) where
     F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve_with(listener, opts, connections, handler, shutdown, |_| {}).await
@@ -148,7 +227,7 @@ pub async fn serve_with<F, Fut, B>(
 ) where
     F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -160,14 +239,26 @@ pub async fn serve_with<F, Fut, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(opts.h2_keepalive)
+        .keep_alive_timeout(opts.h2_keepalive.unwrap_or(Duration::from_secs(20)))
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
     tune(&mut builder);
     let builder = Arc::new(builder);
+    let deadlines = Deadlines {
+        first_request: opts.header_read_timeout,
+        idle: opts.idle_timeout,
+    };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    while let Some((stream, peer, permit)) =
-        accept_within(&listener, &opts.connections, shutdown.as_mut(), |_| {}).await
+    while let Some((stream, peer, permit)) = accept_within(
+        &listener,
+        &opts.connections,
+        &opts.per_address,
+        shutdown.as_mut(),
+        |_| {},
+    )
+    .await
     {
         let span = tracing::info_span!("conn", protocol = opts.protocol, peer = %peer);
         let (handler, builder, watcher, gauge, tls) = (
@@ -189,7 +280,15 @@ pub async fn serve_with<F, Fut, B>(
                             client_cert: None,
                             principal: Default::default(),
                         };
-                        serve_io(TokioIo::new(stream), info, handler, &builder, watcher).await;
+                        serve_io(
+                            TokioIo::new(stream),
+                            info,
+                            handler,
+                            &builder,
+                            watcher,
+                            deadlines,
+                        )
+                        .await;
                     }
                     Some(tls) => {
                         if let Some((tls_stream, client_cert)) =
@@ -200,8 +299,15 @@ pub async fn serve_with<F, Fut, B>(
                                 client_cert,
                                 principal: Default::default(),
                             };
-                            serve_io(TokioIo::new(tls_stream), info, handler, &builder, watcher)
-                                .await;
+                            serve_io(
+                                TokioIo::new(tls_stream),
+                                info,
+                                handler,
+                                &builder,
+                                watcher,
+                                deadlines,
+                            )
+                            .await;
                         }
                     }
                 }
@@ -215,16 +321,18 @@ pub async fn serve_with<F, Fut, B>(
     graceful.shutdown().await;
 }
 
-/// The next connection on `listener` that fits in `connections` (one unit each, held by the
-/// returned reservation), with TCP_NODELAY set; `None` once `shutdown` completes. Connections
-/// beyond the limit are closed right after accept (`refused` hears of each); accept errors
-/// (out of file descriptors and the like) back off instead of spinning.
+/// The next connection on `listener` that fits in `connections` (one unit each) and in its
+/// source address's share (`per_address`), with TCP_NODELAY set, and what it holds of both;
+/// `None` once `shutdown` completes. Connections beyond either limit are closed right after
+/// accept (`refused` hears of each); accept errors (out of file descriptors and the like) back
+/// off instead of spinning.
 pub async fn accept_within<S: Future<Output = ()>>(
     listener: &TcpListener,
     connections: &sluice_core::Budget,
+    per_address: &Arc<AddressSlots>,
     mut shutdown: std::pin::Pin<&mut S>,
     refused: impl Fn(SocketAddr),
-) -> Option<(tokio::net::TcpStream, SocketAddr, sluice_core::Reservation)> {
+) -> Option<(tokio::net::TcpStream, SocketAddr, Admitted)> {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -238,13 +346,22 @@ pub async fn accept_within<S: Future<Output = ()>>(
                 }
             },
         };
-        let Ok(permit) = connections.try_reserve(1) else {
+        let Some(address) = per_address.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: its address has max_connections_per_address open");
+            refused(peer);
+            continue;
+        };
+        let Ok(connection) = connections.try_reserve(1) else {
             tracing::debug!(%peer, "connection refused: listener at max_connections");
             refused(peer);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        return Some((stream, peer, permit));
+        let admitted = Admitted {
+            _connection: connection,
+            _address: address,
+        };
+        return Some((stream, peer, admitted));
     }
 }
 
@@ -280,26 +397,151 @@ pub async fn accept_tls(
     }
 }
 
+/// When a connection without a request in flight is closed.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    /// After accept, until the first request starts.
+    first_request: Duration,
+    /// After a request ends, until the next starts.
+    idle: Duration,
+}
+
+/// What a connection's watchdog knows of its requests.
+struct Activity {
+    opened: tokio::time::Instant,
+    started: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_end_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.started.store(true, SeqCst);
+        self.in_flight.fetch_add(1, SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// When the connection is closed if nothing starts before; `None` while a request is in
+    /// flight.
+    fn deadline(&self, d: Deadlines) -> Option<tokio::time::Instant> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.in_flight.load(SeqCst) > 0 {
+            return None;
+        }
+        Some(if self.started.load(SeqCst) {
+            self.opened + Duration::from_millis(self.last_end_ms.load(SeqCst)) + d.idle
+        } else {
+            self.opened + d.first_request
+        })
+    }
+}
+
+/// A request in flight, until its response body is done or dropped (a gRPC stream stays in
+/// flight as long as its response streams).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let a = &self.0;
+        let ms = a.opened.elapsed().as_millis() as u64;
+        a.last_end_ms.fetch_max(ms, SeqCst);
+        a.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+struct Tracked<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 async fn serve_io<IO, F, Fut, B>(
     io: IO,
     info: ConnInfo,
     handler: F,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
+    deadlines: Deadlines,
 ) where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     F: Fn(Request<Incoming>, ConnInfo) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let peer = info.peer;
-    let svc = service_fn(move |req| {
-        let (h, info) = (handler.clone(), info.clone());
-        async move { Ok::<_, Infallible>(h(req, info).await) }
+    let activity = Arc::new(Activity {
+        opened: tokio::time::Instant::now(),
+        started: false.into(),
+        in_flight: 0.into(),
+        last_end_ms: 0.into(),
     });
-    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let in_flight = activity.begin();
+            let (h, info) = (handler.clone(), info.clone());
+            async move {
+                let resp = h(req, info).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let conn = watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
+    tokio::pin!(conn);
+    // The watchdog: a connection that starts no request within its deadline is dropped (which
+    // closes the socket). Requests in flight are bounded by their own timeouts.
+    loop {
+        let wake = activity
+            .deadline(deadlines)
+            .unwrap_or_else(|| tokio::time::Instant::now() + deadlines.idle);
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if activity
+                    .deadline(deadlines)
+                    .is_some_and(|d| d <= tokio::time::Instant::now())
+                {
+                    let why = if activity.started.load(std::sync::atomic::Ordering::SeqCst) {
+                        "idle"
+                    } else {
+                        "no request"
+                    };
+                    tracing::debug!(%peer, why, "connection closed: its deadline passed");
+                    return;
+                }
+            }
+        }
     }
 }

@@ -56,8 +56,19 @@ impl Sluice {
     /// Starts `sluice serve --config config_path`, overriding the listeners (port 0) and the data
     /// directory through `SLUICE_…` environment variables.
     pub fn start_with_config(data_dir: &Path, config_path: &Path) -> Result<Sluice> {
-        let mut child = Command::new(binary())
-            .arg("serve")
+        Self::start_with_env(data_dir, config_path, &[])
+    }
+
+    /// [`Sluice::start_with_config`], with more `SLUICE_…` variables that win over the
+    /// defaults, e.g. `("SLUICE_HTTP__LISTEN", "0.0.0.0:0")` for a listener that is not on a
+    /// loopback address (its reported address is then reached through 127.0.0.1).
+    pub fn start_with_env(
+        data_dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Sluice> {
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
             .arg("--config")
             .arg(config_path)
             .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
@@ -66,7 +77,11 @@ impl Sluice {
             .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
             .env("SLUICE_MQTT__TLS_LISTEN", "127.0.0.1:0")
             .env("SLUICE_LOG__DATA_DIR", data_dir)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,11 +106,16 @@ impl Sluice {
             }
         };
         let addr = |key: &str| -> Result<SocketAddr> {
-            line.split_whitespace()
+            let mut a: SocketAddr = line
+                .split_whitespace()
                 .find_map(|w| w.strip_prefix(key))
                 .ok_or_else(|| anyhow!("no {key} in {line:?}"))?
                 .parse()
-                .context("parsing address")
+                .context("parsing address")?;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            Ok(a)
         };
         Ok(Sluice {
             http: addr("http=")?,

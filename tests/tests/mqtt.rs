@@ -246,7 +246,7 @@ key = "{rest}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_connack_codes_and_per_stream_authorization() {
     let toml = format!(
-        "[mqtt.auth]\nallow_anonymous = false\n{}",
+        "[http.auth]\nallow_anonymous = false\n[mqtt.auth]\nallow_anonymous = false\n{}",
         api_key_entry(KEY, "device-1", &["allowed"])
     );
     let (_d, s) = start(&toml);

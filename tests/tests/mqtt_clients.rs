@@ -37,6 +37,10 @@ fn world(mode: &str) -> World {
     let w = |name: &str, c: &str| pki::write(d, name, c).unwrap().display().to_string();
     let config = format!(
         r#"
+# MQTT over WebSocket shares the HTTP listener: both refuse anonymous producers.
+[http.auth]
+allow_anonymous = false
+
 [mqtt.auth]
 allow_anonymous = false
 

@@ -289,7 +289,7 @@ async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
     std::fs::write(
         &config,
         format!(
-            "[telemetry]\nlog_format = \"json\"\n[mqtt.auth]\nallow_anonymous = false\n{}",
+            "[telemetry]\nlog_format = \"json\"\n[http.auth]\nallow_anonymous = false\n[mqtt.auth]\nallow_anonymous = false\n{}",
             sluice_tests::api_key_entry(key, "log-device", &["*"])
         ),
     )
@@ -347,7 +347,9 @@ async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
             if v["fields"]["message"] == "MQTT session started" {
                 session_line = Some(v.clone());
             }
-            if v["fields"]["message"] == "MQTT authentication failed" {
+            if v["fields"]["message"] == "authentication failed"
+                && v["fields"]["protocol"] == "mqtt"
+            {
                 failure_line = Some(v.clone());
             }
             lines.push(l);

@@ -40,6 +40,27 @@ impl fmt::Display for StreamName {
     }
 }
 
+/// Prefixes of the header names Sluice sets itself (`sluice-principal`, `sluice-protocol`,
+/// `sluice-event-id`, `mqtt-topic`, `mqtt-will`, …). Producers cannot send headers with these
+/// names, so what a record says about who sent it, how, and whether it is a will is always
+/// Sluice's own (DESIGN §11). Compared without regard to ASCII case.
+pub const RESERVED_HEADER_PREFIXES: [&str; 2] = ["sluice-", "mqtt-"];
+
+/// The refusal of a producer-supplied header `name` that Sluice reserves, if it is one.
+pub fn check_header_name(name: &[u8]) -> Result<(), String> {
+    for prefix in RESERVED_HEADER_PREFIXES {
+        if name.len() >= prefix.len()
+            && name[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        {
+            return Err(format!(
+                "header `{}` is reserved: names starting with `{prefix}` are set by Sluice",
+                String::from_utf8_lossy(name)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The protocol an event arrived over (recorded with it and used as a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -187,8 +208,8 @@ impl From<sluice_auth::AuthFailure> for Rejection {
     fn from(f: sluice_auth::AuthFailure) -> Self {
         use sluice_auth::FailureKind;
         match f.kind {
-            FailureKind::Unauthenticated => Rejection::Unauthenticated {
-                invalid_token: f.reason != "missing",
+            FailureKind::Missing | FailureKind::Unauthenticated => Rejection::Unauthenticated {
+                invalid_token: f.kind == FailureKind::Unauthenticated,
                 reason: f.description,
             },
             FailureKind::Throttled(retry_after) => Rejection::OverQuota {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
-use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
+use sluice_auth::Credentials;
 use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -20,8 +20,9 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::gate::Gate;
 use crate::lanes::{self, Lanes};
-use crate::server::{self, ConnInfo, PrincipalConnections, ServerOptions};
+use crate::server::{self, ConnInfo, ServerOptions};
 
 /// Messages and services generated from proto/sluice/v1/ingest.proto.
 pub mod pb {
@@ -43,9 +44,8 @@ pub const API_KEY_METADATA: &str = "x-api-key";
 #[derive(Clone)]
 pub struct GrpcOptions {
     pub server: ServerOptions,
-    pub auth: Arc<Swap<Authenticator>>,
-    pub policy: ListenerPolicy,
-    pub per_principal: Arc<PrincipalConnections>,
+    /// Authenticates the producers of this listener.
+    pub gate: Gate,
     /// Largest message either way, after decompression.
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
@@ -66,9 +66,7 @@ pub async fn serve<I: Ingest>(
     let limit = opts.max_message_bytes;
     let service = GrpcIngest {
         ingest,
-        auth: opts.auth.clone(),
-        policy: opts.policy.clone(),
-        per_principal: opts.per_principal.clone(),
+        gate: opts.gate.clone(),
         max_batches_in_flight: opts.max_batches_in_flight,
     };
     let ingest_svc = IngestServer::new(service)
@@ -158,9 +156,7 @@ async fn report_health(
 /// The `sluice.v1.Ingest` implementation over an [`Ingest`] service.
 struct GrpcIngest<I> {
     ingest: Arc<I>,
-    auth: Arc<Swap<Authenticator>>,
-    policy: ListenerPolicy,
-    per_principal: Arc<PrincipalConnections>,
+    gate: Gate,
     max_batches_in_flight: usize,
 }
 
@@ -265,16 +261,23 @@ fn content_type_or_default(content_type: String) -> String {
 }
 
 /// Converts a batch's events; an event whose content type differs from the batch's keeps it as
-/// a `content-type` header.
-fn events_of(events: Vec<pb::Event>, content_type: &str) -> Vec<Event> {
+/// a `content-type` header. A header name Sluice reserves refuses the batch.
+fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, Rejection> {
     events
         .into_iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let mut headers: Vec<(Bytes, Bytes)> = e
                 .headers
                 .into_iter()
-                .map(|h| (Bytes::from(h.key), h.value))
-                .collect();
+                .map(|h| {
+                    sluice_core::check_header_name(h.key.as_bytes())
+                        .map(|()| (Bytes::from(h.key), h.value))
+                        .map_err(|m| Rejection::Malformed {
+                            message: format!("event {i}: {m}"),
+                        })
+                })
+                .collect::<Result<_, _>>()?;
             if !e.content_type.is_empty() && e.content_type != content_type {
                 headers.insert(
                     0,
@@ -284,12 +287,12 @@ fn events_of(events: Vec<pb::Event>, content_type: &str) -> Vec<Event> {
                     ),
                 );
             }
-            Event {
+            Ok(Event {
                 key: e.key,
                 id: (!e.id.is_empty()).then(|| Bytes::from(e.id)),
                 headers,
                 value: e.value,
-            }
+            })
         })
         .collect()
 }
@@ -314,26 +317,10 @@ impl<I: Ingest> GrpcIngest<I> {
             client_cert: conn.client_cert.as_deref(),
         };
         let principal = self
-            .auth
-            .load()
-            .authenticate(&self.policy, conn.peer.ip(), creds)
+            .gate
+            .admit(PROTO, self.ingest.metrics(), &conn, creds)
             .await
-            .map_err(|f| {
-                self.ingest.metrics().auth_failure(PROTO, f.method, f.reason);
-                if f.reason != "too_many_failures" {
-                    tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
-                }
-                status_of(&Rejection::from(f))
-            })?;
-        if !self.per_principal.admit(&conn, principal.name()) {
-            return Err(status_of(&Rejection::OverQuota {
-                retry_after: Duration::from_secs(1),
-                message: format!(
-                    "principal `{}` has its maximum of open connections; reuse one of them",
-                    principal.name()
-                ),
-            }));
-        }
+            .map_err(|refused| status_of(&refused.rejection()))?;
         Ok((principal, conn))
     }
 }
@@ -356,7 +343,13 @@ fn spawn_batch<I: Ingest>(
             }
         };
         let content_type = content_type_or_default(content_type);
-        let events = events_of(events, &content_type);
+        let events = match events_of(events, &content_type) {
+            Ok(e) => e,
+            Err(r) => {
+                ingest.metrics().request(PROTO, r.code());
+                return Err(r);
+            }
+        };
         crate::append_batch(
             &*ingest,
             principal,
@@ -468,14 +461,16 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                     };
                     match next {
                         Ok(Some(batch)) => {
-                            let pending = match StreamName::parse(&batch.stream) {
+                            let content_type = content_type_or_default(batch.content_type);
+                            let decoded = StreamName::parse(&batch.stream).and_then(|stream| {
+                                Ok((stream, events_of(batch.events, &content_type)?))
+                            });
+                            let pending = match decoded {
                                 Err(r) => {
                                     ingest.metrics().request(PROTO, r.code());
                                     Pending::Done(batch.sequence, Err(r))
                                 }
-                                Ok(stream) => {
-                                    let content_type = content_type_or_default(batch.content_type);
-                                    let events = events_of(batch.events, &content_type);
+                                Ok((stream, events)) => {
                                     let outcome = lanes
                                         .submit(stream, Bytes::from(content_type), events)
                                         .await;

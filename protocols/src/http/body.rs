@@ -203,6 +203,7 @@ fn headers_field(body: &Bytes, raw: &RawValue) -> Result<Vec<(Bytes, Bytes)>, St
             if k.is_empty() {
                 return Err("header names must not be empty".to_string());
             }
+            sluice_core::check_header_name(k.as_bytes())?;
             let k = match k {
                 Cow::Borrowed(s) => slice_of(body, s),
                 Cow::Owned(s) => Bytes::from(s),

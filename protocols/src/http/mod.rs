@@ -17,11 +17,12 @@ use http::header::{
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use sluice_auth::{Authenticator, Credentials, ListenerPolicy, Swap};
+use sluice_auth::Credentials;
 use sluice_core::{Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::net::TcpListener;
 
-use crate::server::{self, ConnInfo, PrincipalConnections, ServerOptions};
+use crate::gate::{Gate, Refused};
+use crate::server::{self, ConnInfo, ServerOptions};
 use body::BodyFormat;
 
 /// Settings of the HTTP ingest listener.
@@ -30,14 +31,10 @@ pub struct HttpOptions {
     pub server: ServerOptions,
     /// A request body must arrive completely within this time.
     pub body_read_timeout: Duration,
-    /// Turns each request's credentials into a principal (replaced on configuration reload).
-    pub auth: Arc<Swap<Authenticator>>,
-    /// Which credentials this listener accepts.
-    pub policy: ListenerPolicy,
+    /// Authenticates the producers of the HTTP API and WebSocket ingest on this listener.
+    pub gate: Gate,
     /// Requests handled at once (one unit each; resizable); more get 503 with Retry-After.
     pub concurrency: sluice_core::Budget,
-    /// Open connections per principal.
-    pub per_principal: Arc<PrincipalConnections>,
     /// WebSocket ingest on this listener, when enabled.
     pub websocket: Option<ws::WsOptions>,
     /// MQTT over WebSocket at `/mqtt`, when enabled, and MQTT's Maximum Packet Size.
@@ -65,10 +62,8 @@ pub async fn serve<I: Ingest>(
     let (ws_stop, ws_shutdown) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Ctx {
         body_timeout: opts.body_read_timeout,
-        auth: opts.auth,
-        policy: opts.policy,
+        gate: opts.gate,
         concurrency: opts.concurrency,
-        per_principal: opts.per_principal,
         websocket: opts.websocket,
         mqtt_max_packet_bytes: opts.mqtt.as_ref().map_or(0, |(_, m)| *m as usize),
         mqtt: opts.mqtt.map(|(m, _)| m),
@@ -115,10 +110,8 @@ pub async fn serve<I: Ingest>(
 /// What every request handler of one listener shares.
 struct Ctx {
     body_timeout: Duration,
-    auth: Arc<Swap<Authenticator>>,
-    policy: ListenerPolicy,
+    gate: Gate,
     concurrency: sluice_core::Budget,
-    per_principal: Arc<PrincipalConnections>,
     websocket: Option<ws::WsOptions>,
     mqtt: Option<Arc<dyn crate::mqtt::WsSessions>>,
     mqtt_max_packet_bytes: usize,
@@ -185,7 +178,7 @@ async fn authenticate<I: Ingest>(
     conn: &ConnInfo,
     ingest: &I,
     ctx: &Ctx,
-) -> Result<Principal, Rejection> {
+) -> Result<Principal, Refused> {
     let header = |name| {
         req.headers()
             .get(name)
@@ -197,21 +190,7 @@ async fn authenticate<I: Ingest>(
         bearer: None,
         client_cert: conn.client_cert.as_deref(),
     };
-    ctx.auth
-        .load()
-        .authenticate(&ctx.policy, conn.peer.ip(), creds)
-        .await
-        .map_err(|f| {
-            ingest.metrics().auth_failure(PROTO, f.method, f.reason);
-            // Never log the credential itself: method, reason and peer say enough. Throttled
-            // attempts are only counted, so a brute-force run cannot flood the log.
-            if f.reason == "too_many_failures" {
-                tracing::debug!(peer = %conn.peer, "authentication throttled");
-            } else {
-                tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "authentication failed");
-            }
-            Rejection::from(f)
-        })
+    ctx.gate.admit(PROTO, ingest.metrics(), conn, creds).await
 }
 
 async fn publish<I: Ingest>(
@@ -223,22 +202,19 @@ async fn publish<I: Ingest>(
 ) -> Result<(Response<Full<Bytes>>, &'static str), Rejection> {
     let body_timeout = ctx.body_timeout;
     let stream = StreamName::parse(stream)?;
-    let principal = authenticate(&req, conn, ingest, ctx).await?;
+    let principal = match authenticate(&req, conn, ingest, ctx).await {
+        Ok(p) => p,
+        Err(Refused::Auth(f)) => return Err(Rejection::from(f)),
+        Err(refused @ Refused::Connections(_)) => {
+            let r = refused.rejection();
+            // The connection could not be counted against its principal, so it is closed.
+            let mut resp = rejection_response(&r);
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok((resp, r.code()));
+        }
+    };
     tracing::Span::current().record("principal", principal.name());
-    if !ctx.per_principal.admit(conn, principal.name()) {
-        let r = Rejection::OverQuota {
-            retry_after: Duration::from_secs(1),
-            message: format!(
-                "principal `{}` has its maximum of open connections; reuse one of them",
-                principal.name()
-            ),
-        };
-        // The connection could not be counted against its principal, so it is closed.
-        let mut resp = rejection_response(&r);
-        resp.headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok((resp, r.code()));
-    }
     let admission = ingest.admit(&principal, &stream)?;
     let limits = admission.settings;
 

@@ -286,32 +286,16 @@ pub(super) async fn upgrade<I: Ingest>(
         bearer: sub_token.as_deref().or(query_token.as_deref()),
         client_cert: conn.client_cert.as_deref(),
     };
-    let principal = match ctx
-        .auth
-        .load()
-        .authenticate(&ctx.policy, conn.peer.ip(), creds)
-        .await
-    {
+    let principal = match ctx.gate.admit(PROTO, ingest.metrics(), &conn, creds).await {
         Ok(p) => p,
-        Err(f) => {
-            ingest.metrics().auth_failure(PROTO, f.method, f.reason);
-            let r = Rejection::from(f);
+        Err(refused) => {
+            let r = refused.rejection();
             return (rejection_response(&r), r.code());
         }
     };
     if let Some(s) = &stream
         && let Err(r) = ingest.admit(&principal, s)
     {
-        return (rejection_response(&r), r.code());
-    }
-    if !ctx.per_principal.admit(&conn, principal.name()) {
-        let r = Rejection::OverQuota {
-            retry_after: Duration::from_secs(1),
-            message: format!(
-                "principal `{}` has its maximum of open connections",
-                principal.name()
-            ),
-        };
         return (rejection_response(&r), r.code());
     }
     let on_upgrade = hyper::upgrade::on(&mut req);

@@ -31,7 +31,8 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::server::{ConnInfo, PrincipalConnections, accept_tls, accept_within};
+use crate::gate::Gate;
+use crate::server::{AddressSlots, ConnInfo, PrincipalConnections, accept_tls, accept_within};
 
 const PROTO: &str = "mqtt";
 
@@ -42,7 +43,10 @@ pub const WS_SUBPROTOCOL: &str = "mqtt";
 #[derive(Clone)]
 pub struct MqttOptions {
     pub auth: Arc<Swap<Authenticator>>,
-    pub policy: ListenerPolicy,
+    /// What MQTT over WebSocket (`/mqtt` on the HTTP listener) accepts; each TCP or TLS
+    /// listener brings its own policy to [`Mqtt::serve`].
+    pub websocket_policy: ListenerPolicy,
+    /// Open connections per principal over every MQTT transport.
     pub per_principal: Arc<PrincipalConnections>,
     pub topics: Arc<TopicMap>,
     pub max_packet_bytes: u32,
@@ -55,6 +59,18 @@ pub struct MqttOptions {
     pub quota_disconnect_after: u32,
     pub max_will_delay_secs: u32,
     pub max_pending_wills: usize,
+}
+
+/// What one MQTT listener (TCP or TLS) brings of its own.
+pub struct ListenerSettings {
+    /// Connections beyond this are closed right after accept.
+    pub connections: sluice_core::Budget,
+    /// Connections per source address beyond its limit are closed right after accept.
+    pub per_address: Arc<AddressSlots>,
+    /// TLS, for the TLS listener.
+    pub tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
+    /// What this listener accepts (anonymity decided for its own address).
+    pub policy: ListenerPolicy,
 }
 
 /// A transport carrying MQTT bytes: a TCP or TLS stream, or WebSocket binary messages.
@@ -165,30 +181,42 @@ impl<I: Ingest> Mqtt<I> {
         })
     }
 
-    /// Accepts MQTT connections (TLS when `tls` is set) on `listener` until `shutdown`,
-    /// closing connections beyond `connections` right after accept.
+    /// Accepts MQTT connections on `listener` until `shutdown`, with that listener's
+    /// limits, TLS and policy ([`ListenerSettings`]).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
-        connections: sluice_core::Budget,
-        tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
+        settings: ListenerSettings,
         shutdown: impl Future<Output = ()>,
     ) {
+        let ListenerSettings {
+            connections,
+            per_address,
+            tls,
+            policy,
+        } = settings;
+        let gate = Arc::new(self.gate(policy));
         tokio::pin!(shutdown);
         let metrics = self.ingest.metrics().clone();
-        while let Some((stream, peer, permit)) =
-            accept_within(&listener, &connections, shutdown.as_mut(), |_| {
-                metrics.mqtt_disconnect("refused")
-            })
-            .await
+        while let Some((stream, peer, permit)) = accept_within(
+            &listener,
+            &connections,
+            &per_address,
+            shutdown.as_mut(),
+            |_| metrics.mqtt_disconnect("refused"),
+        )
+        .await
         {
-            let (this, tls) = (self.clone(), tls.clone());
+            let (this, tls, gate) = (self.clone(), tls.clone(), gate.clone());
             tokio::spawn(async move {
                 match tls {
-                    None => this.session(Stream(stream), conn_info(peer, None)).await,
+                    None => {
+                        this.session(Stream(stream), conn_info(peer, None), &gate)
+                            .await
+                    }
                     Some(tls) => {
                         if let Some((s, cert)) = accept_tls(&tls, stream, peer).await {
-                            this.session(Stream(s), conn_info(peer, cert)).await;
+                            this.session(Stream(s), conn_info(peer, cert), &gate).await;
                         }
                     }
                 }
@@ -197,8 +225,17 @@ impl<I: Ingest> Mqtt<I> {
         }
     }
 
-    /// Runs one MQTT session over `io` to its end.
-    pub async fn session<T: Transport>(self: Arc<Self>, io: T, conn: ConnInfo) {
+    /// The authentication step of one MQTT transport.
+    fn gate(&self, policy: ListenerPolicy) -> Gate {
+        Gate {
+            auth: self.opts.auth.clone(),
+            policy,
+            per_principal: self.opts.per_principal.clone(),
+        }
+    }
+
+    /// Runs one MQTT session over `io` to its end, authenticated by `gate`.
+    pub async fn session<T: Transport>(self: Arc<Self>, io: T, conn: ConnInfo, gate: &Gate) {
         let Ok(guard) = self.sessions.clone().try_read_owned() else {
             return; // draining
         };
@@ -212,7 +249,8 @@ impl<I: Ingest> Mqtt<I> {
             principal = tracing::field::Empty
         );
         // Boxed: the session's state lives on the heap once, not in every spawned future.
-        tracing::Instrument::instrument(Box::pin(session::run(self.clone(), io, conn)), span).await;
+        tracing::Instrument::instrument(Box::pin(session::run(self.clone(), io, conn, gate)), span)
+            .await;
         gauge.dec();
         drop(guard);
     }
@@ -252,6 +290,17 @@ impl<I: Ingest> WsSessions for Arc<Mqtt<I>> {
         ws: WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
         conn: ConnInfo,
     ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(self.clone().session(Ws(ws), conn))
+        let this = self.clone();
+        Box::pin(async move {
+            // MQTT over WebSocket has its own policy (decided for the HTTP listener's address,
+            // DESIGN §11) and counts against MQTT's per-principal limit, not HTTP's: the
+            // session starts with no principal slot of the HTTP connection it came from.
+            let gate = this.gate(this.opts.websocket_policy.clone());
+            let conn = ConnInfo {
+                principal: Default::default(),
+                ..conn
+            };
+            this.session(Ws(ws), conn, &gate).await
+        })
     }
 }

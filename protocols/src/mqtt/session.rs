@@ -24,6 +24,7 @@ type Outcome = Result<Vec<Receipt>, Rejection>;
 /// An append in flight: its group, the items it holds, and its outcome.
 type Append =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<usize>, Outcome)> + Send>>;
+use crate::gate::{Gate, Refused};
 use crate::server::ConnInfo;
 
 /// Publishes of one stream appended as one batch, at most.
@@ -154,7 +155,12 @@ struct Session<I> {
     read_hint: usize,
 }
 
-pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, conn: ConnInfo) {
+pub(super) async fn run<I: Ingest, T: Transport>(
+    mqtt: Arc<Mqtt<I>>,
+    mut io: T,
+    conn: ConnInfo,
+    gate: &Gate,
+) {
     let metrics = mqtt.ingest.metrics().clone();
     let opts = mqtt.opts.clone();
     let mut rbuf = BytesMut::with_capacity(256);
@@ -181,7 +187,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(mqtt: Arc<Mqtt<I>>, mut io: T, 
         }
     };
     let conn_id = mqtt.next_conn_id();
-    let accepted = match accept(&mqtt, &mut codec, &connect, &conn, conn_id).await {
+    let accepted = match accept(&mqtt, gate, &mut codec, &connect, &conn, conn_id).await {
         Ok(a) => a,
         Err((code, reason)) => {
             let props = ConnAckProps {
@@ -378,6 +384,7 @@ struct Accepted {
 /// refusal, the version's CONNACK code and a reason.
 async fn accept<I: Ingest>(
     mqtt: &Arc<Mqtt<I>>,
+    gate: &Gate,
     codec: &mut Codec,
     c: &Connect,
     conn: &ConnInfo,
@@ -420,39 +427,27 @@ async fn accept<I: Ingest>(
         bearer: token,
         client_cert: conn.client_cert.as_deref(),
     };
-    let principal = match mqtt
-        .opts
-        .auth
-        .load()
-        .authenticate(&opts.policy, conn.peer.ip(), creds)
-        .await
-    {
+    let principal = match gate.admit(PROTO, mqtt.ingest.metrics(), conn, creds).await {
         Ok(p) => p,
-        Err(f) => {
-            mqtt.ingest
-                .metrics()
-                .auth_failure(PROTO, f.method, f.reason);
-            if f.reason != "too_many_failures" {
-                tracing::info!(peer = %conn.peer, method = f.method, reason = f.reason, "MQTT authentication failed");
-            }
+        Err(Refused::Auth(f)) => {
             let c = match f.kind {
-                FailureKind::Unauthenticated if f.reason == "missing" => code(5, 0x87),
+                FailureKind::Missing => code(5, 0x87),
                 FailureKind::Unauthenticated => code(4, 0x86),
                 FailureKind::Throttled(_) => code(3, 0x9F),
                 FailureKind::Unavailable(_) => code(3, 0x88),
             };
             return Err((c, f.description));
         }
+        Err(Refused::Connections(p)) => {
+            return Err((
+                code(3, 0x97),
+                format!(
+                    "principal `{}` has its maximum of open MQTT connections",
+                    p.name()
+                ),
+            ));
+        }
     };
-    if !opts.per_principal.admit(conn, principal.name()) {
-        return Err((
-            code(3, 0x97),
-            format!(
-                "principal `{}` has its maximum of open MQTT connections",
-                principal.name()
-            ),
-        ));
-    }
     let will = match &c.will {
         None => None,
         Some(w) => {
@@ -559,7 +554,8 @@ fn prepare_will<I: Ingest>(
         w.content_type.as_ref(),
         w.utf8_payload,
         &w.user_properties,
-    );
+    )
+    .map_err(|m| (5, 0x99, format!("will: {m}")))?;
     Ok(PreparedWill {
         stream,
         event: Event {
@@ -572,12 +568,14 @@ fn prepare_will<I: Ingest>(
     })
 }
 
+/// Adds an MQTT 5 publish's properties as headers; a user property whose name Sluice reserves
+/// (`mqtt-will`, `sluice-principal`, …) is refused with the reason.
 fn push_properties(
     headers: &mut Vec<(Bytes, Bytes)>,
     content_type: Option<&ByteString>,
     utf8: bool,
     user: &[(ByteString, ByteString)],
-) {
+) -> Result<(), String> {
     if let Some(ct) = content_type {
         headers.push((Bytes::from_static(b"content-type"), ct.as_bytes().clone()));
     }
@@ -588,8 +586,10 @@ fn push_properties(
         ));
     }
     for (k, v) in user {
+        sluice_core::check_header_name(k.as_bytes()).map_err(|m| format!("user property: {m}"))?;
         headers.push((k.as_bytes().clone(), v.as_bytes().clone()));
     }
+    Ok(())
 }
 
 /// A connection's appends, polled by the connection's own task (no task per append).
@@ -1027,13 +1027,16 @@ impl<I: Ingest> Session<I> {
             );
         }
         let mut headers = vec![(Bytes::from_static(b"mqtt-topic"), topic.as_bytes().clone())];
-        if let Some(pr) = props {
-            push_properties(
+        if let Some(pr) = props
+            && let Err(m) = push_properties(
                 &mut headers,
                 pr.content_type.as_ref(),
                 utf8,
                 &pr.user_properties,
-            );
+            )
+        {
+            self.count_refusal("malformed");
+            return refused(0x99, "malformed", m);
         }
         if qos2 {
             self.qos2_pending.insert(packet_id.expect("checked").get());
