@@ -181,3 +181,121 @@ pub async fn session3(addr: SocketAddr, c: v3::Connect) -> Raw {
         other => panic!("expected CONNACK, got {other:?}"),
     }
 }
+
+/// An MQTT 5 client over any byte stream (a TLS stream, say), or over WebSocket binary
+/// messages (`/mqtt`, subprotocol `mqtt`) on any byte stream.
+pub enum Client5<S> {
+    Stream {
+        io: S,
+        codec: v5::Codec,
+        buf: BytesMut,
+    },
+    Ws {
+        ws: Box<tokio_tungstenite::WebSocketStream<S>>,
+        codec: v5::Codec,
+        buf: BytesMut,
+    },
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client5<S> {
+    /// MQTT 5 straight over `io`.
+    pub fn stream(io: S) -> Self {
+        Client5::Stream {
+            io,
+            codec: v5::Codec::new(0, 0),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// MQTT 5 over a WebSocket to `url` (`ws://…/mqtt` or `wss://…/mqtt`) on `io`; the HTTP
+    /// status of a refused upgrade as the error.
+    pub async fn websocket(url: &str, io: S) -> Result<Self, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.into_client_request().expect("request");
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        match tokio_tungstenite::client_async(req, io).await {
+            Ok((ws, _)) => Ok(Client5::Ws {
+                ws: Box::new(ws),
+                codec: v5::Codec::new(0, 0),
+                buf: BytesMut::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("WebSocket handshake: {e}"),
+        }
+    }
+
+    pub async fn send(&mut self, p: v5::Packet) {
+        use futures_util::SinkExt;
+        let mut out = BytesMut::new();
+        match self {
+            Client5::Stream { io, codec, .. } => {
+                codec.encode(p, &mut out).expect("encode");
+                io.write_all(&out).await.expect("write");
+            }
+            Client5::Ws { ws, codec, .. } => {
+                codec.encode(p, &mut out).expect("encode");
+                ws.send(tokio_tungstenite::tungstenite::Message::Binary(out.freeze()))
+                    .await
+                    .expect("send");
+            }
+        }
+    }
+
+    /// The next packet, or `None` once the server closed the connection.
+    pub async fn recv(&mut self) -> Option<v5::Packet> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let (codec, buf) = match self {
+                Client5::Stream { codec, buf, .. } | Client5::Ws { codec, buf, .. } => (codec, buf),
+            };
+            if let Some((p, _)) = codec.decode(buf).expect("server packet decodes") {
+                return Some(p);
+            }
+            match self {
+                Client5::Stream { io, buf, .. } => {
+                    match tokio::time::timeout(WAIT, io.read_buf(buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return None,
+                        Ok(Ok(_)) => {}
+                        Err(_) => panic!("no packet within {WAIT:?}"),
+                    }
+                }
+                Client5::Ws { ws, buf, .. } => match tokio::time::timeout(WAIT, ws.next()).await {
+                    Ok(Some(Ok(Message::Binary(b)))) => buf.extend_from_slice(&b),
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
+                    Ok(Some(Ok(_))) => {}
+                    Err(_) => panic!("no message within {WAIT:?}"),
+                },
+            }
+        }
+    }
+
+    /// Sends `c` and returns the CONNACK's reason code (0 = success).
+    pub async fn connect(&mut self, c: v5::Connect) -> u8 {
+        self.send(v5::Packet::Connect(Box::new(c))).await;
+        match self.recv().await {
+            Some(v5::Packet::ConnectAck(ack)) => u8::from(ack.reason_code),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Publishes QoS 1 and returns the PUBACK's reason code.
+    pub async fn publish1(&mut self, topic: &str, id: u16, payload: &'static [u8]) -> u8 {
+        self.send(v5::Packet::Publish(Box::new(publish(
+            topic,
+            1,
+            id,
+            payload,
+            Some(Default::default()),
+        ))))
+        .await;
+        match self.recv().await {
+            Some(v5::Packet::PublishAck(ack)) => {
+                assert_eq!(ack.packet_id.get(), id);
+                u8::from(ack.reason_code)
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+}

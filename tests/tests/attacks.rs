@@ -1,0 +1,628 @@
+//! The black-box attack suite (issue 14): each test attacks the real binary over real sockets
+//! the way a hostile producer would, and is named after what it attacks. docs/security.md maps
+//! every threat to the test that holds it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rmqtt_codec::v5;
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+use sluice_tests::mqtt::{Client5, Raw, connect5, publish};
+use sluice_tests::pki::{self, Ca};
+use sluice_tests::{Sluice, api_key_entry, read_log};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const KEY: &str = "dev1.s3cret-s3cret";
+
+/// A TCP connection to `addr` from the loopback source address `from` (e.g. 127.0.0.2), so that
+/// a test can be several clients behind several addresses on one machine.
+async fn connect_from(from: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::from((from, 0)))?;
+    s.connect(addr).await
+}
+
+/// Whether the server closes `s` (EOF or reset) within `within`, reading and dropping anything
+/// it sends first.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut scratch = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut scratch)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn start_with(dir: &std::path::Path, toml: &str, env: &[(&str, &str)]) -> Sluice {
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, toml).unwrap();
+    Sluice::start_with_env(&dir.join("data"), &config, env).unwrap()
+}
+
+fn keyed_connect(client_id: &str) -> v5::Connect {
+    let mut c = connect5(client_id, 30);
+    c.password = Some(bytes::Bytes::from_static(KEY.as_bytes()));
+    c
+}
+
+/// The hole of issue 14: with the HTTP listener on the network and no other config, HTTP
+/// answered 401 while MQTT over WebSocket on the same port took an anonymous CONNECT (its
+/// policy was computed from `mqtt.listen`, a loopback address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_mqtt_over_websocket_on_a_network_http_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = api_key_entry(KEY, "device-1", &["*"]);
+    let s = start_with(
+        dir.path(),
+        &toml,
+        &[("SLUICE_HTTP__LISTEN", "0.0.0.0:0")],
+    );
+    // The HTTP API and WebSocket ingest on that listener refuse anonymous producers.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(s.events_url("x"))
+        .header("content-type", "application/json")
+        .body(r#"{"value":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let ws_url = format!("ws://{}/v1/streams/x/ws", s.http);
+    match tokio_tungstenite::connect_async(ws_url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("anonymous WebSocket upgrade: {:?}", other.map(|_| ())),
+    }
+    // So does MQTT over WebSocket on the same port: CONNACK 0x87 (Not authorized).
+    let url = format!("ws://{}/mqtt", s.http);
+    let mut anon = Client5::websocket(&url, TcpStream::connect(s.http).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(anon.connect(connect5("intruder", 30)).await, 0x87);
+    assert!(anon.recv().await.is_none(), "the refused connection is closed");
+    // A device with credentials gets in over the same transport and publishes.
+    let mut dev = Client5::websocket(&url, TcpStream::connect(s.http).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(dev.connect(keyed_connect("dev-1")).await, 0);
+    assert_eq!(dev.publish1("x/k", 1, b"with-key").await, 0);
+    // Anonymity is the listener's own: the MQTT TCP listener is still on loopback (default),
+    // where anonymous producers are allowed.
+    let mut local = Raw::connect(s.mqtt.unwrap(), true).await;
+    local
+        .send5(v5::Packet::Connect(Box::new(connect5("local", 30))))
+        .await;
+    match local.recv5().await {
+        Some(v5::Packet::ConnectAck(a)) => assert_eq!(u8::from(a.reason_code), 0),
+        other => panic!("{other:?}"),
+    }
+    let log = read_log(&s.data_dir, "x", &[]).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["value"], "with-key");
+    assert_eq!(log[0]["headers"]["sluice-principal"], "device-1");
+    let m = s.metrics().await;
+    assert_eq!(
+        sluice_tests::metric(
+            &m,
+            "sluice_auth_failures_total",
+            "protocol=\"mqtt\",method=\"none\",reason=\"missing\""
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+/// A TLS server certificate for 127.0.0.1/localhost and its CA, written under `dir`.
+struct Tls {
+    ca: Ca,
+    cert: String,
+    key: String,
+    ca_file: String,
+}
+
+fn tls_files(dir: &std::path::Path) -> Tls {
+    let ca = Ca::new("attack test CA").unwrap();
+    let server = ca
+        .issue_valid("sluice", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let w = |name: &str, c: &str| pki::write(dir, name, c).unwrap().display().to_string();
+    Tls {
+        cert: w("server.pem", &server.cert_pem),
+        key: w("server.key", &server.key_pem),
+        ca_file: w("ca.pem", &ca.cert_pem()),
+        ca,
+    }
+}
+
+async fn tls_to(
+    addr: SocketAddr,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// The same hole on the MQTT TLS listener: bound to the network while `mqtt.listen` stays on
+/// loopback, it used to take anonymous CONNECTs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_mqtt_on_a_network_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tls_files(dir.path());
+    let toml = format!(
+        "[mqtt.tls]\ncert_file = {:?}\nkey_file = {:?}\n{}",
+        t.cert,
+        t.key,
+        api_key_entry(KEY, "device-1", &["*"])
+    );
+    let s = start_with(
+        dir.path(),
+        &toml,
+        &[("SLUICE_MQTT__TLS_LISTEN", "0.0.0.0:0")],
+    );
+    let client = pki::tls_client(&t.ca.cert_pem(), None).unwrap();
+    let mut anon = Client5::stream(tls_to(s.mqtts.unwrap(), &client).await);
+    assert_eq!(anon.connect(connect5("intruder", 30)).await, 0x87);
+    let mut dev = Client5::stream(tls_to(s.mqtts.unwrap(), &client).await);
+    assert_eq!(dev.connect(keyed_connect("dev-1")).await, 0);
+    assert_eq!(dev.publish1("tls/k", 1, b"with-key").await, 0);
+    // The loopback TCP listener keeps its own (open) policy.
+    let mut local = Raw::connect(s.mqtt.unwrap(), true).await;
+    local
+        .send5(v5::Packet::Connect(Box::new(connect5("local", 30))))
+        .await;
+    assert!(
+        matches!(local.recv5().await, Some(v5::Packet::ConnectAck(a)) if u8::from(a.reason_code) == 0)
+    );
+    let log = read_log(&s.data_dir, "tls", &[]).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["headers"]["sluice-principal"], "device-1");
+    let _ = t.ca_file;
+}
+
+/// A configuration in which two transports of one listener would disagree about anonymous
+/// producers is refused at startup (and by `check-config`), naming the key and the fix.
+#[test]
+fn transports_of_one_listener_that_disagree_on_anonymity() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[http]\nlisten = \"0.0.0.0:0\"\n[mqtt.auth]\nallow_anonymous = true\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(sluice_tests::binary())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{stderr}");
+    assert!(stderr.contains("mqtt.auth.allow_anonymous"), "{stderr}");
+    assert!(stderr.contains("would disagree"), "{stderr}");
+    let serve = std::process::Command::new(sluice_tests::binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(
+        String::from_utf8_lossy(&serve.stderr).contains("mqtt.auth.allow_anonymous"),
+        "{}",
+        String::from_utf8_lossy(&serve.stderr)
+    );
+}
+
+/// config/examples/secure.toml, run for real (its files replaced by test certificates): no
+/// transport takes an anonymous producer, and a device certificate still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secure_example_admits_no_anonymous_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let t = tls_files(d);
+    let device = t
+        .ca
+        .issue_valid("sensor-1", &["uri:spiffe://example.org/ns/prod/sa/sensor-1"])
+        .unwrap();
+    let crl = pki::write(d, "clients.crl.pem", &t.ca.crl(&[]).unwrap()).unwrap();
+    let jwks = pki::JwksServer::start(&t.ca, &[&pki::SigningKey::es256("k1").unwrap()])
+        .await
+        .unwrap();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/secure.toml"),
+    )
+    .unwrap()
+    .replace("/etc/sluice/tls/server.pem", &t.cert)
+    .replace("/etc/sluice/tls/server.key", &t.key)
+    .replace("/etc/sluice/tls/clients-ca.pem", &t.ca_file)
+    .replace(
+        "/etc/sluice/tls/clients.crl.pem",
+        &crl.display().to_string(),
+    )
+    .replace(
+        "jwks_url = \"https://login.example.com/.well-known/jwks.json\"",
+        &format!("jwks_url = {:?}\njwks_ca_file = {:?}", jwks.url(), t.ca_file),
+    );
+    assert!(!example.contains("/etc/sluice/tls"), "{example}");
+    // Every listener moves to 127.0.0.1:0 (the harness does that): the example's explicit
+    // `allow_anonymous = false` must keep them closed on loopback too.
+    let s = start_with(d, &example, &[]);
+    let anon_tls = pki::tls_client(&t.ca.cert_pem(), None).unwrap();
+    let device_tls = pki::tls_client(&t.ca.cert_pem(), Some(&device)).unwrap();
+    // HTTPS: 401 anonymous, 200 with the device certificate.
+    let a = pki::tls_post(s.http, &anon_tls, "/v1/streams/telemetry.a/events", &[], "1")
+        .await
+        .unwrap();
+    assert_eq!(a.status, 401, "{a:?}");
+    let a = pki::tls_post(s.http, &device_tls, "/v1/streams/telemetry.a/events", &[], "1")
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    // WebSocket ingest over TLS: 401 before the upgrade.
+    let ws = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/v1/streams/telemetry.a/ws", s.http.port()),
+        tls_to(s.http, &anon_tls).await,
+    )
+    .await;
+    match ws {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("anonymous wss upgrade: {:?}", other.map(|_| ())),
+    }
+    // MQTT over WebSocket on the HTTPS listener, and MQTT over TLS: CONNACK 0x87.
+    let url = format!("wss://localhost:{}/mqtt", s.http.port());
+    let mut c = Client5::websocket(&url, tls_to(s.http, &anon_tls).await)
+        .await
+        .unwrap();
+    assert_eq!(c.connect(connect5("intruder-ws", 30)).await, 0x87);
+    let mut c = Client5::stream(tls_to(s.mqtts.unwrap(), &anon_tls).await);
+    assert_eq!(c.connect(connect5("intruder-tls", 30)).await, 0x87);
+    let mut c = Client5::stream(tls_to(s.mqtts.unwrap(), &device_tls).await);
+    assert_eq!(c.connect(connect5("sensor-1", 30)).await, 0);
+    assert_eq!(c.publish1("telemetry.a/k", 1, b"from-device").await, 0);
+    assert!(s.mqtt.is_none(), "the example serves no plain MQTT listener");
+    // gRPC over TLS: UNAUTHENTICATED.
+    let ch = tonic::transport::Channel::from_shared(format!("https://{}", s.grpc.unwrap()))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(t.ca.cert_pem()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = IngestClient::new(ch)
+        .publish(pb::PublishRequest {
+            stream: "telemetry.a".into(),
+            events: vec![pb::Event {
+                value: b"1".to_vec().into(),
+                ..Default::default()
+            }],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let log = read_log(&s.data_dir, "telemetry.a", &[]).unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    for r in &log {
+        assert_ne!(r["headers"]["sluice-principal"], "anonymous", "{r}");
+    }
+}
+
+/// Header names Sluice sets are reserved: a producer cannot forge its principal, protocol or
+/// will flag on any protocol, in any letter case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_attribution_headers_on_every_protocol() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(dir.path(), "", &[]);
+    let http = reqwest::Client::new();
+    // HTTP: 400 naming the header; nothing stored.
+    for name in ["sluice-principal", "Sluice-Protocol", "MQTT-will"] {
+        let r = http
+            .post(s.events_url("forge"))
+            .header("content-type", "application/json")
+            .body(format!(r#"[{{"value":1}},{{"value":2,"headers":{{"{name}":"admin"}}}}]"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{name}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let msg = body.to_string();
+        assert!(msg.contains(name) && msg.contains("reserved"), "{msg}");
+        assert!(msg.contains("event 1"), "{msg}");
+    }
+    // An ordinary header still passes.
+    let r = http
+        .post(s.events_url("forge"))
+        .header("content-type", "application/json")
+        .body(r#"{"value":3,"headers":{"site":"north"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // WebSocket: a nack for the frame, the connection goes on.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/forge/ws", s.http))
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        r#"{"value":4,"id":"f1","headers":{"sluice-principal":"root"}}"#,
+    ))
+    .await
+    .unwrap();
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(t))) => break t.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let nack: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(nack["error"]["code"], "malformed", "{answer}");
+    assert!(
+        nack["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`sluice-principal` is reserved"),
+        "{answer}"
+    );
+    // gRPC: INVALID_ARGUMENT.
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = IngestClient::new(ch)
+        .publish(pb::PublishRequest {
+            stream: "forge".into(),
+            events: vec![pb::Event {
+                value: b"5".to_vec().into(),
+                headers: vec![pb::Header {
+                    key: "sluice-protocol".into(),
+                    value: b"http".to_vec().into(),
+                }],
+                ..Default::default()
+            }],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("reserved"), "{err:?}");
+    // MQTT 5: a user property `mqtt-will` on a publish gets PUBACK 0x99; on a will, CONNACK 0x99.
+    let mut c = Raw::connect(s.mqtt.unwrap(), true).await;
+    c.send5(v5::Packet::Connect(Box::new(connect5("forger", 30))))
+        .await;
+    assert!(matches!(c.recv5().await, Some(v5::Packet::ConnectAck(_))));
+    let props = v5::PublishProperties {
+        user_properties: vec![("mqtt-will".into(), "true".into())],
+        ..Default::default()
+    };
+    c.send5(v5::Packet::Publish(Box::new(publish(
+        "forge/dev",
+        1,
+        1,
+        b"6",
+        Some(props),
+    ))))
+    .await;
+    match c.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x99),
+        other => panic!("{other:?}"),
+    }
+    let mut will_conn = connect5("forger-2", 30);
+    will_conn.last_will = Some(v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain: false,
+        topic: "forge/dev".into(),
+        message: bytes::Bytes::from_static(b"7"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: vec![("Sluice-Principal".into(), "root".into())],
+        is_utf8_payload: None,
+        response_topic: None,
+    });
+    let mut w = Raw::connect(s.mqtt.unwrap(), true).await;
+    w.send5(v5::Packet::Connect(Box::new(will_conn))).await;
+    match w.recv5().await {
+        Some(v5::Packet::ConnectAck(a)) => assert_eq!(u8::from(a.reason_code), 0x99),
+        other => panic!("{other:?}"),
+    }
+    let log = read_log(&s.data_dir, "forge", &[]).unwrap();
+    assert_eq!(log.len(), 1, "only the honest event is stored: {log:?}");
+    assert_eq!(log[0]["value"], "3");
+    assert_eq!(log[0]["headers"]["sluice-principal"], "anonymous");
+    assert_eq!(log[0]["headers"]["sluice-protocol"], "http");
+}
+
+/// Silent sockets: on the HTTP listener one that never sends, one that sends part of the
+/// HTTP/2 preface, and one that sent a request and then idles are all closed after their
+/// deadlines; 64 silent sockets from one address cannot take the admin listener's slots, so
+/// `/healthz` keeps answering a client from another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_and_the_admin_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        "[http]\nheader_read_timeout_ms = 800\nidle_timeout_ms = 1200\n\
+         [admin]\nheader_read_timeout_ms = 4000\n",
+        &[],
+    );
+    let limit = Duration::from_secs(10);
+    // Never sends a byte.
+    let mut silent = TcpStream::connect(s.http).await.unwrap();
+    // Half an HTTP/2 preface.
+    let mut preface = TcpStream::connect(s.http).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // Part of an HTTP/1.1 request head, then nothing.
+    let mut head = TcpStream::connect(s.http).await.unwrap();
+    head.write_all(b"POST /v1/streams/x/events HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    // One complete request, then idle on a kept-alive connection.
+    let mut idle = TcpStream::connect(s.http).await.unwrap();
+    idle.write_all(
+        b"POST /v1/streams/x/events HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 1\r\n\r\n1",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(limit, idle.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    let started = Instant::now();
+    for (name, sock) in [
+        ("silent", &mut silent),
+        ("half preface", &mut preface),
+        ("half head", &mut head),
+        ("idle after a request", &mut idle),
+    ] {
+        assert!(
+            closed_within(sock, limit).await,
+            "{name}: still open after {limit:?}"
+        );
+    }
+    // None of them was closed before its deadline had a chance to pass.
+    assert!(started.elapsed() >= Duration::from_millis(700), "{:?}", started.elapsed());
+
+    // The admin listener: 64 silent sockets from 127.0.0.2 (its 64 slots, but more than the 16
+    // one address may hold), checked at once, well within the 4 s admin header deadline.
+    let mut socks = Vec::new();
+    for _ in 0..64 {
+        socks.push(connect_from([127, 0, 0, 2], s.admin).await.unwrap());
+    }
+    let checks = socks.into_iter().map(|mut c| async move {
+        let closed = closed_within(&mut c, Duration::from_millis(1500)).await;
+        (closed, c)
+    });
+    let (refused, hogs): (Vec<_>, Vec<_>) = futures_util::future::join_all(checks)
+        .await
+        .into_iter()
+        .partition(|(closed, _)| *closed);
+    assert_eq!(hogs.len(), 16, "one address holds at most admin.max_connections_per_address");
+    assert_eq!(refused.len(), 48);
+    let health = reqwest::get(s.admin_url("healthz")).await.unwrap();
+    assert_eq!(health.status(), 200, "the admin listener answers another address");
+    // And the hogs do not stay: each is closed after the admin header deadline.
+    for (_, mut h) in hogs {
+        assert!(closed_within(&mut h, limit).await);
+    }
+}
+
+/// Producers that open more connections than their address may have are closed at accept, on
+/// the HTTP and gRPC listeners; another address is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        "[http]\nmax_connections = 50\nmax_connections_per_address = 5\n\
+         [grpc]\nmax_connections_per_address = 5\n",
+        &[],
+    );
+    for addr in [s.http, s.grpc.unwrap()] {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(connect_from([127, 0, 0, 3], addr).await.unwrap());
+        }
+        let mut sixth = connect_from([127, 0, 0, 3], addr).await.unwrap();
+        assert!(
+            closed_within(&mut sixth, Duration::from_secs(10)).await,
+            "{addr}: the sixth connection from one address is closed"
+        );
+        // Those within the limit are still open, and another address gets in.
+        let mut first = held.remove(0);
+        assert!(!closed_within(&mut first, Duration::from_millis(200)).await);
+        let mut other = connect_from([127, 0, 0, 4], addr).await.unwrap();
+        assert!(!closed_within(&mut other, Duration::from_millis(200)).await);
+    }
+    let r = reqwest::Client::new()
+        .post(s.events_url("x"))
+        .header("content-type", "application/json")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `PUT /loglevel` changes what the gateway logs: with `admin.token` it needs the token (401
+/// otherwise); on an admin listener reachable from the network without a token it is off (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        "[admin]\ntoken = \"adm-0123456789\"\n",
+        &[],
+    );
+    let c = reqwest::Client::new();
+    let put = |auth: Option<&'static str>| {
+        let mut r = c.put(s.admin_url("loglevel")).body("debug");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    let r = put(None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sluice-admin\"");
+    assert_eq!(put(Some("Bearer wrong")).await.unwrap().status(), 401);
+    assert_eq!(put(Some("Bearer adm-0123456789x")).await.unwrap().status(), 401);
+    let get = c.get(s.admin_url("loglevel")).send().await.unwrap();
+    assert_eq!(get.status(), 200, "reading the level needs no token");
+    assert_ne!(get.text().await.unwrap().trim(), "debug", "refused PUTs changed nothing");
+    let ok = put(Some("Bearer adm-0123456789")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let get = c.get(s.admin_url("loglevel")).send().await.unwrap();
+    assert_eq!(get.text().await.unwrap().trim(), "debug");
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        "",
+        &[("SLUICE_ADMIN__LISTEN", "0.0.0.0:0")],
+    );
+    let r = c
+        .put(s.admin_url("loglevel"))
+        .body("debug")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("admin.token"));
+    assert_eq!(
+        reqwest::get(s.admin_url("healthz")).await.unwrap().status(),
+        200
+    );
+}
