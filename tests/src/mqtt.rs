@@ -235,9 +235,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client5<S> {
             }
             Client5::Ws { ws, codec, .. } => {
                 codec.encode(p, &mut out).expect("encode");
-                ws.send(tokio_tungstenite::tungstenite::Message::Binary(out.freeze()))
-                    .await
-                    .expect("send");
+                ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+                    out.freeze(),
+                ))
+                .await
+                .expect("send");
             }
         }
     }

@@ -57,11 +57,7 @@ fn keyed_connect(client_id: &str) -> v5::Connect {
 async fn anonymous_mqtt_over_websocket_on_a_network_http_listener() {
     let dir = tempfile::tempdir().unwrap();
     let toml = api_key_entry(KEY, "device-1", &["*"]);
-    let s = start_with(
-        dir.path(),
-        &toml,
-        &[("SLUICE_HTTP__LISTEN", "0.0.0.0:0")],
-    );
+    let s = start_with(dir.path(), &toml, &[("SLUICE_HTTP__LISTEN", "0.0.0.0:0")]);
     // The HTTP API and WebSocket ingest on that listener refuse anonymous producers.
     let http = reqwest::Client::new();
     let r = http
@@ -83,7 +79,10 @@ async fn anonymous_mqtt_over_websocket_on_a_network_http_listener() {
         .await
         .unwrap();
     assert_eq!(anon.connect(connect5("intruder", 30)).await, 0x87);
-    assert!(anon.recv().await.is_none(), "the refused connection is closed");
+    assert!(
+        anon.recv().await.is_none(),
+        "the refused connection is closed"
+    );
     // A device with credentials gets in over the same transport and publishes.
     let mut dev = Client5::websocket(&url, TcpStream::connect(s.http).await.unwrap())
         .await
@@ -234,9 +233,11 @@ async fn the_secure_example_admits_no_anonymous_producer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let t = tls_files(d);
-    let device = t
-        .ca
-        .issue_valid("sensor-1", &["uri:spiffe://example.org/ns/prod/sa/sensor-1"])
+    let device =
+        t.ca.issue_valid(
+            "sensor-1",
+            &["uri:spiffe://example.org/ns/prod/sa/sensor-1"],
+        )
         .unwrap();
     let crl = pki::write(d, "clients.crl.pem", &t.ca.crl(&[]).unwrap()).unwrap();
     let jwks = pki::JwksServer::start(&t.ca, &[&pki::SigningKey::es256("k1").unwrap()])
@@ -255,7 +256,11 @@ async fn the_secure_example_admits_no_anonymous_producer() {
     )
     .replace(
         "jwks_url = \"https://login.example.com/.well-known/jwks.json\"",
-        &format!("jwks_url = {:?}\njwks_ca_file = {:?}", jwks.url(), t.ca_file),
+        &format!(
+            "jwks_url = {:?}\njwks_ca_file = {:?}",
+            jwks.url(),
+            t.ca_file
+        ),
     );
     assert!(!example.contains("/etc/sluice/tls"), "{example}");
     // Every listener moves to 127.0.0.1:0 (the harness does that): the example's explicit
@@ -264,17 +269,32 @@ async fn the_secure_example_admits_no_anonymous_producer() {
     let anon_tls = pki::tls_client(&t.ca.cert_pem(), None).unwrap();
     let device_tls = pki::tls_client(&t.ca.cert_pem(), Some(&device)).unwrap();
     // HTTPS: 401 anonymous, 200 with the device certificate.
-    let a = pki::tls_post(s.http, &anon_tls, "/v1/streams/telemetry.a/events", &[], "1")
-        .await
-        .unwrap();
+    let a = pki::tls_post(
+        s.http,
+        &anon_tls,
+        "/v1/streams/telemetry.a/events",
+        &[],
+        "1",
+    )
+    .await
+    .unwrap();
     assert_eq!(a.status, 401, "{a:?}");
-    let a = pki::tls_post(s.http, &device_tls, "/v1/streams/telemetry.a/events", &[], "1")
-        .await
-        .unwrap();
+    let a = pki::tls_post(
+        s.http,
+        &device_tls,
+        "/v1/streams/telemetry.a/events",
+        &[],
+        "1",
+    )
+    .await
+    .unwrap();
     assert_eq!(a.status, 200, "{a:?}");
     // WebSocket ingest over TLS: 401 before the upgrade.
     let ws = tokio_tungstenite::client_async(
-        format!("wss://localhost:{}/v1/streams/telemetry.a/ws", s.http.port()),
+        format!(
+            "wss://localhost:{}/v1/streams/telemetry.a/ws",
+            s.http.port()
+        ),
         tls_to(s.http, &anon_tls).await,
     )
     .await;
@@ -293,7 +313,10 @@ async fn the_secure_example_admits_no_anonymous_producer() {
     let mut c = Client5::stream(tls_to(s.mqtts.unwrap(), &device_tls).await);
     assert_eq!(c.connect(connect5("sensor-1", 30)).await, 0);
     assert_eq!(c.publish1("telemetry.a/k", 1, b"from-device").await, 0);
-    assert!(s.mqtt.is_none(), "the example serves no plain MQTT listener");
+    assert!(
+        s.mqtt.is_none(),
+        "the example serves no plain MQTT listener"
+    );
     // gRPC over TLS: UNAUTHENTICATED.
     let ch = tonic::transport::Channel::from_shared(format!("https://{}", s.grpc.unwrap()))
         .unwrap()
@@ -339,7 +362,9 @@ async fn forged_attribution_headers_on_every_protocol() {
         let r = http
             .post(s.events_url("forge"))
             .header("content-type", "application/json")
-            .body(format!(r#"[{{"value":1}},{{"value":2,"headers":{{"{name}":"admin"}}}}]"#))
+            .body(format!(
+                r#"[{{"value":1}},{{"value":2,"headers":{{"{name}":"admin"}}}}]"#
+            ))
             .send()
             .await
             .unwrap();
@@ -359,9 +384,10 @@ async fn forged_attribution_headers_on_every_protocol() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // WebSocket: a nack for the frame, the connection goes on.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/forge/ws", s.http))
-        .await
-        .unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/forge/ws", s.http))
+            .await
+            .unwrap();
     ws.send(Message::text(
         r#"{"value":4,"id":"f1","headers":{"sluice-principal":"root"}}"#,
     ))
@@ -498,7 +524,11 @@ async fn silent_and_idle_connections_and_the_admin_listener() {
         assert!(n > 0, "closed before answering");
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     let started = Instant::now();
     for (name, sock) in [
         ("silent", &mut silent),
@@ -512,7 +542,11 @@ async fn silent_and_idle_connections_and_the_admin_listener() {
         );
     }
     // None of them was closed before its deadline had a chance to pass.
-    assert!(started.elapsed() >= Duration::from_millis(700), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The admin listener: 64 silent sockets from 127.0.0.2 (its 64 slots, but more than the 16
     // one address may hold), checked at once, well within the 4 s admin header deadline.
@@ -528,10 +562,18 @@ async fn silent_and_idle_connections_and_the_admin_listener() {
         .await
         .into_iter()
         .partition(|(closed, _)| *closed);
-    assert_eq!(hogs.len(), 16, "one address holds at most admin.max_connections_per_address");
+    assert_eq!(
+        hogs.len(),
+        16,
+        "one address holds at most admin.max_connections_per_address"
+    );
     assert_eq!(refused.len(), 48);
     let health = reqwest::get(s.admin_url("healthz")).await.unwrap();
-    assert_eq!(health.status(), 200, "the admin listener answers another address");
+    assert_eq!(
+        health.status(),
+        200,
+        "the admin listener answers another address"
+    );
     // And the hogs do not stay: each is closed after the admin header deadline.
     for (_, mut h) in hogs {
         assert!(closed_within(&mut h, limit).await);
@@ -580,11 +622,7 @@ async fn one_address_holding_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_actions_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start_with(
-        dir.path(),
-        "[admin]\ntoken = \"adm-0123456789\"\n",
-        &[],
-    );
+    let s = start_with(dir.path(), "[admin]\ntoken = \"adm-0123456789\"\n", &[]);
     let c = reqwest::Client::new();
     let put = |auth: Option<&'static str>| {
         let mut r = c.put(s.admin_url("loglevel")).body("debug");
@@ -595,12 +633,22 @@ async fn admin_actions_without_the_token() {
     };
     let r = put(None).await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sluice-admin\"");
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"sluice-admin\""
+    );
     assert_eq!(put(Some("Bearer wrong")).await.unwrap().status(), 401);
-    assert_eq!(put(Some("Bearer adm-0123456789x")).await.unwrap().status(), 401);
+    assert_eq!(
+        put(Some("Bearer adm-0123456789x")).await.unwrap().status(),
+        401
+    );
     let get = c.get(s.admin_url("loglevel")).send().await.unwrap();
     assert_eq!(get.status(), 200, "reading the level needs no token");
-    assert_ne!(get.text().await.unwrap().trim(), "debug", "refused PUTs changed nothing");
+    assert_ne!(
+        get.text().await.unwrap().trim(),
+        "debug",
+        "refused PUTs changed nothing"
+    );
     let ok = put(Some("Bearer adm-0123456789")).await.unwrap();
     assert_eq!(ok.status(), 200);
     let get = c.get(s.admin_url("loglevel")).send().await.unwrap();
@@ -608,11 +656,7 @@ async fn admin_actions_without_the_token() {
     drop(s);
 
     let dir = tempfile::tempdir().unwrap();
-    let s = start_with(
-        dir.path(),
-        "",
-        &[("SLUICE_ADMIN__LISTEN", "0.0.0.0:0")],
-    );
+    let s = start_with(dir.path(), "", &[("SLUICE_ADMIN__LISTEN", "0.0.0.0:0")]);
     let r = c
         .put(s.admin_url("loglevel"))
         .body("debug")
