@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // google.rpc.Status comes from tonic-types, so its helpers (RetryInfo) apply.
         .extern_path(".google.rpc", "::tonic_types::pb")
         .bytes(".sluice.v1")
+        // prost's codec, with event and header counts checked on the wire before decoding.
+        .codec_path("crate::grpc::codec::LimitedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1114,6 +1114,14 @@ impl Default for StreamsConfig {
 }
 
 impl StreamsConfig {
+    /// The largest `max_events_per_request` of any stream (the defaults or a declaration).
+    pub fn max_events_per_request(&self) -> u64 {
+        self.declare
+            .keys()
+            .map(|name| self.settings(name).max_events_per_request)
+            .fold(self.defaults.max_events_per_request, u64::max)
+    }
+
     /// The settings of `stream`: its declaration over the defaults, or the defaults.
     pub fn settings(&self, stream: &str) -> StreamSettings {
         match self.declare.get(stream) {

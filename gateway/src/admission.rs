@@ -21,9 +21,7 @@ use sluice_auth::Swap;
 
 use crate::quota::{Quotas, Verdict};
 use crate::sink::{Sink, Target};
-
-/// Per-record framing overhead charged against the budget besides the event's own bytes.
-const RECORD_OVERHEAD: usize = 24;
+use sluice_core::RECORD_OVERHEAD;
 
 /// What a configuration reload replaces: stream settings and quotas. Requests in flight keep
 /// the snapshot they started with.
@@ -254,7 +252,8 @@ impl Ingest for Gateway {
         let mut refused = Vec::new();
         let mut refusal = None;
         if !policy.quotas.is_empty() {
-            let sizes: Vec<usize> = req.events.iter().map(Event::size).collect();
+            // Byte quotas count what an event costs, framing included (Event::charge).
+            let sizes: Vec<usize> = req.events.iter().map(Event::charge).collect();
             let v = self
                 .throttle(&policy, req.principal.name(), name, &sizes)
                 .await;
@@ -562,9 +561,7 @@ impl Held {
 }
 
 fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
-    idx.iter()
-        .map(|&i| req.events[i].size() + RECORD_OVERHEAD)
-        .sum()
+    idx.iter().map(|&i| req.events[i].charge()).sum()
 }
 
 fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {

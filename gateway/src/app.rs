@@ -89,6 +89,7 @@ impl Reloader {
         self.auth.store(auth);
         self.gateway
             .reload(Policy::new(&config.streams, &config.quotas));
+        sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
         self.gateway
             .budget()
             .set_total(config.limits.max_in_flight_bytes);
@@ -370,6 +371,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     ));
     let grpc = match grpc_listener {
         Some(listener) => {
+            sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
             let grpc_policy = policy_of("grpc");
             let ready_fn = {
                 let (ready, gateway) = (ready.clone(), gateway.clone());

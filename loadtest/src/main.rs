@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
+mod attack;
 mod mqtt;
 
 #[derive(Parser)]
@@ -46,6 +47,10 @@ enum Cmd {
     /// MQTT 3.1.1 QoS 1 (or 0) publishes over TCP, a window per connection (closed loop) or a
     /// target rate (open loop); `--idle` holds idle connections (memory per connection).
     Mqtt(mqtt::MqttArgs),
+    /// Peak memory of a gateway (a fresh process per scenario) under inputs built to make it
+    /// allocate far more than they cost to send: unauthenticated gRPC messages of empty events,
+    /// bodies of millions of tiny events, events with thousands of empty headers.
+    AttackRss(attack::AttackArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -284,6 +289,7 @@ fn main() -> Result<()> {
         Cmd::Grpc(a) => rt.block_on(grpc(a)),
         Cmd::Ws(a) => rt.block_on(ws(a)),
         Cmd::Mqtt(a) => rt.block_on(mqtt::run(a)),
+        Cmd::AttackRss(a) => rt.block_on(attack::run(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
             hs256_secret,

@@ -670,3 +670,100 @@ async fn admin_actions_without_the_token() {
         200
     );
 }
+
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib / 1024
+}
+
+/// Inputs built to make the gateway allocate far more than they cost to send: an
+/// unauthenticated 8 MB gRPC message of four million empty events, the same message from an
+/// authenticated producer, an HTTP body of four million one-byte events, and an event with
+/// thousands of empty headers. Each is refused with a clear error before it is materialised, so
+/// the gateway's peak memory stays far below what decoding them would take (over 1 GiB for four
+/// at once before the fix; `sluice-loadtest attack-rss` measures it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_that_decode_into_millions_of_structures() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        &format!(
+            "[http.auth]\nallow_anonymous = false\n[grpc.auth]\nallow_anonymous = false\n{}",
+            api_key_entry(KEY, "device-1", &["*"])
+        ),
+        &[],
+    );
+    let empty_events = || pb::PublishRequest {
+        stream: "big".into(),
+        events: vec![pb::Event::default(); 4_000_000],
+        content_type: String::new(),
+    };
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = IngestClient::new(ch).max_encoding_message_size(16 << 20);
+    let err = c.publish(empty_events()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let mut req = tonic::Request::new(empty_events());
+    req.metadata_mut().insert("x-api-key", KEY.parse().unwrap());
+    let err = c.publish(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("more than 10000 events"), "{err:?}");
+
+    let http = reqwest::Client::new();
+    let mut body = String::with_capacity(8_000_002);
+    body.push('[');
+    body.push_str(&"1,".repeat(3_999_999));
+    body.push_str("1]");
+    let r = http
+        .post(s.events_url("big"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("at least 10001 events"), "{text}");
+
+    let headers: Vec<String> = (0..100_000).map(|i| format!("\"h{i}\":\"\"")).collect();
+    let r = http
+        .post(s.events_url("big"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"value":1,"headers":{{{}}}}}"#,
+            headers.join(",")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("more than 128 headers"), "{text}");
+
+    // Decoding any one of them would have cost several hundred MiB.
+    let peak = peak_rss_mib(s.pid());
+    assert!(peak < 200, "peak RSS {peak} MiB");
+    // And the gateway still takes ordinary events.
+    let r = http
+        .post(s.events_url("big"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(r#"[{"value":1,"headers":{"a":""}}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -93,17 +93,35 @@ pub struct Event {
     pub value: Bytes,
 }
 
+/// The most headers one event may carry (HTTP/WebSocket `headers`, gRPC `headers`, MQTT 5 User
+/// Properties); more are refused with a clear error before they are all decoded.
+pub const MAX_HEADERS_PER_EVENT: usize = 128;
+
+/// What each header of an event costs besides its name and value (its framing in the log and
+/// its place in memory), so that events with many empty headers are not free.
+pub const HEADER_OVERHEAD: usize = 8;
+/// What each event costs besides its [`Event::size`] (record framing in the log), charged to
+/// the in-flight budget and to byte quotas.
+pub const RECORD_OVERHEAD: usize = 24;
+
 impl Event {
-    /// Bytes this event counts against `max_event_bytes`: key, id, headers and value.
+    /// Bytes this event counts against `max_event_bytes`: key, id, value, and each header's
+    /// name and value plus [`HEADER_OVERHEAD`].
     pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Bytes::len)
             + self.id.as_ref().map_or(0, Bytes::len)
             + self
                 .headers
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
+                .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
                 .sum::<usize>()
             + self.value.len()
+    }
+
+    /// Bytes this event is charged against the in-flight budget and byte quotas: its
+    /// [`Event::size`] plus [`RECORD_OVERHEAD`].
+    pub fn charge(&self) -> usize {
+        self.size() + RECORD_OVERHEAD
     }
 }
 

@@ -25,6 +25,8 @@ use crate::lanes::{self, Lanes};
 use crate::server::{self, ConnInfo, ServerOptions};
 
 /// Messages and services generated from proto/sluice/v1/ingest.proto.
+pub mod codec;
+
 pub mod pb {
     tonic::include_proto!("sluice.v1");
 
@@ -64,9 +66,9 @@ pub async fn serve<I: Ingest>(
 ) {
     let gauge = ingest.metrics().connections_of(PROTO);
     let limit = opts.max_message_bytes;
+    let metrics_of_gate = Arc::new(ingest.metrics().clone());
     let service = GrpcIngest {
         ingest,
-        gate: opts.gate.clone(),
         max_batches_in_flight: opts.max_batches_in_flight,
     };
     let ingest_svc = IngestServer::new(service)
@@ -86,6 +88,7 @@ pub async fn serve<I: Ingest>(
     let reflection_v1 = reflection().build_v1().expect("valid descriptors");
     let reflection_v1alpha = reflection().build_v1alpha().expect("valid descriptors");
     let streams = opts.max_concurrent_streams;
+    let (gate, metrics) = (opts.gate.clone(), metrics_of_gate);
     server::serve_with(
         listener,
         opts.server,
@@ -95,18 +98,31 @@ pub async fn serve<I: Ingest>(
             let mut health_svc = health_svc.clone();
             let mut reflection_v1 = reflection_v1.clone();
             let mut reflection_v1alpha = reflection_v1alpha.clone();
+            let (gate, metrics) = (gate.clone(), metrics.clone());
             async move {
                 let path = req.uri().path().to_string();
-                let mut req = req.map(tonic::body::Body::new);
-                req.extensions_mut().insert(conn);
                 let resp = if path.starts_with("/sluice.v1.Ingest/") {
-                    ingest_svc.call(req).await
+                    // Authenticate from the call's headers before tonic reads and decodes the
+                    // message: an unauthenticated client cannot make the gateway decode
+                    // anything.
+                    match authenticate_call(&gate, &metrics, &req, &conn).await {
+                        Ok(principal) => {
+                            let mut req = req.map(tonic::body::Body::new);
+                            req.extensions_mut().insert(conn);
+                            req.extensions_mut().insert(principal);
+                            ingest_svc.call(req).await
+                        }
+                        Err(status) => Ok(status.into_http()),
+                    }
                 } else if path.starts_with("/grpc.health.v1.Health/") {
+                    let req = req.map(tonic::body::Body::new);
                     health_svc.call(req).await
                 } else if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
-                    reflection_v1.call(req).await
+                    reflection_v1.call(req.map(tonic::body::Body::new)).await
                 } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
-                    reflection_v1alpha.call(req).await
+                    reflection_v1alpha
+                        .call(req.map(tonic::body::Body::new))
+                        .await
                 } else {
                     Ok(Status::unimplemented(format!("no gRPC method {path}")).into_http())
                 };
@@ -156,8 +172,27 @@ async fn report_health(
 /// The `sluice.v1.Ingest` implementation over an [`Ingest`] service.
 struct GrpcIngest<I> {
     ingest: Arc<I>,
-    gate: Gate,
     max_batches_in_flight: usize,
+}
+
+/// The principal of a `sluice.v1.Ingest` call, from its headers and the connection's client
+/// certificate, before anything of its body is read.
+async fn authenticate_call(
+    gate: &Gate,
+    metrics: &sluice_core::metrics::Metrics,
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+) -> Result<Principal, Status> {
+    let get = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+    let creds = Credentials {
+        authorization: get("authorization"),
+        api_key: get(API_KEY_METADATA),
+        bearer: None,
+        client_cert: conn.client_cert.as_deref(),
+    };
+    gate.admit(PROTO, metrics, conn, creds)
+        .await
+        .map_err(|refused| status_of(&refused.rejection()))
 }
 
 /// The gRPC status of a rejection (DESIGN §3); retryable ones carry google.rpc.RetryInfo.
@@ -267,6 +302,14 @@ fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, R
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
+            if e.headers.len() > sluice_core::MAX_HEADERS_PER_EVENT {
+                return Err(Rejection::Malformed {
+                    message: format!(
+                        "event {i}: more than {} headers; that is the most an event may have",
+                        sluice_core::MAX_HEADERS_PER_EVENT
+                    ),
+                });
+            }
             let mut headers: Vec<(Bytes, Bytes)> = e
                 .headers
                 .into_iter()
@@ -297,32 +340,12 @@ fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, R
         .collect()
 }
 
-impl<I: Ingest> GrpcIngest<I> {
-    /// The call's principal, from its metadata and the connection's client certificate.
-    async fn authenticate<T>(
-        &self,
-        req: &tonic::Request<T>,
-    ) -> Result<(Principal, ConnInfo), Status> {
-        let conn = req
-            .extensions()
-            .get::<ConnInfo>()
-            .cloned()
-            .ok_or_else(|| Status::internal("connection info missing"))?;
-        let md = req.metadata();
-        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok());
-        let creds = Credentials {
-            authorization: get("authorization"),
-            api_key: get(API_KEY_METADATA),
-            bearer: None,
-            client_cert: conn.client_cert.as_deref(),
-        };
-        let principal = self
-            .gate
-            .admit(PROTO, self.ingest.metrics(), &conn, creds)
-            .await
-            .map_err(|refused| status_of(&refused.rejection()))?;
-        Ok((principal, conn))
-    }
+/// The principal [`authenticate_call`] established for this call.
+fn principal_of<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the call was not authenticated"))
 }
 
 /// Admits and appends one batch in its own task, so a cancelled call never cuts an append
@@ -380,7 +403,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         request: tonic::Request<pb::PublishRequest>,
     ) -> Result<tonic::Response<pb::PublishResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let (principal, _conn) = self.authenticate(&request).await?;
+        let principal = principal_of(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!(
             "call",
@@ -427,7 +450,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         request: tonic::Request<tonic::Streaming<pb::PublishStreamRequest>>,
     ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
         let deadline = deadline_of(request.metadata());
-        let (principal, _conn) = self.authenticate(&request).await?;
+        let principal = principal_of(&request)?;
         let span = tracing::info_span!(
             "call",
             method = "PublishStream",

@@ -103,32 +103,106 @@ pub fn decode(coding: Coding, body: Bytes, limit: u64) -> Result<Bytes, Rejectio
     Ok(Bytes::from(out))
 }
 
-/// Parses a JSON body: one event, or an array of events.
-pub fn parse_json(body: &Bytes) -> Result<Vec<Event>, Rejection> {
+/// How many events a body may hold, and the stream it is for (named in the refusal).
+#[derive(Debug, Clone, Copy)]
+pub struct EventLimit<'a> {
+    pub max: u64,
+    pub stream: &'a str,
+}
+
+impl EventLimit<'_> {
+    /// No limit (tests).
+    pub const NONE: EventLimit<'static> = EventLimit {
+        max: u64::MAX,
+        stream: "",
+    };
+
+    fn exceeded(&self, at_least: u64) -> Rejection {
+        Rejection::TooLarge {
+            message: format!(
+                "the request holds at least {at_least} events; the limit for stream `{}` is {}",
+                self.stream, self.max
+            ),
+        }
+    }
+}
+
+/// Parses a JSON body: one event, or an array of events. An array is read element by element
+/// and refused as soon as it holds more than `limit.max` events, so a body of millions of tiny
+/// events is never materialised.
+pub fn parse_json(body: &Bytes, limit: EventLimit<'_>) -> Result<Vec<Event>, Rejection> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
-        if items.is_empty() {
-            return Err(malformed("the array holds no events"));
+        let failed = std::cell::RefCell::new(None);
+        let visitor = ArrayOfEvents {
+            body,
+            limit,
+            failed: &failed,
+        };
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed = de::Deserializer::deserialize_seq(&mut de, visitor).and_then(|events| {
+            de.end()?;
+            Ok(events)
+        });
+        match (parsed, failed.into_inner()) {
+            (_, Some(refusal)) => Err(refusal),
+            (Err(e), None) => Err(json_error(&e)),
+            (Ok(events), None) if events.is_empty() => Err(malformed("the array holds no events")),
+            (Ok(events), None) => Ok(events),
         }
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| event_from(body, raw).map_err(|m| malformed(format!("event {i}: {m}"))))
-            .collect()
     } else {
         let raw: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
         Ok(vec![event_from(body, raw).map_err(malformed)?])
     }
 }
 
-/// Parses an NDJSON body: one event per non-empty line.
-pub fn parse_ndjson(body: &Bytes) -> Result<Vec<Event>, Rejection> {
+/// A JSON array read into events one element at a time, within the limit. Refusals that are not
+/// JSON syntax errors are kept in `failed` (the serde error only stops the parse).
+struct ArrayOfEvents<'a, 'l> {
+    body: &'a Bytes,
+    limit: EventLimit<'l>,
+    failed: &'a std::cell::RefCell<Option<Rejection>>,
+}
+
+impl<'de> Visitor<'de> for ArrayOfEvents<'_, '_> {
+    type Value = Vec<Event>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of events")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Event>, A::Error> {
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+            if events.len() as u64 >= self.limit.max {
+                let refusal = self.limit.exceeded(events.len() as u64 + 1);
+                *self.failed.borrow_mut() = Some(refusal);
+                return Err(de::Error::custom("event limit"));
+            }
+            match event_from(self.body, raw) {
+                Ok(e) => events.push(e),
+                Err(m) => {
+                    let i = events.len();
+                    *self.failed.borrow_mut() = Some(malformed(format!("event {i}: {m}")));
+                    return Err(de::Error::custom("bad event"));
+                }
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// Parses an NDJSON body: one event per non-empty line, refused as soon as it holds more than
+/// `limit.max` events.
+pub fn parse_ndjson(body: &Bytes, limit: EventLimit<'_>) -> Result<Vec<Event>, Rejection> {
     let mut events = Vec::new();
     for (i, line) in body.split(|&b| b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
+        }
+        if events.len() as u64 >= limit.max {
+            return Err(limit.exceeded(events.len() as u64 + 1));
         }
         let raw: &RawValue = serde_json::from_slice(line)
             .map_err(|e| malformed(format!("line {}: invalid JSON: {e}", i + 1)))?;
@@ -190,14 +264,27 @@ fn string_field(body: &Bytes, raw: &RawValue, name: &str) -> Result<Bytes, Strin
 }
 
 fn headers_field(body: &Bytes, raw: &RawValue) -> Result<Vec<(Bytes, Bytes)>, String> {
-    let map: Vec<(Cow<'_, str>, &RawValue)> = serde_json::from_str::<OrderedMap<'_>>(raw.get())
-        .map_err(|_| {
+    let too_many = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let map = de::Deserializer::deserialize_map(
+        &mut de,
+        OrderedMap {
+            too_many: &too_many,
+        },
+    )
+    .map_err(|_| {
+        if too_many.get() {
+            format!(
+                "more than {} headers; that is the most an event may have",
+                sluice_core::MAX_HEADERS_PER_EVENT
+            )
+        } else {
             format!(
                 "`headers` must be an object of string values, found {}",
                 raw.get()
             )
-        })?
-        .0;
+        }
+    })?;
     map.into_iter()
         .map(|(k, v)| {
             if k.is_empty() {
@@ -265,25 +352,29 @@ impl<'de> Deserialize<'de> for Probe<'de> {
 }
 
 /// An object's members in order, values unparsed.
-struct OrderedMap<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// A JSON object's members in order, left unparsed; refused past
+/// [`sluice_core::MAX_HEADERS_PER_EVENT`] members (setting `too_many`) without reading the rest.
+struct OrderedMap<'c> {
+    too_many: &'c std::cell::Cell<bool>,
+}
 
-impl<'de> Deserialize<'de> for OrderedMap<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OrderedMap<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object")
+impl<'de> Visitor<'de> for OrderedMap<'_> {
+    type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+            if v.len() == sluice_core::MAX_HEADERS_PER_EVENT {
+                self.too_many.set(true);
+                return Err(de::Error::custom("too many headers"));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedMap<'de>, A::Error> {
-                let mut v = Vec::new();
-                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-                    v.push((k, map.next_value()?));
-                }
-                Ok(OrderedMap(v))
-            }
+            v.push((k, map.next_value()?));
         }
-        d.deserialize_map(V)
+        Ok(v)
     }
 }
 
@@ -301,7 +392,7 @@ mod tests {
             r#"[{"value":{"t":1},"key":"k1","id":"e1","headers":{"h":"v"}},
                          {"t":2}, 3, "s", {"value":1,"other":2}]"#,
         );
-        let ev = parse_json(&body).unwrap();
+        let ev = parse_json(&body, EventLimit::NONE).unwrap();
         assert_eq!(ev.len(), 5);
         assert_eq!(&ev[0].value[..], br#"{"t":1}"#);
         assert_eq!(ev[0].key.as_deref(), Some(&b"k1"[..]));
@@ -316,32 +407,60 @@ mod tests {
 
     #[test]
     fn escaped_strings_are_unescaped() {
-        let ev = parse_json(&b(r#"{"value":null,"key":"a\"b\u00e9"}"#)).unwrap();
+        let ev = parse_json(&b(r#"{"value":null,"key":"a\"b\u00e9"}"#), EventLimit::NONE).unwrap();
         assert_eq!(ev[0].key.as_deref(), Some("a\"bé".as_bytes()));
     }
 
     #[test]
     fn errors_name_the_event_and_field() {
-        let e = parse_json(&b(r#"[{"value":1},{"value":1,"key":5}]"#)).unwrap_err();
+        let e =
+            parse_json(&b(r#"[{"value":1},{"value":1,"key":5}]"#), EventLimit::NONE).unwrap_err();
         assert_eq!(e.to_string(), "event 1: `key` must be a string, found 5");
-        let e = parse_json(&b(r#"[{"value":1,"headers":{"a":1}}]"#)).unwrap_err();
+        let e = parse_json(&b(r#"[{"value":1,"headers":{"a":1}}]"#), EventLimit::NONE).unwrap_err();
         assert!(
             e.to_string()
                 .contains("event 0: `headers.a` must be a string"),
             "{e}"
         );
-        let e = parse_json(&b("[1, 2,")).unwrap_err();
+        let e = parse_json(&b("[1, 2,"), EventLimit::NONE).unwrap_err();
         assert!(e.to_string().starts_with("invalid JSON:"), "{e}");
         assert!(e.to_string().contains("line 1 column"), "{e}");
-        assert!(parse_json(&b("[]")).is_err());
+        assert!(parse_json(&b("[]"), EventLimit::NONE).is_err());
+    }
+
+    #[test]
+    fn event_counts_stop_the_parse_at_the_limit() {
+        let limit = EventLimit {
+            max: 3,
+            stream: "s",
+        };
+        assert_eq!(parse_json(&b("[1,2,3]"), limit).unwrap().len(), 3);
+        // Refused at the fourth element, before the rest (here: invalid JSON) is even read.
+        let e = parse_json(&b("[1,2,3,4,not json"), limit).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the request holds at least 4 events; the limit for stream `s` is 3"
+        );
+        assert!(matches!(e, Rejection::TooLarge { .. }));
+        let e = parse_ndjson(&b("1\n2\n3\n4\n{oops"), limit).unwrap_err();
+        assert!(matches!(e, Rejection::TooLarge { .. }), "{e}");
+        // A body of a million one-byte events against a limit of 3 is refused without building
+        // them: the parse stops after four elements.
+        let huge = format!("[{}1]", "1,".repeat(1_000_000));
+        let e = parse_json(&Bytes::from(huge), limit).unwrap_err();
+        assert!(e.to_string().contains("at least 4 events"), "{e}");
+        // Trailing bytes after the array are still malformed.
+        let e = parse_json(&b("[1] x"), limit).unwrap_err();
+        assert!(e.to_string().starts_with("invalid JSON:"), "{e}");
     }
 
     #[test]
     fn ndjson_lines() {
-        let ev = parse_ndjson(&b("{\"value\":1,\"key\":\"a\"}\r\n\n2\n")).unwrap();
+        let ev =
+            parse_ndjson(&b("{\"value\":1,\"key\":\"a\"}\r\n\n2\n"), EventLimit::NONE).unwrap();
         assert_eq!(ev.len(), 2);
         assert_eq!(&ev[1].value[..], b"2");
-        let e = parse_ndjson(&b("1\n{oops\n")).unwrap_err();
+        let e = parse_ndjson(&b("1\n{oops\n"), EventLimit::NONE).unwrap_err();
         assert!(e.to_string().starts_with("line 2: invalid JSON"), "{e}");
     }
 

@@ -279,20 +279,41 @@ async fn publish<I: Ingest>(
             });
         }
     };
-    let body = body::decode(coding, raw, max_body)?;
+    // Decompressing and parsing a large body takes long enough to stall the async workers (and
+    // with them every other connection), so it runs on the blocking pool.
+    let body = off_the_runtime(
+        raw.len() > INLINE_BODY_BYTES || coding != body::Coding::Identity,
+        move || body::decode(coding, raw, max_body),
+    )
+    .await?;
     reservation.resize(body.len())?;
     if body.is_empty() {
         return Err(Rejection::Malformed {
             message: "the request body is empty".into(),
         });
     }
+    let max_events = limits.max_events_per_request;
+    let json = |body: Bytes,
+                parse: fn(
+        &Bytes,
+        body::EventLimit<'_>,
+    ) -> Result<Vec<sluice_core::Event>, Rejection>| {
+        let name = stream.clone();
+        off_the_runtime(body.len() > INLINE_BODY_BYTES, move || {
+            let limit = body::EventLimit {
+                max: max_events,
+                stream: name.as_str(),
+            };
+            parse(&body, limit)
+        })
+    };
     let (events, stored_type) = match format {
         BodyFormat::Json => (
-            body::parse_json(&body)?,
+            json(body, body::parse_json).await?,
             Bytes::from_static(b"application/json"),
         ),
         BodyFormat::Ndjson => (
-            body::parse_ndjson(&body)?,
+            json(body, body::parse_ndjson).await?,
             Bytes::from_static(b"application/json"),
         ),
         BodyFormat::Raw => {
@@ -318,6 +339,25 @@ async fn publish<I: Ingest>(
         })
         .await?;
     Ok(receipts_response(&receipts))
+}
+
+/// Bodies up to this size are decoded and parsed on the async worker; larger ones (and every
+/// compressed one) on the blocking pool.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
+/// Runs `work` on the blocking pool when `heavy`, inline otherwise.
+async fn off_the_runtime<T: Send + 'static>(
+    heavy: bool,
+    work: impl FnOnce() -> Result<T, Rejection> + Send + 'static,
+) -> Result<T, Rejection> {
+    if !heavy {
+        return work();
+    }
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(Rejection::Internal {
+            message: format!("decoding the body failed: {e}"),
+        })
+    })
 }
 
 fn header_bytes(headers: &http::HeaderMap, name: &str) -> Option<Bytes> {

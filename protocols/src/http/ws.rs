@@ -553,6 +553,16 @@ impl<I: Ingest> Session<I> {
         let _ = writer.await;
     }
 
+    /// How many events a frame for `stream` may hold. Checking it also authorizes the principal
+    /// on the stream, so a frame for a stream it may not use is refused before it is parsed.
+    fn event_limit<'s>(&self, stream: &'s StreamName) -> Result<body::EventLimit<'s>, Rejection> {
+        let admission = self.ingest.admit(&self.principal, stream)?;
+        Ok(body::EventLimit {
+            max: admission.settings.max_events_per_request,
+            stream: stream.as_str(),
+        })
+    }
+
     /// A frame's stream, content type and events, or why it cannot be taken (with the ids it
     /// could read, for the nack).
     #[allow(clippy::type_complexity)]
@@ -574,7 +584,8 @@ impl<I: Ingest> Session<I> {
                 message: "binary frames need a stream: use /v1/streams/{stream}/ws".into(),
             })),
             (Frame::Text(t), Some(stream)) => {
-                let events = body::parse_json(&t).map_err(fail)?;
+                let limit = self.event_limit(stream).map_err(fail)?;
+                let events = body::parse_json(&t, limit).map_err(fail)?;
                 Ok((
                     stream.clone(),
                     Bytes::from_static(b"application/json"),
@@ -596,8 +607,9 @@ impl<I: Ingest> Session<I> {
                     })
                 })?;
                 let stream = StreamName::parse(&env.stream).map_err(fail)?;
-                let events =
-                    body::parse_json(&t.slice_ref(env.events.get().as_bytes())).map_err(fail)?;
+                let limit = self.event_limit(&stream).map_err(fail)?;
+                let events = body::parse_json(&t.slice_ref(env.events.get().as_bytes()), limit)
+                    .map_err(fail)?;
                 Ok((stream, Bytes::from_static(b"application/json"), events))
             }
         }

@@ -585,6 +585,12 @@ fn push_properties(
             Bytes::from_static(b"utf-8"),
         ));
     }
+    if user.len() > sluice_core::MAX_HEADERS_PER_EVENT {
+        return Err(format!(
+            "more than {} user properties; that is the most an event may have",
+            sluice_core::MAX_HEADERS_PER_EVENT
+        ));
+    }
     for (k, v) in user {
         sluice_core::check_header_name(k.as_bytes()).map_err(|m| format!("user property: {m}"))?;
         headers.push((k.as_bytes().clone(), v.as_bytes().clone()));
