@@ -1705,6 +1705,12 @@ impl Config {
             ("write_timeout_ms", m.write_timeout_ms, 10, 3_600_000),
             ("max_hold_ms", m.max_hold_ms, 0, 3_600_000),
             (
+                "max_pending_will_bytes",
+                m.max_pending_will_bytes,
+                0,
+                1 << 40,
+            ),
+            (
                 "max_pending_wills",
                 m.max_pending_wills as u64,
                 0,

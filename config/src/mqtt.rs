@@ -55,6 +55,9 @@ pub struct MqttConfig {
     pub max_will_delay_secs: u32,
     /// Wills waiting for their delay at once; past it a will is published at once.
     pub max_pending_wills: usize,
+    /// Bytes of delayed wills waiting at once (each will's key, headers and payload); past it a
+    /// will is published at once.
+    pub max_pending_will_bytes: u64,
     /// Which credentials the MQTT listeners accept.
     pub auth: ListenerAuthConfig,
     /// Topic → stream and key rules, first match wins. None: the first topic level is the
@@ -84,6 +87,7 @@ impl Default for MqttConfig {
             quota_disconnect_after: 1000,
             max_will_delay_secs: 3600,
             max_pending_wills: 100_000,
+            max_pending_will_bytes: 64 * 1024 * 1024,
             auth: ListenerAuthConfig::default(),
             topics: Vec::new(),
         }

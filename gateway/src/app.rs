@@ -297,6 +297,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 quota_disconnect_after: m.quota_disconnect_after,
                 max_will_delay_secs: m.max_will_delay_secs,
                 max_pending_wills: m.max_pending_wills,
+                pending_will_bytes: Budget::new(m.max_pending_will_bytes),
             },
         ))
     } else {

@@ -767,3 +767,187 @@ async fn inputs_that_decode_into_millions_of_structures() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+fn rel5(id: u16) -> v5::Packet {
+    v5::Packet::PublishRelease(v5::PublishAck2 {
+        packet_id: std::num::NonZeroU16::new(id).unwrap(),
+        reason_code: v5::PublishAck2Reason::Success,
+        properties: Vec::new(),
+        reason_string: None,
+    })
+}
+
+/// A Receive Maximum window full of QoS 2 publishes awaiting PUBREL used to stop the session
+/// reading, so the PUBRELs (and PINGREQ, DISCONNECT, the socket's close) were never read: a
+/// deadlock that held the connection and its principal's slot forever. Over 3.1.1 and 5.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_window_full_of_qos2_awaiting_release() {
+    use rmqtt_codec::v3;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        &format!(
+            "[mqtt]\nreceive_maximum = 3\nmax_connections_per_principal = 1\n{}",
+            api_key_entry(KEY, "device-1", &["*"])
+        ),
+        &[],
+    );
+    let mqtt = s.mqtt.unwrap();
+    // MQTT 5: three QoS 2 publishes fill the window; PINGREQ and the PUBRELs are still read.
+    let mut c = Raw::connect(mqtt, true).await;
+    c.send5(v5::Packet::Connect(Box::new(keyed_connect("q2-v5"))))
+        .await;
+    assert!(
+        matches!(c.recv5().await, Some(v5::Packet::ConnectAck(a)) if u8::from(a.reason_code) == 0)
+    );
+    for id in 1..=3u16 {
+        c.send5(v5::Packet::Publish(Box::new(publish(
+            "q2/a",
+            2,
+            id,
+            b"x",
+            Some(Default::default()),
+        ))))
+        .await;
+        assert!(
+            matches!(c.recv5().await, Some(v5::Packet::PublishReceived(a)) if a.packet_id.get() == id)
+        );
+    }
+    c.send5(v5::Packet::PingRequest).await;
+    assert!(matches!(c.recv5().await, Some(v5::Packet::PingResponse)));
+    for id in 1..=3u16 {
+        c.send5(rel5(id)).await;
+        assert!(
+            matches!(c.recv5().await, Some(v5::Packet::PublishComplete(a)) if a.packet_id.get() == id)
+        );
+    }
+    // A client that sends past Receive Maximum (3 awaiting PUBREL + 1) is told so: 0x93.
+    for id in 4..=6u16 {
+        c.send5(v5::Packet::Publish(Box::new(publish(
+            "q2/a",
+            2,
+            id,
+            b"y",
+            Some(Default::default()),
+        ))))
+        .await;
+        assert!(matches!(
+            c.recv5().await,
+            Some(v5::Packet::PublishReceived(_))
+        ));
+    }
+    c.send5(v5::Packet::Publish(Box::new(publish(
+        "q2/a",
+        1,
+        7,
+        b"z",
+        Some(Default::default()),
+    ))))
+    .await;
+    match c.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x93),
+        other => panic!("{other:?}"),
+    }
+    assert!(c.closed().await);
+
+    // 3.1.1: the window full of QoS 2 awaiting PUBREL; then the client closes its socket. The
+    // session ends at once and frees the principal's only connection slot.
+    let mut c3 = Raw::connect(mqtt, false).await;
+    let mut conn3 = sluice_tests::mqtt::connect3("q2-v3", 30);
+    conn3.password = Some(bytes::Bytes::from_static(KEY.as_bytes()));
+    conn3.username = Some("x".into());
+    c3.send3(v3::Packet::Connect(Box::new(conn3))).await;
+    assert!(matches!(c3.recv3().await, Some(v3::Packet::ConnectAck(_))));
+    for id in 1..=3u16 {
+        c3.send3(v3::Packet::Publish(Box::new(publish(
+            "q2/b", 2, id, b"w", None,
+        ))))
+        .await;
+        assert!(
+            matches!(c3.recv3().await, Some(v3::Packet::PublishReceived { packet_id }) if packet_id.get() == id)
+        );
+    }
+    c3.send3(v3::Packet::PingRequest).await;
+    assert!(matches!(c3.recv3().await, Some(v3::Packet::PingResponse)));
+    drop(c3);
+    // The principal may hold one connection: a new one (another client id) gets in once the
+    // closed one has ended.
+    let ok = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        let mut n = Raw::connect(mqtt, true).await;
+        n.send5(v5::Packet::Connect(Box::new(keyed_connect("q2-next"))))
+            .await;
+        matches!(n.recv5().await, Some(v5::Packet::ConnectAck(a)) if u8::from(a.reason_code) == 0)
+    })
+    .await;
+    assert!(ok, "the closed session still holds its principal's slot");
+    let log = read_log(&s.data_dir, "q2", &[]).unwrap();
+    assert_eq!(
+        log.len(),
+        9,
+        "every publish answered with PUBREC is stored once: {log:?}"
+    );
+}
+
+/// Delayed wills are bounded in bytes as well as in count: a device fleet (or an attacker) that
+/// leaves with large delayed wills cannot park unbounded memory in the gateway. Past
+/// `mqtt.max_pending_will_bytes` a will is published at once ("shed") instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_wills_past_their_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(dir.path(), "[mqtt]\nmax_pending_will_bytes = 300\n", &[]);
+    let mqtt = s.mqtt.unwrap();
+    let with_will = |id: &str| {
+        let mut c = connect5(id, 30);
+        c.last_will = Some(v5::LastWill {
+            qos: rmqtt_codec::types::QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("wills/{id}").into(),
+            message: bytes::Bytes::from(vec![b'w'; 200]),
+            will_delay_interval_sec: Some(3600),
+            correlation_data: None,
+            message_expiry_interval: None,
+            content_type: None,
+            user_properties: Vec::new(),
+            is_utf8_payload: None,
+            response_topic: None,
+        });
+        c
+    };
+    let mqtt_connections = || async {
+        sluice_tests::metric(
+            &s.metrics().await,
+            "sluice_connections",
+            "protocol=\"mqtt\"",
+        )
+    };
+    // The first (about 255 bytes) fits the 300-byte budget and waits for its hour.
+    let (a, _) = sluice_tests::mqtt::session5(mqtt, with_will("dev-a")).await;
+    drop(a);
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            mqtt_connections().await == 0.0
+        })
+        .await
+    );
+    // The second does not fit: published at once.
+    let (b, _) = sluice_tests::mqtt::session5(mqtt, with_will("dev-b")).await;
+    drop(b);
+    let published = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        read_log(&s.data_dir, "wills", &[]).is_ok_and(|l| !l.is_empty())
+    })
+    .await;
+    assert!(
+        published,
+        "the will past the byte budget was not published at once"
+    );
+    let log = read_log(&s.data_dir, "wills", &[]).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["key"], "dev-b");
+    assert_eq!(log[0]["headers"]["mqtt-will"], "true");
+    let m = s.metrics().await;
+    assert_eq!(
+        sluice_tests::metric(&m, "sluice_mqtt_wills_total", "outcome=\"shed\""),
+        1.0,
+        "{m}"
+    );
+}

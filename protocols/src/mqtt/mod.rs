@@ -59,6 +59,8 @@ pub struct MqttOptions {
     pub quota_disconnect_after: u32,
     pub max_will_delay_secs: u32,
     pub max_pending_wills: usize,
+    /// Bytes of delayed wills waiting at once.
+    pub pending_will_bytes: sluice_core::Budget,
 }
 
 /// What one MQTT listener (TCP or TLS) brings of its own.
@@ -151,7 +153,7 @@ type SessionKey = (Arc<str>, bytestring::ByteString);
 
 /// Open sessions by client identifier (a new CONNECT with the same identifier takes the
 /// session over), and wills waiting for their delay. Both are bounded: sessions by the
-/// connection limits, wills by `max_pending_wills`.
+/// connection limits, wills by `max_pending_wills` and `max_pending_will_bytes`.
 #[derive(Default)]
 struct Registry {
     sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,

@@ -35,6 +35,9 @@ const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
 const MAX_CLIENT_ID: usize = 256;
 /// The smallest read buffer (idle connections).
 const MIN_READ: usize = 512;
+/// How much a connection under backpressure may have buffered and still be read (to notice a
+/// closed socket).
+const PEEK_BYTES: usize = 4096;
 
 /// Why and how a connection ends.
 enum Close {
@@ -295,6 +298,9 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     }
     metrics.mqtt_disconnect(label);
     mqtt.release(&key, conn_id);
+    // The socket is gone: its principal's connection slot is free now, not after the appends
+    // still in flight below.
+    drop(conn.principal.lock().unwrap().take());
     io.close().await;
     // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
     // before the will, and while the session still counts for the drain.
@@ -556,13 +562,16 @@ fn prepare_will<I: Ingest>(
         &w.user_properties,
     )
     .map_err(|m| (5, 0x99, format!("will: {m}")))?;
+    // The will lives as long as the session (and its delay after it): copied into buffers of its
+    // own, so it does not keep the CONNECT's read buffer alive.
+    let own = |b: &Bytes| Bytes::copy_from_slice(b);
     Ok(PreparedWill {
         stream,
         event: Event {
             key: key.map(Bytes::from),
             id: None,
-            headers,
-            value: w.payload.clone(),
+            headers: headers.iter().map(|(k, v)| (own(k), own(v))).collect(),
+            value: own(&w.payload),
         },
         delay_secs: w.delay_secs.min(mqtt.opts.max_will_delay_secs),
     })
@@ -681,12 +690,23 @@ impl<I: Ingest> Session<I> {
         self.codec.version() == Version::V5
     }
 
+    /// Whether the connection's packets are decoded: not while the server owes Receive Maximum
+    /// answers, has MAX_GROUPS batches unanswered, or holds a batch for the log. QoS 2 publishes
+    /// answered with PUBREC and waiting for the client's PUBREL do not count here: the client
+    /// owes that packet, and reading is how it arrives (counting them could leave a full window
+    /// waiting for PUBRELs nobody reads).
     fn can_read(&self) -> bool {
         !self.closing
-            && self.unanswered + self.qos2_received.len()
-                < usize::from(self.mqtt.opts.receive_maximum)
+            && self.unanswered < usize::from(self.mqtt.opts.receive_maximum)
             && self.pending.len() < MAX_GROUPS
             && self.pending.front().is_none_or(|g| g.held_since.is_none())
+    }
+
+    /// While packets are not decoded (backpressure), the socket is still read into a small
+    /// buffer: a closed socket then ends the session at once and frees its slots, and a client
+    /// that keeps sending is not mistaken for a silent one.
+    fn can_peek(&self) -> bool {
+        !self.closing && self.rbuf.len() < PEEK_BYTES
     }
 
     async fn serve<T: Transport>(
@@ -703,9 +723,13 @@ impl<I: Ingest> Session<I> {
                 return Close::Shutdown;
             }
             let can_read = self.can_read();
+            let can_peek = !can_read && self.can_peek();
             if !can_read {
-                // Not reading is the server's doing: the client's silence does not count.
+                // Not decoding is the server's doing: the client's silence does not count.
                 deadline = Instant::now() + keep_alive;
+            }
+            if can_peek && self.rbuf.capacity() - self.rbuf.len() < MIN_READ {
+                self.rbuf.reserve(MIN_READ);
             }
             // The read buffer follows the traffic: an idle connection holds a small one (memory
             // per idle connection), a busy one grows it (fewer reads per packet).
@@ -725,7 +749,7 @@ impl<I: Ingest> Session<I> {
                     Some((id, idx, out)) = self.appender.appends.next(), if has_appends => Step::Appended(id, idx, out),
                     _ = async { queued.expect("checked").await }, if has_queued => Step::Queued,
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
-                    r = io.read_into(&mut self.rbuf), if can_read => Step::Read(r),
+                    r = io.read_into(&mut self.rbuf), if can_read || can_peek => Step::Read(r),
                     _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
                 }
             };
@@ -923,6 +947,25 @@ impl<I: Ingest> Session<I> {
                 0x82,
                 "protocol",
                 "QoS 1/2 PUBLISH without a packet identifier",
+            ));
+        }
+        // An MQTT 5 client counts a QoS 2 publish against Receive Maximum until PUBCOMP; one
+        // that sends more is told so (a 3.1.1 client has no such limit: its QoS 2 ids awaiting
+        // PUBREL are bounded by the 65,535 packet identifiers).
+        let receive_maximum = usize::from(self.mqtt.opts.receive_maximum);
+        if v5
+            && qos > 0
+            && self.unanswered + self.qos2_received.len() >= receive_maximum
+            && !packet_id.is_some_and(|id| {
+                self.qos2_received.contains(&id.get()) || self.qos2_pending.contains(&id.get())
+            })
+        {
+            return Err(error(
+                0x93,
+                "protocol",
+                format!(
+                    "more than Receive Maximum ({receive_maximum}) QoS 1/2 publishes unacknowledged"
+                ),
             ));
         }
         if v5 && p.retain {
@@ -1314,7 +1357,8 @@ impl<I: Ingest> Mqtt<I> {
             return;
         }
         let mut wills = self.registry.wills.lock().unwrap();
-        if wills.len() >= self.opts.max_pending_wills {
+        let held = self.opts.pending_will_bytes.try_reserve(w.event.size());
+        if wills.len() >= self.opts.max_pending_wills || held.is_err() {
             drop(wills);
             drop(sessions);
             self.ingest.metrics().mqtt_will("shed");
@@ -1323,6 +1367,8 @@ impl<I: Ingest> Mqtt<I> {
         }
         let key2 = key.clone();
         let task = tokio::spawn(async move {
+            // Its bytes count against max_pending_will_bytes until it is appended (or cancelled).
+            let _held = held;
             tokio::time::sleep(Duration::from_secs(u64::from(w.delay_secs))).await;
             {
                 let mut wills = this.registry.wills.lock().unwrap();
