@@ -130,7 +130,10 @@ impl ApiKeys {
                 format!("API key `{id}` has expired"),
             ));
         }
-        Ok(e.principal.clone())
+        Ok(match e.expires_at {
+            Some(t) => e.principal.clone().expiring_at(t.into()),
+            None => e.principal.clone(),
+        })
     }
 }
 

@@ -57,6 +57,44 @@ pub struct Credentials<'a> {
     pub client_cert: Option<&'a [u8]>,
 }
 
+/// [`Credentials`] kept by a long-lived session (MQTT, WebSocket, gRPC stream) so that its
+/// principal can be checked again after a reload or when the credential expires.
+#[derive(Clone, Default)]
+pub struct OwnedCredentials {
+    authorization: Option<String>,
+    api_key: Option<String>,
+    bearer: Option<String>,
+    client_cert: Option<std::sync::Arc<[u8]>>,
+}
+
+impl std::fmt::Debug for OwnedCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OwnedCredentials(<redacted>)")
+    }
+}
+
+impl OwnedCredentials {
+    /// A copy of `c` (the certificate is shared, not copied).
+    pub fn of(c: &Credentials<'_>, client_cert: Option<std::sync::Arc<[u8]>>) -> Self {
+        Self {
+            authorization: c.authorization.map(str::to_string),
+            api_key: c.api_key.map(str::to_string),
+            bearer: c.bearer.map(str::to_string),
+            client_cert,
+        }
+    }
+
+    /// The credentials, borrowed.
+    pub fn as_credentials(&self) -> Credentials<'_> {
+        Credentials {
+            authorization: self.authorization.as_deref(),
+            api_key: self.api_key.as_deref(),
+            bearer: self.bearer.as_deref(),
+            client_cert: self.client_cert.as_deref(),
+        }
+    }
+}
+
 /// API keys, JWT issuers and mTLS rules, with failure limiting per source address.
 pub struct Authenticator {
     api_keys: ApiKeys,
@@ -114,6 +152,16 @@ impl Authenticator {
             self.failures.record(peer, Instant::now());
         }
         result
+    }
+
+    /// The principal behind `creds` now, for a session that authenticated before: no failure
+    /// limiting (the session is not guessing), the configuration of this authenticator.
+    pub async fn recheck(
+        &self,
+        policy: &ListenerPolicy,
+        creds: Credentials<'_>,
+    ) -> Result<Principal, AuthFailure> {
+        self.check(policy, creds).await
     }
 
     async fn check(

@@ -445,6 +445,11 @@ impl JwtVerifier {
             .filter_map(|e| e.strip_prefix(prefix))
             .map(str::to_string)
             .collect();
-        Ok((Principal::new(name, Permissions::Streams(streams)), exp))
+        let valid_until = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(exp).unwrap_or(0) + issuer.cfg.leeway_s);
+        Ok((
+            Principal::new(name, Permissions::Streams(streams)).expiring_at(valid_until),
+            exp,
+        ))
     }
 }

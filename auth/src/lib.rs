@@ -12,26 +12,39 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use authn::{Authenticator, Credentials, ListenerPolicy};
+pub use authn::{Authenticator, Credentials, ListenerPolicy, OwnedCredentials};
 
 /// A value replaced as a whole at run time (configuration reload): readers take a cheap
 /// snapshot, writers swap in a new value; requests in flight keep the snapshot they took.
+/// Long-lived holders can [`Swap::subscribe`] to hear of replacements.
 #[derive(Debug)]
-pub struct Swap<T>(std::sync::RwLock<Arc<T>>);
+pub struct Swap<T> {
+    value: std::sync::RwLock<Arc<T>>,
+    replaced: tokio::sync::watch::Sender<u64>,
+}
 
 impl<T> Swap<T> {
     pub fn new(value: T) -> Self {
-        Self(std::sync::RwLock::new(Arc::new(value)))
+        Self {
+            value: std::sync::RwLock::new(Arc::new(value)),
+            replaced: tokio::sync::watch::channel(0).0,
+        }
     }
 
     /// The current value.
     pub fn load(&self) -> Arc<T> {
-        self.0.read().unwrap().clone()
+        self.value.read().unwrap().clone()
     }
 
-    /// Replaces the value for every later `load`.
+    /// Replaces the value for every later `load`, and tells every subscriber.
     pub fn store(&self, value: T) {
-        *self.0.write().unwrap() = Arc::new(value);
+        *self.value.write().unwrap() = Arc::new(value);
+        self.replaced.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that changes whenever the value is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replaced.subscribe()
     }
 }
 
@@ -75,6 +88,9 @@ pub struct Principal {
     name: Arc<str>,
     // Shared, so that handing a cached principal to every request is two reference counts.
     permissions: Arc<Permissions>,
+    /// When the credential stops being valid (a JWT's `exp` plus leeway, an API key's
+    /// `expires_at`); long-lived sessions are checked again then.
+    expires_at: Option<std::time::SystemTime>,
 }
 
 impl Principal {
@@ -83,6 +99,7 @@ impl Principal {
         Self {
             name: Arc::from("anonymous"),
             permissions: Arc::new(Permissions::All),
+            expires_at: None,
         }
     }
 
@@ -91,7 +108,24 @@ impl Principal {
         Self {
             name: name.into(),
             permissions: Arc::new(permissions),
+            expires_at: None,
         }
+    }
+
+    /// The same principal, valid until `at`.
+    pub fn expiring_at(mut self, at: std::time::SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// When the credential behind this principal stops being valid, if it does.
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.expires_at
+    }
+
+    /// Whether `other` is the same identity with the same permissions (expiry aside).
+    pub fn same_grant(&self, other: &Principal) -> bool {
+        self.name == other.name && self.permissions == other.permissions
     }
 
     /// The principal's name, as recorded with its events.

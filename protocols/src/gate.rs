@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_auth::{AuthFailure, Authenticator, Credentials, FailureKind, ListenerPolicy, Swap};
+use sluice_auth::{
+    AuthFailure, Authenticator, Credentials, FailureKind, ListenerPolicy, OwnedCredentials, Swap,
+};
 use sluice_core::metrics::Metrics;
 use sluice_core::{Principal, Rejection};
 
@@ -80,5 +82,115 @@ impl Gate {
             return Err(Refused::Connections(principal));
         }
         Ok(principal)
+    }
+}
+
+/// How long a session waits before its principal is checked again when its credential is still
+/// within its expiry (a clock step, or the end of a leeway): never a busy loop.
+const MIN_RECHECK: Duration = Duration::from_secs(1);
+
+/// What a long-lived session (MQTT connection, WebSocket, gRPC stream) keeps to check its
+/// principal again: its credentials, and a subscription to configuration reloads.
+#[derive(Clone)]
+pub struct SessionAuth {
+    creds: OwnedCredentials,
+    principal: Principal,
+    reloaded: tokio::sync::watch::Receiver<u64>,
+    next_expiry: Option<tokio::time::Instant>,
+}
+
+/// Why [`Gate::recheck`] ends a session.
+#[derive(Debug)]
+pub enum Revoked {
+    /// The credential is no longer accepted (key removed or disabled, token expired, issuer or
+    /// rule gone).
+    Credentials(AuthFailure),
+    /// The credential is still accepted but grants something else now (permissions narrowed or
+    /// changed): the session ends so that the client reconnects under the new grant.
+    Changed,
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Revoked::Credentials(a) => {
+                write!(f, "credentials no longer accepted: {}", a.description)
+            }
+            Revoked::Changed => {
+                f.write_str("the principal's permissions changed; reconnect to use the new ones")
+            }
+        }
+    }
+}
+
+impl SessionAuth {
+    /// Completes when the session's principal must be checked again: the configuration was
+    /// reloaded, or its credential reached its expiry.
+    pub async fn due(&mut self) {
+        let expiry = self.next_expiry;
+        tokio::select! {
+            changed = self.reloaded.changed() => {
+                if changed.is_err() {
+                    // The gateway is going away: nothing will change any more.
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {}
+        }
+    }
+
+    /// The principal the session authenticated as (unchanged while it lasts).
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    fn schedule(&mut self) {
+        self.next_expiry = self.principal.expires_at().map(|t| {
+            let left = t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + left.max(MIN_RECHECK)
+        });
+    }
+}
+
+impl Gate {
+    /// [`Gate::admit`] for a long-lived session: also what it needs to be checked again.
+    pub async fn admit_session(
+        &self,
+        protocol: &'static str,
+        metrics: &Metrics,
+        conn: &ConnInfo,
+        creds: Credentials<'_>,
+    ) -> Result<(Principal, SessionAuth), Refused> {
+        // Subscribed before authenticating, so a reload that lands in between is seen.
+        let reloaded = self.auth.subscribe();
+        let principal = self.admit(protocol, metrics, conn, creds).await?;
+        let mut session = SessionAuth {
+            creds: OwnedCredentials::of(&creds, conn.client_cert.clone()),
+            principal: principal.clone(),
+            reloaded,
+            next_expiry: None,
+        };
+        session.schedule();
+        Ok((principal, session))
+    }
+
+    /// Checks a session's principal again with the current configuration (after
+    /// [`SessionAuth::due`]): Ok while it stands as it was, else why the session ends.
+    pub async fn recheck(&self, s: &mut SessionAuth) -> Result<(), Revoked> {
+        s.reloaded.borrow_and_update();
+        let now = self
+            .auth
+            .load()
+            .recheck(&self.policy, s.creds.as_credentials())
+            .await
+            .map_err(Revoked::Credentials)?;
+        if !now.same_grant(&s.principal) {
+            return Err(Revoked::Changed);
+        }
+        s.principal = now;
+        s.schedule();
+        Ok(())
     }
 }

@@ -951,3 +951,156 @@ async fn delayed_wills_past_their_byte_budget() {
         "{m}"
     );
 }
+
+const KEY_B: &str = "dev2.s3cret-s3cret";
+const HS: &str = "an-hs256-secret-that-is-long-enough-1234";
+
+fn revocation_config(with_a: bool, b_streams: &[&str]) -> String {
+    let a = if with_a {
+        api_key_entry(KEY, "device-a", &["*"])
+    } else {
+        String::new()
+    };
+    format!(
+        "[[auth.jwt.issuers]]\nissuer = \"https://idp.test\"\naudiences = [\"sluice\"]\nalgorithms = [\"HS256\"]\n\
+         hs256_secret = \"{HS}\"\nleeway_s = 0\npermissions_claim = \"streams\"\npermission_prefix = \"\"\n{a}{}",
+        api_key_entry(KEY_B, "device-b", b_streams)
+    )
+}
+
+/// A key removed by a reload, a permission narrowed by a reload, and a JWT that expires end the
+/// open sessions they authenticated, within about a second, with each protocol's own reason:
+/// MQTT 5 DISCONNECT 0x87 (revoked or expired) or 0x98 (permissions changed), WebSocket close
+/// 1008, a gRPC stream's UNAUTHENTICATED. Sessions of other credentials go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_outliving_their_credentials() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(dir.path(), &revocation_config(true, &["*"]), &[]);
+    let mqtt = s.mqtt.unwrap();
+    let connect_with = |id: &str, secret: &'static str| {
+        let mut c = connect5(id, 60);
+        c.password = Some(bytes::Bytes::from_static(secret.as_bytes()));
+        c
+    };
+    // Key A: an MQTT session, a WebSocket and a gRPC stream.
+    let (mut m_a, _) = sluice_tests::mqtt::session5(mqtt, connect_with("a-1", KEY)).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/v1/streams/rev/ws", s.http),
+    )
+    .unwrap();
+    req.headers_mut().insert("x-api-key", KEY.parse().unwrap());
+    let (mut ws_a, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (batches, rx) = tokio::sync::mpsc::channel::<pb::PublishStreamRequest>(4);
+    let mut call = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    call.metadata_mut()
+        .insert("x-api-key", KEY.parse().unwrap());
+    batches
+        .send(pb::PublishStreamRequest {
+            sequence: 1,
+            stream: "rev".into(),
+            events: vec![pb::Event {
+                value: b"before".to_vec().into(),
+                ..Default::default()
+            }],
+            content_type: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut answers = IngestClient::new(ch)
+        .publish_stream(call)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.sequence, 1);
+    assert!(first.status.is_none(), "{first:?}");
+    // Key B (every stream for now) and a JWT that expires in two seconds.
+    let (mut m_b, _) = sluice_tests::mqtt::session5(mqtt, connect_with("b-1", KEY_B)).await;
+    let exp = pki::now() + 2;
+    let token = pki::hs256(
+        HS.as_bytes(),
+        &serde_json::json!({"iss": "https://idp.test", "aud": "sluice", "sub": "device-j", "exp": exp, "streams": ["*"]}),
+    );
+    let mut jc = connect5("j-1", 60);
+    jc.password = Some(bytes::Bytes::from(token));
+    let (mut m_j, _) = sluice_tests::mqtt::session5(mqtt, jc).await;
+
+    // The JWT expires: its session ends with 0x87 soon after `exp` (and not before).
+    let expired_at = Instant::now();
+    match m_j.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(u8::from(d.reason_code), 0x87, "{d:?}");
+            assert!(d.reason_string.unwrap().contains("expired"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(pki::now() >= exp, "ended before the token expired");
+    assert!(expired_at.elapsed() < Duration::from_secs(6));
+
+    // Reload: key A removed, key B narrowed to one stream.
+    std::fs::write(s.config_path(), revocation_config(false, &["only-this"])).unwrap();
+    s.signal("HUP").unwrap();
+    match m_a.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(u8::from(d.reason_code), 0x87, "{d:?}");
+            assert!(d.reason_string.unwrap().contains("unknown API key"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match m_b.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x98, "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws_a.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(c))) => break c.expect("a close frame"),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    let end = tokio::time::timeout(Duration::from_secs(20), answers.message())
+        .await
+        .unwrap();
+    match end {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}"),
+        other => panic!("the stream went on: {other:?}"),
+    }
+    let m = s.metrics().await;
+    for (protocol, n) in [("mqtt", 3.0), ("websocket", 1.0), ("grpc", 1.0)] {
+        assert_eq!(
+            sluice_tests::metric(
+                &m,
+                "sluice_sessions_revoked_total",
+                &format!("protocol=\"{protocol}\"")
+            ),
+            n,
+            "{protocol}: {m}"
+        );
+    }
+    // Key B reconnects under its new grant: its one stream only.
+    let (mut again, _) = sluice_tests::mqtt::session5(mqtt, connect_with("b-2", KEY_B)).await;
+    again
+        .send5(v5::Packet::Publish(Box::new(publish(
+            "elsewhere/k",
+            1,
+            1,
+            b"x",
+            Some(Default::default()),
+        ))))
+        .await;
+    match again.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x87),
+        other => panic!("{other:?}"),
+    }
+}

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub stream_last_event: Family<StreamOnlyLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Failed authentications by protocol, method and reason.
     pub auth_failures: Family<AuthLabels, Counter>,
+    /// Long-lived sessions ended because their credentials were revoked, expired or changed.
+    pub sessions_revoked: Family<ProtocolLabels, Counter>,
     /// Events refused or delayed by quotas.
     pub events_throttled: Family<ThrottleLabels, Counter>,
     /// Requests held by a `delay` quota before they fit.
@@ -142,6 +144,7 @@ impl Default for Metrics {
             connections_opened: Default::default(),
             stream_last_event: Default::default(),
             auth_failures: Default::default(),
+            sessions_revoked: Default::default(),
             events_throttled: Default::default(),
             requests_delayed: Default::default(),
             events_shed: Default::default(),
@@ -281,6 +284,11 @@ impl Metrics {
             "Failed authentications by protocol, method (api_key, jwt, mtls, none, any) and reason",
             self.auth_failures.clone(),
         );
+        registry.register(
+            "sessions_revoked",
+            "Long-lived sessions (MQTT, WebSocket, gRPC streams) ended because their credentials were revoked, expired or grant other permissions now",
+            self.sessions_revoked.clone(),
+        );
     }
 
     /// Counts one failed authentication.
@@ -303,6 +311,13 @@ impl Metrics {
                 stream: stream.to_string(),
             })
             .set(now);
+    }
+
+    /// Counts one session ended by revocation.
+    pub fn session_revoked(&self, protocol: &'static str) {
+        self.sessions_revoked
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     pub fn auth_failure(&self, protocol: &'static str, method: &'static str, reason: &'static str) {

@@ -20,7 +20,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::gate::Gate;
+use crate::gate::{Gate, Revoked, SessionAuth};
 use crate::lanes::{self, Lanes};
 use crate::server::{self, ConnInfo, ServerOptions};
 
@@ -69,6 +69,7 @@ pub async fn serve<I: Ingest>(
     let metrics_of_gate = Arc::new(ingest.metrics().clone());
     let service = GrpcIngest {
         ingest,
+        gate: opts.gate.clone(),
         max_batches_in_flight: opts.max_batches_in_flight,
     };
     let ingest_svc = IngestServer::new(service)
@@ -106,10 +107,13 @@ pub async fn serve<I: Ingest>(
                     // message: an unauthenticated client cannot make the gateway decode
                     // anything.
                     match authenticate_call(&gate, &metrics, &req, &conn).await {
-                        Ok(principal) => {
+                        Ok((principal, session)) => {
                             let mut req = req.map(tonic::body::Body::new);
                             req.extensions_mut().insert(conn);
                             req.extensions_mut().insert(principal);
+                            if let Some(session) = session {
+                                req.extensions_mut().insert(session);
+                            }
                             ingest_svc.call(req).await
                         }
                         Err(status) => Ok(status.into_http()),
@@ -172,17 +176,20 @@ async fn report_health(
 /// The `sluice.v1.Ingest` implementation over an [`Ingest`] service.
 struct GrpcIngest<I> {
     ingest: Arc<I>,
+    /// Checks `PublishStream` principals again after reloads and at their expiry.
+    gate: Gate,
     max_batches_in_flight: usize,
 }
 
 /// The principal of a `sluice.v1.Ingest` call, from its headers and the connection's client
-/// certificate, before anything of its body is read.
+/// certificate, before anything of its body is read; for a `PublishStream` call also what the
+/// stream needs to check it again while it lasts.
 async fn authenticate_call(
     gate: &Gate,
     metrics: &sluice_core::metrics::Metrics,
     req: &Request<Incoming>,
     conn: &ConnInfo,
-) -> Result<Principal, Status> {
+) -> Result<(Principal, Option<SessionAuth>), Status> {
     let get = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
     let creds = Credentials {
         authorization: get("authorization"),
@@ -190,9 +197,19 @@ async fn authenticate_call(
         bearer: None,
         client_cert: conn.client_cert.as_deref(),
     };
-    gate.admit(PROTO, metrics, conn, creds)
+    let refused = |r: crate::gate::Refused| status_of(&r.rejection());
+    if req.uri().path().ends_with("/PublishStream") {
+        let (p, s) = gate
+            .admit_session(PROTO, metrics, conn, creds)
+            .await
+            .map_err(refused)?;
+        return Ok((p, Some(s)));
+    }
+    let p = gate
+        .admit(PROTO, metrics, conn, creds)
         .await
-        .map_err(|refused| status_of(&refused.rejection()))
+        .map_err(refused)?;
+    Ok((p, None))
 }
 
 /// The gRPC status of a rejection (DESIGN §3); retryable ones carry google.rpc.RetryInfo.
@@ -451,6 +468,12 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
     ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
         let deadline = deadline_of(request.metadata());
         let principal = principal_of(&request)?;
+        let mut auth = request
+            .extensions()
+            .get::<SessionAuth>()
+            .cloned()
+            .ok_or_else(|| Status::internal("the stream was not authenticated"))?;
+        let gate = self.gate.clone();
         let span = tracing::info_span!(
             "call",
             method = "PublishStream",
@@ -481,6 +504,20 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                             let _ = pending_tx.send(Pending::End(deadline_exceeded())).await;
                             return;
                         }
+                        // A reload or the credential's expiry: the stream goes on only while
+                        // its principal stands (batches already read are still answered).
+                        _ = auth.due() => match gate.recheck(&mut auth).await {
+                            Ok(()) => continue,
+                            Err(revoked) => {
+                                ingest.metrics().session_revoked(PROTO);
+                                let status = match &revoked {
+                                    Revoked::Credentials(_) => Status::unauthenticated(revoked.to_string()),
+                                    Revoked::Changed => Status::aborted(revoked.to_string()),
+                                };
+                                let _ = pending_tx.send(Pending::End(status)).await;
+                                return;
+                            }
+                        },
                     };
                     match next {
                         Ok(Some(batch)) => {

@@ -286,7 +286,11 @@ pub(super) async fn upgrade<I: Ingest>(
         bearer: sub_token.as_deref().or(query_token.as_deref()),
         client_cert: conn.client_cert.as_deref(),
     };
-    let principal = match ctx.gate.admit(PROTO, ingest.metrics(), &conn, creds).await {
+    let (principal, auth) = match ctx
+        .gate
+        .admit_session(PROTO, ingest.metrics(), &conn, creds)
+        .await
+    {
         Ok(p) => p,
         Err(refused) => {
             let r = refused.rejection();
@@ -304,6 +308,7 @@ pub(super) async fn upgrade<I: Ingest>(
         return (rejection_response(&r), r.code());
     };
     let shutdown = ctx.ws_shutdown.clone();
+    let gate = ctx.gate.clone();
     let span = tracing::info_span!(
         "conn",
         protocol = PROTO,
@@ -333,7 +338,7 @@ pub(super) async fn upgrade<I: Ingest>(
                         stream,
                         opts,
                     }
-                    .run(ws, shutdown)
+                    .run(ws, shutdown, gate, auth)
                     .await;
                     gauge.dec();
                 }
@@ -371,8 +376,13 @@ enum Out {
 }
 
 impl<I: Ingest> Session<I> {
-    async fn run<S>(self, ws: WebSocketStream<S>, mut shutdown: watch::Receiver<bool>)
-    where
+    async fn run<S>(
+        self,
+        ws: WebSocketStream<S>,
+        mut shutdown: watch::Receiver<bool>,
+        gate: crate::gate::Gate,
+        mut auth: crate::gate::SessionAuth,
+    ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (mut sink, mut source) = ws.split();
@@ -460,6 +470,23 @@ impl<I: Ingest> Session<I> {
                 }
                 _ = stopped(&mut shutdown) => break,
                 _ = out_tx.closed() => break,
+                // A reload or the credential's expiry: go on only while the principal stands.
+                _ = auth.due() => {
+                    drop(permit);
+                    if let Err(revoked) = gate.recheck(&mut auth).await {
+                        session.ingest.metrics().session_revoked(PROTO);
+                        let reason = revoked.to_string();
+                        // Close reasons are at most 123 bytes.
+                        let mut end = reason.len().min(120);
+                        while !reason.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        let reason = &reason[..end];
+                        let _ = out_tx.send(Out::Close(close(CloseCode::Policy, reason))).await;
+                        break;
+                    }
+                    continue;
+                }
             };
             idle = tokio::time::Instant::now() + opts.idle_timeout;
             let msg = match next {

@@ -24,7 +24,7 @@ type Outcome = Result<Vec<Receipt>, Rejection>;
 /// An append in flight: its group, the items it holds, and its outcome.
 type Append =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<usize>, Outcome)> + Send>>;
-use crate::gate::{Gate, Refused};
+use crate::gate::{Gate, Refused, Revoked, SessionAuth};
 use crate::server::ConnInfo;
 
 /// Publishes of one stream appended as one batch, at most.
@@ -207,6 +207,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     };
     let Accepted {
         principal,
+        auth,
         key,
         kicked,
         will,
@@ -254,7 +255,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         closing: false,
         read_hint: MIN_READ,
     };
-    let close = s.serve(&mut io, kicked, keep_alive).await;
+    let close = s.serve(&mut io, kicked, keep_alive, gate, auth).await;
     let appender = std::mem::replace(
         &mut s.appender,
         Appender {
@@ -379,6 +380,7 @@ async fn read_connect<T: Transport>(
 
 struct Accepted {
     principal: Principal,
+    auth: SessionAuth,
     key: SessionKey,
     kicked: oneshot::Receiver<()>,
     will: Option<PreparedWill>,
@@ -433,7 +435,10 @@ async fn accept<I: Ingest>(
         bearer: token,
         client_cert: conn.client_cert.as_deref(),
     };
-    let principal = match gate.admit(PROTO, mqtt.ingest.metrics(), conn, creds).await {
+    let (principal, auth) = match gate
+        .admit_session(PROTO, mqtt.ingest.metrics(), conn, creds)
+        .await
+    {
         Ok(p) => p,
         Err(Refused::Auth(f)) => {
             let c = match f.kind {
@@ -487,6 +492,7 @@ async fn accept<I: Ingest>(
     };
     Ok(Accepted {
         principal,
+        auth,
         key,
         kicked,
         will,
@@ -683,6 +689,7 @@ enum Step {
     Retry,
     Read(std::io::Result<usize>),
     KeepAlive,
+    Recheck,
 }
 
 impl<I: Ingest> Session<I> {
@@ -714,6 +721,8 @@ impl<I: Ingest> Session<I> {
         io: &mut T,
         mut kicked: oneshot::Receiver<()>,
         keep_alive: Duration,
+        gate: &Gate,
+        mut auth: SessionAuth,
     ) -> Close {
         let mut stop = self.mqtt.stop.subscribe();
         let mut deadline = Instant::now() + keep_alive;
@@ -751,6 +760,7 @@ impl<I: Ingest> Session<I> {
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
                     r = io.read_into(&mut self.rbuf), if can_read || can_peek => Step::Read(r),
                     _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
+                    _ = auth.due() => Step::Recheck,
                 }
             };
             let result = match step {
@@ -807,6 +817,20 @@ impl<I: Ingest> Session<I> {
                         "no packet within 1.5 times the keep-alive",
                     );
                 }
+                // A reload or the credential's expiry: the session goes on only while its
+                // principal stands as it authenticated (publishes already read are answered
+                // before the DISCONNECT, like a drain's).
+                Step::Recheck => match gate.recheck(&mut auth).await {
+                    Ok(()) => Ok(()),
+                    Err(revoked) => {
+                        let code = match revoked {
+                            Revoked::Credentials(_) => 0x87,
+                            Revoked::Changed => 0x98,
+                        };
+                        self.mqtt.ingest.metrics().session_revoked(PROTO);
+                        return error(code, "revoked", revoked.to_string());
+                    }
+                },
             };
             // Answer what is settled; acks may have made room: decode what is already buffered
             // (groups refused before appending, e.g. for their topic, are answered at once).
