@@ -382,6 +382,22 @@ impl ListenerAuthConfig {
     }
 }
 
+/// Loads `text` the way the gateway would (no environment): whether it was accepted. An
+/// accepted configuration must validate again to no problems and list its producer
+/// transports; either failing panics. For the fuzz target (`config/fuzz`, `config_loader`) and
+/// its corpus replay.
+pub fn fuzz_check(text: &str) -> bool {
+    match Config::from_toml_str(text, "fuzz", Vec::<(String, String)>::new()) {
+        Ok(c) => {
+            let problems = c.validate();
+            assert!(problems.is_empty(), "accepted, then invalid: {problems:?}");
+            let _ = c.producer_transports();
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// A way producers reach the gateway: one transport on one listener, with the credentials it
 /// accepts. Anonymity is decided here, per listener and transport, and nowhere else (DESIGN
 /// §11): every adapter gets its policy from [`Config::producer_transports`].
@@ -2560,6 +2576,27 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let c = Config::load(Some(&path), env).unwrap();
         assert!(c.producer_transports().iter().all(|t| !t.allow_anonymous));
+    }
+
+    /// Replays the `config_loader` fuzz target's seed corpus (config/fuzz/corpus): `ok-*` seeds
+    /// are accepted, `bad-*` seeds refused, none panics.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config_loader");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let accepted = fuzz_check(&text);
+            if name.starts_with("ok-") {
+                assert!(accepted, "{name} should be accepted");
+            } else if name.starts_with("bad-") {
+                assert!(!accepted, "{name} should be refused");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 8, "only {seen} seeds");
     }
 
     #[test]

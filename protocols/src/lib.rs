@@ -50,3 +50,55 @@ pub(crate) async fn append_batch<I: Ingest>(
     ingest.metrics().request(protocol.as_str(), outcome);
     result
 }
+
+/// Replays the seed corpora of the fuzz targets in `protocols/fuzz` (the MQTT one is replayed
+/// beside its codec): `ok-*` seeds decode into at least one event, `bad-*` seeds are refused,
+/// none panics.
+#[cfg(test)]
+mod fuzz_corpora {
+    fn replay(target: &str, decode: impl Fn(&[u8]) -> Result<usize, String>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let result = decode(&std::fs::read(&path).unwrap());
+            if name.starts_with("ok-") {
+                assert!(
+                    matches!(result, Ok(n) if n >= 1),
+                    "{target}/{name}: {result:?}"
+                );
+            } else if name.starts_with("bad-") {
+                assert!(
+                    result.is_err(),
+                    "{target}/{name} should be refused: {result:?}"
+                );
+            }
+            seen += 1;
+        }
+        assert!(seen >= 5, "only {seen} seeds in {}", dir.display());
+    }
+
+    #[test]
+    fn http_body() {
+        replay("http_body", |d| {
+            crate::http::body::decode_request(d).map_err(|r| r.to_string())
+        });
+    }
+
+    #[test]
+    fn ws_frame() {
+        replay("ws_frame", |d| {
+            crate::http::ws::decode_frame(&bytes::Bytes::copy_from_slice(d), 1000)
+                .map(|(_, n)| n)
+                .map_err(|r| r.to_string())
+        });
+    }
+
+    #[test]
+    fn grpc_message() {
+        replay("grpc_message", |d| crate::grpc::decode_publish(d, 1000));
+    }
+}

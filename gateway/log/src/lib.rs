@@ -22,7 +22,7 @@ use std::sync::Arc;
 pub use frame::{Frame, FrameBuilder, FrameView, RecordView};
 pub use log::{Guard, Log, LogOptions, StreamLog, StreamOptions};
 pub use metrics::LogMetrics;
-pub use partition::{PartitionOptions, PartitionWriter, Recovery};
+pub use partition::{PartitionOptions, PartitionWriter, Recovery, check_recovery};
 pub use reader::{PartitionReader, Record, partition_dirs};
 
 /// Why the log could not do what was asked.

@@ -123,7 +123,7 @@ impl<U: Message + Default + EventsField> Decoder for LimitedDecoder<U> {
 /// Counts the occurrences of `events_field` in the message `b`, and of the headers field in
 /// each of them; the refusal when either passes its limit. Bytes that are not valid protobuf are
 /// left for prost to refuse.
-fn check_counts(
+pub(crate) fn check_counts(
     b: &[u8],
     events_field: u32,
     max_events: u64,

@@ -357,6 +357,22 @@ fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, R
         .collect()
 }
 
+/// Decodes a `PublishRequest` message as the server would (event and header counts on the wire,
+/// prost, then Sluice's events with their reserved-name checks): how many events. For the fuzz
+/// target (`protocols/fuzz`, `grpc_message`) and its corpus replay.
+pub fn decode_publish(message: &[u8], max_events: u64) -> Result<usize, String> {
+    codec::check_counts(
+        message,
+        2,
+        max_events,
+        sluice_core::MAX_HEADERS_PER_EVENT as u64,
+    )?;
+    let req = <pb::PublishRequest as prost::Message>::decode(message).map_err(|e| e.to_string())?;
+    let content_type = content_type_or_default(req.content_type);
+    let events = events_of(req.events, &content_type).map_err(|r| r.to_string())?;
+    Ok(events.len())
+}
+
 /// The principal [`authenticate_call`] established for this call.
 fn principal_of<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
     req.extensions()

@@ -214,6 +214,35 @@ pub fn parse_ndjson(body: &Bytes, limit: EventLimit<'_>) -> Result<Vec<Event>, R
     Ok(events)
 }
 
+/// Decodes a request body as the HTTP adapter would, with the first byte choosing the content
+/// coding (bits 0-1: identity, gzip, zstd) and the format (bit 2: JSON, else NDJSON), within a
+/// 1 MiB body and 1,000 events: how many events. For the fuzz target (`protocols/fuzz`,
+/// `http_body`) and its corpus replay.
+pub fn decode_request(data: &[u8]) -> Result<usize, Rejection> {
+    let Some((&selector, body)) = data.split_first() else {
+        return Err(malformed("empty"));
+    };
+    let coding = match selector & 3 {
+        1 => Coding::Gzip,
+        2 => Coding::Zstd,
+        _ => Coding::Identity,
+    };
+    let body = decode(coding, Bytes::copy_from_slice(body), 1 << 20)?;
+    let limit = EventLimit {
+        max: 1000,
+        stream: "fuzz",
+    };
+    let events = if selector & 4 == 0 {
+        parse_json(&body, limit)?
+    } else {
+        parse_ndjson(&body, limit)?
+    };
+    for e in &events {
+        assert!(e.headers.len() <= sluice_core::MAX_HEADERS_PER_EVENT);
+    }
+    Ok(events.len())
+}
+
 fn malformed(message: impl Into<String>) -> Rejection {
     Rejection::Malformed {
         message: message.into(),

@@ -620,27 +620,44 @@ impl<I: Ingest> Session<I> {
                 ))
             }
             (Frame::Text(t), None) => {
-                #[derive(serde::Deserialize)]
-                struct Envelope<'a> {
-                    stream: String,
-                    #[serde(borrow)]
-                    events: &'a RawValue,
-                }
-                let env: Envelope = serde_json::from_slice(&t).map_err(|e| {
-                    fail(Rejection::Malformed {
-                        message: format!(
-                            "on /v1/ws a frame is {{\"stream\": \"…\", \"events\": event or array}}: {e}"
-                        ),
-                    })
-                })?;
-                let stream = StreamName::parse(&env.stream).map_err(fail)?;
+                let (stream, events) = envelope(&t).map_err(fail)?;
                 let limit = self.event_limit(&stream).map_err(fail)?;
-                let events = body::parse_json(&t.slice_ref(env.events.get().as_bytes()), limit)
-                    .map_err(fail)?;
+                let events = body::parse_json(&events, limit).map_err(fail)?;
                 Ok((stream, Bytes::from_static(b"application/json"), events))
             }
         }
     }
+}
+
+/// A `/v1/ws` text frame, `{"stream": "…", "events": event or array}`: its stream and the bytes
+/// of its events (a slice of the frame).
+fn envelope(t: &Bytes) -> Result<(StreamName, Bytes), Rejection> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        stream: String,
+        #[serde(borrow)]
+        events: &'a RawValue,
+    }
+    let env: Envelope = serde_json::from_slice(t).map_err(|e| Rejection::Malformed {
+        message: format!(
+            "on /v1/ws a frame is {{\"stream\": \"…\", \"events\": event or array}}: {e}"
+        ),
+    })?;
+    let stream = StreamName::parse(&env.stream)?;
+    Ok((stream, t.slice_ref(env.events.get().as_bytes())))
+}
+
+/// Decodes a `/v1/ws` text frame into events as a session would (at most `max_events`): the
+/// stream and how many events. For the fuzz target (`protocols/fuzz`, `ws_frame`) and its
+/// corpus replay.
+pub fn decode_frame(t: &Bytes, max_events: u64) -> Result<(StreamName, usize), Rejection> {
+    let (stream, events) = envelope(t)?;
+    let limit = body::EventLimit {
+        max: max_events,
+        stream: stream.as_str(),
+    };
+    let n = body::parse_json(&events, limit)?.len();
+    Ok((stream, n))
 }
 
 /// The client does not read its acks: tell it why (if the socket still takes a frame) and stop,
