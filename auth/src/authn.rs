@@ -6,7 +6,7 @@ use std::time::Instant;
 use sluice_config::{AuthConfig, AuthMethod, ProducerTransport};
 
 use crate::apikey::ApiKeys;
-use crate::failures::FailureLimiter;
+use crate::failures::{FailureLimiter, KnownGood};
 use crate::jwt::JwtVerifier;
 use crate::mtls::MtlsMapper;
 use crate::{AuthFailure, FailureKind, Principal};
@@ -57,6 +57,16 @@ pub struct Credentials<'a> {
     pub client_cert: Option<&'a [u8]>,
 }
 
+impl Credentials<'_> {
+    /// Whether nothing at all was presented.
+    pub fn is_empty(&self) -> bool {
+        self.authorization.is_none()
+            && self.api_key.is_none()
+            && self.bearer.is_none()
+            && self.client_cert.is_none()
+    }
+}
+
 /// [`Credentials`] kept by a long-lived session (MQTT, WebSocket, gRPC stream) so that its
 /// principal can be checked again after a reload or when the credential expires.
 #[derive(Clone, Default)]
@@ -101,6 +111,7 @@ pub struct Authenticator {
     jwt: JwtVerifier,
     mtls: MtlsMapper,
     failures: FailureLimiter,
+    known_good: KnownGood,
 }
 
 fn method_not_allowed(method: &'static str) -> AuthFailure {
@@ -119,6 +130,7 @@ impl Authenticator {
             jwt: JwtVerifier::new(&cfg.jwt)?,
             mtls: MtlsMapper::new(&cfg.mtls.rules),
             failures: FailureLimiter::new(&cfg.failures),
+            known_good: KnownGood::new(&cfg.failures),
         })
     }
 
@@ -135,7 +147,12 @@ impl Authenticator {
         peer: IpAddr,
         creds: Credentials<'_>,
     ) -> Result<Principal, AuthFailure> {
-        if let Some(wait) = self.failures.blocked(peer, Instant::now()) {
+        let now = Instant::now();
+        if let Some(wait) = self.failures.blocked(peer, now)
+            && !self.known_good.knows(&digest_of(&creds), now)
+        {
+            // Only credentials that authenticated recently get through a throttled address;
+            // anything else is refused without being checked, so guessing gains nothing.
             return Err(AuthFailure {
                 kind: FailureKind::Throttled(wait),
                 ..AuthFailure::new(
@@ -146,10 +163,12 @@ impl Authenticator {
             });
         }
         let result = self.check(policy, creds).await;
-        if let Err(f) = &result
-            && matches!(f.kind, FailureKind::Unauthenticated | FailureKind::Missing)
-        {
-            self.failures.record(peer, Instant::now());
+        match &result {
+            Err(f) if matches!(f.kind, FailureKind::Unauthenticated | FailureKind::Missing) => {
+                self.failures.record(peer, now);
+            }
+            Ok(_) if !creds.is_empty() => self.known_good.record(digest_of(&creds), now),
+            _ => {}
         }
         result
     }
@@ -213,6 +232,24 @@ impl Authenticator {
             )
         })
     }
+}
+
+/// SHA-256 over every credential presented (each tagged and length-prefixed).
+fn digest_of(c: &Credentials<'_>) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (tag, part) in [
+        (b'a', c.authorization.map(str::as_bytes)),
+        (b'k', c.api_key.map(str::as_bytes)),
+        (b'b', c.bearer.map(str::as_bytes)),
+        (b'c', c.client_cert),
+    ] {
+        if let Some(p) = part {
+            ctx.update(&[tag]);
+            ctx.update(&(p.len() as u64).to_le_bytes());
+            ctx.update(p);
+        }
+    }
+    ctx.finish().as_ref().try_into().expect("32 bytes")
 }
 
 fn bearer_of(header: &str) -> Result<&str, AuthFailure> {

@@ -64,6 +64,50 @@ impl FailureLimiter {
     }
 }
 
+/// Credentials that authenticated recently, by SHA-256: while an address is throttled, these
+/// still get in (they are verified as usual), so a guesser behind a NAT slows down its own
+/// guesses, not the producers that share its address. Bounded like the failure table.
+pub struct KnownGood {
+    ttl: Duration,
+    capacity: usize,
+    table: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl KnownGood {
+    pub fn new(cfg: &FailureLimitConfig) -> Self {
+        Self {
+            ttl: Duration::from_millis(cfg.remember_ok_ms),
+            capacity: cfg.max_tracked_addresses,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers a credential that just authenticated.
+    pub fn record(&self, digest: [u8; 32], now: Instant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut t = self.table.lock().unwrap();
+        if t.len() >= self.capacity && !t.contains_key(&digest) {
+            let ttl = self.ttl;
+            t.retain(|_, seen| now.duration_since(*seen) < ttl);
+            if t.len() * 2 > self.capacity {
+                t.clear();
+            }
+        }
+        t.insert(digest, now);
+    }
+
+    /// Whether the credential with this digest authenticated within the remembered time.
+    pub fn knows(&self, digest: &[u8; 32], now: Instant) -> bool {
+        self.table
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|seen| now.duration_since(*seen) < self.ttl)
+    }
+}
+
 /// The key an address counts under: itself for IPv4, its /64 network for IPv6.
 fn source(addr: IpAddr) -> IpAddr {
     match addr {
@@ -88,6 +132,7 @@ mod tests {
             max_failures: 3,
             window_ms: 1000,
             max_tracked_addresses: 2,
+            remember_ok_ms: 0,
         });
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let t0 = Instant::now();
@@ -112,6 +157,7 @@ mod tests {
             max_failures: 2,
             window_ms: 1000,
             max_tracked_addresses: 10,
+            remember_ok_ms: 0,
         });
         let t0 = Instant::now();
         l.record("2001:db8:1:2::1".parse().unwrap(), t0);

@@ -646,8 +646,12 @@ pub struct FailureLimitConfig {
     /// Failures allowed per address within a window; beyond it the address gets 429.
     pub max_failures: u32,
     pub window_ms: u64,
-    /// Most addresses tracked at once (older windows are dropped first).
+    /// Most addresses tracked at once (older windows are dropped first); also the most
+    /// remembered credentials.
     pub max_tracked_addresses: usize,
+    /// Credentials that authenticated within this time still get in from a throttled address,
+    /// so producers behind one NAT are not locked out by a guesser there (0 = never).
+    pub remember_ok_ms: u64,
 }
 
 impl Default for FailureLimitConfig {
@@ -656,6 +660,7 @@ impl Default for FailureLimitConfig {
             max_failures: 20,
             window_ms: 60_000,
             max_tracked_addresses: 100_000,
+            remember_ok_ms: 3_600_000,
         }
     }
 }

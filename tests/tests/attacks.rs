@@ -1104,3 +1104,64 @@ async fn sessions_outliving_their_credentials() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A guesser behind the address a fleet shares (a NAT): after `max_failures` wrong keys the
+/// address is throttled, so guessing stops paying off, but producers whose credentials
+/// authenticated recently from anywhere keep getting in. A credential not seen before waits
+/// for the window like the guesser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guesser_behind_a_shared_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        &format!(
+            "[http.auth]\nallow_anonymous = false\n[auth.failures]\nmax_failures = 3\nwindow_ms = 60000\n{}{}",
+            api_key_entry(KEY, "device-a", &["*"]),
+            api_key_entry(KEY_B, "device-b", &["*"])
+        ),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let post = |key: &'static str| {
+        http.post(s.events_url("nat"))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body("1")
+            .send()
+    };
+    assert_eq!(
+        post(KEY).await.unwrap().status(),
+        200,
+        "device A before the attack"
+    );
+    let mut statuses = Vec::new();
+    for guess in [
+        "dev1.guess-1",
+        "dev1.guess-2",
+        "dev1.guess-3",
+        "dev1.guess-4",
+        KEY_B,
+    ] {
+        statuses.push(post(guess).await.unwrap().status().as_u16());
+    }
+    // Three wrong guesses, then the address is throttled: the fourth guess is not even checked,
+    // and neither is key B, which has not authenticated before.
+    assert_eq!(statuses, [401, 401, 401, 429, 429]);
+    let r = post(KEY).await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "device A behind the same address still gets in"
+    );
+    let m = s.metrics().await;
+    assert_eq!(
+        sluice_tests::metric(
+            &m,
+            "sluice_auth_failures_total",
+            "protocol=\"http\",method=\"any\",reason=\"too_many_failures\""
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(read_log(&s.data_dir, "nat", &[]).unwrap().len(), 2);
+}
