@@ -351,11 +351,16 @@ impl Ingest for Gateway {
             stream: name.to_string(),
             protocol: req.protocol.as_str(),
         };
-        let failed = receipts
-            .iter()
-            .filter(|r| matches!(r, Receipt::Failed(_)))
-            .count()
-            - refused.len();
+        // Events the log refused, counted by their own rejection code (quota refusals were
+        // counted as throttled above).
+        let appended = receipts.len() - refused.len();
+        let mut failed = 0;
+        for r in &receipts[..appended] {
+            if let Receipt::Failed(r) = r {
+                failed += 1;
+                self.metrics.rejected(req.protocol.as_str(), r.code(), 1);
+            }
+        }
         if failed < req.events.len() {
             self.metrics
                 .events_in
@@ -366,10 +371,6 @@ impl Ingest for Gateway {
                 .get_or_create(&labels)
                 .inc_by(bytes as u64);
             self.metrics.stream_appended(&labels.stream);
-        }
-        if failed > 0 {
-            self.metrics
-                .rejected(req.protocol.as_str(), "unavailable", failed as u64);
         }
         Ok(receipts)
     }

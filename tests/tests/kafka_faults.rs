@@ -242,6 +242,18 @@ async fn produce_errors_are_retried_reported_as_retryable_or_final_and_do_not_st
     );
     let a = post(&c, &url, &json!({"value": "second"})).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    // Refused events are counted by their own code: the timed-out one as unavailable, the
+    // oversized one as too_large (not every failure as `unavailable`).
+    let m = s.metrics().await;
+    for reason in ["unavailable", "too_large"] {
+        let series =
+            format!("sluice_events_rejected_total{{protocol=\"http\",reason=\"{reason}\"}} ");
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with(&series) && !l.ends_with(" 0")),
+            "{reason}: {m}"
+        );
+    }
 
     // The log holds what was acked, once each.
     let records = read_topic(&bootstrap, "errs", 3, Duration::from_secs(5)).unwrap();
