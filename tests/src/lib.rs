@@ -259,20 +259,36 @@ pub fn api_key_entry(key: &str, principal: &str, streams: &[&str]) -> String {
 }
 
 /// The value of the Prometheus sample `name{labels}` (labels as written, e.g.
-/// `stream="s",protocol="http"`), or 0 when absent.
+/// `stream="s",protocol="http"`). Panics when the series is absent, so a renamed metric or a
+/// misspelled label fails the test instead of reading as 0; use [`metric_or_zero`] where a
+/// series legitimately does not exist yet.
 pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    find_metric(text, name, labels)
+        .unwrap_or_else(|| panic!("no series {name}{{{labels}}} in the exposition:\n{text}"))
+}
+
+/// [`metric`], or 0 when the series does not exist (a counter nothing has touched yet). The
+/// metric family itself must be in the exposition.
+pub fn metric_or_zero(text: &str, name: &str, labels: &str) -> f64 {
+    let family = name.trim_end_matches("_total");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("# TYPE ") && l[7..].starts_with(family)),
+        "no metric family {family} in the exposition:\n{text}"
+    );
+    find_metric(text, name, labels).unwrap_or(0.0)
+}
+
+fn find_metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let want = if labels.is_empty() {
         name.to_string()
     } else {
         format!("{name}{{{labels}}}")
     };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series == want).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        (series == want).then(|| value.parse().ok())?
+    })
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
