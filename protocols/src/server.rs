@@ -27,6 +27,10 @@ pub struct ConnInfo {
     /// The principal this connection counts against, once a request authenticated (shared by
     /// all requests of the connection, released when it closes).
     pub principal: Arc<std::sync::Mutex<Option<PrincipalSlot>>>,
+    /// The connection's places in its listener's limits (connections, per address), held by
+    /// every clone: an upgraded WebSocket or MQTT-over-WebSocket session keeps them until it
+    /// ends, not only until hyper hands the socket over.
+    pub admitted: Option<Arc<Admitted>>,
 }
 
 /// Open connections per principal, bounded by a limit.
@@ -261,6 +265,7 @@ pub async fn serve_with<F, Fut, B>(
     .await
     {
         let span = tracing::info_span!("conn", protocol = opts.protocol, peer = %peer);
+        let permit = Arc::new(permit);
         let (handler, builder, watcher, gauge, tls) = (
             handler.clone(),
             builder.clone(),
@@ -279,6 +284,7 @@ pub async fn serve_with<F, Fut, B>(
                             peer,
                             client_cert: None,
                             principal: Default::default(),
+                            admitted: Some(permit),
                         };
                         serve_io(
                             TokioIo::new(stream),
@@ -298,6 +304,7 @@ pub async fn serve_with<F, Fut, B>(
                                 peer,
                                 client_cert,
                                 principal: Default::default(),
+                                admitted: Some(permit),
                             };
                             serve_io(
                                 TokioIo::new(tls_stream),
@@ -312,7 +319,6 @@ pub async fn serve_with<F, Fut, B>(
                     }
                 }
                 gauge.dec();
-                drop(permit);
             },
             span,
         ));

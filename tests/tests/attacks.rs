@@ -1165,3 +1165,44 @@ async fn a_guesser_behind_a_shared_address() {
     );
     assert_eq!(read_log(&s.data_dir, "nat", &[]).unwrap().len(), 2);
 }
+
+/// Upgraded connections (WebSocket ingest, MQTT over WebSocket) keep counting against their
+/// listener's limits while the session lasts, not only until hyper hands the socket over: one
+/// address cannot open WebSockets without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_past_the_per_address_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(dir.path(), "[http]\nmax_connections_per_address = 3\n", &[]);
+    let mut sessions = Vec::new();
+    for path in ["/v1/streams/w/ws", "/v1/ws", "/mqtt"] {
+        let tcp = connect_from([127, 0, 0, 5], s.http).await.unwrap();
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{}{path}", s.http),
+            )
+            .unwrap();
+        if path == "/mqtt" {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        }
+        let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        assert_eq!(resp.status(), 101, "{path}");
+        sessions.push(ws);
+    }
+    // The three upgraded sessions still hold the address's three places.
+    let mut fourth = connect_from([127, 0, 0, 5], s.http).await.unwrap();
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(10)).await,
+        "a fourth connection from the address got in while three WebSockets are open"
+    );
+    // Once one session ends, its place is free again.
+    let mut first = sessions.remove(0);
+    first.close(None).await.unwrap();
+    drop(first);
+    let got_in = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        let mut c = connect_from([127, 0, 0, 5], s.http).await.unwrap();
+        !closed_within(&mut c, Duration::from_millis(200)).await
+    })
+    .await;
+    assert!(got_in, "the place of a closed WebSocket was not freed");
+}

@@ -270,7 +270,9 @@ impl<I: Ingest> Mqtt<I> {
 }
 
 fn conn_info(peer: SocketAddr, client_cert: Option<Arc<[u8]>>) -> ConnInfo {
+    // The session's task holds the connection's admission itself.
     ConnInfo {
+        admitted: None,
         peer,
         client_cert,
         principal: Default::default(),
