@@ -33,34 +33,36 @@ pub struct ConnInfo {
     pub admitted: Option<Arc<Admitted>>,
 }
 
-/// Open connections per principal, bounded by a limit.
-#[derive(Debug, Default)]
-pub struct PrincipalConnections {
-    max: std::sync::atomic::AtomicUsize,
-    open: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
-}
-
-/// One connection counted against a principal; dropping it releases the count.
+/// Open things counted per key (connections per principal, per source address), bounded by a
+/// limit (0 = no limit, and then nothing is counted). Entries exist only while their key has
+/// something open, so the map is bounded by what is open.
 #[derive(Debug)]
-pub struct PrincipalSlot {
-    name: Arc<str>,
-    table: Arc<PrincipalConnections>,
+pub struct Counted<K: std::hash::Hash + Eq + Clone> {
+    max: std::sync::atomic::AtomicUsize,
+    open: std::sync::Mutex<std::collections::HashMap<K, usize>>,
 }
 
-impl Drop for PrincipalSlot {
+/// One thing counted against a key; dropping it releases the count.
+#[derive(Debug)]
+pub struct Slot<K: std::hash::Hash + Eq + Clone> {
+    key: K,
+    table: Arc<Counted<K>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut open = self.table.open.lock().unwrap();
-        if let Some(n) = open.get_mut(&self.name) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.name);
+                open.remove(&self.key);
             }
         }
     }
 }
 
-impl PrincipalConnections {
-    /// A table allowing `max` connections per principal (0 = no limit).
+impl<K: std::hash::Hash + Eq + Clone> Counted<K> {
+    /// A table allowing `max` per key (0 = no limit).
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.into(),
@@ -68,33 +70,56 @@ impl PrincipalConnections {
         })
     }
 
-    /// Changes the limit; connections already counted stay open.
+    /// Changes the limit; what is already counted stays.
     pub fn set_max(&self, max: usize) {
         self.max.store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Counts one more for `key`: `Ok(None)` when there is no limit (nothing counted), `Err`
+    /// when `key` has its maximum open.
+    #[allow(clippy::result_unit_err)]
+    pub fn take(self: &Arc<Self>, key: K) -> Result<Option<Slot<K>>, ()> {
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
+        if max == 0 {
+            return Ok(None);
+        }
+        let mut open = self.open.lock().unwrap();
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(Slot {
+            key,
+            table: self.clone(),
+        }))
+    }
+}
+
+/// Open connections per principal.
+pub type PrincipalConnections = Counted<Arc<str>>;
+/// A connection counted against its principal.
+pub type PrincipalSlot = Slot<Arc<str>>;
+/// Open connections per source address.
+pub type AddressSlots = Counted<std::net::IpAddr>;
+/// A connection counted against its source address.
+pub type AddressSlot = Slot<std::net::IpAddr>;
+
+impl PrincipalConnections {
     /// Counts `conn` against `principal` the first time it authenticates; false if that
     /// principal already has its maximum of open connections.
     pub fn admit(self: &Arc<Self>, conn: &ConnInfo, principal: &str) -> bool {
         let mut slot = conn.principal.lock().unwrap();
-        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
-        if slot.is_some() || max == 0 {
+        if slot.is_some() {
             return true;
         }
-        let mut open = self.open.lock().unwrap();
-        let n = open.entry(Arc::from(principal)).or_insert(0);
-        if *n >= max {
-            if *n == 0 {
-                open.remove(principal);
+        match self.take(Arc::from(principal)) {
+            Ok(taken) => {
+                *slot = taken;
+                true
             }
-            return false;
+            Err(()) => false,
         }
-        *n += 1;
-        *slot = Some(PrincipalSlot {
-            name: Arc::from(principal),
-            table: self.clone(),
-        });
-        true
     }
 }
 
@@ -136,70 +161,12 @@ impl Default for ServerOptions {
     }
 }
 
-/// Open connections per source address, bounded by a limit (0 = no limit). Entries exist only
-/// while their address has open connections, so the map is bounded by the listener's
-/// connection limit.
-#[derive(Debug, Default)]
-pub struct AddressSlots {
-    max: std::sync::atomic::AtomicUsize,
-    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// One connection counted against its source address; dropping it releases the count.
-#[derive(Debug)]
-pub struct AddressSlot {
-    addr: std::net::IpAddr,
-    table: Arc<AddressSlots>,
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self.table.open.lock().unwrap();
-        if let Some(n) = open.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.addr);
-            }
-        }
-    }
-}
-
-impl AddressSlots {
-    /// A table allowing `max` connections per address (0 = no limit).
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            max: max.into(),
-            open: Default::default(),
-        })
-    }
-
-    /// Changes the limit; connections already counted stay open.
-    pub fn set_max(&self, max: usize) {
-        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Counts a connection from `addr`; `None` if that address has its maximum open.
-    pub fn admit(self: &Arc<Self>, addr: std::net::IpAddr) -> Option<AddressSlot> {
-        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
-        let mut open = self.open.lock().unwrap();
-        let n = open.entry(addr).or_insert(0);
-        if max != 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            addr,
-            table: self.clone(),
-        })
-    }
-}
-
 /// What an accepted connection holds until it closes: its place in the listener's connection
 /// limit and in its address's.
 #[derive(Debug)]
 pub struct Admitted {
     _connection: sluice_core::Reservation,
-    _address: AddressSlot,
+    _address: Option<AddressSlot>,
 }
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
@@ -352,7 +319,7 @@ pub async fn accept_within<S: Future<Output = ()>>(
                 }
             },
         };
-        let Some(address) = per_address.admit(peer.ip()) else {
+        let Ok(address) = per_address.take(peer.ip()) else {
             tracing::debug!(%peer, "connection refused: its address has max_connections_per_address open");
             refused(peer);
             continue;
