@@ -1118,6 +1118,9 @@ pub struct StreamsConfig {
     pub auto_create: bool,
     /// Most streams the gateway will hold; creation beyond this is refused.
     pub max_streams: usize,
+    /// Most streams one principal may create by producing to them (counted since the gateway
+    /// started), so one producer cannot use up `max_streams` for everyone (0 = no limit).
+    pub max_streams_per_principal: usize,
     pub defaults: StreamSettings,
     /// Streams with settings of their own, by name.
     pub declare: BTreeMap<String, StreamOverrides>,
@@ -1128,6 +1131,7 @@ impl Default for StreamsConfig {
         Self {
             auto_create: true,
             max_streams: 1000,
+            max_streams_per_principal: 250,
             defaults: StreamSettings::default(),
             declare: BTreeMap::new(),
         }

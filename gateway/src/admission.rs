@@ -1,6 +1,7 @@
 //! The admission path every protocol's events take into the log, in one place:
 //! authorize → validate → (quota, with the quotas issue) → in-flight budget → append → receipts.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -54,6 +55,9 @@ pub struct Gateway {
     /// Set when the drain deadline is near: batches still waiting for their ack point are
     /// answered with a retryable error instead of being cut off when the process exits.
     deadline: tokio::sync::watch::Sender<bool>,
+    /// Streams each principal created by producing to them, since start (entries only for
+    /// principals that created one, so bounded by `streams.max_streams`).
+    created_by: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
 }
 
 impl Gateway {
@@ -77,6 +81,50 @@ impl Gateway {
             stream_budgets: Default::default(),
             metrics,
             deadline: tokio::sync::watch::channel(false).0,
+            created_by: Default::default(),
+        }
+    }
+
+    /// Whether the principal may create one more stream; `Some(reservation)` when `stream`
+    /// would be created by this request and counts against it (released if the creation does
+    /// not happen).
+    fn reserve_creation(
+        &self,
+        principal: &str,
+        stream: &str,
+        streams: &sluice_config::StreamsConfig,
+    ) -> Result<Option<Arc<str>>, Rejection> {
+        let max = streams.max_streams_per_principal;
+        // Declared streams exist from startup; with Kafka, a topic this gateway has not used
+        // yet may exist already (the broker decides).
+        if max == 0
+            || streams.declare.contains_key(stream)
+            || self.sink.known(stream) != Some(false)
+        {
+            return Ok(None);
+        }
+        let mut created = self.created_by.lock().unwrap();
+        let n = created.entry(Arc::from(principal)).or_insert(0);
+        if *n >= max {
+            return Err(Rejection::OverQuota {
+                retry_after: Duration::from_secs(60),
+                message: format!(
+                    "stream `{stream}` does not exist, and principal `{principal}` has created its maximum of {max} streams (streams.max_streams_per_principal)"
+                ),
+            });
+        }
+        *n += 1;
+        Ok(Some(Arc::from(principal)))
+    }
+
+    /// Gives back a creation reserved by a request whose stream was not created after all.
+    fn release_creation(&self, principal: &str) {
+        let mut created = self.created_by.lock().unwrap();
+        if let Some(n) = created.get_mut(principal) {
+            *n -= 1;
+            if *n == 0 {
+                created.remove(principal);
+            }
         }
     }
 
@@ -218,6 +266,11 @@ impl Ingest for Gateway {
                 stream: name.to_string(),
             });
         }
+        // A principal that has created its share of streams learns so before its body is
+        // read (the count itself is taken when the stream is created).
+        if let Some(p) = self.reserve_creation(principal.name(), name, &policy.streams)? {
+            self.release_creation(&p);
+        }
         Ok(Admission {
             settings: policy.streams.settings(name),
         })
@@ -283,7 +336,16 @@ impl Ingest for Gateway {
         }
         // The stream exists (or is created, within streams.max_streams) before anything is kept
         // per stream, so made-up stream names cannot grow the per-stream tables.
-        let target = self.sink.target(name, &policy.streams).await?;
+        let creation = self.reserve_creation(req.principal.name(), name, &policy.streams)?;
+        let target = match self.sink.target(name, &policy.streams).await {
+            Ok(t) => t,
+            Err(r) => {
+                if let Some(p) = creation {
+                    self.release_creation(&p);
+                }
+                return Err(r);
+            }
+        };
         // The stream's own budget keeps one slow or hot stream from taking the whole global one.
         let stream_reservation = match self.stream_budget(name, settings.max_in_flight_bytes) {
             Some(b) => match b.try_reserve(charge) {

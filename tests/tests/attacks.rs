@@ -1206,3 +1206,62 @@ async fn websockets_past_the_per_address_limit() {
     .await;
     assert!(got_in, "the place of a closed WebSocket was not freed");
 }
+
+/// One principal cannot use up the gateway's shared stream namespace (`streams.max_streams`)
+/// by producing to made-up stream names: past `streams.max_streams_per_principal` its new
+/// streams are refused (429, MQTT 5 PUBACK 0x97) while other principals still create theirs and
+/// existing streams stay open to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_filling_the_stream_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        &format!(
+            "[streams]\nmax_streams_per_principal = 2\n{}{}",
+            api_key_entry(KEY, "device-a", &["*"]),
+            api_key_entry(KEY_B, "device-b", &["*"])
+        ),
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let post = |key: &'static str, stream: &str| {
+        http.post(s.events_url(stream))
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body("1")
+            .send()
+    };
+    assert_eq!(post(KEY, "a-1").await.unwrap().status(), 200);
+    assert_eq!(post(KEY, "a-2").await.unwrap().status(), 200);
+    let r = post(KEY, "a-3").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains("max_streams_per_principal"), "{text}");
+    // Over MQTT too.
+    let mut c = Raw::connect(s.mqtt.unwrap(), true).await;
+    c.send5(v5::Packet::Connect(Box::new(keyed_connect("a-dev"))))
+        .await;
+    assert!(matches!(c.recv5().await, Some(v5::Packet::ConnectAck(_))));
+    c.send5(v5::Packet::Publish(Box::new(publish(
+        "a-4/k",
+        1,
+        1,
+        b"x",
+        Some(Default::default()),
+    ))))
+    .await;
+    match c.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x97),
+        other => panic!("{other:?}"),
+    }
+    // Another principal still creates its own, and existing streams take device A's events.
+    assert_eq!(post(KEY_B, "a-3").await.unwrap().status(), 200);
+    assert_eq!(post(KEY, "a-3").await.unwrap().status(), 200);
+    assert_eq!(post(KEY, "a-1").await.unwrap().status(), 200);
+    // The refused streams were never created; the others were.
+    let streams = s.data_dir.join("streams");
+    for (name, exists) in [("a-1", true), ("a-2", true), ("a-3", true), ("a-4", false)] {
+        assert_eq!(streams.join(name).is_dir(), exists, "{name}");
+    }
+}
