@@ -78,7 +78,8 @@ impl ApiKeys {
                         principal: Principal::new(
                             k.principal.as_str(),
                             Permissions::Streams(k.streams.clone()),
-                        ),
+                        )
+                        .with_source("api_key"),
                         expires_at,
                         disabled: k.disabled,
                     },

@@ -448,7 +448,9 @@ impl JwtVerifier {
         let valid_until = std::time::UNIX_EPOCH
             + std::time::Duration::from_secs(u64::try_from(exp).unwrap_or(0) + issuer.cfg.leeway_s);
         Ok((
-            Principal::new(name, Permissions::Streams(streams)).expiring_at(valid_until),
+            Principal::new(name, Permissions::Streams(streams))
+                .with_source(&format!("jwt:{}", issuer.cfg.issuer))
+                .expiring_at(valid_until),
             exp,
         ))
     }

@@ -86,6 +86,11 @@ impl AuthFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     name: Arc<str>,
+    /// Where the identity comes from: `api_key`, `jwt:<issuer>`, `mtls` or `anonymous`.
+    source: Arc<str>,
+    /// Source and name together: what sessions, connection limits, quota buckets and creation
+    /// counts are keyed by, so that equal names from different methods stay apart.
+    identity: Arc<str>,
     // Shared, so that handing a cached principal to every request is two reference counts.
     permissions: Arc<Permissions>,
     /// When the credential stops being valid (a JWT's `exp` plus leeway, an API key's
@@ -98,6 +103,8 @@ impl Principal {
     pub fn anonymous() -> Self {
         Self {
             name: Arc::from("anonymous"),
+            source: Arc::from("anonymous"),
+            identity: Arc::from("anonymous\u{1f}anonymous"),
             permissions: Arc::new(Permissions::All),
             expires_at: None,
         }
@@ -105,11 +112,33 @@ impl Principal {
 
     /// A named principal with the given permissions.
     pub fn new(name: impl Into<Arc<str>>, permissions: Permissions) -> Self {
+        let name: Arc<str> = name.into();
         Self {
-            name: name.into(),
+            identity: name.clone(),
+            name,
+            source: Arc::from(""),
             permissions: Arc::new(permissions),
             expires_at: None,
         }
+    }
+
+    /// The same principal, established by `source` (`api_key`, `jwt:<issuer>`, `mtls`).
+    pub fn with_source(mut self, source: &str) -> Self {
+        self.source = Arc::from(source);
+        self.identity = Arc::from(format!("{source}\u{1f}{}", self.name));
+        self
+    }
+
+    /// Where this identity comes from (`api_key`, `jwt:<issuer>`, `mtls`, `anonymous`).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Source and name together (`source` U+001F `name`): the key of everything counted or kept
+    /// per principal, so an API key's principal, a JWT subject and a certificate's name that
+    /// happen to be equal are three identities, not one.
+    pub fn identity(&self) -> &Arc<str> {
+        &self.identity
     }
 
     /// The same principal, valid until `at`.
@@ -125,7 +154,7 @@ impl Principal {
 
     /// Whether `other` is the same identity with the same permissions (expiry aside).
     pub fn same_grant(&self, other: &Principal) -> bool {
-        self.name == other.name && self.permissions == other.permissions
+        self.identity == other.identity && self.permissions == other.permissions
     }
 
     /// The principal's name, as recorded with its events.

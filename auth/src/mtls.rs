@@ -60,10 +60,10 @@ impl MtlsMapper {
                         .principal
                         .as_deref()
                         .map_or_else(|| v.clone(), |p| p.replace("{value}", &v));
-                    return Ok(Principal::new(
-                        name,
-                        Permissions::Streams(rule.streams.clone()),
-                    ));
+                    return Ok(
+                        Principal::new(name, Permissions::Streams(rule.streams.clone()))
+                            .with_source("mtls"),
+                    );
                 }
             }
         }

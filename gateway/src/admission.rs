@@ -90,7 +90,7 @@ impl Gateway {
     /// not happen).
     fn reserve_creation(
         &self,
-        principal: &str,
+        principal: &Principal,
         stream: &str,
         streams: &sluice_config::StreamsConfig,
     ) -> Result<Option<Arc<str>>, Rejection> {
@@ -104,17 +104,18 @@ impl Gateway {
             return Ok(None);
         }
         let mut created = self.created_by.lock().unwrap();
-        let n = created.entry(Arc::from(principal)).or_insert(0);
+        let n = created.entry(principal.identity().clone()).or_insert(0);
         if *n >= max {
             return Err(Rejection::OverQuota {
                 retry_after: Duration::from_secs(60),
                 message: format!(
-                    "stream `{stream}` does not exist, and principal `{principal}` has created its maximum of {max} streams (streams.max_streams_per_principal)"
+                    "stream `{stream}` does not exist, and principal `{}` has created its maximum of {max} streams (streams.max_streams_per_principal)",
+                    principal.name()
                 ),
             });
         }
         *n += 1;
-        Ok(Some(Arc::from(principal)))
+        Ok(Some(principal.identity().clone()))
     }
 
     /// Gives back a creation reserved by a request whose stream was not created after all.
@@ -175,7 +176,7 @@ impl Gateway {
     async fn throttle(
         &self,
         policy: &Policy,
-        principal: &str,
+        principal: &Principal,
         stream: &str,
         sizes: &[usize],
     ) -> Verdict {
@@ -183,7 +184,12 @@ impl Gateway {
         let mut admitted = 0;
         let mut delayed = false;
         loop {
-            let v = policy.quotas.check(principal, stream, &sizes[admitted..]);
+            let v = policy.quotas.check(
+                principal.name(),
+                principal.identity(),
+                stream,
+                &sizes[admitted..],
+            );
             admitted += v.admitted;
             let done = admitted == sizes.len()
                 || v.policy != QuotaPolicy::Delay
@@ -268,7 +274,7 @@ impl Ingest for Gateway {
         }
         // A principal that has created its share of streams learns so before its body is
         // read (the count itself is taken when the stream is created).
-        if let Some(p) = self.reserve_creation(principal.name(), name, &policy.streams)? {
+        if let Some(p) = self.reserve_creation(principal, name, &policy.streams)? {
             self.release_creation(&p);
         }
         Ok(Admission {
@@ -307,9 +313,7 @@ impl Ingest for Gateway {
         if !policy.quotas.is_empty() {
             // Byte quotas count what an event costs, framing included (Event::charge).
             let sizes: Vec<usize> = req.events.iter().map(Event::charge).collect();
-            let v = self
-                .throttle(&policy, req.principal.name(), name, &sizes)
-                .await;
+            let v = self.throttle(&policy, &req.principal, name, &sizes).await;
             if v.admitted < sizes.len() {
                 let r = over_quota(&v, name);
                 if v.admitted == 0 {
@@ -336,7 +340,7 @@ impl Ingest for Gateway {
         }
         // The stream exists (or is created, within streams.max_streams) before anything is kept
         // per stream, so made-up stream names cannot grow the per-stream tables.
-        let creation = self.reserve_creation(req.principal.name(), name, &policy.streams)?;
+        let creation = self.reserve_creation(&req.principal, name, &policy.streams)?;
         let target = match self.sink.target(name, &policy.streams).await {
             Ok(t) => t,
             Err(r) => {
@@ -633,7 +637,9 @@ fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
         ts,
         &req.content_type,
         req.protocol.as_str().as_bytes(),
-        req.principal.name().as_bytes(),
+        // The identity (source U+001F name); `sluice log read` shows the two as
+        // `sluice-principal` and `sluice-principal-source`.
+        req.principal.identity().as_bytes(),
         capacity,
     );
     for &i in idx {

@@ -34,6 +34,8 @@ pub mod headers {
     pub const EVENT_ID: &str = "sluice-event-id";
     /// The authenticated principal that produced the event.
     pub const PRINCIPAL: &str = "sluice-principal";
+    /// How the principal authenticated: `api_key`, `jwt:<issuer>`, `mtls` or `anonymous`.
+    pub const PRINCIPAL_SOURCE: &str = "sluice-principal-source";
     /// `http`, `grpc`, `mqtt` or `websocket`.
     pub const PROTOCOL: &str = "sluice-protocol";
     /// When the gateway received the event: milliseconds since the Unix epoch, in decimal.
@@ -804,6 +806,13 @@ fn record_headers(req: &IngestRequest, e: &Event, received_at: &str) -> OwnedHea
         h = add(h, headers::EVENT_ID, id);
     }
     h = add(h, headers::PRINCIPAL, req.principal.name().as_bytes());
+    if !req.principal.source().is_empty() {
+        h = add(
+            h,
+            headers::PRINCIPAL_SOURCE,
+            req.principal.source().as_bytes(),
+        );
+    }
     h = add(h, headers::PROTOCOL, req.protocol.as_str().as_bytes());
     h = add(h, headers::RECEIVED_AT, received_at.as_bytes());
     for (k, v) in &e.headers {

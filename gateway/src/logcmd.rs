@@ -138,7 +138,17 @@ pub fn render(stream: &str, partition: u32, r: &Record) -> Value {
     // Sluice's own facts last, so that no stored header (older records were not checked
     // against the reserved names) can stand in for them.
     headers.insert("sluice-protocol".into(), lossy(&r.protocol));
-    headers.insert("sluice-principal".into(), lossy(&r.principal));
+    // Stored as the principal's identity: source U+001F name (records written before sources
+    // were recorded hold the name alone).
+    match r.principal.iter().position(|&b| b == 0x1f) {
+        Some(at) => {
+            headers.insert("sluice-principal".into(), lossy(&r.principal[at + 1..]));
+            headers.insert("sluice-principal-source".into(), lossy(&r.principal[..at]));
+        }
+        None => {
+            headers.insert("sluice-principal".into(), lossy(&r.principal));
+        }
+    }
     m.insert("headers".into(), Value::Object(headers));
     let encoding = if std::str::from_utf8(&r.value).is_ok() {
         "utf8"

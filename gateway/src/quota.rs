@@ -111,9 +111,12 @@ impl<C: Clock + Clone> Quotas<C> {
     }
 
     /// For each scope, the first rule matching `stream` and `principal`, with its bucket key.
+    /// Rules match the principal's `name`; buckets are keyed by its `identity` (source and name),
+    /// so equal names from different authentication methods do not share a bucket.
     fn applicable<'a>(
         &'a self,
         principal: &'a str,
+        identity: &'a str,
         stream: &'a str,
     ) -> impl Iterator<Item = (&'a Rule<C>, String)> + 'a {
         [
@@ -130,8 +133,8 @@ impl<C: Clock + Clone> Quotas<C> {
             })?;
             let key = match scope {
                 QuotaScope::Stream => stream.to_string(),
-                QuotaScope::Principal => principal.to_string(),
-                QuotaScope::PrincipalStream => format!("{principal}\u{0}{stream}"),
+                QuotaScope::Principal => identity.to_string(),
+                QuotaScope::PrincipalStream => format!("{identity}\u{0}{stream}"),
             };
             Some((rule, key))
         })
@@ -139,7 +142,7 @@ impl<C: Clock + Clone> Quotas<C> {
 
     /// Counts `sizes` (one entry per event, in bytes) against every applicable bucket and says
     /// how many events, from the front, fit.
-    pub fn check(&self, principal: &str, stream: &str, sizes: &[usize]) -> Verdict {
+    pub fn check(&self, principal: &str, identity: &str, stream: &str, sizes: &[usize]) -> Verdict {
         let mut v = Verdict {
             admitted: sizes.len(),
             retry_after: Duration::ZERO,
@@ -152,7 +155,7 @@ impl<C: Clock + Clone> Quotas<C> {
         for s in sizes {
             prefix.push(prefix.last().copied().unwrap_or(0) + *s as u64);
         }
-        for (rule, key) in self.applicable(principal, stream) {
+        for (rule, key) in self.applicable(principal, identity, stream) {
             for (limiter, unit, per_sec) in [
                 (&rule.events, "events", rule.cfg.events_per_sec),
                 (&rule.bytes, "bytes", rule.cfg.bytes_per_sec),
@@ -257,7 +260,7 @@ mod tests {
             &rules("[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 10\nburst_events = 5\n"),
             clock.clone(),
         );
-        let v = q.check("p", "s", &[1; 8]);
+        let v = q.check("p", "p", "s", &[1; 8]);
         assert_eq!(v.admitted, 5, "the burst");
         assert_eq!(v.scope, Some(QuotaScope::Stream));
         assert_eq!(
@@ -265,14 +268,18 @@ mod tests {
             Duration::from_millis(100),
             "one event per 100 ms"
         );
-        assert_eq!(q.check("p", "s", &[1]).admitted, 0);
+        assert_eq!(q.check("p", "p", "s", &[1]).admitted, 0);
         clock.advance(Duration::from_millis(300));
-        assert_eq!(q.check("p", "s", &[1; 8]).admitted, 3, "300 ms = 3 events");
+        assert_eq!(
+            q.check("p", "p", "s", &[1; 8]).admitted,
+            3,
+            "300 ms = 3 events"
+        );
         // Over one simulated second at the rate, exactly the rate is admitted.
         let mut admitted = 0;
         for _ in 0..100 {
             clock.advance(Duration::from_millis(10));
-            admitted += q.check("p", "s", &[1]).admitted;
+            admitted += q.check("p", "p", "s", &[1]).admitted;
         }
         assert_eq!(admitted, 10);
     }
@@ -299,19 +306,19 @@ mod tests {
             clock.clone(),
         );
         // Each principal has its own bucket on a shared stream.
-        assert_eq!(q.check("a", "s", &[1; 5]).admitted, 2);
-        assert_eq!(q.check("b", "s", &[1; 5]).admitted, 2);
+        assert_eq!(q.check("a", "a", "s", &[1; 5]).admitted, 2);
+        assert_eq!(q.check("b", "b", "s", &[1; 5]).admitted, 2);
         assert_eq!(
-            q.check("vip", "s", &[1; 5]).admitted,
+            q.check("vip", "vip", "s", &[1; 5]).admitted,
             5,
             "first matching rule"
         );
         // Bytes: 100 bytes/s on big.* streams cuts the batch by size.
-        let v = q.check("vip", "big.x", &[40, 40, 40]);
+        let v = q.check("vip", "vip", "big.x", &[40, 40, 40]);
         assert_eq!(v.admitted, 2);
         assert_eq!(v.limit, "100 bytes/s");
         // An event larger than the whole burst can never pass.
-        let v = q.check("vip", "big.y", &[101]);
+        let v = q.check("vip", "vip", "big.y", &[101]);
         assert_eq!((v.admitted, v.retry_after), (0, Duration::MAX));
     }
 
@@ -322,17 +329,17 @@ mod tests {
         cfg.max_tracked_keys = 10;
         let q = Quotas::with_clock(&cfg, clock.clone());
         for i in 0..10 {
-            q.check(&format!("p{i}"), "s", &[1]);
+            q.check(&format!("p{i}"), &format!("p{i}"), "s", &[1]);
         }
         clock.advance(Duration::from_secs(5)); // every bucket is full again: idle
-        q.check("new", "s", &[1]);
+        q.check("new", "new", "s", &[1]);
         let l = q.rules[0].events.as_ref().unwrap();
         assert!(l.len() <= 2, "idle keys were dropped: {}", l.len());
         // A full table is swept at most once a second: an idle key survives until then.
         let swept_at = l.len();
         clock.advance(Duration::from_millis(500)); // "new" has refilled: idle
         for i in 0..20 {
-            q.check(&format!("busy{i}"), "s", &[1; 10]); // empties each bucket: active
+            q.check(&format!("busy{i}"), &format!("busy{i}"), "s", &[1; 10]); // empties each bucket: active
         }
         assert_eq!(
             l.len(),
@@ -340,7 +347,7 @@ mod tests {
             "no sweep within the second, idle key kept"
         );
         clock.advance(Duration::from_millis(600));
-        q.check("late", "s", &[1]);
+        q.check("late", "late", "s", &[1]);
         assert_eq!(
             l.len(),
             swept_at + 20,

@@ -78,7 +78,7 @@ impl Gate {
                 }
                 Refused::Auth(f)
             })?;
-        if !self.per_principal.admit(conn, principal.name()) {
+        if !self.per_principal.admit(conn, principal.identity()) {
             return Err(Refused::Connections(principal));
         }
         Ok(principal)

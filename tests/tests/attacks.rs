@@ -1265,3 +1265,96 @@ async fn one_principal_filling_the_stream_namespace() {
         assert_eq!(streams.join(name).is_dir(), exists, "{name}");
     }
 }
+
+/// A JWT whose subject (or a certificate whose name) equals an API key's principal is a
+/// different identity: it cannot take over that principal's MQTT sessions, use up its
+/// connection limit or quota, or be mistaken for it in the stored record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_principal_names_from_different_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_with(
+        dir.path(),
+        &format!(
+            "[mqtt]\nmax_connections_per_principal = 1\n\
+             [[quotas.rules]]\nscope = \"principal\"\nevents_per_sec = 1\nburst_events = 2\n\
+             [[auth.jwt.issuers]]\nissuer = \"https://idp.test\"\naudiences = [\"sluice\"]\nalgorithms = [\"HS256\"]\n\
+             hs256_secret = \"{HS}\"\npermissions_claim = \"streams\"\npermission_prefix = \"\"\n{}",
+            api_key_entry(KEY, "device-1", &["*"])
+        ),
+        &[],
+    );
+    let mqtt = s.mqtt.unwrap();
+    let token = pki::hs256(
+        HS.as_bytes(),
+        &serde_json::json!({"iss": "https://idp.test", "aud": "sluice", "sub": "device-1", "exp": pki::now() + 600, "streams": ["*"]}),
+    );
+    // The API key's session, client id "c1".
+    let (mut by_key, _) = sluice_tests::mqtt::session5(mqtt, keyed_connect("c1")).await;
+    // The JWT's "device-1" connects with the same client id: a session of its own, no takeover,
+    // and not counted against the key's one-connection limit.
+    let mut jc = connect5("c1", 30);
+    jc.password = Some(bytes::Bytes::from(token.clone()));
+    let (mut by_jwt, _) = sluice_tests::mqtt::session5(mqtt, jc).await;
+    let sessions: [(&mut Raw, &'static [u8]); 2] =
+        [(&mut by_key, b"from-key"), (&mut by_jwt, b"from-jwt")];
+    for (c, payload) in sessions {
+        c.send5(v5::Packet::Publish(Box::new(publish(
+            "names/x",
+            1,
+            1,
+            payload,
+            Some(Default::default()),
+        ))))
+        .await;
+        match c.recv5().await {
+            Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0, "{a:?}"),
+            other => panic!("the session was taken over or refused: {other:?}"),
+        }
+    }
+    // Each identity has its own quota bucket (burst 2): the key's second event uses up its own,
+    // the JWT's still has room.
+    let http = reqwest::Client::new();
+    let post = |auth: (&'static str, String)| {
+        http.post(s.events_url("names"))
+            .header(auth.0, auth.1)
+            .header("content-type", "application/json")
+            .body("1")
+            .send()
+    };
+    assert_eq!(post(("x-api-key", KEY.into())).await.unwrap().status(), 200);
+    assert_eq!(post(("x-api-key", KEY.into())).await.unwrap().status(), 429);
+    let bearer = format!("Bearer {token}");
+    assert_eq!(post(("authorization", bearer)).await.unwrap().status(), 200);
+    // The stored records say which device-1 sent them.
+    let log = read_log(&s.data_dir, "names", &[]).unwrap();
+    let mut sources: Vec<(String, String, String)> = log
+        .iter()
+        .map(|r| {
+            (
+                r["value"].as_str().unwrap().to_string(),
+                r["headers"]["sluice-principal"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                r["headers"]["sluice-principal-source"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    sources.sort();
+    assert_eq!(
+        sources,
+        [
+            ("1".into(), "device-1".into(), "api_key".into()),
+            ("1".into(), "device-1".into(), "jwt:https://idp.test".into()),
+            (
+                "from-jwt".into(),
+                "device-1".into(),
+                "jwt:https://idp.test".into()
+            ),
+            ("from-key".into(), "device-1".into(), "api_key".into()),
+        ]
+    );
+}

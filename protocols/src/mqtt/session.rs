@@ -470,7 +470,9 @@ async fn accept<I: Ingest>(
         client_id = ByteString::from(format!("sluice-{:016x}", rand_id(conn_id)));
         client_id.clone()
     });
-    let key: SessionKey = (Arc::from(principal.name()), client_id);
+    // Keyed by the principal's identity (source and name), so that a JWT subject cannot take
+    // over the session of an API key's principal of the same name.
+    let key: SessionKey = (principal.identity().clone(), client_id);
     let kicked = mqtt.claim(&key, conn_id);
     let max_ka = opts.max_keep_alive_secs;
     let ka = if c.keep_alive == 0 || c.keep_alive > max_ka {
