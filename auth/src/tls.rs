@@ -2,6 +2,7 @@
 //! from PEM files, optional or required client certificates verified against a CA bundle and
 //! CRLs, and reloading when any of the files changes.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -91,12 +92,37 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<rustls::ClientConfig, St
         .map(|b| b.with_root_certificates(store).with_no_client_auth())
 }
 
+/// Certificates the listener's CRLs revoke: (issuer name, serial), both as raw DER.
+type RevokedSerials = HashSet<(Vec<u8>, Vec<u8>)>;
+
+fn revoked_serials(cfg: &TlsConfig) -> Result<RevokedSerials, String> {
+    let mut out = HashSet::new();
+    for f in &cfg.crl_files {
+        for crl in CertificateRevocationListDer::pem_file_iter(f)
+            .map_err(|e| format!("{}: {e}", f.display()))?
+        {
+            let crl = crl.map_err(|e| format!("{}: {e}", f.display()))?;
+            let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+                .map_err(|e| format!("{}: {e}", f.display()))?;
+            let issuer = parsed.issuer().as_raw().to_vec();
+            for r in parsed.iter_revoked_certificates() {
+                out.insert((issuer.clone(), r.raw_serial().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A listener's TLS configuration that follows its files: [`TlsReloader::watch`] checks them on
 /// an interval and swaps in a new configuration when one changed; a configuration that fails to
 /// load is logged and the previous one keeps serving. New connections use the current one.
 pub struct TlsReloader {
     cfg: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
+    /// What the current CRLs revoke, for sessions that outlive their handshake.
+    revoked: RwLock<Arc<RevokedSerials>>,
+    /// Changes on every reload.
+    reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TlsReloader {
@@ -121,8 +147,25 @@ impl TlsReloader {
     pub fn new(cfg: &TlsConfig) -> Result<Arc<Self>, String> {
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(server_config(cfg)?)),
+            revoked: RwLock::new(Arc::new(revoked_serials(cfg)?)),
+            reloaded: tokio::sync::watch::channel(0).0,
             cfg: cfg.clone(),
         }))
+    }
+
+    /// A receiver that changes whenever the files are reloaded.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
+    }
+
+    /// Whether the current CRLs revoke the certificate `cert` (DER): for sessions whose
+    /// handshake happened before the CRL was loaded.
+    pub fn is_revoked(&self, cert: &[u8]) -> bool {
+        let Ok((_, c)) = x509_parser::parse_x509_certificate(cert) else {
+            return false; // it verified at its handshake; nothing to look up
+        };
+        let key = (c.issuer().as_raw().to_vec(), c.raw_serial().to_vec());
+        self.revoked.read().unwrap().contains(&key)
     }
 
     /// The configuration for a new connection.
@@ -140,9 +183,11 @@ impl TlsReloader {
             if now == seen {
                 continue;
             }
-            match server_config(&self.cfg) {
-                Ok(c) => {
+            match server_config(&self.cfg).and_then(|c| Ok((c, revoked_serials(&self.cfg)?))) {
+                Ok((c, revoked)) => {
                     *self.current.write().unwrap() = Arc::new(c);
+                    *self.revoked.write().unwrap() = Arc::new(revoked);
+                    self.reloaded.send_modify(|n| *n += 1);
                     seen = now;
                     tracing::info!(cert = %self.cfg.cert_file.display(), "TLS configuration reloaded");
                 }

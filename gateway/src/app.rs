@@ -280,6 +280,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             gateway.clone(),
             MqttOptions {
                 auth: auth.clone(),
+                websocket_tls: tls.clone(),
                 websocket_policy: if m.websocket {
                     policy_of("mqtt_ws")
                 } else {
@@ -336,7 +337,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(config.http.idle_timeout_ms),
             h2_keepalive: keepalive(config.http.h2_keepalive_interval_ms),
-            tls,
+            tls: tls.clone(),
             protocol: "http",
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
@@ -344,6 +345,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             auth: auth.clone(),
             policy,
             per_principal: limits.per_principal.clone(),
+            tls: tls.clone(),
         },
         concurrency: limits.concurrency.clone(),
         websocket: config.websocket.enabled.then(|| {
@@ -379,6 +381,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 Arc::new(move || ready.load(Ordering::SeqCst) && gateway.sink().health().is_ok())
                     as Arc<dyn Fn() -> bool + Send + Sync>
             };
+            let grpc_tls = tls_listener("grpc.tls", config.grpc.tls.as_ref())?;
             let opts = GrpcOptions {
                 server: ServerOptions {
                     connections: Budget::new(config.grpc.max_connections as u64),
@@ -386,7 +389,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                     header_read_timeout: Duration::from_millis(config.http.header_read_timeout_ms),
                     idle_timeout: Duration::from_millis(config.grpc.idle_timeout_ms),
                     h2_keepalive: keepalive(config.grpc.h2_keepalive_interval_ms),
-                    tls: tls_listener("grpc.tls", config.grpc.tls.as_ref())?,
+                    tls: grpc_tls.clone(),
                     protocol: "grpc",
                 },
                 gate: Gate {
@@ -395,6 +398,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                     per_principal: PrincipalConnections::new(
                         config.grpc.max_connections_per_principal,
                     ),
+                    tls: grpc_tls,
                 },
                 max_message_bytes: config.grpc.max_message_bytes as usize,
                 max_concurrent_streams: config.grpc.max_concurrent_streams,

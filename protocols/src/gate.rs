@@ -25,6 +25,9 @@ pub struct Gate {
     pub policy: ListenerPolicy,
     /// Open connections per principal (shared by the listeners of one protocol).
     pub per_principal: Arc<PrincipalConnections>,
+    /// The listener's TLS, when it has it: sessions with a client certificate are checked
+    /// against its CRLs again when they are reloaded.
+    pub tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
 }
 
 /// Why [`Gate::admit`] turned a producer away.
@@ -96,6 +99,9 @@ pub struct SessionAuth {
     creds: OwnedCredentials,
     principal: Principal,
     reloaded: tokio::sync::watch::Receiver<u64>,
+    /// The listener's TLS reloads, for a session with a client certificate.
+    tls_reloaded: Option<tokio::sync::watch::Receiver<u64>>,
+    client_cert: Option<Arc<[u8]>>,
     next_expiry: Option<tokio::time::Instant>,
 }
 
@@ -128,6 +134,15 @@ impl SessionAuth {
     /// reloaded, or its credential reached its expiry.
     pub async fn due(&mut self) {
         let expiry = self.next_expiry;
+        let tls = async {
+            let changed = match self.tls_reloaded.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => false,
+            };
+            if !changed {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             changed = self.reloaded.changed() => {
                 if changed.is_err() {
@@ -135,6 +150,7 @@ impl SessionAuth {
                     std::future::pending::<()>().await;
                 }
             }
+            _ = tls => {}
             _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {}
         }
     }
@@ -166,10 +182,17 @@ impl Gate {
         // Subscribed before authenticating, so a reload that lands in between is seen.
         let reloaded = self.auth.subscribe();
         let principal = self.admit(protocol, metrics, conn, creds).await?;
+        let tls_reloaded = self
+            .tls
+            .as_ref()
+            .filter(|_| conn.client_cert.is_some())
+            .map(|t| t.subscribe());
         let mut session = SessionAuth {
             creds: OwnedCredentials::of(&creds, conn.client_cert.clone()),
             principal: principal.clone(),
             reloaded,
+            tls_reloaded,
+            client_cert: conn.client_cert.clone(),
             next_expiry: None,
         };
         session.schedule();
@@ -180,6 +203,20 @@ impl Gate {
     /// [`SessionAuth::due`]): Ok while it stands as it was, else why the session ends.
     pub async fn recheck(&self, s: &mut SessionAuth) -> Result<(), Revoked> {
         s.reloaded.borrow_and_update();
+        if let Some(rx) = s.tls_reloaded.as_mut() {
+            rx.borrow_and_update();
+        }
+        // A certificate the listener's CRLs revoke now ends the session, whatever else it
+        // presented (its TLS identity is gone).
+        if let (Some(tls), Some(cert)) = (&self.tls, &s.client_cert)
+            && tls.is_revoked(cert)
+        {
+            return Err(Revoked::Credentials(AuthFailure::new(
+                "mtls",
+                "revoked_certificate",
+                "the client certificate was revoked",
+            )));
+        }
         let now = self
             .auth
             .load()

@@ -1358,3 +1358,69 @@ async fn equal_principal_names_from_different_methods() {
         ]
     );
 }
+
+/// A client certificate revoked by a CRL loaded after its session began ends that session (MQTT
+/// 5 DISCONNECT 0x87) once the listener reloads its TLS files; a session with another
+/// certificate goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_its_session_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let t = tls_files(d);
+    let revoked =
+        t.ca.issue_serial("pump-1", &["pump-1.devices.test"], 4242)
+            .unwrap();
+    let kept =
+        t.ca.issue_serial("pump-2", &["pump-2.devices.test"], 4343)
+            .unwrap();
+    let crl = pki::write(d, "clients.crl.pem", &t.ca.crl(&[]).unwrap()).unwrap();
+    let toml = format!(
+        "[mqtt.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_auth = \"optional\"\nclient_ca_file = {:?}\n\
+         crl_files = [{:?}]\nreload_interval_ms = 100\n\
+         [[auth.mtls.rules]]\nfield = \"san_dns\"\npattern = \"*.devices.test\"\nstreams = [\"*\"]\n",
+        t.cert,
+        t.key,
+        t.ca_file,
+        crl.display().to_string()
+    );
+    let s = start_with(d, &toml, &[]);
+    let mqtts = s.mqtts.unwrap();
+    let mut sessions = Vec::new();
+    for (cert, id) in [(&revoked, "pump-1"), (&kept, "pump-2")] {
+        let client = pki::tls_client(&t.ca.cert_pem(), Some(cert)).unwrap();
+        let mut c = Client5::stream(tls_to(mqtts, &client).await);
+        assert_eq!(c.connect(connect5(id, 30)).await, 0);
+        sessions.push(c);
+    }
+    // The CA revokes pump-1's certificate; the gateway picks the CRL up on its own.
+    std::fs::write(&crl, t.ca.crl(&[4242]).unwrap()).unwrap();
+    let mut gone = sessions.remove(0);
+    match gone.recv().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(u8::from(d.reason_code), 0x87, "{d:?}");
+            assert!(d.reason_string.unwrap().contains("revoked"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut still = sessions.remove(0);
+    assert_eq!(still.publish1("pumps/2", 1, b"still-here").await, 0);
+    // And the revoked certificate cannot come back.
+    let client = pki::tls_client(&t.ca.cert_pem(), Some(&revoked)).unwrap();
+    let tcp = TcpStream::connect(mqtts).await.unwrap();
+    let again = tokio_rustls::TlsConnector::from(client)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await;
+    let refused = match again {
+        Err(_) => true,
+        Ok(stream) => {
+            let mut c = Client5::stream(stream);
+            c.send(v5::Packet::Connect(Box::new(connect5("pump-1b", 30))))
+                .await;
+            c.recv().await.is_none()
+        }
+    };
+    assert!(refused, "a revoked certificate completed a new session");
+}

@@ -108,7 +108,10 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
         assert_eq!(String::from_utf8_lossy(&r.value), *value);
         assert_eq!(r.header("sluice-event-id").as_deref(), Some(id.as_str()));
         assert_eq!(r.header("sluice-principal").as_deref(), Some("shop"));
-        assert_eq!(r.header("sluice-principal-source").as_deref(), Some("api_key"));
+        assert_eq!(
+            r.header("sluice-principal-source").as_deref(),
+            Some("api_key")
+        );
         assert_eq!(r.header("sluice-protocol").as_deref(), Some("http"));
         assert_eq!(
             r.header("content-type").as_deref(),

@@ -46,6 +46,8 @@ pub struct MqttOptions {
     /// What MQTT over WebSocket (`/mqtt` on the HTTP listener) accepts; each TCP or TLS
     /// listener brings its own policy to [`Mqtt::serve`].
     pub websocket_policy: ListenerPolicy,
+    /// The HTTP listener's TLS, which MQTT over WebSocket sessions ride on.
+    pub websocket_tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
     /// Open connections per principal over every MQTT transport.
     pub per_principal: Arc<PrincipalConnections>,
     pub topics: Arc<TopicMap>,
@@ -197,7 +199,7 @@ impl<I: Ingest> Mqtt<I> {
             tls,
             policy,
         } = settings;
-        let gate = Arc::new(self.gate(policy));
+        let gate = Arc::new(self.gate(policy, tls.clone()));
         tokio::pin!(shutdown);
         let metrics = self.ingest.metrics().clone();
         while let Some((stream, peer, permit)) = accept_within(
@@ -228,11 +230,16 @@ impl<I: Ingest> Mqtt<I> {
     }
 
     /// The authentication step of one MQTT transport.
-    fn gate(&self, policy: ListenerPolicy) -> Gate {
+    fn gate(
+        &self,
+        policy: ListenerPolicy,
+        tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
+    ) -> Gate {
         Gate {
             auth: self.opts.auth.clone(),
             policy,
             per_principal: self.opts.per_principal.clone(),
+            tls,
         }
     }
 
@@ -299,7 +306,10 @@ impl<I: Ingest> WsSessions for Arc<Mqtt<I>> {
             // MQTT over WebSocket has its own policy (decided for the HTTP listener's address,
             // DESIGN §11) and counts against MQTT's per-principal limit, not HTTP's: the
             // session starts with no principal slot of the HTTP connection it came from.
-            let gate = this.gate(this.opts.websocket_policy.clone());
+            let gate = this.gate(
+                this.opts.websocket_policy.clone(),
+                this.opts.websocket_tls.clone(),
+            );
             let conn = ConnInfo {
                 principal: Default::default(),
                 ..conn
