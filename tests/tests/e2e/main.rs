@@ -1,0 +1,21 @@
+//! Every end-to-end test in one binary (one link instead of one per file): each module starts
+//! the real gateway on 127.0.0.1:0 and drives it with real clients; docs/testing.md lists what
+//! each module proves and the real parts it starts.
+
+mod attacks;
+mod auth;
+mod browser;
+mod crash;
+mod deploy;
+mod grpc;
+mod grpc_python;
+mod http;
+mod kafka;
+mod kafka_faults;
+mod lifecycle;
+mod mqtt;
+mod mqtt_clients;
+mod operations;
+mod quotas;
+mod reload;
+mod websocket;
