@@ -271,7 +271,8 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     let (label, publish_will) = match &close {
         Close::Client { will } => (if *will { "client_will" } else { "client" }, *will),
         Close::Eof => ("eof", true),
-        Close::Error { label, .. } => (*label, true),
+        // A session whose credentials were revoked does not get to append its will.
+        Close::Error { label, .. } => (*label, *label != "revoked"),
         // A new connection of the session is there: a delayed will is not due (MQTT 5 §3.1.3.2.2).
         Close::TakenOver => (
             "taken_over",

@@ -984,8 +984,22 @@ async fn sessions_outliving_their_credentials() {
         c.password = Some(bytes::Bytes::from_static(secret.as_bytes()));
         c
     };
-    // Key A: an MQTT session, a WebSocket and a gRPC stream.
-    let (mut m_a, _) = sluice_tests::mqtt::session5(mqtt, connect_with("a-1", KEY)).await;
+    // Key A: an MQTT session (with a will), a WebSocket and a gRPC stream.
+    let mut with_will = connect_with("a-1", KEY);
+    with_will.last_will = Some(v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain: false,
+        topic: "revoked-wills/a-1".into(),
+        message: bytes::Bytes::from_static(b"gone"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: Vec::new(),
+        is_utf8_payload: None,
+        response_topic: None,
+    });
+    let (mut m_a, _) = sluice_tests::mqtt::session5(mqtt, with_will).await;
     let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
         format!("ws://{}/v1/streams/rev/ws", s.http),
     )
@@ -1103,6 +1117,12 @@ async fn sessions_outliving_their_credentials() {
         Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x87),
         other => panic!("{other:?}"),
     }
+    // A session ended by revocation does not get to append its will (the revoked principal
+    // would be its author).
+    assert!(
+        !s.data_dir.join("streams/revoked-wills").exists(),
+        "the revoked session's will was appended"
+    );
 }
 
 /// A guesser behind the address a fleet shares (a NAT): after `max_failures` wrong keys the
