@@ -2,26 +2,22 @@
 //! authorize → validate → (quota, with the quotas issue) → in-flight budget → append → receipts.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::future::join_all;
 use std::collections::HashSet;
 
-use sluice_config::{AckMode, QuotaPolicy, QuotaScope, QuotasConfig, StreamsConfig};
+use sluice_config::{QuotaPolicy, QuotaScope, QuotasConfig, StreamsConfig};
 use sluice_core::metrics::{
     AckLabels, Metrics, ProtocolLabels, ShedLabels, StreamLabels, ThrottleLabels,
 };
 use sluice_core::{
-    Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, Reservation,
-    StreamName,
+    Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, StreamName,
 };
-use sluice_log::{FrameBuilder, LogError, StreamLog, StreamOptions};
 
 use sluice_auth::Swap;
 
 use crate::quota::{Quotas, Verdict};
-use crate::sink::{Sink, Target};
+use crate::sink::{Held, Sink};
 use sluice_core::RECORD_OVERHEAD;
 
 /// What a configuration reload replaces: stream settings and quotas. Requests in flight keep
@@ -216,43 +212,6 @@ impl Gateway {
     }
 }
 
-/// Log options of `name` from the streams configuration.
-pub fn stream_options(streams: &StreamsConfig, name: &str) -> StreamOptions {
-    let s = streams.settings(name);
-    StreamOptions {
-        partitions: s.partitions,
-        retention_ms: s.retention_ms,
-        retention_bytes: s.retention_bytes,
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Classifies a log failure once, for every protocol.
-pub(crate) fn log_rejection(e: LogError) -> Rejection {
-    match e {
-        LogError::Closed => Rejection::unavailable(
-            Duration::from_secs(1),
-            "the gateway is shutting down; retry against another instance",
-        ),
-        LogError::TooManyStreams(n) => Rejection::unavailable(
-            Duration::from_secs(60),
-            format!("the gateway holds its maximum of {n} streams; no new stream can be created"),
-        ),
-        LogError::Io(_) | LogError::Poisoned(_) => Rejection::unavailable(
-            Duration::from_secs(5),
-            format!("the log cannot take writes: {e}"),
-        ),
-        LogError::Locked(_) | LogError::Corrupt(_) => Rejection::Internal {
-            message: e.to_string(),
-        },
-    }
-}
-
 impl Ingest for Gateway {
     fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection> {
         // Authorize first: an unauthorized producer learns nothing about which streams exist.
@@ -382,14 +341,7 @@ impl Ingest for Gateway {
                 protocol: req.protocol.as_str(),
             })
             .observe(req.events.len() as f64);
-        let appended = async {
-            match &target {
-                Target::Embedded(stream) => append(stream, &req, settings.ack, held, queued).await,
-                Target::Kafka(sink, topic) => {
-                    sink.append(topic, &req, settings.ack, held, queued).await
-                }
-            }
-        };
+        let appended = target.append(&req, settings.ack, held, queued);
         let mut deadline = self.deadline.subscribe();
         let mut receipts = tokio::select! {
             r = appended => r,
@@ -521,137 +473,4 @@ fn validate(req: &IngestRequest, s: &sluice_config::StreamSettings) -> Result<us
         total += size;
     }
     Ok(total)
-}
-
-/// Encodes the events into one frame per partition, appends them, and answers per event.
-async fn append(
-    stream: &StreamLog,
-    req: &IngestRequest,
-    ack: AckMode,
-    mut held: Held,
-    queued: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Vec<Receipt> {
-    let n = stream.partition_count();
-    let sticky = stream.sticky_partition();
-    let partition_of = |e: &Event| match (&e.key, n) {
-        (_, 1) => 0,
-        (Some(k), _) => stream.partition_for_key(k),
-        (None, _) => sticky,
-    };
-    // Group event indexes by partition, keeping request order inside each group.
-    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
-    for (i, e) in req.events.iter().enumerate() {
-        let p = partition_of(e);
-        match groups.iter_mut().find(|(gp, _)| *gp == p) {
-            Some((_, idx)) => idx.push(i),
-            None => groups.push((p, vec![i])),
-        }
-    }
-    let ts = now_ms();
-    let frames: Vec<_> = groups.iter().map(|(_, idx)| encode(req, idx, ts)).collect();
-
-    let mut receipts = vec![
-        Receipt::Failed(Rejection::Internal {
-            message: String::new()
-        });
-        req.events.len()
-    ];
-    match ack {
-        AckMode::Durable => {
-            // Queue every frame first (their order in the log is then fixed), tell the caller,
-            // then wait for the writes.
-            let mut waits = Vec::with_capacity(groups.len());
-            for ((p, _), f) in groups.iter().zip(frames) {
-                waits.push(stream.append_queued(*p, f, true).await);
-            }
-            if let Some(q) = queued {
-                let _ = q.send(());
-            }
-            let results = join_all(waits.into_iter().map(|w| async move {
-                match w {
-                    Ok(rx) => rx.await.unwrap_or(Err(LogError::Closed)),
-                    Err(e) => Err(e),
-                }
-            }))
-            .await;
-            for ((p, idx), r) in groups.iter().zip(results) {
-                for (j, &i) in idx.iter().enumerate() {
-                    receipts[i] = match &r {
-                        Ok(base) => Receipt::Appended {
-                            partition: *p,
-                            offset: base + j as u64,
-                        },
-                        Err(e) => Receipt::Failed(log_rejection(e.clone())),
-                    };
-                }
-            }
-            drop(held);
-        }
-        AckMode::Received => {
-            let last = groups.len() - 1;
-            for (g, ((p, idx), f)) in groups.iter().zip(frames).enumerate() {
-                // Each queued frame keeps its share of the budget until it is written.
-                let share = held.split(if g == last {
-                    usize::MAX
-                } else {
-                    frame_share(req, idx)
-                });
-                let r = stream.enqueue(*p, f, Some(Box::new(share))).await;
-                for &i in idx {
-                    receipts[i] = match &r {
-                        Ok(()) => Receipt::Received { partition: *p },
-                        Err(e) => Receipt::Failed(log_rejection(e.clone())),
-                    };
-                }
-            }
-            if let Some(q) = queued {
-                let _ = q.send(());
-            }
-        }
-    }
-    receipts
-}
-
-/// Budget held for a request: the global reservation and the stream's, if it has one.
-pub(crate) struct Held {
-    global: Reservation,
-    stream: Option<Reservation>,
-}
-
-impl Held {
-    fn split(&mut self, bytes: usize) -> Held {
-        Held {
-            global: self.global.split(bytes),
-            stream: self.stream.as_mut().map(|r| r.split(bytes)),
-        }
-    }
-}
-
-fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
-    idx.iter().map(|&i| req.events[i].charge()).sum()
-}
-
-fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
-    let capacity = frame_share(req, idx);
-    let mut b = FrameBuilder::new(
-        ts,
-        &req.content_type,
-        req.protocol.as_str().as_bytes(),
-        // The identity (source U+001F name); `sluice log read` shows the two as
-        // `sluice-principal` and `sluice-principal-source`.
-        req.principal.identity().as_bytes(),
-        capacity,
-    );
-    for &i in idx {
-        let e = &req.events[i];
-        b.push(
-            e.key.as_deref(),
-            e.id.as_deref(),
-            e.headers
-                .iter()
-                .map(|(k, v): &(Bytes, Bytes)| (&k[..], &v[..])),
-            &e.value,
-        );
-    }
-    b.finish()
 }

@@ -32,9 +32,10 @@ use sluice_auth::{Authenticator, Swap};
 use sluice_core::Budget;
 use sluice_protocols::server::{AddressSlots, PrincipalConnections};
 
-use crate::admission::{Gateway, Policy, stream_options};
+use crate::admission::{Gateway, Policy};
 use crate::kafka::{KafkaMetrics, KafkaSink};
 use crate::sink::Sink;
+use crate::sink::stream_options;
 use sluice_core::Ingest as _;
 
 /// Re-reads the configuration file and swaps in what can change at run time: API keys, JWT

@@ -1,13 +1,35 @@
-//! Where admitted events go: the embedded log or Kafka. Admission talks to this one type.
+//! Where admitted events go: the embedded log (`embedded.rs`) or Kafka (`kafka.rs`), beside
+//! each other behind one [`Sink`]: admission resolves a stream to a [`Target`] and calls its
+//! `append`, without knowing which log it talks to.
+
+pub mod embedded;
+pub mod kafka;
 
 use std::sync::Arc;
 
-use sluice_config::StreamsConfig;
-use sluice_core::Rejection;
+use sluice_config::{AckMode, StreamsConfig};
+use sluice_core::{IngestRequest, Receipt, Rejection, Reservation};
 use sluice_log::{Log, StreamLog};
 
-use crate::admission::{log_rejection, stream_options};
-use crate::kafka::{KafkaSink, Topic};
+pub use embedded::{log_rejection, stream_options};
+use kafka::{KafkaSink, Topic};
+
+/// Budget held for a request: the global reservation and the stream's, if it has one. It is
+/// released when the events reach their ack point (or, for `ack = "received"`, travels with
+/// each queued share until it is written).
+pub(crate) struct Held {
+    pub(crate) global: Reservation,
+    pub(crate) stream: Option<Reservation>,
+}
+
+impl Held {
+    fn split(&mut self, bytes: usize) -> Held {
+        Held {
+            global: self.global.split(bytes),
+            stream: self.stream.as_mut().map(|r| r.split(bytes)),
+        }
+    }
+}
 
 /// The log behind the gateway.
 #[derive(Clone)]
@@ -20,6 +42,23 @@ pub enum Sink {
 pub(crate) enum Target {
     Embedded(Arc<StreamLog>),
     Kafka(KafkaSink, Arc<Topic>),
+}
+
+impl Target {
+    /// Appends the request's events and answers each at the stream's ack point; `queued`
+    /// hears when their order in the log is fixed.
+    pub(crate) async fn append(
+        &self,
+        req: &IngestRequest,
+        ack: AckMode,
+        held: Held,
+        queued: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Vec<Receipt> {
+        match self {
+            Target::Embedded(stream) => embedded::append(stream, req, ack, held, queued).await,
+            Target::Kafka(sink, topic) => sink.append(topic, req, ack, held, queued).await,
+        }
+    }
 }
 
 impl Sink {

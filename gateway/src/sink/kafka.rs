@@ -24,7 +24,7 @@ use sluice_config::{AckMode, KafkaConfig, StreamSettings};
 use sluice_core::{Event, IngestRequest, Receipt, Rejection};
 use tokio::sync::watch;
 
-use crate::admission::Held;
+use super::Held;
 
 /// Header names Sluice adds to every record (documented in docs/kafka.md).
 pub mod headers {
