@@ -10,6 +10,7 @@
 //! is not read. Documented for users in docs/mqtt.md.
 
 pub mod codec;
+pub mod reason;
 mod session;
 
 use std::collections::HashMap;

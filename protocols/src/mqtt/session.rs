@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
+use super::reason as rc;
 use super::{Mqtt, PROTO, SessionKey, Transport};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -77,15 +78,17 @@ struct Refusal {
 
 fn refusal_of(r: &Rejection) -> Refusal {
     let (code, label) = match r {
-        Rejection::Unauthenticated { .. } | Rejection::Forbidden { .. } => (0x87, "not_authorized"),
+        Rejection::Unauthenticated { .. } | Rejection::Forbidden { .. } => {
+            (rc::NOT_AUTHORIZED, "not_authorized")
+        }
         Rejection::Malformed { .. }
         | Rejection::UnsupportedMediaType { .. }
-        | Rejection::LengthRequired => (0x99, "malformed"),
-        Rejection::TooLarge { .. } => (0x99, "too_large"),
-        Rejection::NotFound { .. } => (0x90, "topic"),
-        Rejection::OverQuota { .. } => (0x97, "quota"),
-        Rejection::Unavailable { .. } => (0x83, "unavailable"),
-        Rejection::Internal { .. } => (0x83, "internal"),
+        | Rejection::LengthRequired => (rc::PAYLOAD_FORMAT_INVALID, "malformed"),
+        Rejection::TooLarge { .. } => (rc::PAYLOAD_FORMAT_INVALID, "too_large"),
+        Rejection::NotFound { .. } => (rc::TOPIC_NAME_INVALID, "topic"),
+        Rejection::OverQuota { .. } => (rc::QUOTA_EXCEEDED, "quota"),
+        Rejection::Unavailable { .. } => (rc::IMPLEMENTATION_SPECIFIC_ERROR, "unavailable"),
+        Rejection::Internal { .. } => (rc::IMPLEMENTATION_SPECIFIC_ERROR, "internal"),
     };
     Refusal {
         code,
@@ -283,8 +286,11 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     };
     let disconnect = match &close {
         Close::Error { code, message, .. } => Some((*code, message.as_str())),
-        Close::TakenOver => Some((0x8E, "another connection took the session over")),
-        Close::Shutdown => Some((0x8B, "the gateway is shutting down")),
+        Close::TakenOver => Some((
+            rc::SESSION_TAKEN_OVER,
+            "another connection took the session over",
+        )),
+        Close::Shutdown => Some((rc::SERVER_SHUTTING_DOWN, "the gateway is shutting down")),
         _ => None,
     };
     if let Some((code, message)) = disconnect
@@ -332,9 +338,9 @@ async fn read_connect<T: Transport>(
             Hello::UnsupportedLevel(level) => {
                 // A level above 5 reads a 5.0 CONNACK (0x84); older ones the 3.1.1 one (0x01).
                 let (v, code) = if level > 5 {
-                    (Version::V5, 0x84)
+                    (Version::V5, rc::UNSUPPORTED_PROTOCOL_VERSION)
                 } else {
-                    (Version::V3, 0x01)
+                    (Version::V3, rc::v3::UNACCEPTABLE_PROTOCOL_VERSION)
                 };
                 let _ = Codec::new(v, 0).connack(code, ConnAckProps::default(), out);
                 return Err("refused");
@@ -363,12 +369,12 @@ async fn read_connect<T: Transport>(
             }
             Err(e) => {
                 let (code, label) = match e {
-                    DecodeError::MaxSizeExceeded { .. } => (0x95, "too_large"),
-                    DecodeError::InvalidClientId => (0x85, "malformed"),
+                    DecodeError::MaxSizeExceeded { .. } => (rc::PACKET_TOO_LARGE, "too_large"),
+                    DecodeError::InvalidClientId => (rc::CLIENT_IDENTIFIER_NOT_VALID, "malformed"),
                     DecodeError::MalformedPacket | DecodeError::InvalidLength => {
-                        (0x81, "malformed")
+                        (rc::MALFORMED_PACKET, "malformed")
                     }
-                    _ => (0x82, "protocol"),
+                    _ => (rc::PROTOCOL_ERROR, "protocol"),
                 };
                 if version == Version::V5 {
                     let _ = codec.connack(code, ConnAckProps::default(), out);
@@ -403,22 +409,33 @@ async fn accept<I: Ingest>(
     let code = |v3: u8, v5code: u8| if v5 { v5code } else { v3 };
     let opts = &mqtt.opts;
     if *mqtt.stop.borrow() {
-        return Err((code(3, 0x88), "the gateway is shutting down".into()));
+        return Err((
+            code(rc::v3::SERVER_UNAVAILABLE, rc::SERVER_UNAVAILABLE),
+            "the gateway is shutting down".into(),
+        ));
     }
     if c.auth_method.is_some() {
-        return Err((0x8C, "enhanced authentication is not supported; use username/password or a client certificate".into()));
+        return Err((rc::BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported; use username/password or a client certificate".into()));
     }
     let id_ok = c.client_id.len() <= MAX_CLIENT_ID && !c.client_id.chars().any(char::is_control);
     if !id_ok || (c.client_id.is_empty() && !c.clean_start) {
         return Err((
-            code(2, 0x85),
+            code(rc::v3::IDENTIFIER_REJECTED, rc::CLIENT_IDENTIFIER_NOT_VALID),
             "the client identifier must be 1-256 characters without control characters (empty only with a clean session)".into(),
         ));
     }
     // Credentials: the password holds an API key (`id.secret`) or a JWT; a password without a
     // dot is the secret of the key whose id is the username.
     let password = match c.password.as_deref().map(std::str::from_utf8) {
-        Some(Err(_)) => return Err((code(4, 0x86), "the password is not UTF-8".into())),
+        Some(Err(_)) => {
+            return Err((
+                code(
+                    rc::v3::BAD_USER_NAME_OR_PASSWORD,
+                    rc::BAD_USER_NAME_OR_PASSWORD,
+                ),
+                "the password is not UTF-8".into(),
+            ));
+        }
         Some(Ok(p)) => Some(p),
         None => None,
     };
@@ -443,16 +460,23 @@ async fn accept<I: Ingest>(
         Ok(p) => p,
         Err(Refused::Auth(f)) => {
             let c = match f.kind {
-                FailureKind::Missing => code(5, 0x87),
-                FailureKind::Unauthenticated => code(4, 0x86),
-                FailureKind::Throttled(_) => code(3, 0x9F),
-                FailureKind::Unavailable(_) => code(3, 0x88),
+                FailureKind::Missing => code(rc::v3::NOT_AUTHORIZED, rc::NOT_AUTHORIZED),
+                FailureKind::Unauthenticated => code(
+                    rc::v3::BAD_USER_NAME_OR_PASSWORD,
+                    rc::BAD_USER_NAME_OR_PASSWORD,
+                ),
+                FailureKind::Throttled(_) => {
+                    code(rc::v3::SERVER_UNAVAILABLE, rc::CONNECTION_RATE_EXCEEDED)
+                }
+                FailureKind::Unavailable(_) => {
+                    code(rc::v3::SERVER_UNAVAILABLE, rc::SERVER_UNAVAILABLE)
+                }
             };
             return Err((c, f.description));
         }
         Err(Refused::Connections(p)) => {
             return Err((
-                code(3, 0x97),
+                code(rc::v3::SERVER_UNAVAILABLE, rc::QUOTA_EXCEEDED),
                 format!(
                     "principal `{}` has its maximum of open MQTT connections",
                     p.name()
@@ -522,35 +546,59 @@ fn prepare_will<I: Ingest>(
     if v5 && w.retain {
         return Err((
             5,
-            0x9A,
+            rc::RETAIN_NOT_SUPPORTED,
             "retained messages are not supported (Retain Available = 0)".into(),
         ));
     }
     if w.topic.contains(['+', '#']) || w.topic.is_empty() {
         return Err((
             5,
-            0x90,
+            rc::TOPIC_NAME_INVALID,
             format!("will topic `{}` is not a topic name", w.topic),
         ));
     }
-    let (stream, key) = mqtt
-        .opts
-        .topics
-        .map(&w.topic)
-        .map_err(|e| (5, 0x90, format!("will topic `{}`: {e}", w.topic)))?;
-    let stream = StreamName::parse(&stream).map_err(|r| (5, 0x90, r.to_string()))?;
+    let (stream, key) = mqtt.opts.topics.map(&w.topic).map_err(|e| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::TOPIC_NAME_INVALID,
+            format!("will topic `{}`: {e}", w.topic),
+        )
+    })?;
+    let stream = StreamName::parse(&stream).map_err(|r| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::TOPIC_NAME_INVALID,
+            r.to_string(),
+        )
+    })?;
     match mqtt.ingest.admit(principal, &stream) {
         Ok(_) => {}
         Err(r @ (Rejection::Forbidden { .. } | Rejection::Unauthenticated { .. })) => {
-            return Err((5, 0x87, format!("will: {r}")));
+            return Err((
+                rc::v3::NOT_AUTHORIZED,
+                rc::NOT_AUTHORIZED,
+                format!("will: {r}"),
+            ));
         }
-        Err(r @ Rejection::NotFound { .. }) => return Err((5, 0x90, format!("will: {r}"))),
-        Err(r) => return Err((3, 0x88, format!("will: {r}"))),
+        Err(r @ Rejection::NotFound { .. }) => {
+            return Err((
+                rc::v3::NOT_AUTHORIZED,
+                rc::TOPIC_NAME_INVALID,
+                format!("will: {r}"),
+            ));
+        }
+        Err(r) => {
+            return Err((
+                rc::v3::SERVER_UNAVAILABLE,
+                rc::SERVER_UNAVAILABLE,
+                format!("will: {r}"),
+            ));
+        }
     }
     if w.utf8_payload && std::str::from_utf8(&w.payload).is_err() {
         return Err((
             5,
-            0x99,
+            rc::PAYLOAD_FORMAT_INVALID,
             "the will payload is marked UTF-8 but is not".into(),
         ));
     }
@@ -570,7 +618,13 @@ fn prepare_will<I: Ingest>(
         w.utf8_payload,
         &w.user_properties,
     )
-    .map_err(|m| (5, 0x99, format!("will: {m}")))?;
+    .map_err(|m| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::PAYLOAD_FORMAT_INVALID,
+            format!("will: {m}"),
+        )
+    })?;
     // The will lives as long as the session (and its delay after it): copied into buffers of its
     // own, so it does not keep the CONNECT's read buffer alive.
     let own = |b: &Bytes| Bytes::copy_from_slice(b);
@@ -779,7 +833,7 @@ impl<I: Ingest> Session<I> {
                         for i in &mut g.items {
                             if let State::Hold(r) = &i.state {
                                 i.state = State::Done(Some(Refusal {
-                                    code: 0x83,
+                                    code: rc::IMPLEMENTATION_SPECIFIC_ERROR,
                                     label: "shutdown",
                                     message: format!("the gateway is shutting down: {r}"),
                                 }));
@@ -815,7 +869,7 @@ impl<I: Ingest> Session<I> {
                 }
                 Step::KeepAlive => {
                     return error(
-                        0x8D,
+                        rc::KEEP_ALIVE_TIMEOUT,
                         "keep_alive",
                         "no packet within 1.5 times the keep-alive",
                     );
@@ -827,8 +881,8 @@ impl<I: Ingest> Session<I> {
                     Ok(()) => Ok(()),
                     Err(revoked) => {
                         let code = match revoked {
-                            Revoked::Credentials(_) => 0x87,
-                            Revoked::Changed => 0x98,
+                            Revoked::Credentials(_) => rc::NOT_AUTHORIZED,
+                            Revoked::Changed => rc::ADMINISTRATIVE_ACTION,
                         };
                         self.mqtt.ingest.metrics().session_revoked(PROTO);
                         return error(code, "revoked", revoked.to_string());
@@ -924,13 +978,15 @@ impl<I: Ingest> Session<I> {
                 }
                 Inbound::Disconnect { reason } => {
                     break Err(Close::Client {
-                        will: reason == 0x04,
+                        will: reason == rc::DISCONNECT_WITH_WILL,
                     });
                 }
-                Inbound::Connect(_) => break Err(error(0x82, "protocol", "a second CONNECT")),
+                Inbound::Connect(_) => {
+                    break Err(error(rc::PROTOCOL_ERROR, "protocol", "a second CONNECT"));
+                }
                 Inbound::Unexpected(name) => {
                     break Err(error(
-                        0x82,
+                        rc::PROTOCOL_ERROR,
                         "protocol",
                         format!("{name} is not expected from a client of a publish-only server"),
                     ));
@@ -971,7 +1027,7 @@ impl<I: Ingest> Session<I> {
         let packet_id = p.packet_id;
         if qos > 0 && packet_id.is_none() {
             return Err(error(
-                0x82,
+                rc::PROTOCOL_ERROR,
                 "protocol",
                 "QoS 1/2 PUBLISH without a packet identifier",
             ));
@@ -988,7 +1044,7 @@ impl<I: Ingest> Session<I> {
             })
         {
             return Err(error(
-                0x93,
+                rc::RECEIVE_MAXIMUM_EXCEEDED,
                 "protocol",
                 format!(
                     "more than Receive Maximum ({receive_maximum}) QoS 1/2 publishes unacknowledged"
@@ -997,7 +1053,7 @@ impl<I: Ingest> Session<I> {
         }
         if v5 && p.retain {
             return Err(error(
-                0x9A,
+                rc::RETAIN_NOT_SUPPORTED,
                 "protocol",
                 "retained messages are not supported (Retain Available = 0)",
             ));
@@ -1021,7 +1077,7 @@ impl<I: Ingest> Session<I> {
             let a = usize::from(alias.get());
             if a > usize::from(self.mqtt.opts.topic_alias_maximum) {
                 return Err(error(
-                    0x94,
+                    rc::TOPIC_ALIAS_INVALID,
                     "protocol",
                     format!("topic alias {a} is above Topic Alias Maximum"),
                 ));
@@ -1034,7 +1090,7 @@ impl<I: Ingest> Session<I> {
                     Some(t) => topic = t.clone(),
                     None => {
                         return Err(error(
-                            0x82,
+                            rc::PROTOCOL_ERROR,
                             "protocol",
                             format!("topic alias {a} was never set"),
                         ));
@@ -1045,7 +1101,7 @@ impl<I: Ingest> Session<I> {
             }
         } else if topic.is_empty() {
             return Err(error(
-                0x82,
+                rc::PROTOCOL_ERROR,
                 "protocol",
                 "PUBLISH without a topic name or alias",
             ));
@@ -1069,7 +1125,7 @@ impl<I: Ingest> Session<I> {
         if topic.contains(['+', '#']) {
             self.count_refusal("topic");
             return refused(
-                0x90,
+                rc::TOPIC_NAME_INVALID,
                 "topic",
                 format!("`{topic}` has wildcards; a PUBLISH needs a topic name"),
             );
@@ -1085,19 +1141,23 @@ impl<I: Ingest> Session<I> {
                     }
                     Err(r) => {
                         self.count_refusal("topic");
-                        return refused(0x90, "topic", r.to_string());
+                        return refused(rc::TOPIC_NAME_INVALID, "topic", r.to_string());
                     }
                 },
                 Err(e) => {
                     self.count_refusal("topic");
-                    return refused(0x90, "topic", format!("topic `{topic}`: {e}"));
+                    return refused(
+                        rc::TOPIC_NAME_INVALID,
+                        "topic",
+                        format!("topic `{topic}`: {e}"),
+                    );
                 }
             },
         };
         if utf8 && std::str::from_utf8(&p.payload).is_err() {
             self.count_refusal("malformed");
             return refused(
-                0x99,
+                rc::PAYLOAD_FORMAT_INVALID,
                 "malformed",
                 "the payload is marked UTF-8 (Payload Format Indicator) but is not".into(),
             );
@@ -1112,7 +1172,7 @@ impl<I: Ingest> Session<I> {
             )
         {
             self.count_refusal("malformed");
-            return refused(0x99, "malformed", m);
+            return refused(rc::PAYLOAD_FORMAT_INVALID, "malformed", m);
         }
         if qos2 {
             self.qos2_pending.insert(packet_id.expect("checked").get());
@@ -1261,7 +1321,7 @@ impl<I: Ingest> Session<I> {
                 };
                 g.next += 1;
                 match &refusal {
-                    Some(r) if r.code == 0x97 => {
+                    Some(r) if r.code == rc::QUOTA_EXCEEDED => {
                         self.over_quota += 1;
                         self.over_quota_qos0 = item.packet_id.is_none();
                     }
@@ -1273,7 +1333,7 @@ impl<I: Ingest> Session<I> {
                     // signal otherwise (not authorized, unmapped topic, …), except quota.
                     if let Some(r) = refusal
                         && !v5
-                        && r.code != 0x97
+                        && r.code != rc::QUOTA_EXCEEDED
                     {
                         return Err(error(0, r.label, r.message));
                     }
@@ -1304,9 +1364,9 @@ impl<I: Ingest> Session<I> {
             }
             if limit > 0 && self.over_quota >= limit {
                 let (code, what) = if self.over_quota_qos0 {
-                    (0x96, "message rate too high")
+                    (rc::MESSAGE_RATE_TOO_HIGH, "message rate too high")
                 } else {
-                    (0x97, "quota exceeded")
+                    (rc::QUOTA_EXCEEDED, "quota exceeded")
                 };
                 return Err(error(
                     code,
@@ -1326,15 +1386,15 @@ impl<I: Ingest> Session<I> {
 fn decode_error(e: DecodeError) -> Close {
     match e {
         DecodeError::MaxSizeExceeded { size, max } => error(
-            0x95,
+            rc::PACKET_TOO_LARGE,
             "too_large",
             format!("packet of {size} bytes is above Maximum Packet Size {max}"),
         ),
         DecodeError::MalformedPacket | DecodeError::InvalidLength | DecodeError::Utf8Error => {
-            error(0x81, "malformed", e.to_string())
+            error(rc::MALFORMED_PACKET, "malformed", e.to_string())
         }
-        DecodeError::InvalidTopicName => error(0x90, "malformed", e.to_string()),
-        _ => error(0x82, "protocol", e.to_string()),
+        DecodeError::InvalidTopicName => error(rc::TOPIC_NAME_INVALID, "malformed", e.to_string()),
+        _ => error(rc::PROTOCOL_ERROR, "protocol", e.to_string()),
     }
 }
 
