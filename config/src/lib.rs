@@ -937,6 +937,71 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// The librdkafka producer properties of this configuration: what Sluice sets itself
+    /// (idempotence, acks=all, batching, security, …), then the raw overrides. The gateway's
+    /// producer and the load generator's direct-to-Kafka peer both use exactly these.
+    pub fn producer_properties(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| p.push((k.to_string(), v));
+        set("bootstrap.servers", self.bootstrap_servers.clone());
+        set("client.id", self.client_id.clone());
+        set("enable.idempotence", "true".into());
+        set("acks", "all".into());
+        set("compression.codec", self.compression.as_str().into());
+        set("linger.ms", self.linger_ms.to_string());
+        set("batch.size", self.batch_bytes.to_string());
+        set("batch.num.messages", self.batch_events.to_string());
+        set("message.timeout.ms", self.message_timeout_ms.to_string());
+        set(
+            "queue.buffering.max.kbytes",
+            self.queue_max_bytes.div_ceil(1024).to_string(),
+        );
+        set(
+            "queue.buffering.max.messages",
+            self.queue_max_events.to_string(),
+        );
+        // Sluice creates topics itself (log.kafka.create_topics); a metadata request must not.
+        set("allow.auto.create.topics", "false".into());
+        // Broker round-trip times for `sluice_kafka_broker_rtt_seconds` (an override wins; "0"
+        // turns the statistics off).
+        set("statistics.interval.ms", "10000".into());
+        let s = &self.security;
+        set("security.protocol", s.protocol.as_str().into());
+        if let Some(m) = s.sasl_mechanism {
+            set("sasl.mechanism", m.as_str().into());
+        }
+        if let Some(u) = &s.sasl_username {
+            set("sasl.username", u.clone());
+        }
+        if let Some(pw) = &s.sasl_password {
+            set("sasl.password", pw.0.clone());
+        }
+        for (key, path) in [
+            ("ssl.ca.location", &s.ssl_ca_file),
+            ("ssl.certificate.location", &s.ssl_cert_file),
+            ("ssl.key.location", &s.ssl_key_file),
+        ] {
+            if let Some(path) = path {
+                set(key, path.display().to_string());
+            }
+        }
+        if let Some(pw) = &s.ssl_key_password {
+            set("ssl.key.password", pw.0.clone());
+        }
+        if let Some(v) = s.ssl_verify_hostname {
+            set(
+                "ssl.endpoint.identification.algorithm",
+                if v { "https" } else { "none" }.into(),
+            );
+        }
+        for (key, value) in &self.overrides {
+            set(key, value.clone());
+        }
+        p
+    }
+}
+
 /// librdkafka properties Sluice sets from `[log.kafka]` itself, with the key to use instead.
 pub const KAFKA_MANAGED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "log.kafka.bootstrap_servers"),
@@ -2606,6 +2671,60 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 8, "only {seen} seeds");
+    }
+
+    /// Every property Sluice sets for the producer is one an override may not set (or, for the
+    /// guarantees, may set only to Sluice's own value), so the two lists cannot drift apart.
+    #[test]
+    fn managed_kafka_properties_and_refused_overrides_agree() {
+        let mut k = KafkaConfig::default();
+        k.security.sasl_mechanism = Some(KafkaSaslMechanism::ScramSha512);
+        k.security.sasl_username = Some("u".into());
+        k.security.sasl_password = Some(Secret("p".into()));
+        k.security.ssl_ca_file = Some("ca.pem".into());
+        k.security.ssl_cert_file = Some("c.pem".into());
+        k.security.ssl_key_file = Some("k.pem".into());
+        k.security.ssl_key_password = Some(Secret("kp".into()));
+        k.security.ssl_verify_hostname = Some(true);
+        let props = k.producer_properties();
+        for (key, value) in &props {
+            match key.as_str() {
+                // Guarantees: refused only when weakened while a stream acks durably.
+                "enable.idempotence" | "acks" => {
+                    assert!(kafka_override_conflict(key, value, true).is_none(), "{key}");
+                    let weaker = if key == "acks" { "1" } else { "false" };
+                    assert!(
+                        kafka_override_conflict(key, weaker, true).is_some(),
+                        "{key}"
+                    );
+                }
+                // Tunable by an override on purpose (documented in docs/kafka.md).
+                "statistics.interval.ms" => {
+                    assert!(kafka_override_conflict(key, "0", true).is_none())
+                }
+                _ => assert!(
+                    kafka_override_conflict(key, value, true).is_some(),
+                    "`{key}` is set by Sluice but an override could replace it"
+                ),
+            }
+        }
+        // And every managed property is one Sluice actually sets (or an alias of one).
+        let set: std::collections::HashSet<&str> = props.iter().map(|(k, _)| k.as_str()).collect();
+        for (key, instead) in KAFKA_MANAGED_PROPERTIES {
+            let alias = matches!(
+                *key,
+                "metadata.broker.list"
+                    | "compression.type"
+                    | "queue.buffering.max.ms"
+                    | "delivery.timeout.ms"
+                    | "sasl.mechanisms"
+                    | "partitioner"
+            );
+            assert!(
+                set.contains(key) || alias,
+                "{key} ({instead}) is refused but never set"
+            );
+        }
     }
 
     #[test]

@@ -628,8 +628,12 @@ async fn kafka(a: KafkaArgs) -> Result<()> {
 
     let config = sluice_config::Config::load(Some(&a.config), std::env::vars())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let producer: FutureProducer =
-        sluice_gateway::kafka::client_config(&config.log.kafka).create()?;
+    // The same properties as the gateway's producer, computed where the Kafka config lives.
+    let mut props = rdkafka::ClientConfig::new();
+    for (key, value) in config.log.kafka.producer_properties() {
+        props.set(key, value);
+    }
+    let producer: FutureProducer = props.create()?;
     let md = producer
         .client()
         .fetch_metadata(Some(&a.topic), Duration::from_secs(10))?;

@@ -50,58 +50,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// so both measure the same settings.
 pub fn client_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.bootstrap_servers)
-        .set("client.id", &k.client_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.codec", k.compression.as_str())
-        .set("linger.ms", k.linger_ms.to_string())
-        .set("batch.size", k.batch_bytes.to_string())
-        .set("batch.num.messages", k.batch_events.to_string())
-        .set("message.timeout.ms", k.message_timeout_ms.to_string())
-        .set(
-            "queue.buffering.max.kbytes",
-            k.queue_max_bytes.div_ceil(1024).to_string(),
-        )
-        .set(
-            "queue.buffering.max.messages",
-            k.queue_max_events.to_string(),
-        )
-        // Sluice creates topics itself (log.kafka.create_topics); a metadata request must not.
-        .set("allow.auto.create.topics", "false")
-        // Broker round-trip times for `sluice_kafka_broker_rtt_seconds` (an override wins;
-        // "0" turns the statistics off).
-        .set("statistics.interval.ms", "10000");
-    let s = &k.security;
-    c.set("security.protocol", s.protocol.as_str());
-    if let Some(m) = s.sasl_mechanism {
-        c.set("sasl.mechanism", m.as_str());
-    }
-    if let Some(u) = &s.sasl_username {
-        c.set("sasl.username", u);
-    }
-    if let Some(p) = &s.sasl_password {
-        c.set("sasl.password", &p.0);
-    }
-    for (key, path) in [
-        ("ssl.ca.location", &s.ssl_ca_file),
-        ("ssl.certificate.location", &s.ssl_cert_file),
-        ("ssl.key.location", &s.ssl_key_file),
-    ] {
-        if let Some(p) = path {
-            c.set(key, p.display().to_string());
-        }
-    }
-    if let Some(p) = &s.ssl_key_password {
-        c.set("ssl.key.password", &p.0);
-    }
-    if let Some(v) = s.ssl_verify_hostname {
-        c.set(
-            "ssl.endpoint.identification.algorithm",
-            if v { "https" } else { "none" },
-        );
-    }
-    for (key, value) in &k.overrides {
+    for (key, value) in k.producer_properties() {
         c.set(key, value);
     }
     c
