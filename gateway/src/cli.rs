@@ -4,10 +4,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use sluice_config::Config;
 
-use crate::{app, logcmd, telemetry};
+use crate::logcmd::{self, ReadArgs};
+use crate::{app, telemetry};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,29 +64,6 @@ enum LogCommand {
     Read(ReadArgs),
     /// Print records, then keep following new appends until interrupted.
     Tail(ReadArgs),
-}
-
-/// Which records `log read` and `log tail` print.
-#[derive(Args, Debug, Clone)]
-pub struct ReadArgs {
-    /// The embedded log's data directory.
-    #[arg(long, default_value = "./data")]
-    pub data_dir: PathBuf,
-    /// The stream to read.
-    #[arg(long)]
-    pub stream: String,
-    /// Only this partition (default: every partition, one after another).
-    #[arg(long)]
-    pub partition: Option<u32>,
-    /// Start at this offset in each partition.
-    #[arg(long, conflicts_with = "from_time")]
-    pub from_offset: Option<u64>,
-    /// Start at the first record received at or after this time (RFC 3339).
-    #[arg(long)]
-    pub from_time: Option<String>,
-    /// Print at most this many records.
-    #[arg(long)]
-    pub limit: Option<u64>,
 }
 
 /// Entry point of the `sluice` binary.

@@ -4,19 +4,42 @@
 //! `…_encoding` field.
 
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use base64::Engine as _;
+use clap::Args;
 use serde_json::{Map, Value, json};
 use sluice_log::{PartitionReader, Record, partition_dirs};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::ReadArgs;
-
 /// How often `tail` looks for new records when it has printed everything.
 const TAIL_POLL: Duration = Duration::from_millis(200);
+
+/// Which records `log read` and `log tail` print.
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// The embedded log's data directory.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// The stream to read.
+    #[arg(long)]
+    pub stream: String,
+    /// Only this partition (default: every partition, one after another).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Start at this offset in each partition.
+    #[arg(long, conflicts_with = "from_time")]
+    pub from_offset: Option<u64>,
+    /// Start at the first record received at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from_time: Option<String>,
+    /// Print at most this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
 
 pub fn run(args: &ReadArgs, follow: bool) -> ExitCode {
     match read(args, follow) {
