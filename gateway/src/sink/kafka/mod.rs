@@ -1,0 +1,261 @@
+//! The Kafka sink: one idempotent (acks=all) rdkafka producer shared by the process. Streams map
+//! to topics through `log.kafka.topic`; keys pick partitions with Kafka's murmur2 (as the Java
+//! client does); delivery reports resolve per-event receipts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use sluice_config::{AckMode, KafkaConfig, StreamSettings};
+use sluice_core::{Event, IngestRequest, Receipt, Rejection};
+use tokio::sync::watch;
+
+use super::Held;
+
+mod metrics;
+mod produce;
+mod topics;
+
+use metrics::ErrorLabels;
+pub use metrics::{KafkaMetrics, StatsContext};
+pub use topics::{Topic, topic_name};
+
+/// Header names Sluice adds to every record (documented in docs/kafka.md).
+pub mod headers {
+    /// Media type of the value, as the producer declared it.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// The producer's own event id, when it gave one.
+    pub const EVENT_ID: &str = "sluice-event-id";
+    /// The authenticated principal that produced the event.
+    pub const PRINCIPAL: &str = "sluice-principal";
+    /// How the principal authenticated: `api_key`, `jwt:<issuer>`, `mtls` or `anonymous`.
+    pub const PRINCIPAL_SOURCE: &str = "sluice-principal-source";
+    /// `http`, `grpc`, `mqtt` or `websocket`.
+    pub const PROTOCOL: &str = "sluice-protocol";
+    /// When the gateway received the event: milliseconds since the Unix epoch, in decimal.
+    pub const RECEIVED_AT: &str = "sluice-received-at";
+}
+
+/// How long a producer is told to wait when Kafka cannot take events.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The librdkafka settings of Sluice's producer: Sluice's own first, then the overrides (which
+/// configuration validation has checked for conflicts). Shared with loadtest's direct producer
+/// so both measure the same settings.
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (key, value) in k.producer_properties() {
+        c.set(key, value);
+    }
+    c
+}
+
+/// The Kafka sink. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: KafkaConfig,
+    producer: FutureProducer<StatsContext>,
+    admin: Option<AdminClient<DefaultClientContext>>,
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    create: tokio::sync::Mutex<()>,
+    max_streams: usize,
+    reachable: AtomicBool,
+    /// Why the brokers are not reachable (or the producer failed fatally), for `/readyz`.
+    problem: Mutex<String>,
+    metrics: KafkaMetrics,
+    stop: watch::Sender<bool>,
+}
+
+/// Why the sink cannot take events now.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    #[error("librdkafka refused the producer settings: {0}")]
+    Config(#[source] KafkaError),
+}
+
+impl KafkaSink {
+    /// Creates the producer (it connects in the background; an unreachable cluster does not stop
+    /// the gateway from starting) and starts the health probe.
+    pub fn new(
+        cfg: &KafkaConfig,
+        max_streams: usize,
+        metrics: KafkaMetrics,
+    ) -> Result<Self, KafkaSinkError> {
+        let config = client_config(cfg);
+        let producer: FutureProducer<StatsContext> = config
+            .create_with_context(StatsContext {
+                metrics: metrics.clone(),
+            })
+            .map_err(KafkaSinkError::Config)?;
+        let admin = if cfg.create_topics {
+            Some(config.create().map_err(KafkaSinkError::Config)?)
+        } else {
+            None
+        };
+        let (stop, _) = watch::channel(false);
+        let sink = KafkaSink {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                producer,
+                admin,
+                topics: RwLock::default(),
+                create: tokio::sync::Mutex::new(()),
+                max_streams,
+                reachable: AtomicBool::new(false),
+                problem: Mutex::new("no broker has answered yet".into()),
+                metrics,
+                stop,
+            }),
+        };
+        tokio::spawn(sink.clone().probe());
+        Ok(sink)
+    }
+
+    /// Whether the brokers answer and the producer can take events; the reason if not.
+    pub fn health(&self) -> Result<(), String> {
+        if let Some((code, why)) = self.inner.producer.client().fatal_error() {
+            return Err(format!(
+                "the Kafka producer failed fatally ({code:?}: {why}); restart the gateway"
+            ));
+        }
+        if self.inner.reachable.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(format!(
+                "no Kafka broker is reachable: {}",
+                self.inner.problem.lock().unwrap()
+            ))
+        }
+    }
+
+    /// Whether `stream`'s topic is known to exist (`None`: not known yet either way).
+    pub fn known(&self, stream: &str) -> Option<bool> {
+        self.inner
+            .topics
+            .read()
+            .unwrap()
+            .contains_key(stream)
+            .then_some(true)
+    }
+
+    /// Delivers what is queued (up to `message_timeout_ms`) and stops the probe.
+    pub async fn close(&self) {
+        let _ = self.inner.stop.send(true);
+        let inner = self.inner.clone();
+        let timeout = Duration::from_millis(inner.cfg.message_timeout_ms);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = inner.producer.flush(Timeout::After(timeout)) {
+                tracing::warn!(error = %e, "Kafka producer did not deliver everything before shutdown");
+            }
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::produce::*;
+    use super::*;
+    use sluice_config::{KafkaSaslMechanism, KafkaSecurityProtocol, Secret};
+
+    #[test]
+    fn client_config_carries_sluices_guarantees_and_the_overrides() {
+        let mut k = KafkaConfig {
+            bootstrap_servers: "k1:9092,k2:9092".into(),
+            linger_ms: 7,
+            ..KafkaConfig::default()
+        };
+        k.overrides
+            .insert("socket.keepalive.enable".into(), "true".into());
+        let c = client_config(&k);
+        for (key, want) in [
+            ("bootstrap.servers", "k1:9092,k2:9092"),
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("compression.codec", "zstd"),
+            ("linger.ms", "7"),
+            ("allow.auto.create.topics", "false"),
+            ("queue.buffering.max.kbytes", "1048576"),
+            ("socket.keepalive.enable", "true"),
+        ] {
+            assert_eq!(c.get(key), Some(want), "{key}");
+        }
+    }
+
+    #[test]
+    fn every_compression_tls_and_sasl_setting_is_built_into_librdkafka() {
+        // librdkafka refuses settings it was built without (e.g. zstd, or TLS without OpenSSL)
+        // when the producer is created, so creating one proves the build supports them.
+        for compression in ["none", "gzip", "lz4", "snappy", "zstd"] {
+            let mut k = KafkaConfig {
+                bootstrap_servers: "127.0.0.1:1".into(),
+                compression: serde_json::from_value(serde_json::json!(compression)).unwrap(),
+                ..KafkaConfig::default()
+            };
+            k.security.protocol = KafkaSecurityProtocol::SaslSsl;
+            k.security.sasl_mechanism = Some(KafkaSaslMechanism::ScramSha512);
+            k.security.sasl_username = Some("u".into());
+            k.security.sasl_password = Some(Secret("p".into()));
+            k.security.ssl_verify_hostname = Some(true);
+            let p: Result<FutureProducer, _> = client_config(&k).create();
+            assert!(p.is_ok(), "{compression}: {:?}", p.err());
+        }
+        let mut k = KafkaConfig::default();
+        k.overrides.insert("no.such.property".into(), "1".into());
+        let err = KafkaSink::new(&k, 10, KafkaMetrics::default())
+            .err()
+            .expect("unknown property accepted");
+        assert!(err.to_string().contains("no.such.property"), "{err}");
+    }
+
+    #[test]
+    fn topics_follow_the_template() {
+        assert_eq!(topic_name("{stream}", "orders"), "orders");
+        assert_eq!(topic_name("sluice.{stream}", "orders"), "sluice.orders");
+    }
+
+    #[test]
+    fn errors_are_classified_once_as_retryable_or_final() {
+        use RDKafkaErrorCode as C;
+        let e = |c| KafkaError::MessageProduction(c);
+        for c in [
+            C::MessageTimedOut,
+            C::QueueFull,
+            C::NotEnoughReplicas,
+            C::LeaderNotAvailable,
+            C::AllBrokersDown,
+        ] {
+            let (r, retryable) = classify(&e(c));
+            assert!(retryable, "{c:?}");
+            assert!(r.retry_after().is_some(), "{c:?}");
+        }
+        for (c, code) in [
+            (C::MessageSizeTooLarge, "too_large"),
+            (C::InvalidRecord, "malformed"),
+            (C::TopicAuthorizationFailed, "internal"),
+        ] {
+            let (r, retryable) = classify(&e(c));
+            assert!(!retryable, "{c:?}");
+            assert_eq!(r.code(), code);
+            assert!(r.retry_after().is_none(), "{c:?}");
+        }
+    }
+}
