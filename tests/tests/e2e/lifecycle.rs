@@ -109,6 +109,9 @@ async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
         .current_dir(tmp.path())
         .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
         .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        // No fixed ports: gRPC and MQTT would otherwise take their defaults (50051, 1883).
+        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -142,6 +145,9 @@ async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
         .current_dir(tmp.path())
         .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
         .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+        // No fixed ports: gRPC and MQTT would otherwise take their defaults (50051, 1883).
+        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
