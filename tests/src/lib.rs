@@ -308,3 +308,27 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A child process that is killed (and reaped) when this guard drops, also when a test panics,
+/// so a failing test never leaves a gateway running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}

@@ -104,18 +104,20 @@ async fn the_drain_deadline_bounds_shutdown_and_never_acks_late() {
 async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
     let tmp = tempfile::tempdir().unwrap();
     // No --config at all: data under ./data of the working directory.
-    let mut child = Command::new(binary())
-        .arg("serve")
-        .current_dir(tmp.path())
-        .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
-        // No fixed ports: gRPC and MQTT would otherwise take their defaults (50051, 1883).
-        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = sluice_tests::KillOnDrop(
+        Command::new(binary())
+            .arg("serve")
+            .current_dir(tmp.path())
+            .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+            // No fixed ports: gRPC and MQTT would otherwise take their defaults (50051, 1883).
+            .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),

@@ -294,19 +294,21 @@ async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(sluice_tests::binary())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
-        .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
-        .env("RUST_LOG", "sluice=debug,info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = sluice_tests::KillOnDrop(
+        Command::new(sluice_tests::binary())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
+            .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
+            .env("RUST_LOG", "sluice=debug,info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let line = stdout
         .lines()
