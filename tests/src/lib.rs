@@ -267,8 +267,8 @@ pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {name}{{{labels}}} in the exposition:\n{text}"))
 }
 
-/// [`metric`], or 0 when the series does not exist (a counter nothing has touched yet). The
-/// metric family itself must be in the exposition.
+/// [`metric`], or 0 when the series does not exist (a counter nothing has touched yet, e.g.
+/// while waiting for it to appear). The metric family itself must be in the exposition.
 pub fn metric_or_zero(text: &str, name: &str, labels: &str) -> f64 {
     let family = name.trim_end_matches("_total");
     assert!(

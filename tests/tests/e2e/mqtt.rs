@@ -546,7 +546,7 @@ async fn keep_alive_expiry_publishes_the_will_and_graceful_disconnect_does_not()
     raw.send3(rmqtt_codec::v3::Packet::Disconnect).await;
     assert!(raw.closed().await);
     let m = wait_until(Duration::from_secs(10), || async {
-        metric(
+        sluice_tests::metric_or_zero(
             &s.metrics().await,
             "sluice_mqtt_disconnects_total",
             r#"reason="client""#,
@@ -594,7 +594,7 @@ async fn will_delay_is_cancelled_by_a_reconnect_and_published_after_it_otherwise
     let (raw, _) = session5(addr, with_will("back", 3)).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            metric(
+            sluice_tests::metric_or_zero(
                 &s.metrics().await,
                 "sluice_mqtt_wills_total",
                 r#"outcome="cancelled""#,
@@ -903,7 +903,7 @@ async fn per_principal_connection_limit_gives_0x97() {
     // A second connection with an existing client id takes the session over (0x8E).
     drop((_a, _b, third));
     let freed = wait_until(Duration::from_secs(10), || async {
-        metric(
+        sluice_tests::metric_or_zero(
             &s.metrics().await,
             "sluice_mqtt_disconnects_total",
             r#"reason="eof""#,

@@ -367,7 +367,7 @@ async fn required_client_certificates_refuse_tls_without_one() {
         other => panic!("{other:?}"),
     }
     let failures = wait_until(Duration::from_secs(10), || async {
-        metric(
+        sluice_tests::metric_or_zero(
             &w.s.metrics().await,
             "sluice_auth_failures_total",
             r#"protocol="mqtt",method="none",reason="missing""#,

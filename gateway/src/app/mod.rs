@@ -1,4 +1,12 @@
-//! Wiring: open the log, build the gateway, bind the listeners, serve, drain.
+//! Wiring: open the log, build the gateway, bind the listeners, serve, drain (`mod.rs`); the
+//! admin endpoints (`admin.rs`); configuration reload (`reload.rs`).
+
+mod admin;
+mod reload;
+
+use admin::{AdminActions, loglevel};
+pub use reload::Reloader;
+use reload::{HttpLimits, ReloadLabels};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,94 +45,6 @@ use crate::kafka::{KafkaMetrics, KafkaSink};
 use crate::sink::Sink;
 use crate::sink::stream_options;
 use sluice_core::Ingest as _;
-
-/// Re-reads the configuration file and swaps in what can change at run time: API keys, JWT
-/// issuers, mTLS rules, quotas and stream settings. A file that does not load or validate is
-/// rejected with a logged reason, and the running configuration stays.
-pub struct Reloader {
-    path: Option<std::path::PathBuf>,
-    auth: Arc<Swap<Authenticator>>,
-    gateway: Arc<Gateway>,
-    reloads: Family<ReloadLabels, Counter>,
-    limits: HttpLimits,
-    in_flight_budget: Gauge,
-}
-
-/// The HTTP listener's run-time resizable limits.
-#[derive(Clone)]
-struct HttpLimits {
-    connections: Budget,
-    concurrency: Budget,
-    per_principal: Arc<PrincipalConnections>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReloadLabels {
-    result: &'static str,
-}
-
-impl Reloader {
-    /// Loads and applies the configuration file; false if it was rejected.
-    pub async fn reload(&self) -> bool {
-        let applied = self.try_reload().await;
-        let result = if applied.is_ok() { "ok" } else { "rejected" };
-        self.reloads.get_or_create(&ReloadLabels { result }).inc();
-        match applied {
-            Ok(()) => {
-                tracing::info!(
-                    "configuration reloaded: API keys, JWT issuers, mTLS rules, quotas and stream settings (listeners, TLS files and log settings are not reloaded)"
-                );
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
-                false
-            }
-        }
-    }
-
-    async fn try_reload(&self) -> anyhow::Result<()> {
-        let config = Config::load(self.path.as_deref(), std::env::vars())?;
-        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
-        auth.start().await;
-        self.auth.store(auth);
-        self.gateway
-            .reload(Policy::new(&config.streams, &config.quotas));
-        sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
-        self.gateway
-            .budget()
-            .set_total(config.limits.max_in_flight_bytes);
-        self.in_flight_budget
-            .set(config.limits.max_in_flight_bytes as i64);
-        self.limits
-            .connections
-            .set_total(config.http.max_connections as u64);
-        self.limits
-            .concurrency
-            .set_total(config.http.max_concurrent_requests as u64);
-        self.limits
-            .per_principal
-            .set_max(config.http.max_connections_per_principal);
-        Ok(())
-    }
-
-    /// Reloads whenever the file's modification time changes, checking every `every`.
-    async fn watch(self: Arc<Self>, every: Duration) {
-        let Some(path) = self.path.clone() else {
-            return;
-        };
-        let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut seen = stamp(&path);
-        loop {
-            tokio::time::sleep(every).await;
-            let now = stamp(&path);
-            if now != seen {
-                seen = now;
-                self.reload().await;
-            }
-        }
-    }
-}
 
 /// A started gateway: its bound addresses and the handle to drain it.
 pub struct Running {
@@ -475,7 +395,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                         }
                         return loglevel(req).await;
                     }
-                    admin(
+                    admin::respond(
                         req.method(),
                         req.uri().path(),
                         &ready,
@@ -629,161 +549,6 @@ impl Running {
         let _ = self.admin_stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
         in_time
-    }
-}
-
-fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// `GET /loglevel` answers the current log filter; `PUT /loglevel` with a filter as the body
-/// (`debug`, `sluice=debug,hyper=warn`, …) replaces it until the next restart.
-/// Who may run admin actions that change the gateway's behaviour (`PUT /loglevel`).
-struct AdminActions {
-    /// `admin.token`: when set, every action must present it as a bearer token.
-    token: Option<String>,
-    /// Without a token: whether the listener itself restricts who reaches it (loopback, or
-    /// TLS with required client certificates).
-    open: bool,
-}
-
-impl AdminActions {
-    /// Ok, or the answer refusing the action (401 without the right token, 403 when actions
-    /// are closed because no token is configured on a listener reachable from the network).
-    #[allow(clippy::result_large_err)] // answered at once
-    fn check(&self, headers: &http::HeaderMap) -> Result<(), Response<Full<Bytes>>> {
-        let Some(token) = &self.token else {
-            return if self.open {
-                Ok(())
-            } else {
-                Err(plain(
-                    StatusCode::FORBIDDEN,
-                    "admin actions are off: the admin listener is reachable from the network; \
-                     set admin.token (or admin TLS with client_auth = \"required\")\n"
-                        .into(),
-                ))
-            };
-        };
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // Compared in constant time (as digests, so the length does not leak either).
-        let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-        if bool::from(subtle::ConstantTimeEq::ct_eq(
-            digest(presented).as_ref(),
-            digest(token).as_ref(),
-        )) {
-            return Ok(());
-        }
-        let mut r = plain(
-            StatusCode::UNAUTHORIZED,
-            "this admin action needs `Authorization: Bearer <admin.token>`\n".into(),
-        );
-        r.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer realm=\"sluice-admin\""),
-        );
-        Err(r)
-    }
-}
-
-async fn loglevel(req: http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    use http_body_util::BodyExt;
-    match *req.method() {
-        Method::GET | Method::HEAD => match crate::telemetry::level() {
-            Some(l) => plain(StatusCode::OK, format!("{l}\n")),
-            None => plain(
-                StatusCode::NOT_FOUND,
-                "logging is not set up by this process\n".into(),
-            ),
-        },
-        Method::PUT | Method::POST => {
-            let body = http_body_util::Limited::new(req.into_body(), 4096)
-                .collect()
-                .await;
-            let Ok(body) = body else {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "a log filter is at most 4096 bytes\n".into(),
-                );
-            };
-            let spec = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-            match crate::telemetry::set_level(&spec) {
-                Ok(()) => {
-                    tracing::warn!(
-                        filter = spec.trim(),
-                        "log level changed through the admin listener"
-                    );
-                    plain(StatusCode::OK, format!("{}\n", spec.trim()))
-                }
-                Err(e) => plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
-            }
-        }
-        _ => plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n".into()),
-    }
-}
-
-fn admin(
-    method: &Method,
-    path: &str,
-    ready: &AtomicBool,
-    gateway: &Gateway,
-    registry: &Registry,
-    ready_gauge: &Gauge,
-) -> Response<Full<Bytes>> {
-    let text = plain;
-    if method != Method::GET && method != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
-    }
-    match path {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
-            if !ready.load(Ordering::SeqCst) {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: draining\n".into(),
-                )
-            } else if let Err(why) = gateway.sink().health() {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                )
-            } else {
-                text(StatusCode::OK, "ready\n".into())
-            }
-        }
-        "/metrics" => {
-            let is_ready = ready.load(Ordering::SeqCst) && gateway.sink().health().is_ok();
-            ready_gauge.set(i64::from(is_ready));
-            gateway
-                .metrics()
-                .in_flight_bytes
-                .set(gateway.in_flight_bytes() as i64);
-            let mut out = String::with_capacity(16 * 1024);
-            if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
-            }
-            let mut r = text(StatusCode::OK, out);
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "admin endpoints: /healthz /readyz /metrics /loglevel\n".into(),
-        ),
     }
 }
 

@@ -1,0 +1,91 @@
+//! Configuration reload: what can change at run time is swapped in; the rest stays.
+
+use super::*;
+
+/// Re-reads the configuration file and swaps in what can change at run time: API keys, JWT
+/// issuers, mTLS rules, quotas and stream settings. A file that does not load or validate is
+/// rejected with a logged reason, and the running configuration stays.
+pub struct Reloader {
+    pub(super) path: Option<std::path::PathBuf>,
+    pub(super) auth: Arc<Swap<Authenticator>>,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) reloads: Family<ReloadLabels, Counter>,
+    pub(super) limits: HttpLimits,
+    pub(super) in_flight_budget: Gauge,
+}
+
+/// The HTTP listener's run-time resizable limits.
+#[derive(Clone)]
+pub(super) struct HttpLimits {
+    pub(super) connections: Budget,
+    pub(super) concurrency: Budget,
+    pub(super) per_principal: Arc<PrincipalConnections>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct ReloadLabels {
+    result: &'static str,
+}
+
+impl Reloader {
+    /// Loads and applies the configuration file; false if it was rejected.
+    pub async fn reload(&self) -> bool {
+        let applied = self.try_reload().await;
+        let result = if applied.is_ok() { "ok" } else { "rejected" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        match applied {
+            Ok(()) => {
+                tracing::info!(
+                    "configuration reloaded: API keys, JWT issuers, mTLS rules, quotas and stream settings (listeners, TLS files and log settings are not reloaded)"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload rejected; the running configuration stays");
+                false
+            }
+        }
+    }
+
+    async fn try_reload(&self) -> anyhow::Result<()> {
+        let config = Config::load(self.path.as_deref(), std::env::vars())?;
+        let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        auth.start().await;
+        self.auth.store(auth);
+        self.gateway
+            .reload(Policy::new(&config.streams, &config.quotas));
+        sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
+        self.gateway
+            .budget()
+            .set_total(config.limits.max_in_flight_bytes);
+        self.in_flight_budget
+            .set(config.limits.max_in_flight_bytes as i64);
+        self.limits
+            .connections
+            .set_total(config.http.max_connections as u64);
+        self.limits
+            .concurrency
+            .set_total(config.http.max_concurrent_requests as u64);
+        self.limits
+            .per_principal
+            .set_max(config.http.max_connections_per_principal);
+        Ok(())
+    }
+
+    /// Reloads whenever the file's modification time changes, checking every `every`.
+    pub(super) async fn watch(self: Arc<Self>, every: Duration) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen = stamp(&path);
+        loop {
+            tokio::time::sleep(every).await;
+            let now = stamp(&path);
+            if now != seen {
+                seen = now;
+                self.reload().await;
+            }
+        }
+    }
+}
