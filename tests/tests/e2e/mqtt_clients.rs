@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sluice_tests::mqtt::{Raw, connect5};
 use sluice_tests::pki::{self, Ca};
-use sluice_tests::{Sluice, api_key_entry, metric, read_log, wait_until};
+use sluice_tests::{Sluice, api_key_entry, read_log, wait_until};
 
 const KEY: &str = "dev.s3cret";
 const ISS: &str = "https://idp.test/hs";
