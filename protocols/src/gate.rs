@@ -101,7 +101,6 @@ pub struct SessionAuth {
     reloaded: tokio::sync::watch::Receiver<u64>,
     /// The listener's TLS reloads, for a session with a client certificate.
     tls_reloaded: Option<tokio::sync::watch::Receiver<u64>>,
-    client_cert: Option<Arc<[u8]>>,
     next_expiry: Option<tokio::time::Instant>,
 }
 
@@ -155,11 +154,6 @@ impl SessionAuth {
         }
     }
 
-    /// The principal the session authenticated as (unchanged while it lasts).
-    pub fn principal(&self) -> &Principal {
-        &self.principal
-    }
-
     fn schedule(&mut self) {
         self.next_expiry = self.principal.expires_at().map(|t| {
             let left = t
@@ -192,7 +186,6 @@ impl Gate {
             principal: principal.clone(),
             reloaded,
             tls_reloaded,
-            client_cert: conn.client_cert.clone(),
             next_expiry: None,
         };
         session.schedule();
@@ -208,7 +201,7 @@ impl Gate {
         }
         // A certificate the listener's CRLs revoke now ends the session, whatever else it
         // presented (its TLS identity is gone).
-        if let (Some(tls), Some(cert)) = (&self.tls, &s.client_cert)
+        if let (Some(tls), Some(cert)) = (&self.tls, s.creds.as_credentials().client_cert)
             && tls.is_revoked(cert)
         {
             return Err(Revoked::Credentials(AuthFailure::new(

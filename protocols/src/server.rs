@@ -245,43 +245,21 @@ pub async fn serve_with<F, Fut, B>(
             async move {
                 // The TLS handshake runs here, never in the accept loop, so a slow client holds
                 // only its own connection.
+                let info = |client_cert| ConnInfo {
+                    peer,
+                    client_cert,
+                    principal: Default::default(),
+                    admitted: Some(permit.clone()),
+                };
                 match tls {
                     None => {
-                        let info = ConnInfo {
-                            peer,
-                            client_cert: None,
-                            principal: Default::default(),
-                            admitted: Some(permit),
-                        };
-                        serve_io(
-                            TokioIo::new(stream),
-                            info,
-                            handler,
-                            &builder,
-                            watcher,
-                            deadlines,
-                        )
-                        .await;
+                        let io = TokioIo::new(stream);
+                        serve_io(io, info(None), handler, &builder, watcher, deadlines).await;
                     }
                     Some(tls) => {
-                        if let Some((tls_stream, client_cert)) =
-                            accept_tls(&tls, stream, peer).await
-                        {
-                            let info = ConnInfo {
-                                peer,
-                                client_cert,
-                                principal: Default::default(),
-                                admitted: Some(permit),
-                            };
-                            serve_io(
-                                TokioIo::new(tls_stream),
-                                info,
-                                handler,
-                                &builder,
-                                watcher,
-                                deadlines,
-                            )
-                            .await;
+                        if let Some((tls_stream, cert)) = accept_tls(&tls, stream, peer).await {
+                            let io = TokioIo::new(tls_stream);
+                            serve_io(io, info(cert), handler, &builder, watcher, deadlines).await;
                         }
                     }
                 }
