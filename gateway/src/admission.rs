@@ -1,5 +1,6 @@
 //! The admission path every protocol's events take into the log, in one place:
-//! authorize → validate → (quota, with the quotas issue) → in-flight budget → append → receipts.
+//! admit (authorize, once per batch) → size → count → validate → quotas → in-flight budget →
+//! resolve the stream → stream budget → append → record. `Gateway::ingest` lists the steps.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -215,6 +216,7 @@ impl Gateway {
 impl Ingest for Gateway {
     fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection> {
         // Authorize first: an unauthorized producer learns nothing about which streams exist.
+        // This is the only authorization of a batch; its admission goes into the request.
         if !principal.may_produce_to(stream.as_str()) {
             return Err(Rejection::Forbidden {
                 stream: stream.to_string(),
@@ -236,160 +238,46 @@ impl Ingest for Gateway {
         if let Some(p) = self.reserve_creation(principal, name, &policy.streams)? {
             self.release_creation(&p);
         }
-        Ok(Admission {
-            settings: policy.streams.settings(name),
-        })
+        Ok(Admission::granted(
+            principal.clone(),
+            stream.clone(),
+            policy.streams.settings(name),
+        ))
     }
 
+    /// The path of one admitted batch, as named steps in the order they run. Whole-batch
+    /// refusals are returned (the adapter counts the request's outcome by the rejection's code);
+    /// what happened to each event is counted in [`Gateway::record`].
     async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
-        let protocol = ProtocolLabels {
-            protocol: req.protocol.as_str(),
-        };
-        self.metrics
-            .events_received
-            .get_or_create(&protocol)
-            .inc_by(req.events.len() as u64);
-        let received_bytes: usize = req.events.iter().map(Event::size).sum();
-        self.metrics
-            .bytes_received
-            .get_or_create(&protocol)
-            .inc_by(received_bytes as u64);
-        let name = req.stream.as_str();
         let policy = self.policy.load();
-        let settings = policy.streams.settings(name);
-        // Permissions are per stream, so they are checked for every request, not per connection.
-        if !req.principal.may_produce_to(name) {
-            return Err(Rejection::Forbidden {
-                stream: name.to_string(),
-            });
-        }
-        // Validate sizes before charging anything, so oversized input costs nobody else.
-        validate(&req, &settings)?;
-        // Quotas before the budget: a producer over its quota holds no in-flight bytes. The
-        // longest prefix that fits goes on; the rest is answered per event.
-        let mut refused = Vec::new();
-        let mut refusal = None;
-        if !policy.quotas.is_empty() {
-            // Byte quotas count what an event costs, framing included (Event::charge).
-            let sizes: Vec<usize> = req.events.iter().map(Event::charge).collect();
-            let v = self.throttle(&policy, &req.principal, name, &sizes).await;
-            if v.admitted < sizes.len() {
-                let r = over_quota(&v, name);
-                if v.admitted == 0 {
-                    self.count_throttled(&policy, &req, &v, sizes.len());
-                    return Err(r);
-                }
-                refused = req.events.split_off(v.admitted);
-                refusal = Some((r, v));
-            }
-        }
-        // Sized once more only when quotas split the batch.
-        let bytes: usize = if refused.is_empty() {
-            received_bytes
-        } else {
-            req.events.iter().map(Event::size).sum()
-        };
-        // The in-flight budget bounds memory when the log is slower than the producers: settle
-        // what the adapter reserved while receiving to the events' exact size.
-        let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
-        let charge = bytes + req.events.len() * RECORD_OVERHEAD;
-        if let Err(shed) = reservation.resize(charge) {
-            self.shed(name, "in_flight_budget", req.events.len());
-            return Err(shed);
-        }
-        // The stream exists (or is created, within streams.max_streams) before anything is kept
+        // Sized once: every later step reads these figures.
+        let sizes = Sizes::of(&req.events);
+        // Counted before anything can refuse the batch: the denominator of every refusal rate.
+        self.count_received(&req, &sizes);
+        // The stream's limits, as admitted, before anything is charged: oversized input costs
+        // nobody else.
+        validate(&req, &sizes)?;
+        // Quotas before the budget, so a producer over its quota holds no in-flight bytes; the
+        // longest prefix that fits goes on and the rest is answered per event.
+        let refused = self.apply_quotas(&policy, &mut req, &sizes).await?;
+        // The in-flight budget bounds memory when the log is slower than the producers.
+        let global = self.hold_global(&mut req, &sizes)?;
+        // The stream exists (or is created, within the stream limits) before anything is kept
         // per stream, so made-up stream names cannot grow the per-stream tables.
-        let creation = self.reserve_creation(&req.principal, name, &policy.streams)?;
-        let target = match self.sink.target(name, &policy.streams).await {
-            Ok(t) => t,
-            Err(r) => {
-                if let Some(p) = creation {
-                    self.release_creation(&p);
-                }
-                return Err(r);
-            }
-        };
+        let target = self.resolve(&policy, &req).await?;
         // The stream's own budget keeps one slow or hot stream from taking the whole global one.
-        let stream_reservation = match self.stream_budget(name, settings.max_in_flight_bytes) {
-            Some(b) => match b.try_reserve(charge) {
-                Ok(r) => Some(r),
-                Err(_) => {
-                    self.shed(name, "stream_in_flight_budget", req.events.len());
-                    return Err(Rejection::unavailable(
-                        sluice_core::budget::RETRY_AFTER,
-                        format!(
-                            "the log is not keeping up with stream `{name}`: its in-flight budget is exhausted"
-                        ),
-                    ));
-                }
-            },
-            None => None,
-        };
-        // Counted once the stream exists, so the refusals carry its name.
-        if let Some((_, v)) = &refusal {
-            self.count_throttled(&policy, &req, v, refused.len());
+        let stream = self.hold_stream(&req, &sizes)?;
+        // Quota refusals are counted once the stream exists, so they carry its name.
+        if let Some((_, v, n)) = &refused {
+            self.count_throttled(&policy, &req, v, *n);
         }
-        let held = Held {
-            global: reservation,
-            stream: stream_reservation,
-        };
-        let queued = req.queued.take();
-        let started = std::time::Instant::now();
-        self.metrics
-            .batch_events
-            .get_or_create(&ProtocolLabels {
-                protocol: req.protocol.as_str(),
-            })
-            .observe(req.events.len() as f64);
-        let appended = target.append(&req, settings.ack, held, queued);
-        let mut deadline = self.deadline.subscribe();
-        let mut receipts = tokio::select! {
-            r = appended => r,
-            _ = deadline.wait_for(|passed| *passed) => {
-                return Err(Rejection::unavailable(
-                    Duration::from_secs(1),
-                    "the gateway is shutting down and these events did not reach their ack point in time; they may or may not be stored: retry",
-                ));
-            }
-        };
-        self.metrics
-            .ack_seconds
-            .get_or_create(&AckLabels {
-                protocol: req.protocol.as_str(),
-                ack: match settings.ack {
-                    sluice_config::AckMode::Durable => "durable",
-                    sluice_config::AckMode::Received => "received",
-                },
-            })
-            .observe(started.elapsed().as_secs_f64());
-        if let Some((r, _)) = refusal {
-            receipts.extend(refused.iter().map(|_| Receipt::Failed(r.clone())));
+        // Append; the answer comes at the stream's ack point, or at the drain deadline.
+        let held = Held { global, stream };
+        let mut receipts = self.append(&mut req, target, held).await?;
+        if let Some((r, _, n)) = refused {
+            receipts.extend(std::iter::repeat_n(Receipt::Failed(r), n));
         }
-        let labels = StreamLabels {
-            stream: name.to_string(),
-            protocol: req.protocol.as_str(),
-        };
-        // Events the log refused, counted by their own rejection code (quota refusals were
-        // counted as throttled above).
-        let appended = receipts.len() - refused.len();
-        let mut failed = 0;
-        for r in &receipts[..appended] {
-            if let Receipt::Failed(r) = r {
-                failed += 1;
-                self.metrics.rejected(req.protocol.as_str(), r.code(), 1);
-            }
-        }
-        if failed < req.events.len() {
-            self.metrics
-                .events_in
-                .get_or_create(&labels)
-                .inc_by((req.events.len() - failed) as u64);
-            self.metrics
-                .bytes_in
-                .get_or_create(&labels)
-                .inc_by(bytes as u64);
-            self.metrics.stream_appended(&labels.stream);
-        }
+        self.record(&req, &sizes, &receipts);
         Ok(receipts)
     }
 
@@ -402,9 +290,207 @@ impl Ingest for Gateway {
     }
 }
 
+/// A batch's sizes, computed once: what each event is charged (its size plus record framing),
+/// and the total of the events' own sizes.
+struct Sizes {
+    charges: Vec<usize>,
+    bytes: usize,
+}
+
+impl Sizes {
+    fn of(events: &[Event]) -> Self {
+        let charges: Vec<usize> = events.iter().map(Event::charge).collect();
+        let bytes = charges.iter().sum::<usize>() - charges.len() * RECORD_OVERHEAD;
+        Self { charges, bytes }
+    }
+
+    /// Event sizes (against `max_event_bytes`).
+    fn size(&self, i: usize) -> usize {
+        self.charges[i] - RECORD_OVERHEAD
+    }
+
+    /// The first `n` events' sizes and charges.
+    fn prefix(&self, n: usize) -> (usize, usize) {
+        let charge: usize = self.charges[..n].iter().sum();
+        (charge - n * RECORD_OVERHEAD, charge)
+    }
+}
+
+/// A quota refusal of a batch's tail: the rejection, the verdict, and how many events.
+type Refused = Option<(Rejection, Verdict, usize)>;
+
 impl Gateway {
+    fn count_received(&self, req: &IngestRequest, sizes: &Sizes) {
+        let protocol = ProtocolLabels {
+            protocol: req.protocol.as_str(),
+        };
+        self.metrics
+            .events_received
+            .get_or_create(&protocol)
+            .inc_by(req.events.len() as u64);
+        self.metrics
+            .bytes_received
+            .get_or_create(&protocol)
+            .inc_by(sizes.bytes as u64);
+    }
+
+    /// Runs the quotas; a batch refused whole is an error, a refused tail is split off.
+    async fn apply_quotas(
+        &self,
+        policy: &Policy,
+        req: &mut IngestRequest,
+        sizes: &Sizes,
+    ) -> Result<Refused, Rejection> {
+        if policy.quotas.is_empty() {
+            return Ok(None);
+        }
+        let name = req.stream().as_str();
+        let v = self
+            .throttle(policy, req.principal(), name, &sizes.charges)
+            .await;
+        if v.admitted == sizes.charges.len() {
+            return Ok(None);
+        }
+        let r = over_quota(&v, name);
+        if v.admitted == 0 {
+            self.count_throttled(policy, req, &v, sizes.charges.len());
+            return Err(r);
+        }
+        let n = req.events.len() - v.admitted;
+        req.events.truncate(v.admitted);
+        Ok(Some((r, v, n)))
+    }
+
+    /// Settles what the adapter reserved while receiving to the admitted events' exact charge.
+    fn hold_global(
+        &self,
+        req: &mut IngestRequest,
+        sizes: &Sizes,
+    ) -> Result<sluice_core::Reservation, Rejection> {
+        let (_, charge) = sizes.prefix(req.events.len());
+        let mut reservation = std::mem::replace(&mut req.reservation, self.budget.empty());
+        if let Err(shed) = reservation.resize(charge) {
+            self.shed(req.stream().as_str(), "in_flight_budget", req.events.len());
+            return Err(shed);
+        }
+        Ok(reservation)
+    }
+
+    /// The stream's place in the sink, created if it has to be (counted against its principal).
+    async fn resolve(
+        &self,
+        policy: &Policy,
+        req: &IngestRequest,
+    ) -> Result<crate::sink::Target, Rejection> {
+        let name = req.stream().as_str();
+        let creation = self.reserve_creation(req.principal(), name, &policy.streams)?;
+        self.sink
+            .target(name, &policy.streams)
+            .await
+            .inspect_err(|_| {
+                if let Some(p) = &creation {
+                    self.release_creation(p);
+                }
+            })
+    }
+
+    fn hold_stream(
+        &self,
+        req: &IngestRequest,
+        sizes: &Sizes,
+    ) -> Result<Option<sluice_core::Reservation>, Rejection> {
+        let name = req.stream().as_str();
+        let Some(budget) = self.stream_budget(name, req.admission.settings().max_in_flight_bytes)
+        else {
+            return Ok(None);
+        };
+        let (_, charge) = sizes.prefix(req.events.len());
+        match budget.try_reserve(charge) {
+            Ok(r) => Ok(Some(r)),
+            Err(_) => {
+                self.shed(name, "stream_in_flight_budget", req.events.len());
+                Err(Rejection::unavailable(
+                    sluice_core::budget::RETRY_AFTER,
+                    format!(
+                        "the log is not keeping up with stream `{name}`: its in-flight budget is exhausted"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Appends the batch and waits for its ack point; past the drain deadline, answers with a
+    /// retryable error instead of being cut off when the process exits.
+    async fn append(
+        &self,
+        req: &mut IngestRequest,
+        target: crate::sink::Target,
+        held: Held,
+    ) -> Result<Vec<Receipt>, Rejection> {
+        let ack = req.admission.settings().ack;
+        let queued = req.queued.take();
+        let started = std::time::Instant::now();
+        self.metrics
+            .batch_events
+            .get_or_create(&ProtocolLabels {
+                protocol: req.protocol.as_str(),
+            })
+            .observe(req.events.len() as f64);
+        let appended = target.append(req, ack, held, queued);
+        let mut deadline = self.deadline.subscribe();
+        let receipts = tokio::select! {
+            r = appended => r,
+            _ = deadline.wait_for(|passed| *passed) => {
+                return Err(Rejection::unavailable(
+                    Duration::from_secs(1),
+                    "the gateway is shutting down and these events did not reach their ack point in time; they may or may not be stored: retry",
+                ));
+            }
+        };
+        self.metrics
+            .ack_seconds
+            .get_or_create(&AckLabels {
+                protocol: req.protocol.as_str(),
+                ack: match ack {
+                    sluice_config::AckMode::Durable => "durable",
+                    sluice_config::AckMode::Received => "received",
+                },
+            })
+            .observe(started.elapsed().as_secs_f64());
+        Ok(receipts)
+    }
+
+    /// Counts what happened to the appended events: those the log refused by their own
+    /// rejection code (quota refusals were counted as throttled), the rest as appended.
+    fn record(&self, req: &IngestRequest, sizes: &Sizes, receipts: &[Receipt]) {
+        let appended = req.events.len();
+        let mut failed = 0;
+        for r in &receipts[..appended] {
+            if let Receipt::Failed(r) = r {
+                failed += 1;
+                self.metrics.rejected(req.protocol.as_str(), r.code(), 1);
+            }
+        }
+        if failed < appended {
+            let labels = StreamLabels {
+                stream: req.stream().to_string(),
+                protocol: req.protocol.as_str(),
+            };
+            let (bytes, _) = sizes.prefix(appended);
+            self.metrics
+                .events_in
+                .get_or_create(&labels)
+                .inc_by((appended - failed) as u64);
+            self.metrics
+                .bytes_in
+                .get_or_create(&labels)
+                .inc_by(bytes as u64);
+            self.metrics.stream_appended(&labels.stream);
+        }
+    }
+
     fn count_throttled(&self, policy: &Policy, req: &IngestRequest, v: &Verdict, n: usize) {
-        let name = req.principal.name();
+        let name = req.principal().name();
         let principal = if policy.metrics_principals.contains(name) {
             name.to_string()
         } else {
@@ -413,7 +499,7 @@ impl Gateway {
         self.metrics
             .events_throttled
             .get_or_create(&ThrottleLabels {
-                stream: self.stream_label(req.stream.as_str()),
+                stream: self.stream_label(req.stream().as_str()),
                 scope: v.scope.map_or("stream", QuotaScope::as_str),
                 principal,
             })
@@ -443,8 +529,9 @@ fn over_quota(v: &Verdict, stream: &str) -> Rejection {
     }
 }
 
-/// Checks the request against the stream's limits; returns the events' total size.
-fn validate(req: &IngestRequest, s: &sluice_config::StreamSettings) -> Result<usize, Rejection> {
+/// Checks the request against the stream's limits, as admitted.
+fn validate(req: &IngestRequest, sizes: &Sizes) -> Result<(), Rejection> {
+    let s = req.admission.settings();
     let n = req.events.len();
     if n == 0 {
         return Err(Rejection::Malformed {
@@ -455,22 +542,22 @@ fn validate(req: &IngestRequest, s: &sluice_config::StreamSettings) -> Result<us
         return Err(Rejection::TooLarge {
             message: format!(
                 "the request holds {n} events; the limit for stream `{}` is {}",
-                req.stream, s.max_events_per_request
+                req.stream(),
+                s.max_events_per_request
             ),
         });
     }
-    let mut total = 0;
-    for (i, e) in req.events.iter().enumerate() {
-        let size = e.size();
+    for i in 0..n {
+        let size = sizes.size(i);
         if size as u64 > s.max_event_bytes {
             return Err(Rejection::TooLarge {
                 message: format!(
                     "event {i} has {size} bytes; the limit for stream `{}` is {}",
-                    req.stream, s.max_event_bytes
+                    req.stream(),
+                    s.max_event_bytes
                 ),
             });
         }
-        total += size;
     }
-    Ok(total)
+    Ok(())
 }

@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
+use sluice_core::{Admission, Event, Ingest, Protocol, Receipt, Rejection, StreamName};
 use tokio::sync::{mpsc, oneshot};
 
 /// The outcome of one batch: a receipt per event, or the batch's rejection.
 pub type Outcome = Result<Vec<Receipt>, Rejection>;
 
 struct Item {
+    /// The batch's admission (the adapter admitted it before parsing it).
+    admission: Admission,
     content_type: Bytes,
     events: Vec<Event>,
     reply: oneshot::Sender<Outcome>,
@@ -24,7 +26,6 @@ struct Item {
 /// nothing queued are dropped (their tasks end), and a new one starts when needed.
 pub struct Lanes<I> {
     ingest: Arc<I>,
-    principal: Principal,
     protocol: Protocol,
     depth: usize,
     lanes: HashMap<StreamName, mpsc::Sender<Item>>,
@@ -34,24 +35,25 @@ const MAX_LANES: usize = 256;
 
 impl<I: Ingest> Lanes<I> {
     /// `depth`: batches that may queue per stream (the caller bounds its pending batches too).
-    pub fn new(ingest: Arc<I>, principal: Principal, protocol: Protocol, depth: usize) -> Self {
+    pub fn new(ingest: Arc<I>, protocol: Protocol, depth: usize) -> Self {
         Self {
             ingest,
-            principal,
             protocol,
             depth: depth.max(1),
             lanes: HashMap::new(),
         }
     }
 
-    /// Queues a batch behind the earlier batches of its stream; the receiver gets its outcome.
+    /// Queues an admitted batch behind the earlier batches of its stream; the receiver gets its
+    /// outcome.
     pub async fn submit(
         &mut self,
-        stream: StreamName,
+        admission: Admission,
         content_type: Bytes,
         events: Vec<Event>,
     ) -> oneshot::Receiver<Outcome> {
         let (reply, rx) = oneshot::channel();
+        let stream = admission.stream().clone();
         if self.lanes.len() >= MAX_LANES && !self.lanes.contains_key(&stream) {
             self.lanes.retain(|_, tx| tx.capacity() < tx.max_capacity());
         }
@@ -60,17 +62,12 @@ impl<I: Ingest> Lanes<I> {
             .entry(stream.clone())
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(self.depth);
-                tokio::spawn(run(
-                    self.ingest.clone(),
-                    self.principal.clone(),
-                    self.protocol,
-                    stream,
-                    rx,
-                ));
+                tokio::spawn(run(self.ingest.clone(), self.protocol, rx));
                 tx
             })
             .clone();
         let item = Item {
+            admission,
             content_type,
             events,
             reply,
@@ -82,16 +79,15 @@ impl<I: Ingest> Lanes<I> {
 }
 
 /// One stream's lane: appends queued batches in order, merging those already waiting (same
-/// content type, within the stream's events-per-request limit) into one append.
-async fn run<I: Ingest>(
-    ingest: Arc<I>,
-    principal: Principal,
-    protocol: Protocol,
-    stream: StreamName,
-    mut rx: mpsc::Receiver<Item>,
-) {
+/// content type, within the stream's events-per-request limit) into one append under the first
+/// one's admission (same principal and stream; admitted by the adapter as it read them).
+async fn run<I: Ingest>(ingest: Arc<I>, protocol: Protocol, mut rx: mpsc::Receiver<Item>) {
     let mut next: Option<Item> = None;
+    let mut chain = Chain::default();
     loop {
+        // The next append starts once the one before is queued (or refused): order is kept,
+        // and the writes of both can share a group commit.
+        chain.wait().await;
         let first = match next.take() {
             Some(i) => i,
             None => match rx.recv().await {
@@ -99,10 +95,8 @@ async fn run<I: Ingest>(
                 None => return,
             },
         };
-        let limit = ingest
-            .admit(&principal, &stream)
-            .map(|a| a.settings.max_events_per_request as usize)
-            .unwrap_or(0);
+        let admission = first.admission.clone();
+        let limit = admission.settings().max_events_per_request as usize;
         let content_type = first.content_type.clone();
         let mut total = first.events.len();
         let mut group = vec![first];
@@ -132,17 +126,16 @@ async fn run<I: Ingest>(
             events.extend(i.events);
             replies.push(i.reply);
         }
-        let (queued_tx, queued_rx) = oneshot::channel();
-        let (ingest2, principal2, stream2) = (ingest.clone(), principal.clone(), stream.clone());
+        let queued = chain.next();
+        let ingest2 = ingest.clone();
         tokio::spawn(async move {
-            let outcome = crate::append_batch(
+            let outcome = crate::append_admitted(
                 &*ingest2,
-                principal2,
+                Ok(admission),
                 protocol,
-                stream2,
                 content_type,
                 events,
-                Some(queued_tx),
+                Some(queued),
             )
             .await;
             match outcome {
@@ -159,8 +152,47 @@ async fn run<I: Ingest>(
                 }
             }
         });
-        // The next append starts once this one is queued (or refused): order is kept, and
-        // the writes of both can share a group commit.
-        let _ = queued_rx.await;
+    }
+}
+
+/// Appends started one after another, each once the one before is in the log's queue (its
+/// position fixed) or refused: what keeps a connection's batches in order while their writes
+/// still share group commits. Used by the lanes here and by the MQTT session's appender.
+#[derive(Debug, Default)]
+pub(crate) struct Chain {
+    last_queued: Option<oneshot::Receiver<()>>,
+}
+
+impl Chain {
+    /// Whether the next append may start now (for loops that poll rather than wait).
+    pub(crate) fn ready(&mut self) -> bool {
+        if let Some(rx) = &mut self.last_queued {
+            if let Err(oneshot::error::TryRecvError::Empty) = rx.try_recv() {
+                return false;
+            }
+            self.last_queued = None;
+        }
+        true
+    }
+
+    /// Whether an append was started and is not yet queued.
+    pub(crate) fn waiting(&self) -> bool {
+        self.last_queued.is_some()
+    }
+
+    /// Waits until the next append may start. Cancel-safe (for `select!`): dropped before the
+    /// append is queued, it keeps waiting for that append next time.
+    pub(crate) async fn wait(&mut self) {
+        if let Some(rx) = &mut self.last_queued {
+            let _ = rx.await;
+            self.last_queued = None;
+        }
+    }
+
+    /// Starts the next append: the sender goes into its `IngestRequest::queued`.
+    pub(crate) fn next(&mut self) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        self.last_queued = Some(rx);
+        tx
     }
 }

@@ -11,37 +11,50 @@ pub mod server;
 
 use bytes::Bytes;
 use sluice_core::{
-    Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
+    Admission, Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
 };
 
-/// The path of one already-decoded batch (gRPC, WebSocket): admit the principal on the stream,
-/// hold the events' bytes in the in-flight budget, append, and count the request's outcome.
+/// The path of one already-decoded batch (gRPC, WebSocket, MQTT): admit the principal on the
+/// stream, then [`append_admitted`].
 pub(crate) async fn append_batch<I: Ingest>(
     ingest: &I,
-    principal: Principal,
+    principal: &Principal,
     protocol: Protocol,
-    stream: StreamName,
+    stream: &StreamName,
     content_type: Bytes,
     events: Vec<Event>,
     queued: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<Vec<Receipt>, Rejection> {
-    let result = async {
-        ingest.admit(&principal, &stream)?;
-        let size: usize = events.iter().map(Event::size).sum();
-        let reservation = ingest.budget().try_reserve(size)?;
-        ingest
-            .ingest(IngestRequest {
-                principal,
-                protocol,
-                stream,
-                content_type,
-                events,
-                reservation,
-                queued,
-            })
-            .await
-    }
-    .await;
+    let admitted = ingest.admit(principal, stream);
+    append_admitted(ingest, admitted, protocol, content_type, events, queued).await
+}
+
+/// Appends a batch whose admission was decided (authorized once, by [`Ingest::admit`]) and
+/// counts the request's outcome. The events are already in memory, so no budget was reserved
+/// while receiving them: admission charges their exact size.
+pub(crate) async fn append_admitted<I: Ingest>(
+    ingest: &I,
+    admitted: Result<Admission, Rejection>,
+    protocol: Protocol,
+    content_type: Bytes,
+    events: Vec<Event>,
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<Vec<Receipt>, Rejection> {
+    let result = match admitted {
+        Ok(admission) => {
+            ingest
+                .ingest(IngestRequest {
+                    admission,
+                    protocol,
+                    content_type,
+                    events,
+                    reservation: ingest.budget().empty(),
+                    queued,
+                })
+                .await
+        }
+        Err(r) => Err(r),
+    };
     let outcome = match &result {
         Ok(r) if r.iter().any(|r| matches!(r, Receipt::Failed(_))) => "partial",
         Ok(_) => "ok",

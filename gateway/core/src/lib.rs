@@ -4,6 +4,8 @@
 
 pub mod budget;
 pub mod metrics;
+pub mod principal;
+pub mod swap;
 
 use std::fmt;
 use std::future::Future;
@@ -13,8 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use budget::{Budget, Reservation};
-pub use sluice_auth::Principal;
+pub use principal::{AuthFailure, FailureKind, Permissions, Principal, glob_match};
 pub use sluice_config::{AckMode, StreamSettings};
+pub use swap::Swap;
 
 /// A validated stream name (Kafka's topic rules: 1–249 of `[a-zA-Z0-9._-]`, not `.` or `..`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,22 +128,36 @@ impl Event {
     }
 }
 
-/// A batch of events for one stream from one principal.
+/// A batch of events for one stream from one principal, admitted to that stream.
 #[derive(Debug)]
 pub struct IngestRequest {
-    pub principal: Principal,
+    /// Who produces to which stream, and the stream's settings: authorized once, by
+    /// [`Ingest::admit`], for the whole batch.
+    pub admission: Admission,
     pub protocol: Protocol,
-    pub stream: StreamName,
     /// Media type of the values, stored with the events (e.g. `application/json`).
     pub content_type: Bytes,
     pub events: Vec<Event>,
-    /// In-flight budget the adapter reserved while receiving the request; admission settles it
-    /// to the events' exact size and it is released once they reach their ack point.
+    /// In-flight budget the adapter reserved while receiving the request (empty when it
+    /// reserved nothing); admission settles it to the events' exact size and it is released
+    /// once they reach their ack point.
     pub reservation: Reservation,
     /// Fired (or dropped, when the request is refused first) once the events are in the log's
     /// queue, i.e. their order in the log is fixed, before they reach their ack point. Lets a
     /// connection pipeline its batches of one stream without reordering them.
     pub queued: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl IngestRequest {
+    /// Who sent the events.
+    pub fn principal(&self) -> &Principal {
+        &self.admission.principal
+    }
+
+    /// The stream they go to.
+    pub fn stream(&self) -> &StreamName {
+        &self.admission.stream
+    }
 }
 
 /// What happened to one event of a request.
@@ -222,9 +239,8 @@ impl Rejection {
     }
 }
 
-impl From<sluice_auth::AuthFailure> for Rejection {
-    fn from(f: sluice_auth::AuthFailure) -> Self {
-        use sluice_auth::FailureKind;
+impl From<AuthFailure> for Rejection {
+    fn from(f: AuthFailure) -> Self {
         match f.kind {
             FailureKind::Missing | FailureKind::Unauthenticated => Rejection::Unauthenticated {
                 invalid_token: f.kind == FailureKind::Unauthenticated,
@@ -242,18 +258,48 @@ impl From<sluice_auth::AuthFailure> for Rejection {
     }
 }
 
-/// Settings the adapter needs before it reads a request's events.
+/// A principal admitted to a stream: made by [`Ingest::admit`] once it has checked that the
+/// principal may produce to the stream and that the stream can exist, and carried by every
+/// [`IngestRequest`], so a batch is authorized once. Holds the stream's settings as they were
+/// at that moment, for the adapter to enforce while it reads the events.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    pub settings: StreamSettings,
+    principal: Principal,
+    stream: StreamName,
+    settings: StreamSettings,
+}
+
+impl Admission {
+    /// For implementations of [`Ingest::admit`], after their checks passed.
+    pub fn granted(principal: Principal, stream: StreamName, settings: StreamSettings) -> Self {
+        Self {
+            principal,
+            stream,
+            settings,
+        }
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    pub fn stream(&self) -> &StreamName {
+        &self.stream
+    }
+
+    /// The stream's limits and ack point.
+    pub fn settings(&self) -> &StreamSettings {
+        &self.settings
+    }
 }
 
 /// The service every protocol adapter calls. The gateway implements it: authorize, validate,
 /// quota, in-flight budget, append, receipts.
 pub trait Ingest: Send + Sync + 'static {
     /// Checks that `principal` may produce to `stream` and that the stream can exist, before any
-    /// of the request body is read; returns the stream's limits for the adapter to enforce while
-    /// reading.
+    /// of the request body is read; the admission carries the stream's limits for the adapter to
+    /// enforce while reading, and goes into the [`IngestRequest`] (authorization is not repeated
+    /// there).
     fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection>;
 
     /// Appends the request's events and answers with one receipt per event, in request order,

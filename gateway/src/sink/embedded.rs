@@ -149,7 +149,7 @@ fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
         req.protocol.as_str().as_bytes(),
         // The identity (source U+001F name); `sluice log read` shows the two as
         // `sluice-principal` and `sluice-principal-source`.
-        req.principal.identity().as_bytes(),
+        req.principal().identity().as_bytes(),
         capacity,
     );
     for &i in idx {

@@ -408,9 +408,9 @@ fn spawn_batch<I: Ingest>(
         };
         crate::append_batch(
             &*ingest,
-            principal,
+            &principal,
             Protocol::Grpc,
-            stream,
+            &stream,
             Bytes::from(content_type),
             events,
             None,
@@ -504,7 +504,6 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         // wait), so pipelining keeps the log's order per stream and key.
         let mut lanes = Lanes::new(
             self.ingest.clone(),
-            principal,
             Protocol::Grpc,
             self.max_batches_in_flight,
         );
@@ -538,17 +537,19 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                     match next {
                         Ok(Some(batch)) => {
                             let content_type = content_type_or_default(batch.content_type);
+                            // Admitted once per batch, before its events are converted.
                             let decoded = StreamName::parse(&batch.stream).and_then(|stream| {
-                                Ok((stream, events_of(batch.events, &content_type)?))
+                                let admission = ingest.admit(&principal, &stream)?;
+                                Ok((admission, events_of(batch.events, &content_type)?))
                             });
                             let pending = match decoded {
                                 Err(r) => {
                                     ingest.metrics().request(PROTO, r.code());
                                     Pending::Done(batch.sequence, Err(r))
                                 }
-                                Ok((stream, events)) => {
+                                Ok((admission, events)) => {
                                     let outcome = lanes
-                                        .submit(stream, Bytes::from(content_type), events)
+                                        .submit(admission, Bytes::from(content_type), events)
                                         .await;
                                     Pending::Batch(batch.sequence, outcome)
                                 }

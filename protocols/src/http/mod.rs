@@ -216,7 +216,7 @@ async fn publish<I: Ingest>(
     };
     tracing::Span::current().record("principal", principal.name());
     let admission = ingest.admit(&principal, &stream)?;
-    let limits = admission.settings;
+    let limits = *admission.settings();
 
     let (parts, body) = req.into_parts();
     let header = |name| {
@@ -329,9 +329,8 @@ async fn publish<I: Ingest>(
     };
     let receipts = ingest
         .ingest(IngestRequest {
-            principal,
+            admission,
             protocol: Protocol::Http,
-            stream,
             content_type: stored_type,
             events,
             reservation,

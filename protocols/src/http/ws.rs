@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use sluice_auth::Credentials;
-use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
+use sluice_core::{Admission, Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -438,7 +438,6 @@ impl<I: Ingest> Session<I> {
         let mut last_of: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
         let mut lanes = Lanes::new(
             session.ingest.clone(),
-            session.principal.clone(),
             Protocol::WebSocket,
             opts.max_pending_frames,
         );
@@ -516,7 +515,7 @@ impl<I: Ingest> Session<I> {
             let out = out_tx.clone();
             let parsed = s.parse(frame);
             let stream_key = match &parsed {
-                Ok((stream, _, _)) => stream.to_string(),
+                Ok((admission, _, _)) => admission.stream().to_string(),
                 Err(_) => String::new(),
             };
             if last_of.len() > 1024 {
@@ -529,9 +528,9 @@ impl<I: Ingest> Session<I> {
             // Frames of one stream are appended in the order they arrived (the lane), and
             // answered in that order (the chain of `previous`).
             let queued = match parsed {
-                Ok((stream, content_type, events)) => {
+                Ok((admission, content_type, events)) => {
                     let ids: Vec<Option<Bytes>> = events.iter().map(|e| e.id.clone()).collect();
-                    Ok((lanes.submit(stream, content_type, events).await, ids))
+                    Ok((lanes.submit(admission, content_type, events).await, ids))
                 }
                 Err(e) => Err(e),
             };
@@ -580,27 +579,23 @@ impl<I: Ingest> Session<I> {
         let _ = writer.await;
     }
 
-    /// How many events a frame for `stream` may hold. Checking it also authorizes the principal
-    /// on the stream, so a frame for a stream it may not use is refused before it is parsed.
-    fn event_limit<'s>(&self, stream: &'s StreamName) -> Result<body::EventLimit<'s>, Rejection> {
-        let admission = self.ingest.admit(&self.principal, stream)?;
-        Ok(body::EventLimit {
-            max: admission.settings.max_events_per_request,
-            stream: stream.as_str(),
-        })
+    /// Admits the principal on a frame's stream (once per frame), so a frame for a stream it
+    /// may not use is refused before it is parsed.
+    fn admit(&self, stream: &StreamName) -> Result<Admission, Rejection> {
+        self.ingest.admit(&self.principal, stream)
     }
 
-    /// A frame's stream, content type and events, or why it cannot be taken (with the ids it
+    /// A frame's admission, content type and events, or why it cannot be taken (with the ids it
     /// could read, for the nack).
     #[allow(clippy::type_complexity)]
     fn parse(
         &self,
         frame: Frame,
-    ) -> Result<(StreamName, Bytes, Vec<Event>), (Rejection, Vec<Option<Bytes>>)> {
+    ) -> Result<(Admission, Bytes, Vec<Event>), (Rejection, Vec<Option<Bytes>>)> {
         let fail = |r: Rejection| (r, vec![None]);
         match (frame, &self.stream) {
             (Frame::Binary(b), Some(stream)) => Ok((
-                stream.clone(),
+                self.admit(stream).map_err(fail)?,
                 Bytes::from_static(b"application/octet-stream"),
                 vec![Event {
                     value: b,
@@ -611,21 +606,25 @@ impl<I: Ingest> Session<I> {
                 message: "binary frames need a stream: use /v1/streams/{stream}/ws".into(),
             })),
             (Frame::Text(t), Some(stream)) => {
-                let limit = self.event_limit(stream).map_err(fail)?;
-                let events = body::parse_json(&t, limit).map_err(fail)?;
-                Ok((
-                    stream.clone(),
-                    Bytes::from_static(b"application/json"),
-                    events,
-                ))
+                let admission = self.admit(stream).map_err(fail)?;
+                let events = body::parse_json(&t, event_limit(&admission)).map_err(fail)?;
+                Ok((admission, Bytes::from_static(b"application/json"), events))
             }
             (Frame::Text(t), None) => {
                 let (stream, events) = envelope(&t).map_err(fail)?;
-                let limit = self.event_limit(&stream).map_err(fail)?;
-                let events = body::parse_json(&events, limit).map_err(fail)?;
-                Ok((stream, Bytes::from_static(b"application/json"), events))
+                let admission = self.admit(&stream).map_err(fail)?;
+                let events = body::parse_json(&events, event_limit(&admission)).map_err(fail)?;
+                Ok((admission, Bytes::from_static(b"application/json"), events))
             }
         }
+    }
+}
+
+/// How many events a frame may hold on its stream.
+fn event_limit(admission: &Admission) -> body::EventLimit<'_> {
+    body::EventLimit {
+        max: admission.settings().max_events_per_request,
+        stream: admission.stream().as_str(),
     }
 }
 

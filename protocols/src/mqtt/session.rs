@@ -26,6 +26,7 @@ type Outcome = Result<Vec<Receipt>, Rejection>;
 type Append =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<usize>, Outcome)> + Send>>;
 use crate::gate::{Gate, Refused, Revoked, SessionAuth};
+use crate::lanes::Chain;
 use crate::server::ConnInfo;
 
 /// Publishes of one stream appended as one batch, at most.
@@ -242,7 +243,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
             principal,
             appends: FuturesUnordered::new(),
             to_start: VecDeque::new(),
-            last_queued: None,
+            chain: Chain::default(),
         },
         next_group: 0,
         rbuf,
@@ -266,7 +267,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
             principal: s.principal.clone(),
             appends: FuturesUnordered::new(),
             to_start: VecDeque::new(),
-            last_queued: None,
+            chain: Chain::default(),
         },
     );
 
@@ -678,8 +679,8 @@ struct Appender<I> {
     appends: FuturesUnordered<Append>,
     /// Appends not started yet: the one before has not reached the log's queue.
     to_start: VecDeque<(u64, StreamName, Vec<Event>, Vec<usize>)>,
-    /// Fires once the last started append is in the log's queue (its order fixed).
-    last_queued: Option<oneshot::Receiver<()>>,
+    /// Starts each append once the one before is in the log's queue (its order fixed).
+    chain: Chain,
 }
 
 impl<I: Ingest> Appender<I> {
@@ -687,25 +688,22 @@ impl<I: Ingest> Appender<I> {
     /// connection's publishes of one stream are appended in the order they arrived while their
     /// writes still share group commits.
     fn start(&mut self) {
-        if let Some(rx) = &mut self.last_queued {
-            match rx.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => return,
-                _ => self.last_queued = None,
-            }
+        if !self.chain.ready() {
+            return;
         }
         let Some((id, stream, events, idx)) = self.to_start.pop_front() else {
             return;
         };
-        let (queued_tx, queued_rx) = oneshot::channel();
+        let queued_tx = self.chain.next();
         let (ingest, principal) = (self.ingest.clone(), self.principal.clone());
         let span = tracing::debug_span!("batch", stream = %stream, events = events.len());
         self.appends.push(Box::pin(tracing::Instrument::instrument(
             async move {
                 let out = crate::append_batch(
                     &*ingest,
-                    principal,
+                    &principal,
                     Protocol::Mqtt,
-                    stream,
+                    &stream,
                     CONTENT_TYPE,
                     events,
                     Some(queued_tx),
@@ -715,7 +713,6 @@ impl<I: Ingest> Appender<I> {
             },
             span,
         )));
-        self.last_queued = Some(queued_rx);
     }
 
     /// Runs what is queued and in flight to its end after the connection closed: publishes
@@ -727,11 +724,10 @@ impl<I: Ingest> Appender<I> {
             if self.appends.is_empty() && self.to_start.is_empty() {
                 return;
             }
-            let queued = self.last_queued.as_mut();
-            let has_queued = queued.is_some();
+            let waiting = self.chain.waiting();
             tokio::select! {
                 _ = self.appends.next(), if !self.appends.is_empty() => {}
-                _ = async { queued.expect("checked").await }, if has_queued => self.last_queued = None,
+                _ = self.chain.wait(), if waiting => {}
             }
         }
     }
@@ -806,14 +802,13 @@ impl<I: Ingest> Session<I> {
             let step = {
                 let retry_at = self.pending.front().and_then(|g| g.retry_at);
                 let has_appends = !self.appender.appends.is_empty();
-                let queued = self.appender.last_queued.as_mut();
-                let has_queued = queued.is_some();
+                let waiting = self.appender.chain.waiting();
                 tokio::select! {
                     biased;
                     _ = &mut kicked => Step::Kicked,
                     _ = stop.changed(), if !self.closing => Step::Stop,
                     Some((id, idx, out)) = self.appender.appends.next(), if has_appends => Step::Appended(id, idx, out),
-                    _ = async { queued.expect("checked").await }, if has_queued => Step::Queued,
+                    _ = self.appender.chain.wait(), if waiting => Step::Queued,
                     _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
                     r = io.read_into(&mut self.rbuf), if can_read || can_peek => Step::Read(r),
                     _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
@@ -849,7 +844,6 @@ impl<I: Ingest> Session<I> {
                     Ok(())
                 }
                 Step::Queued => {
-                    self.appender.last_queued = None;
                     self.appender.start();
                     Ok(())
                 }
@@ -1473,9 +1467,9 @@ impl<I: Ingest> Mqtt<I> {
         loop {
             let r = crate::append_batch(
                 &*self.ingest,
-                principal.clone(),
+                &principal,
                 Protocol::Mqtt,
-                w.stream.clone(),
+                &w.stream,
                 CONTENT_TYPE,
                 vec![w.event.clone()],
                 None,

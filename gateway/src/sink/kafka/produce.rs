@@ -236,12 +236,12 @@ pub(super) fn record_headers(req: &IngestRequest, e: &Event, received_at: &str) 
     if let Some(id) = &e.id {
         h = add(h, headers::EVENT_ID, id);
     }
-    h = add(h, headers::PRINCIPAL, req.principal.name().as_bytes());
-    if !req.principal.source().is_empty() {
+    h = add(h, headers::PRINCIPAL, req.principal().name().as_bytes());
+    if !req.principal().source().is_empty() {
         h = add(
             h,
             headers::PRINCIPAL_SOURCE,
-            req.principal.source().as_bytes(),
+            req.principal().source().as_bytes(),
         );
     }
     h = add(h, headers::PROTOCOL, req.protocol.as_str().as_bytes());

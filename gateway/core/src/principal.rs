@@ -1,0 +1,193 @@
+//! Who is producing and what it may do: the principal, its permissions, and why credentials
+//! were not accepted. Pure vocabulary: authentication itself (API keys, JWTs, certificates)
+//! lives in `sluice-auth`, which depends on this crate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why credentials were not accepted. `method` and `reason` are short stable labels (metrics,
+/// logs); `description` is for the producer and never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub method: &'static str,
+    pub reason: &'static str,
+    pub description: String,
+    pub kind: FailureKind,
+}
+
+/// How a failure is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// 401: no credentials were presented where they are required.
+    Missing,
+    /// 401: the credentials are wrong (unknown, expired, malformed, not accepted here).
+    Unauthenticated,
+    /// 429: too many failures from this address; retry after the given time.
+    Throttled(Duration),
+    /// 503: the credentials cannot be checked now (e.g. no signing keys yet); retry later.
+    Unavailable(Duration),
+}
+
+impl AuthFailure {
+    pub fn new(method: &'static str, reason: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            method,
+            reason,
+            description: description.into(),
+            kind: FailureKind::Unauthenticated,
+        }
+    }
+}
+
+/// Who is producing, as established by authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    name: Arc<str>,
+    /// Where the identity comes from: `api_key`, `jwt:<issuer>`, `mtls` or `anonymous`.
+    source: Arc<str>,
+    /// Source and name together: what sessions, connection limits, quota buckets and creation
+    /// counts are keyed by, so that equal names from different methods stay apart.
+    identity: Arc<str>,
+    // Shared, so that handing a cached principal to every request is two reference counts.
+    permissions: Arc<Permissions>,
+    /// When the credential stops being valid (a JWT's `exp` plus leeway, an API key's
+    /// `expires_at`); long-lived sessions are checked again then.
+    expires_at: Option<std::time::SystemTime>,
+}
+
+impl Principal {
+    /// The principal of producers that presented no credentials where that is allowed.
+    pub fn anonymous() -> Self {
+        Self {
+            name: Arc::from("anonymous"),
+            source: Arc::from("anonymous"),
+            identity: Arc::from("anonymous\u{1f}anonymous"),
+            permissions: Arc::new(Permissions::All),
+            expires_at: None,
+        }
+    }
+
+    /// A named principal with the given permissions.
+    pub fn new(name: impl Into<Arc<str>>, permissions: Permissions) -> Self {
+        let name: Arc<str> = name.into();
+        Self {
+            identity: name.clone(),
+            name,
+            source: Arc::from(""),
+            permissions: Arc::new(permissions),
+            expires_at: None,
+        }
+    }
+
+    /// The same principal, established by `source` (`api_key`, `jwt:<issuer>`, `mtls`).
+    pub fn with_source(mut self, source: &str) -> Self {
+        self.source = Arc::from(source);
+        self.identity = Arc::from(format!("{source}\u{1f}{}", self.name));
+        self
+    }
+
+    /// Where this identity comes from (`api_key`, `jwt:<issuer>`, `mtls`, `anonymous`).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Source and name together (`source` U+001F `name`): the key of everything counted or kept
+    /// per principal, so an API key's principal, a JWT subject and a certificate's name that
+    /// happen to be equal are three identities, not one.
+    pub fn identity(&self) -> &Arc<str> {
+        &self.identity
+    }
+
+    /// The same principal, valid until `at`.
+    pub fn expiring_at(mut self, at: std::time::SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// When the credential behind this principal stops being valid, if it does.
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.expires_at
+    }
+
+    /// Whether `other` is the same identity with the same permissions (expiry aside).
+    pub fn same_grant(&self, other: &Principal) -> bool {
+        self.identity == other.identity && self.permissions == other.permissions
+    }
+
+    /// The principal's name, as recorded with its events.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this principal may append to `stream`.
+    pub fn may_produce_to(&self, stream: &str) -> bool {
+        self.permissions.allows(stream)
+    }
+}
+
+/// Streams a principal may produce to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Permissions {
+    /// Every stream.
+    All,
+    /// Streams matching any of these glob patterns (`*` any run of characters, `?` one).
+    Streams(Vec<String>),
+}
+
+impl Permissions {
+    /// Whether `stream` is allowed.
+    pub fn allows(&self, stream: &str) -> bool {
+        match self {
+            Permissions::All => true,
+            Permissions::Streams(patterns) => patterns.iter().any(|p| glob_match(p, stream)),
+        }
+    }
+}
+
+/// Matches `text` against `pattern`, where `*` stands for any run of characters and `?` for one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("telemetry.*", "telemetry.eu"));
+        assert!(!glob_match("telemetry.*", "telemetry"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c*", "abcdef"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("*.v1", "orders.v1"));
+        assert!(!glob_match("*.v1", "orders.v2"));
+    }
+
+    #[test]
+    fn permissions() {
+        let p = Principal::new("svc", Permissions::Streams(vec!["orders*".into()]));
+        assert!(p.may_produce_to("orders"));
+        assert!(!p.may_produce_to("payments"));
+        assert!(Principal::anonymous().may_produce_to("anything"));
+    }
+}
