@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::{ListenerAuthConfig, TlsConfig, check_stream_name};
+use crate::{Config, ListenerAuthConfig, Problems, TlsConfig, check_stream_name};
 
 /// MQTT ingest: 3.1.1 and 5.0 over TCP, TLS, and WebSocket (`/mqtt` on the HTTP listener).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -328,6 +328,57 @@ impl TopicMap {
             return Ok((stream, key));
         }
         Err(TopicError::Unmapped)
+    }
+}
+
+impl Config {
+    pub(crate) fn validate_mqtt(&self, p: &mut Problems) {
+        let m = &self.mqtt;
+        if !m.enabled {
+            return;
+        }
+        if !m.plaintext && m.tls.is_none() && !m.websocket {
+            p.add(
+                "mqtt.plaintext",
+                "is false, and neither [mqtt.tls] nor mqtt.websocket is on: MQTT has no listener (set mqtt.enabled = false instead)",
+            );
+        }
+        for (key, v, lo, hi) in [
+            ("max_connections", m.max_connections as u64, 1, 10_000_000),
+            (
+                "max_packet_bytes",
+                u64::from(m.max_packet_bytes),
+                64,
+                256 * 1024 * 1024,
+            ),
+            ("receive_maximum", u64::from(m.receive_maximum), 1, 65_535),
+            ("connect_timeout_ms", m.connect_timeout_ms, 100, 600_000),
+            (
+                "max_keep_alive_secs",
+                u64::from(m.max_keep_alive_secs),
+                1,
+                65_535,
+            ),
+            ("write_timeout_ms", m.write_timeout_ms, 10, 3_600_000),
+            ("max_hold_ms", m.max_hold_ms, 0, 3_600_000),
+            (
+                "max_pending_will_bytes",
+                m.max_pending_will_bytes,
+                0,
+                1 << 40,
+            ),
+            (
+                "max_pending_wills",
+                m.max_pending_wills as u64,
+                0,
+                10_000_000,
+            ),
+        ] {
+            p.in_range(format!("mqtt.{key}"), v, lo, hi);
+        }
+        if let Err((i, e)) = TopicMap::compile(&m.topics) {
+            p.add(format!("mqtt.topics[{i}]"), e);
+        }
     }
 }
 

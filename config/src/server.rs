@@ -1,0 +1,330 @@
+//! The listener sections: `[server]`, `[http]`, `[grpc]`, `[websocket]`, `[admin]`, and
+//! `[telemetry]`.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::{
+    ClientAuth, Config, ListenerAuthConfig, MAX_BODY_BYTES_LIMIT, Problems, Secret, TlsConfig,
+};
+
+/// Process-wide lifecycle settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long a SIGTERM/SIGINT drain may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+    /// How often the config file is checked for changes to reload (0 = only on SIGHUP).
+    pub config_watch_interval_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_ms: 10_000,
+            config_watch_interval_ms: 2_000,
+        }
+    }
+}
+
+/// The HTTP ingest listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to bind; port 0 picks a free port (the bound address is printed on stdout).
+    pub listen: String,
+    /// Open connections beyond this are closed right after accept.
+    pub max_connections: usize,
+    /// Open connections per source address beyond this are closed right after accept
+    /// (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection's first request must start within this time of accept (a silent socket or
+    /// a partial HTTP/2 preface is closed), and HTTP/1.1 request headers must arrive within it.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed when its next request does not start
+    /// within this time (HTTP/1.1 keep-alive and HTTP/2).
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive: PING connections with requests in flight this often, closing them when
+    /// the answer does not come within the same time (0 = no pings).
+    pub h2_keepalive_interval_ms: u64,
+    /// A client must deliver a whole request body within this time.
+    pub body_read_timeout_ms: u64,
+    /// Requests handled at once on this listener; more get 503 with Retry-After.
+    pub max_concurrent_requests: usize,
+    /// Open connections per principal on this listener (0 = no limit); a connection whose
+    /// principal is at its limit gets 429 and is closed.
+    pub max_connections_per_principal: usize,
+    /// TLS for this listener; plain TCP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Which credentials this listener accepts.
+    pub auth: ListenerAuthConfig,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_connections: 10_000,
+            max_connections_per_address: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            h2_keepalive_interval_ms: 30_000,
+            body_read_timeout_ms: 30_000,
+            max_concurrent_requests: 4096,
+            max_connections_per_principal: 1000,
+            tls: None,
+            auth: ListenerAuthConfig::default(),
+        }
+    }
+}
+
+/// The gRPC ingest listener (`sluice.v1.Ingest`, health and reflection).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Serve gRPC at all.
+    pub enabled: bool,
+    /// Address to bind; port 0 picks a free port (the bound address is printed on stdout).
+    pub listen: String,
+    /// Open connections beyond this are closed right after accept.
+    pub max_connections: usize,
+    /// Open connections per source address beyond this are closed right after accept
+    /// (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection with no call in flight is closed when its next call does not start within
+    /// this time. (The first call must start within `http.header_read_timeout_ms`.)
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive: PING connections with calls in flight this often, closing them when the
+    /// answer does not come within the same time (0 = no pings).
+    pub h2_keepalive_interval_ms: u64,
+    /// Largest message a client may send (after decompression) or receive.
+    pub max_message_bytes: u64,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// Batches of one `PublishStream` call in flight at once; past it the server stops reading
+    /// the call (HTTP/2 flow control then holds the client).
+    pub max_batches_in_flight: usize,
+    /// Open connections per principal on this listener (0 = no limit).
+    pub max_connections_per_principal: usize,
+    /// TLS for this listener; plain TCP (h2c) when absent.
+    pub tls: Option<TlsConfig>,
+    /// Which credentials this listener accepts.
+    pub auth: ListenerAuthConfig,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:50051".into(),
+            max_connections: 10_000,
+            max_connections_per_address: 1024,
+            idle_timeout_ms: 300_000,
+            h2_keepalive_interval_ms: 30_000,
+            max_message_bytes: 8 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            max_batches_in_flight: 64,
+            max_connections_per_principal: 1000,
+            tls: None,
+            auth: ListenerAuthConfig::default(),
+        }
+    }
+}
+
+/// WebSocket ingest on the HTTP listener(s): `GET /v1/streams/{stream}/ws` and `GET /v1/ws`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    /// Largest message (a whole frame sequence); larger ones close the socket with 1009.
+    pub max_message_bytes: u64,
+    /// Frames read but not yet answered, per socket; past it the server stops reading.
+    pub max_pending_frames: usize,
+    /// A socket with no frame (data, ping or pong) from the client for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often the server pings (0 = never).
+    pub ping_interval_ms: u64,
+    /// Acks the client does not read within this time close the socket (1008): a stalled
+    /// reader cannot make the server buffer without bound.
+    pub ack_write_timeout_ms: u64,
+    /// Browser origins allowed to connect (`Origin` header, e.g. `https://app.example.com`);
+    /// empty: any. Clients that send no Origin (non-browsers) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_message_bytes: 1024 * 1024,
+            max_pending_frames: 256,
+            idle_timeout_ms: 120_000,
+            ping_interval_ms: 30_000,
+            ack_write_timeout_ms: 10_000,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// The admin listener: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+    /// TLS for the admin listener (client certificates can restrict who scrapes it).
+    pub tls: Option<TlsConfig>,
+    /// Open connections; the admin listener's own, so producers cannot take them.
+    pub max_connections: usize,
+    /// Open connections per source address beyond this are closed right after accept, so one
+    /// client cannot hold every admin connection (0 = no limit).
+    pub max_connections_per_address: usize,
+    /// A connection's first request must start within this time of accept.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this time.
+    pub idle_timeout_ms: u64,
+    /// Bearer token that actions changing the gateway's behaviour (`PUT /loglevel`) require.
+    /// Without it they are allowed only on a loopback admin listener or one whose TLS requires
+    /// client certificates.
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            tls: None,
+            max_connections: 64,
+            max_connections_per_address: 16,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            token: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether actions that change behaviour may run without the token: the listener is on a
+    /// loopback address, or its TLS requires a client certificate.
+    pub fn open_for_actions(&self) -> bool {
+        let loopback = self
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        let certified = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth == ClientAuth::Required);
+        loopback || certified
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Diagnostics output.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `sluice=debug,hyper=warn`.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn validate_servers(&self, p: &mut Problems) {
+        if self.grpc.max_connections == 0 || self.grpc.max_concurrent_streams == 0 {
+            p.add(
+                "grpc",
+                "max_connections and max_concurrent_streams must be at least 1",
+            );
+        }
+        p.in_range(
+            "grpc.max_batches_in_flight",
+            self.grpc.max_batches_in_flight as u64,
+            1,
+            4096,
+        );
+        p.in_range(
+            "grpc.max_message_bytes",
+            self.grpc.max_message_bytes,
+            1024,
+            MAX_BODY_BYTES_LIMIT,
+        );
+        let ws = &self.websocket;
+        for (key, v, lo, hi) in [
+            (
+                "max_message_bytes",
+                ws.max_message_bytes,
+                1024,
+                MAX_BODY_BYTES_LIMIT,
+            ),
+            (
+                "max_pending_frames",
+                ws.max_pending_frames as u64,
+                1,
+                65_536,
+            ),
+            ("idle_timeout_ms", ws.idle_timeout_ms, 100, 86_400_000),
+            ("ping_interval_ms", ws.ping_interval_ms, 0, 86_400_000),
+            (
+                "ack_write_timeout_ms",
+                ws.ack_write_timeout_ms,
+                10,
+                3_600_000,
+            ),
+        ] {
+            p.in_range(format!("websocket.{key}"), v, lo, hi);
+        }
+        for o in &ws.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                p.add(
+                    "websocket.allowed_origins",
+                    format!("`{o}` is not an origin like https://app.example.com"),
+                );
+            }
+        }
+        if self.http.max_connections == 0 {
+            p.add("http.max_connections", "must be at least 1");
+        }
+        if self.http.max_concurrent_requests == 0 {
+            p.add("http.max_concurrent_requests", "must be at least 1");
+        }
+        for (path, v) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            ("http.idle_timeout_ms", self.http.idle_timeout_ms),
+            ("grpc.idle_timeout_ms", self.grpc.idle_timeout_ms),
+            (
+                "admin.header_read_timeout_ms",
+                self.admin.header_read_timeout_ms,
+            ),
+            ("admin.idle_timeout_ms", self.admin.idle_timeout_ms),
+            ("admin.max_connections", self.admin.max_connections as u64),
+            ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
+            (
+                "server.shutdown_timeout_ms",
+                self.server.shutdown_timeout_ms,
+            ),
+        ] {
+            p.at_least_one(path, v);
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! `[streams]` (settings per stream, declared streams, stream names) and `[limits]`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::{Config, MAX_BODY_BYTES_LIMIT, MAX_PARTITIONS, Problems};
+
+/// Process-wide resource limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of events accepted but not yet written (and, for durable streams, fsynced). When it
+    /// is exhausted, producers get 503 with Retry-After.
+    pub max_in_flight_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// When a producer's request counts as accepted.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// After the events are written and fsynced: they survive a crash or power loss.
+    #[default]
+    Durable,
+    /// After the events are parsed and queued for the log: fire-and-forget.
+    Received,
+}
+
+impl AckMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Durable => "durable",
+            AckMode::Received => "received",
+        }
+    }
+}
+
+/// Settings a stream has; `[streams.defaults]` and each `[streams.declare.NAME]`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSettings {
+    pub ack: AckMode,
+    /// Partitions of a new stream; a stream's count can grow later, never shrink.
+    pub partitions: u32,
+    /// Largest request body, after decompression.
+    pub max_body_bytes: u64,
+    /// Largest single event (key + headers + value).
+    pub max_event_bytes: u64,
+    /// Most events in one request.
+    pub max_events_per_request: u64,
+    /// Delete sealed segments whose newest event is older than this (0 = keep forever).
+    pub retention_ms: u64,
+    /// Delete the oldest sealed segments while a partition is larger than this (0 = no limit).
+    pub retention_bytes: u64,
+    /// Bytes of this stream's events accepted but not yet acked; when used up its producers get
+    /// 503 while other streams go on (0 = only the global `limits.max_in_flight_bytes`).
+    pub max_in_flight_bytes: u64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            ack: AckMode::Durable,
+            partitions: 1,
+            max_body_bytes: 8 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024,
+            max_events_per_request: 10_000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: 0,
+            max_in_flight_bytes: 0,
+        }
+    }
+}
+
+/// A declared stream's settings: each one set here overrides `[streams.defaults]`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOverrides {
+    pub ack: Option<AckMode>,
+    pub partitions: Option<u32>,
+    pub max_body_bytes: Option<u64>,
+    pub max_event_bytes: Option<u64>,
+    pub max_events_per_request: Option<u64>,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub max_in_flight_bytes: Option<u64>,
+}
+
+impl StreamOverrides {
+    /// `defaults` with every setting this declaration names replaced.
+    pub fn apply(&self, d: &StreamSettings) -> StreamSettings {
+        StreamSettings {
+            ack: self.ack.unwrap_or(d.ack),
+            partitions: self.partitions.unwrap_or(d.partitions),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            max_event_bytes: self.max_event_bytes.unwrap_or(d.max_event_bytes),
+            max_events_per_request: self
+                .max_events_per_request
+                .unwrap_or(d.max_events_per_request),
+            retention_ms: self.retention_ms.unwrap_or(d.retention_ms),
+            retention_bytes: self.retention_bytes.unwrap_or(d.retention_bytes),
+            max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(d.max_in_flight_bytes),
+        }
+    }
+}
+
+/// Streams: which exist, how new ones are created, their settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Create a stream on its first append; when false only declared streams accept events
+    /// (others get 404).
+    pub auto_create: bool,
+    /// Most streams the gateway will hold; creation beyond this is refused.
+    pub max_streams: usize,
+    /// Most streams one principal may create by producing to them (counted since the gateway
+    /// started), so one producer cannot use up `max_streams` for everyone (0 = no limit).
+    pub max_streams_per_principal: usize,
+    pub defaults: StreamSettings,
+    /// Streams with settings of their own, by name.
+    pub declare: BTreeMap<String, StreamOverrides>,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            auto_create: true,
+            max_streams: 1000,
+            max_streams_per_principal: 250,
+            defaults: StreamSettings::default(),
+            declare: BTreeMap::new(),
+        }
+    }
+}
+
+impl StreamsConfig {
+    /// The largest `max_events_per_request` of any stream (the defaults or a declaration).
+    pub fn max_events_per_request(&self) -> u64 {
+        self.declare
+            .keys()
+            .map(|name| self.settings(name).max_events_per_request)
+            .fold(self.defaults.max_events_per_request, u64::max)
+    }
+
+    /// The settings of `stream`: its declaration over the defaults, or the defaults.
+    pub fn settings(&self, stream: &str) -> StreamSettings {
+        match self.declare.get(stream) {
+            Some(o) => o.apply(&self.defaults),
+            None => self.defaults,
+        }
+    }
+}
+
+/// Why a stream name is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamNameError {
+    #[error("a stream name must not be empty")]
+    Empty,
+    #[error("a stream name has at most 249 characters; this one has {0}")]
+    TooLong(usize),
+    #[error("`.` and `..` are not stream names")]
+    Dots,
+    #[error("a stream name may contain only a-z, A-Z, 0-9, `.`, `_` and `-`; found {0:?}")]
+    BadChar(char),
+}
+
+/// Checks Kafka's topic rules: 1–249 characters of `[a-zA-Z0-9._-]`, neither `.` nor `..`.
+pub fn check_stream_name(name: &str) -> Result<(), StreamNameError> {
+    if name.is_empty() {
+        return Err(StreamNameError::Empty);
+    }
+    if name.len() > 249 {
+        return Err(StreamNameError::TooLong(name.chars().count()));
+    }
+    if name == "." || name == ".." {
+        return Err(StreamNameError::Dots);
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(StreamNameError::BadChar(c));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Whether any stream (the defaults or a declared one) acks durably.
+    pub fn any_durable_stream(&self) -> bool {
+        self.streams.defaults.ack == AckMode::Durable
+            || self
+                .streams
+                .declare
+                .values()
+                .any(|o| o.apply(&self.streams.defaults).ack == AckMode::Durable)
+    }
+
+    pub(crate) fn validate_streams(&self, p: &mut Problems) {
+        if self.streams.max_streams == 0 {
+            p.add("streams.max_streams", "must be at least 1");
+        }
+        if self.streams.declare.len() > self.streams.max_streams {
+            p.add(
+                "streams.declare",
+                format!(
+                    "{} streams are declared but streams.max_streams is {}",
+                    self.streams.declare.len(),
+                    self.streams.max_streams
+                ),
+            );
+        }
+        let mut largest_body = 0;
+        let mut check_stream = |prefix: &str, s: &StreamSettings, p: &mut Problems| {
+            let mut add = |key: &str, message: String| p.add(format!("{prefix}.{key}"), message);
+            if !(1..=MAX_PARTITIONS).contains(&s.partitions) {
+                add(
+                    "partitions",
+                    format!(
+                        "{} is outside the allowed 1..={MAX_PARTITIONS}",
+                        s.partitions
+                    ),
+                );
+            }
+            if !(1..=MAX_BODY_BYTES_LIMIT).contains(&s.max_body_bytes) {
+                add(
+                    "max_body_bytes",
+                    format!(
+                        "{} is outside the allowed 1..={MAX_BODY_BYTES_LIMIT}",
+                        s.max_body_bytes
+                    ),
+                );
+            }
+            if s.max_event_bytes == 0 || s.max_event_bytes > s.max_body_bytes {
+                add(
+                    "max_event_bytes",
+                    format!(
+                        "{} must be at least 1 and at most max_body_bytes ({})",
+                        s.max_event_bytes, s.max_body_bytes
+                    ),
+                );
+            }
+            if !(1..=1_000_000).contains(&s.max_events_per_request) {
+                add(
+                    "max_events_per_request",
+                    format!(
+                        "{} is outside the allowed 1..=1000000",
+                        s.max_events_per_request
+                    ),
+                );
+            }
+            largest_body = largest_body.max(s.max_body_bytes);
+        };
+        check_stream("streams.defaults", &self.streams.defaults, p);
+        for (name, o) in &self.streams.declare {
+            let prefix = format!("streams.declare.{name}");
+            if let Err(e) = check_stream_name(name) {
+                p.add(prefix.clone(), e.to_string());
+            }
+            check_stream(&prefix, &o.apply(&self.streams.defaults), p);
+        }
+        if self.limits.max_in_flight_bytes < largest_body {
+            p.add(
+                "limits.max_in_flight_bytes",
+                format!(
+                    "{} is smaller than the largest max_body_bytes ({largest_body}); such a request could never be admitted",
+                    self.limits.max_in_flight_bytes
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! Unit tests of loading and validation.
+use super::*;
+use std::path::PathBuf;
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+#[test]
+fn empty_file_is_the_defaults() {
+    let c = Config::from_toml_str("", "t", no_env()).unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.http.listen, "127.0.0.1:8080");
+    assert_eq!(c.admin.listen, "127.0.0.1:9090");
+    assert_eq!(c.log.data_dir, PathBuf::from("./data"));
+    assert!(c.streams.auto_create);
+}
+
+#[test]
+fn reports_every_problem_with_its_path() {
+    let text = r#"
+        [http]
+        listen = "nowhere"
+        [log]
+        segment_bytes = 10
+        [streams.defaults]
+        partitions = 0
+        [streams.declare."bad name"]
+        max_event_bytes = 999999999
+    "#;
+    let Err(ConfigError::Invalid(problems)) = Config::from_toml_str(text, "t", no_env()) else {
+        panic!("expected invalid config");
+    };
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"http.listen"), "{paths:?}");
+    assert!(paths.contains(&"log.segment_bytes"), "{paths:?}");
+    assert!(paths.contains(&"streams.defaults.partitions"), "{paths:?}");
+    assert!(paths.contains(&"streams.declare.bad name"), "{paths:?}");
+    assert!(
+        paths.contains(&"streams.declare.bad name.max_event_bytes"),
+        "{paths:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.message.contains("only a-z, A-Z, 0-9")),
+        "{problems:?}"
+    );
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Config::from_toml_str(text, "t", no_env()) {
+        Err(ConfigError::Invalid(p)) => p,
+        other => panic!("expected invalid config, got {other:?}"),
+    }
+}
+
+#[test]
+fn kafka_settings_parse_with_their_defaults() {
+    let text = r#"
+        [log]
+        kind = "kafka"
+        [log.kafka]
+        bootstrap_servers = "k1:9092, k2:9093"
+        topic = "sluice.{stream}"
+        compression = "lz4"
+        [log.kafka.security]
+        protocol = "sasl_ssl"
+        sasl_mechanism = "SCRAM-SHA-512"
+        sasl_username = "gw"
+        sasl_password = "s3cret-s3cret"
+        [log.kafka.overrides]
+        "socket.keepalive.enable" = "true"
+    "#;
+    let c = Config::from_toml_str(text, "t", no_env()).unwrap();
+    assert_eq!(c.log.kind, LogKind::Kafka);
+    let k = &c.log.kafka;
+    assert_eq!(k.compression, KafkaCompression::Lz4);
+    assert_eq!(k.topic, "sluice.{stream}");
+    assert_eq!(k.linger_ms, KafkaConfig::default().linger_ms);
+    assert_eq!(
+        k.security.sasl_mechanism,
+        Some(KafkaSaslMechanism::ScramSha512)
+    );
+    assert!(!format!("{k:?}").contains("s3cret"), "password printed");
+    assert_eq!(KafkaConfig::default().compression, KafkaCompression::Zstd);
+}
+
+#[test]
+fn kafka_conflicts_and_gaps_are_rejected_with_their_paths() {
+    let p = problems(
+        r#"
+        [log]
+        kind = "kafka"
+        [log.kafka]
+        bootstrap_servers = "nohost"
+        topic = "events"
+        message_timeout_ms = 0
+        [log.kafka.security]
+        protocol = "sasl_plaintext"
+        ssl_ca_file = "/ca.pem"
+        [log.kafka.overrides]
+        "enable.idempotence" = "false"
+        "acks" = "1"
+        "linger.ms" = "5"
+        "delivery.report.only.error" = "true"
+    "#,
+    );
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    for want in [
+        "log.kafka.bootstrap_servers",
+        "log.kafka.topic",
+        "log.kafka.message_timeout_ms",
+        "log.kafka.security.sasl_mechanism",
+        "log.kafka.security",
+        "log.kafka.overrides.\"enable.idempotence\"",
+        "log.kafka.overrides.\"acks\"",
+        "log.kafka.overrides.\"linger.ms\"",
+        "log.kafka.overrides.\"delivery.report.only.error\"",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {p:#?}");
+    }
+    let linger = p.iter().find(|p| p.path.contains("linger.ms")).unwrap();
+    assert!(linger.message.contains("log.kafka.linger_ms"), "{linger:?}");
+}
+
+#[test]
+fn idempotence_may_be_off_only_when_no_stream_acks_durably() {
+    let base = r#"
+        [log]
+        kind = "kafka"
+        [log.kafka.overrides]
+        "enable.idempotence" = "false"
+        "acks" = "1"
+        [streams.defaults]
+        ack = "received"
+    "#;
+    Config::from_toml_str(base, "t", no_env()).unwrap();
+    let p = problems(&format!(
+        "{base}\n[streams.declare.audit]\nack = \"durable\"\n"
+    ));
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p[0].message.contains("durabl"), "{p:#?}");
+    // The same overrides are not checked while the embedded log is in use.
+    Config::from_toml_str(
+        &base.replace("kind = \"kafka\"", "kind = \"embedded\""),
+        "t",
+        no_env(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    let Err(ConfigError::Invalid(p)) =
+        Config::from_toml_str("[http]\nlisten_addr = \"x\"\n", "f.toml", no_env())
+    else {
+        panic!("expected invalid config");
+    };
+    assert_eq!(p.len(), 1);
+    assert!(p[0].message.contains("listen_addr"), "{:?}", p[0]);
+}
+
+#[test]
+fn type_errors_in_several_sections_are_all_reported() {
+    let text = "[http]\nlisten = 5\n[log]\nsegment_bytes = \"big\"\n[extra]\n";
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(text, "f.toml", no_env()) else {
+        panic!("expected invalid config");
+    };
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, vec!["extra", "http", "log"], "{p:?}");
+    assert!(p[1].message.contains("string"), "{:?}", p[1]);
+}
+
+#[test]
+fn syntax_errors_name_the_file_and_line() {
+    let Err(ConfigError::Invalid(p)) =
+        Config::from_toml_str("[http\nlisten = 1\n", "f.toml", no_env())
+    else {
+        panic!("expected invalid config");
+    };
+    assert_eq!(p[0].path, "f.toml");
+    assert!(p[0].message.contains("line 1"), "{:?}", p[0]);
+}
+
+#[test]
+fn environment_overrides_file_values() {
+    let env = vec![
+        ("SLUICE_HTTP__LISTEN".to_string(), "127.0.0.1:0".to_string()),
+        (
+            "SLUICE_STREAMS__AUTO_CREATE".to_string(),
+            "false".to_string(),
+        ),
+        (
+            "SLUICE_STREAMS__DEFAULTS__PARTITIONS".to_string(),
+            "3".to_string(),
+        ),
+        ("SLUICE_LOG__DATA_DIR".to_string(), "/tmp/x".to_string()),
+        ("SLUICE_UNRELATED".to_string(), "ignored".to_string()),
+    ];
+    let c = Config::from_toml_str("[http]\nlisten = \"127.0.0.1:1\"\n", "t", env).unwrap();
+    assert_eq!(c.http.listen, "127.0.0.1:0");
+    assert!(!c.streams.auto_create);
+    assert_eq!(c.streams.defaults.partitions, 3);
+    assert_eq!(c.log.data_dir, PathBuf::from("/tmp/x"));
+}
+
+#[test]
+fn environment_typos_are_reported() {
+    let env = vec![("SLUICE_HTTP__LISTN".to_string(), "x".to_string())];
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str("", "t", env) else {
+        panic!("expected invalid config");
+    };
+    assert!(p[0].message.contains("listn"), "{p:?}");
+}
+
+#[test]
+fn declared_streams_override_defaults() {
+    let text = r#"
+        [streams.defaults]
+        ack = "durable"
+        partitions = 2
+        [streams.declare.fast]
+        ack = "received"
+    "#;
+    let c = Config::from_toml_str(text, "t", no_env()).unwrap();
+    let fast = c.streams.settings("fast");
+    assert_eq!(fast.ack, AckMode::Received);
+    assert_eq!(fast.partitions, 2);
+    assert_eq!(c.streams.settings("other").ack, AckMode::Durable);
+}
+
+#[test]
+fn anonymous_is_allowed_by_default_only_on_loopback() {
+    let l = ListenerAuthConfig::default();
+    assert!(l.anonymous_allowed("127.0.0.1:8080"));
+    assert!(l.anonymous_allowed("[::1]:8080"));
+    assert!(!l.anonymous_allowed("0.0.0.0:8080"));
+    assert!(!l.anonymous_allowed("10.1.2.3:8080"));
+    let explicit = ListenerAuthConfig {
+        allow_anonymous: Some(false),
+        ..ListenerAuthConfig::default()
+    };
+    assert!(!explicit.anonymous_allowed("127.0.0.1:8080"));
+}
+
+/// The transports' anonymity, by name, for `text`.
+fn anonymity(text: &str) -> Vec<(&'static str, bool)> {
+    let c = Config::from_toml_str(text, "t", no_env()).unwrap();
+    c.producer_transports()
+        .into_iter()
+        .map(|t| (t.name, t.allow_anonymous))
+        .collect()
+}
+
+#[test]
+fn anonymity_is_decided_per_listener_and_transport() {
+    // Defaults: everything on loopback, everything open to local producers.
+    assert_eq!(
+        anonymity(""),
+        [
+            ("http", true),
+            ("grpc", true),
+            ("mqtt", true),
+            ("mqtt_ws", true)
+        ]
+    );
+    // The HTTP listener on the network: the HTTP API and MQTT over WebSocket on it both
+    // refuse anonymous producers; the MQTT TCP listener, still on loopback, does not.
+    assert_eq!(
+        anonymity("[http]\nlisten = \"0.0.0.0:8080\"\n"),
+        [
+            ("http", false),
+            ("grpc", true),
+            ("mqtt", true),
+            ("mqtt_ws", false)
+        ]
+    );
+    // The MQTT TLS listener on the network refuses them; the loopback TCP one does not.
+    let tls =
+        "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n[mqtt.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+    assert_eq!(
+        anonymity(tls),
+        [
+            ("http", true),
+            ("grpc", true),
+            ("mqtt", true),
+            ("mqtts", false),
+            ("mqtt_ws", true)
+        ]
+    );
+    let c = Config::from_toml_str(tls, "t", no_env()).unwrap();
+    let mqtts = c.producer_transport("mqtts").unwrap();
+    assert_eq!(
+        (mqtts.listen.as_str(), mqtts.listen_key),
+        ("0.0.0.0:8883", "mqtt.tls_listen")
+    );
+}
+
+#[test]
+fn transports_of_one_listener_that_disagree_on_anonymity_are_refused() {
+    for (text, ok) in [
+        // MQTT allows anonymous producers where HTTP refuses them (the hole of issue 14).
+        (
+            "[http]\nlisten = \"0.0.0.0:8080\"\n[mqtt.auth]\nallow_anonymous = true\n",
+            false,
+        ),
+        // MQTT refuses them where HTTP (on loopback) allows them.
+        ("[mqtt.auth]\nallow_anonymous = false\n", false),
+        // Either side made to agree, or MQTT over WebSocket off: accepted.
+        (
+            "[http.auth]\nallow_anonymous = false\n[mqtt.auth]\nallow_anonymous = false\n",
+            true,
+        ),
+        (
+            "[mqtt]\nwebsocket = false\n[mqtt.auth]\nallow_anonymous = false\n",
+            true,
+        ),
+        ("[http.auth]\nallow_anonymous = false\n", true),
+    ] {
+        match Config::from_toml_str(text, "t", no_env()) {
+            Ok(_) => assert!(ok, "accepted: {text}"),
+            Err(ConfigError::Invalid(problems)) => {
+                assert!(!ok, "refused: {text}: {problems:?}");
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert_eq!(problems[0].path, "mqtt.auth.allow_anonymous");
+                assert!(
+                    problems[0].message.contains("would disagree"),
+                    "{}",
+                    problems[0].message
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // With MQTT over WebSocket following the HTTP listener, it is as closed as HTTP.
+    assert_eq!(
+        anonymity("[http.auth]\nallow_anonymous = false\n"),
+        [
+            ("http", false),
+            ("grpc", true),
+            ("mqtt", true),
+            ("mqtt_ws", false)
+        ]
+    );
+}
+
+#[test]
+fn a_transport_nobody_could_use_is_named() {
+    let text = "[mqtt]\ntls_listen = \"0.0.0.0:8883\"\n[mqtt.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n[mqtt.auth]\nmethods = []\n";
+    let Err(ConfigError::Invalid(problems)) = Config::from_toml_str(text, "t", no_env()) else {
+        panic!("expected invalid config");
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].path, "mqtt.auth.methods");
+    assert!(
+        problems[0]
+            .message
+            .contains("mqtt.tls_listen (0.0.0.0:8883)"),
+        "{}",
+        problems[0].message
+    );
+}
+
+#[test]
+fn auth_settings_are_validated() {
+    let text = r#"
+        [http.tls]
+        cert_file = "c.pem"
+        key_file = "k.pem"
+        client_auth = "required"
+        [[auth.api_keys]]
+        id = "a.b"
+        secret_sha256 = "XYZ"
+        principal = "p"
+        streams = ["*"]
+        expires_at = "tomorrow"
+        [[auth.jwt.issuers]]
+        issuer = "i"
+        audiences = []
+        algorithms = ["HS256", "none"]
+    "#;
+    let Err(ConfigError::Invalid(p)) = Config::from_toml_str(text, "t", no_env()) else {
+        panic!("expected invalid config");
+    };
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    for want in [
+        "http.tls.client_ca_file",
+        "auth.api_keys[0].id",
+        "auth.api_keys[0].secret_sha256",
+        "auth.api_keys[0].expires_at",
+        "auth.jwt.issuers[0].audiences",
+        "auth.jwt.issuers[0].algorithms",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {paths:?}");
+    }
+    assert!(
+        p.iter()
+            .any(|p| p.message.contains("HS256 needs hs256_secret")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|p| p.message.contains("`none` is not one of")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn secrets_are_redacted_in_debug_output() {
+    let s = Secret("hunter2-hunter2-hunter2-hunter2-x".into());
+    assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+#[test]
+fn stream_names_follow_kafka_rules() {
+    assert!(check_stream_name("orders.v1-eu_2").is_ok());
+    assert_eq!(check_stream_name(""), Err(StreamNameError::Empty));
+    assert_eq!(check_stream_name("."), Err(StreamNameError::Dots));
+    assert_eq!(check_stream_name(".."), Err(StreamNameError::Dots));
+    assert_eq!(check_stream_name("a/b"), Err(StreamNameError::BadChar('/')));
+    assert!(check_stream_name(&"a".repeat(249)).is_ok());
+    assert_eq!(
+        check_stream_name(&"a".repeat(250)),
+        Err(StreamNameError::TooLong(250))
+    );
+}
+
+#[test]
+fn the_secure_example_allows_no_anonymous_producer_anywhere() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/secure.toml");
+    let c = Config::load(Some(&path), no_env()).unwrap();
+    let transports = c.producer_transports();
+    let names: Vec<&str> = transports.iter().map(|t| t.name).collect();
+    assert_eq!(names, ["http", "grpc", "mqtts", "mqtt_ws"]);
+    for t in &transports {
+        assert!(!t.allow_anonymous, "{t:?}");
+    }
+    // Explicitly so: moved to a loopback address, nothing opens up.
+    let env = [
+        ("SLUICE_HTTP__LISTEN", "127.0.0.1:0"),
+        ("SLUICE_GRPC__LISTEN", "127.0.0.1:0"),
+        ("SLUICE_MQTT__TLS_LISTEN", "127.0.0.1:0"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let c = Config::load(Some(&path), env).unwrap();
+    assert!(c.producer_transports().iter().all(|t| !t.allow_anonymous));
+}
+
+/// Replays the `config_loader` fuzz target's seed corpus (config/fuzz/corpus): `ok-*` seeds
+/// are accepted, `bad-*` seeds refused, none panics.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config_loader");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("the seed corpus exists") {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let accepted = fuzz_check(&text);
+        if name.starts_with("ok-") {
+            assert!(accepted, "{name} should be accepted");
+        } else if name.starts_with("bad-") {
+            assert!(!accepted, "{name} should be refused");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 8, "only {seen} seeds");
+}
+
+/// Every property Sluice sets for the producer is one an override may not set (or, for the
+/// guarantees, may set only to Sluice's own value), so the two lists cannot drift apart.
+#[test]
+fn managed_kafka_properties_and_refused_overrides_agree() {
+    let mut k = KafkaConfig::default();
+    k.security.sasl_mechanism = Some(KafkaSaslMechanism::ScramSha512);
+    k.security.sasl_username = Some("u".into());
+    k.security.sasl_password = Some(Secret("p".into()));
+    k.security.ssl_ca_file = Some("ca.pem".into());
+    k.security.ssl_cert_file = Some("c.pem".into());
+    k.security.ssl_key_file = Some("k.pem".into());
+    k.security.ssl_key_password = Some(Secret("kp".into()));
+    k.security.ssl_verify_hostname = Some(true);
+    let props = k.producer_properties();
+    for (key, value) in &props {
+        match key.as_str() {
+            // Guarantees: refused only when weakened while a stream acks durably.
+            "enable.idempotence" | "acks" => {
+                assert!(kafka_override_conflict(key, value, true).is_none(), "{key}");
+                let weaker = if key == "acks" { "1" } else { "false" };
+                assert!(
+                    kafka_override_conflict(key, weaker, true).is_some(),
+                    "{key}"
+                );
+            }
+            // Tunable by an override on purpose (documented in docs/kafka.md).
+            "statistics.interval.ms" => {
+                assert!(kafka_override_conflict(key, "0", true).is_none())
+            }
+            _ => assert!(
+                kafka_override_conflict(key, value, true).is_some(),
+                "`{key}` is set by Sluice but an override could replace it"
+            ),
+        }
+    }
+    // And every managed property is one Sluice actually sets (or an alias of one).
+    let set: std::collections::HashSet<&str> = props.iter().map(|(k, _)| k.as_str()).collect();
+    for (key, instead) in KAFKA_MANAGED_PROPERTIES {
+        let alias = matches!(
+            *key,
+            "metadata.broker.list"
+                | "compression.type"
+                | "queue.buffering.max.ms"
+                | "delivery.timeout.ms"
+                | "sasl.mechanisms"
+                | "partitioner"
+        );
+        assert!(
+            set.contains(key) || alias,
+            "{key} ({instead}) is refused but never set"
+        );
+    }
+}
+
+#[test]
+fn every_example_config_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(Some(&path), no_env())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "expected example configs in {}", dir.display());
+}
+
+#[test]
+fn two_listeners_on_one_address_are_refused_whichever_they_are() {
+    // Every pair of listeners goes through the one check, MQTT's included; a disabled
+    // listener's address does not count, and port 0 (a free port for each) never collides.
+    let cases = [
+        (
+            "[admin]\nlisten = \"127.0.0.1:8080\"\n",
+            "admin.listen",
+            "http.listen",
+        ),
+        (
+            "[grpc]\nlisten = \"127.0.0.1:9090\"\n",
+            "grpc.listen",
+            "admin.listen",
+        ),
+        (
+            "[mqtt]\nlisten = \"127.0.0.1:8080\"\n",
+            "mqtt.listen",
+            "http.listen",
+        ),
+        (
+            "[grpc]\nlisten = \"127.0.0.1:1883\"\n",
+            "mqtt.listen",
+            "grpc.listen",
+        ),
+        (
+            "[mqtt]\ntls_listen = \"127.0.0.1:1883\"\n[mqtt.tls]\ncert_file = \"c\"\nkey_file = \"k\"\n",
+            "mqtt.tls_listen",
+            "mqtt.listen",
+        ),
+    ];
+    for (text, path, other) in cases {
+        let p = problems(text);
+        let hit: Vec<_> = p.iter().filter(|p| p.path == path).collect();
+        assert_eq!(hit.len(), 1, "{text}: {p:?}");
+        assert!(
+            hit[0].message.contains(&format!("is also {other}")),
+            "{text}: {p:?}"
+        );
+    }
+    for text in [
+        "[grpc]\nenabled = false\nlisten = \"127.0.0.1:8080\"\n",
+        "[mqtt]\nenabled = false\nlisten = \"127.0.0.1:8080\"\n",
+        "[mqtt]\nplaintext = false\nwebsocket = true\nlisten = \"127.0.0.1:8080\"\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n",
+    ] {
+        if let Err(e) = Config::from_toml_str(text, "t", no_env()) {
+            panic!("{text}: {e}");
+        }
+    }
+}
