@@ -13,11 +13,12 @@ pub mod codec;
 pub mod reason;
 mod session;
 
-use std::collections::HashMap;
+use session::registry::Registry;
+
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -27,8 +28,7 @@ use sluice_config::TopicMap;
 use sluice_core::Ingest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::AbortHandle;
+use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -153,15 +153,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Ws<S> {
 
 /// A session's identity for takeover and will delay: its principal and client identifier.
 type SessionKey = (Arc<str>, bytestring::ByteString);
-
-/// Open sessions by client identifier (a new CONNECT with the same identifier takes the
-/// session over), and wills waiting for their delay. Both are bounded: sessions by the
-/// connection limits, wills by `max_pending_wills` and `max_pending_will_bytes`.
-#[derive(Default)]
-struct Registry {
-    sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
-    wills: Mutex<HashMap<SessionKey, (u64, AbortHandle)>>,
-}
 
 /// MQTT ingest: serves its listeners and MQTT-over-WebSocket sessions, and drains them.
 pub struct Mqtt<I> {

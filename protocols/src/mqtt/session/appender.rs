@@ -1,0 +1,66 @@
+//! A connection's appends, started in arrival order (one [`Chain`]) and polled by the
+//! connection's own task.
+
+use super::*;
+
+/// A connection's appends, polled by the connection's own task (no task per append).
+pub(super) struct Appender<I> {
+    pub(super) ingest: Arc<I>,
+    pub(super) principal: Principal,
+    /// Appends in flight.
+    pub(super) appends: FuturesUnordered<Append>,
+    /// Appends not started yet: the one before has not reached the log's queue.
+    pub(super) to_start: VecDeque<(u64, StreamName, Vec<Event>, Vec<usize>)>,
+    /// Starts each append once the one before is in the log's queue (its order fixed).
+    pub(super) chain: Chain,
+}
+
+impl<I: Ingest> Appender<I> {
+    /// Starts the next queued append once the one before is in the log's queue, so a
+    /// connection's publishes of one stream are appended in the order they arrived while their
+    /// writes still share group commits.
+    pub(super) fn start(&mut self) {
+        if !self.chain.ready() {
+            return;
+        }
+        let Some((id, stream, events, idx)) = self.to_start.pop_front() else {
+            return;
+        };
+        let queued_tx = self.chain.next();
+        let (ingest, principal) = (self.ingest.clone(), self.principal.clone());
+        let span = tracing::debug_span!("batch", stream = %stream, events = events.len());
+        self.appends.push(Box::pin(tracing::Instrument::instrument(
+            async move {
+                let out = crate::append_batch(
+                    &*ingest,
+                    &principal,
+                    Protocol::Mqtt,
+                    &stream,
+                    CONTENT_TYPE,
+                    events,
+                    Some(queued_tx),
+                )
+                .await;
+                (id, idx, out)
+            },
+            span,
+        )));
+    }
+
+    /// Runs what is queued and in flight to its end after the connection closed: publishes
+    /// read before a DISCONNECT (QoS 0 ones in particular) are still appended, in order.
+    /// Bounded: at most `MAX_GROUPS` batches of `MAX_GROUP` publishes were read.
+    pub(super) async fn finish(mut self) {
+        loop {
+            self.start();
+            if self.appends.is_empty() && self.to_start.is_empty() {
+                return;
+            }
+            let waiting = self.chain.waiting();
+            tokio::select! {
+                _ = self.appends.next(), if !self.appends.is_empty() => {}
+                _ = self.chain.wait(), if waiting => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The CONNECT: reading it within its deadline, authenticating through the gate, claiming the
+//! session, and checking the will before CONNACK.
+
+use super::*;
+
+/// Reads the first packet: it must be a CONNECT of a version Sluice speaks. Refusals that
+/// have a CONNACK leave it in `out`.
+pub(super) async fn read_connect<T: Transport>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    out: &mut BytesMut,
+    max_packet_bytes: u32,
+) -> Result<(Codec, Box<Connect>), &'static str> {
+    let limit = max_packet_bytes as usize + 5;
+    let version = loop {
+        match hello(buf) {
+            Hello::Version(v) => break v,
+            Hello::NotMqtt => return Err("malformed"),
+            Hello::UnsupportedLevel(level) => {
+                // A level above 5 reads a 5.0 CONNACK (0x84); older ones the 3.1.1 one (0x01).
+                let (v, code) = if level > 5 {
+                    (Version::V5, rc::UNSUPPORTED_PROTOCOL_VERSION)
+                } else {
+                    (Version::V3, rc::v3::UNACCEPTABLE_PROTOCOL_VERSION)
+                };
+                let _ = Codec::new(v, 0).connack(code, ConnAckProps::default(), out);
+                return Err("refused");
+            }
+            Hello::NeedMore => {
+                buf.reserve(256);
+                if io.read_into(buf).await.map_err(|_| "eof")? == 0 {
+                    return Err("eof");
+                }
+            }
+        }
+    };
+    let mut codec = Codec::new(version, max_packet_bytes);
+    loop {
+        match codec.decode(buf) {
+            Ok(Some(Inbound::Connect(c))) => return Ok((codec, c)),
+            Ok(Some(_)) => return Err("protocol"),
+            Ok(None) => {
+                if buf.len() > limit {
+                    return Err("too_large");
+                }
+                buf.reserve(1024);
+                if io.read_into(buf).await.map_err(|_| "eof")? == 0 {
+                    return Err("eof");
+                }
+            }
+            Err(e) => {
+                let (code, label) = match e {
+                    DecodeError::MaxSizeExceeded { .. } => (rc::PACKET_TOO_LARGE, "too_large"),
+                    DecodeError::InvalidClientId => (rc::CLIENT_IDENTIFIER_NOT_VALID, "malformed"),
+                    DecodeError::MalformedPacket | DecodeError::InvalidLength => {
+                        (rc::MALFORMED_PACKET, "malformed")
+                    }
+                    _ => (rc::PROTOCOL_ERROR, "protocol"),
+                };
+                if version == Version::V5 {
+                    let _ = codec.connack(code, ConnAckProps::default(), out);
+                }
+                return Err(label);
+            }
+        }
+    }
+}
+
+pub(super) struct Accepted {
+    pub(super) principal: Principal,
+    pub(super) auth: SessionAuth,
+    pub(super) key: SessionKey,
+    pub(super) kicked: oneshot::Receiver<()>,
+    pub(super) will: Option<PreparedWill>,
+    pub(super) keep_alive: Duration,
+    pub(super) props: ConnAckProps,
+}
+
+/// Checks a CONNECT: client identifier, credentials, connection limits and the will. On
+/// refusal, the version's CONNACK code and a reason.
+pub(super) async fn accept<I: Ingest>(
+    mqtt: &Arc<Mqtt<I>>,
+    gate: &Gate,
+    codec: &mut Codec,
+    c: &Connect,
+    conn: &ConnInfo,
+    conn_id: u64,
+) -> Result<Accepted, (u8, String)> {
+    let v5 = codec.version() == Version::V5;
+    let code = |v3: u8, v5code: u8| if v5 { v5code } else { v3 };
+    let opts = &mqtt.opts;
+    if *mqtt.stop.borrow() {
+        return Err((
+            code(rc::v3::SERVER_UNAVAILABLE, rc::SERVER_UNAVAILABLE),
+            "the gateway is shutting down".into(),
+        ));
+    }
+    if c.auth_method.is_some() {
+        return Err((rc::BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported; use username/password or a client certificate".into()));
+    }
+    let id_ok = c.client_id.len() <= MAX_CLIENT_ID && !c.client_id.chars().any(char::is_control);
+    if !id_ok || (c.client_id.is_empty() && !c.clean_start) {
+        return Err((
+            code(rc::v3::IDENTIFIER_REJECTED, rc::CLIENT_IDENTIFIER_NOT_VALID),
+            "the client identifier must be 1-256 characters without control characters (empty only with a clean session)".into(),
+        ));
+    }
+    // Credentials: the password holds an API key (`id.secret`) or a JWT; a password without a
+    // dot is the secret of the key whose id is the username.
+    let password = match c.password.as_deref().map(std::str::from_utf8) {
+        Some(Err(_)) => {
+            return Err((
+                code(
+                    rc::v3::BAD_USER_NAME_OR_PASSWORD,
+                    rc::BAD_USER_NAME_OR_PASSWORD,
+                ),
+                "the password is not UTF-8".into(),
+            ));
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let joined;
+    let token = match (c.username.as_deref(), password) {
+        (Some(u), Some(p)) if !p.contains('.') && !u.is_empty() => {
+            joined = format!("{u}.{p}");
+            Some(joined.as_str())
+        }
+        (_, p) => p,
+    };
+    let creds = Credentials {
+        authorization: None,
+        api_key: None,
+        bearer: token,
+        client_cert: conn.client_cert.as_deref(),
+    };
+    let (principal, auth) = match gate
+        .admit_session(PROTO, mqtt.ingest.metrics(), conn, creds)
+        .await
+    {
+        Ok(p) => p,
+        Err(Refused::Auth(f)) => {
+            let c = match f.kind {
+                FailureKind::Missing => code(rc::v3::NOT_AUTHORIZED, rc::NOT_AUTHORIZED),
+                FailureKind::Unauthenticated => code(
+                    rc::v3::BAD_USER_NAME_OR_PASSWORD,
+                    rc::BAD_USER_NAME_OR_PASSWORD,
+                ),
+                FailureKind::Throttled(_) => {
+                    code(rc::v3::SERVER_UNAVAILABLE, rc::CONNECTION_RATE_EXCEEDED)
+                }
+                FailureKind::Unavailable(_) => {
+                    code(rc::v3::SERVER_UNAVAILABLE, rc::SERVER_UNAVAILABLE)
+                }
+            };
+            return Err((c, f.description));
+        }
+        Err(Refused::Connections(p)) => {
+            return Err((
+                code(rc::v3::SERVER_UNAVAILABLE, rc::QUOTA_EXCEEDED),
+                format!(
+                    "principal `{}` has its maximum of open MQTT connections",
+                    p.name()
+                ),
+            ));
+        }
+    };
+    let will = match &c.will {
+        None => None,
+        Some(w) => {
+            Some(prepare_will(mqtt, &principal, w, v5).map_err(|(v3, v5c, m)| (code(v3, v5c), m))?)
+        }
+    };
+    let mut client_id = c.client_id.clone();
+    let assigned = client_id.is_empty().then(|| {
+        client_id = ByteString::from(format!("sluice-{:016x}", rand_id(conn_id)));
+        client_id.clone()
+    });
+    // Keyed by the principal's identity (source and name), so that a JWT subject cannot take
+    // over the session of an API key's principal of the same name.
+    let key: SessionKey = (principal.identity().clone(), client_id);
+    let kicked = mqtt.claim(&key, conn_id);
+    let max_ka = opts.max_keep_alive_secs;
+    let ka = if c.keep_alive == 0 || c.keep_alive > max_ka {
+        max_ka
+    } else {
+        c.keep_alive
+    };
+    if let Some(m) = c.max_packet_size {
+        codec.set_max_outbound(m.get());
+    }
+    let props = ConnAckProps {
+        receive_max: NonZeroU16::new(opts.receive_maximum).unwrap_or(NonZeroU16::MIN),
+        max_packet_size: opts.max_packet_bytes,
+        topic_alias_max: opts.topic_alias_maximum,
+        assigned_client_id: if v5 { assigned } else { None },
+        server_keep_alive: (ka != c.keep_alive).then_some(ka),
+        session_expiry_secs: (c.session_expiry_secs > 0).then_some(0),
+        reason: None,
+    };
+    Ok(Accepted {
+        principal,
+        auth,
+        key,
+        kicked,
+        will,
+        // Silence for 1.5× the keep-alive ends the connection (MQTT §3.1.2.10).
+        keep_alive: Duration::from_millis(u64::from(ka) * 1500),
+        props,
+    })
+}
+
+/// A process-unique pseudo-random identifier (assigned client ids).
+fn rand_id(conn_id: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(conn_id);
+    h.finish()
+}
+
+fn prepare_will<I: Ingest>(
+    mqtt: &Mqtt<I>,
+    principal: &Principal,
+    w: &Will,
+    v5: bool,
+) -> Result<PreparedWill, (u8, u8, String)> {
+    if v5 && w.retain {
+        return Err((
+            5,
+            rc::RETAIN_NOT_SUPPORTED,
+            "retained messages are not supported (Retain Available = 0)".into(),
+        ));
+    }
+    if w.topic.contains(['+', '#']) || w.topic.is_empty() {
+        return Err((
+            5,
+            rc::TOPIC_NAME_INVALID,
+            format!("will topic `{}` is not a topic name", w.topic),
+        ));
+    }
+    let (stream, key) = mqtt.opts.topics.map(&w.topic).map_err(|e| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::TOPIC_NAME_INVALID,
+            format!("will topic `{}`: {e}", w.topic),
+        )
+    })?;
+    let stream = StreamName::parse(&stream).map_err(|r| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::TOPIC_NAME_INVALID,
+            r.to_string(),
+        )
+    })?;
+    match mqtt.ingest.admit(principal, &stream) {
+        Ok(_) => {}
+        Err(r @ (Rejection::Forbidden { .. } | Rejection::Unauthenticated { .. })) => {
+            return Err((
+                rc::v3::NOT_AUTHORIZED,
+                rc::NOT_AUTHORIZED,
+                format!("will: {r}"),
+            ));
+        }
+        Err(r @ Rejection::NotFound { .. }) => {
+            return Err((
+                rc::v3::NOT_AUTHORIZED,
+                rc::TOPIC_NAME_INVALID,
+                format!("will: {r}"),
+            ));
+        }
+        Err(r) => {
+            return Err((
+                rc::v3::SERVER_UNAVAILABLE,
+                rc::SERVER_UNAVAILABLE,
+                format!("will: {r}"),
+            ));
+        }
+    }
+    if w.utf8_payload && std::str::from_utf8(&w.payload).is_err() {
+        return Err((
+            5,
+            rc::PAYLOAD_FORMAT_INVALID,
+            "the will payload is marked UTF-8 but is not".into(),
+        ));
+    }
+    let mut headers = vec![
+        (
+            Bytes::from_static(b"mqtt-topic"),
+            w.topic.as_bytes().clone(),
+        ),
+        (
+            Bytes::from_static(b"mqtt-will"),
+            Bytes::from_static(b"true"),
+        ),
+    ];
+    push_properties(
+        &mut headers,
+        w.content_type.as_ref(),
+        w.utf8_payload,
+        &w.user_properties,
+    )
+    .map_err(|m| {
+        (
+            rc::v3::NOT_AUTHORIZED,
+            rc::PAYLOAD_FORMAT_INVALID,
+            format!("will: {m}"),
+        )
+    })?;
+    // The will lives as long as the session (and its delay after it): copied into buffers of its
+    // own, so it does not keep the CONNECT's read buffer alive.
+    let own = |b: &Bytes| Bytes::copy_from_slice(b);
+    Ok(PreparedWill {
+        stream,
+        event: Event {
+            key: key.map(Bytes::from),
+            id: None,
+            headers: headers.iter().map(|(k, v)| (own(k), own(v))).collect(),
+            value: own(&w.payload),
+        },
+        delay_secs: w.delay_secs.min(mqtt.opts.max_will_delay_secs),
+    })
+}
+
+/// Adds an MQTT 5 publish's properties as headers; a user property whose name Sluice reserves
+/// (`mqtt-will`, `sluice-principal`, …) is refused with the reason.
+pub(super) fn push_properties(
+    headers: &mut Vec<(Bytes, Bytes)>,
+    content_type: Option<&ByteString>,
+    utf8: bool,
+    user: &[(ByteString, ByteString)],
+) -> Result<(), String> {
+    if let Some(ct) = content_type {
+        headers.push((Bytes::from_static(b"content-type"), ct.as_bytes().clone()));
+    }
+    if utf8 {
+        headers.push((
+            Bytes::from_static(b"mqtt-payload-format"),
+            Bytes::from_static(b"utf-8"),
+        ));
+    }
+    if user.len() > sluice_core::MAX_HEADERS_PER_EVENT {
+        return Err(format!(
+            "more than {} user properties; that is the most an event may have",
+            sluice_core::MAX_HEADERS_PER_EVENT
+        ));
+    }
+    for (k, v) in user {
+        sluice_core::check_header_name(k.as_bytes()).map_err(|m| format!("user property: {m}"))?;
+        headers.push((k.as_bytes().clone(), v.as_bytes().clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! One MQTT connection: CONNECT ([`connect`]), then the publish loop ([`serve`]) whose
+//! appends run through the [`appender`] and whose answers are settled in order ([`acks`]), then
+//! the will ([`registry`], which also holds the sessions by client identifier).
+
+mod acks;
+mod appender;
+mod connect;
+pub(super) mod registry;
+mod serve;
+
+use std::collections::{HashSet, VecDeque};
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use rmqtt_codec::error::DecodeError;
+use rmqtt_codec::types::{Publish, QoS};
+use sluice_auth::{Credentials, FailureKind, Principal};
+use sluice_core::{Event, Ingest, Protocol, Receipt, Rejection, StreamName};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
+use super::reason as rc;
+use super::{Mqtt, PROTO, SessionKey, Transport};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
+/// The outcome of one append: a receipt per event, or the batch's rejection.
+type Outcome = Result<Vec<Receipt>, Rejection>;
+/// An append in flight: its group, the items it holds, and its outcome.
+type Append =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<usize>, Outcome)> + Send>>;
+use crate::gate::{Gate, Refused, Revoked, SessionAuth};
+use crate::server::ConnInfo;
+
+use crate::lanes::Chain;
+use appender::Appender;
+use connect::{Accepted, accept, read_connect};
+
+/// Publishes of one stream appended as one batch, at most.
+const MAX_GROUP: usize = 256;
+/// Batches per connection not yet answered; past it the connection is not read.
+const MAX_GROUPS: usize = 64;
+const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
+const MAX_CLIENT_ID: usize = 256;
+/// The smallest read buffer (idle connections).
+const MIN_READ: usize = 512;
+/// How much a connection under backpressure may have buffered and still be read (to notice a
+/// closed socket).
+const PEEK_BYTES: usize = 4096;
+
+/// Why and how a connection ends.
+enum Close {
+    /// DISCONNECT from the client; `will` for reason 0x04 (disconnect with will message).
+    Client { will: bool },
+    /// The connection ended without DISCONNECT.
+    Eof,
+    /// The server ends it: MQTT 5 gets DISCONNECT `code`.
+    Error {
+        code: u8,
+        label: &'static str,
+        message: String,
+    },
+    /// A new connection with the same client identifier took the session over.
+    TakenOver,
+    /// The gateway is draining.
+    Shutdown,
+    /// Acks could not be written in time (or at all).
+    WriteFailed,
+}
+
+fn error(code: u8, label: &'static str, message: impl Into<String>) -> Close {
+    Close::Error {
+        code,
+        label,
+        message: message.into(),
+    }
+}
+
+/// A publish refused with an MQTT 5 reason code.
+#[derive(Debug, Clone)]
+struct Refusal {
+    code: u8,
+    label: &'static str,
+    message: String,
+}
+
+fn refusal_of(r: &Rejection) -> Refusal {
+    let (code, label) = match r {
+        Rejection::Unauthenticated { .. } | Rejection::Forbidden { .. } => {
+            (rc::NOT_AUTHORIZED, "not_authorized")
+        }
+        Rejection::Malformed { .. }
+        | Rejection::UnsupportedMediaType { .. }
+        | Rejection::LengthRequired => (rc::PAYLOAD_FORMAT_INVALID, "malformed"),
+        Rejection::TooLarge { .. } => (rc::PAYLOAD_FORMAT_INVALID, "too_large"),
+        Rejection::NotFound { .. } => (rc::TOPIC_NAME_INVALID, "topic"),
+        Rejection::OverQuota { .. } => (rc::QUOTA_EXCEEDED, "quota"),
+        Rejection::Unavailable { .. } => (rc::IMPLEMENTATION_SPECIFIC_ERROR, "unavailable"),
+        Rejection::Internal { .. } => (rc::IMPLEMENTATION_SPECIFIC_ERROR, "internal"),
+    };
+    Refusal {
+        code,
+        label,
+        message: r.to_string(),
+    }
+}
+
+enum State {
+    /// Being appended; the append reports its outcome by the group id.
+    Submitted,
+    /// Answered: `None` is success.
+    Done(Option<Refusal>),
+    /// Waiting to be retried (quota in 3.1.1, an unavailable log or budget in both).
+    Hold(Rejection),
+}
+
+struct Item {
+    /// QoS 1/2 packet identifier; `None` for QoS 0.
+    packet_id: Option<NonZeroU16>,
+    qos2: bool,
+    event: Event,
+    state: State,
+}
+
+/// Consecutive publishes of one stream, answered in order.
+struct Group {
+    stream: Option<StreamName>,
+    items: Vec<Item>,
+    /// The first item not answered yet.
+    next: usize,
+    /// Which connection-wide batch this is (appends report their outcome by it).
+    id: u64,
+    /// The outcome of that append, once it arrived, with the items it held.
+    outcome: Option<(Vec<usize>, Outcome)>,
+    retry_at: Option<Instant>,
+    held_since: Option<Instant>,
+}
+
+/// A will, checked at CONNECT: its stream and event.
+struct PreparedWill {
+    stream: StreamName,
+    event: Event,
+    delay_secs: u32,
+}
+
+struct Session<I> {
+    mqtt: Arc<Mqtt<I>>,
+    codec: Codec,
+    principal: Principal,
+    client_id: ByteString,
+    appender: Appender<I>,
+    next_group: u64,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    pending: VecDeque<Group>,
+    /// QoS 1/2 publishes read and not answered.
+    unanswered: usize,
+    /// QoS 2 packet ids being appended, not answered yet.
+    qos2_pending: HashSet<u16>,
+    /// QoS 2 packet ids answered with PUBREC, waiting for PUBREL.
+    qos2_received: HashSet<u16>,
+    aliases: Vec<Option<ByteString>>,
+    /// The last topic's mapping (devices mostly publish to one topic).
+    last_topic: Option<(ByteString, StreamName, Option<Bytes>)>,
+    over_quota: u32,
+    over_quota_qos0: bool,
+    closing: bool,
+    /// How many bytes the next read has room for.
+    read_hint: usize,
+}
+
+pub(super) async fn run<I: Ingest, T: Transport>(
+    mqtt: Arc<Mqtt<I>>,
+    mut io: T,
+    conn: ConnInfo,
+    gate: &Gate,
+) {
+    let metrics = mqtt.ingest.metrics().clone();
+    let opts = mqtt.opts.clone();
+    let mut rbuf = BytesMut::with_capacity(256);
+    let mut wbuf = BytesMut::new();
+    let first = tokio::time::timeout(
+        opts.connect_timeout,
+        read_connect(&mut io, &mut rbuf, &mut wbuf, opts.max_packet_bytes),
+    )
+    .await;
+    let (mut codec, connect) = match first {
+        Ok(Ok(c)) => c,
+        Ok(Err(label)) => {
+            if !wbuf.is_empty() {
+                let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf)).await;
+            }
+            metrics.mqtt_disconnect(label);
+            io.close().await;
+            return;
+        }
+        Err(_) => {
+            metrics.mqtt_disconnect("connect_timeout");
+            io.close().await;
+            return;
+        }
+    };
+    let conn_id = mqtt.next_conn_id();
+    let accepted = match accept(&mqtt, gate, &mut codec, &connect, &conn, conn_id).await {
+        Ok(a) => a,
+        Err((code, reason)) => {
+            let props = ConnAckProps {
+                reason: Some(reason.into()),
+                ..Default::default()
+            };
+            if codec.connack(code, props, &mut wbuf).is_ok() {
+                let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf)).await;
+            }
+            metrics.mqtt_disconnect("refused");
+            io.close().await;
+            return;
+        }
+    };
+    let Accepted {
+        principal,
+        auth,
+        key,
+        kicked,
+        will,
+        keep_alive,
+        props,
+    } = accepted;
+    wbuf.clear();
+    if codec.connack(0, props, &mut wbuf).is_err()
+        || tokio::time::timeout(opts.write_timeout, io.write_all(&wbuf))
+            .await
+            .map_or(true, |r| r.is_err())
+    {
+        mqtt.release(&key, conn_id);
+        metrics.mqtt_disconnect("write_timeout");
+        return;
+    }
+    wbuf.clear();
+    let span = tracing::Span::current();
+    span.record("client_id", key.1.as_ref() as &str);
+    span.record("principal", principal.name());
+    tracing::debug!(version = codec.version().as_str(), "MQTT session started");
+    let mut s = Session {
+        mqtt: mqtt.clone(),
+        codec,
+        principal: principal.clone(),
+        client_id: connect.client_id.clone(),
+        appender: Appender {
+            ingest: mqtt.ingest.clone(),
+            principal,
+            appends: FuturesUnordered::new(),
+            to_start: VecDeque::new(),
+            chain: Chain::default(),
+        },
+        next_group: 0,
+        rbuf,
+        wbuf,
+        pending: VecDeque::new(),
+        unanswered: 0,
+        qos2_pending: HashSet::new(),
+        qos2_received: HashSet::new(),
+        aliases: Vec::new(),
+        last_topic: None,
+        over_quota: 0,
+        over_quota_qos0: false,
+        closing: false,
+        read_hint: MIN_READ,
+    };
+    let close = s.serve(&mut io, kicked, keep_alive, gate, auth).await;
+    let appender = std::mem::replace(
+        &mut s.appender,
+        Appender {
+            ingest: mqtt.ingest.clone(),
+            principal: s.principal.clone(),
+            appends: FuturesUnordered::new(),
+            to_start: VecDeque::new(),
+            chain: Chain::default(),
+        },
+    );
+
+    let version = s.codec.version();
+    let (label, publish_will) = match &close {
+        Close::Client { will } => (if *will { "client_will" } else { "client" }, *will),
+        Close::Eof => ("eof", true),
+        // A session whose credentials were revoked does not get to append its will.
+        Close::Error { label, .. } => (*label, *label != "revoked"),
+        // A new connection of the session is there: a delayed will is not due (MQTT 5 §3.1.3.2.2).
+        Close::TakenOver => (
+            "taken_over",
+            will.as_ref().is_some_and(|w| w.delay_secs == 0),
+        ),
+        Close::Shutdown => ("shutdown", false),
+        Close::WriteFailed => ("write_timeout", true),
+    };
+    let disconnect = match &close {
+        Close::Error { code, message, .. } => Some((*code, message.as_str())),
+        Close::TakenOver => Some((
+            rc::SESSION_TAKEN_OVER,
+            "another connection took the session over",
+        )),
+        Close::Shutdown => Some((rc::SERVER_SHUTTING_DOWN, "the gateway is shutting down")),
+        _ => None,
+    };
+    if let Some((code, message)) = disconnect
+        && version == Version::V5
+    {
+        s.wbuf.clear();
+        if s.codec.disconnect(code, message, &mut s.wbuf).is_ok() {
+            let _ = tokio::time::timeout(opts.write_timeout, io.write_all(&s.wbuf)).await;
+        }
+    }
+    if let Close::Error { message, .. } = &close {
+        tracing::debug!(peer = %conn.peer, client_id = %s.client_id, reason = label, %message, "MQTT connection closed by the server");
+    }
+    metrics.mqtt_disconnect(label);
+    mqtt.release(&key, conn_id);
+    // The socket is gone: its principal's connection slot is free now, not after the appends
+    // still in flight below.
+    drop(conn.principal.lock().unwrap().take());
+    io.close().await;
+    // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
+    // before the will, and while the session still counts for the drain.
+    appender.finish().await;
+    match will {
+        Some(w) if publish_will => mqtt.will(key, conn_id, s.principal.clone(), w),
+        // The new connection of the session came before the will was due.
+        Some(_) if matches!(close, Close::TakenOver) => metrics.mqtt_will("cancelled"),
+        _ => {}
+    }
+    drop(conn);
+}

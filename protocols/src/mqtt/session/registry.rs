@@ -1,0 +1,130 @@
+//! Sessions by client identifier (a new CONNECT takes the session over) and wills waiting for
+//! their delay.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::task::AbortHandle;
+
+use super::*;
+
+/// Open sessions by client identifier (a new CONNECT with the same identifier takes the
+/// session over), and wills waiting for their delay. Both are bounded: sessions by the
+/// connection limits, wills by `max_pending_wills` and `max_pending_will_bytes`.
+#[derive(Default)]
+pub(in crate::mqtt) struct Registry {
+    pub(super) sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
+    pub(super) wills: Mutex<HashMap<SessionKey, (u64, AbortHandle)>>,
+}
+
+impl<I: Ingest> Mqtt<I> {
+    /// Registers a session under `key`, taking over (and telling) the session that had it,
+    /// and cancels a will still waiting for its delay under that key.
+    pub(super) fn claim(&self, key: &SessionKey, conn_id: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        // Lock order: sessions, then wills (as in `will`), so a will is either waiting here
+        // (and cancelled) or sees this session and is not scheduled.
+        let mut sessions = self.registry.sessions.lock().unwrap();
+        if let Some((_, old)) = sessions.insert(key.clone(), (conn_id, tx)) {
+            let _ = old.send(());
+        }
+        if let Some((_, pending)) = self.registry.wills.lock().unwrap().remove(key) {
+            pending.abort();
+            self.ingest.metrics().mqtt_will("cancelled");
+        }
+        rx
+    }
+
+    pub(in crate::mqtt) fn release(&self, key: &SessionKey, conn_id: u64) {
+        let mut sessions = self.registry.sessions.lock().unwrap();
+        if sessions.get(key).is_some_and(|(id, _)| *id == conn_id) {
+            sessions.remove(key);
+        }
+    }
+
+    /// Publishes a will now, or after its delay unless a new connection of the session
+    /// comes first.
+    pub(super) fn will(
+        self: &Arc<Self>,
+        key: SessionKey,
+        conn_id: u64,
+        principal: Principal,
+        w: PreparedWill,
+    ) {
+        let this = self.clone();
+        if w.delay_secs == 0 {
+            tokio::spawn(async move { this.append_will(principal, w).await });
+            return;
+        }
+        let sessions = self.registry.sessions.lock().unwrap();
+        if sessions.contains_key(&key) {
+            // A new connection of the session is already there (this one was released first).
+            self.ingest.metrics().mqtt_will("cancelled");
+            return;
+        }
+        let mut wills = self.registry.wills.lock().unwrap();
+        let held = self.opts.pending_will_bytes.try_reserve(w.event.size());
+        if wills.len() >= self.opts.max_pending_wills || held.is_err() {
+            drop(wills);
+            drop(sessions);
+            self.ingest.metrics().mqtt_will("shed");
+            tokio::spawn(async move { this.append_will(principal, w).await });
+            return;
+        }
+        let key2 = key.clone();
+        let task = tokio::spawn(async move {
+            // Its bytes count against max_pending_will_bytes until it is appended (or cancelled).
+            let _held = held;
+            tokio::time::sleep(Duration::from_secs(u64::from(w.delay_secs))).await;
+            {
+                let mut wills = this.registry.wills.lock().unwrap();
+                if wills.get(&key2).is_some_and(|(id, _)| *id == conn_id) {
+                    wills.remove(&key2);
+                }
+            }
+            this.append_will(principal, w).await;
+        });
+        wills.insert(key, (conn_id, task.abort_handle()));
+    }
+
+    async fn append_will(&self, principal: Principal, w: PreparedWill) {
+        let deadline = Instant::now() + self.opts.max_hold;
+        loop {
+            let r = crate::append_batch(
+                &*self.ingest,
+                &principal,
+                Protocol::Mqtt,
+                &w.stream,
+                CONTENT_TYPE,
+                vec![w.event.clone()],
+                None,
+            )
+            .await;
+            let failure = match r {
+                Ok(receipts) => receipts.into_iter().find_map(|r| match r {
+                    Receipt::Failed(r) => Some(r),
+                    _ => None,
+                }),
+                Err(r) => Some(r),
+            };
+            match failure {
+                None => {
+                    self.ingest.metrics().mqtt_will("appended");
+                    return;
+                }
+                Some(r) if r.retry_after().is_some() && Instant::now() < deadline => {
+                    let wait = r.retry_after().unwrap_or_default();
+                    tokio::time::sleep(
+                        wait.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                    )
+                    .await;
+                }
+                Some(r) => {
+                    tracing::warn!(stream = %w.stream, principal = principal.name(), error = %r, "MQTT will not appended");
+                    self.ingest.metrics().mqtt_will("failed");
+                    return;
+                }
+            }
+        }
+    }
+}
