@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 
-/// One TCP connection speaking MQTT 5 (`v5`) or 3.1.1.
-pub struct Raw {
-    pub stream: TcpStream,
+/// One connection (TCP unless given another byte stream) speaking MQTT 5 (`v5`) or 3.1.1.
+pub struct Raw<S = TcpStream> {
+    pub stream: S,
     v5: v5::Codec,
     v3: v3::Codec,
     buf: BytesMut,
@@ -27,8 +27,15 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 impl Raw {
     pub async fn connect(addr: SocketAddr, is_v5: bool) -> Raw {
+        Raw::over(TcpStream::connect(addr).await.expect("connect"), is_v5)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
+    /// A raw client over `stream` (an in-process pipe, say).
+    pub fn over(stream: S, is_v5: bool) -> Raw<S> {
         Raw {
-            stream: TcpStream::connect(addr).await.expect("connect"),
+            stream,
             v5: v5::Codec::new(0, 0),
             v3: v3::Codec::new(0),
             buf: BytesMut::new(),
@@ -153,7 +160,14 @@ pub fn publish(
 
 /// Connects with 5.0 and expects CONNACK success; returns the connection and the CONNACK.
 pub async fn session5(addr: SocketAddr, c: v5::Connect) -> (Raw, v5::ConnectAck) {
-    let mut raw = Raw::connect(addr, true).await;
+    start5(Raw::connect(addr, true).await, c).await
+}
+
+/// Sends a 5.0 CONNECT over `raw` and expects CONNACK success.
+pub async fn start5<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut raw: Raw<S>,
+    c: v5::Connect,
+) -> (Raw<S>, v5::ConnectAck) {
     raw.send5(v5::Packet::Connect(Box::new(c))).await;
     match raw.recv5().await {
         Some(v5::Packet::ConnectAck(ack)) => {
@@ -171,7 +185,14 @@ pub async fn session5(addr: SocketAddr, c: v5::Connect) -> (Raw, v5::ConnectAck)
 
 /// Connects with 3.1.1 and expects CONNACK accepted.
 pub async fn session3(addr: SocketAddr, c: v3::Connect) -> Raw {
-    let mut raw = Raw::connect(addr, false).await;
+    start3(Raw::connect(addr, false).await, c).await
+}
+
+/// Sends a 3.1.1 CONNECT over `raw` and expects CONNACK accepted.
+pub async fn start3<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut raw: Raw<S>,
+    c: v3::Connect,
+) -> Raw<S> {
     raw.send3(v3::Packet::Connect(Box::new(c))).await;
     match raw.recv3().await {
         Some(v3::Packet::ConnectAck(ack)) => {

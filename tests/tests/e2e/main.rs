@@ -10,6 +10,7 @@ mod deploy;
 mod grpc;
 mod grpc_python;
 mod http;
+mod inproc;
 mod kafka;
 mod kafka_faults;
 mod lifecycle;
