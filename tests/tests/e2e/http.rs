@@ -11,10 +11,7 @@ use sluice_tests::{Sluice, metric, read_log, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    sluice_tests::http::client(Duration::from_secs(30))
 }
 
 async fn post(

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use sluice_tests::http::Answer;
 use sluice_tests::kafka::{
     Tansu, assert_acked_in, by_position, create_topic, free_port, kafka_config, read_topic,
     start_ready,
@@ -18,10 +19,7 @@ use sluice_tests::{Sluice, api_key_entry, metric, wait_until};
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    sluice_tests::http::client(Duration::from_secs(60))
 }
 
 async fn post_json(
@@ -29,15 +27,8 @@ async fn post_json(
     url: &str,
     body: &Value,
 ) -> (StatusCode, Value, Option<String>) {
-    let r = c.post(url).json(body).send().await.unwrap();
-    let status = r.status();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let text = r.text().await.unwrap();
-    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
-    (status, v, retry)
+    let a = Answer::of(c.post(url).json(body)).await;
+    (a.status, a.body, a.retry_after)
 }
 
 fn positions(v: &Value) -> Vec<(i32, i64)> {

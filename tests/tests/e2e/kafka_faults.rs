@@ -7,51 +7,28 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use sluice_tests::http::Answer;
 use sluice_tests::kafka::{assert_acked_in, kafka_config, read_topic};
 use sluice_tests::{Sluice, metric, wait_until};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(90))
-        .build()
-        .unwrap()
+    sluice_tests::http::client(Duration::from_secs(90))
 }
 
 async fn ready(s: &Sluice, want: StatusCode) -> bool {
     s.wait_readyz(want.as_u16(), Duration::from_secs(30)).await
 }
 
-/// One response: status, body, Retry-After, and how long it took.
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    retry_after: Option<String>,
-    took: Duration,
-}
-
 async fn post(c: &reqwest::Client, url: &str, body: &Value) -> Answer {
-    let start = Instant::now();
-    let r = c.post(url).json(body).send().await.unwrap();
-    let status = r.status();
-    let retry_after = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let text = r.text().await.unwrap();
-    Answer {
-        status,
-        body: serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")),
-        retry_after,
-        took: start.elapsed(),
-    }
+    Answer::of(c.post(url).json(body)).await
 }
 
 /// Splits a 200 answer's results into acked positions (with the sent value) and retryable

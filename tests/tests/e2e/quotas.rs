@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sluice_tests::http::Answer;
 use sluice_tests::{Sluice, api_key_entry, metric};
 
 async fn post(
@@ -18,13 +19,8 @@ async fn post(
     if let Some(k) = key {
         req = req.header("x-api-key", k);
     }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    (status, retry, r.json().await.unwrap())
+    let a = Answer::of(req).await;
+    (a.status.as_u16(), a.retry_after, a.body)
 }
 
 fn admitted(body: &Value) -> usize {
