@@ -32,6 +32,41 @@ pub fn binary() -> PathBuf {
 /// How long a test waits for the gateway to start or stop before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The gateway's log lines (stderr), read as they come.
+pub struct Logs {
+    rx: mpsc::Receiver<String>,
+    /// Every line read so far, in order.
+    pub seen: Vec<String>,
+}
+
+impl Logs {
+    /// The next line for which `pred` holds, waiting at most `timeout`; every line read on the
+    /// way is kept in [`Logs::seen`].
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.rx.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if pred(&line) {
+                return Some(line);
+            }
+        }
+    }
+
+    /// The next line that is JSON (`log_format = "json"`) and for which `pred` holds.
+    pub fn wait_for_json(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        self.wait_for(timeout, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v))
+        })
+        .map(|l| serde_json::from_str(&l).expect("JSON"))
+    }
+}
+
 /// A running `sluice serve` process.
 pub struct Sluice {
     child: Option<Child>,
@@ -69,6 +104,28 @@ impl Sluice {
         config_path: &Path,
         env: &[(&str, &str)],
     ) -> Result<Sluice> {
+        Ok(Self::spawn(data_dir, config_path, env, false)?.0)
+    }
+
+    /// [`Sluice::start`] with the gateway's log (stderr) handed to the test line by line, and
+    /// more environment (`RUST_LOG`, say; the default is `warn`).
+    pub fn start_with_logs(
+        data_dir: &Path,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(Sluice, Logs)> {
+        let config_path = data_dir.with_extension("toml");
+        std::fs::write(&config_path, toml)?;
+        let (s, logs) = Self::spawn(data_dir, &config_path, env, true)?;
+        Ok((s, logs.expect("logs captured")))
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+        capture_logs: bool,
+    ) -> Result<(Sluice, Option<Logs>)> {
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--config")
@@ -86,9 +143,27 @@ impl Sluice {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture_logs {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .context("spawning sluice")?;
+        let logs = child.stderr.take().map(|stderr| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            Logs {
+                rx,
+                seen: Vec::new(),
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -119,7 +194,7 @@ impl Sluice {
             }
             Ok(a)
         };
-        Ok(Sluice {
+        let s = Sluice {
             http: addr("http=")?,
             admin: addr("admin=")?,
             grpc: addr("grpc=").ok(),
@@ -128,7 +203,8 @@ impl Sluice {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             config_path: config_path.to_path_buf(),
-        })
+        };
+        Ok((s, logs))
     }
 
     /// `http://ADDR` of the gRPC listener (panics when gRPC is disabled).
@@ -203,6 +279,12 @@ impl Sluice {
     /// SIGTERM, then wait (up to [`DEADLINE`]) for the exit status.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
         self.signal("TERM")?;
+        self.wait_exit()
+    }
+
+    /// Waits (up to [`DEADLINE`]) for the process to exit on its own, e.g. after a signal the
+    /// test sent earlier, and returns its status.
+    pub fn wait_exit(&mut self) -> Result<ExitStatus> {
         let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
         let start = Instant::now();
         loop {
@@ -211,7 +293,8 @@ impl Sluice {
             }
             if start.elapsed() > DEADLINE {
                 let _ = c.kill();
-                bail!("sluice did not exit within {DEADLINE:?} of SIGTERM");
+                let _ = c.wait();
+                bail!("sluice did not exit within {DEADLINE:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }

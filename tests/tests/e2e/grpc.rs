@@ -514,9 +514,14 @@ async fn health_is_not_serving_while_the_log_is_unavailable() {
     .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.get_details_retry_info().is_some());
-    let _ = health
+    // The refusal did not change what health says: still NOT_SERVING, still answering.
+    let status = health
         .check(tonic_health::pb::HealthCheckRequest::default())
-        .await;
+        .await
+        .expect("health answers while the log is down")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

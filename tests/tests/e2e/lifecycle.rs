@@ -2,60 +2,67 @@
 //! directory lock, and `check-config`.
 
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_tests::{Sluice, binary, read_log, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    // Every group commit takes 1.5 s: the requests are surely in flight when SIGTERM comes, and
+    // the drain must answer each of them (not cut its connection) before the process exits.
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let mut s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nfault_append_delay_ms = 1500\n",
+    )
+    .unwrap();
     let url = s.events_url("drain");
-    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
-    let answered = Arc::new(Mutex::new((0usize, 0usize))); // (responses, transport errors)
-    let tasks: Vec<_> = (0..8)
-        .map(|id| {
-            let (url, acked, answered) = (url.clone(), acked.clone(), answered.clone());
+    let requests: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
             tokio::spawn(async move {
-                let c = reqwest::Client::new();
-                for n in 0.. {
-                    let v = format!("d{id}-{n}");
-                    match c.post(&url).json(&json!([v])).send().await {
-                        Ok(r) => {
-                            answered.lock().unwrap().0 += 1;
-                            if r.status() != 200 {
-                                return;
-                            }
-                            let body: Value = r.json().await.unwrap();
-                            let o = body["results"][0]["offset"].as_u64().unwrap();
-                            acked.lock().unwrap().push((o, format!("\"{v}\"")));
-                        }
-                        Err(_) => {
-                            answered.lock().unwrap().1 += 1;
-                            return;
-                        }
-                    }
-                }
+                let r = reqwest::Client::new()
+                    .post(&url)
+                    .json(&json!([format!("d{i}")]))
+                    .send()
+                    .await
+                    .expect("an answer, not a cut connection");
+                let status = r.status();
+                let body: Value = r.json().await.expect("a JSON answer");
+                (i, status, body)
             })
         })
         .collect();
-    let loaded = wait_until(Duration::from_secs(30), || {
-        let n = acked.lock().unwrap().len();
-        async move { n >= 200 }
+    let admitted = wait_until(Duration::from_secs(20), || async {
+        sluice_tests::metric_or_zero(
+            &s.metrics().await,
+            "sluice_events_received_total",
+            r#"protocol="http""#,
+        ) == 8.0
     })
     .await;
-    assert!(loaded);
+    assert!(admitted, "all eight requests reached admission");
+    let t0 = Instant::now();
     let status = s.terminate().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
-    for t in tasks {
-        t.await.unwrap();
-    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "the process waited for the slow appends ({:?})",
+        t0.elapsed()
+    );
     let log = read_log(&s.data_dir, "drain", &[]).unwrap();
-    for (o, v) in acked.lock().unwrap().iter() {
-        assert_eq!(&log[*o as usize]["value"], v, "acked event at {o}");
+    for r in requests {
+        let (i, status, body) = r.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let o = body["results"][0]["offset"].as_u64().unwrap();
+        assert_eq!(
+            log[o as usize]["value"],
+            format!("\"d{i}\""),
+            "acked event at {o}"
+        );
     }
+    assert_eq!(log.len(), 8);
 }
 
 #[tokio::test]

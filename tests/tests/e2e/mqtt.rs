@@ -863,7 +863,8 @@ burst_events = 5
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_in_flight_publishes_and_sends_disconnect_0x8b() {
-    let (_d, mut s) = start("");
+    // Every group commit takes 1.5 s, so the publish is still in flight when SIGTERM comes.
+    let (_d, mut s) = start("[log]\nfault_append_delay_ms = 1500\n");
     let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("drain", 30)).await;
     raw.send5(v5::Packet::Publish(Box::new(publish(
         "drained/k",
@@ -873,11 +874,21 @@ async fn sigterm_answers_in_flight_publishes_and_sends_disconnect_0x8b() {
         Some(Default::default()),
     ))))
     .await;
+    let admitted = wait_until(Duration::from_secs(10), || async {
+        sluice_tests::metric_or_zero(
+            &s.metrics().await,
+            "sluice_events_received_total",
+            r#"protocol="mqtt""#,
+        ) == 1.0
+    })
+    .await;
+    assert!(admitted, "the publish reached admission");
+    s.signal("TERM").unwrap();
+    // The drain answers it (appended: success), and only then sends DISCONNECT.
     match raw.recv5().await {
         Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0),
         other => panic!("{other:?}"),
     }
-    s.signal("TERM").unwrap();
     match raw.recv5().await {
         Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x8B),
         other => panic!("{other:?}"),

@@ -227,7 +227,17 @@ async fn counters_move_by_the_scripted_traffic_on_every_protocol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_level_changes_at_run_time_through_the_admin_listener() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Sluice::start(&dir.path().join("data"), "").unwrap();
+    let (s, mut logs) = Sluice::start_with_logs(
+        &dir.path().join("data"),
+        "[telemetry]\nlog_format = \"json\"\n",
+        &[],
+    )
+    .unwrap();
+    let mqtt = s.mqtt.unwrap();
+    let started = |v: &serde_json::Value| v["fields"]["message"] == "MQTT session started";
+    // At `warn`, a new MQTT session (logged at debug) leaves no line.
+    let (quiet, _) = session5(mqtt, connect5("before-debug", 30)).await;
+    drop(quiet);
     let c = reqwest::Client::new();
     let url = s.admin_url("/loglevel");
     // The harness starts the gateway with RUST_LOG=warn.
@@ -260,6 +270,19 @@ async fn log_level_changes_at_run_time_through_the_admin_listener() {
             .trim(),
         "sluice=debug,hyper=warn"
     );
+    // Now the next session is logged, and the one before the change was not (lines come in
+    // order, so it would have been read first).
+    let (loud, _) = session5(mqtt, connect5("after-debug", 30)).await;
+    let line = logs
+        .wait_for_json(Duration::from_secs(20), started)
+        .unwrap_or_else(|| panic!("no session line at debug in {:#?}", logs.seen));
+    assert_eq!(line["span"]["client_id"], "after-debug", "{line}");
+    assert!(
+        !logs.seen.iter().any(|l| l.contains("before-debug")),
+        "a debug line was written at warn: {:#?}",
+        logs.seen
+    );
+    drop(loud);
     // A filter that does not parse is refused and the level stays.
     let r = c.put(&url).body("sluice=loudest").send().await.unwrap();
     assert_eq!(r.status(), 400);
@@ -281,53 +304,18 @@ async fn log_level_changes_at_run_time_through_the_admin_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let key = "logdev.t0p-s3cret";
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (s, mut logs) = Sluice::start_with_logs(
+        &dir.path().join("data"),
+        &format!(
             "[telemetry]\nlog_format = \"json\"\n[http.auth]\nallow_anonymous = false\n[mqtt.auth]\nallow_anonymous = false\n{}",
             sluice_tests::api_key_entry(key, "log-device", &["*"])
         ),
+        &[("RUST_LOG", "sluice=debug,info")],
     )
     .unwrap();
-    let mut child = sluice_tests::KillOnDrop(
-        Command::new(sluice_tests::binary())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("SLUICE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("SLUICE_ADMIN__LISTEN", "127.0.0.1:0")
-            .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
-            .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
-            .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
-            .env("RUST_LOG", "sluice=debug,info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let line = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("sluice listening:"))
-        .expect("listening line");
-    let mqtt: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("mqtt="))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let mqtt = s.mqtt.unwrap();
     // A device with the key as its password, and one with a wrong secret.
     let mut c = connect5("pump-9", 30);
     c.password = Some(bytes::Bytes::from_static(key.as_bytes()));
@@ -336,29 +324,24 @@ async fn json_logs_carry_connection_and_request_spans_and_no_secrets() {
     bad.password = Some(bytes::Bytes::from_static(b"logdev.wrong-s3cret"));
     let mut r = sluice_tests::mqtt::Raw::connect(mqtt, true).await;
     r.send5(v5::Packet::Connect(Box::new(bad))).await;
-    let _ = r.recv5().await;
-    drop(raw);
-    let mut lines = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (mut session_line, mut failure_line) = (None, None);
-    while (session_line.is_none() || failure_line.is_none()) && std::time::Instant::now() < deadline
-    {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            let v: serde_json::Value =
-                serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"));
-            if v["fields"]["message"] == "MQTT session started" {
-                session_line = Some(v.clone());
-            }
-            if v["fields"]["message"] == "authentication failed"
-                && v["fields"]["protocol"] == "mqtt"
-            {
-                failure_line = Some(v.clone());
-            }
-            lines.push(l);
-        }
+    match r.recv5().await {
+        Some(v5::Packet::ConnectAck(a)) => assert_eq!(u8::from(a.reason_code), 0x86),
+        other => panic!("expected CONNACK 0x86 for a wrong secret, got {other:?}"),
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(raw);
+    let session_line = logs.wait_for_json(Duration::from_secs(20), |v| {
+        v["fields"]["message"] == "MQTT session started"
+    });
+    let failure_line = logs.wait_for_json(Duration::from_secs(20), |v| {
+        v["fields"]["message"] == "authentication failed" && v["fields"]["protocol"] == "mqtt"
+    });
+    let lines = &logs.seen;
+    for l in lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not JSON: {l:?}"
+        );
+    }
     let v = session_line.unwrap_or_else(|| panic!("no session line in {lines:#?}"));
     let span = &v["span"];
     assert_eq!(span["protocol"], "mqtt", "{v}");
@@ -438,7 +421,9 @@ async fn at_the_drain_deadline_in_flight_events_are_answered_retryable_not_cut_o
         t0.elapsed() < Duration::from_millis(2500),
         "answered before the deadline"
     );
-    let _ = s.terminate();
+    // A drain cut by its deadline exits with status 1 (docs/operations.md).
+    let status = s.wait_exit().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
