@@ -328,3 +328,40 @@ async fn a_slow_broker_turns_into_backpressure_within_the_budget_and_a_full_queu
     let records = read_topic(&bootstrap, "slow", acked.len(), READ_TIMEOUT).unwrap();
     assert_acked_in(&records, &acked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_acks_wait_for_the_broker() {
+    use rmqtt_codec::v5;
+    use sluice_tests::mqtt::{connect5, publish, session5};
+    // Every broker round trip takes 1.5 s: a PUBACK that comes sooner did not wait for Kafka.
+    let rtt = Duration::from_millis(1500);
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("slowmq", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = kafka_config(&bootstrap, "linger_ms = 1");
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    assert!(ready(&s, StatusCode::OK).await);
+    cluster.broker_round_trip_time(1, rtt).unwrap();
+    let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("slow-dev", 30)).await;
+    for (id, qos) in [(1u16, 1u8), (2, 2)] {
+        let t0 = std::time::Instant::now();
+        let mut p = publish("slowmq/k", qos, id, b"", Some(Default::default()));
+        p.payload = bytes::Bytes::from(format!("m{id}"));
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) | Some(v5::Packet::PublishReceived(a)) => {
+                assert_eq!((a.packet_id.get(), u8::from(a.reason_code)), (id, 0), "{a:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= rtt - Duration::from_millis(100),
+            "QoS {qos} answered after {took:?}, before the broker could have acknowledged"
+        );
+    }
+    let records = read_topic(&bootstrap, "slowmq", 2, READ_TIMEOUT).unwrap();
+    let values: Vec<_> = records.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(values, vec![b"m1".to_vec(), b"m2".to_vec()]);
+}
