@@ -351,7 +351,11 @@ async fn mqtt_acks_wait_for_the_broker() {
         raw.send5(v5::Packet::Publish(Box::new(p))).await;
         match raw.recv5().await {
             Some(v5::Packet::PublishAck(a)) | Some(v5::Packet::PublishReceived(a)) => {
-                assert_eq!((a.packet_id.get(), u8::from(a.reason_code)), (id, 0), "{a:?}")
+                assert_eq!(
+                    (a.packet_id.get(), u8::from(a.reason_code)),
+                    (id, 0),
+                    "{a:?}"
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -545,15 +545,23 @@ async fn keep_alive_expiry_publishes_the_will_and_graceful_disconnect_does_not()
     let mut raw = session3(addr, c).await;
     raw.send3(rmqtt_codec::v3::Packet::Disconnect).await;
     assert!(raw.closed().await);
+    // Counted once the session decided its will's fate; only then is "not in the log" a fact.
     let m = wait_until(Duration::from_secs(10), || async {
         sluice_tests::metric_or_zero(
             &s.metrics().await,
-            "sluice_mqtt_disconnects_total",
-            r#"reason="client""#,
+            "sluice_mqtt_wills_total",
+            r#"outcome="discarded""#,
         ) >= 1.0
     })
     .await;
     assert!(m);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(&m, "sluice_mqtt_wills_total", r#"outcome="appended""#),
+        1.0,
+        "only the silent client's will"
+    );
+    assert!(metric(&m, "sluice_mqtt_disconnects_total", r#"reason="client""#) >= 1.0);
     let status = read_log(&s.data_dir, "status", &[]).unwrap();
     assert!(status.iter().all(|r| r["key"] != "polite"), "{status:?}");
     let m = s.metrics().await;
@@ -588,10 +596,11 @@ async fn will_delay_is_cancelled_by_a_reconnect_and_published_after_it_otherwise
         });
         c
     };
-    // Lost, back within the delay: no will.
-    let (raw, _) = session5(addr, with_will("back", 3)).await;
+    // Lost, back within the delay: no will. (The same 1 s delay as the lost client's below,
+    // which goes later: by the time that will is in the log, this one would have been too.)
+    let (raw, _) = session5(addr, with_will("back", 1)).await;
     drop(raw);
-    let (raw, _) = session5(addr, with_will("back", 3)).await;
+    let (raw, _) = session5(addr, with_will("back", 1)).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
             sluice_tests::metric_or_zero(
@@ -611,6 +620,14 @@ async fn will_delay_is_cancelled_by_a_reconnect_and_published_after_it_otherwise
     assert_eq!(w["key"], "gone");
     let offline = read_log(&s.data_dir, "offline", &[]).unwrap();
     assert!(offline.iter().all(|r| r["key"] != "back"), "{offline:?}");
+    assert_eq!(
+        metric(
+            &s.metrics().await,
+            "sluice_mqtt_wills_total",
+            r#"outcome="appended""#
+        ),
+        1.0
+    );
     assert_eq!(header(w, "fw").as_deref(), Some("1.2"));
     assert_eq!(header(w, "content-type").as_deref(), Some("text/plain"));
     drop(raw);

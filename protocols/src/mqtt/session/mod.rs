@@ -329,7 +329,9 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         Some(w) if publish_will => mqtt.will(key, conn_id, s.principal.clone(), w),
         // The new connection of the session came before the will was due.
         Some(_) if matches!(close, Close::TakenOver) => metrics.mqtt_will("cancelled"),
-        _ => {}
+        // Not due: a DISCONNECT without "with will", the drain, revoked credentials.
+        Some(_) => metrics.mqtt_will("discarded"),
+        None => {}
     }
     drop(conn);
 }
