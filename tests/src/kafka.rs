@@ -274,3 +274,57 @@ pub fn assert_acked_in(records: &[Record], acked: &[((i32, i64), String)]) {
         assert_eq!(String::from_utf8_lossy(&r.value), *value, "at {pos:?}");
     }
 }
+
+/// Kafka's default partitioner for a keyed record: `toPositive(murmur2(key)) % n`, written here
+/// from Kafka's `Utils.murmur2`, independently of the gateway's own, and checked against the
+/// vectors of Kafka's `UtilsTest`.
+pub fn partition_of(key: &[u8], n: u32) -> u32 {
+    (murmur2(key) as u32 & 0x7fff_ffff) % n
+}
+
+/// Kafka's `Utils.murmur2` (seed 0x9747b28c), as a signed 32-bit value like Java's.
+pub fn murmur2(data: &[u8]) -> i32 {
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(m);
+        k ^= k >> 24;
+        h = h.wrapping_mul(m) ^ k.wrapping_mul(m);
+    }
+    match rest.len() {
+        3 => h ^= u32::from(rest[2]) << 16 | u32::from(rest[1]) << 8 | u32::from(rest[0]),
+        2 => h ^= u32::from(rest[1]) << 8 | u32::from(rest[0]),
+        1 => h ^= u32::from(rest[0]),
+        _ => {}
+    }
+    if !rest.is_empty() {
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn murmur2_matches_kafkas_own_vectors() {
+        // org.apache.kafka.common.utils.UtilsTest#testMurmur2
+        for (input, want) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(super::murmur2(input.as_bytes()), want, "{input}");
+        }
+    }
+}

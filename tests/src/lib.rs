@@ -332,6 +332,26 @@ pub fn read_log(data_dir: &Path, stream: &str, args: &[&str]) -> Result<Vec<Valu
         .collect()
 }
 
+/// SHA-256 of `text`, lower-case hex, computed by coreutils' `sha256sum` (the command the docs
+/// give users): independent of the gateway's own hashing.
+pub fn sha256sum(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
 /// A `[[auth.api_keys]]` config entry accepting `key` (`{id}.{secret}`) as `principal`.
 pub fn api_key_entry(key: &str, principal: &str, streams: &[&str]) -> String {
     let id = key.split_once('.').map_or(key, |(id, _)| id);

@@ -895,7 +895,10 @@ fn keys_new_prints_a_key_and_a_config_entry_that_accepts_it() {
         .collect::<Vec<_>>()
         .join("\n");
     assert!(
-        entry.contains(&format!("secret_sha256 = \"{}\"", auth_hash(&key))),
+        entry.contains(&format!(
+            "secret_sha256 = \"{}\"",
+            sluice_tests::sha256sum(&key)
+        )),
         "{entry}"
     );
     assert!(entry.contains("streams = [\"a.*\", \"b\"]"), "{entry}");
@@ -1082,5 +1085,31 @@ async fn websocket_over_tls_accepts_every_method_and_refuses_bad_credentials_bef
     ] {
         let got = wss(&w, &w.client, &path, &[]).await.err();
         assert_eq!(got, Some(status), "{case}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_entry_hashed_as_the_docs_say_is_accepted() {
+    // docs/auth.md: secret_sha256 is `printf %s "$KEY" | sha256sum` of the whole key, id and dot
+    // included. A fixed vector, computed outside this code base.
+    const KEY: &str = "vector.s3cret-from-the-docs";
+    const HASH: &str = "8820aba81d9d63b3353bdb82daa0e178f42e7a382b46cea15bce0e9431d3efc5";
+    assert_eq!(sluice_tests::sha256sum(KEY), HASH);
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &format!(
+            "[http.auth]\nallow_anonymous = false\n[[auth.api_keys]]\nid = \"vector\"\nsecret_sha256 = \"{HASH}\"\nprincipal = \"v\"\nstreams = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    for (key, want) in [(KEY, 200), ("vector.s3cret-from-the-doc", 401), ("", 401)] {
+        let mut req = c.post(s.events_url("v")).json(&json!([1]));
+        if !key.is_empty() {
+            req = req.header("x-api-key", key);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), want, "key {key:?}");
     }
 }

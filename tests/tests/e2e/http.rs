@@ -540,7 +540,7 @@ async fn concurrent_producers_get_contiguous_unique_offsets_per_partition() {
         per_partition.entry(p).or_default().push(o);
         // Same key, same partition (murmur2 like Kafka).
         let key = r["key"].as_str().unwrap();
-        let expected = sluice_log_partition(key, 4);
+        let expected = sluice_tests::kafka::partition_of(key.as_bytes(), 4);
         assert_eq!(p, u64::from(expected), "key {key}");
     }
     for (p, offs) in per_partition {
@@ -567,33 +567,6 @@ async fn concurrent_producers_get_contiguous_unique_offsets_per_partition() {
         acked.len() as f64
     );
     assert!(metric(&m, "sluice_log_fsyncs_total", "") >= 1.0);
-}
-
-fn sluice_log_partition(key: &str, n: u32) -> u32 {
-    // Kafka's murmur2 partitioner, computed independently of the gateway.
-    let data = key.as_bytes();
-    let m: u32 = 0x5bd1_e995;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let chunks = data.chunks_exact(4);
-    let rest = chunks.remainder();
-    for c in chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]).wrapping_mul(m);
-        k ^= k >> 24;
-        h = h.wrapping_mul(m) ^ k.wrapping_mul(m);
-    }
-    match rest.len() {
-        3 => h ^= u32::from(rest[2]) << 16 | u32::from(rest[1]) << 8 | u32::from(rest[0]),
-        2 => h ^= u32::from(rest[1]) << 8 | u32::from(rest[0]),
-        1 => h ^= u32::from(rest[0]),
-        _ => {}
-    }
-    if !rest.is_empty() {
-        h = h.wrapping_mul(m);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(m);
-    h ^= h >> 15;
-    (h & 0x7fff_ffff) % n
 }
 
 #[tokio::test]

@@ -90,7 +90,7 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
     let mut last_offset: BTreeMap<String, i64> = BTreeMap::new();
     for ((key, id, value), (p, o)) in sent.iter().zip(&receipts) {
         // Kafka's murmur2, as the Java client computes it, picks the partition.
-        let want_p = sluice_log::partition_for_key(key.as_bytes(), 4) as i32;
+        let want_p = sluice_tests::kafka::partition_of(key.as_bytes(), 4) as i32;
         assert_eq!(*p, want_p, "key {key}");
         let r = at
             .get(&(*p, *o))
