@@ -41,12 +41,23 @@ pub fn tansu_binary() -> Result<PathBuf> {
         )
 }
 
-/// A free TCP port on loopback (bound, read and released).
+/// A free TCP port on loopback (bound, read and released): only for programs that cannot bind
+/// port 0 and say what they bound (Tansu, chromedriver); [`Tansu::start`] retries on another
+/// port if its port was taken in between.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("binding a free port")
         .port()
+}
+
+/// A loopback port that refuses connections for as long as the returned socket lives: bound
+/// but not listening, so nothing else can take it (a broker that is down, say).
+pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let port = s.local_addr().expect("local address").port();
+    (s, port)
 }
 
 /// A Tansu broker with in-memory storage, killed when dropped.
@@ -56,9 +67,17 @@ pub struct Tansu {
 }
 
 impl Tansu {
-    /// Starts Tansu on a free loopback port and waits until it answers metadata requests.
+    /// Starts Tansu on a free loopback port and waits until it answers metadata requests; if
+    /// the port was taken between finding it and Tansu binding it, tries another.
     pub fn start() -> Result<Tansu> {
-        Self::start_on(free_port())
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_on(free_port()) {
+                Ok(t) => return Ok(t),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
     }
 
     /// Starts Tansu on `port` and waits until it answers metadata requests.
@@ -75,12 +94,25 @@ impl Tansu {
             .stderr(Stdio::null())
             .spawn()
             .context("spawning tansu")?;
-        let tansu = Tansu {
+        let mut tansu = Tansu {
             child,
             bootstrap: format!("127.0.0.1:{port}"),
         };
-        wait_for_broker(&tansu.bootstrap, Duration::from_secs(60))?;
-        Ok(tansu)
+        // A Tansu that exits (its port was taken) fails at once rather than after the wait.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = tansu.child.try_wait()? {
+                bail!(
+                    "tansu exited ({status}) before answering on {}",
+                    tansu.bootstrap
+                );
+            }
+            match wait_for_broker(&tansu.bootstrap, Duration::from_secs(2)) {
+                Ok(()) => return Ok(tansu),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => {}
+            }
+        }
     }
 }
 

@@ -469,7 +469,7 @@ async fn deadlines_and_cancellation_never_cut_an_append_short() {
 async fn health_is_not_serving_while_the_log_is_unavailable() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    let port = sluice_tests::kafka::free_port();
+    let (_down, port) = sluice_tests::kafka::refused_port();
     let tmp = tempfile::tempdir().unwrap();
     let s = Sluice::start(
         &tmp.path().join("data"),

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sluice_tests::http::Answer;
 use sluice_tests::kafka::{
-    Tansu, assert_acked_in, by_position, create_topic, free_port, kafka_config, read_topic,
+    Tansu, assert_acked_in, by_position, create_topic, kafka_config, read_topic, refused_port,
     start_ready,
 };
 use sluice_tests::{Sluice, api_key_entry, metric, wait_until};
@@ -236,7 +236,8 @@ async fn missing_topics_are_404_unless_creation_is_on_and_received_mode_acks_wit
 
 #[tokio::test]
 async fn broker_down_at_startup_means_not_ready_and_503_until_it_comes_up() {
-    let port = free_port();
+    // The broker's port is held (refusing connections) until the broker starts on it.
+    let (down, port) = refused_port();
     let bootstrap = format!("127.0.0.1:{port}");
     let tmp = tempfile::tempdir().unwrap();
     let s = Sluice::start(
@@ -256,6 +257,7 @@ async fn broker_down_at_startup_means_not_ready_and_503_until_it_comes_up() {
     assert!(retry.is_some(), "503 without Retry-After");
 
     // The broker comes up on the configured address: the same process recovers.
+    drop(down);
     let tansu = Tansu::start_on(port).unwrap();
     assert!(
         s.wait_readyz(200, Duration::from_secs(30)).await,

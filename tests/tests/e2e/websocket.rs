@@ -319,7 +319,7 @@ async fn quotas_nack_with_retry_hints_and_an_unavailable_log_closes_1013() {
     assert_eq!(answers[2]["error"]["code"], "over_quota", "{answers:?}");
     assert!(answers[2]["retry_after_ms"].as_u64().unwrap() > 0);
 
-    let port = sluice_tests::kafka::free_port();
+    let (_down, port) = sluice_tests::kafka::refused_port();
     let tmp2 = tempfile::tempdir().unwrap();
     let k = Sluice::start(
         &tmp2.path().join("data"),
