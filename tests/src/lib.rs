@@ -319,7 +319,7 @@ pub fn read_log(data_dir: &Path, stream: &str, args: &[&str]) -> Result<Vec<Valu
         .arg(data_dir)
         .args(["--stream", stream])
         .args(args)
-        .output()?;
+        .output_within(DEADLINE)?;
     if !out.status.success() {
         bail!(
             "sluice log read failed: {}",
@@ -330,6 +330,64 @@ pub fn read_log(data_dir: &Path, stream: &str, args: &[&str]) -> Result<Vec<Valu
         .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("parsing {l:?}")))
         .collect()
+}
+
+/// `Command::output` with a deadline: a child that has not exited by then is killed and the call
+/// fails, so a hung tool fails its test instead of hanging the suite.
+pub trait OutputWithin {
+    fn output_within(&mut self, timeout: Duration) -> std::io::Result<std::process::Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, timeout: Duration) -> std::io::Result<std::process::Output> {
+        use std::io::Read;
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().expect("piped")));
+        let err = drain(Box::new(child.stderr.take().expect("piped")));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{:?} did not exit within {timeout:?}", self.get_program()),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Ok(std::process::Output {
+            status,
+            stdout: out.join().expect("stdout reader"),
+            stderr: err.join().expect("stderr reader"),
+        })
+    }
+}
+
+/// The first line a child writes to `stdout`, waiting at most `timeout`.
+pub fn first_line_within(stdout: std::process::ChildStdout, timeout: Duration) -> Option<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        if BufReader::new(stdout).read_line(&mut line).is_ok() {
+            let _ = tx.send(line);
+        }
+    });
+    rx.recv_timeout(timeout).ok()
 }
 
 /// SHA-256 of `text`, lower-case hex, computed by coreutils' `sha256sum` (the command the docs

@@ -3,6 +3,7 @@
 //! which ring cannot do), a local HTTPS server that serves a JWKS and can rotate keys or go
 //! down, and a TLS client with an optional client certificate.
 
+use crate::OutputWithin;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -186,7 +187,7 @@ impl SigningKey {
                 "-out",
             ])
             .arg(&path)
-            .output()
+            .output_within(crate::DEADLINE)
             .context("running openssl")?;
         if !ok.status.success() {
             bail!(
@@ -197,7 +198,7 @@ impl SigningKey {
         let modulus = std::process::Command::new("openssl")
             .args(["rsa", "-noout", "-modulus", "-in"])
             .arg(&path)
-            .output()?;
+            .output_within(crate::DEADLINE)?;
         let hex = String::from_utf8(modulus.stdout)?;
         let hex = hex.trim().trim_start_matches("Modulus=");
         let n: Vec<u8> = (0..hex.len())
@@ -207,7 +208,7 @@ impl SigningKey {
         let public = std::process::Command::new("openssl")
             .args(["pkey", "-pubout", "-in"])
             .arg(&path)
-            .output()?;
+            .output_within(crate::DEADLINE)?;
         let pem = std::fs::read(&path)?;
         Ok(Self {
             alg,

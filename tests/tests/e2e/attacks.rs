@@ -2,6 +2,7 @@
 //! the way a hostile producer would, and is named after what it attacks. docs/security.md maps
 //! every threat to the test that holds it.
 
+use sluice_tests::OutputWithin;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -202,7 +203,7 @@ fn transports_of_one_listener_that_disagree_on_anonymity() {
     let check = std::process::Command::new(sluice_tests::binary())
         .arg("check-config")
         .arg(&config)
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success(), "{stderr}");
@@ -216,7 +217,7 @@ fn transports_of_one_listener_that_disagree_on_anonymity() {
         .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
         .env("SLUICE_LOG__DATA_DIR", dir.path().join("data"))
         .stdin(std::process::Stdio::null())
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     assert!(!serve.status.success());
     assert!(

@@ -2,6 +2,7 @@
 //! JWTs from a local HTTPS JWKS server that rotates keys, HS256, and client certificates; every
 //! accepted method and the rejected cases, each with its exact protocol error.
 
+use sluice_tests::OutputWithin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -884,7 +885,7 @@ async fn required_client_certificates_and_certificate_reload() {
 fn keys_new_prints_a_key_and_a_config_entry_that_accepts_it() {
     let out = std::process::Command::new(sluice_tests::binary())
         .args(["keys", "new", "--principal", "svc", "--streams", "a.*,b"])
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();

@@ -3,6 +3,7 @@
 //! and the Grafana dashboard and the alerts reference only metrics the gateway exports (read
 //! from the `/metrics` of a real gateway with the embedded log and of one with the Kafka sink).
 
+use sluice_tests::OutputWithin;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +18,7 @@ fn promtool(args: &[&str]) -> String {
     let out = Command::new("promtool")
         .args(args)
         .current_dir(deploy().join("prometheus"))
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .expect("promtool (Debian's prometheus package; scripts/install-deps.sh installs it)");
     let text = format!(
         "{}{}",
@@ -147,7 +148,7 @@ fn check_config(path: &Path, env: &[(String, String)]) -> String {
         .arg("check-config")
         .arg(path)
         .envs(env.iter().cloned())
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);

@@ -2,6 +2,7 @@
 //! scripts/install-deps.sh) runs tests/python/grpc_smoke.py against the real binary, with stubs
 //! generated from the repository's .proto; the events it publishes are read back from the log.
 
+use sluice_tests::OutputWithin;
 use std::path::Path;
 use std::process::Command;
 
@@ -17,7 +18,7 @@ fn python_grpcio_publishes_and_streams_and_sees_native_errors() {
         .arg(root.join("tests/python/grpc_smoke.py"))
         .arg(s.grpc.unwrap().to_string())
         .arg(root.join("protocols/proto"))
-        .output()
+        .output_within(std::time::Duration::from_secs(300))
         .expect("python3 (run scripts/install-deps.sh for grpcio)");
     assert!(
         out.status.success(),

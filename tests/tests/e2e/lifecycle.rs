@@ -1,6 +1,7 @@
 //! Process lifecycle: zero-config start, graceful drain on SIGTERM, the drain deadline, the data
 //! directory lock, and `check-config`.
 
+use sluice_tests::OutputWithin;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -125,12 +126,9 @@ async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
             .spawn()
             .unwrap(),
     );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line =
+        sluice_tests::first_line_within(child.stdout.take().unwrap(), sluice_tests::DEADLINE)
+            .expect("a listening line within the deadline");
     assert!(
         line.starts_with("sluice listening: http=127.0.0.1:"),
         "{line}"
@@ -157,7 +155,7 @@ async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
         // No fixed ports: gRPC and MQTT would otherwise take their defaults (50051, 1883).
         .env("SLUICE_GRPC__LISTEN", "127.0.0.1:0")
         .env("SLUICE_MQTT__LISTEN", "127.0.0.1:0")
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -174,7 +172,7 @@ fn check_config_accepts_examples_and_reports_every_problem() {
         let out = Command::new(binary())
             .arg("check-config")
             .arg(&path)
-            .output()
+            .output_within(sluice_tests::DEADLINE)
             .unwrap();
         assert!(
             out.status.success(),
@@ -194,7 +192,7 @@ fn check_config_accepts_examples_and_reports_every_problem() {
     let out = Command::new(binary())
         .arg("check-config")
         .arg(&bad)
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -211,7 +209,7 @@ fn check_config_accepts_examples_and_reports_every_problem() {
         .arg("check-config")
         .arg(examples.join("minimal.toml"))
         .env("SLUICE_STREAMS__DEFAULTS__ACK", "sometimes")
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sometimes"));

@@ -3,6 +3,7 @@
 //! over MQTT: API key (whole, or id as username), JWT in the password, client certificate on
 //! the TLS listener (optional and required), each with its principal stored with the events.
 
+use sluice_tests::OutputWithin;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -83,7 +84,7 @@ streams = ["*"]
 fn mosquitto_pub(args: &[&str]) -> (bool, String) {
     let out = Command::new("mosquitto_pub")
         .args(args)
-        .output()
+        .output_within(sluice_tests::DEADLINE)
         .expect("mosquitto_pub (Debian's mosquitto-clients; scripts/install-deps.sh installs it)");
     let text = format!(
         "{}{}",
