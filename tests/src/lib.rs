@@ -104,7 +104,7 @@ impl Sluice {
         config_path: &Path,
         env: &[(&str, &str)],
     ) -> Result<Sluice> {
-        Ok(Self::spawn(data_dir, config_path, env, false)?.0)
+        Ok(Self::spawn(data_dir, config_path, env, false, None)?.0)
     }
 
     /// [`Sluice::start`] with the gateway's log (stderr) handed to the test line by line, and
@@ -116,8 +116,17 @@ impl Sluice {
     ) -> Result<(Sluice, Logs)> {
         let config_path = data_dir.with_extension("toml");
         std::fs::write(&config_path, toml)?;
-        let (s, logs) = Self::spawn(data_dir, &config_path, env, true)?;
+        let (s, logs) = Self::spawn(data_dir, &config_path, env, true, None)?;
         Ok((s, logs.expect("logs captured")))
+    }
+
+    /// [`Sluice::start`] with no file it writes allowed past `kib` KiB (RLIMIT_FSIZE, with
+    /// SIGXFSZ ignored): a write that would pass it fails with EFBIG, as a write to a full disk
+    /// fails with ENOSPC, without needing a filesystem of that size.
+    pub fn start_with_file_size_limit(data_dir: &Path, toml: &str, kib: u64) -> Result<Sluice> {
+        let config_path = data_dir.with_extension("toml");
+        std::fs::write(&config_path, toml)?;
+        Ok(Self::spawn(data_dir, &config_path, &[], false, Some(kib))?.0)
     }
 
     fn spawn(
@@ -125,8 +134,19 @@ impl Sluice {
         config_path: &Path,
         env: &[(&str, &str)],
         capture_logs: bool,
+        file_size_limit_kib: Option<u64>,
     ) -> Result<(Sluice, Option<Logs>)> {
-        let mut cmd = Command::new(binary());
+        let mut cmd = match file_size_limit_kib {
+            None => Command::new(binary()),
+            Some(kib) => {
+                // bash counts `ulimit -f` in KiB; an ignored signal stays ignored across exec.
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+                    .arg(binary());
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(config_path)

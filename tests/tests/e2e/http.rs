@@ -667,3 +667,39 @@ async fn admin_endpoints_and_read_filters() {
     assert_eq!(past.len(), 8);
     assert!(read_log(&s.data_dir, "missing", &[]).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_disk_refuses_is_answered_503_undone_and_the_partition_goes_on() {
+    // Files may not grow past 1 MiB (the same failure as a full disk, docs/log.md): a 1.5 MiB
+    // event cannot be written; a small one can.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start_with_file_size_limit(
+        &tmp.path().join("data"),
+        "[streams.defaults]\nmax_body_bytes = 4194304\nmax_event_bytes = 4194304\n",
+        1024,
+    )
+    .unwrap();
+    let c = client();
+    let url = s.events_url("full");
+    let big = vec![b'x'; 1536 * 1024];
+    let r = c
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(metric(&s.metrics().await, "sluice_log_append_errors_total", "") >= 1.0);
+    // The failed write was undone: the partition takes the next event at offset 0, stays ready,
+    // and holds nothing of the refused one.
+    let (status, v) = post(&c, &url, "application/octet-stream", "small").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(offsets(&v), vec![(0, 0)]);
+    assert!(s.wait_readyz(200, Duration::from_secs(5)).await);
+    let log = read_log(&s.data_dir, "full", &[]).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+}
