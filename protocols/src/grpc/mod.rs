@@ -80,7 +80,9 @@ pub async fn serve<I: Ingest>(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let (reporter, health_svc) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(reporter, opts.ready.clone()));
+    // The drain's signal goes to the health reporter as well as to the connection loop.
+    let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
+    let health = report_health(reporter, opts.ready.clone(), shutdown.clone());
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -90,7 +92,7 @@ pub async fn serve<I: Ingest>(
     let reflection_v1alpha = reflection().build_v1alpha().expect("valid descriptors");
     let streams = opts.max_concurrent_streams;
     let (gate, metrics) = (opts.gate.clone(), metrics_of_gate);
-    server::serve_with(
+    let server = server::serve_with(
         listener,
         opts.server,
         gauge,
@@ -144,17 +146,22 @@ pub async fn serve<I: Ingest>(
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20);
         },
-    )
-    .await;
+    );
+    tokio::join!(server, health);
 }
 
 /// Keeps `grpc.health.v1.Health` in step with the gateway's readiness: the overall service ("")
-/// and `sluice.v1.Ingest` are SERVING while ready.
+/// and `sluice.v1.Ingest` are SERVING while ready. When the drain starts, watchers get
+/// NOT_SERVING and then the end of their `Watch` stream: a watch (what load balancers and gRPC
+/// clients' health checking keep open) must not hold the drain until its deadline.
 async fn report_health(
-    reporter: tonic_health::server::HealthReporter,
+    mut reporter: tonic_health::server::HealthReporter,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    drain: impl Future<Output = ()>,
 ) {
+    let services = ["", pb::ingest_server::SERVICE_NAME];
     let mut last = None;
+    tokio::pin!(drain);
     loop {
         let now = ready();
         if last != Some(now) {
@@ -163,13 +170,23 @@ async fn report_health(
             } else {
                 tonic_health::ServingStatus::NotServing
             };
-            reporter.set_service_status("", status).await;
-            reporter
-                .set_service_status(pb::ingest_server::SERVICE_NAME, status)
-                .await;
+            for s in services {
+                reporter.set_service_status(s, status).await;
+            }
             last = Some(now);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if tokio::time::timeout(Duration::from_millis(200), drain.as_mut())
+            .await
+            .is_ok()
+        {
+            for s in services {
+                reporter
+                    .set_service_status(s, tonic_health::ServingStatus::NotServing)
+                    .await;
+                reporter.clear_service_status(s).await;
+            }
+            return;
+        }
     }
 }
 

@@ -260,3 +260,99 @@ async fn retention_runs_in_the_background_and_reads_start_at_the_oldest_kept_off
     let m = s.metrics().await;
     assert!(sluice_tests::metric(&m, "sluice_log_segments_deleted_total", "") > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_step_by_step_on_every_listener() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    // Every group commit takes 2 s: a request is in flight through the drain.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nfault_append_delay_ms = 2000\n",
+    )
+    .unwrap();
+    // Before the signal: a gRPC health watch (what a load balancer keeps open), an idle
+    // WebSocket, and an HTTP request waiting for the log.
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(ch)
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let next_status = async |w: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>| {
+        tokio::time::timeout(Duration::from_secs(20), w.next())
+            .await
+            .expect("a health update within the wait")
+            .map(|r| r.expect("a health message").status)
+    };
+    assert_eq!(
+        next_status(&mut watch).await,
+        Some(ServingStatus::Serving as i32)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/w/ws", s.http))
+        .await
+        .unwrap();
+    let url = s.events_url("drained");
+    let in_flight = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .json(&json!(["kept"]))
+            .send()
+            .await
+            .expect("an answer, not a cut connection")
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sluice_tests::metric_or_zero(
+                &s.metrics().await,
+                "sluice_events_received_total",
+                r#"protocol="http""#,
+            ) == 1.0
+        })
+        .await
+    );
+
+    s.signal("INT").unwrap();
+    // 1. Not ready: /readyz 503 and gRPC health NOT_SERVING.
+    assert!(s.wait_readyz(503, Duration::from_secs(10)).await);
+    assert_eq!(
+        next_status(&mut watch).await,
+        Some(ServingStatus::NotServing as i32)
+    );
+    // 2. The listeners take no new connections.
+    let http = s.http;
+    assert!(
+        wait_until(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(http).await.is_err()
+        })
+        .await,
+        "the HTTP listener still accepts during the drain"
+    );
+    // 3. What was received is appended and answered; WebSockets close with 1001.
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status(), 200);
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a close within the wait")
+        {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(1001));
+    // 4. Exit 0, with the answered event in the log.
+    let status = s.wait_exit().unwrap();
+    assert!(status.success(), "{status}");
+    let log = read_log(&s.data_dir, "drained", &[]).unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["value"], "\"kept\"");
+}
