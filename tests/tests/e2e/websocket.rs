@@ -403,3 +403,57 @@ async fn an_internal_failure_is_nacked_and_closes_1011() {
     assert!(nack.get("retry_after_ms").is_none(), "{nack}");
     assert_eq!(close_code(&mut ws).await, CloseCode::Error);
 }
+
+#[tokio::test]
+async fn v1_ws_authorizes_every_frame_on_its_own_stream() {
+    // A key for `mine.*` only: on /v1/ws (which names no stream at the upgrade), each frame is
+    // authorized for the stream it names; a forbidden frame is nacked, nothing of it stored, and
+    // the socket goes on.
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "fr.frame-by-frame-secret";
+    let toml = format!(
+        "[http.auth]\nallow_anonymous = false\n{}",
+        api_key_entry(key, "framer", &["mine.*"])
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let mut ws = connect_async(url(&s, &format!("/v1/ws?api_key={key}")))
+        .await
+        .unwrap()
+        .0;
+    for (frame, allowed) in [
+        (
+            r#"{"stream":"mine.a","events":[{"id":"ok-1","value":1}]}"#,
+            true,
+        ),
+        (
+            r#"{"stream":"theirs","events":[{"id":"no-1","value":2}]}"#,
+            false,
+        ),
+        (
+            r#"{"stream":"mine.b","events":[{"id":"ok-2","value":3}]}"#,
+            true,
+        ),
+        (
+            r#"{"stream":"mine","events":[{"id":"no-2","value":4}]}"#,
+            false,
+        ),
+    ] {
+        ws.send(Message::text(frame)).await.unwrap();
+        let a = answer(&mut ws).await;
+        if allowed {
+            assert!(a["offset"].is_u64(), "{frame}: {a}");
+        } else {
+            assert_eq!(a["error"]["code"], "forbidden", "{frame}: {a}");
+        }
+    }
+    assert_eq!(read_log(&s.data_dir, "mine.a", &[]).unwrap().len(), 1);
+    assert_eq!(read_log(&s.data_dir, "mine.b", &[]).unwrap().len(), 1);
+    for refused in ["theirs", "mine"] {
+        assert!(
+            read_log(&s.data_dir, refused, &[])
+                .unwrap_or_default()
+                .is_empty(),
+            "{refused}"
+        );
+    }
+}
