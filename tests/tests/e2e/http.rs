@@ -703,3 +703,125 @@ async fn a_write_the_disk_refuses_is_answered_503_undone_and_the_partition_goes_
     let log = read_log(&s.data_dir, "full", &[]).unwrap();
     assert_eq!(log.len(), 1, "{log:?}");
 }
+
+/// Reads whatever the server sends until it closes or `within` passes; the text and whether
+/// the connection was closed.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_is_answered_400() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[http]\nbody_read_timeout_ms = 500\n",
+    )
+    .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let t0 = std::time::Instant::now();
+    tcp.write_all(
+        b"POST /v1/streams/slowbody/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n[1",
+    )
+    .await
+    .unwrap();
+    let (resp, _) = read_until_closed(&mut tcp, Duration::from_secs(20)).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("did not arrive within 500 ms"), "{resp}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        read_log(&s.data_dir, "slowbody", &[])
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_http_max_connections_are_closed_at_accept() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[http]\nmax_connections = 3\nmax_connections_per_address = 0\n",
+    )
+    .unwrap();
+    let request = b"POST /v1/streams/conns/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 3\r\n\r\n[1]";
+    // Three keep-alive connections, each answered once and left open.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        tcp.write_all(request).await.unwrap();
+        let (resp, closed) = read_until_closed(&mut tcp, Duration::from_millis(1500)).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(!closed);
+        held.push(tcp);
+    }
+    // The fourth is closed without an answer.
+    let mut fourth = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let _ = fourth.write_all(request).await;
+    let (resp, closed) = read_until_closed(&mut fourth, Duration::from_secs(20)).await;
+    assert!(closed && resp.is_empty(), "{resp:?}");
+    // Room again once one closes.
+    drop(held.pop());
+    let http = s.http;
+    let served = wait_until(Duration::from_secs(10), || async move {
+        let mut tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+        let _ = tcp.write_all(request).await;
+        let (resp, _) = read_until_closed(&mut tcp, Duration::from_millis(1500)).await;
+        resp.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(served);
+    assert_eq!(read_log(&s.data_dir, "conns", &[]).unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_that_does_not_finish_is_closed_after_its_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = sluice_tests::pki::Ca::new("handshake-ca").unwrap();
+    let server = ca
+        .issue_valid("localhost", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let cert = sluice_tests::pki::write(tmp.path(), "server.pem", &server.cert_pem).unwrap();
+    let key = sluice_tests::pki::write(tmp.path(), "server.key", &server.key_pem).unwrap();
+    // The first request's own deadline is long, so only the handshake's can close it.
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &format!(
+            "[http]\nheader_read_timeout_ms = 30000\n[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nhandshake_timeout_ms = 700\n"
+        ),
+    )
+    .unwrap();
+    // A client that opens the connection and never says hello.
+    let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let (_, closed) = read_until_closed(&mut tcp, Duration::from_secs(20)).await;
+    assert!(closed);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(650),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    // A real client still gets in.
+    let tls = sluice_tests::pki::tls_client(&ca.cert_pem(), None).unwrap();
+    let a = sluice_tests::pki::tls_post(s.http, &tls, "/v1/streams/tls/events", &[], "[1]")
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+}

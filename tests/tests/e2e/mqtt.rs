@@ -1154,3 +1154,134 @@ async fn connections_beyond_the_listener_limit_are_closed_at_once() {
     .await;
     assert!(ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_and_server_keep_alive_are_enforced() {
+    let (_d, s) = start("[mqtt]\nconnect_timeout_ms = 600\nmax_keep_alive_secs = 2\n");
+    let addr = s.mqtt.unwrap();
+    // No CONNECT: closed after connect_timeout_ms, not before.
+    let mut silent = Raw::connect(addr, true).await;
+    let t0 = std::time::Instant::now();
+    assert!(silent.closed().await);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &s.metrics().await,
+            "sluice_mqtt_disconnects_total",
+            r#"reason="connect_timeout""#
+        ),
+        1.0
+    );
+    // A keep-alive above the maximum (and 0, "none") becomes the maximum, announced as Server
+    // Keep Alive, and is enforced: silence for 1.5 × 2 s ends the session with 0x8D.
+    for asked in [60u16, 0] {
+        let (mut raw, ack) = session5(addr, connect5(&format!("ka-{asked}"), asked)).await;
+        assert_eq!(ack.server_keepalive_sec, Some(2), "asked {asked}");
+        let t0 = std::time::Instant::now();
+        match raw.recv5().await {
+            Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x8D),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(2900),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+    // A keep-alive within the maximum is the client's own: not announced.
+    let (_raw, ack) = session5(addr, connect5("ka-1", 1)).await;
+    assert_eq!(ack.server_keepalive_sec, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_over_quota_in_a_row_end_the_session_after_quota_disconnect_after() {
+    let (_d, s) = start(
+        "[mqtt]\nquota_disconnect_after = 3\n[[quotas.rules]]\nstreams = \"q\"\nscope = \"stream\"\nevents_per_sec = 1\nburst_events = 1\n",
+    );
+    let addr = s.mqtt.unwrap();
+    for (qos, id, code) in [(1u8, "q1", 0x97u8), (0, "q0", 0x96)] {
+        let (mut raw, _) = session5(addr, connect5(id, 30)).await;
+        for pid in 1..=4u16 {
+            let id = if qos == 0 { 0 } else { pid };
+            raw.send5(v5::Packet::Publish(Box::new(publish(
+                "q/k",
+                qos,
+                id,
+                b"x",
+                Some(Default::default()),
+            ))))
+            .await;
+        }
+        // QoS 1: each refusal is a PUBACK 0x97 first; QoS 0 has no answer. Then DISCONNECT.
+        let disconnect = loop {
+            match raw.recv5().await {
+                Some(v5::Packet::PublishAck(a)) => {
+                    assert!([0x00, 0x97].contains(&u8::from(a.reason_code)), "{a:?}")
+                }
+                Some(v5::Packet::Disconnect(d)) => break u8::from(d.reason_code),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(disconnect, code, "QoS {qos}");
+        assert!(raw.recv5().await.is_none(), "closed after the DISCONNECT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_held_past_max_hold_ms_is_answered_0x83() {
+    // The budget holds one 3000-byte event and the log takes 5 s per write: while one device's
+    // event is being written, another's cannot get budget. It is held, then refused at 800 ms.
+    let (_d, s) = start(
+        "[mqtt]\nmax_hold_ms = 800\n[limits]\nmax_in_flight_bytes = 4096\n[log]\nfault_append_delay_ms = 5000\n\
+         [streams.defaults]\nmax_body_bytes = 4096\nmax_event_bytes = 4096\n",
+    );
+    let addr = s.mqtt.unwrap();
+    let big = |topic: &str| {
+        let mut p = publish(topic, 1, 1, b"", Some(Default::default()));
+        p.payload = bytes::Bytes::from(vec![b'x'; 3000]);
+        v5::Packet::Publish(Box::new(p))
+    };
+    let (mut first, _) = session5(addr, connect5("first", 30)).await;
+    first.send5(big("a/k")).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3000.0
+        })
+        .await
+    );
+    let (mut held, _) = session5(addr, connect5("held", 30)).await;
+    let t0 = std::time::Instant::now();
+    held.send5(big("b/k")).await;
+    match held.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => {
+            assert_eq!(u8::from(a.reason_code), 0x83, "{a:?}");
+            assert!(
+                a.reason_string.as_deref().is_some_and(|r| !r.is_empty()),
+                "{a:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Refused while the first write still held the budget, i.e. by the hold limit, not because
+    // the budget came back.
+    assert!(metric(&s.metrics().await, "sluice_in_flight_bytes", "") > 3000.0);
+    match first.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(read_log(&s.data_dir, "a", &[]).unwrap().len(), 1);
+    assert!(
+        read_log(&s.data_dir, "b", &[])
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
