@@ -146,3 +146,102 @@ async fn writing_the_config_file_is_enough_when_it_is_watched() {
         "the watched file's quota and key"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_stream_settings_jwt_issuers_and_mtls_rules() {
+    use sluice_tests::pki::{self, Ca};
+    const SECRET: &str = "a-reloaded-hs256-secret-that-is-long-enough";
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new("reload-ca").unwrap();
+    let server = ca
+        .issue_valid("localhost", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let device = ca.issue_valid("dev-1", &[]).unwrap();
+    let cert = pki::write(tmp.path(), "server.pem", &server.cert_pem).unwrap();
+    let key = pki::write(tmp.path(), "server.key", &server.key_pem).unwrap();
+    let ca_file = pki::write(tmp.path(), "ca.pem", &ca.cert_pem()).unwrap();
+    let config = |max_event_bytes: u32, issuer: &str, mtls: bool| {
+        let mut c = format!(
+            "[http.auth]\nallow_anonymous = false\n\
+             [http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_auth = \"optional\"\nclient_ca_file = {ca_file:?}\n\
+             [streams.declare.s]\nmax_event_bytes = {max_event_bytes}\n\
+             [[auth.jwt.issuers]]\nissuer = \"{issuer}\"\naudiences = [\"sluice\"]\nalgorithms = [\"HS256\"]\nhs256_secret = \"{SECRET}\"\npermissions_claim = \"streams\"\npermission_prefix = \"\"\n"
+        );
+        if mtls {
+            c.push_str(
+                "[[auth.mtls.rules]]\nfield = \"cn\"\npattern = \"dev-*\"\nstreams = [\"*\"]\n",
+            );
+        }
+        c
+    };
+    let token = |iss: &str| {
+        pki::hs256(
+            SECRET.as_bytes(),
+            &serde_json::json!({
+                "iss": iss, "sub": "svc", "aud": "sluice", "streams": ["*"],
+                "iat": pki::now(), "exp": pki::now() + 3600,
+            }),
+        )
+    };
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &config(200, "https://iss-1", false),
+    )
+    .unwrap();
+    let anonymous_tls = pki::tls_client(&ca.cert_pem(), None).unwrap();
+    let device_tls = pki::tls_client(&ca.cert_pem(), Some(&device)).unwrap();
+    let post =
+        |tls: &std::sync::Arc<rustls::ClientConfig>, bearer: Option<String>, value_len: usize| {
+            let tls = tls.clone();
+            let addr = s.http;
+            async move {
+                let auth = bearer.map(|t| format!("Bearer {t}"));
+                let headers: Vec<(&str, &str)> = auth
+                    .as_deref()
+                    .map(|a| vec![("authorization", a)])
+                    .unwrap_or_default();
+                let body = serde_json::json!([{ "value": "x".repeat(value_len) }]).to_string();
+                pki::tls_post(addr, &tls, "/v1/streams/s/events", &headers, &body)
+                    .await
+                    .unwrap()
+                    .status
+            }
+        };
+    let (iss1, iss2) = (token("https://iss-1"), token("https://iss-2"));
+    assert_eq!(post(&anonymous_tls, Some(iss1.clone()), 10).await, 200);
+    assert_eq!(post(&anonymous_tls, Some(iss2.clone()), 10).await, 401);
+    assert_eq!(
+        post(&device_tls, None, 10).await,
+        401,
+        "no rule maps the device yet"
+    );
+    assert_eq!(post(&anonymous_tls, Some(iss1.clone()), 500).await, 413);
+
+    // Larger events on s, the other issuer, and a rule for devices.
+    std::fs::write(s.config_path(), config(1000, "https://iss-2", true)).unwrap();
+    s.signal("HUP").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            reloads(&s, "ok").await >= 1.0
+        })
+        .await
+    );
+    assert_eq!(
+        post(&anonymous_tls, Some(iss2), 500).await,
+        200,
+        "new limit, new issuer"
+    );
+    assert_eq!(
+        post(&anonymous_tls, Some(iss1), 10).await,
+        401,
+        "the old issuer is gone"
+    );
+    assert_eq!(
+        post(&device_tls, None, 10).await,
+        200,
+        "the device is mapped now"
+    );
+    let log = s.read_log("s").unwrap();
+    assert_eq!(log.len(), 3);
+    assert_eq!(log[2]["headers"]["sluice-principal"], "dev-1", "{}", log[2]);
+}
