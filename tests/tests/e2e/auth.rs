@@ -1114,3 +1114,86 @@ async fn an_api_key_entry_hashed_as_the_docs_say_is_accepted() {
         assert_eq!(r.status(), want, "key {key:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_without_kid_leeway_and_the_verified_token_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let one = SigningKey::es256("only").unwrap();
+    let (two_a, two_b) = (
+        SigningKey::es256("two-a").unwrap(),
+        SigningKey::es256("two-b").unwrap(),
+    );
+    let jwks = |keys: &[&SigningKey]| {
+        json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
+    };
+    let one_file = pki::write(dir, "one.json", &jwks(&[&one])).unwrap();
+    let two_file = pki::write(dir, "two.json", &jwks(&[&two_a, &two_b])).unwrap();
+    let issuer = |name: &str, file: &std::path::Path, leeway: u32| {
+        format!(
+            "[[auth.jwt.issuers]]\nissuer = \"{name}\"\naudiences = [\"sluice\"]\nalgorithms = [\"ES256\"]\n\
+             jwks_file = {file:?}\nleeway_s = {leeway}\njwks_refresh_interval_ms = 1000\n"
+        )
+    };
+    let config = format!(
+        "[http.auth]\nallow_anonymous = false\n[auth.failures]\nmax_failures = 1000000\n{}{}",
+        issuer("one-key", &one_file, 30),
+        issuer("two-keys", &two_file, 0)
+    );
+    let s = Sluice::start(&dir.join("data"), &config).unwrap();
+    let post = |token: String| {
+        let url = s.events_url("j");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!([1]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let expiring = |iss: &str, exp_in: i64| {
+        with(
+            claims(iss, "svc", "produce:*"),
+            "exp",
+            json!(pki::now() + exp_in),
+        )
+    };
+    // No kid: fine when the issuer has exactly one key, refused when it has two.
+    assert_eq!(
+        post(one.sign_as(None, &claims("one-key", "svc", "produce:*"))).await,
+        200
+    );
+    assert_eq!(
+        post(two_a.sign_as(None, &claims("two-keys", "svc", "produce:*"))).await,
+        401
+    );
+    assert_eq!(
+        post(two_a.sign(&claims("two-keys", "svc", "produce:*"))).await,
+        200
+    );
+    // leeway_s: 10 s past exp is within 30 s of leeway, not within 0; 60 s is past both.
+    assert_eq!(post(one.sign(&expiring("one-key", -10))).await, 200);
+    assert_eq!(post(one.sign(&expiring("one-key", -60))).await, 401);
+    assert_eq!(post(two_a.sign(&expiring("two-keys", -10))).await, 401);
+    // The cache: a token verified once is accepted until it expires without being verified
+    // again, so it outlives its key's removal from the JWKS; a new token of that key does not.
+    let verified = two_b.sign(&claims("two-keys", "cached", "produce:*"));
+    assert_eq!(post(verified.clone()).await, 200);
+    std::fs::write(&two_file, jwks(&[&two_a])).unwrap();
+    let removed = wait_until(Duration::from_secs(10), || {
+        let fresh = two_b.sign(&with(
+            claims("two-keys", "fresh", "produce:*"),
+            "jti",
+            json!(pki::now().to_string() + &format!("{:?}", std::time::Instant::now())),
+        ));
+        let f = post(fresh);
+        async move { f.await == 401 }
+    })
+    .await;
+    assert!(removed, "the refresh never dropped two-b");
+    assert_eq!(post(verified).await, 200, "served from the cache");
+}
