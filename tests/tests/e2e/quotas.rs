@@ -434,3 +434,66 @@ async fn hold_budget(s: &Sluice, stream: &str) -> tokio::task::JoinHandle<u16> {
     );
     first
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_quota_counts_what_each_event_costs_over_http_and_mqtt() {
+    // 2000 bytes/s with a 2000-byte burst; each event below costs 476 bytes (a 452-byte value,
+    // 2 bytes of JSON quotes, plus 24 of framing — docs/quotas.md): four fit in the burst.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[[quotas.rules]]\nscope = \"stream\"\nstreams = \"b.*\"\nbytes_per_sec = 2000\nburst_bytes = 2000\n",
+    )
+    .unwrap();
+    let value = "v".repeat(450);
+    let events: Vec<Value> = (0..6).map(|_| json!(value)).collect();
+    let a = Answer::of(
+        reqwest::Client::new()
+            .post(s.events_url("b.http"))
+            .json(&events),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(admitted(&a.body), 4, "{}", a.body);
+    let refused = &a.body["results"][4]["error"];
+    assert_eq!(refused["code"], "over_quota", "{}", a.body);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("2000 bytes/s"),
+        "{refused}"
+    );
+    // An event larger than the whole burst can never be admitted: 413, not a retry hint.
+    let huge = json!([{"value": "x".repeat(2100)}]);
+    let a = Answer::of(
+        reqwest::Client::new()
+            .post(s.events_url("b.huge"))
+            .json(&huge),
+    )
+    .await;
+    assert_eq!(a.status, 413, "{}", a.body);
+    // MQTT 5: the same rule, per publish (0x97 once the burst is used). A publish to `b.mqtt/k`
+    // costs its payload, its key `k`, the `mqtt-topic` header Sluice stores with it (10 + 8 + 8)
+    // and the framing: 420 + 1 + 26 + 24 = 471 bytes, so four fit.
+    let (mut raw, _) =
+        sluice_tests::mqtt::session5(s.mqtt.unwrap(), sluice_tests::mqtt::connect5("bytes", 30))
+            .await;
+    let mut codes = Vec::new();
+    for id in 1..=6u16 {
+        let mut p = sluice_tests::mqtt::publish("b.mqtt/k", 1, id, b"", Some(Default::default()));
+        p.payload = bytes::Bytes::from(vec![b'm'; 420]);
+        raw.send5(rmqtt_codec::v5::Packet::Publish(Box::new(p)))
+            .await;
+    }
+    while codes.len() < 6 {
+        match raw.recv5().await {
+            Some(rmqtt_codec::v5::Packet::PublishAck(a)) => codes.push(u8::from(a.reason_code)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 4, "{codes:?}");
+    assert!(codes[4..].iter().all(|c| *c == 0x97), "{codes:?}");
+    assert_eq!(s.read_log("b.http").unwrap().len(), 4);
+    assert_eq!(s.read_log("b.mqtt").unwrap().len(), 4);
+}
