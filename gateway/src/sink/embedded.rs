@@ -36,7 +36,9 @@ pub fn log_rejection(e: LogError) -> Rejection {
         ),
         LogError::TooManyStreams(n) => Rejection::unavailable(
             Duration::from_secs(60),
-            format!("the gateway holds its maximum of {n} streams; no new stream can be created"),
+            format!(
+                "the gateway holds its maximum of {n} streams (streams.max_streams); no new stream can be created"
+            ),
         ),
         LogError::Io(_) | LogError::Poisoned(_) => Rejection::unavailable(
             Duration::from_secs(5),

@@ -356,3 +356,101 @@ async fn sigint_drains_step_by_step_on_every_listener() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["value"], "\"kept\"");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_tail_prints_what_is_there_then_follows_new_appends() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let c = reqwest::Client::new();
+    let post = |v: &str| c.post(s.events_url("tailed")).json(&json!([v])).send();
+    assert_eq!(post("before").await.unwrap().status(), 200);
+    let mut tail = sluice_tests::KillOnDrop(
+        Command::new(binary())
+            .args(["log", "tail", "--data-dir"])
+            .arg(&s.data_dir)
+            .args(["--stream", "tailed"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> Value {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a record within the wait");
+        serde_json::from_str(&l).unwrap()
+    };
+    assert_eq!(next()["value"], "\"before\"");
+    // Appended after the tail started: printed as they come, in order, and it keeps running.
+    for v in ["after-1", "after-2"] {
+        assert_eq!(post(v).await.unwrap().status(), 200);
+    }
+    let (a, b) = (next(), next());
+    assert_eq!(
+        (a["value"].clone(), a["offset"].clone()),
+        (json!("\"after-1\""), json!(1))
+    );
+    assert_eq!(
+        (b["value"].clone(), b["offset"].clone()),
+        (json!("\"after-2\""), json!(2))
+    );
+    assert!(tail.try_wait().unwrap().is_none(), "tail exited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_holds_at_most_max_streams_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[streams]\nmax_streams = 3\nmax_streams_per_principal = 0\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    for name in ["s1", "s2", "s3"] {
+        let r = c
+            .post(s.events_url(name))
+            .json(&json!([1]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+    }
+    // The fourth stream is not created: 503 (the operator's limit, not the producer's fault);
+    // the existing ones go on.
+    let r = c
+        .post(s.events_url("s4"))
+        .json(&json!([1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_streams"),
+        "{body}"
+    );
+    let r = c
+        .post(s.events_url("s1"))
+        .json(&json!([2]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!s.data_dir.join("streams/s4").exists());
+}

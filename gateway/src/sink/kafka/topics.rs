@@ -164,7 +164,7 @@ impl KafkaSink {
             return Err(Rejection::unavailable(
                 Duration::from_secs(60),
                 format!(
-                    "the gateway holds its maximum of {max} streams; no new stream can be used"
+                    "the gateway holds its maximum of {max} streams (streams.max_streams); no new stream can be used"
                 ),
             ));
         }
