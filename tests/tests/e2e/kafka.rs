@@ -391,3 +391,95 @@ async fn mqtt_publishes_are_acked_once_kafka_has_them() {
             .any(|(k, v)| k == "mqtt-topic" && v.starts_with(b"devices/"))
     }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_what_the_producer_still_holds() {
+    // A 5 s linger keeps events in the producer's queue; `ack = "received"` answers 202 at once.
+    // SIGTERM must flush them to the broker before the process exits.
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.bootstrap, "lingering", 1)
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}[streams.defaults]\nack = \"received\"\n",
+        kafka_config(&tansu.bootstrap, "linger_ms = 5000")
+    );
+    let mut s = start_ready(&tmp.path().join("data"), &toml).await;
+    let values: Vec<String> = (0..10).map(|i| format!("l{i}")).collect();
+    let (status, body, _) = post_json(&client(), &s.events_url("lingering"), &json!(values)).await;
+    assert_eq!(status, 202, "{body}");
+    let t0 = std::time::Instant::now();
+    let status = s.terminate().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the flush did not wait for the linger: {:?}",
+        t0.elapsed()
+    );
+    let records = read_topic(&tansu.bootstrap, "lingering", 10, READ_TIMEOUT).unwrap();
+    let got: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone()).unwrap())
+        .collect();
+    let want: Vec<String> = values.iter().map(|v| format!("\"{v}\"")).collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_partitions_are_used_after_the_next_metadata_refresh() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let tansu = Tansu::start().unwrap();
+    create_topic(&tansu.bootstrap, "growing", 2).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start_ready(
+        &tmp.path().join("data"),
+        &kafka_config(&tansu.bootstrap, "metadata_refresh_ms = 300"),
+    )
+    .await;
+    let c = client();
+    // A key whose partition differs between 2 and 4 partitions.
+    let key = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let (two, four) = (
+                sluice_tests::kafka::partition_of(k.as_bytes(), 2),
+                sluice_tests::kafka::partition_of(k.as_bytes(), 4),
+            );
+            two != four
+        })
+        .unwrap();
+    let send = || {
+        let (c, url, key) = (c.clone(), s.events_url("growing"), key.clone());
+        async move {
+            let (status, body, _) = post_json(&c, &url, &json!([{"key": key, "value": 1}])).await;
+            assert_eq!(status, 200, "{body}");
+            body["results"][0]["partition"].as_u64().unwrap() as u32
+        }
+    };
+    assert_eq!(
+        send().await,
+        sluice_tests::kafka::partition_of(key.as_bytes(), 2)
+    );
+    // The topic gets four partitions. Tansu does not implement CreatePartitions, so the topic
+    // is made again with four: to the gateway, whose metadata refresh is under test, the
+    // partition count grows from two to four.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &tansu.bootstrap)
+        .create()
+        .unwrap();
+    let r = admin
+        .delete_topics(&["growing"], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    create_topic(&tansu.bootstrap, "growing", 4).await.unwrap();
+    let want = sluice_tests::kafka::partition_of(key.as_bytes(), 4);
+    let moved = wait_until(Duration::from_secs(20), || {
+        let f = send();
+        async move { f.await == want }
+    })
+    .await;
+    assert!(moved, "the key never moved to partition {want} of 4");
+}
