@@ -1285,3 +1285,57 @@ async fn a_publish_held_past_max_hold_ms_is_answered_0x83() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_acks_is_closed_after_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (_d, s) = start("[mqtt]\nwrite_timeout_ms = 500\n");
+    let addr = s.mqtt.unwrap();
+    // A tiny receive buffer, and a client that never reads after CONNACK: the acks pile up
+    // until the server's writes block.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let tcp = sock.connect(addr).await.unwrap();
+    let raw = Raw::over(tcp, false);
+    let mut raw = sluice_tests::mqtt::start3(raw, connect3("deaf", 30)).await;
+    let mut frame = bytes::BytesMut::new();
+    {
+        use tokio_util::codec::Encoder;
+        let mut codec = rmqtt_codec::v3::Codec::new(0);
+        for id in 1..=2000u16 {
+            codec
+                .encode(
+                    rmqtt_codec::v3::Packet::Publish(Box::new(publish(
+                        "deaf/k", 1, id, b"x", None,
+                    ))),
+                    &mut frame,
+                )
+                .unwrap();
+        }
+    }
+    let metrics_say_closed = || async {
+        sluice_tests::metric_or_zero(
+            &s.metrics().await,
+            "sluice_mqtt_disconnects_total",
+            r#"reason="write_timeout""#,
+        ) >= 1.0
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut sent = 0usize;
+    while !metrics_say_closed().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still open after {sent} publishes"
+        );
+        // Packet ids repeat; each round is 2000 more QoS 1 publishes, 8000 bytes of PUBACKs.
+        if tokio::time::timeout(Duration::from_secs(2), raw.stream.write_all(&frame))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            sent += 2000;
+        }
+    }
+    assert!(sent > 0);
+    // The server closed it: what was buffered drains, then the end of the stream.
+    assert!(raw.closed().await);
+}
