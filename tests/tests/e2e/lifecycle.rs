@@ -454,3 +454,75 @@ async fn the_gateway_holds_at_most_max_streams_streams() {
     assert_eq!(r.status(), 200);
     assert!(!s.data_dir.join("streams/s4").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_gets_goaway_and_its_request_in_flight_is_answered() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // Every group commit takes 1.5 s: the first request is in flight when the drain starts.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Sluice::start(
+        &tmp.path().join("data"),
+        "[log]\nfault_append_delay_ms = 1500\n",
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = |v: &str| {
+        http::Request::post(format!("http://{}/v1/streams/h2/events", s.http))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!("[\"{v}\"]"))))
+            .unwrap()
+    };
+    let mut first_sender = sender.clone();
+    let first = request("in-flight");
+    let in_flight = tokio::spawn(async move { first_sender.send_request(first).await });
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sluice_tests::metric_or_zero(
+                &s.metrics().await,
+                "sluice_events_received_total",
+                r#"protocol="http""#,
+            ) == 1.0
+        })
+        .await
+    );
+    s.signal("TERM").unwrap();
+    // GOAWAY: the connection takes no new request (the client sees it refused or closed)...
+    let later = sender.clone();
+    let refused = wait_until(Duration::from_secs(10), || {
+        let mut later = later.clone();
+        let req = request("too-late");
+        async move {
+            match later.ready().await {
+                Err(_) => true,
+                Ok(()) => later.send_request(req).await.is_err(),
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "the HTTP/2 connection still takes new requests during the drain"
+    );
+    // ...while the request in flight on it is answered.
+    let resp = in_flight.await.unwrap().expect("answered, not cut off");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"offset\":0"),
+        "{body:?}"
+    );
+    assert!(s.wait_exit().unwrap().success());
+    let _ = conn.await;
+    let log = read_log(&s.data_dir, "h2", &[]).unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["value"], "\"in-flight\"");
+}
