@@ -237,13 +237,9 @@ impl<I: Ingest> Mqtt<I> {
 
     /// Runs one MQTT session over `io` to its end, authenticated by `gate`.
     pub async fn session<T: Transport>(self: Arc<Self>, io: T, conn: ConnInfo, gate: &Gate) {
-        // Draining (or drained: the process is about to exit): no new session starts.
         let Ok(guard) = self.sessions.clone().try_read_owned() else {
-            return;
+            return; // draining
         };
-        if *self.stop.borrow() {
-            return;
-        }
         let gauge = self.ingest.metrics().connections_of(PROTO);
         gauge.inc();
         let span = tracing::info_span!(

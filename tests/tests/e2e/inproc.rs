@@ -208,11 +208,14 @@ async fn mqtt_drain_answers_what_is_in_flight_then_disconnects() {
     }
     drain.await.unwrap();
     session.await.unwrap();
-    // A new connection during the drain is not served.
-    let (raw, late) = h.client(true);
-    let mut raw = raw;
+    // A connection that still reaches the session code afterwards is refused: CONNACK 0x88.
+    let (mut raw, late) = h.client(true);
     raw.send5(v5::Packet::Connect(Box::new(connect5("late", 30))))
         .await;
+    match raw.recv5().await {
+        Some(v5::Packet::ConnectAck(a)) => assert_eq!(u8::from(a.reason_code), 0x88),
+        other => panic!("expected CONNACK 0x88, got {other:?}"),
+    }
     late.await.unwrap();
     assert!(raw.recv5().await.is_none());
 }

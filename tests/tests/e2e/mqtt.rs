@@ -1339,3 +1339,123 @@ async fn a_client_that_does_not_read_its_acks_is_closed_after_write_timeout() {
     // The server closed it: what was buffered drains, then the end of the stream.
     assert!(raw.closed().await);
 }
+
+/// The CONNACK return code (3.1.1) or reason code (5.0) of one CONNECT.
+async fn connack_of(addr: std::net::SocketAddr, connect: ConnectAny) -> u8 {
+    match connect {
+        ConnectAny::V5(c) => {
+            let mut raw = Raw::connect(addr, true).await;
+            raw.send5(v5::Packet::Connect(c)).await;
+            match raw.recv5().await {
+                Some(v5::Packet::ConnectAck(a)) => u8::from(a.reason_code),
+                other => panic!("expected CONNACK, got {other:?}"),
+            }
+        }
+        ConnectAny::V3(c) => {
+            let mut raw = Raw::connect(addr, false).await;
+            raw.send3(rmqtt_codec::v3::Packet::Connect(c)).await;
+            match raw.recv3().await {
+                Some(rmqtt_codec::v3::Packet::ConnectAck(a)) => a.return_code as u8,
+                other => panic!("expected CONNACK, got {other:?}"),
+            }
+        }
+    }
+}
+
+enum ConnectAny {
+    V5(Box<v5::Connect>),
+    V3(Box<rmqtt_codec::v3::Connect>),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_reason_codes_not_covered_elsewhere() {
+    // docs/mqtt.md "Reason codes": the rows without a test of their own elsewhere.
+    let key = "rc.reason-code-secret";
+    let (_d, s) = start(&format!(
+        "[mqtt.auth]\nallow_anonymous = false\n[http.auth]\nallow_anonymous = false\n\
+         [auth.failures]\nmax_failures = 2\nwindow_ms = 600000\n{}",
+        api_key_entry(key, "rc", &["*"])
+    ));
+    let addr = s.mqtt.unwrap();
+    let with_key = |mut c: v5::Connect| {
+        c.username = Some("rc".into());
+        c.password = Some(bytes::Bytes::from_static(key.as_bytes()));
+        c
+    };
+    // CONNACK 0x8C: enhanced authentication is not offered.
+    let mut c = with_key(connect5("enhanced", 30));
+    c.auth_method = Some("SCRAM-SHA-256".into());
+    assert_eq!(connack_of(addr, ConnectAny::V5(Box::new(c))).await, 0x8C);
+    // CONNACK 0x9A: a retained will.
+    let mut c = with_key(connect5("retained-will", 30));
+    c.last_will = Some(v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain: true,
+        topic: "wills/x".into(),
+        message: bytes::Bytes::from_static(b"gone"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: vec![],
+        is_utf8_payload: None,
+        response_topic: None,
+    });
+    assert_eq!(connack_of(addr, ConnectAny::V5(Box::new(c))).await, 0x9A);
+    // DISCONNECT 0x9A: a retained PUBLISH (Retain Available is 0).
+    let (mut raw, _) = session5(addr, with_key(connect5("retainer", 30))).await;
+    let mut p = publish("r/k", 1, 1, b"on", Some(Default::default()));
+    p.retain = true;
+    raw.send5(v5::Packet::Publish(Box::new(p))).await;
+    match raw.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x9A),
+        other => panic!("{other:?}"),
+    }
+    // DISCONNECT 0x82: a second CONNECT on a connection.
+    let (mut raw, _) = session5(addr, with_key(connect5("twice", 30))).await;
+    raw.send5(v5::Packet::Connect(Box::new(with_key(connect5(
+        "twice", 30,
+    )))))
+    .await;
+    match raw.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x82),
+        other => panic!("{other:?}"),
+    }
+    // 3.1.1: wrong credentials 4, none 5; then, past max_failures from this address, 3 (5.0:
+    // 0x9F) — even for the right key, until the window passes.
+    let mut wrong = connect3("guess", 30);
+    wrong.username = Some("rc".into());
+    wrong.password = Some(bytes::Bytes::from_static(b"rc.wrong-wrong-wrong"));
+    assert_eq!(
+        connack_of(addr, ConnectAny::V3(Box::new(wrong.clone()))).await,
+        4
+    );
+    assert_eq!(
+        connack_of(addr, ConnectAny::V3(Box::new(connect3("none", 30)))).await,
+        5
+    );
+    assert_eq!(connack_of(addr, ConnectAny::V3(Box::new(wrong))).await, 3);
+    assert_eq!(
+        connack_of(addr, ConnectAny::V5(Box::new(connect5("guess5", 30)))).await,
+        0x9F
+    );
+    assert_eq!(read_log(&s.data_dir, "r", &[]).unwrap_or_default().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_connack_codes_for_level_and_client_id() {
+    let (_d, s) = start("");
+    let addr = s.mqtt.unwrap();
+    // Protocol level 2 (below 3.1): 1. An empty client id without clean session: 2.
+    // (Hand-made bytes: the client codec always writes level 4.)
+    let mut raw = Raw::connect(addr, false).await;
+    raw.send_bytes(b"\x10\x0f\x00\x04MQTT\x02\x02\x00\x1e\x00\x03old")
+        .await;
+    match raw.recv3().await {
+        Some(rmqtt_codec::v3::Packet::ConnectAck(a)) => assert_eq!(a.return_code as u8, 1),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let mut unnamed = connect3("", 30);
+    unnamed.clean_session = false;
+    assert_eq!(connack_of(addr, ConnectAny::V3(Box::new(unnamed))).await, 2);
+}

@@ -49,6 +49,9 @@ pub(super) async fn read_connect<T: Transport>(
                 }
             }
             Err(e) => {
+                // 3.1.1 has a return code for a bad client identifier (2), none for the rest.
+                let v3_code = matches!(e, DecodeError::InvalidClientId)
+                    .then_some(rc::v3::IDENTIFIER_REJECTED);
                 let (code, label) = match e {
                     DecodeError::MaxSizeExceeded { .. } => (rc::PACKET_TOO_LARGE, "too_large"),
                     DecodeError::InvalidClientId => (rc::CLIENT_IDENTIFIER_NOT_VALID, "malformed"),
@@ -57,8 +60,14 @@ pub(super) async fn read_connect<T: Transport>(
                     }
                     _ => (rc::PROTOCOL_ERROR, "protocol"),
                 };
-                if version == Version::V5 {
-                    let _ = codec.connack(code, ConnAckProps::default(), out);
+                match (version, v3_code) {
+                    (Version::V5, _) => {
+                        let _ = codec.connack(code, ConnAckProps::default(), out);
+                    }
+                    (_, Some(code)) => {
+                        let _ = codec.connack(code, ConnAckProps::default(), out);
+                    }
+                    _ => {}
                 }
                 return Err(label);
             }
