@@ -462,6 +462,25 @@ pub fn metric_or_zero(text: &str, name: &str, labels: &str) -> f64 {
     find_metric(text, name, labels).unwrap_or(0.0)
 }
 
+/// The sum of every sample of `name` whose labels contain `label` (e.g. `protocol="http"`);
+/// 0 when there is none (the family itself must exist, as in [`metric_or_zero`]).
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    let family = name.trim_end_matches("_total");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("# TYPE ") && l[7..].starts_with(family)),
+        "no metric family {family} in the exposition:\n{text}"
+    );
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?.strip_prefix('{')?;
+            labels.contains(label).then(|| value.parse::<f64>().ok())?
+        })
+        .fold(0.0, |a, b| a + b)
+}
+
 fn find_metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let want = if labels.is_empty() {
         name.to_string()

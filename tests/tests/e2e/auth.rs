@@ -450,6 +450,21 @@ async fn every_method_is_accepted_and_every_bad_credential_gets_its_exact_error(
     accepted(&w, &w.bearer("a.jwt", &t).await, "a.jwt", "rotated");
 
     // ---- rejected: every case names its cause ----
+    let counts = |m: &str| {
+        (
+            sluice_tests::metric_sum(m, "sluice_auth_failures_total", r#"protocol="http""#),
+            sluice_tests::metric_or_zero(
+                m,
+                "sluice_requests_total",
+                r#"protocol="http",outcome="unauthenticated""#,
+            ) + sluice_tests::metric_or_zero(
+                m,
+                "sluice_requests_total",
+                r#"protocol="http",outcome="unavailable""#,
+            ),
+        )
+    };
+    let before = counts(&w.s.metrics().await);
     let base = claims(ISS_A, "u", "produce:a.*");
     let mut n = 0;
     let mut case = |name: &str| {
@@ -717,7 +732,12 @@ async fn every_method_is_accepted_and_every_bad_credential_gets_its_exact_error(
         &w.post_with(&device_tls, "a.x", &[]).await.unwrap(),
         "a.x",
     );
-    assert!(n >= 25, "only {n} rejected cases");
+    // Every 401 above (and each 503 of an issuer whose keys cannot be fetched) was counted as an
+    // authentication failure, and nothing else was (403s are authorization).
+    let after = counts(&w.s.metrics().await);
+    let refused = after.1 - before.1;
+    assert!(refused >= 10.0, "{before:?} {after:?}");
+    assert_eq!(after.0 - before.0, refused, "{before:?} {after:?}");
 
     // Failures are counted by method and reason.
     let m = w.s.metrics().await;
