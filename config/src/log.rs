@@ -40,6 +40,9 @@ pub struct LogConfig {
     /// Fault injection for tests of backpressure: every group commit waits this long first.
     /// Never set this in production.
     pub fault_append_delay_ms: u64,
+    /// Fault injection for tests of disk failure: each partition's fsyncs fail (EIO) from the
+    /// Nth on (0 = never). Never set this in production.
+    pub fault_fsync_fail_after: u64,
     /// The Kafka sink, used when `kind = "kafka"`.
     pub kafka: KafkaConfig,
 }
@@ -56,6 +59,7 @@ impl Default for LogConfig {
             flush_interval_ms: 1000,
             retention_check_interval_ms: 60_000,
             fault_append_delay_ms: 0,
+            fault_fsync_fail_after: 0,
             kafka: KafkaConfig::default(),
         }
     }

@@ -34,6 +34,8 @@ pub struct LogOptions {
     pub retention_check_interval: Duration,
     /// Test-only fault injection: every group commit waits this long first.
     pub fault_append_delay: Duration,
+    /// Test-only fault injection: each partition's fsyncs fail from the Nth on (0 = never).
+    pub fault_fsync_fail_after: u64,
     pub max_streams: usize,
     /// Appends that may queue per partition (bytes are bounded by the caller's budget).
     pub queue_depth: usize,
@@ -50,6 +52,7 @@ impl Default for LogOptions {
             flush_interval: Duration::from_secs(1),
             retention_check_interval: Duration::from_secs(60),
             fault_append_delay: Duration::ZERO,
+            fault_fsync_fail_after: 0,
             max_streams: 1000,
             queue_depth: 4096,
         }
@@ -299,6 +302,7 @@ fn open_stream_dirs(
         index_interval_bytes: shared.opts.index_interval_bytes,
         retention_ms: o.retention_ms,
         retention_bytes: o.retention_bytes,
+        fault_fsync_fail_after: shared.opts.fault_fsync_fail_after,
     };
     let mut writers = Vec::with_capacity(o.partitions as usize);
     for p in 0..o.partitions {

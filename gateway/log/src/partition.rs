@@ -31,6 +31,8 @@ pub struct PartitionOptions {
     pub retention_ms: u64,
     /// Delete the oldest sealed segments while the partition is larger than this (0 = no limit).
     pub retention_bytes: u64,
+    /// Test-only fault injection: the partition's fsyncs fail (EIO) from the Nth on (0 = never).
+    pub fault_fsync_fail_after: u64,
 }
 
 impl Default for PartitionOptions {
@@ -41,6 +43,7 @@ impl Default for PartitionOptions {
             index_interval_bytes: 4096,
             retention_ms: 0,
             retention_bytes: 0,
+            fault_fsync_fail_after: 0,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct PartitionWriter {
     active: Active,
     next_offset: u64,
     poisoned: Option<String>,
+    /// fsyncs so far (for `fault_fsync_fail_after`).
+    fsyncs: u64,
     write_buf: Vec<u8>,
     offsets_buf: Vec<u8>,
     times_buf: Vec<u8>,
@@ -124,6 +129,7 @@ impl PartitionWriter {
                 active,
                 next_offset,
                 poisoned: None,
+                fsyncs: 0,
                 write_buf: Vec::new(),
                 offsets_buf: Vec::new(),
                 times_buf: Vec::new(),
@@ -237,7 +243,15 @@ impl PartitionWriter {
         }
         // After a failed fsync the page cache can no longer be trusted to hold what was written
         // (the kernel may have dropped the dirty pages), so the partition stops taking writes.
-        if let Err(e) = self.active.log.sync_data() {
+        self.fsyncs += 1;
+        let injected =
+            self.opts.fault_fsync_fail_after > 0 && self.fsyncs >= self.opts.fault_fsync_fail_after;
+        let synced = if injected {
+            Err(io::Error::from_raw_os_error(5)) // EIO, as a failing disk reports it
+        } else {
+            self.active.log.sync_data()
+        };
+        if let Err(e) = synced {
             self.poison(format!("fsync failed: {e}"));
             return Err(e.into());
         }

@@ -54,6 +54,7 @@ fn opts(segment_bytes: u64, interval: u64) -> PartitionOptions {
         index_interval_bytes: interval,
         retention_ms: 0,
         retention_bytes: 0,
+        fault_fsync_fail_after: 0,
     }
 }
 

@@ -458,6 +458,7 @@ async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<L
         flush_interval: Duration::from_millis(config.log.flush_interval_ms),
         retention_check_interval: Duration::from_millis(config.log.retention_check_interval_ms),
         fault_append_delay: Duration::from_millis(config.log.fault_append_delay_ms),
+        fault_fsync_fail_after: config.log.fault_fsync_fail_after,
         max_streams: config.streams.max_streams,
         queue_depth: 4096,
     };

@@ -825,3 +825,64 @@ async fn a_tls_handshake_that_does_not_finish_is_closed_after_its_timeout() {
         .unwrap();
     assert_eq!(a.status, 200, "{}", a.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_partition_until_restart() {
+    // The second fsync of each partition fails with EIO (log.fault_fsync_fail_after, the
+    // documented test-only switch: a real EIO needs a failing device).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Sluice::start(&data, "[log]\nfault_fsync_fail_after = 2\n").unwrap();
+    let c = client();
+    let url = s.events_url("fragile");
+    let (status, v) = post(&c, &url, "application/json", "[\"first\"]").await;
+    assert_eq!(status, 200, "{v}");
+    // The failed fsync: 503, retryable, and the event is not acked.
+    let r = c.post(&url).json(&json!(["second"])).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    // The partition stays stopped: nothing more is taken, /readyz says why, and the metric too.
+    let r = c.post(&url).json(&json!(["third"])).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fsync failed"),
+        "{body}"
+    );
+    let ready = c.get(s.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("I/O error"));
+    assert_eq!(metric(&s.metrics().await, "sluice_ready", ""), 0.0);
+    // Other streams (other partitions) still take writes.
+    let (status, _) = post(&c, &s.events_url("sturdy"), "application/json", "[1]").await;
+    assert_eq!(status, 200);
+    // After a restart (without the fault) the partition works again, and holds the acked event.
+    s.kill().unwrap();
+    let s = Sluice::start(&data, "").unwrap();
+    let (status, v) = post(
+        &c,
+        &s.events_url("fragile"),
+        "application/json",
+        "[\"fourth\"]",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let values: Vec<String> = read_log(&data, "fragile", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        values.first().map(String::as_str),
+        Some("\"first\""),
+        "{values:?}"
+    );
+    assert_eq!(
+        values.last().map(String::as_str),
+        Some("\"fourth\""),
+        "{values:?}"
+    );
+}
