@@ -860,7 +860,17 @@ burst_events = 5
     assert!(codes.iter().all(|c| *c == 0 || *c == 0x97));
     let ok5 = codes.iter().filter(|c| **c == 0).count();
 
-    // 3.1.1: no reason codes; every PUBACK is held until the publish fits, so all 30 succeed.
+    // 3.1.1: no reason codes; every PUBACK is held until the publish fits, so all 30 succeed —
+    // at the quota's pace: even with the burst of 5 refilled, 25 events at 20/s take 1.25 s.
+    let throttled = || async {
+        sluice_tests::metric_sum(
+            &s.metrics().await,
+            "sluice_events_throttled_total",
+            r#"stream="metered""#,
+        )
+    };
+    let throttled_before = throttled().await;
+    let t0 = std::time::Instant::now();
     let (c, mut el) = v4client::AsyncClient::new(v4(&s, "q4"), 100);
     for _ in 0..30 {
         c.publish("metered/b", v4client::QoS::AtLeastOnce, false, "y")
@@ -868,6 +878,15 @@ burst_events = 5
             .unwrap();
     }
     assert_eq!(v4_acks(&mut el, 30).await, 30);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1200),
+        "acked faster than the quota allows: {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        throttled().await > throttled_before,
+        "the 3.1.1 publishes never met the quota (held, then retried)"
+    );
     let recs = log_len(&s, "metered", ok5 + 30).await;
     assert_eq!(recs.iter().filter(|r| r["value"] == "y").count(), 30);
     let m = s.metrics().await;
