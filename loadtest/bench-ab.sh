@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A/B: two gateway builds on the same machine in the same run, alternating, each on a fresh
-# data directory: HTTP single events and batches of 100 (64 connections, 100-byte events).
+# data directory: HTTP single events and batches of 100 (64 connections, 100-byte events), gRPC
+# PublishStream (16 streams x 8 batches of 100 in flight) and MQTT QoS 1 (100 connections x 64
+# publishes in flight), all 100-byte events.
 #   loadtest/bench-ab.sh OLD_BINARY NEW_BINARY [ROUNDS] [SECONDS]
 # Prints one line per round and build; build both with `cargo build --release`.
 set -euo pipefail
@@ -14,12 +16,14 @@ run() { # binary label
     SLUICE_MQTT__LISTEN=127.0.0.1:0 SLUICE_LOG__DATA_DIR="$dir/data" RUST_LOG=error \
     "$1" serve > "$dir/out" 2>/dev/null &
   local pid=$!
-  local addr=""
+  local addr="" grpc mqtt
   for _ in $(seq 1 200); do
     addr=$(grep -o 'http=[^ ]*' "$dir/out" 2>/dev/null | cut -d= -f2 || true)
     [ -n "$addr" ] && break
     sleep 0.05
   done
+  grpc=$(grep -o 'grpc=[^ ]*' "$dir/out" | cut -d= -f2)
+  mqtt=$(grep -o 'mqtt=[^ ]*' "$dir/out" | cut -d= -f2)
   [ -n "$addr" ] || { echo "no address from $1" >&2; kill $pid; exit 1; }
   for n in 1 100; do
     r=$($lt http --url "http://$addr/v1/streams/ab/events" --connections 64 --events-per-request $n \
@@ -27,6 +31,14 @@ run() { # binary label
     printf '%-4s events/request=%-3s %s\n' "$2" "$n" \
       "$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('%.0f events/s  p99 %.2f ms  errors %d  non-2xx %d' % (d['events_per_s'], d['latency_us']['p99']/1000, d['errors'], d['non_2xx']))" "$r")"
   done
+  r=$($lt grpc --url "http://$grpc" --stream ab --mode stream --connections 16 --in-flight 8 \
+    --events-per-request 100 --payload-bytes 100 --duration-secs "$secs" --warmup-secs 1 --json)
+  printf '%-4s grpc-stream x100   %s\n' "$2" \
+    "$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('%.0f events/s  p99 %.2f ms  errors %d' % (d['admitted_events_per_s'], d['latency_us']['p99']/1000, d['errors']))" "$r")"
+  r=$($lt mqtt --addr "$mqtt" --connections 100 --window 64 --payload-bytes 100 \
+    --duration-secs "$secs" --warmup-secs 1 --json)
+  printf '%-4s mqtt-qos1          %s\n' "$2" \
+    "$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('%.0f events/s  p99 %.2f ms  errors %d' % (d['msgs_per_s'], d['latency_us']['p99']/1000, d['errors']))" "$r")"
   kill $pid; wait $pid 2>/dev/null || true; rm -rf "$dir"
 }
 for r in $(seq 1 "$rounds"); do

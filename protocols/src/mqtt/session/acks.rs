@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The "code" of a 3.1.1 connection the server ends: 3.1.1 has no DISCONNECT, so none is sent.
+const V3_CLOSE: u8 = rc::SUCCESS;
+
 impl<I: Ingest> Session<I> {
     /// Settles the outcomes that arrived for the head and writes the answers that are due.
     pub(super) fn settle_and_answer(&mut self) -> Result<(), Close> {
@@ -144,7 +147,7 @@ impl<I: Ingest> Session<I> {
                         && !v5
                         && r.code != rc::QUOTA_EXCEEDED
                     {
-                        return Err(error(0, r.label, r.message));
+                        return Err(error(V3_CLOSE, r.label, r.message));
                     }
                     continue;
                 };
@@ -167,7 +170,7 @@ impl<I: Ingest> Session<I> {
                                 .ack(item.qos2, id, r.code, Some(message), &mut self.wbuf);
                     }
                     // 3.1.1 has no reason codes: the connection ends; the client resends.
-                    Some(r) => return Err(error(0, r.label, r.message)),
+                    Some(r) => return Err(error(V3_CLOSE, r.label, r.message)),
                 }
                 item.event = Event::default();
             }

@@ -235,14 +235,14 @@ fn prepare_will<I: Ingest>(
 ) -> Result<PreparedWill, (u8, u8, String)> {
     if v5 && w.retain {
         return Err((
-            5,
+            rc::v3::NOT_AUTHORIZED,
             rc::RETAIN_NOT_SUPPORTED,
             "retained messages are not supported (Retain Available = 0)".into(),
         ));
     }
     if w.topic.contains(['+', '#']) || w.topic.is_empty() {
         return Err((
-            5,
+            rc::v3::NOT_AUTHORIZED,
             rc::TOPIC_NAME_INVALID,
             format!("will topic `{}` is not a topic name", w.topic),
         ));
@@ -287,7 +287,7 @@ fn prepare_will<I: Ingest>(
     }
     if w.utf8_payload && std::str::from_utf8(&w.payload).is_err() {
         return Err((
-            5,
+            rc::v3::NOT_AUTHORIZED,
             rc::PAYLOAD_FORMAT_INVALID,
             "the will payload is marked UTF-8 but is not".into(),
         ));
