@@ -142,15 +142,24 @@ impl SessionAuth {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            changed = self.reloaded.changed() => {
-                if changed.is_err() {
-                    // The gateway is going away: nothing will change any more.
-                    std::future::pending::<()>().await;
-                }
+        let reloaded = async {
+            if self.reloaded.changed().await.is_err() {
+                // The gateway is going away: nothing will change any more.
+                std::future::pending::<()>().await;
             }
-            _ = tls => {}
-            _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {}
+        };
+        // Built on every turn of a session's loop, so a credential without expiry costs no
+        // timer and no clock read.
+        match expiry {
+            Some(at) => tokio::select! {
+                _ = reloaded => {}
+                _ = tls => {}
+                _ = tokio::time::sleep_until(at) => {}
+            },
+            None => tokio::select! {
+                _ = reloaded => {}
+                _ = tls => {}
+            },
         }
     }
 
