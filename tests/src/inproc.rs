@@ -6,14 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_config::{AuthConfig, MqttConfig, StreamSettings, TopicMap};
+use sluice_config::{AuthConfig, MqttConfig, StreamSettings};
 use sluice_core::metrics::Metrics;
 use sluice_core::{
     Admission, Budget, Event, Ingest, IngestRequest, Principal, Receipt, Rejection, StreamName,
 };
 use sluice_protocols::gate::Gate;
 use sluice_protocols::mqtt::{Mqtt, MqttOptions, Stream};
-use sluice_protocols::server::{ConnInfo, PrincipalConnections};
+use sluice_protocols::server::ConnInfo;
 use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -172,29 +172,13 @@ impl MqttHarness {
         let auth = Arc::new(sluice_core::Swap::new(
             sluice_auth::Authenticator::new(&AuthConfig::default()).expect("authenticator"),
         ));
-        let per_principal = PrincipalConnections::new(m.max_connections_per_principal);
         let policy = sluice_auth::ListenerPolicy {
             methods: Vec::new(),
             allow_anonymous: true,
         };
-        let opts = MqttOptions {
-            auth: auth.clone(),
-            websocket_policy: policy.clone(),
-            websocket_tls: None,
-            per_principal: per_principal.clone(),
-            topics: Arc::new(TopicMap::compile(&m.topics).expect("topics")),
-            max_packet_bytes: m.max_packet_bytes,
-            receive_maximum: m.receive_maximum,
-            topic_alias_maximum: m.topic_alias_maximum,
-            connect_timeout: Duration::from_millis(m.connect_timeout_ms),
-            max_keep_alive_secs: m.max_keep_alive_secs,
-            write_timeout: Duration::from_millis(m.write_timeout_ms),
-            max_hold: Duration::from_millis(m.max_hold_ms),
-            quota_disconnect_after: m.quota_disconnect_after,
-            max_will_delay_secs: m.max_will_delay_secs,
-            max_pending_wills: m.max_pending_wills,
-            pending_will_bytes: Budget::new(m.max_pending_will_bytes),
-        };
+        let opts =
+            MqttOptions::from_config(&m, auth.clone(), policy.clone(), None).expect("mqtt options");
+        let per_principal = opts.per_principal.clone();
         let gate = Arc::new(Gate {
             auth,
             policy,

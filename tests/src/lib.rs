@@ -320,6 +320,20 @@ impl Sluice {
         }
     }
 
+    /// Waits (up to [`DEADLINE`]) until exactly `n` events have reached admission over
+    /// `protocol` (`sluice_events_received_total`): with a slow log, the moment they are in flight.
+    pub async fn wait_received(&self, protocol: &str, n: f64) -> bool {
+        let labels = format!("protocol=\"{protocol}\"");
+        wait_until(DEADLINE, || async {
+            metric_or_zero(
+                &self.metrics().await,
+                "sluice_events_received_total",
+                &labels,
+            ) == n
+        })
+        .await
+    }
+
     /// Every record of `stream`, through `sluice log read`.
     pub fn read_log(&self, stream: &str) -> Result<Vec<Value>> {
         read_log(&self.data_dir, stream, &[])

@@ -195,33 +195,14 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     };
     let mqtt = if config.mqtt.enabled {
         let m = &config.mqtt;
-        let topics = sluice_config::TopicMap::compile(&m.topics)
-            .map_err(|(i, e)| anyhow::anyhow!("mqtt.topics[{i}]: {e}"))?;
-        Some(Mqtt::new(
-            gateway.clone(),
-            MqttOptions {
-                auth: auth.clone(),
-                websocket_tls: tls.clone(),
-                websocket_policy: if m.websocket {
-                    policy_of("mqtt_ws")
-                } else {
-                    sluice_auth::ListenerPolicy::closed()
-                },
-                per_principal: PrincipalConnections::new(m.max_connections_per_principal),
-                topics: Arc::new(topics),
-                max_packet_bytes: m.max_packet_bytes,
-                receive_maximum: m.receive_maximum,
-                topic_alias_maximum: m.topic_alias_maximum,
-                connect_timeout: Duration::from_millis(m.connect_timeout_ms),
-                max_keep_alive_secs: m.max_keep_alive_secs,
-                write_timeout: Duration::from_millis(m.write_timeout_ms),
-                max_hold: Duration::from_millis(m.max_hold_ms),
-                quota_disconnect_after: m.quota_disconnect_after,
-                max_will_delay_secs: m.max_will_delay_secs,
-                max_pending_wills: m.max_pending_wills,
-                pending_will_bytes: Budget::new(m.max_pending_will_bytes),
-            },
-        ))
+        let websocket_policy = if m.websocket {
+            policy_of("mqtt_ws")
+        } else {
+            sluice_auth::ListenerPolicy::closed()
+        };
+        let opts = MqttOptions::from_config(m, auth.clone(), websocket_policy, tls.clone())
+            .map_err(anyhow::Error::msg)?;
+        Some(Mqtt::new(gateway.clone(), opts))
     } else {
         None
     };

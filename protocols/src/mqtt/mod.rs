@@ -66,6 +66,39 @@ pub struct MqttOptions {
     pub pending_will_bytes: sluice_core::Budget,
 }
 
+impl MqttOptions {
+    /// The options of the `[mqtt]` section; the caller brings what is shared with the rest of
+    /// the gateway (the authenticator, the HTTP listener's TLS and the WebSocket transport's
+    /// policy). Fails on a topic rule that does not compile, naming it.
+    pub fn from_config(
+        m: &sluice_config::MqttConfig,
+        auth: Arc<Swap<Authenticator>>,
+        websocket_policy: ListenerPolicy,
+        websocket_tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
+    ) -> Result<Self, String> {
+        let topics =
+            TopicMap::compile(&m.topics).map_err(|(i, e)| format!("mqtt.topics[{i}]: {e}"))?;
+        Ok(Self {
+            auth,
+            websocket_policy,
+            websocket_tls,
+            per_principal: PrincipalConnections::new(m.max_connections_per_principal),
+            topics: Arc::new(topics),
+            max_packet_bytes: m.max_packet_bytes,
+            receive_maximum: m.receive_maximum,
+            topic_alias_maximum: m.topic_alias_maximum,
+            connect_timeout: Duration::from_millis(m.connect_timeout_ms),
+            max_keep_alive_secs: m.max_keep_alive_secs,
+            write_timeout: Duration::from_millis(m.write_timeout_ms),
+            max_hold: Duration::from_millis(m.max_hold_ms),
+            quota_disconnect_after: m.quota_disconnect_after,
+            max_will_delay_secs: m.max_will_delay_secs,
+            max_pending_wills: m.max_pending_wills,
+            pending_will_bytes: sluice_core::Budget::new(m.max_pending_will_bytes),
+        })
+    }
+}
+
 /// What one MQTT listener (TCP or TLS) brings of its own.
 pub struct ListenerSettings {
     /// Connections beyond this are closed right after accept.

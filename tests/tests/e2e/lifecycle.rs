@@ -35,15 +35,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
             })
         })
         .collect();
-    let admitted = wait_until(Duration::from_secs(20), || async {
-        sluice_tests::metric_or_zero(
-            &s.metrics().await,
-            "sluice_events_received_total",
-            r#"protocol="http""#,
-        ) == 8.0
-    })
-    .await;
-    assert!(admitted, "all eight requests reached admission");
+    assert!(
+        s.wait_received("http", 8.0).await,
+        "all eight requests reached admission"
+    );
     let t0 = Instant::now();
     let status = s.terminate().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
@@ -308,16 +303,7 @@ async fn sigint_drains_step_by_step_on_every_listener() {
             .await
             .expect("an answer, not a cut connection")
     });
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            sluice_tests::metric_or_zero(
-                &s.metrics().await,
-                "sluice_events_received_total",
-                r#"protocol="http""#,
-            ) == 1.0
-        })
-        .await
-    );
+    assert!(s.wait_received("http", 1.0).await);
 
     s.signal("INT").unwrap();
     // 1. Not ready: /readyz 503 and gRPC health NOT_SERVING.
@@ -484,16 +470,7 @@ async fn an_http2_connection_gets_goaway_and_its_request_in_flight_is_answered()
     let mut first_sender = sender.clone();
     let first = request("in-flight");
     let in_flight = tokio::spawn(async move { first_sender.send_request(first).await });
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            sluice_tests::metric_or_zero(
-                &s.metrics().await,
-                "sluice_events_received_total",
-                r#"protocol="http""#,
-            ) == 1.0
-        })
-        .await
-    );
+    assert!(s.wait_received("http", 1.0).await);
     s.signal("TERM").unwrap();
     assert!(s.wait_readyz(503, Duration::from_secs(10)).await);
     // GOAWAY: soon the connection takes no new request (the client sees it refused). A request

@@ -910,15 +910,10 @@ async fn sigterm_answers_in_flight_publishes_and_sends_disconnect_0x8b() {
         Some(Default::default()),
     ))))
     .await;
-    let admitted = wait_until(Duration::from_secs(10), || async {
-        sluice_tests::metric_or_zero(
-            &s.metrics().await,
-            "sluice_events_received_total",
-            r#"protocol="mqtt""#,
-        ) == 1.0
-    })
-    .await;
-    assert!(admitted, "the publish reached admission");
+    assert!(
+        s.wait_received("mqtt", 1.0).await,
+        "the publish reached admission"
+    );
     s.signal("TERM").unwrap();
     // The drain answers it (appended: success), and only then sends DISCONNECT.
     match raw.recv5().await {
