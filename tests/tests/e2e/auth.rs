@@ -933,6 +933,19 @@ fn keys_new_prints_a_key_and_a_config_entry_that_accepts_it() {
     assert_eq!(keys.verify(&key).unwrap().name(), "svc");
 }
 
+/// POSTs one event to `stream` with `token` as a bearer token; the status.
+async fn post_bearer(s: &Sluice, stream: &str, token: String) -> u16 {
+    reqwest::Client::new()
+        .post(s.events_url(stream))
+        .bearer_auth(token)
+        .json(&json!([1]))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_file_is_reread_on_the_refresh_interval() {
     let tmp = tempfile::tempdir().unwrap();
@@ -951,20 +964,7 @@ async fn a_jwks_file_is_reread_on_the_refresh_interval() {
          jwks_file = {file:?}\njwks_refresh_interval_ms = 1000\njwks_min_refresh_interval_ms = 3600000\n"
     );
     let s = Sluice::start(&dir.join("data"), &config).unwrap();
-    let post = |token: String| {
-        let url = s.events_url("f");
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!([1]))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let post = |token: String| post_bearer(&s, "f", token);
     assert_eq!(
         post(first.sign(&claims("file-issuer", "a", "produce:*"))).await,
         200
@@ -1161,20 +1161,7 @@ async fn jwt_without_kid_leeway_and_the_verified_token_cache() {
         issuer("two-keys", &two_file, 0)
     );
     let s = Sluice::start(&dir.join("data"), &config).unwrap();
-    let post = |token: String| {
-        let url = s.events_url("j");
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .bearer_auth(token)
-                .json(&json!([1]))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let post = |token: String| post_bearer(&s, "j", token);
     let expiring = |iss: &str, exp_in: i64| {
         with(
             claims(iss, "svc", "produce:*"),
