@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 mod auth;
+mod dedup;
 mod listeners;
 mod log;
 mod mqtt;
@@ -19,6 +20,7 @@ mod streams;
 mod tls;
 
 pub use auth::*;
+pub use dedup::{DedupConfig, DedupKeys};
 pub use listeners::ProducerTransport;
 pub use log::*;
 pub use mqtt::{MqttConfig, TopicError, TopicMap, TopicRuleConfig};
@@ -58,6 +60,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub quotas: QuotasConfig,
+    pub dedup: DedupConfig,
 }
 
 /// Loads `text` the way the gateway would (no environment): whether it was accepted. An
@@ -137,6 +140,7 @@ impl Config {
         self.validate_streams(&mut p);
         self.validate_auth(&mut p);
         self.validate_quotas(&mut p);
+        self.validate_dedup(&mut p);
         p.0
     }
 }
@@ -161,7 +165,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 12] = [
+    const SECTIONS: [&str; 13] = [
         "server",
         "http",
         "grpc",
@@ -174,6 +178,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         "telemetry",
         "auth",
         "quotas",
+        "dedup",
     ];
     let mut problems = Vec::new();
     for key in table.keys() {
@@ -201,6 +206,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         telemetry: section(&table, "telemetry", origin, p),
         auth: section(&table, "auth", origin, p),
         quotas: section(&table, "quotas", origin, p),
+        dedup: section(&table, "dedup", origin, p),
     };
     (config, problems)
 }

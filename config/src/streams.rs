@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::{Config, MAX_BODY_BYTES_LIMIT, MAX_PARTITIONS, Problems};
+use crate::{Config, DedupKeys, MAX_BODY_BYTES_LIMIT, MAX_PARTITIONS, Problems};
 
 /// Process-wide resource limits.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -63,6 +63,18 @@ pub struct StreamSettings {
     /// Bytes of this stream's events accepted but not yet acked; when used up its producers get
     /// 503 while other streams go on (0 = only the global `limits.max_in_flight_bytes`).
     pub max_in_flight_bytes: u64,
+    /// Recognise producer retries and answer them with the original's position instead of
+    /// appending them again (docs/exactly-once.md).
+    pub dedup: bool,
+    /// How long a key is remembered after its event was appended.
+    pub dedup_window_ms: u64,
+    /// Most keys this stream's window holds; past it the oldest are forgotten first.
+    pub dedup_window_events: u64,
+    /// Most keys one principal holds in this stream's window, so a producer sending unique
+    /// keys forgets its own oldest keys, not everybody's.
+    pub dedup_principal_events: u64,
+    /// Which keys identify an event: `["id", "idempotency_key"]`.
+    pub dedup_keys: DedupKeys,
 }
 
 impl Default for StreamSettings {
@@ -76,6 +88,11 @@ impl Default for StreamSettings {
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: 0,
             max_in_flight_bytes: 0,
+            dedup: false,
+            dedup_window_ms: 5 * 60 * 1000,
+            dedup_window_events: 1_000_000,
+            dedup_principal_events: 100_000,
+            dedup_keys: DedupKeys::default(),
         }
     }
 }
@@ -92,6 +109,11 @@ pub struct StreamOverrides {
     pub retention_ms: Option<u64>,
     pub retention_bytes: Option<u64>,
     pub max_in_flight_bytes: Option<u64>,
+    pub dedup: Option<bool>,
+    pub dedup_window_ms: Option<u64>,
+    pub dedup_window_events: Option<u64>,
+    pub dedup_principal_events: Option<u64>,
+    pub dedup_keys: Option<DedupKeys>,
 }
 
 impl StreamOverrides {
@@ -108,6 +130,13 @@ impl StreamOverrides {
             retention_ms: self.retention_ms.unwrap_or(d.retention_ms),
             retention_bytes: self.retention_bytes.unwrap_or(d.retention_bytes),
             max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(d.max_in_flight_bytes),
+            dedup: self.dedup.unwrap_or(d.dedup),
+            dedup_window_ms: self.dedup_window_ms.unwrap_or(d.dedup_window_ms),
+            dedup_window_events: self.dedup_window_events.unwrap_or(d.dedup_window_events),
+            dedup_principal_events: self
+                .dedup_principal_events
+                .unwrap_or(d.dedup_principal_events),
+            dedup_keys: self.dedup_keys.unwrap_or(d.dedup_keys),
         }
     }
 }
@@ -255,6 +284,28 @@ impl Config {
                         s.max_events_per_request
                     ),
                 );
+            }
+            if s.dedup {
+                let mut q = Problems::default();
+                q.in_range(
+                    "dedup_window_ms",
+                    s.dedup_window_ms,
+                    1,
+                    7 * 24 * 3600 * 1000,
+                );
+                q.in_range("dedup_window_events", s.dedup_window_events, 1, 100_000_000);
+                q.in_range(
+                    "dedup_principal_events",
+                    s.dedup_principal_events,
+                    1,
+                    s.dedup_window_events.max(1),
+                );
+                if !s.dedup_keys.id && !s.dedup_keys.idempotency_key {
+                    q.add("dedup_keys", "dedup is on but no key is chosen");
+                }
+                for problem in q.0 {
+                    add(&problem.path, problem.message);
+                }
             }
             largest_body = largest_body.max(s.max_body_bytes);
         };

@@ -587,3 +587,40 @@ fn two_listeners_on_one_address_are_refused_whichever_they_are() {
         }
     }
 }
+
+#[test]
+fn dedup_settings_parse_override_and_are_validated() {
+    let c = Config::from_toml_str(
+        "[streams.defaults]\ndedup = true\ndedup_window_ms = 1000\n[streams.declare.a]\ndedup_keys = [\"id\"]\n[streams.declare.b]\ndedup = false\n[dedup]\nmax_entries = 5\n",
+        "t",
+        no_env(),
+    )
+    .unwrap();
+    let a = c.streams.settings("a");
+    assert!(a.dedup && a.dedup_keys.id && !a.dedup_keys.idempotency_key);
+    assert_eq!(a.dedup_window_ms, 1000);
+    assert!(!c.streams.settings("b").dedup);
+    assert!(c.streams.settings("other").dedup_keys.idempotency_key);
+    assert_eq!(c.dedup.max_entries, 5);
+
+    let paths: Vec<String> = problems(
+        "[streams.defaults]\ndedup = true\ndedup_window_ms = 0\ndedup_window_events = 10\ndedup_principal_events = 11\ndedup_keys = []\n[dedup]\nmax_entries = 0\n",
+    )
+    .into_iter()
+    .map(|p| p.path)
+    .collect();
+    assert_eq!(
+        paths,
+        [
+            "streams.defaults.dedup_window_ms",
+            "streams.defaults.dedup_principal_events",
+            "streams.defaults.dedup_keys",
+            "dedup.max_entries",
+        ]
+    );
+    let unknown = problems("[streams.defaults]\ndedup_keys = [\"mqtt\"]\n");
+    assert!(
+        unknown[0].message.contains("unknown dedup key `mqtt`"),
+        "{unknown:?}"
+    );
+}

@@ -17,6 +17,7 @@ use sluice_core::{
 
 use sluice_auth::Swap;
 
+use crate::dedup::{Dedup, Plan, Tickets};
 use crate::quota::{Quotas, Verdict};
 use crate::sink::{Held, Sink};
 use sluice_core::RECORD_OVERHEAD;
@@ -55,6 +56,8 @@ pub struct Gateway {
     /// Streams each principal created by producing to them, since start (entries only for
     /// principals that created one, so bounded by `streams.max_streams`).
     created_by: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
+    /// The window of recent keys that answers retries (streams with `dedup = true`).
+    dedup: Arc<Dedup>,
 }
 
 impl Gateway {
@@ -70,6 +73,7 @@ impl Gateway {
         max_in_flight_bytes: u64,
         quotas: &QuotasConfig,
         metrics: Metrics,
+        dedup: Arc<Dedup>,
     ) -> Self {
         Self {
             policy: Swap::new(Policy::new(&streams, quotas)),
@@ -79,7 +83,21 @@ impl Gateway {
             metrics,
             deadline: tokio::sync::watch::channel(false).0,
             created_by: Default::default(),
+            dedup,
         }
+    }
+
+    /// The dedup window.
+    pub fn dedup(&self) -> &Arc<Dedup> {
+        &self.dedup
+    }
+
+    /// Forgets the dedup keys that expired, on every stream (the admission path does this for
+    /// the streams it touches; this frees idle streams' keys).
+    pub fn sweep_dedup(&self) {
+        let policy = self.policy.load();
+        self.dedup
+            .sweep(|name| policy.streams.settings(name).dedup_window_ms);
     }
 
     /// Whether the principal may create one more stream; `Some(reservation)` when `stream`
@@ -251,15 +269,30 @@ impl Ingest for Gateway {
     async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
         let policy = self.policy.load();
         // Sized once: every later step reads these figures.
-        let sizes = Sizes::of(&req.events);
+        let mut sizes = Sizes::of(&req.events);
         // Counted before anything can refuse the batch: the denominator of every refusal rate.
         self.count_received(&req, &sizes);
         // The stream's limits, as admitted, before anything is charged: oversized input costs
         // nobody else.
         validate(&req, &sizes)?;
+        // Retries are answered from the dedup window and go no further: they cost no quota and
+        // no budget. What goes on holds a claim on its key until its append is answered.
+        let mut plan = self.plan(&mut req).await?;
+        if let Some(p) = &plan {
+            if p.all_answered() {
+                let receipts = p.receipts(Vec::new());
+                self.count_duplicates(&req, p);
+                return Ok(receipts);
+            }
+            sizes = Sizes::of(&req.events);
+        }
+        let mut tickets = plan.as_mut().map(Plan::take_tickets);
         // Quotas before the budget, so a producer over its quota holds no in-flight bytes; the
         // longest prefix that fits goes on and the rest is answered per event.
         let refused = self.apply_quotas(&policy, &mut req, &sizes).await?;
+        if let Some(t) = &mut tickets {
+            t.truncate(req.events.len());
+        }
         // The in-flight budget bounds memory when the log is slower than the producers.
         let global = self.hold_global(&mut req, &sizes)?;
         // The stream exists (or is created, within the stream limits) before anything is kept
@@ -273,12 +306,18 @@ impl Ingest for Gateway {
         }
         // Append; the answer comes at the stream's ack point, or at the drain deadline.
         let held = Held { global, stream };
-        let mut receipts = self.append(&mut req, target, held).await?;
+        let (req, mut receipts) = self.append(req, target, held, tickets).await?;
         if let Some((r, _, n)) = refused {
             receipts.extend(std::iter::repeat_n(Receipt::Failed(r), n));
         }
         self.record(&req, &sizes, &receipts);
-        Ok(receipts)
+        Ok(match &plan {
+            Some(p) => {
+                self.count_duplicates(&req, p);
+                p.receipts(receipts)
+            }
+            None => receipts,
+        })
     }
 
     fn metrics(&self) -> &Metrics {
@@ -419,26 +458,67 @@ impl Gateway {
         }
     }
 
+    /// The dedup step, for streams with `dedup = true`.
+    async fn plan(&self, req: &mut IngestRequest) -> Result<Option<Plan>, Rejection> {
+        if !req.admission.settings().dedup {
+            return Ok(None);
+        }
+        self.dedup.plan(req).await.map(Some)
+    }
+
+    fn count_duplicates(&self, req: &IngestRequest, plan: &Plan) {
+        let n = plan.duplicates();
+        if n > 0 {
+            self.dedup
+                .metrics()
+                .duplicates
+                .get_or_create(&crate::dedup::DuplicateLabels {
+                    stream: self.stream_label(req.stream().as_str()),
+                    protocol: req.protocol.as_str(),
+                })
+                .inc_by(n as u64);
+        }
+    }
+
     /// Appends the batch and waits for its ack point; past the drain deadline, answers with a
-    /// retryable error instead of being cut off when the process exits.
+    /// retryable error instead of being cut off when the process exits. When the events hold
+    /// dedup claims, the append runs on its own task and records their positions even if the
+    /// producer goes away meanwhile: an event in the log always answers its retries.
     async fn append(
         &self,
-        req: &mut IngestRequest,
+        mut req: IngestRequest,
         target: crate::sink::Target,
         held: Held,
-    ) -> Result<Vec<Receipt>, Rejection> {
+        tickets: Option<Tickets>,
+    ) -> Result<(IngestRequest, Vec<Receipt>), Rejection> {
+        use futures_util::FutureExt;
         let ack = req.admission.settings().ack;
+        let protocol = req.protocol;
         let queued = req.queued.take();
         let started = std::time::Instant::now();
         self.metrics
             .batch_events
             .get_or_create(&ProtocolLabels {
-                protocol: req.protocol.as_str(),
+                protocol: protocol.as_str(),
             })
             .observe(req.events.len() as f64);
-        let appended = target.append(req, ack, held, queued);
+        let detach = tickets.as_ref().is_some_and(Tickets::any);
+        let run = async move {
+            let receipts = target.append(&req, ack, held, queued).await;
+            if let Some(t) = tickets {
+                t.settle(&receipts);
+            }
+            (req, receipts)
+        };
+        let appended = if detach {
+            tokio::spawn(run)
+                .map(|r| r.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
+                .left_future()
+        } else {
+            run.right_future()
+        };
         let mut deadline = self.deadline.subscribe();
-        let receipts = tokio::select! {
+        let (req, receipts) = tokio::select! {
             r = appended => r,
             _ = deadline.wait_for(|passed| *passed) => {
                 return Err(Rejection::unavailable(
@@ -450,14 +530,14 @@ impl Gateway {
         self.metrics
             .ack_seconds
             .get_or_create(&AckLabels {
-                protocol: req.protocol.as_str(),
+                protocol: protocol.as_str(),
                 ack: match ack {
                     sluice_config::AckMode::Durable => "durable",
                     sluice_config::AckMode::Received => "received",
                 },
             })
             .observe(started.elapsed().as_secs_f64());
-        Ok(receipts)
+        Ok((req, receipts))
     }
 
     /// Counts what happened to the appended events: those the log refused by their own

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod app;
 pub mod cli;
+pub mod dedup;
 pub mod logcmd;
 pub mod quota;
 pub mod sink;

@@ -147,6 +147,7 @@ fn empty_events_message(bytes: usize) -> pb::PublishRequest {
         stream: "attack".into(),
         events: vec![pb::Event::default(); bytes / 2 - 8],
         content_type: String::new(),
+        idempotency_key: String::new(),
     }
 }
 

@@ -801,6 +801,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                                 stream: a.stream.clone(),
                                 events: events.clone(),
                                 content_type: String::new(),
+                                idempotency_key: String::new(),
                             })
                             .await;
                         if sent >= measure_from && Instant::now() <= end {
@@ -837,6 +838,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                                 stream: a.stream.clone(),
                                 events: events.clone(),
                                 content_type: String::new(),
+                                idempotency_key: String::new(),
                             };
                             if tx.send(batch).await.is_err() {
                                 break;

@@ -35,6 +35,11 @@ impl StreamName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name, shared (no copy).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl fmt::Display for StreamName {
@@ -60,6 +65,39 @@ pub fn check_header_name(name: &[u8]) -> Result<(), String> {
                 String::from_utf8_lossy(name)
             ));
         }
+    }
+    Ok(())
+}
+
+/// The header that carries a request's idempotency key (HTTP `Idempotency-Key`, gRPC
+/// `idempotency_key`) into the log with each of its events, as `key#index` (the event's index
+/// in the request): the event's dedup key when it has no `id` (docs/exactly-once.md), and what
+/// the dedup window is rebuilt from at start. Reserved, so only Sluice sets it.
+pub const IDEMPOTENCY_HEADER: &str = "sluice-idempotency-key";
+
+/// The longest idempotency key a request may carry.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// Marks each of `events` with `key` and its index (see [`IDEMPOTENCY_HEADER`]); refuses a key
+/// that is empty or longer than [`MAX_IDEMPOTENCY_KEY_BYTES`].
+pub fn apply_idempotency_key(key: &[u8], events: &mut [Event]) -> Result<(), Rejection> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Rejection::Malformed {
+            message: format!(
+                "an idempotency key has 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes; this one has {}",
+                key.len()
+            ),
+        });
+    }
+    for (i, e) in events.iter_mut().enumerate() {
+        let mut v = Vec::with_capacity(key.len() + 6);
+        v.extend_from_slice(key);
+        v.push(b'#');
+        v.extend_from_slice(i.to_string().as_bytes());
+        e.headers.push((
+            Bytes::from_static(IDEMPOTENCY_HEADER.as_bytes()),
+            Bytes::from(v),
+        ));
     }
     Ok(())
 }
@@ -167,8 +205,23 @@ pub enum Receipt {
     Appended { partition: u32, offset: u64 },
     /// Queued for this partition of a stream with `ack = "received"`; not yet durable.
     Received { partition: u32 },
+    /// Not appended: a retry of an event already in the log (or queued, `offset: None`) at this
+    /// position, recognised by its dedup key (docs/exactly-once.md).
+    Duplicate { partition: u32, offset: Option<u64> },
     /// Not appended; the rejection says why and whether a retry can help.
     Failed(Rejection),
+}
+
+impl Receipt {
+    /// Where the event is, if it is in the log or queued for it.
+    pub fn position(&self) -> Option<(u32, Option<u64>)> {
+        match *self {
+            Receipt::Appended { partition, offset } => Some((partition, Some(offset))),
+            Receipt::Received { partition } => Some((partition, None)),
+            Receipt::Duplicate { partition, offset } => Some((partition, offset)),
+            Receipt::Failed(_) => None,
+        }
+    }
 }
 
 /// Why a request or an event was not accepted. Classified once here; each adapter renders it in

@@ -41,6 +41,7 @@ use sluice_core::Budget;
 use sluice_protocols::server::{AddressSlots, PrincipalConnections};
 
 use crate::admission::{Gateway, Policy};
+use crate::dedup::{Dedup, DedupMetrics};
 use crate::kafka::{KafkaMetrics, KafkaSink};
 use crate::sink::Sink;
 use crate::sink::stream_options;
@@ -112,13 +113,34 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             Sink::Kafka(k)
         }
     };
+    let dedup_metrics = DedupMetrics::default();
+    dedup_metrics.register(&mut registry);
+    let dedup = Arc::new(Dedup::new(config.dedup.max_entries, dedup_metrics));
+    if let Sink::Embedded(log) = &sink {
+        restore_dedup(log, &config, &dedup).await?;
+    }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
         sink,
         config.limits.max_in_flight_bytes,
         &config.quotas,
         metrics.clone(),
+        dedup,
     ));
+    {
+        // Idle streams' expired dedup keys are freed now and then.
+        let gateway = Arc::downgrade(&gateway);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                match gateway.upgrade() {
+                    Some(g) => g.sweep_dedup(),
+                    None => return,
+                }
+            }
+        });
+    }
 
     let http_listener = TcpListener::bind(&config.http.listen)
         .await
@@ -456,6 +478,91 @@ async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<L
             .with_context(|| format!("creating declared stream `{name}`"))?;
     }
     Ok(log)
+}
+
+/// Puts the dedup keys of the events still in the window back, from the embedded log: each
+/// stream with `dedup = true`, each partition read from `dedup_window_ms` ago (at most its
+/// newest `dedup_window_events` records kept), oldest first, so the window after a restart (or
+/// SIGKILL) answers retries of every event acked before it.
+async fn restore_dedup(log: &Log, config: &Config, dedup: &Arc<Dedup>) -> anyhow::Result<()> {
+    let data_dir = config.log.data_dir.clone();
+    let streams = config.streams.clone();
+    let names = log.stream_names();
+    let dedup = dedup.clone();
+    let started = std::time::Instant::now();
+    let restored = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut total = 0;
+        for name in names {
+            let s = streams.settings(&name);
+            if !s.dedup {
+                continue;
+            }
+            let from = now_ms.saturating_sub(s.dedup_window_ms as i64);
+            let cap = s.dedup_window_events as usize;
+            let mut records = Vec::new();
+            for (partition, dir) in sluice_log::partition_dirs(&data_dir, &name)? {
+                let mut reader = sluice_log::PartitionReader::from_time(&dir, from)?;
+                let mut newest = std::collections::VecDeque::new();
+                while let Some(r) = reader.next_record()? {
+                    let request_key = r
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k == crate::dedup::IDEMPOTENCY_HEADER.as_bytes())
+                        .map(|(_, v)| v.clone());
+                    if r.id.as_ref().is_none_or(Vec::is_empty) && request_key.is_none() {
+                        continue;
+                    }
+                    if newest.len() == cap {
+                        newest.pop_front();
+                    }
+                    newest.push_back((
+                        r.timestamp_ms,
+                        partition,
+                        r.offset,
+                        r.principal,
+                        r.id,
+                        request_key,
+                    ));
+                }
+                records.extend(newest);
+            }
+            records.sort_by_key(|r| r.0);
+            let skip = records.len().saturating_sub(cap);
+            let stream: Arc<str> = Arc::from(name.as_str());
+            for (ts, partition, offset, principal, id, request_key) in
+                records.into_iter().skip(skip)
+            {
+                dedup.restore(
+                    &stream,
+                    &principal,
+                    id.as_deref(),
+                    request_key.as_deref(),
+                    crate::dedup::Position {
+                        partition,
+                        offset: Some(offset),
+                    },
+                    ts,
+                    &s,
+                );
+                total += 1;
+            }
+        }
+        Ok(total)
+    })
+    .await
+    .context("restoring the dedup window")?
+    .context("restoring the dedup window from the log")?;
+    if restored > 0 {
+        tracing::info!(
+            keys = restored,
+            ms = started.elapsed().as_millis() as u64,
+            "dedup window restored from the log"
+        );
+    }
+    Ok(())
 }
 
 /// Looks up (or creates) the topics of the declared streams, retrying while Kafka is away.

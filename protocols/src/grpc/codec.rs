@@ -240,6 +240,7 @@ mod tests {
                 events
             ],
             content_type: "application/json; ".repeat(50),
+            idempotency_key: String::new(),
         }
         .encode_to_vec()
     }

@@ -282,10 +282,17 @@ fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
                 Receipt::Appended { partition, offset } => R::Position(pb::Position {
                     partition,
                     offset: Some(offset),
+                    duplicate: false,
                 }),
                 Receipt::Received { partition } => R::Position(pb::Position {
                     partition,
                     offset: None,
+                    duplicate: false,
+                }),
+                Receipt::Duplicate { partition, offset } => R::Position(pb::Position {
+                    partition,
+                    offset,
+                    duplicate: true,
                 }),
                 Receipt::Failed(e) => R::Error(pb::EventError {
                     code: e.code().to_string(),
@@ -330,9 +337,14 @@ fn content_type_or_default(content_type: String) -> String {
 }
 
 /// Converts a batch's events; an event whose content type differs from the batch's keeps it as
-/// a `content-type` header. A header name Sluice reserves refuses the batch.
-fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, Rejection> {
-    events
+/// a `content-type` header, and the batch's idempotency key (if not empty) marks each event. A
+/// header name Sluice reserves refuses the batch.
+fn events_of(
+    events: Vec<pb::Event>,
+    content_type: &str,
+    idempotency_key: &str,
+) -> Result<Vec<Event>, Rejection> {
+    let mut events = events
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
@@ -371,7 +383,11 @@ fn events_of(events: Vec<pb::Event>, content_type: &str) -> Result<Vec<Event>, R
                 value: e.value,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if !idempotency_key.is_empty() {
+        sluice_core::apply_idempotency_key(idempotency_key.as_bytes(), &mut events)?;
+    }
+    Ok(events)
 }
 
 /// Decodes a `PublishRequest` message as the server would (event and header counts on the wire,
@@ -386,7 +402,8 @@ pub fn decode_publish(message: &[u8], max_events: u64) -> Result<usize, String> 
     )?;
     let req = <pb::PublishRequest as prost::Message>::decode(message).map_err(|e| e.to_string())?;
     let content_type = content_type_or_default(req.content_type);
-    let events = events_of(req.events, &content_type).map_err(|r| r.to_string())?;
+    let events =
+        events_of(req.events, &content_type, &req.idempotency_key).map_err(|r| r.to_string())?;
     Ok(events.len())
 }
 
@@ -406,6 +423,7 @@ fn spawn_batch<I: Ingest>(
     stream: String,
     content_type: String,
     events: Vec<pb::Event>,
+    idempotency_key: String,
 ) -> JoinHandle<Result<Vec<Receipt>, Rejection>> {
     tokio::spawn(async move {
         let stream = match StreamName::parse(&stream) {
@@ -416,7 +434,7 @@ fn spawn_batch<I: Ingest>(
             }
         };
         let content_type = content_type_or_default(content_type);
-        let events = match events_of(events, &content_type) {
+        let events = match events_of(events, &content_type, &idempotency_key) {
             Ok(e) => e,
             Err(r) => {
                 ingest.metrics().request(PROTO, r.code());
@@ -470,6 +488,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                     req.stream,
                     req.content_type,
                     req.events,
+                    req.idempotency_key,
                 );
                 let result = match deadline {
                     Some(d) => tokio::time::timeout_at(d, task)
@@ -557,7 +576,10 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                             // Admitted once per batch, before its events are converted.
                             let decoded = StreamName::parse(&batch.stream).and_then(|stream| {
                                 let admission = ingest.admit(&principal, &stream)?;
-                                Ok((admission, events_of(batch.events, &content_type)?))
+                                Ok((
+                                    admission,
+                                    events_of(batch.events, &content_type, &batch.idempotency_key)?,
+                                ))
                             });
                             let pending = match decoded {
                                 Err(r) => {

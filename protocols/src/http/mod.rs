@@ -48,6 +48,9 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 pub const KEY_HEADER: &str = "sluice-key";
 /// Request header carrying the id of a raw (non-JSON) event.
 pub const ID_HEADER: &str = "sluice-id";
+/// The request's idempotency key (IETF httpapi draft; a quoted sf-string or a bare token): a
+/// retry with the same key is answered with the original's positions (docs/exactly-once.md).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 const PROTO: &str = "http";
 
@@ -307,7 +310,7 @@ async fn publish<I: Ingest>(
             parse(&body, limit)
         })
     };
-    let (events, stored_type) = match format {
+    let (mut events, stored_type) = match format {
         BodyFormat::Json => (
             json(body, body::parse_json).await?,
             Bytes::from_static(b"application/json"),
@@ -327,6 +330,9 @@ async fn publish<I: Ingest>(
             (vec![event], Bytes::copy_from_slice(ct.as_bytes()))
         }
     };
+    if let Some(k) = parts.headers.get(IDEMPOTENCY_KEY_HEADER) {
+        sluice_core::apply_idempotency_key(unquote(k.as_bytes()), &mut events)?;
+    }
     let receipts = ingest
         .ingest(IngestRequest {
             admission,
@@ -359,6 +365,14 @@ async fn off_the_runtime<T: Send + 'static>(
     })
 }
 
+/// An sf-string's contents (`"abc"` → `abc`), or the value as it is.
+fn unquote(v: &[u8]) -> &[u8] {
+    match v {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => v,
+    }
+}
+
 fn header_bytes(headers: &http::HeaderMap, name: &str) -> Option<Bytes> {
     headers
         .get(name)
@@ -385,9 +399,12 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
     {
         return (rejection_response(first), first.code());
     }
-    let all_received = receipts
-        .iter()
-        .all(|r| matches!(r, Receipt::Received { .. }));
+    let all_received = receipts.iter().all(|r| {
+        matches!(
+            r,
+            Receipt::Received { .. } | Receipt::Duplicate { offset: None, .. }
+        )
+    });
     let mut out = String::with_capacity(16 + receipts.len() * 32);
     out.push_str("{\"results\":[");
     for (i, r) in receipts.iter().enumerate() {
@@ -400,6 +417,24 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
             }
             Receipt::Received { partition } => {
                 let _ = write!(out, "{{\"partition\":{partition},\"status\":\"received\"}}");
+            }
+            Receipt::Duplicate {
+                partition,
+                offset: Some(offset),
+            } => {
+                let _ = write!(
+                    out,
+                    "{{\"partition\":{partition},\"offset\":{offset},\"duplicate\":true}}"
+                );
+            }
+            Receipt::Duplicate {
+                partition,
+                offset: None,
+            } => {
+                let _ = write!(
+                    out,
+                    "{{\"partition\":{partition},\"status\":\"received\",\"duplicate\":true}}"
+                );
             }
             Receipt::Failed(e) => {
                 out.push_str(&error_json(e));

@@ -736,6 +736,17 @@ impl Answers {
                                 id_json(id)
                             );
                         }
+                        Receipt::Duplicate { partition, offset } => {
+                            let _ = write!(
+                                s,
+                                r#"{{"seq":{seq},"index":{i},"id":{},"partition":{partition},{},"duplicate":true}}"#,
+                                id_json(id),
+                                match offset {
+                                    Some(o) => format!(r#""offset":{o}"#),
+                                    None => r#""status":"received""#.to_string(),
+                                }
+                            );
+                        }
                         Receipt::Failed(r) => s = nack(r, i, id),
                     }
                     text(s)

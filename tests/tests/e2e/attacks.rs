@@ -338,6 +338,7 @@ async fn the_secure_example_admits_no_anonymous_producer() {
                 ..Default::default()
             }],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -431,6 +432,7 @@ async fn forged_attribution_headers_on_every_protocol() {
                 ..Default::default()
             }],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -706,6 +708,7 @@ async fn inputs_that_decode_into_millions_of_structures() {
         stream: "big".into(),
         events: vec![pb::Event::default(); 4_000_000],
         content_type: String::new(),
+        idempotency_key: String::new(),
     };
     let ch = tonic::transport::Channel::from_shared(s.grpc_url())
         .unwrap()
@@ -1025,6 +1028,7 @@ async fn sessions_outliving_their_credentials() {
                 ..Default::default()
             }],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap();

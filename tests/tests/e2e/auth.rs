@@ -237,6 +237,7 @@ async fn grpc_publish(
             ..Default::default()
         }],
         content_type: String::new(),
+        idempotency_key: String::new(),
     });
     for (k, v) in metadata {
         req.metadata_mut().insert(*k, v.parse().unwrap());

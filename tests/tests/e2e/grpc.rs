@@ -65,6 +65,7 @@ async fn unary_publish_appends_every_event_and_answers_per_event() {
                 event("c", Some("k1")),
             ],
             content_type: "text/plain".into(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -92,6 +93,7 @@ async fn unary_publish_appends_every_event_and_answers_per_event() {
             stream: "orders".into(),
             events: vec![event(&"z".repeat(10_000), None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -115,6 +117,7 @@ async fn publish_stream_answers_every_batch_in_order_with_many_in_flight() {
             .map(|i| event(&format!("{seq}-{i}"), None))
             .collect(),
         content_type: String::new(),
+        idempotency_key: String::new(),
     });
     let mut out = c
         .publish_stream(tokio_stream::iter(batches))
@@ -166,6 +169,7 @@ async fn rejections_are_grpc_statuses_and_a_rejected_batch_does_not_end_its_stre
         stream: stream.into(),
         events: vec![event("x", None)],
         content_type: String::new(),
+        idempotency_key: String::new(),
     };
 
     let e = c.publish(req("mine")).await.unwrap_err();
@@ -191,6 +195,7 @@ async fn rejections_are_grpc_statuses_and_a_rejected_batch_does_not_end_its_stre
         stream: "limited".into(),
         events: vec![event("1", None), event("2", None)],
         content_type: String::new(),
+        idempotency_key: String::new(),
     };
     c.publish(with_key(burst.clone(), key)).await.unwrap();
     let e = c.publish(with_key(burst, key)).await.unwrap_err();
@@ -210,12 +215,14 @@ async fn rejections_are_grpc_statuses_and_a_rejected_batch_does_not_end_its_stre
             stream: "other".into(),
             events: vec![event("no", None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         },
         pb::PublishStreamRequest {
             sequence: 2,
             stream: "mine".into(),
             events: vec![event("yes", None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         },
     ];
     let mut out = c
@@ -255,6 +262,7 @@ async fn oversized_messages_are_refused_and_the_connection_goes_on() {
             stream: "big".into(),
             events: vec![event(&"x".repeat(100_000), None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -267,6 +275,7 @@ async fn oversized_messages_are_refused_and_the_connection_goes_on() {
             stream: "big".into(),
             events: vec![event("small", None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -351,6 +360,7 @@ async fn backpressure_and_quotas_are_grpc_signals_with_retry_info() {
                     stream: "slow".into(),
                     events: vec![event(&format!("{i}{}", "x".repeat(10_000)), None)],
                     content_type: String::new(),
+                    idempotency_key: String::new(),
                 })
                 .await
             })
@@ -385,6 +395,7 @@ async fn backpressure_and_quotas_are_grpc_signals_with_retry_info() {
             stream: "q".into(),
             events: (0..5).map(|i| event(&i.to_string(), None)).collect(),
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -420,6 +431,7 @@ async fn deadlines_and_cancellation_never_cut_an_append_short() {
         stream: "late".into(),
         events: vec![event("slow", None)],
         content_type: String::new(),
+        idempotency_key: String::new(),
     });
     req.set_timeout(Duration::from_millis(200));
     let e = c.publish(req).await.unwrap_err();
@@ -448,6 +460,7 @@ async fn deadlines_and_cancellation_never_cut_an_append_short() {
             stream: "cancel".into(),
             events: vec![event(&format!("c{seq}"), None)],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap();
@@ -509,6 +522,7 @@ async fn health_is_not_serving_while_the_log_is_unavailable() {
         stream: "x".into(),
         events: vec![event("1", None)],
         content_type: String::new(),
+        idempotency_key: String::new(),
     })
     .await
     .unwrap_err();
@@ -540,6 +554,7 @@ async fn answers_keep_send_order_within_a_call_while_calls_complete_out_of_order
         stream: stream.into(),
         events: vec![event(&format!("{stream}-{sequence}"), None)],
         content_type: String::new(),
+        idempotency_key: String::new(),
     };
     // Call A: the burst, then a held batch, then a fast one sent after it.
     let (a_tx, a_rx) = tokio::sync::mpsc::channel(8);
@@ -614,6 +629,7 @@ async fn a_principal_at_its_connection_limit_gets_resource_exhausted() {
                 stream: "conns".into(),
                 events: vec![event("1", None)],
                 content_type: String::new(),
+                idempotency_key: String::new(),
             },
             key,
         )

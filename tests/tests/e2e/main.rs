@@ -7,6 +7,7 @@ mod auth;
 mod browser;
 mod crash;
 mod deploy;
+mod exactly_once;
 mod grpc;
 mod grpc_python;
 mod http;

@@ -86,6 +86,7 @@ async fn counters_move_by_the_scripted_traffic_on_every_protocol() {
         stream: "ops".into(),
         events: vec![ev("g1"), ev("g2")],
         content_type: String::new(),
+        idempotency_key: String::new(),
     })
     .await
     .unwrap();
@@ -94,6 +95,7 @@ async fn counters_move_by_the_scripted_traffic_on_every_protocol() {
             stream: "bad stream".into(),
             events: vec![ev("g3")],
             content_type: String::new(),
+            idempotency_key: String::new(),
         })
         .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
@@ -475,6 +477,7 @@ async fn sigterm_under_load_on_every_protocol_loses_no_acked_event() {
                         ..Default::default()
                     }],
                     content_type: String::new(),
+                    idempotency_key: String::new(),
                 };
                 match g.publish(req).await {
                     Ok(r)

@@ -43,7 +43,12 @@ impl<I: Ingest> Session<I> {
                 let mut receipts = receipts.into_iter();
                 (0..idx.len())
                     .map(|_| match receipts.next() {
-                        Some(Receipt::Appended { .. } | Receipt::Received { .. }) => Ok(()),
+                        // A duplicate is in the log already: success, like its original.
+                        Some(
+                            Receipt::Appended { .. }
+                            | Receipt::Received { .. }
+                            | Receipt::Duplicate { .. },
+                        ) => Ok(()),
                         Some(Receipt::Failed(r)) => Err(r),
                         None => Err(lost()),
                     })

@@ -442,6 +442,12 @@ impl<I: Ingest> Session<I> {
             self.count_refusal("malformed");
             return refused(rc::PAYLOAD_FORMAT_INVALID, "malformed", m);
         }
+        // The user property `id` (as in the CloudEvents MQTT binding) is the event's id: stored
+        // as its id, and its dedup key on streams with dedup (docs/exactly-once.md).
+        let id = headers
+            .iter()
+            .position(|(k, _)| &k[..] == b"id")
+            .map(|i| headers.remove(i).1);
         if qos2 {
             self.qos2_pending.insert(packet_id.expect("checked").get());
         }
@@ -450,7 +456,7 @@ impl<I: Ingest> Session<I> {
             qos2,
             event: Event {
                 key,
-                id: None,
+                id,
                 headers,
                 value: p.payload,
             },

@@ -1,0 +1,394 @@
+//! Exactly-once ingestion (docs/exactly-once.md) against the real binary: retries recognised by
+//! event id and by idempotency key over HTTP, gRPC, WebSocket and MQTT are answered with the
+//! original's position and never appended again; the window survives SIGKILL (every acked event
+//! retried after the crash, none stored twice); streams without dedup append retries as before.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+use sluice_tests::http::Answer;
+use sluice_tests::{Sluice, metric, metric_or_zero, read_log};
+use tokio_tungstenite::tungstenite::Message;
+
+const DEDUP: &str = "[streams.defaults]\ndedup = true\npartitions = 3\n";
+
+fn client() -> reqwest::Client {
+    sluice_tests::http::client(Duration::from_secs(30))
+}
+
+async fn post(url: &str, body: &Value, key: Option<&str>) -> Answer {
+    let mut req = client().post(url).json(body);
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    Answer::of(req).await
+}
+
+/// (partition, offset, duplicate) of each result.
+fn positions(v: &Value) -> Vec<(u64, u64, bool)> {
+    v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            (
+                r["partition"].as_u64().expect("partition"),
+                r["offset"].as_u64().expect("offset"),
+                r["duplicate"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+fn values(records: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = records
+        .iter()
+        .map(|r| r["value"].as_str().expect("value").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn http_retries_by_id_and_by_idempotency_key_get_the_original_positions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{DEDUP}[streams.declare.plain]\ndedup = false\n");
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let url = s.events_url("orders");
+
+    // By id: the retry of a batch is answered with the same positions, marked duplicate; a
+    // new id in the retry is appended.
+    let batch = json!([
+        {"id": "o-1", "key": "a", "value": 1},
+        {"id": "o-2", "key": "b", "value": 2},
+        {"id": "o-3", "key": "c", "value": 3},
+    ]);
+    let first = post(&url, &batch, None).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let original = positions(&first.body);
+    assert!(original.iter().all(|p| !p.2));
+    let retry = post(&url, &batch, None).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    let expected: Vec<_> = original.iter().map(|&(p, o, _)| (p, o, true)).collect();
+    assert_eq!(positions(&retry.body), expected);
+    let mixed = post(
+        &url,
+        &json!([{"id": "o-2", "value": 2}, {"id": "o-4", "value": 4}]),
+        None,
+    )
+    .await;
+    let mixed = positions(&mixed.body);
+    assert_eq!(mixed[0], (original[1].0, original[1].1, true));
+    assert!(!mixed[1].2);
+
+    // By Idempotency-Key (quoted, as the IETF draft writes it, or bare): events without ids.
+    let unnamed = json!([{"value": "x"}, {"value": "y"}]);
+    let k1 = post(&url, &unnamed, Some("\"req-1\"")).await;
+    let k1 = positions(&k1.body);
+    let again = post(&url, &unnamed, Some("req-1")).await;
+    assert_eq!(
+        positions(&again.body),
+        k1.iter().map(|&(p, o, _)| (p, o, true)).collect::<Vec<_>>()
+    );
+    // Another key is another request.
+    let k2 = post(&url, &unnamed, Some("req-2")).await;
+    assert!(positions(&k2.body).iter().all(|p| !p.2));
+    // A key over 255 bytes is refused before anything is stored.
+    let long = post(&url, &unnamed, Some(&"k".repeat(256))).await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST, "{:?}", long.body);
+
+    // What is in the log: each event once, the keyed ones with the header that records the key.
+    let records = read_log(&s.data_dir, "orders", &[]).unwrap();
+    assert_eq!(
+        values(&records),
+        vec!["\"x\"", "\"x\"", "\"y\"", "\"y\"", "1", "2", "3", "4"]
+    );
+    let keyed: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["headers"]["sluice-idempotency-key"].as_str())
+        .collect();
+    assert_eq!(keyed.len(), 4, "{records:?}");
+    assert!(keyed.contains(&"req-1#0") && keyed.contains(&"req-2#1"));
+    // A producer cannot set that header itself.
+    let forged = Answer::of(
+        client()
+            .post(&url)
+            .json(&json!([{"value": 1, "headers": {"sluice-idempotency-key": "req-9#0"}}])),
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::BAD_REQUEST);
+
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_dedup_duplicates_total",
+            r#"stream="orders",protocol="http""#
+        ),
+        6.0
+    );
+
+    // A stream without dedup appends a retry again, as before.
+    let plain = s.events_url("plain");
+    let one = json!([{"id": "p-1", "value": 1}]);
+    post(&plain, &one, None).await;
+    let twice = post(&plain, &one, None).await;
+    assert!(!positions(&twice.body)[0].2, "{:?}", twice.body);
+    assert_eq!(read_log(&s.data_dir, "plain", &[]).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn grpc_websocket_and_mqtt_retries_are_answered_not_appended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), DEDUP).unwrap();
+
+    // gRPC: by id, and by the batch's idempotency_key.
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = IngestClient::new(ch);
+    let ev = |value: &str, id: &str| pb::Event {
+        value: value.as_bytes().to_vec().into(),
+        id: id.into(),
+        ..Default::default()
+    };
+    let publish = |events: Vec<pb::Event>, key: &str| pb::PublishRequest {
+        stream: "g".into(),
+        events,
+        content_type: String::new(),
+        idempotency_key: key.into(),
+    };
+    let position = |r: &pb::EventResult| match &r.result {
+        Some(pb::event_result::Result::Position(p)) => (p.partition, p.offset, p.duplicate),
+        other => panic!("not a position: {other:?}"),
+    };
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let r = grpc
+            .publish(publish(vec![ev("a", "g-1"), ev("b", "")], "batch-7"))
+            .await
+            .unwrap()
+            .into_inner();
+        answers.push(r.results.iter().map(position).collect::<Vec<_>>());
+    }
+    assert!(answers[0].iter().all(|p| !p.2 && p.1.is_some()));
+    assert_eq!(
+        answers[1],
+        answers[0]
+            .iter()
+            .map(|&(p, o, _)| (p, o, true))
+            .collect::<Vec<_>>()
+    );
+    // PublishStream: a batch retried on the same stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut out = grpc
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for seq in 0..2 {
+        tx.send(pb::PublishStreamRequest {
+            sequence: seq,
+            stream: "g".into(),
+            events: vec![ev("c", "")],
+            content_type: String::new(),
+            idempotency_key: "stream-batch-1".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let a0 = out.message().await.unwrap().unwrap();
+    let a1 = out.message().await.unwrap().unwrap();
+    let (p0, p1) = (position(&a0.results[0]), position(&a1.results[0]));
+    assert!(!p0.2 && p1.2 && p0.1 == p1.1, "{p0:?} {p1:?}");
+    drop(tx);
+
+    // WebSocket: a frame resent with the same id.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/w/ws", s.http))
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..2 {
+        ws.send(Message::text(r#"{"id":"w-1","value":1}"#))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("an ack within 30 s")
+                .expect("socket open")
+                .expect("a frame");
+            if let Message::Text(t) = m {
+                acks.push(serde_json::from_str::<Value>(&t).unwrap());
+                break;
+            }
+        }
+    }
+    assert_eq!(acks[0]["duplicate"], Value::Null);
+    assert_eq!(acks[1]["duplicate"], true);
+    assert_eq!(acks[0]["offset"], acks[1]["offset"]);
+
+    // MQTT 5: the user property `id` is the event's id; the resend is PUBACKed with success
+    // and not appended.
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    let a = s.mqtt.unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new("dev-eo", a.ip().to_string(), a.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    for _ in 0..2 {
+        let props = PublishProperties {
+            user_properties: vec![("id".into(), "m-1".into()), ("site".into(), "x".into())],
+            ..Default::default()
+        };
+        c.publish_with_properties("m/k", QoS::AtLeastOnce, false, "reading", props)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if let rumqttc::v5::Event::Incoming(Packet::PubAck(p)) = ev {
+            assert_eq!(p.reason, rumqttc::v5::mqttbytes::v5::PubAckReason::Success);
+            acked += 1;
+        }
+    }
+
+    let g = read_log(&s.data_dir, "g", &[]).unwrap();
+    assert_eq!(g.len(), 3, "{g:?}");
+    assert_eq!(read_log(&s.data_dir, "w", &[]).unwrap().len(), 1);
+    let m = read_log(&s.data_dir, "m", &[]).unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["id"], "m-1");
+    assert_eq!(m[0]["headers"]["site"], "x");
+    let text = s.metrics().await;
+    for protocol in ["grpc", "websocket", "mqtt"] {
+        let n: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_dedup_duplicates_total")
+                    && l.contains(&format!("protocol=\"{protocol}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(n >= 1.0, "{protocol}: {n}");
+    }
+}
+
+/// Each producer sends batches of events with unique ids until the gateway dies; what was
+/// acked is recorded by id with its position.
+type Acked = Arc<Mutex<HashMap<String, (u64, u64)>>>;
+
+async fn produce_until_killed(
+    url: String,
+    producer: usize,
+    acked: Acked,
+    sent: Arc<Mutex<Vec<Value>>>,
+) {
+    let c = reqwest::Client::new();
+    for n in 0.. {
+        let batch: Vec<Value> = (0..1 + n % 5)
+            .map(|e| json!({"id": format!("p{producer}-n{n}-e{e}"), "key": format!("k{}", (n + e) % 7), "value": n}))
+            .collect();
+        sent.lock().unwrap().push(Value::from(batch.clone()));
+        let Ok(resp) = c.post(&url).json(&batch).send().await else {
+            return;
+        };
+        if resp.status() != StatusCode::OK {
+            return;
+        }
+        let Ok(body) = resp.json::<Value>().await else {
+            return;
+        };
+        let mut a = acked.lock().unwrap();
+        for (e, (p, o, _)) in positions(&body).into_iter().enumerate() {
+            a.insert(batch[e]["id"].as_str().unwrap().to_string(), (p, o));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_every_acked_event_retried_is_answered_and_none_is_stored_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let acked: Acked = Arc::default();
+    let sent: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let mut s = Sluice::start(&data, DEDUP).unwrap();
+    let url = s.events_url("crash");
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            tokio::spawn(produce_until_killed(
+                url.clone(),
+                p,
+                acked.clone(),
+                sent.clone(),
+            ))
+        })
+        .collect();
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(60), || {
+            let n = acked.lock().unwrap().len();
+            async move { n >= 10_000 }
+        })
+        .await,
+        "the producers did not get 10,000 acks"
+    );
+    s.kill().unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+
+    // Restart: every batch ever sent is retried, acked or not.
+    let s = Sluice::start(&data, DEDUP).unwrap();
+    let url = s.events_url("crash");
+    let batches = sent.lock().unwrap().clone();
+    let acked = acked.lock().unwrap().clone();
+    let c = client();
+    let mut answered_as_duplicate = 0;
+    for batch in &batches {
+        let a = Answer::of(c.post(&url).json(batch)).await;
+        assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+        for (e, (p, o, dup)) in positions(&a.body).into_iter().enumerate() {
+            let id = batch[e]["id"].as_str().unwrap();
+            if let Some(&(ap, ao)) = acked.get(id) {
+                assert!(
+                    dup,
+                    "{id} was acked at {ap}/{ao} before the crash; its retry was appended at {p}/{o}"
+                );
+                assert_eq!(
+                    (p, o),
+                    (ap, ao),
+                    "{id}: the retry is answered with another position"
+                );
+                answered_as_duplicate += 1;
+            }
+        }
+    }
+    assert_eq!(answered_as_duplicate, acked.len());
+    // The log holds every id sent exactly once: acked ones, and unacked ones either from
+    // before the crash (recognised) or from the retry.
+    let records = read_log(&data, "crash", &[]).unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *seen
+            .entry(r["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    let ids: usize = batches.iter().map(|b| b.as_array().unwrap().len()).sum();
+    assert_eq!(seen.len(), ids);
+    let m = s.metrics().await;
+    assert!(metric_or_zero(&m, "sluice_dedup_restored_total", "") >= acked.len() as f64);
+}
