@@ -12,6 +12,9 @@
 #                  benchmark measures; its service is not enabled)
 #   --with-prometheus also install Debian's prometheus package (its promtool checks and tests
 #                  deploy/prometheus/alerts.yml; its service is not enabled)
+#   --with-redis   also install Debian's redis-server (the shared dedup window of several
+#                  gateways; the tests start their own instances on free ports, its service is
+#                  not enabled) and haproxy (the load balancer in front of two gateways)
 #   --for-tests    everything the test suite needs (all of the above)
 set -euo pipefail
 
@@ -20,6 +23,7 @@ with_grpcio=0
 with_browser=0
 with_mqtt=0
 with_prometheus=0
+with_redis=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
@@ -27,8 +31,9 @@ for arg in "$@"; do
     --with-browser) with_browser=1 ;;
     --with-mqtt) with_mqtt=1 ;;
     --with-prometheus) with_prometheus=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--for-tests]" >&2; exit 2 ;;
+    --with-redis) with_redis=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--with-redis] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -82,12 +87,16 @@ fi
 if [ "$with_prometheus" -eq 1 ]; then
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 fi
+if [ "$with_redis" -eq 1 ]; then
+  command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
   # Debian starts mosquitto's service on port 1883 (Sluice's MQTT default); the benchmark runs
   # its own instance, so the service is stopped and disabled again.
-  for svc in mosquitto prometheus; do
+  for svc in mosquitto prometheus redis-server haproxy; do
     if printf '%s\n' "${missing[@]}" | grep -qx "$svc" && command -v systemctl >/dev/null 2>&1; then
       $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

@@ -6,20 +6,77 @@ use serde::Deserialize;
 
 use crate::{Config, Problems};
 
-/// Process-wide bounds of the dedup window.
+/// Where the dedup window lives and how large it may grow.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
-    /// Most keys the window holds across every stream; past it the oldest key of any stream
-    /// is forgotten first (about 200 bytes of memory each).
+    /// `embedded` (in the gateway, rebuilt from the embedded log at start) or `redis` (shared
+    /// by every gateway pointing at the same Redis).
+    pub store: DedupStore,
+    /// Most keys the embedded window holds across every stream; past it the oldest key of any
+    /// stream is forgotten first (about 200 bytes of memory each). With Redis, its
+    /// `maxmemory` (with `maxmemory-policy volatile-ttl`) bounds the window instead.
     pub max_entries: u64,
+    pub redis: RedisConfig,
 }
 
 impl Default for DedupConfig {
     fn default() -> Self {
         Self {
+            store: DedupStore::Embedded,
             max_entries: 1_000_000,
+            redis: RedisConfig::default(),
         }
+    }
+}
+
+/// Which store holds the dedup window.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupStore {
+    #[default]
+    Embedded,
+    Redis,
+}
+
+/// `[dedup.redis]`: the Redis that holds the dedup window of several gateways.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Connections to Redis; each carries many requests at once (pipelined).
+    pub connections: usize,
+    /// Deadline of connecting and of each command; past it the request is answered 503.
+    pub timeout_ms: u64,
+    /// Prefix of every key Sluice writes, so several deployments can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            connections: 4,
+            timeout_ms: 500,
+            key_prefix: "sluice:".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        let url = match self.url.split_once('@') {
+            Some((_, host)) => format!("redis://***@{host}"),
+            None => self.url.clone(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &url)
+            .field("connections", &self.connections)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
     }
 }
 
@@ -67,5 +124,16 @@ impl<'de> Deserialize<'de> for DedupKeys {
 impl Config {
     pub(crate) fn validate_dedup(&self, p: &mut Problems) {
         p.in_range("dedup.max_entries", self.dedup.max_entries, 1, 100_000_000);
+        let r = &self.dedup.redis;
+        if self.dedup.store == DedupStore::Redis {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("redis+unix://")) {
+                p.add(
+                    "dedup.redis.url",
+                    "must start with redis:// (or redis+unix://)",
+                );
+            }
+            p.in_range("dedup.redis.connections", r.connections as u64, 1, 64);
+            p.in_range("dedup.redis.timeout_ms", r.timeout_ms, 1, 60_000);
+        }
     }
 }

@@ -20,7 +20,7 @@ mod streams;
 mod tls;
 
 pub use auth::*;
-pub use dedup::{DedupConfig, DedupKeys};
+pub use dedup::{DedupConfig, DedupKeys, DedupStore, RedisConfig};
 pub use listeners::ProducerTransport;
 pub use log::*;
 pub use mqtt::{MqttConfig, TopicError, TopicMap, TopicRuleConfig};

@@ -506,7 +506,7 @@ impl Gateway {
         let run = async move {
             let receipts = target.append(&req, ack, held, queued).await;
             if let Some(t) = tickets {
-                t.settle(&receipts);
+                t.settle(&req, &receipts).await;
             }
             (req, receipts)
         };

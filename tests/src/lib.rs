@@ -7,6 +7,7 @@ pub mod inproc;
 pub mod kafka;
 pub mod mqtt;
 pub mod pki;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

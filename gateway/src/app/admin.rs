@@ -127,6 +127,13 @@ pub(super) fn respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {why}\n"),
                 )
+            } else if let Err(why) = gateway.dedup().health() {
+                // Streams without dedup are served; those with it answer 503 (retryable) until
+                // the store answers again, so the gateway stays in its load balancer.
+                text(
+                    StatusCode::OK,
+                    format!("ready (degraded: {why}; streams with dedup answer 503)\n"),
+                )
             } else {
                 text(StatusCode::OK, "ready\n".into())
             }

@@ -41,10 +41,11 @@ use sluice_core::Budget;
 use sluice_protocols::server::{AddressSlots, PrincipalConnections};
 
 use crate::admission::{Gateway, Policy};
-use crate::dedup::{Dedup, DedupMetrics};
+use crate::dedup::{Dedup, DedupMetrics, Restored};
 use crate::kafka::{KafkaMetrics, KafkaSink};
 use crate::sink::Sink;
 use crate::sink::stream_options;
+use sluice_config::DedupStore;
 use sluice_core::Ingest as _;
 
 /// A started gateway: its bound addresses and the handle to drain it.
@@ -115,9 +116,64 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     };
     let dedup_metrics = DedupMetrics::default();
     dedup_metrics.register(&mut registry);
-    let dedup = Arc::new(Dedup::new(config.dedup.max_entries, dedup_metrics));
+    let dedup = Arc::new(match config.dedup.store {
+        DedupStore::Embedded => Dedup::embedded(config.dedup.max_entries, dedup_metrics),
+        DedupStore::Redis => {
+            let instance = match &sink {
+                Sink::Embedded(_) => Some(instance_id(&config.log.data_dir)?),
+                Sink::Kafka(_) => None,
+            };
+            Dedup::redis(&config.dedup.redis, instance, dedup_metrics)?
+        }
+    });
     if let Sink::Embedded(log) = &sink {
-        restore_dedup(log, &config, &dedup).await?;
+        let events = read_dedup_keys(log, &config).await?;
+        let restore = {
+            let dedup = dedup.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let mut pause = Duration::from_millis(500);
+                loop {
+                    match dedup.restore(&events).await {
+                        Ok(()) => break,
+                        Err(why) => {
+                            tracing::warn!(error = %why, "could not restore the dedup window from the log yet; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+                if !events.is_empty() {
+                    tracing::info!(
+                        keys = events.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "dedup window restored from the log"
+                    );
+                }
+            }
+        };
+        if dedup.is_redis() {
+            // Redis may be away at start: the gateway serves (streams with dedup answer 503
+            // until Redis answers) while this retries.
+            tokio::spawn(restore);
+        } else {
+            restore.await;
+        }
+    }
+    if dedup.is_redis() {
+        // Redis is asked once a second whether it answers, for /readyz and the metric (and
+        // this gateway's heartbeat is refreshed).
+        let dedup = Arc::downgrade(&dedup);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                match dedup.upgrade() {
+                    Some(d) => d.probe().await,
+                    None => return,
+                }
+            }
+        });
     }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
@@ -480,21 +536,37 @@ async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<L
     Ok(log)
 }
 
-/// Puts the dedup keys of the events still in the window back, from the embedded log: each
-/// stream with `dedup = true`, each partition read from `dedup_window_ms` ago (at most its
-/// newest `dedup_window_events` records kept), oldest first, so the window after a restart (or
-/// SIGKILL) answers retries of every event acked before it.
-async fn restore_dedup(log: &Log, config: &Config, dedup: &Arc<Dedup>) -> anyhow::Result<()> {
+/// This gateway's instance id, kept in its data directory (made at first start): its claims in
+/// a shared dedup store carry it, so other gateways can tell when it restarted.
+fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let mut b = [0u8; 8];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| anyhow::anyhow!("no randomness for the instance id"))?;
+            let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            std::fs::create_dir_all(data_dir)?;
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+/// The events still in the dedup window of each stream with `dedup = true`, read back from the
+/// embedded log, oldest first: each partition from `dedup_window_ms` ago, at most its newest
+/// `dedup_window_events` records with a key. An acked event is in the log, so the window
+/// rebuilt from these answers retries of every event acked before a restart (or SIGKILL).
+async fn read_dedup_keys(log: &Log, config: &Config) -> anyhow::Result<Vec<Restored>> {
     let data_dir = config.log.data_dir.clone();
     let streams = config.streams.clone();
     let names = log.stream_names();
-    let dedup = dedup.clone();
-    let started = std::time::Instant::now();
-    let restored = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Restored>> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let mut total = 0;
+        let mut all = Vec::new();
         for name in names {
             let s = streams.settings(&name);
             if !s.dedup {
@@ -502,6 +574,7 @@ async fn restore_dedup(log: &Log, config: &Config, dedup: &Arc<Dedup>) -> anyhow
             }
             let from = now_ms.saturating_sub(s.dedup_window_ms as i64);
             let cap = s.dedup_window_events as usize;
+            let stream: Arc<str> = Arc::from(name.as_str());
             let mut records = Vec::new();
             for (partition, dir) in sluice_log::partition_dirs(&data_dir, &name)? {
                 let mut reader = sluice_log::PartitionReader::from_time(&dir, from)?;
@@ -518,51 +591,30 @@ async fn restore_dedup(log: &Log, config: &Config, dedup: &Arc<Dedup>) -> anyhow
                     if newest.len() == cap {
                         newest.pop_front();
                     }
-                    newest.push_back((
-                        r.timestamp_ms,
-                        partition,
-                        r.offset,
-                        r.principal,
-                        r.id,
+                    newest.push_back(Restored {
+                        stream: stream.clone(),
+                        settings: s,
+                        principal: r.principal,
+                        id: r.id,
                         request_key,
-                    ));
+                        position: crate::dedup::Position {
+                            partition,
+                            offset: Some(r.offset),
+                        },
+                        ts_ms: r.timestamp_ms,
+                    });
                 }
                 records.extend(newest);
             }
-            records.sort_by_key(|r| r.0);
+            records.sort_by_key(|r| r.ts_ms);
             let skip = records.len().saturating_sub(cap);
-            let stream: Arc<str> = Arc::from(name.as_str());
-            for (ts, partition, offset, principal, id, request_key) in
-                records.into_iter().skip(skip)
-            {
-                dedup.restore(
-                    &stream,
-                    &principal,
-                    id.as_deref(),
-                    request_key.as_deref(),
-                    crate::dedup::Position {
-                        partition,
-                        offset: Some(offset),
-                    },
-                    ts,
-                    &s,
-                );
-                total += 1;
-            }
+            all.extend(records.into_iter().skip(skip));
         }
-        Ok(total)
+        Ok(all)
     })
     .await
-    .context("restoring the dedup window")?
-    .context("restoring the dedup window from the log")?;
-    if restored > 0 {
-        tracing::info!(
-            keys = restored,
-            ms = started.elapsed().as_millis() as u64,
-            "dedup window restored from the log"
-        );
-    }
-    Ok(())
+    .context("reading the dedup window from the log")?
+    .context("reading the dedup window from the log")
 }
 
 /// Looks up (or creates) the topics of the declared streams, retrying while Kafka is away.

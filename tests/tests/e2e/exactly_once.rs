@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use sluice_protocols::grpc::pb;
 use sluice_protocols::grpc::pb::ingest_client::IngestClient;
 use sluice_tests::http::Answer;
+use sluice_tests::kafka::{Tansu, kafka_config, read_topic, start_ready as kafka_start_ready};
+use sluice_tests::redis::Redis;
 use sluice_tests::{Sluice, metric, metric_or_zero, read_log};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -318,13 +320,15 @@ async fn produce_until_killed(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigkill_every_acked_event_retried_is_answered_and_none_is_stored_twice() {
+/// Produces with 4 connections until 10,000 events are acked, SIGKILLs the gateway, restarts it
+/// with `config` and retries every batch ever sent: each acked event must be answered as a
+/// duplicate at its acked position, and the log must hold every id sent exactly once.
+async fn crash_then_retry_everything(config: &str) -> (tempfile::TempDir, Sluice, usize) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let acked: Acked = Arc::default();
     let sent: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let mut s = Sluice::start(&data, DEDUP).unwrap();
+    let mut s = Sluice::start(&data, config).unwrap();
     let url = s.events_url("crash");
     let producers: Vec<_> = (0..4)
         .map(|p| {
@@ -350,7 +354,7 @@ async fn after_sigkill_every_acked_event_retried_is_answered_and_none_is_stored_
     }
 
     // Restart: every batch ever sent is retried, acked or not.
-    let s = Sluice::start(&data, DEDUP).unwrap();
+    let s = Sluice::start(&data, config).unwrap();
     let url = s.events_url("crash");
     let batches = sent.lock().unwrap().clone();
     let acked = acked.lock().unwrap().clone();
@@ -389,6 +393,275 @@ async fn after_sigkill_every_acked_event_retried_is_answered_and_none_is_stored_
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     let ids: usize = batches.iter().map(|b| b.as_array().unwrap().len()).sum();
     assert_eq!(seen.len(), ids);
+    (tmp, s, acked.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_every_acked_event_retried_is_answered_and_none_is_stored_twice() {
+    let (_tmp, s, acked) = crash_then_retry_everything(DEDUP).await;
+    // The embedded window was rebuilt from the log.
     let m = s.metrics().await;
-    assert!(metric_or_zero(&m, "sluice_dedup_restored_total", "") >= acked.len() as f64);
+    assert!(metric_or_zero(&m, "sluice_dedup_restored_total", "") >= acked as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_after_sigkill_every_acked_event_retried_is_answered() {
+    let redis = Redis::start().unwrap();
+    let (_tmp, s, _) = crash_then_retry_everything(&redis_config(&redis, "")).await;
+    let m = s.metrics().await;
+    assert_eq!(metric_or_zero(&m, "sluice_dedup_restored_total", ""), 0.0);
+    assert_eq!(metric(&m, "sluice_dedup_store_up", ""), 1.0);
+    eprintln!(
+        "claims taken over after the crash: {}",
+        metric_or_zero(&m, "sluice_dedup_claims_taken_over_total", "")
+    );
+}
+
+fn redis_config(redis: &Redis, extra: &str) -> String {
+    format!(
+        "{DEDUP}[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = {:?}\n{extra}",
+        redis.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_kafka_share_one_window_in_redis() {
+    let tansu = Tansu::start().unwrap();
+    let redis = Redis::start().unwrap();
+    let config = format!(
+        "{}{}",
+        kafka_config(&tansu.bootstrap, ""),
+        redis_config(&redis, "")
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let a = kafka_start_ready(&tmp.path().join("a"), &config).await;
+    let b = kafka_start_ready(&tmp.path().join("b"), &config).await;
+
+    // Sent to A, retried through B (a load balancer's choice): B answers with A's positions.
+    let batch = json!([
+        {"id": "k-1", "key": "x", "value": 1},
+        {"id": "k-2", "key": "y", "value": 2},
+        {"id": "k-3", "key": "z", "value": 3},
+    ]);
+    let first = post(&a.events_url("orders"), &batch, None).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let original = positions(&first.body);
+    let retry = post(&b.events_url("orders"), &batch, None).await;
+    assert_eq!(
+        positions(&retry.body),
+        original
+            .iter()
+            .map(|&(p, o, _)| (p, o, true))
+            .collect::<Vec<_>>()
+    );
+    // And the other way round, by Idempotency-Key.
+    let unnamed = json!([{"value": "u"}]);
+    let by_key = positions(
+        &post(&b.events_url("orders"), &unnamed, Some("kk-1"))
+            .await
+            .body,
+    );
+    let again = positions(
+        &post(&a.events_url("orders"), &unnamed, Some("kk-1"))
+            .await
+            .body,
+    );
+    assert_eq!(again, vec![(by_key[0].0, by_key[0].1, true)]);
+
+    // Kafka holds each event once.
+    let records = read_topic(&tansu.bootstrap, "orders", 4, Duration::from_secs(20)).unwrap();
+    let mut values: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    values.sort();
+    assert_eq!(values, vec!["\"u\"", "1", "2", "3"]);
+    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 4);
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert_eq!(
+        metric(
+            &mb,
+            "sluice_dedup_duplicates_total",
+            r#"stream="orders",protocol="http""#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "sluice_dedup_duplicates_total",
+            r#"stream="orders",protocol="http""#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_gateway_waits_for_the_original_and_a_failed_one_is_released() {
+    let redis = Redis::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // A's appends take 1.5 s: its original is in flight while the retry reaches B.
+    let slow = redis_config(&redis, "[log]\nfault_append_delay_ms = 1500\n");
+    let a = Sluice::start(&tmp.path().join("a"), &slow).unwrap();
+    let b = Sluice::start(&tmp.path().join("b"), &redis_config(&redis, "")).unwrap();
+    let one = json!([{"id": "slow-1", "value": 1}]);
+    let url_a = a.events_url("orders");
+    let original =
+        tokio::spawn(
+            async move { post(&url_a, &json!([{"id": "slow-1", "value": 1}]), None).await },
+        );
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(20), || {
+            let n = redis.count_keys("sluice:dd:orders:*").unwrap_or(0);
+            async move { n == 1 }
+        })
+        .await,
+        "A never claimed the key"
+    );
+    let retry = post(&b.events_url("orders"), &one, None).await;
+    let original = original.await.unwrap();
+    assert_eq!(original.status, StatusCode::OK, "{:?}", original.body);
+    let (p, o, _) = positions(&original.body)[0];
+    assert_eq!(
+        positions(&retry.body),
+        vec![(p, o, true)],
+        "{:?}",
+        retry.body
+    );
+    assert!(metric(&b.metrics().await, "sluice_dedup_waits_total", "") >= 1.0);
+    assert!(
+        read_log(&b.data_dir, "orders", &[])
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // An original that fails (its fsync fails) releases its key: the retry is appended.
+    let failing = redis_config(&redis, "[log]\nfault_fsync_fail_after = 1\n");
+    let c = Sluice::start(&tmp.path().join("c"), &failing).unwrap();
+    let two = json!([{"id": "fails-1", "value": 2}]);
+    let failed = post(&c.events_url("orders"), &two, None).await;
+    assert_eq!(
+        failed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        failed.body
+    );
+    let retried = post(&b.events_url("orders"), &two, None).await;
+    assert_eq!(retried.status, StatusCode::OK, "{:?}", retried.body);
+    assert!(!positions(&retried.body)[0].2);
+    assert_eq!(read_log(&b.data_dir, "orders", &[]).unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_refuses_dedup_streams_with_503_until_it_answers() {
+    let port = sluice_tests::kafka::free_port();
+    let config = format!(
+        "{DEDUP}[streams.declare.plain]\ndedup = false\n[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = \"redis://127.0.0.1:{port}\"\ntimeout_ms = 200\n"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, mut logs) = Sluice::start_with_logs(&tmp.path().join("data"), &config, &[]).unwrap();
+    let one = json!([{"id": "r-1", "value": 1}]);
+    let refused = post(&s.events_url("orders"), &one, None).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        refused.body
+    );
+    assert!(refused.retry_after.is_some());
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dedup store"),
+        "{:?}",
+        refused.body
+    );
+    // Streams without dedup go on.
+    let plain = post(&s.events_url("plain"), &one, None).await;
+    assert_eq!(plain.status, StatusCode::OK);
+    assert!(
+        logs.wait_for(Duration::from_secs(10), |l| l
+            .contains("dedup store (Redis) cannot be reached"))
+            .is_some()
+    );
+    let readyz = client().get(s.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), StatusCode::OK);
+    assert!(readyz.text().await.unwrap().contains("degraded"));
+    let m = s.metrics().await;
+    assert_eq!(metric(&m, "sluice_dedup_store_up", ""), 0.0);
+    assert!(metric(&m, "sluice_dedup_store_errors_total", r#"op="claim""#) >= 1.0);
+    assert!(
+        read_log(&s.data_dir, "orders", &[])
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // Redis comes up: dedup works again, without a restart.
+    let redis = Redis::start_on(port).unwrap();
+    let url = s.events_url("orders");
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(20), || {
+            let url = url.clone();
+            let one = one.clone();
+            async move { post(&url, &one, None).await.status == StatusCode::OK }
+        })
+        .await,
+        "dedup did not come back with Redis"
+    );
+    let again = post(&url, &one, None).await;
+    assert!(positions(&again.body)[0].2, "{:?}", again.body);
+    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 1);
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(10), || async {
+            metric(&s.metrics().await, "sluice_dedup_store_up", "") == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_killed_gateway_is_taken_over_once_it_restarted() {
+    let redis = Redis::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("a");
+    // The event's append takes 30 s: the gateway is killed while its claim is in Redis.
+    let slow = redis_config(&redis, "[log]\nfault_append_delay_ms = 30000\n");
+    let mut a = Sluice::start(&data, &slow).unwrap();
+    let url = a.events_url("orders");
+    let one = json!([{"id": "lost-1", "value": 1}]);
+    let body = one.clone();
+    let in_flight = tokio::spawn(async move { client().post(&url).json(&body).send().await });
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(20), || {
+            let n = redis.count_keys("sluice:dd:orders:*").unwrap_or(0);
+            async move { n == 1 }
+        })
+        .await,
+        "the gateway never claimed the key"
+    );
+    a.kill().unwrap();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the killed gateway answered"
+    );
+
+    // Restarted, it reconciles its log (the event is not in it) and publishes a new heartbeat:
+    // the retry takes the old claim over and is appended, at once rather than after the
+    // claim's 60 s.
+    let a = Sluice::start(&data, &redis_config(&redis, "")).unwrap();
+    let retry = post(&a.events_url("orders"), &one, None).await;
+    assert_eq!(retry.status, StatusCode::OK, "{:?}", retry.body);
+    assert!(
+        retry.took < Duration::from_secs(20),
+        "took {:?}",
+        retry.took
+    );
+    assert!(!positions(&retry.body)[0].2);
+    let m = a.metrics().await;
+    assert_eq!(metric(&m, "sluice_dedup_claims_taken_over_total", ""), 1.0);
+    assert_eq!(read_log(&data, "orders", &[]).unwrap().len(), 1);
+    // And it is a duplicate from now on.
+    let again = post(&a.events_url("orders"), &one, None).await;
+    assert!(positions(&again.body)[0].2);
 }

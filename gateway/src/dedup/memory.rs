@@ -1,14 +1,6 @@
-//! The dedup window (docs/exactly-once.md): the keys of recently appended events, so a producer's
-//! retry is answered with the original's position instead of being appended a second time.
-//!
-//! An event's key is its `id`, or its request's idempotency key and its index in the request,
-//! scoped by stream and principal (one producer cannot answer for another's ids). A key is
-//! *pending* from the moment an event claims it until its append is answered: a retry that
-//! arrives meanwhile waits for that answer, and is appended itself if the original failed. Then
-//! it is *done*, holding the original's partition and offset, until it expires (the stream's
-//! `dedup_window_ms`) or is pushed out: by its principal's share of the stream
-//! (`dedup_principal_events`), by the stream's window (`dedup_window_events`) or by the whole
-//! window (`dedup.max_entries`), oldest first in each.
+//! The embedded dedup window: in memory, bounded by its principal's share of the stream
+//! (`dedup_principal_events`), by the stream's window (`dedup_window_events`) and by the whole
+//! window (`dedup.max_entries`), oldest first in each, and by time (`dedup_window_ms`).
 //!
 //! Keys are 128-bit SipHash digests under keys chosen at random at start, so a producer cannot
 //! make two of its keys collide, and every entry costs the same. The window is rebuilt at start
@@ -18,101 +10,21 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use sluice_config::StreamSettings;
-use sluice_core::{Event, IngestRequest, Receipt, Rejection};
+use sluice_core::Receipt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use sluice_core::IDEMPOTENCY_HEADER;
-
-/// How long a retry waits for its original's answer before it is answered 503 itself.
-const WAIT_FOR_ORIGINAL: Duration = Duration::from_secs(30);
+use super::{
+    Claim, DedupMetrics, EvictLabels, Material, Position, Scope, Token as AnyToken, Waiter,
+};
 
 /// A key's digest.
 type Key = [u64; 2];
 
-/// Where an original event is: its partition and offset (`None` when the stream acks on
-/// receipt).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub partition: u32,
-    pub offset: Option<u64>,
-}
-
-impl Position {
-    fn of(r: &Receipt) -> Option<Self> {
-        r.position()
-            .map(|(partition, offset)| Position { partition, offset })
-    }
-
-    fn duplicate(self) -> Receipt {
-        Receipt::Duplicate {
-            partition: self.partition,
-            offset: self.offset,
-        }
-    }
-}
-
-/// Labels of window evictions.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EvictLabels {
-    /// `expired`, `principal_share`, `stream_window` or `max_entries`.
-    pub reason: &'static str,
-}
-
-/// Labels of duplicates.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DuplicateLabels {
-    pub stream: String,
-    pub protocol: &'static str,
-}
-
-/// The window's metrics (docs/metrics.md).
-#[derive(Clone, Default)]
-pub struct DedupMetrics {
-    pub duplicates: Family<DuplicateLabels, Counter>,
-    pub waits: Counter,
-    pub evictions: Family<EvictLabels, Counter>,
-    pub keys: Gauge,
-    pub restored: Counter,
-}
-
-impl DedupMetrics {
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "dedup_duplicates",
-            "Events recognised as retries and answered with the original's position instead of being appended, by stream and protocol",
-            self.duplicates.clone(),
-        );
-        registry.register(
-            "dedup_waits",
-            "Retries that arrived while their original was still on its way to the log and waited for its answer",
-            self.waits.clone(),
-        );
-        registry.register(
-            "dedup_evictions",
-            "Keys forgotten before a retry could use them, by reason: expired (dedup_window_ms), principal_share, stream_window, max_entries",
-            self.evictions.clone(),
-        );
-        registry.register(
-            "dedup_keys",
-            "Keys in the dedup window (pending and done)",
-            self.keys.clone(),
-        );
-        registry.register(
-            "dedup_restored",
-            "Keys put back into the window from the log at start",
-            self.restored.clone(),
-        );
-    }
-}
+/// A claimed key: its digest and the sequence number of its slot.
+pub(crate) struct Token(Key, u64);
 
 enum State {
     /// The original is on its way to the log; a retry subscribes (the channel is made by the
@@ -162,14 +74,14 @@ struct PrincipalWindow {
     count: usize,
 }
 
-struct Window {
+struct Inner {
     map: HashMap<Key, Slot>,
     all: Fifo,
     streams: HashMap<Arc<str>, StreamWindow>,
     seq: u64,
 }
 
-impl Window {
+impl Inner {
     /// Removes `key` and its counts; its waiters (if pending) are told the original failed.
     fn remove(&mut self, key: &Key) -> Option<Slot> {
         let slot = self.map.remove(key)?;
@@ -189,7 +101,7 @@ impl Window {
     }
 
     /// Forgets the oldest live key of a FIFO chosen by `pick`.
-    fn evict_oldest(&mut self, pick: impl Fn(&mut Window) -> Option<&mut Fifo>) -> bool {
+    fn evict_oldest(&mut self, pick: impl Fn(&mut Inner) -> Option<&mut Fifo>) -> bool {
         loop {
             let Some(fifo) = pick(self) else {
                 return false;
@@ -298,58 +210,22 @@ impl Window {
     }
 }
 
-/// What a claimed event turned out to be.
-enum Claim {
-    /// Not seen: this event is the original; the ticket records its outcome.
-    New(u64),
-    /// Seen and in the log.
-    Done(Position),
-    /// Seen, still in flight: wait for its answer.
-    Wait(watch::Receiver<Option<Position>>),
-}
-
-/// The window, shared by every connection.
-pub struct Dedup {
-    inner: Mutex<Window>,
+/// The embedded window, shared by every connection.
+pub(crate) struct Window {
+    inner: Mutex<Inner>,
     hashers: (RandomState, RandomState),
     epoch: Instant,
     epoch_wall_ms: u64,
     max_entries: usize,
-    metrics: DedupMetrics,
 }
 
-/// What the dedup step decided for each event of a request, in request order.
-enum Answer {
-    /// Goes on to the log as the `n`th event of the trimmed request.
-    Append(usize),
-    /// A retry of an event in the log.
-    Duplicate(Position),
-    /// The same key as an earlier event of this request: answered like that one.
-    Same(usize),
-}
-
-/// The dedup step's result for one request: the events that go on hold tickets, the others
-/// are answered from the window.
-pub struct Plan {
-    answers: Vec<Answer>,
-    tickets: Tickets,
-}
-
-/// The claims of a request's new events; an event's claim is released (its retries may append)
-/// unless its append is recorded. Released on drop, so every early return releases.
-pub struct Tickets {
-    dedup: Option<Arc<Dedup>>,
-    /// One per event that goes on, in order: its key and sequence, if it has a key.
-    claims: Vec<Option<(Key, u64)>>,
-}
-
-impl Dedup {
-    pub fn new(max_entries: u64, metrics: DedupMetrics) -> Self {
+impl Window {
+    pub(crate) fn new(max_entries: u64) -> Self {
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Self {
-            inner: Mutex::new(Window {
+            inner: Mutex::new(Inner {
                 map: HashMap::new(),
                 all: Fifo::default(),
                 streams: HashMap::new(),
@@ -359,7 +235,6 @@ impl Dedup {
             epoch: Instant::now(),
             epoch_wall_ms: wall,
             max_entries: max_entries as usize,
-            metrics,
         }
     }
 
@@ -367,157 +242,63 @@ impl Dedup {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The digest of a key: stream, principal identity, kind (`i` for ids, `k` for request
-    /// keys) and the key's bytes, each length-prefixed so no two tuples share an encoding.
-    fn key(&self, stream: &str, principal: &[u8], kind: u8, material: &[u8]) -> Key {
+    /// The digest of a key: stream, principal identity, kind and the key's bytes, each
+    /// length-prefixed so no two tuples share an encoding.
+    fn key(&self, stream: &str, principal: &[u8], m: &Material) -> Key {
         let digest = |state: &RandomState| {
             let mut h = state.build_hasher();
             h.write_usize(stream.len());
             h.write(stream.as_bytes());
             h.write_usize(principal.len());
             h.write(principal);
-            h.write_u8(kind);
-            h.write_usize(material.len());
-            h.write(material);
+            h.write_u8(m.kind);
+            h.write_usize(m.bytes.len());
+            h.write(&m.bytes);
             h.finish()
         };
         [digest(&self.hashers.0), digest(&self.hashers.1)]
     }
 
-    /// The key of `event`, if the stream's `dedup_keys` give it one: its `id`, or the request
-    /// key the adapter marked it with ([`IDEMPOTENCY_HEADER`]).
-    fn key_of(
-        &self,
-        stream: &str,
-        principal: &[u8],
-        s: &StreamSettings,
-        event: &Event,
-    ) -> Option<Key> {
-        if s.dedup_keys.id
-            && let Some(id) = event.id.as_ref().filter(|id| !id.is_empty())
-        {
-            return Some(self.key(stream, principal, b'i', id));
-        }
-        if s.dedup_keys.idempotency_key
-            && let Some((_, k)) = event
-                .headers
-                .iter()
-                .rev()
-                .find(|(name, _)| name == IDEMPOTENCY_HEADER.as_bytes())
-        {
-            return Some(self.key(stream, principal, b'k', k));
-        }
-        None
-    }
-
-    /// The dedup step of a request: claims each event's key, waits for originals still in
-    /// flight, and leaves in `req.events` only the events that go on to the log.
-    pub async fn plan(self: &Arc<Self>, req: &mut IngestRequest) -> Result<Plan, Rejection> {
-        let s = *req.admission.settings();
-        let stream = req.stream().shared();
-        let principal = req.principal().identity().clone();
-        let mut events = std::mem::take(&mut req.events);
-        let keys: Vec<Option<Key>> = events
-            .iter()
-            .map(|e| self.key_of(&stream, principal.as_bytes(), &s, e))
-            .collect();
-        let mut answers = Vec::with_capacity(events.len());
-        let mut tickets = Tickets {
-            dedup: Some(self.clone()),
-            claims: Vec::with_capacity(events.len()),
-        };
-        let mut first_of: HashMap<Key, usize> = HashMap::new();
-        let deadline = Instant::now() + WAIT_FOR_ORIGINAL;
-        for (i, key) in keys.iter().enumerate() {
-            let Some(key) = *key else {
-                answers.push(Answer::Append(tickets.claims.len()));
-                tickets.claims.push(None);
-                continue;
-            };
-            if let Some(&j) = first_of.get(&key) {
-                answers.push(Answer::Same(j));
-                continue;
-            }
-            first_of.insert(key, i);
-            let answer = loop {
-                match self.claim(key, &stream, &principal, &s) {
-                    Claim::New(seq) => {
-                        let a = Answer::Append(tickets.claims.len());
-                        tickets.claims.push(Some((key, seq)));
-                        break a;
-                    }
-                    Claim::Done(p) => break Answer::Duplicate(p),
-                    Claim::Wait(mut rx) => {
-                        self.metrics.waits.inc();
-                        let waited =
-                            tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
-                        match waited {
-                            Ok(Ok(p)) => break Answer::Duplicate(p.expect("waited for Some")),
-                            // The original failed (its claim was released): claim again.
-                            Ok(Err(_)) => continue,
-                            Err(_) => {
-                                return Err(Rejection::unavailable(
-                                    Duration::from_secs(1),
-                                    format!(
-                                        "event {i} is a retry of an event still on its way to the log; retry once that one is answered"
-                                    ),
-                                ));
-                            }
-                        }
-                    }
-                }
-            };
-            answers.push(answer);
-        }
-        let mut kept = Vec::with_capacity(tickets.claims.len());
-        for (e, a) in events.drain(..).zip(&answers) {
-            if matches!(a, Answer::Append(_)) {
-                kept.push(e);
-            }
-        }
-        req.events = kept;
-        Ok(Plan { answers, tickets })
-    }
-
-    fn claim(
-        &self,
-        key: Key,
-        stream: &Arc<str>,
-        principal: &Arc<str>,
-        s: &StreamSettings,
-    ) -> Claim {
+    pub(crate) fn claim(&self, scope: &Scope<'_>, m: &Material, metrics: &DedupMetrics) -> Claim {
+        let key = self.key(scope.stream, scope.principal.as_bytes(), m);
+        let s = scope.settings;
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
-        w.expire(stream, now, s.dedup_window_ms, &self.metrics);
+        w.expire(scope.stream, now, s.dedup_window_ms, metrics);
         if let Some(slot) = w.map.get_mut(&key) {
             return match &mut slot.state {
                 State::Done(p) => Claim::Done(*p),
                 State::Pending(tx) => {
                     let tx = tx.get_or_insert_with(|| watch::channel(None).0);
-                    Claim::Wait(tx.subscribe())
+                    Claim::Wait(Waiter::Memory(tx.subscribe()))
                 }
             };
         }
         w.insert(
             key,
-            stream,
-            principal,
+            scope.stream,
+            scope.principal,
             State::Pending(None),
             now,
             s,
             self.max_entries,
-            &self.metrics,
+            metrics,
         );
-        self.metrics.keys.set(w.map.len() as i64);
-        Claim::New(w.seq)
+        metrics.keys.set(w.map.len() as i64);
+        Claim::New(AnyToken::Memory(Token(key, w.seq)))
     }
 
     /// Records the outcome of claimed events: an appended event's key now answers its
-    /// retries with its position; a failed one's is released so a retry can append.
-    fn settle(&self, claims: &mut Vec<Option<(Key, u64)>>, receipts: &[Receipt]) {
+    /// retries with its position; a failed one's (or one without a receipt) is released.
+    pub(crate) fn settle(
+        &self,
+        claims: Vec<Option<AnyToken>>,
+        receipts: &[Receipt],
+        metrics: &DedupMetrics,
+    ) {
         let mut w = self.inner.lock().expect("dedup window poisoned");
-        for (i, claim) in claims.drain(..).enumerate() {
-            let Some((key, seq)) = claim else {
+        for (i, claim) in claims.into_iter().enumerate() {
+            let Some(AnyToken::Memory(Token(key, seq))) = claim else {
                 continue;
             };
             if !is_live(&w.map, &key, seq) {
@@ -537,28 +318,24 @@ impl Dedup {
                 }
             }
         }
-        self.metrics.keys.set(w.map.len() as i64);
+        metrics.keys.set(w.map.len() as i64);
     }
 
     /// Puts back the key of an event read from the log at start, appended at wall-clock
-    /// `ts_ms`: `id` is its id, `request_key` its `sluice-idempotency-key` header.
+    /// `ts_ms` (keys older than the window are not restored).
     #[allow(clippy::too_many_arguments)]
-    pub fn restore(
+    pub(crate) fn restore(
         &self,
         stream: &Arc<str>,
         principal: &[u8],
-        id: Option<&[u8]>,
-        request_key: Option<&[u8]>,
+        m: &Material,
         position: Position,
         ts_ms: i64,
         s: &StreamSettings,
+        metrics: &DedupMetrics,
     ) {
-        let key = match (id.filter(|id| !id.is_empty()), request_key) {
-            (Some(id), _) if s.dedup_keys.id => self.key(stream, principal, b'i', id),
-            (_, Some(k)) if s.dedup_keys.idempotency_key => self.key(stream, principal, b'k', k),
-            _ => return,
-        };
-        // Its age now, on the window's clock (entries older than the window are not restored).
+        let key = self.key(stream, principal, m);
+        // Its age now, on the window's clock.
         let age = self.epoch_wall_ms.saturating_sub(ts_ms.max(0) as u64);
         if age >= s.dedup_window_ms {
             return;
@@ -575,124 +352,37 @@ impl Dedup {
             at,
             s,
             self.max_entries,
-            &self.metrics,
+            metrics,
         );
-        self.metrics.restored.inc();
-        self.metrics.keys.set(w.map.len() as i64);
+        metrics.restored.inc();
+        metrics.keys.set(w.map.len() as i64);
     }
 
-    /// Forgets expired keys of every stream (run now and then, so idle streams free theirs).
-    pub fn sweep(&self, window_ms: impl Fn(&str) -> u64) {
+    /// Forgets expired keys of every stream.
+    pub(crate) fn sweep(&self, window_ms: impl Fn(&str) -> u64, metrics: &DedupMetrics) {
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
         let names: Vec<Arc<str>> = w.streams.keys().cloned().collect();
         for name in names {
-            w.expire(&name, now, window_ms(&name), &self.metrics);
+            w.expire(&name, now, window_ms(&name), metrics);
         }
-        self.metrics.keys.set(w.map.len() as i64);
+        metrics.keys.set(w.map.len() as i64);
     }
 
     /// Keys in the window.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.inner.lock().expect("dedup window poisoned").map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn metrics(&self) -> &DedupMetrics {
-        &self.metrics
-    }
-}
-
-impl Tickets {
-    /// Releases the claims past the first `n` events (their events were refused before the
-    /// log, e.g. by a quota).
-    pub fn truncate(&mut self, n: usize) {
-        if n < self.claims.len() {
-            let mut tail = self.claims.split_off(n);
-            if let Some(d) = &self.dedup {
-                d.settle(&mut tail, &[]);
-            }
-        }
-    }
-
-    /// Whether any event that goes on has a key (else nothing needs recording).
-    pub fn any(&self) -> bool {
-        self.claims.iter().any(Option::is_some)
-    }
-
-    /// Records the appended events' positions (receipts in the order of the events that went
-    /// on); failed ones are released.
-    pub fn settle(mut self, receipts: &[Receipt]) {
-        if let Some(d) = self.dedup.take() {
-            d.settle(&mut self.claims, receipts);
-        }
-    }
-}
-
-impl Drop for Tickets {
-    fn drop(&mut self) {
-        if let Some(d) = self.dedup.take() {
-            d.settle(&mut self.claims, &[]);
-        }
-    }
-}
-
-impl Plan {
-    /// Whether every event was answered from the window (nothing goes on to the log).
-    pub fn all_answered(&self) -> bool {
-        !self.answers.iter().any(|a| matches!(a, Answer::Append(_)))
-    }
-
-    /// How many events were answered as duplicates.
-    pub fn duplicates(&self) -> usize {
-        self.answers
-            .iter()
-            .filter(|a| !matches!(a, Answer::Append(_)))
-            .count()
-    }
-
-    /// The tickets of the events that go on (taken out to be settled where the append runs).
-    pub fn take_tickets(&mut self) -> Tickets {
-        std::mem::replace(
-            &mut self.tickets,
-            Tickets {
-                dedup: None,
-                claims: Vec::new(),
-            },
-        )
-    }
-
-    /// The receipts of the whole request, in its order, from the receipts of the events that
-    /// went on (`appended`, in their order).
-    pub fn receipts(&self, appended: Vec<Receipt>) -> Vec<Receipt> {
-        let mut out: Vec<Receipt> = Vec::with_capacity(self.answers.len());
-        for a in &self.answers {
-            let r = match a {
-                Answer::Append(n) => appended.get(*n).cloned().unwrap_or_else(|| {
-                    Receipt::Failed(Rejection::Internal {
-                        message: "no receipt for an appended event".into(),
-                    })
-                }),
-                Answer::Duplicate(p) => p.duplicate(),
-                Answer::Same(j) => match Position::of(&out[*j]) {
-                    Some(p) => p.duplicate(),
-                    None => out[*j].clone(),
-                },
-            };
-            out.push(r);
-        }
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::Dedup;
     use super::*;
     use bytes::Bytes;
     use sluice_core::{Admission, Permissions, Principal, Protocol, StreamName};
+    use sluice_core::{Event, IngestRequest, Rejection};
+    use std::time::Duration;
 
     fn settings() -> StreamSettings {
         StreamSettings {
@@ -702,7 +392,7 @@ mod tests {
     }
 
     fn dedup(max_entries: u64) -> Arc<Dedup> {
-        Arc::new(Dedup::new(max_entries, DedupMetrics::default()))
+        Arc::new(Dedup::embedded(max_entries, DedupMetrics::default()))
     }
 
     fn request(principal: &str, s: StreamSettings, ids: &[&str]) -> IngestRequest {
@@ -747,7 +437,7 @@ mod tests {
         let mut req = request(principal, s, ids);
         let mut plan = d.plan(&mut req).await.unwrap();
         let receipts = appended(first, req.events.len());
-        plan.take_tickets().settle(&receipts);
+        plan.take_tickets().settle(&req, &receipts).await;
         plan.receipts(receipts)
     }
 
@@ -800,13 +490,18 @@ mod tests {
         let mut req = request("a", settings(), &["1", "2"]);
         let mut plan = d.plan(&mut req).await.unwrap();
         let failed = Receipt::Failed(Rejection::unavailable(Duration::from_secs(1), "down"));
-        plan.take_tickets().settle(&[
-            failed.clone(),
-            Receipt::Appended {
-                partition: 0,
-                offset: 5,
-            },
-        ]);
+        plan.take_tickets()
+            .settle(
+                &req,
+                &[
+                    failed.clone(),
+                    Receipt::Appended {
+                        partition: 0,
+                        offset: 5,
+                    },
+                ],
+            )
+            .await;
         assert_eq!(
             plan.receipts(vec![
                 failed.clone(),
@@ -848,7 +543,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(!retry.is_finished());
-        tickets.settle(&appended(3, 1));
+        tickets.settle(&original, &appended(3, 1)).await;
         assert_eq!(retry.await.unwrap(), vec![dup(3)]);
 
         // If the original fails, the waiting retry is appended itself.
@@ -941,40 +636,33 @@ mod tests {
         let s = settings();
         let d = dedup(1000);
         let stream: Arc<str> = Arc::from("orders");
-        let now = d.epoch_wall_ms as i64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         let principal = Principal::new("a", Permissions::All);
         let at = |offset| Position {
             partition: 0,
             offset: Some(offset),
         };
-        d.restore(
-            &stream,
-            principal.identity().as_bytes(),
-            Some(b"1"),
-            None,
-            at(7),
-            now - 1000,
-            &s,
-        );
-        d.restore(
-            &stream,
-            principal.identity().as_bytes(),
-            None,
-            Some(b"batch-1#0"),
-            at(8),
-            now - 1000,
-            &s,
-        );
-        // Older than the window: not restored.
-        d.restore(
-            &stream,
-            principal.identity().as_bytes(),
-            Some(b"old"),
-            None,
-            at(1),
-            now - s.dedup_window_ms as i64 - 1,
-            &s,
-        );
+        let restored =
+            |id: Option<&[u8]>, key: Option<&[u8]>, offset, ts_ms| super::super::Restored {
+                stream: stream.clone(),
+                settings: s,
+                principal: principal.identity().as_bytes().to_vec(),
+                id: id.map(<[u8]>::to_vec),
+                request_key: key.map(<[u8]>::to_vec),
+                position: at(offset),
+                ts_ms,
+            };
+        d.restore(&[
+            restored(Some(b"1"), None, 7, now - 1000),
+            restored(None, Some(b"batch-1#0"), 8, now - 1000),
+            // Older than the window: not restored.
+            restored(Some(b"old"), None, 1, now - s.dedup_window_ms as i64 - 1),
+        ])
+        .await
+        .unwrap();
         assert_eq!(
             send(&d, "a", s, &["1", "old"], 20).await,
             vec![

@@ -1,0 +1,604 @@
+//! The dedup step (docs/exactly-once.md): the keys of recently appended events, so a producer's
+//! retry is answered with the original's position instead of being appended a second time.
+//!
+//! An event's key is its `id`, or its request's idempotency key and its index in the request,
+//! scoped by stream and principal (one producer cannot answer for another's ids). A key is
+//! *pending* from the moment an event claims it until its append is answered: a retry that
+//! arrives meanwhile waits for that answer, and is appended itself if the original failed. Then
+//! it is *done*, holding the original's partition and offset, until it leaves the window.
+//!
+//! The window lives in one of two stores behind [`Dedup`] (DESIGN §10): [`memory`], embedded
+//! in the gateway and rebuilt from the embedded log at start, or [`redis`], shared by every
+//! gateway that points at the same Redis.
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use sluice_config::StreamSettings;
+use sluice_core::{Event, IngestRequest, Receipt, Rejection};
+use tokio::time::Instant;
+
+pub use sluice_core::IDEMPOTENCY_HEADER;
+
+/// How long a retry waits for its original's answer before it is answered 503 itself.
+pub(crate) const WAIT_FOR_ORIGINAL: Duration = Duration::from_secs(30);
+
+/// Where an original event is: its partition and offset (`None` when the stream acks on
+/// receipt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: u32,
+    pub offset: Option<u64>,
+}
+
+impl Position {
+    fn of(r: &Receipt) -> Option<Self> {
+        r.position()
+            .map(|(partition, offset)| Position { partition, offset })
+    }
+
+    fn duplicate(self) -> Receipt {
+        Receipt::Duplicate {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// What identifies one event within its stream and principal: the kind (`i` for ids, `k` for
+/// request keys) and the key's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Material {
+    kind: u8,
+    bytes: bytes::Bytes,
+}
+
+impl Material {
+    /// The key of `event`, if the stream's `dedup_keys` give it one: its `id`, or the request
+    /// key the adapter marked it with ([`IDEMPOTENCY_HEADER`]).
+    fn of(s: &StreamSettings, event: &Event) -> Option<Self> {
+        if s.dedup_keys.id
+            && let Some(id) = event.id.as_ref().filter(|id| !id.is_empty())
+        {
+            return Some(Material {
+                kind: b'i',
+                bytes: id.clone(),
+            });
+        }
+        if s.dedup_keys.idempotency_key
+            && let Some((_, k)) = event
+                .headers
+                .iter()
+                .rev()
+                .find(|(name, _)| name == IDEMPOTENCY_HEADER.as_bytes())
+        {
+            return Some(Material {
+                kind: b'k',
+                bytes: k.clone(),
+            });
+        }
+        None
+    }
+
+    /// The key of an event read back from the log.
+    pub(crate) fn of_record(
+        s: &StreamSettings,
+        id: Option<&[u8]>,
+        request_key: Option<&[u8]>,
+    ) -> Option<Self> {
+        match (id.filter(|id| !id.is_empty()), request_key) {
+            (Some(id), _) if s.dedup_keys.id => Some(Material {
+                kind: b'i',
+                bytes: bytes::Bytes::copy_from_slice(id),
+            }),
+            (_, Some(k)) if s.dedup_keys.idempotency_key => Some(Material {
+                kind: b'k',
+                bytes: bytes::Bytes::copy_from_slice(k),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Labels of window evictions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictLabels {
+    /// `expired`, `principal_share`, `stream_window` or `max_entries`.
+    pub reason: &'static str,
+}
+
+/// Labels of duplicates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DuplicateLabels {
+    pub stream: String,
+    pub protocol: &'static str,
+}
+
+/// Labels of state store failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    /// `claim`, `wait`, `settle` or `release`.
+    pub op: &'static str,
+}
+
+/// The window's metrics (docs/metrics.md).
+#[derive(Clone, Default)]
+pub struct DedupMetrics {
+    pub duplicates: Family<DuplicateLabels, Counter>,
+    pub waits: Counter,
+    pub evictions: Family<EvictLabels, Counter>,
+    pub keys: Gauge,
+    pub restored: Counter,
+    pub store_errors: Family<StoreErrorLabels, Counter>,
+    pub store_up: Gauge,
+    pub taken_over: Counter,
+}
+
+impl DedupMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "dedup_duplicates",
+            "Events recognised as retries and answered with the original's position instead of being appended, by stream and protocol",
+            self.duplicates.clone(),
+        );
+        registry.register(
+            "dedup_waits",
+            "Retries that arrived while their original was still on its way to the log and waited for its answer",
+            self.waits.clone(),
+        );
+        registry.register(
+            "dedup_evictions",
+            "Keys forgotten before a retry could use them, by reason: expired (dedup_window_ms), principal_share, stream_window, max_entries",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "dedup_keys",
+            "Keys in the embedded dedup window (pending and done)",
+            self.keys.clone(),
+        );
+        registry.register(
+            "dedup_restored",
+            "Keys put back into the embedded window from the log at start",
+            self.restored.clone(),
+        );
+        registry.register(
+            "dedup_store_errors",
+            "Failed calls to the Redis dedup store, by operation (claim, wait, settle, release)",
+            self.store_errors.clone(),
+        );
+        registry.register(
+            "dedup_claims_taken_over",
+            "Claims in Redis left by a gateway that restarted since (so their events are not in its log) and taken over by a retry",
+            self.taken_over.clone(),
+        );
+        registry.register(
+            "dedup_store_up",
+            "1 while the dedup store answers (always 1 for the embedded one), 0 while Redis does not",
+            self.store_up.clone(),
+        );
+    }
+
+    fn store_error(&self, op: &'static str) {
+        self.store_errors
+            .get_or_create(&StoreErrorLabels { op })
+            .inc();
+    }
+}
+
+/// A claimed key, for the store that holds it.
+pub(crate) enum Token {
+    Memory(memory::Token),
+    Redis(redis::Token),
+}
+
+/// What a claimed key turned out to be.
+pub(crate) enum Claim {
+    /// Not seen: this event is the original; the token records its outcome.
+    New(Token),
+    /// Seen and in the log.
+    Done(Position),
+    /// Seen, still in flight: wait for its answer.
+    Wait(Waiter),
+}
+
+/// How to wait for an original in flight.
+pub(crate) enum Waiter {
+    Memory(tokio::sync::watch::Receiver<Option<Position>>),
+    Redis(String),
+}
+
+/// The store behind the window.
+enum Store {
+    Memory(memory::Window),
+    Redis(redis::RedisStore),
+}
+
+/// The window, shared by every connection.
+pub struct Dedup {
+    store: Store,
+    metrics: DedupMetrics,
+}
+
+/// The claims of a request's new events; an event's claim is released (its retries may append)
+/// unless its append is recorded. Released on drop, so every early return releases.
+pub struct Tickets {
+    dedup: Option<Arc<Dedup>>,
+    /// One per event that goes on, in order.
+    claims: Vec<Option<Token>>,
+}
+
+/// What the dedup step decided for each event of a request, in request order.
+enum Answer {
+    /// Goes on to the log as the `n`th event of the trimmed request.
+    Append(usize),
+    /// A retry of an event in the log.
+    Duplicate(Position),
+    /// The same key as an earlier event of this request: answered like that one.
+    Same(usize),
+}
+
+/// The dedup step's result for one request: the events that go on hold tickets, the others
+/// are answered from the window.
+pub struct Plan {
+    answers: Vec<Answer>,
+    tickets: Tickets,
+}
+
+impl Dedup {
+    /// The embedded window, in memory, holding at most `max_entries` keys.
+    pub fn embedded(max_entries: u64, metrics: DedupMetrics) -> Self {
+        metrics.store_up.set(1);
+        Self {
+            store: Store::Memory(memory::Window::new(max_entries)),
+            metrics,
+        }
+    }
+
+    /// The window in Redis (`dedup.redis`). `instance` names this gateway's embedded log (kept
+    /// in its data directory), which it reconciles into Redis at start; `None` with Kafka.
+    pub fn redis(
+        config: &sluice_config::RedisConfig,
+        instance: Option<String>,
+        metrics: DedupMetrics,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            store: Store::Redis(redis::RedisStore::new(config, instance)?),
+            metrics,
+        })
+    }
+
+    /// The dedup step of a request: claims each event's key, waits for originals still in
+    /// flight, and leaves in `req.events` only the events that go on to the log.
+    pub async fn plan(self: &Arc<Self>, req: &mut IngestRequest) -> Result<Plan, Rejection> {
+        let s = *req.admission.settings();
+        let stream = req.stream().shared();
+        let principal = req.principal().identity().clone();
+        let mut events = std::mem::take(&mut req.events);
+        let materials: Vec<Option<Material>> = events.iter().map(|e| Material::of(&s, e)).collect();
+        // The same key twice in one request: the later ones are answered like the first.
+        let mut first_of: HashMap<&Material, usize> = HashMap::new();
+        let mut same = vec![None; materials.len()];
+        let mut unique: Vec<(usize, &Material)> = Vec::with_capacity(materials.len());
+        for (i, m) in materials.iter().enumerate() {
+            if let Some(m) = m {
+                match first_of.get(m) {
+                    Some(&j) => same[i] = Some(j),
+                    None => {
+                        first_of.insert(m, i);
+                        unique.push((i, m));
+                    }
+                }
+            }
+        }
+        let scope = Scope {
+            stream: &stream,
+            principal: &principal,
+            settings: &s,
+        };
+        let keys: Vec<&Material> = unique.iter().map(|(_, m)| *m).collect();
+        let claims = self.claim(&scope, &keys).await?;
+        let deadline = Instant::now() + WAIT_FOR_ORIGINAL;
+        let mut outcome: Vec<Option<Result<Token, Position>>> =
+            (0..materials.len()).map(|_| None).collect();
+        for ((i, m), claim) in unique.iter().zip(claims) {
+            let mut claim = claim;
+            outcome[*i] = Some(loop {
+                match claim {
+                    Claim::New(t) => break Ok(t),
+                    Claim::Done(p) => break Err(p),
+                    Claim::Wait(w) => {
+                        self.metrics.waits.inc();
+                        match self.wait(w, deadline).await {
+                            Ok(Some(next)) => claim = next,
+                            // The original failed (its claim was released): claim again.
+                            Ok(None) => {
+                                claim = self
+                                    .claim(&scope, &[*m])
+                                    .await?
+                                    .pop()
+                                    .expect("one claim per key");
+                            }
+                            Err(()) => {
+                                return Err(Rejection::unavailable(
+                                    Duration::from_secs(1),
+                                    format!(
+                                        "event {i} is a retry of an event still on its way to the log; retry once that one is answered"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let mut tickets = Tickets {
+            dedup: Some(self.clone()),
+            claims: Vec::with_capacity(events.len()),
+        };
+        let mut answers = Vec::with_capacity(events.len());
+        let mut kept = Vec::with_capacity(events.len());
+        for (i, e) in events.drain(..).enumerate() {
+            if let Some(j) = same[i] {
+                answers.push(Answer::Same(j));
+                continue;
+            }
+            let claim = match outcome[i].take() {
+                Some(Err(p)) => {
+                    answers.push(Answer::Duplicate(p));
+                    continue;
+                }
+                Some(Ok(t)) => Some(t),
+                None => None,
+            };
+            answers.push(Answer::Append(kept.len()));
+            tickets.claims.push(claim);
+            kept.push(e);
+        }
+        req.events = kept;
+        Ok(Plan { answers, tickets })
+    }
+
+    async fn claim(&self, scope: &Scope<'_>, keys: &[&Material]) -> Result<Vec<Claim>, Rejection> {
+        match &self.store {
+            Store::Memory(w) => Ok(keys
+                .iter()
+                .map(|m| w.claim(scope, m, &self.metrics))
+                .collect()),
+            Store::Redis(r) => r.claim(scope, keys, &self.metrics).await,
+        }
+    }
+
+    /// Waits for an original in flight: what the key is now (stored, or taken over as ours),
+    /// or `None` if the original failed (claim again); `Err` past the deadline.
+    async fn wait(&self, w: Waiter, deadline: Instant) -> Result<Option<Claim>, ()> {
+        match (w, &self.store) {
+            (Waiter::Memory(mut rx), _) => {
+                match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+                    Ok(Ok(p)) => Ok(p.map(Claim::Done)),
+                    Ok(Err(_)) => Ok(None),
+                    Err(_) => Err(()),
+                }
+            }
+            (Waiter::Redis(key), Store::Redis(r)) => r.wait(&key, deadline, &self.metrics).await,
+            (Waiter::Redis(_), Store::Memory(_)) => {
+                unreachable!("a Redis waiter of the embedded window")
+            }
+        }
+    }
+
+    /// Records the outcome of claimed events (`receipts` in the order of `claims`; missing
+    /// receipts are failures): an appended event's key now answers its retries with its
+    /// position; a failed one's is released so a retry can append.
+    async fn settle(&self, claims: Vec<Option<Token>>, receipts: &[Receipt], s: &Scope<'_>) {
+        match &self.store {
+            Store::Memory(w) => w.settle(claims, receipts, &self.metrics),
+            Store::Redis(r) => r.settle(claims, receipts, s, &self.metrics).await,
+        }
+    }
+
+    /// Releases claims whose events never reached the log, without waiting.
+    fn release(self: Arc<Self>, claims: Vec<Option<Token>>) {
+        if claims.iter().all(Option::is_none) {
+            return;
+        }
+        match &self.store {
+            Store::Memory(w) => w.settle(claims, &[], &self.metrics),
+            Store::Redis(_) => {
+                let d = self.clone();
+                tokio::spawn(async move {
+                    if let Store::Redis(r) = &d.store {
+                        r.release(claims, &d.metrics).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Puts back the keys of the events read from the embedded log at start (oldest first):
+    /// into the embedded window, or into Redis, marking stored the keys a crash left claimed
+    /// (then this gateway's heartbeat is published: see [`redis`]).
+    pub async fn restore(&self, events: &[Restored]) -> Result<(), String> {
+        match &self.store {
+            Store::Memory(w) => {
+                for e in events {
+                    if let Some(m) =
+                        Material::of_record(&e.settings, e.id.as_deref(), e.request_key.as_deref())
+                    {
+                        w.restore(
+                            &e.stream,
+                            &e.principal,
+                            &m,
+                            e.position,
+                            e.ts_ms,
+                            &e.settings,
+                            &self.metrics,
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Store::Redis(r) => r.reconcile(events, &self.metrics).await,
+        }
+    }
+
+    /// Whether the store is Redis (probed, and reconciled in the background).
+    pub fn is_redis(&self) -> bool {
+        matches!(self.store, Store::Redis(_))
+    }
+
+    /// Forgets expired keys of every stream (run now and then, so idle streams free theirs).
+    pub fn sweep(&self, window_ms: impl Fn(&str) -> u64) {
+        if let Store::Memory(w) = &self.store {
+            w.sweep(window_ms, &self.metrics);
+        }
+    }
+
+    /// Keys in the embedded window.
+    pub fn len(&self) -> usize {
+        match &self.store {
+            Store::Memory(w) => w.len(),
+            Store::Redis(_) => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Asks the store whether it answers (Redis: a PING), updating [`Dedup::health`] and
+    /// `sluice_dedup_store_up`.
+    pub async fn probe(&self) {
+        if let Store::Redis(r) = &self.store {
+            r.probe(&self.metrics).await;
+        }
+    }
+
+    /// Whether the store answers; the reason for `/readyz` if not.
+    pub fn health(&self) -> Result<(), String> {
+        match &self.store {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.health(),
+        }
+    }
+
+    pub fn metrics(&self) -> &DedupMetrics {
+        &self.metrics
+    }
+}
+
+/// An event read back from the embedded log at start, with what identifies it.
+pub struct Restored {
+    pub stream: Arc<str>,
+    pub settings: StreamSettings,
+    pub principal: Vec<u8>,
+    pub id: Option<Vec<u8>>,
+    pub request_key: Option<Vec<u8>>,
+    pub position: Position,
+    pub ts_ms: i64,
+}
+
+/// Whose keys a request claims: its stream, its principal, the stream's settings.
+pub(crate) struct Scope<'a> {
+    pub(crate) stream: &'a Arc<str>,
+    pub(crate) principal: &'a Arc<str>,
+    pub(crate) settings: &'a StreamSettings,
+}
+
+impl Tickets {
+    /// Releases the claims past the first `n` events (their events were refused before the
+    /// log, e.g. by a quota).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.claims.len() {
+            let tail = self.claims.split_off(n);
+            if let Some(d) = &self.dedup {
+                d.clone().release(tail);
+            }
+        }
+    }
+
+    /// Whether any event that goes on has a key (else nothing needs recording).
+    pub fn any(&self) -> bool {
+        self.claims.iter().any(Option::is_some)
+    }
+
+    /// Records the appended events' positions (receipts in the order of the events that went
+    /// on); failed ones are released. Finishes before the producer is answered, so an acked
+    /// event's key is in the store when the ack leaves.
+    pub async fn settle(mut self, req: &IngestRequest, receipts: &[Receipt]) {
+        if let Some(d) = self.dedup.take() {
+            let claims = std::mem::take(&mut self.claims);
+            let stream = req.stream().shared();
+            let scope = Scope {
+                stream: &stream,
+                principal: req.principal().identity(),
+                settings: req.admission.settings(),
+            };
+            d.settle(claims, receipts, &scope).await;
+        }
+    }
+}
+
+impl Drop for Tickets {
+    fn drop(&mut self) {
+        if let Some(d) = self.dedup.take() {
+            d.release(std::mem::take(&mut self.claims));
+        }
+    }
+}
+
+impl Plan {
+    /// Whether every event was answered from the window (nothing goes on to the log).
+    pub fn all_answered(&self) -> bool {
+        !self.answers.iter().any(|a| matches!(a, Answer::Append(_)))
+    }
+
+    /// How many events were answered as duplicates.
+    pub fn duplicates(&self) -> usize {
+        self.answers
+            .iter()
+            .filter(|a| !matches!(a, Answer::Append(_)))
+            .count()
+    }
+
+    /// The tickets of the events that go on (taken out to be settled where the append runs).
+    pub fn take_tickets(&mut self) -> Tickets {
+        std::mem::replace(
+            &mut self.tickets,
+            Tickets {
+                dedup: None,
+                claims: Vec::new(),
+            },
+        )
+    }
+
+    /// The receipts of the whole request, in its order, from the receipts of the events that
+    /// went on (`appended`, in their order).
+    pub fn receipts(&self, appended: Vec<Receipt>) -> Vec<Receipt> {
+        let mut out: Vec<Receipt> = Vec::with_capacity(self.answers.len());
+        for a in &self.answers {
+            let r = match a {
+                Answer::Append(n) => appended.get(*n).cloned().unwrap_or_else(|| {
+                    Receipt::Failed(Rejection::Internal {
+                        message: "no receipt for an appended event".into(),
+                    })
+                }),
+                Answer::Duplicate(p) => p.duplicate(),
+                Answer::Same(j) => match Position::of(&out[*j]) {
+                    Some(p) => p.duplicate(),
+                    None => out[*j].clone(),
+                },
+            };
+            out.push(r);
+        }
+        out
+    }
+}

@@ -1,0 +1,106 @@
+//! A real Redis (Debian's `redis-server`, installed by `scripts/install-deps.sh --with-redis`)
+//! on a free loopback port, without persistence, killed when dropped; and a client for it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::kafka::free_port;
+
+/// A Redis server.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Starts Redis on a free loopback port (another, if that one was taken in between) and
+    /// waits until it answers PING.
+    pub fn start() -> Result<Redis> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_on(free_port()) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
+    /// Starts Redis on `port` and waits until it answers PING.
+    pub fn start_on(port: u16) -> Result<Redis> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning redis-server (scripts/install-deps.sh --with-redis installs it)")?;
+        let mut redis = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = redis.child.try_wait()? {
+                bail!("redis-server exited ({status}) before answering on port {port}");
+            }
+            if redis.command(&["PING"]).is_ok_and(|r| r == "+PONG") {
+                return Ok(redis);
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING on port {port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command and returns the first line of the answer (`+OK`, `:3`, `$5`, …), or
+    /// for a bulk string its contents.
+    pub fn command(&self, args: &[&str]) -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes())?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let line = line.trim_end().to_string();
+        if line.starts_with('$') && line != "$-1" {
+            let mut body = String::new();
+            r.read_line(&mut body)?;
+            return Ok(body.trim_end().to_string());
+        }
+        Ok(line)
+    }
+
+    /// Keys matching `pattern` (KEYS; fine for the few a test writes).
+    pub fn count_keys(&self, pattern: &str) -> Result<usize> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("*2\r\n$4\r\nKEYS\r\n${}\r\n{pattern}\r\n", pattern.len()).as_bytes())?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        line.trim_end()
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .context("a KEYS answer")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
