@@ -473,7 +473,9 @@ impl Gateway {
                 .metrics()
                 .duplicates
                 .get_or_create(&crate::dedup::DuplicateLabels {
-                    stream: self.stream_label(req.stream().as_str()),
+                    // A duplicate's original was stored, so its stream exists: a bounded label
+                    // (even on a gateway that has not appended to it itself).
+                    stream: req.stream().to_string(),
                     protocol: req.protocol.as_str(),
                 })
                 .inc_by(n as u64);

@@ -108,6 +108,10 @@ struct HttpArgs {
     /// Open a new connection (and TLS handshake) for every request.
     #[arg(long)]
     new_connection_per_request: bool,
+    /// Give every event a unique `id` (`{run}-{connection}-{request}-{index}`), so a stream
+    /// with `dedup = true` checks and records each one (docs/exactly-once.md).
+    #[arg(long)]
+    ids: bool,
 }
 
 #[derive(Parser, Clone)]
@@ -316,6 +320,23 @@ fn main() -> Result<()> {
     }
 }
 
+/// A body of `events` events with unique ids (see `--ids`).
+fn body_with_ids(events: usize, payload: usize, prefix: &str, request: u64) -> Bytes {
+    let value = format!("\"{}\"", "x".repeat(payload.saturating_sub(2)));
+    let mut s = String::with_capacity(events * (value.len() + 40) + 2);
+    s.push('[');
+    for i in 0..events {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            "{{\"id\":\"{prefix}-{request}-{i}\",\"value\":{value}}}"
+        ));
+    }
+    s.push(']');
+    Bytes::from(s)
+}
+
 fn body(events: usize, payload: usize) -> Bytes {
     let value = format!("\"{}\"", "x".repeat(payload.saturating_sub(2)));
     let mut s = String::with_capacity(events * (value.len() + 1) + 2);
@@ -368,9 +389,19 @@ async fn http(a: HttpArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(a.connections as f64 / a.rate));
 
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let mut tasks = Vec::new();
     for c in 0..a.connections {
         let (uri, payload, stop, conn) = (uri.clone(), payload.clone(), stop.clone(), conn.clone());
+        let ids = a.ids.then(|| {
+            (
+                format!("{run:x}-{c}"),
+                a.events_per_request,
+                a.payload_bytes,
+            )
+        });
         // Spread the connections' schedules evenly over one interval.
         let offset = interval.map_or(Duration::ZERO, |i| {
             i.mul_f64(c as f64 / a.connections as f64)
@@ -380,6 +411,7 @@ async fn http(a: HttpArgs) -> Result<()> {
                 conn,
                 uri,
                 payload,
+                ids,
                 start + offset,
                 interval,
                 measure_from,
@@ -483,6 +515,7 @@ async fn connection(
     spec: Arc<ConnSpec>,
     uri: hyper::Uri,
     payload: Bytes,
+    ids: Option<(String, usize, usize)>,
     first: Instant,
     interval: Option<Duration>,
     measure_from: Instant,
@@ -499,6 +532,7 @@ async fn connection(
     };
     let mut sender = None;
     let mut due = first;
+    let mut sent: u64 = 0;
     tokio::time::sleep_until(first.into()).await;
     while !stop.load(Ordering::Relaxed) {
         let intended = match interval {
@@ -525,10 +559,15 @@ async fn connection(
             }
         }
         let s = sender.as_mut().expect("connected above");
+        let body = match &ids {
+            Some((prefix, events, bytes)) => body_with_ids(*events, *bytes, prefix, sent),
+            None => payload.clone(),
+        };
+        sent += 1;
         let mut req = Request::post(&uri)
             .header("content-type", "application/json")
             .header("host", uri.authority().map_or("localhost", |a| a.as_str()))
-            .body(Full::new(payload.clone()))?;
+            .body(Full::new(body))?;
         for (k, v) in &spec.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }

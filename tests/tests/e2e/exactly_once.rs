@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use sluice_protocols::grpc::pb;
 use sluice_protocols::grpc::pb::ingest_client::IngestClient;
 use sluice_tests::http::Answer;
-use sluice_tests::kafka::{Tansu, kafka_config, read_topic, start_ready as kafka_start_ready};
+use sluice_tests::kafka::{
+    Tansu, create_topic, kafka_config, read_topic, start_ready as kafka_start_ready,
+};
 use sluice_tests::redis::Redis;
 use sluice_tests::{Sluice, metric, metric_or_zero, read_log};
 use tokio_tungstenite::tungstenite::Message;
@@ -433,6 +435,7 @@ async fn two_gateways_on_kafka_share_one_window_in_redis() {
         kafka_config(&tansu.bootstrap, ""),
         redis_config(&redis, "")
     );
+    create_topic(&tansu.bootstrap, "orders", 3).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let a = kafka_start_ready(&tmp.path().join("a"), &config).await;
     let b = kafka_start_ready(&tmp.path().join("b"), &config).await;
