@@ -8,7 +8,7 @@
 //! `sluice-idempotency-key`) its request key, so a restart — even SIGKILL — keeps it.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
 
 use sluice_config::StreamSettings;
@@ -20,8 +20,39 @@ use super::{
     Claim, DedupMetrics, EvictLabels, Material, Position, Scope, Token as AnyToken, Waiter,
 };
 
-/// A key's digest.
-type Key = [u64; 2];
+/// A key's digest: 128 bits of keyed SipHash, so uniformly distributed and out of a
+/// producer's control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key([u64; 2]);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.0[0]);
+    }
+}
+
+/// The window's table hashes a key by its first 64 bits, which are already a keyed hash:
+/// hashing them again would only cost time.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Map = HashMap<Key, Slot, BuildHasherDefault<DigestHasher>>;
 
 /// A claimed key: its digest and the sequence number of its slot.
 pub(crate) struct Token(Key, u64);
@@ -50,14 +81,14 @@ impl Fifo {
         self.0.push_back((key, seq, at_ms));
     }
 
-    fn compact(&mut self, live: usize, map: &HashMap<Key, Slot>) {
+    fn compact(&mut self, live: usize, map: &Map) {
         if self.0.len() > 2 * live + 64 {
             self.0.retain(|(k, s, _)| is_live(map, k, *s));
         }
     }
 }
 
-fn is_live(map: &HashMap<Key, Slot>, key: &Key, seq: u64) -> bool {
+fn is_live(map: &Map, key: &Key, seq: u64) -> bool {
     map.get(key).is_some_and(|s| s.seq == seq)
 }
 
@@ -75,8 +106,7 @@ struct PrincipalWindow {
 }
 
 struct Inner {
-    map: HashMap<Key, Slot>,
-    all: Fifo,
+    map: Map,
     streams: HashMap<Arc<str>, StreamWindow>,
     seq: u64,
 }
@@ -181,7 +211,23 @@ impl Inner {
         {
             evict("stream_window");
         }
-        while self.map.len() >= max_entries && self.evict_oldest(|w| Some(&mut w.all)) {
+        // The whole window: this stream's oldest key goes first; a stream holding none takes
+        // the place of the oldest key of the stream holding the most.
+        while self.map.len() >= max_entries {
+            let evicted = self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo))
+                || {
+                    let largest = self
+                        .streams
+                        .iter()
+                        .max_by_key(|(_, w)| w.count)
+                        .map(|(name, _)| name.clone());
+                    largest.is_some_and(|name| {
+                        self.evict_oldest(|w| w.streams.get_mut(&name).map(|w| &mut w.fifo))
+                    })
+                };
+            if !evicted {
+                break;
+            }
             evict("max_entries");
         }
         self.seq += 1;
@@ -195,18 +241,21 @@ impl Inner {
                 state,
             },
         );
-        self.all.push(key, seq, at_ms);
-        let live = self.map.len();
-        let w = self.streams.entry(stream.clone()).or_default();
+        let w = match self.streams.get_mut(stream) {
+            Some(w) => w,
+            None => self.streams.entry(stream.clone()).or_default(),
+        };
         w.count += 1;
         w.fifo.push(key, seq, at_ms);
-        let p = w.principals.entry(principal.clone()).or_default();
+        let p = match w.principals.get_mut(principal) {
+            Some(p) => p,
+            None => w.principals.entry(principal.clone()).or_default(),
+        };
         p.count += 1;
         p.fifo.push(key, seq, at_ms);
         let (pc, sc) = (p.count, w.count);
         p.fifo.compact(pc, &self.map);
         w.fifo.compact(sc, &self.map);
-        self.all.compact(live, &self.map);
     }
 }
 
@@ -226,8 +275,7 @@ impl Window {
             .map_or(0, |d| d.as_millis() as u64);
         Self {
             inner: Mutex::new(Inner {
-                map: HashMap::new(),
-                all: Fifo::default(),
+                map: Map::default(),
                 streams: HashMap::new(),
                 seq: 0,
             }),
@@ -256,36 +304,51 @@ impl Window {
             h.write(&m.bytes);
             h.finish()
         };
-        [digest(&self.hashers.0), digest(&self.hashers.1)]
+        Key([digest(&self.hashers.0), digest(&self.hashers.1)])
     }
 
-    pub(crate) fn claim(&self, scope: &Scope<'_>, m: &Material, metrics: &DedupMetrics) -> Claim {
-        let key = self.key(scope.stream, scope.principal.as_bytes(), m);
+    /// Claims the keys of one request, under one lock.
+    pub(crate) fn claim(
+        &self,
+        scope: &Scope<'_>,
+        keys: &[&Material],
+        metrics: &DedupMetrics,
+    ) -> Vec<Claim> {
+        let digests: Vec<Key> = keys
+            .iter()
+            .map(|m| self.key(scope.stream, scope.principal.as_bytes(), m))
+            .collect();
         let s = scope.settings;
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
         w.expire(scope.stream, now, s.dedup_window_ms, metrics);
-        if let Some(slot) = w.map.get_mut(&key) {
-            return match &mut slot.state {
-                State::Done(p) => Claim::Done(*p),
-                State::Pending(tx) => {
-                    let tx = tx.get_or_insert_with(|| watch::channel(None).0);
-                    Claim::Wait(Waiter::Memory(tx.subscribe()))
+        let claims = digests
+            .into_iter()
+            .map(|key| {
+                if let Some(slot) = w.map.get_mut(&key) {
+                    return match &mut slot.state {
+                        State::Done(p) => Claim::Done(*p),
+                        State::Pending(tx) => {
+                            let tx = tx.get_or_insert_with(|| watch::channel(None).0);
+                            Claim::Wait(Waiter::Memory(tx.subscribe()))
+                        }
+                    };
                 }
-            };
-        }
-        w.insert(
-            key,
-            scope.stream,
-            scope.principal,
-            State::Pending(None),
-            now,
-            s,
-            self.max_entries,
-            metrics,
-        );
+                w.insert(
+                    key,
+                    scope.stream,
+                    scope.principal,
+                    State::Pending(None),
+                    now,
+                    s,
+                    self.max_entries,
+                    metrics,
+                );
+                Claim::New(AnyToken::Memory(Token(key, w.seq)))
+            })
+            .collect();
         metrics.keys.set(w.map.len() as i64);
-        Claim::New(AnyToken::Memory(Token(key, w.seq)))
+        claims
     }
 
     /// Records the outcome of claimed events: an appended event's key now answers its
@@ -301,12 +364,11 @@ impl Window {
             let Some(AnyToken::Memory(Token(key, seq))) = claim else {
                 continue;
             };
-            if !is_live(&w.map, &key, seq) {
+            let Some(slot) = w.map.get_mut(&key).filter(|slot| slot.seq == seq) else {
                 continue; // pushed out of the window meanwhile
-            }
+            };
             match receipts.get(i).and_then(Position::of) {
                 Some(p) => {
-                    let slot = w.map.get_mut(&key).expect("live");
                     if let State::Pending(Some(tx)) =
                         std::mem::replace(&mut slot.state, State::Done(p))
                     {

@@ -369,10 +369,7 @@ impl Dedup {
 
     async fn claim(&self, scope: &Scope<'_>, keys: &[&Material]) -> Result<Vec<Claim>, Rejection> {
         match &self.store {
-            Store::Memory(w) => Ok(keys
-                .iter()
-                .map(|m| w.claim(scope, m, &self.metrics))
-                .collect()),
+            Store::Memory(w) => Ok(w.claim(scope, keys, &self.metrics)),
             Store::Redis(r) => r.claim(scope, keys, &self.metrics).await,
         }
     }

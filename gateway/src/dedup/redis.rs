@@ -6,9 +6,11 @@
 //! `p:{nonce}` while the original is in flight (`SET … NX PX 60000 GET`: one round trip claims a
 //! key or reads who holds it) and `d:{partition}:{offset}` once it is stored (for the stream's
 //! `dedup_window_ms`). A request's claims go in one pipeline, its settlements in one script
-//! call, which also keeps a sorted set per principal and per stream so the principal's share
-//! (`dedup_principal_events`) and the stream's window (`dedup_window_events`) push out the
-//! oldest keys first. Redis's `maxmemory` bounds the whole.
+//! call, which also keeps a sorted set per principal and stream so the principal's share
+//! (`dedup_principal_events`) pushes out its oldest keys first. The stream's and the whole
+//! window's size are bounded by Redis's `maxmemory` (with `maxmemory-policy volatile-ttl`, the
+//! keys nearest their expiry, i.e. the oldest, go first), not by `dedup_window_events` and
+//! `dedup.max_entries`, which would cost a second sorted set per event.
 //!
 //! When Redis does not answer within `dedup.redis.timeout_ms`, requests to streams with dedup are
 //! answered 503 (retryable): no event is stored without its key, so nothing acked is ever
@@ -34,31 +36,28 @@ const PENDING_TTL_MS: u64 = 60_000;
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// Marks the claimed keys stored (`d:…`, for the window), indexes them by time in the
-/// principal's and the stream's sorted sets, and pushes out the oldest keys past the principal's
-/// share and the stream's window. KEYS: principal set, stream set, the keys. ARGV: window_ms,
-/// share, stream cap, then one value per key. Returns the keys pushed out by each bound.
+/// principal's sorted set for the stream, and pushes out the principal's oldest keys past its
+/// share. KEYS: the principal's set, then the keys. ARGV: window_ms, share, then one value per
+/// key. Returns how many keys the share pushed out.
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
-for i = 3, #KEYS do
+for i = 2, #KEYS do
   redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', window)
   redis.call('ZADD', KEYS[1], now, KEYS[i])
-  redis.call('ZADD', KEYS[2], now, KEYS[i])
 end
-local evicted = {0, 0}
-for z = 1, 2 do
-  redis.call('ZREMRANGEBYSCORE', KEYS[z], '-inf', now - window)
-  local over = redis.call('ZCARD', KEYS[z]) - tonumber(ARGV[z + 1])
-  if over > 0 then
-    local old = redis.call('ZPOPMIN', KEYS[z], over)
-    for j = 1, #old, 2 do
-      redis.call('DEL', old[j])
-      evicted[z] = evicted[z] + 1
-    end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+local evicted = 0
+if over > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[1], over)
+  for j = 1, #old, 2 do
+    redis.call('DEL', old[j])
+    evicted = evicted + 1
   end
-  redis.call('PEXPIRE', KEYS[z], window)
 end
+redis.call('PEXPIRE', KEYS[1], window)
 return evicted
 ";
 
@@ -178,10 +177,6 @@ impl RedisStore {
             scope.stream,
             hex(&d.as_ref()[..16])
         )
-    }
-
-    fn stream_set(&self, scope: &Scope<'_>) -> String {
-        format!("{}dds:{}", self.prefix, scope.stream)
     }
 
     /// A connection, made if its slot has none (failing fast for a second after a failure).
@@ -425,7 +420,7 @@ impl RedisStore {
         metrics: &DedupMetrics,
     ) {
         let s = scope.settings;
-        let mut keys = vec![self.principal_set(scope), self.stream_set(scope)];
+        let mut keys = vec![self.principal_set(scope)];
         let mut values = Vec::new();
         let mut failed = Vec::new();
         for (i, claim) in claims.into_iter().enumerate() {
@@ -441,13 +436,12 @@ impl RedisStore {
             }
         }
         let mut pipe = redis::pipe();
-        let stores = keys.len() > 2;
+        let stores = keys.len() > 1;
         if stores {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(SETTLE).arg(keys.len()).arg(&keys);
             cmd.arg(s.dedup_window_ms)
                 .arg(s.dedup_principal_events)
-                .arg(s.dedup_window_events)
                 .arg(&values);
             pipe.add_command(cmd);
         }
@@ -464,16 +458,13 @@ impl RedisStore {
         }
         match self.query::<redis::Value>(&pipe, "settle", metrics).await {
             Ok(v) => {
-                if let Some((share, window)) = evicted(&v) {
-                    let m = &metrics.evictions;
-                    m.get_or_create(&EvictLabels {
-                        reason: "principal_share",
-                    })
-                    .inc_by(share);
-                    m.get_or_create(&EvictLabels {
-                        reason: "stream_window",
-                    })
-                    .inc_by(window);
+                if let Some(share) = evicted(&v) {
+                    metrics
+                        .evictions
+                        .get_or_create(&EvictLabels {
+                            reason: "principal_share",
+                        })
+                        .inc_by(share);
                 }
             }
             Err(why) => {
@@ -553,19 +544,15 @@ fn parse(v: &str) -> Option<Position> {
     })
 }
 
-/// The eviction counts the settle script returned (the first reply of the pipeline).
-fn evicted(v: &redis::Value) -> Option<(u64, u64)> {
+/// The eviction count the settle script returned (the first reply of the pipeline).
+fn evicted(v: &redis::Value) -> Option<u64> {
     let redis::Value::Array(replies) = v else {
         return None;
     };
-    let redis::Value::Array(counts) = replies.first()? else {
-        return None;
-    };
-    let n = |v: &redis::Value| match v {
+    match replies.first()? {
         redis::Value::Int(n) => Some(*n as u64),
         _ => None,
-    };
-    Some((n(counts.first()?)?, n(counts.get(1)?)?))
+    }
 }
 
 fn hex(b: &[u8]) -> String {

@@ -668,3 +668,60 @@ async fn a_claim_left_by_a_killed_gateway_is_taken_over_once_it_restarted() {
     let again = post(&a.events_url("orders"), &one, None).await;
     assert!(positions(&again.body)[0].2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_redis_a_producer_sending_unique_ids_pushes_out_only_its_own_oldest_keys() {
+    let redis = Redis::start().unwrap();
+    let config = format!(
+        "{}{}",
+        redis_config(&redis, ""),
+        sluice_tests::api_key_entry("b.s3cret", "b", &["*"])
+    )
+    .replace(
+        "dedup = true\n",
+        "dedup = true\ndedup_principal_events = 5\n",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let url = s.events_url("orders");
+    let as_b = |ids: &[&str]| {
+        let events: Vec<Value> = ids.iter().map(|id| json!({"id": id, "value": 1})).collect();
+        Answer::of(
+            client()
+                .post(&url)
+                .header("x-api-key", "b.s3cret")
+                .json(&events),
+        )
+    };
+    assert!(
+        positions(&as_b(&["b-1", "b-2"]).await.body)
+            .iter()
+            .all(|p| !p.2)
+    );
+    // An anonymous producer floods the stream with ten unique ids, one request each.
+    for i in 0..10 {
+        post(&url, &json!([{"id": format!("f-{i}"), "value": i}]), None).await;
+    }
+    // It holds its share (5); b's keys are untouched.
+    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 7);
+    assert!(
+        positions(&as_b(&["b-1", "b-2"]).await.body)
+            .iter()
+            .all(|p| p.2)
+    );
+    let newest = post(&url, &json!([{"id": "f-9", "value": 9}]), None).await;
+    assert!(positions(&newest.body)[0].2);
+    let oldest = post(&url, &json!([{"id": "f-0", "value": 0}]), None).await;
+    assert!(
+        !positions(&oldest.body)[0].2,
+        "f-0 should have been pushed out"
+    );
+    let m = s.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "sluice_dedup_evictions_total",
+            r#"reason="principal_share""#
+        ) >= 5.0
+    );
+}
