@@ -165,7 +165,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         // this gateway's heartbeat is refreshed).
         let dedup = Arc::downgrade(&dedup);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 match dedup.upgrade() {
