@@ -622,6 +622,20 @@ mod tests {
         assert_eq!(retry.await.unwrap(), appended(50, 1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_gives_up_waiting_releases_the_keys_it_claimed() {
+        let d = dedup(1000);
+        let mut original = request("a", settings(), &["1"]);
+        let mut plan = d.plan(&mut original).await.unwrap();
+        let _in_flight = plan.take_tickets();
+        // "2" is claimed, then the wait for "1" passes its deadline (the paused clock jumps).
+        let mut retry = request("a", settings(), &["2", "1"]);
+        let refused = d.plan(&mut retry).await.err().expect("the wait gives up");
+        assert_eq!(refused.code(), "unavailable");
+        // "2" was released: the next request with it appends instead of waiting for nobody.
+        assert_eq!(send(&d, "a", settings(), &["2"], 9).await, appended(9, 1));
+    }
+
     #[tokio::test]
     async fn a_producer_sending_unique_ids_forgets_only_its_own_oldest() {
         let s = StreamSettings {

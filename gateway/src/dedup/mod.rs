@@ -307,13 +307,22 @@ impl Dedup {
         let keys: Vec<&Material> = unique.iter().map(|(_, m)| *m).collect();
         let claims = self.claim(&scope, &keys).await?;
         let deadline = Instant::now() + WAIT_FOR_ORIGINAL;
-        let mut outcome: Vec<Option<Result<Token, Position>>> =
-            (0..materials.len()).map(|_| None).collect();
+        // Claims made so far, released if this returns early (a wait past its deadline, Redis
+        // failing on a second claim), so no key is left claimed by nobody.
+        let mut held = Tickets {
+            dedup: Some(self.clone()),
+            claims: Vec::with_capacity(unique.len()),
+        };
+        // Per event: the index of its claim in `held`, or the original's position.
+        let mut outcome: Vec<Option<Result<usize, Position>>> = vec![None; materials.len()];
         for ((i, m), claim) in unique.iter().zip(claims) {
             let mut claim = claim;
             outcome[*i] = Some(loop {
                 match claim {
-                    Claim::New(t) => break Ok(t),
+                    Claim::New(t) => {
+                        held.claims.push(Some(t));
+                        break Ok(held.claims.len() - 1);
+                    }
                     Claim::Done(p) => break Err(p),
                     Claim::Wait(w) => {
                         self.metrics.waits.inc();
@@ -351,12 +360,12 @@ impl Dedup {
                 answers.push(Answer::Same(j));
                 continue;
             }
-            let claim = match outcome[i].take() {
+            let claim = match outcome[i] {
                 Some(Err(p)) => {
                     answers.push(Answer::Duplicate(p));
                     continue;
                 }
-                Some(Ok(t)) => Some(t),
+                Some(Ok(k)) => held.claims[k].take(),
                 None => None,
             };
             answers.push(Answer::Append(kept.len()));
