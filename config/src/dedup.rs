@@ -88,6 +88,9 @@ pub struct DedupKeys {
     /// A request's key: HTTP `Idempotency-Key`, gRPC `idempotency_key`; each event of the
     /// request is known by the key and its index.
     pub idempotency_key: bool,
+    /// MQTT QoS 1/2: the (client id, packet id) of a publish, so a resend with DUP set (after a
+    /// lost PUBACK, or across a reconnect) is recognised.
+    pub mqtt_packet: bool,
 }
 
 impl Default for DedupKeys {
@@ -95,6 +98,7 @@ impl Default for DedupKeys {
         Self {
             id: true,
             idempotency_key: true,
+            mqtt_packet: true,
         }
     }
 }
@@ -105,14 +109,16 @@ impl<'de> Deserialize<'de> for DedupKeys {
         let mut keys = DedupKeys {
             id: false,
             idempotency_key: false,
+            mqtt_packet: false,
         };
         for n in names {
             match n.as_str() {
                 "id" => keys.id = true,
                 "idempotency_key" => keys.idempotency_key = true,
+                "mqtt_packet" => keys.mqtt_packet = true,
                 other => {
                     return Err(serde::de::Error::custom(format!(
-                        "unknown dedup key `{other}`; expected `id` or `idempotency_key`"
+                        "unknown dedup key `{other}`; expected `id`, `idempotency_key` or `mqtt_packet`"
                     )));
                 }
             }

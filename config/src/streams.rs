@@ -300,7 +300,7 @@ impl Config {
                     1,
                     s.dedup_window_events.max(1),
                 );
-                if !s.dedup_keys.id && !s.dedup_keys.idempotency_key {
+                if !s.dedup_keys.id && !s.dedup_keys.idempotency_key && !s.dedup_keys.mqtt_packet {
                     q.add("dedup_keys", "dedup is on but no key is chosen");
                 }
                 for problem in q.0 {

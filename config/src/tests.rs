@@ -598,6 +598,8 @@ fn dedup_settings_parse_override_and_are_validated() {
     .unwrap();
     let a = c.streams.settings("a");
     assert!(a.dedup && a.dedup_keys.id && !a.dedup_keys.idempotency_key);
+    assert!(!a.dedup_keys.mqtt_packet);
+    assert!(c.streams.settings("other").dedup_keys.mqtt_packet);
     assert_eq!(a.dedup_window_ms, 1000);
     assert!(!c.streams.settings("b").dedup);
     assert!(c.streams.settings("other").dedup_keys.idempotency_key);

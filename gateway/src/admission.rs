@@ -268,6 +268,9 @@ impl Ingest for Gateway {
     /// what happened to each event is counted in [`Gateway::record`].
     async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
         let policy = self.policy.load();
+        // MQTT marks every QoS 1/2 publish with its packet key; only a stream that deduplicates
+        // by it stores it (and pays for its bytes).
+        drop_unused_packet_keys(&mut req);
         // Sized once: every later step reads these figures.
         let mut sizes = Sizes::of(&req.events);
         // Counted before anything can refuse the batch: the denominator of every refusal rate.
@@ -608,6 +611,19 @@ fn over_quota(v: &Verdict, stream: &str) -> Rejection {
             v.limit,
             retry_after.as_millis()
         ),
+    }
+}
+
+/// Removes the MQTT packet keys ([`sluice_core::MQTT_PACKET_HEADER`]) the stream does not
+/// deduplicate by.
+fn drop_unused_packet_keys(req: &mut IngestRequest) {
+    let s = req.admission.settings();
+    if req.protocol != sluice_core::Protocol::Mqtt || (s.dedup && s.dedup_keys.mqtt_packet) {
+        return;
+    }
+    for e in &mut req.events {
+        e.headers
+            .retain(|(k, _)| &k[..] != sluice_core::MQTT_PACKET_HEADER.as_bytes());
     }
 }
 

@@ -75,6 +75,12 @@ pub fn check_header_name(name: &[u8]) -> Result<(), String> {
 /// the dedup window is rebuilt from at start. Reserved, so only Sluice sets it.
 pub const IDEMPOTENCY_HEADER: &str = "sluice-idempotency-key";
 
+/// The header that carries an MQTT QoS 1/2 publish's (client id, packet id) into the log, as
+/// `{d|n}{client id}#{packet id}` (`d`: the publish had DUP set, a resend; `n`: a new one, which
+/// replaces an earlier publish's use of the packet id). The event's dedup key when it has no
+/// `id` and the stream's `dedup_keys` include `mqtt_packet` (docs/exactly-once.md). Reserved.
+pub const MQTT_PACKET_HEADER: &str = "sluice-mqtt-packet";
+
 /// The longest idempotency key a request may carry.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 

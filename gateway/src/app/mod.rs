@@ -580,12 +580,18 @@ async fn read_dedup_keys(log: &Log, config: &Config) -> anyhow::Result<Vec<Resto
                 let mut reader = sluice_log::PartitionReader::from_time(&dir, from)?;
                 let mut newest = std::collections::VecDeque::new();
                 while let Some(r) = reader.next_record()? {
-                    let request_key = r
-                        .headers
-                        .iter()
-                        .find(|(k, _)| k == crate::dedup::IDEMPOTENCY_HEADER.as_bytes())
-                        .map(|(_, v)| v.clone());
-                    if r.id.as_ref().is_none_or(Vec::is_empty) && request_key.is_none() {
+                    let header = |name: &str| {
+                        r.headers
+                            .iter()
+                            .find(|(k, _)| k == name.as_bytes())
+                            .map(|(_, v)| v.clone())
+                    };
+                    let request_key = header(crate::dedup::IDEMPOTENCY_HEADER);
+                    let mqtt_packet = header(sluice_core::MQTT_PACKET_HEADER);
+                    if r.id.as_ref().is_none_or(Vec::is_empty)
+                        && request_key.is_none()
+                        && mqtt_packet.is_none()
+                    {
                         continue;
                     }
                     if newest.len() == cap {
@@ -597,6 +603,7 @@ async fn read_dedup_keys(log: &Log, config: &Config) -> anyhow::Result<Vec<Resto
                         principal: r.principal,
                         id: r.id,
                         request_key,
+                        mqtt_packet,
                         position: crate::dedup::Position {
                             partition,
                             offset: Some(r.offset),

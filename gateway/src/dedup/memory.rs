@@ -324,7 +324,17 @@ impl Window {
         w.expire(scope.stream, now, s.dedup_window_ms, metrics);
         let claims = digests
             .into_iter()
-            .map(|key| {
+            .zip(keys)
+            .map(|(key, m)| {
+                // A new MQTT publish reusing a packet id takes the key over from the earlier
+                // publish, once that one is stored.
+                if m.replace
+                    && w.map
+                        .get(&key)
+                        .is_some_and(|slot| matches!(slot.state, State::Done(_)))
+                {
+                    w.remove(&key);
+                }
                 if let Some(slot) = w.map.get_mut(&key) {
                     return match &mut slot.state {
                         State::Done(p) => Claim::Done(*p),
@@ -728,6 +738,7 @@ mod tests {
                 principal: principal.identity().as_bytes().to_vec(),
                 id: id.map(<[u8]>::to_vec),
                 request_key: key.map(<[u8]>::to_vec),
+                mqtt_packet: None,
                 position: at(offset),
                 ts_ms,
             };

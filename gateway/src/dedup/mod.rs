@@ -55,11 +55,14 @@ impl Position {
 }
 
 /// What identifies one event within its stream and principal: the kind (`i` for ids, `k` for
-/// request keys) and the key's bytes.
+/// request keys, `m` for MQTT packets) and the key's bytes. `replace`: a new MQTT publish
+/// reusing a packet id takes the key over from the earlier publish instead of being its
+/// duplicate.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Material {
     kind: u8,
     bytes: bytes::Bytes,
+    replace: bool,
 }
 
 impl Material {
@@ -72,18 +75,34 @@ impl Material {
             return Some(Material {
                 kind: b'i',
                 bytes: id.clone(),
+                replace: false,
             });
         }
-        if s.dedup_keys.idempotency_key
-            && let Some((_, k)) = event
+        let header = |name: &str| {
+            event
                 .headers
                 .iter()
                 .rev()
-                .find(|(name, _)| name == IDEMPOTENCY_HEADER.as_bytes())
+                .find(|(n, _)| n == name.as_bytes())
+                .map(|(_, v)| v)
+        };
+        if s.dedup_keys.idempotency_key
+            && let Some(k) = header(IDEMPOTENCY_HEADER)
         {
             return Some(Material {
                 kind: b'k',
                 bytes: k.clone(),
+                replace: false,
+            });
+        }
+        if s.dedup_keys.mqtt_packet
+            && let Some(v) = header(sluice_core::MQTT_PACKET_HEADER)
+            && let Some((&flag, _)) = v.split_first()
+        {
+            return Some(Material {
+                kind: b'm',
+                bytes: v.slice(1..),
+                replace: flag == b'n',
             });
         }
         None
@@ -94,16 +113,17 @@ impl Material {
         s: &StreamSettings,
         id: Option<&[u8]>,
         request_key: Option<&[u8]>,
+        mqtt_packet: Option<&[u8]>,
     ) -> Option<Self> {
-        match (id.filter(|id| !id.is_empty()), request_key) {
-            (Some(id), _) if s.dedup_keys.id => Some(Material {
-                kind: b'i',
-                bytes: bytes::Bytes::copy_from_slice(id),
-            }),
-            (_, Some(k)) if s.dedup_keys.idempotency_key => Some(Material {
-                kind: b'k',
-                bytes: bytes::Bytes::copy_from_slice(k),
-            }),
+        let m = |kind, b: &[u8]| Material {
+            kind,
+            bytes: bytes::Bytes::copy_from_slice(b),
+            replace: false,
+        };
+        match (id.filter(|id| !id.is_empty()), request_key, mqtt_packet) {
+            (Some(id), _, _) if s.dedup_keys.id => Some(m(b'i', id)),
+            (_, Some(k), _) if s.dedup_keys.idempotency_key => Some(m(b'k', k)),
+            (_, _, Some([_, rest @ ..])) if s.dedup_keys.mqtt_packet => Some(m(b'm', rest)),
             _ => None,
         }
     }
@@ -436,9 +456,12 @@ impl Dedup {
         match &self.store {
             Store::Memory(w) => {
                 for e in events {
-                    if let Some(m) =
-                        Material::of_record(&e.settings, e.id.as_deref(), e.request_key.as_deref())
-                    {
+                    if let Some(m) = Material::of_record(
+                        &e.settings,
+                        e.id.as_deref(),
+                        e.request_key.as_deref(),
+                        e.mqtt_packet.as_deref(),
+                    ) {
                         w.restore(
                             &e.stream,
                             &e.principal,
@@ -508,6 +531,7 @@ pub struct Restored {
     pub principal: Vec<u8>,
     pub id: Option<Vec<u8>>,
     pub request_key: Option<Vec<u8>>,
+    pub mqtt_packet: Option<Vec<u8>>,
     pub position: Position,
     pub ts_ms: i64,
 }

@@ -267,14 +267,13 @@ impl RedisStore {
         let nonce = self.nonce();
         let rkeys: Vec<String> = keys.iter().map(|m| self.key(scope, m)).collect();
         let mut pipe = redis::pipe();
-        for k in &rkeys {
-            pipe.cmd("SET")
-                .arg(k)
-                .arg(&nonce)
-                .arg("NX")
-                .arg("PX")
-                .arg(PENDING_TTL_MS)
-                .arg("GET");
+        for (k, m) in rkeys.iter().zip(keys) {
+            let cmd = pipe.cmd("SET").arg(k).arg(&nonce);
+            // A new MQTT publish reusing a packet id takes the key over (no NX).
+            if !m.replace {
+                cmd.arg("NX");
+            }
+            cmd.arg("PX").arg(PENDING_TTL_MS).arg("GET");
         }
         let held: Vec<Option<String>> = self
             .query(&pipe, "claim", metrics)
@@ -283,7 +282,12 @@ impl RedisStore {
         Ok(rkeys
             .into_iter()
             .zip(held)
-            .map(|(key, held)| match held.as_deref().map(parse) {
+            .zip(keys)
+            .map(|((key, held), m)| match held.as_deref().map(parse) {
+                _ if m.replace => Claim::New(AnyToken::Redis(Token {
+                    key,
+                    nonce: nonce.clone(),
+                })),
                 None => Claim::New(AnyToken::Redis(Token {
                     key,
                     nonce: nonce.clone(),
@@ -368,9 +372,12 @@ impl RedisStore {
         for chunk in events.chunks(1000) {
             let mut pipe = redis::pipe();
             for e in chunk {
-                let Some(m) =
-                    Material::of_record(&e.settings, e.id.as_deref(), e.request_key.as_deref())
-                else {
+                let Some(m) = Material::of_record(
+                    &e.settings,
+                    e.id.as_deref(),
+                    e.request_key.as_deref(),
+                    e.mqtt_packet.as_deref(),
+                ) else {
                     continue;
                 };
                 let principal: Arc<str> = Arc::from(String::from_utf8_lossy(&e.principal).as_ref());

@@ -725,3 +725,66 @@ async fn in_redis_a_producer_sending_unique_ids_pushes_out_only_its_own_oldest_k
         ) >= 5.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_resends_with_dup_are_recognised_by_client_and_packet_id_across_reconnects() {
+    use rmqtt_codec::v3;
+    use sluice_tests::mqtt::{connect3, publish, session3};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{DEDUP}[streams.declare.plain]\ndedup = false\n");
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let addr = s.mqtt.unwrap();
+    async fn send(
+        raw: &mut sluice_tests::mqtt::Raw,
+        topic: &str,
+        id: u16,
+        dup: bool,
+        body: &'static [u8],
+    ) {
+        let mut p = publish(topic, 1, id, body, None);
+        p.dup = dup;
+        raw.send3(v3::Packet::Publish(Box::new(p))).await;
+        match raw.recv3().await {
+            Some(v3::Packet::PublishAck { packet_id }) => assert_eq!(packet_id.get(), id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut raw = session3(addr, connect3("pump-7", 30)).await;
+    send(&mut raw, "m/k", 7, false, b"first").await;
+    // The PUBACK was lost (as far as the client knows): it resends with DUP, on this
+    // connection and again after reconnecting.
+    send(&mut raw, "m/k", 7, true, b"first").await;
+    drop(raw);
+    let mut raw = session3(addr, connect3("pump-7", 30)).await;
+    send(&mut raw, "m/k", 7, true, b"first").await;
+    // A new publish reusing packet id 7 (no DUP) is a new event; its resend is recognised.
+    send(&mut raw, "m/k", 7, false, b"second").await;
+    send(&mut raw, "m/k", 7, true, b"second").await;
+    // Another client's packet 7 is its own.
+    let mut other = session3(addr, connect3("pump-8", 30)).await;
+    send(&mut other, "m/k", 7, true, b"other").await;
+    let records = read_log(&s.data_dir, "m", &[]).unwrap();
+    let values: Vec<&str> = records
+        .iter()
+        .map(|r| r["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["first", "second", "other"], "{records:?}");
+    assert_eq!(records[0]["headers"]["sluice-mqtt-packet"], "npump-7#7");
+    let m = s.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_dedup_duplicates_total",
+            r#"stream="m",protocol="mqtt""#
+        ),
+        3.0
+    );
+    // A stream without dedup stores no packet key.
+    send(&mut other, "plain/k", 9, false, b"p").await;
+    let plain = read_log(&s.data_dir, "plain", &[]).unwrap();
+    assert_eq!(
+        plain[0]["headers"]["sluice-mqtt-packet"],
+        Value::Null,
+        "{plain:?}"
+    );
+}

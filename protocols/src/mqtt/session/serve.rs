@@ -448,6 +448,19 @@ impl<I: Ingest> Session<I> {
             .iter()
             .position(|(k, _)| &k[..] == b"id")
             .map(|i| headers.remove(i).1);
+        // A QoS 1/2 publish is known by (client id, packet id) on streams with dedup: a resend
+        // (DUP) of one already stored is answered without a second copy, also after a reconnect.
+        if let Some(pid) = packet_id {
+            let mut v = Vec::with_capacity(self.client_id.len() + 7);
+            v.push(if p.dup { b'd' } else { b'n' });
+            v.extend_from_slice(self.client_id.as_bytes());
+            v.push(b'#');
+            v.extend_from_slice(pid.get().to_string().as_bytes());
+            headers.push((
+                Bytes::from_static(sluice_core::MQTT_PACKET_HEADER.as_bytes()),
+                Bytes::from(v),
+            ));
+        }
         if qos2 {
             self.qos2_pending.insert(packet_id.expect("checked").get());
         }
