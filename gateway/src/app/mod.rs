@@ -163,17 +163,11 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     if dedup.is_redis() {
         // Redis is asked once a second whether it answers, for /readyz and the metric (and
         // this gateway's heartbeat is refreshed).
-        let dedup = Arc::downgrade(&dedup);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                match dedup.upgrade() {
-                    Some(d) => d.probe().await,
-                    None => return,
-                }
-            }
-        });
+        every(
+            Duration::from_secs(1),
+            Arc::downgrade(&dedup),
+            |d| async move { d.probe().await },
+        );
     }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
@@ -183,20 +177,12 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         metrics.clone(),
         dedup,
     ));
-    {
-        // Idle streams' expired dedup keys are freed now and then.
-        let gateway = Arc::downgrade(&gateway);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                match gateway.upgrade() {
-                    Some(g) => g.sweep_dedup(),
-                    None => return,
-                }
-            }
-        });
-    }
+    // Idle streams' expired dedup keys are freed now and then.
+    every(
+        Duration::from_secs(5),
+        Arc::downgrade(&gateway),
+        |g| async move { g.sweep_dedup() },
+    );
 
     let http_listener = TcpListener::bind(&config.http.listen)
         .await
@@ -534,6 +520,25 @@ async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<L
             .with_context(|| format!("creating declared stream `{name}`"))?;
     }
     Ok(log)
+}
+
+/// Runs `f` on what `weak` points to every `period`, for as long as it lives.
+fn every<T, F, Fut>(period: Duration, weak: std::sync::Weak<T>, f: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(t) => f(t).await,
+                None => return,
+            }
+        }
+    });
 }
 
 /// This gateway's instance id, kept in its data directory (made at first start): its claims in

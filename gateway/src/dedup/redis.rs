@@ -89,6 +89,18 @@ pub(crate) struct Token {
     nonce: String,
 }
 
+impl Token {
+    /// Adds the release of this claim to `pipe` (deleted only if still this claim).
+    fn release(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.nonce)
+            .ignore();
+    }
+}
+
 pub(crate) struct RedisStore {
     client: redis::Client,
     /// Multiplexed connections, used round robin; `None` once one failed, until re-made.
@@ -453,12 +465,7 @@ impl RedisStore {
             pipe.add_command(cmd);
         }
         for t in &failed {
-            pipe.cmd("EVAL")
-                .arg(RELEASE)
-                .arg(1)
-                .arg(&t.key)
-                .arg(&t.nonce)
-                .ignore();
+            t.release(&mut pipe);
         }
         if !stores && failed.is_empty() {
             return;
@@ -488,12 +495,7 @@ impl RedisStore {
         let mut any = false;
         for claim in claims.into_iter().flatten() {
             if let AnyToken::Redis(t) = claim {
-                pipe.cmd("EVAL")
-                    .arg(RELEASE)
-                    .arg(1)
-                    .arg(&t.key)
-                    .arg(&t.nonce)
-                    .ignore();
+                t.release(&mut pipe);
                 any = true;
             }
         }
