@@ -105,6 +105,11 @@ pub struct TopicRuleConfig {
     pub stream: String,
     /// The event key; may use the pattern's placeholders. Absent: no key.
     pub key: Option<String>,
+    /// The event id; may use the pattern's placeholders, e.g. `{device}-{seq}`: the event's
+    /// dedup key on streams with dedup (docs/exactly-once.md). Absent: none (an MQTT 5 `id`
+    /// user property still gives one, and wins).
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +130,15 @@ struct Rule {
     levels: Vec<Level>,
     stream: Vec<Part>,
     key: Option<Vec<Part>>,
+    id: Option<Vec<Part>>,
+}
+
+/// Where a topic goes: its stream, and the key and id of its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapped {
+    pub stream: String,
+    pub key: Option<String>,
+    pub id: Option<String>,
 }
 
 /// The compiled `[[mqtt.topics]]` rules.
@@ -254,10 +268,15 @@ impl TopicMap {
             .as_deref()
             .map(|k| parse_template(k, &names))
             .transpose()?;
+        let id =
+            r.id.as_deref()
+                .map(|k| parse_template(k, &names))
+                .transpose()?;
         Ok(Rule {
             levels,
             stream,
             key,
+            id,
         })
     }
 
@@ -269,6 +288,11 @@ impl TopicMap {
     /// The stream and key of `topic`: the first matching rule's, or with no rules the first
     /// level as the stream and the remaining levels (if any) as the key.
     pub fn map(&self, topic: &str) -> Result<(String, Option<String>), TopicError> {
+        self.resolve(topic).map(|m| (m.stream, m.key))
+    }
+
+    /// The stream, key and id of `topic` (see [`TopicMap::map`]; only rules give an id).
+    pub fn resolve(&self, topic: &str) -> Result<Mapped, TopicError> {
         let levels: Vec<&str> = topic.split('/').collect();
         if self.rules.is_empty() {
             let stream = levels[0];
@@ -278,7 +302,11 @@ impl TopicMap {
                 ))
             })?;
             let key = topic.split_once('/').map(|(_, k)| k.to_string());
-            return Ok((stream.to_string(), key));
+            return Ok(Mapped {
+                stream: stream.to_string(),
+                key,
+                id: None,
+            });
         }
         'rules: for rule in &self.rules {
             let mut vars: Vec<(&str, String)> = Vec::new();
@@ -325,7 +353,8 @@ impl TopicMap {
                 TopicError::BadStream(format!("the rule maps the topic to stream `{stream}`: {e}"))
             })?;
             let key = rule.key.as_deref().map(render);
-            return Ok((stream, key));
+            let id = rule.id.as_deref().map(render);
+            return Ok(Mapped { stream, key, id });
         }
         Err(TopicError::Unmapped)
     }
@@ -388,6 +417,7 @@ mod tests {
 
     fn rule(pattern: &str, stream: &str, key: Option<&str>) -> TopicRuleConfig {
         TopicRuleConfig {
+            id: None,
             pattern: pattern.into(),
             stream: stream.into(),
             key: key.map(str::to_string),
@@ -426,6 +456,23 @@ mod tests {
             ("berlin-events".into(), Some("a/b/c".into()))
         );
         assert_eq!(m.map("devices/d7/status").unwrap(), ("other".into(), None));
+        let with_id = TopicMap::compile(&[TopicRuleConfig {
+            id: Some("{device}-{seq}".into()),
+            ..rule(
+                "devices/{device}/readings/{seq}",
+                "readings",
+                Some("{device}"),
+            )
+        }])
+        .unwrap();
+        assert_eq!(
+            with_id.resolve("devices/d7/readings/41").unwrap(),
+            Mapped {
+                stream: "readings".into(),
+                key: Some("d7".into()),
+                id: Some("d7-41".into())
+            }
+        );
         assert_eq!(m.map("devices/d7/telemetry/x"), Err(TopicError::Unmapped));
         assert_eq!(m.map("sites/berlin"), Err(TopicError::Unmapped));
         // An empty level never fills a placeholder.

@@ -788,3 +788,35 @@ async fn mqtt_resends_with_dup_are_recognised_by_client_and_packet_id_across_rec
         "{plain:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_from_the_topic_rule_deduplicates_mqtt_3_publishes() {
+    use rmqtt_codec::v3;
+    use sluice_tests::mqtt::{connect3, publish, session3};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{DEDUP}[[mqtt.topics]]\npattern = \"meters/{{meter}}/readings/{{seq}}\"\nstream = \"readings\"\nkey = \"{{meter}}\"\nid = \"{{meter}}-{{seq}}\"\n"
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    // Two connections (a device that reconnected and resent without DUP, with a new packet
+    // id): only the topic says it is the same reading.
+    for (client, pid) in [("m1-a", 1), ("m1-b", 2)] {
+        let mut raw = session3(s.mqtt.unwrap(), connect3(client, 30)).await;
+        raw.send3(v3::Packet::Publish(Box::new(publish(
+            "meters/m1/readings/41",
+            1,
+            pid,
+            b"17.5",
+            None,
+        ))))
+        .await;
+        match raw.recv3().await {
+            Some(v3::Packet::PublishAck { packet_id }) => assert_eq!(packet_id.get(), pid),
+            other => panic!("{other:?}"),
+        }
+    }
+    let records = read_log(&s.data_dir, "readings", &[]).unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["id"], "m1-41");
+    assert_eq!(records[0]["key"], "m1");
+}

@@ -165,7 +165,8 @@ struct Session<I> {
     qos2_received: HashSet<u16>,
     aliases: Vec<Option<ByteString>>,
     /// The last topic's mapping (devices mostly publish to one topic).
-    last_topic: Option<(ByteString, StreamName, Option<Bytes>)>,
+    /// The last topic published to, with its stream, key and (from a topic rule) id.
+    last_topic: Option<(ByteString, StreamName, Option<Bytes>, Option<Bytes>)>,
     over_quota: u32,
     over_quota_qos0: bool,
     closing: bool,

@@ -398,14 +398,15 @@ impl<I: Ingest> Session<I> {
                 format!("`{topic}` has wildcards; a PUBLISH needs a topic name"),
             );
         }
-        let (stream, key) = match &self.last_topic {
-            Some((t, s, k)) if *t == topic => (s.clone(), k.clone()),
-            _ => match self.mqtt.opts.topics.map(&topic) {
-                Ok((s, k)) => match StreamName::parse(&s) {
+        let (stream, key, mapped_id) = match &self.last_topic {
+            Some((t, s, k, id)) if *t == topic => (s.clone(), k.clone(), id.clone()),
+            _ => match self.mqtt.opts.topics.resolve(&topic) {
+                Ok(m) => match StreamName::parse(&m.stream) {
                     Ok(s) => {
-                        let k = k.map(Bytes::from);
-                        self.last_topic = Some((topic.clone(), s.clone(), k.clone()));
-                        (s, k)
+                        let k = m.key.map(Bytes::from);
+                        let id = m.id.map(Bytes::from);
+                        self.last_topic = Some((topic.clone(), s.clone(), k.clone(), id.clone()));
+                        (s, k, id)
                     }
                     Err(r) => {
                         self.count_refusal("topic");
@@ -442,12 +443,14 @@ impl<I: Ingest> Session<I> {
             self.count_refusal("malformed");
             return refused(rc::PAYLOAD_FORMAT_INVALID, "malformed", m);
         }
-        // The user property `id` (as in the CloudEvents MQTT binding) is the event's id: stored
-        // as its id, and its dedup key on streams with dedup (docs/exactly-once.md).
+        // The user property `id` (as in the CloudEvents MQTT binding), else the id the topic
+        // rule renders, is the event's id: stored as its id, and its dedup key on streams with
+        // dedup (docs/exactly-once.md).
         let id = headers
             .iter()
             .position(|(k, _)| &k[..] == b"id")
-            .map(|i| headers.remove(i).1);
+            .map(|i| headers.remove(i).1)
+            .or(mapped_id);
         // A QoS 1/2 publish is known by (client id, packet id) on streams with dedup: a resend
         // (DUP) of one already stored is answered without a second copy, also after a reconnect.
         if let Some(pid) = packet_id {
