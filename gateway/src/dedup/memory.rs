@@ -54,6 +54,31 @@ impl Hasher for DigestHasher {
 
 type Map = HashMap<Key, Slot, BuildHasherDefault<DigestHasher>>;
 
+/// FNV-1a for the tables of stream and principal names: short strings, looked up for every
+/// key; their number is bounded (`streams.max_streams`, authenticated principals), so
+/// flooding them with colliding names is not an attack worth SipHash's cost.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+type Names<V> = HashMap<Arc<str>, V, BuildHasherDefault<Fnv>>;
+
 /// A claimed key: its digest and the sequence number of its slot.
 pub(crate) struct Token(Key, u64);
 
@@ -96,7 +121,7 @@ fn is_live(map: &Map, key: &Key, seq: u64) -> bool {
 struct StreamWindow {
     fifo: Fifo,
     count: usize,
-    principals: HashMap<Arc<str>, PrincipalWindow>,
+    principals: Names<PrincipalWindow>,
 }
 
 #[derive(Default)]
@@ -107,7 +132,7 @@ struct PrincipalWindow {
 
 struct Inner {
     map: Map,
-    streams: HashMap<Arc<str>, StreamWindow>,
+    streams: Names<StreamWindow>,
     seq: u64,
 }
 
@@ -276,7 +301,7 @@ impl Window {
         Self {
             inner: Mutex::new(Inner {
                 map: Map::default(),
-                streams: HashMap::new(),
+                streams: Names::default(),
                 seq: 0,
             }),
             hashers: (RandomState::new(), RandomState::new()),
@@ -293,18 +318,30 @@ impl Window {
     /// The digest of a key: stream, principal identity, kind and the key's bytes, each
     /// length-prefixed so no two tuples share an encoding.
     fn key(&self, stream: &str, principal: &[u8], m: &Material) -> Key {
-        let digest = |state: &RandomState| {
+        self.keys(stream, principal)(m)
+    }
+
+    /// [`Window::key`] for many keys of one stream and principal: the hashers' state after
+    /// the stream and the principal is computed once.
+    fn keys(&self, stream: &str, principal: &[u8]) -> impl Fn(&Material) -> Key {
+        let prefix = |state: &RandomState| {
             let mut h = state.build_hasher();
             h.write_usize(stream.len());
             h.write(stream.as_bytes());
             h.write_usize(principal.len());
             h.write(principal);
-            h.write_u8(m.kind);
-            h.write_usize(m.bytes.len());
-            h.write(&m.bytes);
-            h.finish()
+            h
         };
-        Key([digest(&self.hashers.0), digest(&self.hashers.1)])
+        let (a, b) = (prefix(&self.hashers.0), prefix(&self.hashers.1));
+        move |m: &Material| {
+            let digest = |mut h: std::hash::DefaultHasher| {
+                h.write_u8(m.kind);
+                h.write_usize(m.bytes.len());
+                h.write(&m.bytes);
+                h.finish()
+            };
+            Key([digest(a.clone()), digest(b.clone())])
+        }
     }
 
     /// Claims the keys of one request, under one lock.
@@ -314,10 +351,8 @@ impl Window {
         keys: &[&Material],
         metrics: &DedupMetrics,
     ) -> Vec<Claim> {
-        let digests: Vec<Key> = keys
-            .iter()
-            .map(|m| self.key(scope.stream, scope.principal.as_bytes(), m))
-            .collect();
+        let key = self.keys(scope.stream, scope.principal.as_bytes());
+        let digests: Vec<Key> = keys.iter().map(|m| key(m)).collect();
         let s = scope.settings;
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
