@@ -14,7 +14,7 @@ pub struct DedupConfig {
     /// by every gateway pointing at the same Redis).
     pub store: DedupStore,
     /// Most keys the embedded window holds across every stream; past it the oldest key of any
-    /// stream is forgotten first (about 200 bytes of memory each). With Redis, its
+    /// stream is forgotten first (about 110 bytes of memory each). With Redis, its
     /// `maxmemory` (with `maxmemory-policy volatile-ttl`) bounds the window instead.
     pub max_entries: u64,
     pub redis: RedisConfig,

@@ -3,9 +3,13 @@
 //! window (`dedup.max_entries`), oldest first in each, and by time (`dedup_window_ms`).
 //!
 //! Keys are 128-bit SipHash digests under keys chosen at random at start, so a producer cannot
-//! make two of its keys collide, and every entry costs the same. The window is rebuilt at start
-//! from the embedded log, which stores each event's id, its principal and (as the header
-//! `sluice-idempotency-key`) its request key, so a restart — even SIGKILL — keeps it.
+//! make two of its keys collide, and every entry costs the same: 40 bytes in the table (the
+//! digest, a sequence number, the owner's index and the position) plus 32 in each of two FIFOs.
+//! The table is where the time goes (a cache miss per lookup once it outgrows the caches), so
+//! its slots are kept small: the (stream, principal) owning a key is an index into a table of
+//! owners, and the channel a retry waits on exists only while one waits. The window is rebuilt
+//! at start from the embedded log, which stores each event's id, its principal and (as
+//! headers) its request or packet key, so a restart — even SIGKILL — keeps it.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
@@ -54,9 +58,9 @@ impl Hasher for DigestHasher {
 
 type Map = HashMap<Key, Slot, BuildHasherDefault<DigestHasher>>;
 
-/// FNV-1a for the tables of stream and principal names: short strings, looked up for every
-/// key; their number is bounded (`streams.max_streams`, authenticated principals), so
-/// flooding them with colliding names is not an attack worth SipHash's cost.
+/// FNV-1a for the tables of stream and principal names: short strings, looked up once per
+/// request or per removal; their number is bounded (`streams.max_streams`, authenticated
+/// principals), so flooding them with colliding names is not an attack worth SipHash's cost.
 struct Fnv(u64);
 
 impl Default for Fnv {
@@ -82,18 +86,27 @@ type Names<V> = HashMap<Arc<str>, V, BuildHasherDefault<Fnv>>;
 /// A claimed key: its digest and the sequence number of its slot.
 pub(crate) struct Token(Key, u64);
 
-enum State {
-    /// The original is on its way to the log; a retry subscribes (the channel is made by the
-    /// first one that waits).
-    Pending(Option<watch::Sender<Option<Position>>>),
-    Done(Position),
-}
+/// `partition` of a key whose original is still in flight.
+const PENDING: u32 = u32::MAX;
+/// `offset` of an event acked on receipt (no offset yet).
+const NO_OFFSET: u64 = u64::MAX;
 
 struct Slot {
     seq: u64,
-    stream: Arc<str>,
-    principal: Arc<str>,
-    state: State,
+    /// Index into [`Inner::owners`].
+    owner: u32,
+    /// The original's position; [`PENDING`] while it is in flight.
+    partition: u32,
+    offset: u64,
+}
+
+impl Slot {
+    fn position(&self) -> Option<Position> {
+        (self.partition != PENDING).then_some(Position {
+            partition: self.partition,
+            offset: (self.offset != NO_OFFSET).then_some(self.offset),
+        })
+    }
 }
 
 /// Keys in insertion order, with stale entries (keys removed by another path) skipped lazily
@@ -117,15 +130,18 @@ fn is_live(map: &Map, key: &Key, seq: u64) -> bool {
     map.get(key).is_some_and(|s| s.seq == seq)
 }
 
+/// A stream's keys: their FIFO (for its window and its expiry) and its owners by principal.
 #[derive(Default)]
 struct StreamWindow {
     fifo: Fifo,
     count: usize,
-    principals: Names<PrincipalWindow>,
+    principals: Names<u32>,
 }
 
-#[derive(Default)]
-struct PrincipalWindow {
+/// One principal's keys on one stream.
+struct Owner {
+    stream: Arc<str>,
+    principal: Arc<str>,
     fifo: Fifo,
     count: usize,
 }
@@ -133,24 +149,57 @@ struct PrincipalWindow {
 struct Inner {
     map: Map,
     streams: Names<StreamWindow>,
+    /// Owners by index; one without keys is freed by the next sweep (not at once, so an index
+    /// a request resolved stays valid while it inserts).
+    owners: Vec<Owner>,
+    free: Vec<u32>,
+    /// The channels retries wait on, for keys in flight that have a waiter.
+    waiters: HashMap<Key, watch::Sender<Option<Position>>, BuildHasherDefault<DigestHasher>>,
     seq: u64,
 }
 
 impl Inner {
+    /// The owner index of (`stream`, `principal`), made if new.
+    fn owner(&mut self, stream: &Arc<str>, principal: &Arc<str>) -> u32 {
+        if let Some(&o) = self
+            .streams
+            .get(stream)
+            .and_then(|w| w.principals.get(principal))
+        {
+            return o;
+        }
+        let owner = Owner {
+            stream: stream.clone(),
+            principal: principal.clone(),
+            fifo: Fifo::default(),
+            count: 0,
+        };
+        let o = match self.free.pop() {
+            Some(o) => {
+                self.owners[o as usize] = owner;
+                o
+            }
+            None => {
+                self.owners.push(owner);
+                (self.owners.len() - 1) as u32
+            }
+        };
+        self.streams
+            .entry(stream.clone())
+            .or_default()
+            .principals
+            .insert(principal.clone(), o);
+        o
+    }
+
     /// Removes `key` and its counts; its waiters (if pending) are told the original failed.
     fn remove(&mut self, key: &Key) -> Option<Slot> {
         let slot = self.map.remove(key)?;
-        if let Some(w) = self.streams.get_mut(&slot.stream) {
+        self.waiters.remove(key);
+        let o = &mut self.owners[slot.owner as usize];
+        o.count -= 1;
+        if let Some(w) = self.streams.get_mut(&o.stream) {
             w.count -= 1;
-            if let Some(p) = w.principals.get_mut(&slot.principal) {
-                p.count -= 1;
-                if p.count == 0 {
-                    w.principals.remove(&slot.principal);
-                }
-            }
-            if w.count == 0 {
-                self.streams.remove(&slot.stream);
-            }
         }
         Some(slot)
     }
@@ -180,55 +229,43 @@ impl Inner {
             let Some(&(k, s, at)) = w.fifo.0.front() else {
                 return;
             };
-            if !is_live(&self.map, &k, s) {
+            let Some(slot) = self.map.get(&k).filter(|slot| slot.seq == s) else {
                 w.fifo.0.pop_front();
                 continue;
-            }
+            };
             if at.saturating_add(window_ms) > now_ms {
                 return;
             }
             w.fifo.0.pop_front();
             // A pending key is its original still in flight: it stays until answered.
-            if matches!(self.map.get(&k).map(|s| &s.state), Some(State::Done(_))) {
+            if slot.partition != PENDING {
                 self.remove(&k);
                 m.evictions
                     .get_or_create(&EvictLabels { reason: "expired" })
                     .inc();
             } else {
-                let w = self
-                    .streams
-                    .get_mut(stream)
-                    .expect("the stream holds this key");
                 w.fifo.0.push_back((k, s, now_ms));
             }
         }
     }
 
-    /// Adds `key` for (`stream`, `principal`), making room within the three bounds first.
+    /// Adds `key` for `owner` (of `stream`), making room within the three bounds first.
     #[allow(clippy::too_many_arguments)]
     fn insert(
         &mut self,
         key: Key,
-        stream: &Arc<str>,
-        principal: &Arc<str>,
-        state: State,
+        owner: u32,
+        stream: &str,
+        position: Option<Position>,
         at_ms: u64,
         s: &StreamSettings,
         max_entries: usize,
         m: &DedupMetrics,
-    ) {
+    ) -> u64 {
         let evict = |reason| m.evictions.get_or_create(&EvictLabels { reason }).inc();
-        let (stream_count, principal_count) = self.streams.get(stream).map_or((0, 0), |w| {
-            (w.count, w.principals.get(principal).map_or(0, |p| p.count))
-        });
-        if principal_count as u64 >= s.dedup_principal_events
-            && self.evict_oldest(|w| {
-                w.streams
-                    .get_mut(stream)?
-                    .principals
-                    .get_mut(principal)
-                    .map(|p| &mut p.fifo)
-            })
+        let stream_count = self.streams.get(stream).map_or(0, |w| w.count);
+        if self.owners[owner as usize].count as u64 >= s.dedup_principal_events
+            && self.evict_oldest(|w| Some(&mut w.owners[owner as usize].fifo))
         {
             evict("principal_share");
         } else if stream_count as u64 >= s.dedup_window_events
@@ -257,30 +294,51 @@ impl Inner {
         }
         self.seq += 1;
         let seq = self.seq;
+        let (partition, offset) = match position {
+            Some(p) => (p.partition, p.offset.unwrap_or(NO_OFFSET)),
+            None => (PENDING, NO_OFFSET),
+        };
         self.map.insert(
             key,
             Slot {
                 seq,
-                stream: stream.clone(),
-                principal: principal.clone(),
-                state,
+                owner,
+                partition,
+                offset,
             },
         );
-        let w = match self.streams.get_mut(stream) {
-            Some(w) => w,
-            None => self.streams.entry(stream.clone()).or_default(),
-        };
+        let o = &mut self.owners[owner as usize];
+        o.count += 1;
+        o.fifo.push(key, seq, at_ms);
+        let oc = o.count;
+        let w = self
+            .streams
+            .get_mut(stream)
+            .expect("an owner's stream has a window");
         w.count += 1;
         w.fifo.push(key, seq, at_ms);
-        let p = match w.principals.get_mut(principal) {
-            Some(p) => p,
-            None => w.principals.entry(principal.clone()).or_default(),
-        };
-        p.count += 1;
-        p.fifo.push(key, seq, at_ms);
-        let (pc, sc) = (p.count, w.count);
-        p.fifo.compact(pc, &self.map);
-        w.fifo.compact(sc, &self.map);
+        let sc = w.count;
+        self.owners[owner as usize].fifo.compact(oc, &self.map);
+        if let Some(w) = self.streams.get_mut(stream) {
+            w.fifo.compact(sc, &self.map);
+        }
+        seq
+    }
+
+    /// Frees owners and streams without keys.
+    fn free_empty(&mut self) {
+        for (i, o) in self.owners.iter_mut().enumerate() {
+            if o.count == 0 && !o.stream.is_empty() {
+                if let Some(w) = self.streams.get_mut(&o.stream) {
+                    w.principals.remove(&o.principal);
+                }
+                o.stream = Arc::from("");
+                o.fifo = Fifo::default();
+                self.free.push(i as u32);
+            }
+        }
+        self.streams
+            .retain(|_, w| w.count > 0 || !w.principals.is_empty());
     }
 }
 
@@ -302,6 +360,9 @@ impl Window {
             inner: Mutex::new(Inner {
                 map: Map::default(),
                 streams: Names::default(),
+                owners: Vec::new(),
+                free: Vec::new(),
+                waiters: HashMap::default(),
                 seq: 0,
             }),
             hashers: (RandomState::new(), RandomState::new()),
@@ -315,14 +376,9 @@ impl Window {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The digest of a key: stream, principal identity, kind and the key's bytes, each
-    /// length-prefixed so no two tuples share an encoding.
-    fn key(&self, stream: &str, principal: &[u8], m: &Material) -> Key {
-        self.keys(stream, principal)(m)
-    }
-
-    /// [`Window::key`] for many keys of one stream and principal: the hashers' state after
-    /// the stream and the principal is computed once.
+    /// The digests of keys of one stream and principal: stream, principal identity, kind and
+    /// the key's bytes, each length-prefixed so no two tuples share an encoding; the hashers'
+    /// state after the stream and the principal is computed once.
     fn keys(&self, stream: &str, principal: &[u8]) -> impl Fn(&Material) -> Key {
         let prefix = |state: &RandomState| {
             let mut h = state.build_hasher();
@@ -355,41 +411,42 @@ impl Window {
         let digests: Vec<Key> = keys.iter().map(|m| key(m)).collect();
         let s = scope.settings;
         let now = self.now_ms();
-        let mut w = self.inner.lock().expect("dedup window poisoned");
+        let mut guard = self.inner.lock().expect("dedup window poisoned");
+        let w = &mut *guard;
         w.expire(scope.stream, now, s.dedup_window_ms, metrics);
+        let owner = w.owner(scope.stream, scope.principal);
         let claims = digests
             .into_iter()
             .zip(keys)
             .map(|(key, m)| {
-                // A new MQTT publish reusing a packet id takes the key over from the earlier
-                // publish, once that one is stored.
-                if m.replace
-                    && w.map
-                        .get(&key)
-                        .is_some_and(|slot| matches!(slot.state, State::Done(_)))
-                {
-                    w.remove(&key);
-                }
-                if let Some(slot) = w.map.get_mut(&key) {
-                    return match &mut slot.state {
-                        State::Done(p) => Claim::Done(*p),
-                        State::Pending(tx) => {
-                            let tx = tx.get_or_insert_with(|| watch::channel(None).0);
-                            Claim::Wait(Waiter::Memory(tx.subscribe()))
+                if let Some(slot) = w.map.get(&key) {
+                    match slot.position() {
+                        // A new MQTT publish reusing a packet id takes the key over from the
+                        // earlier publish, once that one is stored.
+                        Some(_) if m.replace => {
+                            w.remove(&key);
                         }
-                    };
+                        Some(p) => return Claim::Done(p),
+                        None => {
+                            let tx = w
+                                .waiters
+                                .entry(key)
+                                .or_insert_with(|| watch::channel(None).0);
+                            return Claim::Wait(Waiter::Memory(tx.subscribe()));
+                        }
+                    }
                 }
-                w.insert(
+                let seq = w.insert(
                     key,
+                    owner,
                     scope.stream,
-                    scope.principal,
-                    State::Pending(None),
+                    None,
                     now,
                     s,
                     self.max_entries,
                     metrics,
                 );
-                Claim::New(AnyToken::Memory(Token(key, w.seq)))
+                Claim::New(AnyToken::Memory(Token(key, seq)))
             })
             .collect();
         metrics.keys.set(w.map.len() as i64);
@@ -414,9 +471,9 @@ impl Window {
             };
             match receipts.get(i).and_then(Position::of) {
                 Some(p) => {
-                    if let State::Pending(Some(tx)) =
-                        std::mem::replace(&mut slot.state, State::Done(p))
-                    {
+                    slot.partition = p.partition;
+                    slot.offset = p.offset.unwrap_or(NO_OFFSET);
+                    if let Some(tx) = w.waiters.remove(&key) {
                         tx.send_replace(Some(p));
                     }
                 }
@@ -441,7 +498,7 @@ impl Window {
         s: &StreamSettings,
         metrics: &DedupMetrics,
     ) {
-        let key = self.key(stream, principal, m);
+        let key = self.keys(stream, principal)(m);
         // Its age now, on the window's clock.
         let age = self.epoch_wall_ms.saturating_sub(ts_ms.max(0) as u64);
         if age >= s.dedup_window_ms {
@@ -449,13 +506,15 @@ impl Window {
         }
         let at = self.now_ms().saturating_sub(age);
         let principal: Arc<str> = Arc::from(String::from_utf8_lossy(principal).as_ref());
-        let mut w = self.inner.lock().expect("dedup window poisoned");
+        let mut guard = self.inner.lock().expect("dedup window poisoned");
+        let w = &mut *guard;
         w.remove(&key);
+        let owner = w.owner(stream, &principal);
         w.insert(
             key,
+            owner,
             stream,
-            &principal,
-            State::Done(position),
+            Some(position),
             at,
             s,
             self.max_entries,
@@ -465,7 +524,7 @@ impl Window {
         metrics.keys.set(w.map.len() as i64);
     }
 
-    /// Forgets expired keys of every stream.
+    /// Forgets expired keys of every stream, and frees owners and streams left without keys.
     pub(crate) fn sweep(&self, window_ms: impl Fn(&str) -> u64, metrics: &DedupMetrics) {
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
@@ -473,6 +532,7 @@ impl Window {
         for name in names {
             w.expire(&name, now, window_ms(&name), metrics);
         }
+        w.free_empty();
         metrics.keys.set(w.map.len() as i64);
     }
 
