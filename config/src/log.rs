@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::{Config, Problems, Secret};
+use crate::{AckMode, Config, Problems, Secret};
 
 /// Which log the gateway appends to.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -437,6 +437,24 @@ impl Config {
         }
         if k.client_id.trim().is_empty() {
             add("client_id", "must not be empty".into());
+        }
+        // Events acked on receipt wait in the producer for up to the linger; librdkafka's flush
+        // at shutdown usually sends them at once, but was seen to wait the linger out (1 close
+        // in 3 on a loaded machine), so a linger past the drain deadline could lose them.
+        let acks_on_receipt = self.streams.defaults.ack == AckMode::Received
+            || self
+                .streams
+                .declare
+                .values()
+                .any(|o| o.apply(&self.streams.defaults).ack == AckMode::Received);
+        if acks_on_receipt && k.linger_ms >= self.server.shutdown_timeout_ms {
+            add(
+                "linger_ms",
+                format!(
+                    "{} is not below server.shutdown_timeout_ms ({}): events acked on receipt (ack = \"received\") could still be lingering in the producer when the drain deadline ends the process",
+                    k.linger_ms, self.server.shutdown_timeout_ms
+                ),
+            );
         }
         for (key, v, lo, hi) in [
             ("linger_ms", k.linger_ms, 0, 900_000),

@@ -626,3 +626,18 @@ fn dedup_settings_parse_override_and_are_validated() {
         "{unknown:?}"
     );
 }
+
+#[test]
+fn a_kafka_linger_past_the_drain_deadline_is_refused_when_streams_ack_on_receipt() {
+    let base =
+        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"k:9092\"\nlinger_ms = 10000\n";
+    let p = problems(&format!("{base}[streams.defaults]\nack = \"received\"\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].path, "log.kafka.linger_ms");
+    assert!(
+        p[0].message.contains("server.shutdown_timeout_ms (10000)"),
+        "{p:?}"
+    );
+    // Durable streams ack after delivery: the linger only delays them.
+    assert!(Config::from_toml_str(base, "t", no_env()).is_ok());
+}

@@ -51,6 +51,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Starts a program that cannot bind port 0 on a [`free_port`], and on another if the port
+/// was taken between finding it and the program binding it (three tries).
+pub fn on_a_free_port<T>(start: impl Fn(u16) -> Result<T>) -> Result<T> {
+    let mut last = None;
+    for _ in 0..3 {
+        match start(free_port()) {
+            Ok(t) => return Ok(t),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("tried"))
+}
+
 /// A loopback port that refuses connections for as long as the returned socket lives: bound
 /// but not listening, so nothing else can take it (a broker that is down, say).
 pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
@@ -70,14 +83,7 @@ impl Tansu {
     /// Starts Tansu on a free loopback port and waits until it answers metadata requests; if
     /// the port was taken between finding it and Tansu binding it, tries another.
     pub fn start() -> Result<Tansu> {
-        let mut last = None;
-        for _ in 0..3 {
-            match Self::start_on(free_port()) {
-                Ok(t) => return Ok(t),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("tried"))
+        on_a_free_port(Self::start_on)
     }
 
     /// Starts Tansu on `port` and waits until it answers metadata requests.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::kafka::free_port;
+use crate::kafka::on_a_free_port;
 
 /// A Redis server.
 pub struct Redis {
@@ -20,14 +20,7 @@ impl Redis {
     /// Starts Redis on a free loopback port (another, if that one was taken in between) and
     /// waits until it answers PING.
     pub fn start() -> Result<Redis> {
-        let mut last = None;
-        for _ in 0..3 {
-            match Self::start_on(free_port()) {
-                Ok(r) => return Ok(r),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("tried"))
+        on_a_free_port(Self::start_on)
     }
 
     /// Starts Redis on `port` and waits until it answers PING.

@@ -394,8 +394,11 @@ async fn mqtt_publishes_are_acked_once_kafka_has_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_what_the_producer_still_holds() {
-    // A 20 s linger keeps events in the producer's queue; `ack = "received"` answers 202 at once.
-    // SIGTERM must flush them to the broker before the process exits.
+    // A 5 s linger keeps events in the producer's queue; `ack = "received"` answers 202 at once.
+    // SIGTERM must flush them to the broker before the process exits (without the flush they
+    // would be purged with the producer). librdkafka's flush usually sends at once, but was
+    // seen to wait the linger out (1 close in 3 under load), so the exit is bounded by the
+    // drain deadline (10 s; a linger at or past it is refused by check-config), not tighter.
     let tansu = Tansu::start().unwrap();
     create_topic(&tansu.bootstrap, "lingering", 1)
         .await
@@ -403,25 +406,16 @@ async fn sigterm_flushes_what_the_producer_still_holds() {
     let tmp = tempfile::tempdir().unwrap();
     let toml = format!(
         "{}[streams.defaults]\nack = \"received\"\n",
-        kafka_config(
-            &tansu.bootstrap,
-            "linger_ms = 20000\nmessage_timeout_ms = 60000"
-        )
+        kafka_config(&tansu.bootstrap, "linger_ms = 5000")
     );
     let mut s = start_ready(&tmp.path().join("data"), &toml).await;
     let values: Vec<String> = (0..10).map(|i| format!("l{i}")).collect();
     let (status, body, _) = post_json(&client(), &s.events_url("lingering"), &json!(values)).await;
     assert_eq!(status, 202, "{body}");
-    let t0 = std::time::Instant::now();
     let status = s.terminate().unwrap();
-    assert!(status.success(), "{status}");
-    // Had the flush waited for the linger, the exit would have come after 20 s. Delivery to a
-    // fresh Tansu itself takes up to ~5 s on a loaded 2-core machine (seen with a 5 s linger,
-    // which made a 4 s bound flaky), so the bound sits between the two.
     assert!(
-        t0.elapsed() < Duration::from_secs(12),
-        "the flush did not wait for the linger: {:?}",
-        t0.elapsed()
+        status.success(),
+        "the drain did not finish in time: {status}"
     );
     let records = read_topic(&tansu.bootstrap, "lingering", 10, READ_TIMEOUT).unwrap();
     let got: Vec<String> = records
