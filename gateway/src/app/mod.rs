@@ -551,7 +551,7 @@ fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
             let mut b = [0u8; 8];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
                 .map_err(|_| anyhow::anyhow!("no randomness for the instance id"))?;
-            let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            let id = crate::dedup::redis::hex(&b);
             std::fs::create_dir_all(data_dir)?;
             std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
             Ok(id)

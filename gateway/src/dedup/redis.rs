@@ -564,8 +564,14 @@ fn evicted(v: &redis::Value) -> Option<u64> {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+pub(crate) fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 15)]));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -591,6 +597,7 @@ mod tests {
         assert_eq!(parse("p:00ab"), None);
         assert_eq!(owner("p:inst:boot:1f"), Some(("inst", "boot")));
         assert_eq!(owner("d:1:2"), None);
+        assert_eq!(hex(&[0x00, 0x9f, 0xa5]), "009fa5");
         assert_eq!(parse("d:x:1"), None);
     }
 }

@@ -277,16 +277,19 @@ async fn grpc_websocket_and_mqtt_retries_are_answered_not_appended() {
     assert_eq!(m[0]["id"], "m-1");
     assert_eq!(m[0]["headers"]["site"], "x");
     let text = s.metrics().await;
-    for protocol in ["grpc", "websocket", "mqtt"] {
-        let n: f64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("sluice_dedup_duplicates_total")
-                    && l.contains(&format!("protocol=\"{protocol}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        assert!(n >= 1.0, "{protocol}: {n}");
+    // gRPC: the unary retry's two events and the stream's retried batch; one each for the
+    // WebSocket frame and the MQTT publish.
+    for (stream, protocol, n) in [
+        ("g", "grpc", 3.0),
+        ("w", "websocket", 1.0),
+        ("m", "mqtt", 1.0),
+    ] {
+        let labels = format!(r#"stream="{stream}",protocol="{protocol}""#);
+        assert_eq!(
+            metric(&text, "sluice_dedup_duplicates_total", &labels),
+            n,
+            "{labels}"
+        );
     }
 }
 
