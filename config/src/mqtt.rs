@@ -58,6 +58,16 @@ pub struct MqttConfig {
     /// Bytes of delayed wills waiting at once (each will's key, headers and payload); past it a
     /// will is published at once.
     pub max_pending_will_bytes: u64,
+    /// Longest a persistent session outlives its connection: MQTT 5's Session Expiry Interval is
+    /// shortened to it (and CONNACK says so); a 3.1.1 session with clean session 0 keeps it.
+    /// 0 = no persistent sessions (every session is clean).
+    pub max_session_expiry_secs: u32,
+    /// Persistent sessions kept at once (connected or waiting for their device); past it the
+    /// one expiring soonest is forgotten first.
+    pub max_sessions: usize,
+    /// Persistent sessions one principal keeps at once; past it that principal's session
+    /// expiring soonest is forgotten first.
+    pub max_sessions_per_principal: usize,
     /// Which credentials the MQTT listeners accept.
     pub auth: ListenerAuthConfig,
     /// Topic → stream and key rules, first match wins. None: the first topic level is the
@@ -88,6 +98,9 @@ impl Default for MqttConfig {
             max_will_delay_secs: 3600,
             max_pending_wills: 100_000,
             max_pending_will_bytes: 64 * 1024 * 1024,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            max_sessions: 100_000,
+            max_sessions_per_principal: 100_000,
             auth: ListenerAuthConfig::default(),
             topics: Vec::new(),
         }
@@ -401,6 +414,19 @@ impl Config {
                 m.max_pending_wills as u64,
                 0,
                 10_000_000,
+            ),
+            (
+                "max_session_expiry_secs",
+                u64::from(m.max_session_expiry_secs),
+                0,
+                u64::from(u32::MAX),
+            ),
+            ("max_sessions", m.max_sessions as u64, 0, 100_000_000),
+            (
+                "max_sessions_per_principal",
+                m.max_sessions_per_principal as u64,
+                0,
+                100_000_000,
             ),
         ] {
             p.in_range(format!("mqtt.{key}"), v, lo, hi);

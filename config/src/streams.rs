@@ -75,6 +75,20 @@ pub struct StreamSettings {
     pub dedup_principal_events: u64,
     /// Which keys identify an event: `["id", "idempotency_key"]`.
     pub dedup_keys: DedupKeys,
+    /// What an MQTT publish (or will) with the retain flag becomes: `store` (an event with the
+    /// header `mqtt-retain: true`) or `drop` (answered with success, not stored).
+    pub mqtt_retained: RetainedPolicy,
+}
+
+/// What becomes of a retained MQTT publish (docs/mqtt.md "Retained messages").
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RetainedPolicy {
+    /// Stored as an event with the header `mqtt-retain: true`.
+    #[default]
+    Store,
+    /// Answered with success and not stored (counted in `sluice_mqtt_retained_total`).
+    Drop,
 }
 
 impl Default for StreamSettings {
@@ -93,6 +107,7 @@ impl Default for StreamSettings {
             dedup_window_events: 1_000_000,
             dedup_principal_events: 100_000,
             dedup_keys: DedupKeys::default(),
+            mqtt_retained: RetainedPolicy::Store,
         }
     }
 }
@@ -114,6 +129,7 @@ pub struct StreamOverrides {
     pub dedup_window_events: Option<u64>,
     pub dedup_principal_events: Option<u64>,
     pub dedup_keys: Option<DedupKeys>,
+    pub mqtt_retained: Option<RetainedPolicy>,
 }
 
 impl StreamOverrides {
@@ -137,6 +153,7 @@ impl StreamOverrides {
                 .dedup_principal_events
                 .unwrap_or(d.dedup_principal_events),
             dedup_keys: self.dedup_keys.unwrap_or(d.dedup_keys),
+            mqtt_retained: self.mqtt_retained.unwrap_or(d.mqtt_retained),
         }
     }
 }

@@ -231,10 +231,18 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client5<S> {
     /// MQTT 5 over a WebSocket to `url` (`ws://…/mqtt` or `wss://…/mqtt`) on `io`; the HTTP
     /// status of a refused upgrade as the error.
     pub async fn websocket(url: &str, io: S) -> Result<Self, u16> {
+        Self::websocket_from(url, io, None).await
+    }
+
+    /// [`Client5::websocket`] as a browser page of `origin` opens it (`Origin` header).
+    pub async fn websocket_from(url: &str, io: S, origin: Option<&str>) -> Result<Self, u16> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = url.into_client_request().expect("request");
         req.headers_mut()
             .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
         match tokio_tungstenite::client_async(req, io).await {
             Ok((ws, _)) => Ok(Client5::Ws {
                 ws: Box::new(ws),

@@ -122,6 +122,16 @@ pub struct Metrics {
     /// MQTT Last Wills by outcome: appended, failed, cancelled (a new connection of the
     /// session came back within the will delay), shed (too many delayed wills waiting).
     pub mqtt_wills: Family<OutcomeOnlyLabels, Counter>,
+    /// Retained MQTT publishes and wills: accepted (sent to the log with `mqtt-retain: true`) or dropped (the
+    /// stream's `mqtt_retained = "drop"`; answered with success).
+    pub mqtt_retained: Family<OutcomeOnlyLabels, Counter>,
+    /// MQTT CONNECTs asking for a stored session (clean start 0), by outcome: resumed (Session
+    /// Present 1), new, store_error (the store failed; the session started clean or was not
+    /// saved).
+    pub mqtt_sessions: Family<OutcomeOnlyLabels, Counter>,
+    /// Persistent MQTT sessions in this gateway's store (the embedded store; Redis counts its
+    /// own).
+    pub mqtt_sessions_stored: Gauge,
     /// From a batch reaching admission until its events are at their ack point, by protocol
     /// and ack point.
     pub ack_seconds: HistogramFamily<AckLabels>,
@@ -150,6 +160,9 @@ impl Default for Metrics {
             events_shed: Default::default(),
             mqtt_disconnects: Default::default(),
             mqtt_wills: Default::default(),
+            mqtt_retained: Default::default(),
+            mqtt_sessions: Default::default(),
+            mqtt_sessions_stored: Default::default(),
             ack_seconds: Family::new_with_constructor(ack_histogram),
             batch_events: Family::new_with_constructor(batch_histogram),
         }
@@ -233,6 +246,21 @@ impl Metrics {
             "mqtt_wills",
             "MQTT Last Wills by outcome (appended, failed, cancelled, shed)",
             self.mqtt_wills.clone(),
+        );
+        registry.register(
+            "mqtt_retained",
+            "Retained MQTT publishes and wills, by outcome (accepted: sent to the log with `mqtt-retain: true`; dropped: the stream drops them)",
+            self.mqtt_retained.clone(),
+        );
+        registry.register(
+            "mqtt_sessions",
+            "MQTT CONNECTs with clean start 0 by outcome (resumed, new), and session store failures (store_error)",
+            self.mqtt_sessions.clone(),
+        );
+        registry.register(
+            "mqtt_sessions_stored",
+            "Persistent MQTT sessions in this gateway's embedded session store",
+            self.mqtt_sessions_stored.clone(),
         );
         registry.register(
             "events_in",
@@ -347,6 +375,20 @@ impl Metrics {
     /// Counts one Last Will's outcome.
     pub fn mqtt_will(&self, outcome: &'static str) {
         self.mqtt_wills
+            .get_or_create(&OutcomeOnlyLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one retained publish or will by what became of it (`accepted`, `dropped`).
+    pub fn mqtt_retained(&self, outcome: &'static str) {
+        self.mqtt_retained
+            .get_or_create(&OutcomeOnlyLabels { outcome })
+            .inc();
+    }
+
+    /// Counts one persistent-session outcome (`resumed`, `new`, `store_error`).
+    pub fn mqtt_session(&self, outcome: &'static str) {
+        self.mqtt_sessions
             .get_or_create(&OutcomeOnlyLabels { outcome })
             .inc();
     }

@@ -169,6 +169,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             |d| async move { d.probe().await },
         );
     }
+    let mqtt_sessions = mqtt_session_store(&config, &dedup, &metrics)?;
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
         sink,
@@ -264,8 +265,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         } else {
             sluice_auth::ListenerPolicy::closed()
         };
-        let opts = MqttOptions::from_config(m, auth.clone(), websocket_policy, tls.clone())
+        let mut opts = MqttOptions::from_config(m, auth.clone(), websocket_policy, tls.clone())
             .map_err(anyhow::Error::msg)?;
+        opts.sessions = mqtt_sessions;
         Some(Mqtt::new(gateway.clone(), opts))
     } else {
         None
@@ -322,9 +324,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 idle_timeout: Duration::from_millis(w.idle_timeout_ms),
                 ping_interval: Duration::from_millis(w.ping_interval_ms),
                 ack_write_timeout: Duration::from_millis(w.ack_write_timeout_ms),
-                allowed_origins: w.allowed_origins.clone(),
             }
         }),
+        allowed_origins: config.websocket.allowed_origins.clone(),
         mqtt: mqtt.as_ref().filter(|_| config.mqtt.websocket).map(|m| {
             (
                 Arc::new(m.clone()) as Arc<dyn sluice_protocols::mqtt::WsSessions>,
@@ -539,6 +541,43 @@ where
             }
         }
     });
+}
+
+/// Where persistent MQTT sessions are kept: beside the dedup window, in Redis when that is
+/// Redis (any gateway of a fleet resumes a session), else in files under `data_dir`.
+fn mqtt_session_store(
+    config: &Config,
+    dedup: &Arc<Dedup>,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<dyn sluice_protocols::mqtt::store::SessionStore>> {
+    let m = &config.mqtt;
+    if !m.enabled || m.max_session_expiry_secs == 0 {
+        return Ok(Arc::new(sluice_protocols::mqtt::store::NoSessions));
+    }
+    if let Some(redis) = dedup.redis_store() {
+        return Ok(Arc::new(crate::sessions::RedisSessions::new(
+            redis,
+            dedup.metrics().clone(),
+            &config.dedup.redis.key_prefix,
+            m.max_sessions_per_principal,
+            m.max_sessions,
+        )));
+    }
+    let files = crate::sessions::FileSessions::open(
+        &config.log.data_dir.join("mqtt-sessions"),
+        m.max_sessions_per_principal,
+        m.max_sessions,
+        metrics.mqtt_sessions_stored.clone(),
+    )
+    .context("opening the MQTT session store")?;
+    every(
+        crate::sessions::SWEEP_EVERY,
+        Arc::downgrade(&files),
+        |f| async move {
+            let _ = tokio::task::spawn_blocking(move || f.sweep()).await;
+        },
+    );
+    Ok(Arc::new(crate::sessions::SharedFiles(files)))
 }
 
 /// This gateway's instance id, kept in its data directory (made at first start): its claims in

@@ -237,9 +237,11 @@ pub(crate) enum Waiter {
 }
 
 /// The store behind the window.
+// One per gateway: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Store {
     Memory(memory::Window),
-    Redis(redis::RedisStore),
+    Redis(Arc<redis::RedisStore>),
 }
 
 /// The window, shared by every connection.
@@ -291,9 +293,17 @@ impl Dedup {
         metrics: DedupMetrics,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            store: Store::Redis(redis::RedisStore::new(config, instance)?),
+            store: Store::Redis(Arc::new(redis::RedisStore::new(config, instance)?)),
             metrics,
         })
+    }
+
+    /// The Redis store behind the window, if it is Redis (MQTT sessions share it).
+    pub fn redis_store(&self) -> Option<Arc<redis::RedisStore>> {
+        match &self.store {
+            Store::Redis(r) => Some(r.clone()),
+            Store::Memory(_) => None,
+        }
     }
 
     /// The dedup step of a request: claims each event's key, waits for originals still in

@@ -101,7 +101,7 @@ impl Token {
     }
 }
 
-pub(crate) struct RedisStore {
+pub struct RedisStore {
     client: redis::Client,
     /// Multiplexed connections, used round robin; `None` once one failed, until re-made.
     slots: Vec<Mutex<Option<MultiplexedConnection>>>,
@@ -241,7 +241,7 @@ impl RedisStore {
     }
 
     /// Runs `pipe`, within the timeout.
-    async fn query<T: redis::FromRedisValue>(
+    pub(crate) async fn query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         op: &'static str,

@@ -39,6 +39,9 @@ pub struct HttpOptions {
     pub websocket: Option<ws::WsOptions>,
     /// MQTT over WebSocket at `/mqtt`, when enabled, and MQTT's Maximum Packet Size.
     pub mqtt: Option<(Arc<dyn crate::mqtt::WsSessions>, u32)>,
+    /// Origins a browser page may open WebSocket ingest or MQTT over WebSocket from
+    /// (`websocket.allowed_origins`); empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Request header carrying an API key.
@@ -70,6 +73,7 @@ pub async fn serve<I: Ingest>(
         websocket: opts.websocket,
         mqtt_max_packet_bytes: opts.mqtt.as_ref().map_or(0, |(_, m)| *m as usize),
         mqtt: opts.mqtt.map(|(m, _)| m),
+        allowed_origins: opts.allowed_origins,
         ws_sessions: Arc::new(tokio::sync::RwLock::new(())),
         ws_shutdown,
     });
@@ -118,6 +122,7 @@ struct Ctx {
     websocket: Option<ws::WsOptions>,
     mqtt: Option<Arc<dyn crate::mqtt::WsSessions>>,
     mqtt_max_packet_bytes: usize,
+    allowed_origins: Vec<String>,
     /// Every WebSocket session holds a read guard; the drain takes the write lock.
     ws_sessions: Arc<tokio::sync::RwLock<()>>,
     ws_shutdown: tokio::sync::watch::Receiver<bool>,

@@ -43,8 +43,6 @@ pub struct WsOptions {
     /// Zero: never ping.
     pub ping_interval: Duration,
     pub ack_write_timeout: Duration,
-    /// Empty: any origin.
-    pub allowed_origins: Vec<String>,
 }
 
 /// Whether `path` is a WebSocket endpoint; `Some(None)` for `/v1/ws`.
@@ -168,6 +166,32 @@ fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
 
 /// MQTT over WebSocket (`GET /mqtt`, subprotocol `mqtt`): after the upgrade every binary
 /// message carries MQTT bytes and the MQTT session authenticates the CONNECT as on TCP.
+/// The refusal of a WebSocket upgrade whose `Origin` is not in `websocket.allowed_origins`
+/// (when set; requests without `Origin` come from no browser and go on).
+fn origin_refused(
+    ctx: &Ctx,
+    req: &Request<Incoming>,
+) -> Option<(Response<Full<Bytes>>, &'static str)> {
+    let origin = req.headers().get("origin")?;
+    if ctx.allowed_origins.is_empty()
+        || ctx
+            .allowed_origins
+            .iter()
+            .any(|o| o.as_bytes() == origin.as_bytes())
+    {
+        return None;
+    }
+    let shown = String::from_utf8_lossy(origin.as_bytes());
+    Some((
+        error_body(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            &format!("origin `{shown}` may not connect (websocket.allowed_origins)"),
+        ),
+        "forbidden",
+    ))
+}
+
 pub(super) async fn upgrade_mqtt(
     mut req: Request<Incoming>,
     conn: ConnInfo,
@@ -187,6 +211,11 @@ pub(super) async fn upgrade_mqtt(
         Ok(k) => k,
         Err(r) => return r,
     };
+    // A page of another site may not open an MQTT session with the browser's credentials
+    // (cookies, client certificate) either.
+    if let Some(refused) = origin_refused(&ctx, &req) {
+        return refused;
+    }
     let offered = offered_subprotocols(&req);
     if !offered.is_empty() && !offered.iter().any(|p| p == crate::mqtt::WS_SUBPROTOCOL) {
         return (
@@ -243,20 +272,10 @@ pub(super) async fn upgrade<I: Ingest>(
         Ok(k) => k,
         Err(r) => return r,
     };
-    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if !opts.allowed_origins.is_empty()
-        && let Some(origin) = h("origin")
-        && !opts.allowed_origins.iter().any(|o| o == origin)
-    {
-        return (
-            error_body(
-                StatusCode::FORBIDDEN,
-                "origin_not_allowed",
-                &format!("origin `{origin}` may not connect (websocket.allowed_origins)"),
-            ),
-            "forbidden",
-        );
+    if let Some(refused) = origin_refused(&ctx, &req) {
+        return refused;
     }
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     // Subprotocols: `sluice.v1`, and optionally `bearer.<token>` (browsers cannot set headers).
     let offered = offered_subprotocols(&req);
     if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {

@@ -215,7 +215,7 @@ impl Codec {
                 self.put_v3(
                     v3::Packet::ConnectAck(v3::ConnectAck {
                         return_code,
-                        session_present: false,
+                        session_present: code == 0 && props.session_present,
                     }),
                     out,
                 )
@@ -226,13 +226,14 @@ impl Codec {
                 let ack = if code == 0 {
                     v5::ConnectAck {
                         reason_code,
+                        session_present: props.session_present,
                         session_expiry_interval_secs: props.session_expiry_secs,
                         receive_max: props.receive_max,
                         max_qos: QoS::ExactlyOnce,
                         max_packet_size: Some(props.max_packet_size),
                         assigned_client_id: props.assigned_client_id,
                         topic_alias_max: props.topic_alias_max,
-                        retain_available: false,
+                        retain_available: true,
                         wildcard_subscription_available: false,
                         subscription_identifiers_available: false,
                         shared_subscription_available: false,
@@ -419,6 +420,8 @@ pub struct ConnAckProps {
     pub server_keep_alive: Option<u16>,
     pub session_expiry_secs: Option<u32>,
     pub reason: Option<ByteString>,
+    /// Session Present: a persistent session of the client was found and resumed.
+    pub session_present: bool,
 }
 
 impl Default for ConnAckProps {
@@ -431,6 +434,7 @@ impl Default for ConnAckProps {
             server_keep_alive: None,
             session_expiry_secs: None,
             reason: None,
+            session_present: false,
         }
     }
 }

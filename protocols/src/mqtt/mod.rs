@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod reason;
 mod session;
+pub mod store;
 
 use session::registry::Registry;
 
@@ -64,12 +65,16 @@ pub struct MqttOptions {
     pub max_pending_wills: usize,
     /// Bytes of delayed wills waiting at once.
     pub pending_will_bytes: sluice_core::Budget,
+    /// Longest a persistent session outlives its connection (0: every session is clean).
+    pub max_session_expiry_secs: u32,
+    /// Where persistent sessions are kept between connections.
+    pub sessions: Arc<dyn store::SessionStore>,
 }
 
 impl MqttOptions {
     /// The options of the `[mqtt]` section; the caller brings what is shared with the rest of
     /// the gateway (the authenticator, the HTTP listener's TLS and the WebSocket transport's
-    /// policy). Fails on a topic rule that does not compile, naming it.
+    /// policy), and sets `sessions` to its session store (none is kept until it does). Fails on a topic rule that does not compile, naming it.
     pub fn from_config(
         m: &sluice_config::MqttConfig,
         auth: Arc<Swap<Authenticator>>,
@@ -95,6 +100,9 @@ impl MqttOptions {
             max_will_delay_secs: m.max_will_delay_secs,
             max_pending_wills: m.max_pending_wills,
             pending_will_bytes: sluice_core::Budget::new(m.max_pending_will_bytes),
+            max_session_expiry_secs: m.max_session_expiry_secs,
+            // The gateway brings its store (files in data_dir, or Redis).
+            sessions: Arc::new(store::NoSessions),
         })
     }
 }

@@ -17,6 +17,7 @@ mod kafka_faults;
 mod lifecycle;
 mod mqtt;
 mod mqtt_clients;
+mod mqtt_fleet;
 mod operations;
 mod quotas;
 mod reload;

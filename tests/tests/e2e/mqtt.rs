@@ -201,7 +201,10 @@ key = "{rest}"
     assert_eq!(props.receive_max.get(), 256, "Receive Maximum announced");
     assert_eq!(props.max_packet_size, Some(1024 * 1024));
     assert_eq!(props.topic_alias_max, 64);
-    assert!(!props.retain_available);
+    assert!(
+        props.retain_available,
+        "retained publishes are stored (mqtt_fleet)"
+    );
     assert!(!props.wildcard_subscription_available);
     assert!(!props.shared_subscription_available);
     let utf8 = v5::PublishProperties {
@@ -1400,31 +1403,6 @@ async fn the_documented_reason_codes_not_covered_elsewhere() {
     let mut c = with_key(connect5("enhanced", 30));
     c.auth_method = Some("SCRAM-SHA-256".into());
     assert_eq!(connack_of(addr, ConnectAny::V5(Box::new(c))).await, 0x8C);
-    // CONNACK 0x9A: a retained will.
-    let mut c = with_key(connect5("retained-will", 30));
-    c.last_will = Some(v5::LastWill {
-        qos: rmqtt_codec::types::QoS::AtLeastOnce,
-        retain: true,
-        topic: "wills/x".into(),
-        message: bytes::Bytes::from_static(b"gone"),
-        will_delay_interval_sec: None,
-        correlation_data: None,
-        message_expiry_interval: None,
-        content_type: None,
-        user_properties: vec![],
-        is_utf8_payload: None,
-        response_topic: None,
-    });
-    assert_eq!(connack_of(addr, ConnectAny::V5(Box::new(c))).await, 0x9A);
-    // DISCONNECT 0x9A: a retained PUBLISH (Retain Available is 0).
-    let (mut raw, _) = session5(addr, with_key(connect5("retainer", 30))).await;
-    let mut p = publish("r/k", 1, 1, b"on", Some(Default::default()));
-    p.retain = true;
-    raw.send5(v5::Packet::Publish(Box::new(p))).await;
-    match raw.recv5().await {
-        Some(v5::Packet::Disconnect(d)) => assert_eq!(u8::from(d.reason_code), 0x9A),
-        other => panic!("{other:?}"),
-    }
     // DISCONNECT 0x82: a second CONNECT on a connection.
     let (mut raw, _) = session5(addr, with_key(connect5("twice", 30))).await;
     raw.send5(v5::Packet::Connect(Box::new(with_key(connect5(

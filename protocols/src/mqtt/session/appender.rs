@@ -50,15 +50,17 @@ impl<I: Ingest> Appender<I> {
     /// Runs what is queued and in flight to its end after the connection closed: publishes
     /// read before a DISCONNECT (QoS 0 ones in particular) are still appended, in order.
     /// Bounded: at most `MAX_GROUPS` batches of `MAX_GROUP` publishes were read.
-    pub(super) async fn finish(mut self) {
+    /// Returns the outcomes, by group, for the session to know which QoS 2 publishes it stored.
+    pub(super) async fn finish(mut self) -> Vec<(u64, Vec<usize>, Outcome)> {
+        let mut outcomes = Vec::new();
         loop {
             self.start();
             if self.appends.is_empty() && self.to_start.is_empty() {
-                return;
+                return outcomes;
             }
             let waiting = self.chain.waiting();
             tokio::select! {
-                _ = self.appends.next(), if !self.appends.is_empty() => {}
+                Some(out) = self.appends.next(), if !self.appends.is_empty() => outcomes.push(out),
                 _ = self.chain.wait(), if waiting => {}
             }
         }

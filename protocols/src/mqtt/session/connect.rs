@@ -83,6 +83,19 @@ pub(super) struct Accepted {
     pub(super) will: Option<PreparedWill>,
     pub(super) keep_alive: Duration,
     pub(super) props: ConnAckProps,
+    pub(super) persistence: Persistence,
+}
+
+/// What becomes of the session when its connection ends, and what it resumed.
+pub(super) struct Persistence {
+    /// Seconds the session outlives the connection (0: it ends with it).
+    pub(super) expiry_secs: u32,
+    /// Whether a stored session may exist that this connection must forget or replace.
+    pub(super) stored: bool,
+    /// QoS 2 packet ids of the resumed session awaiting PUBREL.
+    pub(super) qos2: Vec<u16>,
+    /// Told when this connection has ended and saved its session.
+    pub(super) ended: watch::Sender<bool>,
 }
 
 /// Checks a CONNECT: client identifier, credentials, connection limits and the will. On
@@ -176,9 +189,7 @@ pub(super) async fn accept<I: Ingest>(
     };
     let will = match &c.will {
         None => None,
-        Some(w) => {
-            Some(prepare_will(mqtt, &principal, w, v5).map_err(|(v3, v5c, m)| (code(v3, v5c), m))?)
-        }
+        Some(w) => prepare_will(mqtt, &principal, w).map_err(|(v3, v5c, m)| (code(v3, v5c), m))?,
     };
     let mut client_id = c.client_id.clone();
     let assigned = client_id.is_empty().then(|| {
@@ -189,6 +200,7 @@ pub(super) async fn accept<I: Ingest>(
     // over the session of an API key's principal of the same name.
     let key: SessionKey = (principal.identity().clone(), client_id);
     let kicked = mqtt.claim(&key, conn_id);
+    let (persistence, session_present, expiry_told) = resume(mqtt, c, v5, &key, conn_id).await;
     let max_ka = opts.max_keep_alive_secs;
     let ka = if c.keep_alive == 0 || c.keep_alive > max_ka {
         max_ka
@@ -204,8 +216,9 @@ pub(super) async fn accept<I: Ingest>(
         topic_alias_max: opts.topic_alias_maximum,
         assigned_client_id: if v5 { assigned } else { None },
         server_keep_alive: (ka != c.keep_alive).then_some(ka),
-        session_expiry_secs: (c.session_expiry_secs > 0).then_some(0),
+        session_expiry_secs: expiry_told,
         reason: None,
+        session_present,
     };
     Ok(Accepted {
         principal,
@@ -216,7 +229,91 @@ pub(super) async fn accept<I: Ingest>(
         // Silence for 1.5× the keep-alive ends the connection (MQTT §3.1.2.10).
         keep_alive: Duration::from_millis(u64::from(ka) * 1500),
         props,
+        persistence,
     })
+}
+
+/// Decides the session's persistence and resumes a stored session (clean start 0): waits for
+/// the session's previous connection on this gateway to end (it saves what it leaves), then
+/// loads. Returns the persistence, Session Present, and the Session Expiry Interval to tell an
+/// MQTT 5 client when it is not the one it asked for.
+async fn resume<I: Ingest>(
+    mqtt: &Mqtt<I>,
+    c: &Connect,
+    v5: bool,
+    key: &SessionKey,
+    conn_id: u64,
+) -> (Persistence, bool, Option<u32>) {
+    let max = mqtt.opts.max_session_expiry_secs;
+    // 3.1.1: clean session 0 keeps the session (for as long as the gateway keeps any).
+    let asked = if v5 {
+        c.session_expiry_secs
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let expiry_secs = asked.min(max);
+    let told = (v5 && expiry_secs != asked).then_some(expiry_secs);
+    let (ended, rx) = watch::channel(false);
+    let mut p = Persistence {
+        expiry_secs,
+        stored: false,
+        qos2: Vec::new(),
+        ended,
+    };
+    if max == 0 {
+        return (p, false, told);
+    }
+    if let Some(mut previous) = mqtt.follow(key, conn_id, rx) {
+        // Bounded: a connection that has not ended within the CONNECT deadline leaves its
+        // session as last saved.
+        let _ = tokio::time::timeout(mqtt.opts.connect_timeout, previous.wait_for(|e| *e)).await;
+    }
+    let id = SessionId {
+        principal: &key.0,
+        client_id: &key.1,
+    };
+    let store = &mqtt.opts.sessions;
+    let metrics = mqtt.ingest.metrics();
+    let mut present = false;
+    if c.clean_start {
+        // A clean start discards the stored session (MQTT 5 §3.1.2.4).
+        if let Err(e) = store.remove(id).await {
+            metrics.mqtt_session("store_error");
+            tracing::warn!(error = %e, "MQTT session store: could not forget a session");
+        }
+    } else {
+        p.stored = true;
+        match store.load(id).await {
+            Ok(Some(s)) => {
+                present = true;
+                p.qos2 = s.qos2;
+                metrics.mqtt_session("resumed");
+            }
+            Ok(None) => metrics.mqtt_session("new"),
+            // The device connects without its session (Session Present 0): at worst a QoS 2
+            // publish it resends is stored again, nothing is lost.
+            Err(e) => {
+                metrics.mqtt_session("store_error");
+                tracing::warn!(error = %e, "MQTT session store: could not load a session; it starts clean");
+            }
+        }
+    }
+    if expiry_secs > 0 {
+        p.stored = true;
+        // Saved now, so that a gateway that dies before the connection ends still finds the
+        // session (as it was at CONNECT) when the device comes back.
+        let now = StoredSession {
+            expiry_secs,
+            qos2: p.qos2.clone(),
+        };
+        if let Err(e) = store.save(id, &now).await {
+            metrics.mqtt_session("store_error");
+            tracing::warn!(error = %e, "MQTT session store: could not save a session");
+        }
+    }
+    (p, present, told)
 }
 
 /// A process-unique pseudo-random identifier (assigned client ids).
@@ -231,15 +328,7 @@ fn prepare_will<I: Ingest>(
     mqtt: &Mqtt<I>,
     principal: &Principal,
     w: &Will,
-    v5: bool,
-) -> Result<PreparedWill, (u8, u8, String)> {
-    if v5 && w.retain {
-        return Err((
-            rc::v3::NOT_AUTHORIZED,
-            rc::RETAIN_NOT_SUPPORTED,
-            "retained messages are not supported (Retain Available = 0)".into(),
-        ));
-    }
+) -> Result<Option<PreparedWill>, (u8, u8, String)> {
     if w.topic.contains(['+', '#']) || w.topic.is_empty() {
         return Err((
             rc::v3::NOT_AUTHORIZED,
@@ -261,8 +350,8 @@ fn prepare_will<I: Ingest>(
             r.to_string(),
         )
     })?;
-    match mqtt.ingest.admit(principal, &stream) {
-        Ok(_) => {}
+    let drop_retained = match mqtt.ingest.admit(principal, &stream) {
+        Ok(a) => w.retain && a.settings().mqtt_retained == sluice_config::RetainedPolicy::Drop,
         Err(r @ (Rejection::Forbidden { .. } | Rejection::Unauthenticated { .. })) => {
             return Err((
                 rc::v3::NOT_AUTHORIZED,
@@ -284,7 +373,7 @@ fn prepare_will<I: Ingest>(
                 format!("will: {r}"),
             ));
         }
-    }
+    };
     if w.utf8_payload && std::str::from_utf8(&w.payload).is_err() {
         return Err((
             rc::v3::NOT_AUTHORIZED,
@@ -302,6 +391,9 @@ fn prepare_will<I: Ingest>(
             Bytes::from_static(b"true"),
         ),
     ];
+    if w.retain {
+        headers.push((RETAIN_HEADER, Bytes::from_static(b"true")));
+    }
     push_properties(
         &mut headers,
         w.content_type.as_ref(),
@@ -315,10 +407,19 @@ fn prepare_will<I: Ingest>(
             format!("will: {m}"),
         )
     })?;
+    if w.retain {
+        mqtt.ingest
+            .metrics()
+            .mqtt_retained(if drop_retained { "dropped" } else { "accepted" });
+    }
+    if drop_retained {
+        // Accepted, and nothing to publish when the connection is lost.
+        return Ok(None);
+    }
     // The will lives as long as the session (and its delay after it): copied into buffers of its
     // own, so it does not keep the CONNECT's read buffer alive.
     let own = |b: &Bytes| Bytes::copy_from_slice(b);
-    Ok(PreparedWill {
+    Ok(Some(PreparedWill {
         stream,
         event: Event {
             key: key.map(Bytes::from),
@@ -327,7 +428,7 @@ fn prepare_will<I: Ingest>(
             value: own(&w.payload),
         },
         delay_secs: w.delay_secs.min(mqtt.opts.max_will_delay_secs),
-    })
+    }))
 }
 
 /// Adds an MQTT 5 publish's properties as headers; a user property whose name Sluice reserves

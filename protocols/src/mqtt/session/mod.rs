@@ -19,11 +19,12 @@ use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::types::{Publish, QoS};
 use sluice_auth::{Credentials, FailureKind, Principal};
 use sluice_core::{Event, Ingest, Protocol, Receipt, Rejection, StreamName};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
 use super::reason as rc;
+use super::store::{SessionId, StoredSession};
 use super::{Mqtt, PROTO, SessionKey, Transport};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -45,6 +46,8 @@ const MAX_GROUP: usize = 256;
 /// Batches per connection not yet answered; past it the connection is not read.
 const MAX_GROUPS: usize = 64;
 const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
+/// The header marking a retained publish or will (`mqtt-retain: true`).
+const RETAIN_HEADER: Bytes = Bytes::from_static(b"mqtt-retain");
 const MAX_CLIENT_ID: usize = 256;
 /// The smallest read buffer (idle connections).
 const MIN_READ: usize = 512;
@@ -229,6 +232,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         will,
         keep_alive,
         props,
+        persistence,
     } = accepted;
     wbuf.clear();
     if codec.connack(0, props, &mut wbuf).is_err()
@@ -238,6 +242,8 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     {
         mqtt.release(&key, conn_id);
         metrics.mqtt_disconnect("write_timeout");
+        // The session stays as it was saved at CONNECT.
+        mqtt.ended(&key, conn_id);
         return;
     }
     wbuf.clear();
@@ -263,7 +269,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         pending: VecDeque::new(),
         unanswered: 0,
         qos2_pending: HashSet::new(),
-        qos2_received: HashSet::new(),
+        qos2_received: persistence.qos2.iter().copied().collect(),
         aliases: Vec::new(),
         last_topic: None,
         over_quota: 0,
@@ -319,13 +325,20 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     }
     metrics.mqtt_disconnect(label);
     mqtt.release(&key, conn_id);
-    // The socket is gone: its principal's connection slot is free now, not after the appends
+    // The session is over: its principal's connection slot is free now, not after the appends
     // still in flight below.
     drop(conn.principal.lock().unwrap().take());
-    io.close().await;
     // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
     // before the will, and while the session still counts for the drain.
-    appender.finish().await;
+    let outcomes = appender.finish().await;
+    if persistence.stored {
+        s.keep(&key, &persistence, outcomes).await;
+    }
+    let _ = persistence.ended.send(true);
+    mqtt.ended(&key, conn_id);
+    // Closed once the session is saved: a device that sees its connection close (after its
+    // DISCONNECT, say) finds the session saved wherever it reconnects.
+    io.close().await;
     match will {
         Some(w) if publish_will => mqtt.will(key, conn_id, s.principal.clone(), w),
         // The new connection of the session came before the will was due.
@@ -335,4 +348,69 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         None => {}
     }
     drop(conn);
+}
+
+impl<I: Ingest> Session<I> {
+    /// Saves what the session leaves for its next connection (or forgets it, when it does not
+    /// outlive this one): the QoS 2 packet ids stored and not released, including those stored
+    /// after the connection ended (`outcomes`, from the appender's finish) whose PUBREC the
+    /// client never got — its resend is then answered without a second copy.
+    async fn keep(
+        &mut self,
+        key: &SessionKey,
+        p: &connect::Persistence,
+        outcomes: Vec<(u64, Vec<usize>, Outcome)>,
+    ) {
+        let mut qos2 = std::mem::take(&mut self.qos2_received);
+        let arrived = self
+            .pending
+            .iter_mut()
+            .filter_map(|g| g.outcome.take().map(|(idx, out)| (g.id, idx, out)));
+        let settled: Vec<_> = arrived.chain(outcomes).collect();
+        for g in &self.pending {
+            // Settled and not answered yet: stored.
+            for item in &g.items[g.next..] {
+                if let (true, Some(id), State::Done(None)) =
+                    (item.qos2, item.packet_id, &item.state)
+                {
+                    qos2.insert(id.get());
+                }
+            }
+        }
+        for (gid, idx, out) in settled {
+            let Some(g) = self.pending.iter().find(|g| g.id == gid) else {
+                continue;
+            };
+            let Ok(receipts) = out else { continue };
+            for (i, r) in idx.into_iter().zip(receipts) {
+                let item = &g.items[i];
+                if item.qos2
+                    && !matches!(r, Receipt::Failed(_))
+                    && let Some(id) = item.packet_id
+                {
+                    qos2.insert(id.get());
+                }
+            }
+        }
+        let id = SessionId {
+            principal: &key.0,
+            client_id: &key.1,
+        };
+        let metrics = self.mqtt.ingest.metrics();
+        let result = if p.expiry_secs > 0 {
+            let mut ids: Vec<u16> = qos2.into_iter().collect();
+            ids.sort_unstable();
+            let stored = StoredSession {
+                expiry_secs: p.expiry_secs,
+                qos2: ids,
+            };
+            self.mqtt.opts.sessions.save(id, &stored).await
+        } else {
+            self.mqtt.opts.sessions.remove(id).await
+        };
+        if let Err(e) = result {
+            metrics.mqtt_session("store_error");
+            tracing::warn!(error = %e, "MQTT session store: could not keep the session");
+        }
+    }
 }

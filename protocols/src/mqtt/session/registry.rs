@@ -15,6 +15,10 @@ use super::*;
 pub(in crate::mqtt) struct Registry {
     pub(super) sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
     pub(super) wills: Mutex<HashMap<SessionKey, (u64, AbortHandle)>>,
+    /// The last connection of each session key until it has ended (its persistent session
+    /// saved): the next connection waits for it before loading the session. Entries are
+    /// removed by the connection itself at its end, so this holds at most one per connection.
+    pub(super) ends: Mutex<HashMap<SessionKey, (u64, watch::Receiver<bool>)>>,
 }
 
 impl<I: Ingest> Mqtt<I> {
@@ -33,6 +37,26 @@ impl<I: Ingest> Mqtt<I> {
             self.ingest.metrics().mqtt_will("cancelled");
         }
         rx
+    }
+
+    /// Records that connection `conn_id` holds `key` until `ended` says it has ended; returns
+    /// the previous connection's signal, to wait for before loading the session it saves.
+    pub(super) fn follow(
+        &self,
+        key: &SessionKey,
+        conn_id: u64,
+        ended: watch::Receiver<bool>,
+    ) -> Option<watch::Receiver<bool>> {
+        let mut ends = self.registry.ends.lock().unwrap();
+        ends.insert(key.clone(), (conn_id, ended)).map(|(_, e)| e)
+    }
+
+    /// Connection `conn_id` has ended (and saved its session).
+    pub(super) fn ended(&self, key: &SessionKey, conn_id: u64) {
+        let mut ends = self.registry.ends.lock().unwrap();
+        if ends.get(key).is_some_and(|(id, _)| *id == conn_id) {
+            ends.remove(key);
+        }
     }
 
     pub(in crate::mqtt) fn release(&self, key: &SessionKey, conn_id: u64) {

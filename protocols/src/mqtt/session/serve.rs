@@ -319,13 +319,6 @@ impl<I: Ingest> Session<I> {
                 ),
             ));
         }
-        if v5 && p.retain {
-            return Err(error(
-                rc::RETAIN_NOT_SUPPORTED,
-                "protocol",
-                "retained messages are not supported (Retain Available = 0)",
-            ));
-        }
         if qos2 {
             let id = packet_id.expect("checked").get();
             if self.qos2_received.contains(&id) {
@@ -431,7 +424,25 @@ impl<I: Ingest> Session<I> {
                 "the payload is marked UTF-8 (Payload Format Indicator) but is not".into(),
             );
         }
+        // A retained publish (a device's "online" state at boot, say) is an event like any
+        // other, marked as retained; a stream may drop them instead, answered with success.
+        if p.retain && self.drops_retained(&stream) {
+            self.mqtt.ingest.metrics().mqtt_retained("dropped");
+            return Ok(Some((
+                Item {
+                    packet_id,
+                    qos2,
+                    event: Event::default(),
+                    state: State::Done(None),
+                },
+                None,
+            )));
+        }
         let mut headers = vec![(Bytes::from_static(b"mqtt-topic"), topic.as_bytes().clone())];
+        if p.retain {
+            self.mqtt.ingest.metrics().mqtt_retained("accepted");
+            headers.push((RETAIN_HEADER, Bytes::from_static(b"true")));
+        }
         if let Some(pr) = props
             && let Err(m) = push_properties(
                 &mut headers,
@@ -479,6 +490,17 @@ impl<I: Ingest> Session<I> {
             state: State::Submitted,
         };
         Ok(Some((item, Some(stream))))
+    }
+
+    /// Whether `stream` drops retained publishes (`mqtt_retained = "drop"`). Asked only for
+    /// retained publishes (rare: a device's state at boot), so the admission it takes costs
+    /// nothing on the publish path; one the principal may not have is left for the append to
+    /// refuse.
+    fn drops_retained(&self, stream: &StreamName) -> bool {
+        self.mqtt
+            .ingest
+            .admit(&self.principal, stream)
+            .is_ok_and(|a| a.settings().mqtt_retained == sluice_config::RetainedPolicy::Drop)
     }
 
     pub(super) fn count_refusal(&self, reason: &'static str) {

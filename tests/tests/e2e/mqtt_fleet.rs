@@ -1,0 +1,433 @@
+//! MQTT for device fleets (docs/mqtt.md): retained publishes and wills stored with their flag
+//! (or dropped, per stream), persistent sessions that keep QoS 2 exchanges across reconnects,
+//! gateway restarts (embedded store) and gateways (Redis store), and the Origin check of MQTT
+//! over WebSocket. Real binary, raw MQTT packets (so each flag is the test's own), and
+//! Debian's mosquitto_pub.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use rmqtt_codec::v3;
+use rmqtt_codec::v5;
+use serde_json::Value;
+use sluice_tests::mqtt::{Client5, Raw, connect3, connect5, publish, session3, session5};
+use sluice_tests::redis::Redis;
+use sluice_tests::{Sluice, api_key_entry, metric_or_zero, read_log, wait_until};
+use tokio::net::TcpStream;
+
+fn header(rec: &Value, name: &str) -> Option<String> {
+    rec["headers"][name].as_str().map(str::to_string)
+}
+
+/// The records of `stream` once there are at least `n` (20 s at most).
+async fn records(s: &Sluice, stream: &str, n: usize) -> Vec<Value> {
+    let mut last = Vec::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        let r = read_log(&s.data_dir, stream, &[]).unwrap_or_default();
+        let done = r.len() >= n;
+        last = r;
+        async move { done }
+    })
+    .await;
+    assert!(ok, "stream {stream} has {} of {n} records", last.len());
+    last
+}
+
+fn persistent5(client_id: &str, expiry_secs: u32) -> v5::Connect {
+    let mut c = connect5(client_id, 30);
+    c.clean_start = false;
+    c.session_expiry_interval_secs = expiry_secs;
+    c
+}
+
+fn rel(id: u16) -> v5::PublishAck2 {
+    v5::PublishAck2 {
+        packet_id: NonZeroU16::new(id).unwrap(),
+        reason_code: v5::PublishAck2Reason::Success,
+        properties: Vec::new(),
+        reason_string: None,
+    }
+}
+
+/// Publishes QoS 2 with `id` (DUP as given) and expects PUBREC success.
+async fn publish2(raw: &mut Raw, topic: &str, id: u16, payload: &'static [u8], dup: bool) {
+    let mut p = publish(topic, 2, id, payload, Some(Default::default()));
+    p.dup = dup;
+    raw.send5(v5::Packet::Publish(Box::new(p))).await;
+    match raw.recv5().await {
+        Some(v5::Packet::PublishReceived(a)) => {
+            assert_eq!((a.packet_id.get(), u8::from(a.reason_code)), (id, 0))
+        }
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+}
+
+/// Sends PUBREL `id` and returns the PUBCOMP's reason.
+async fn release(raw: &mut Raw, id: u16) -> v5::PublishAck2Reason {
+    raw.send5(v5::Packet::PublishRelease(rel(id))).await;
+    match raw.recv5().await {
+        Some(v5::Packet::PublishComplete(c)) => {
+            assert_eq!(c.packet_id.get(), id);
+            c.reason_code
+        }
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+}
+
+/// Whether the gateway at `addr` answers a persistent CONNECT of `client_id` with Session
+/// Present; the connection is dropped at once (the session is left as it was).
+async fn session_present(addr: SocketAddr, client_id: &str) -> bool {
+    let (raw, ack) = session5(addr, persistent5(client_id, 300)).await;
+    drop(raw);
+    ack.session_present
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_publishes_and_wills_are_stored_with_their_flag_or_dropped_per_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[streams.declare.quiet]\nmqtt_retained = \"drop\"\n",
+    )
+    .unwrap();
+    let addr = s.mqtt.unwrap();
+
+    // MQTT 5: CONNACK says Retain Available; a retained "online" at boot gets PUBACK 0, and an
+    // empty retained payload (the "clear" convention) is stored as an empty event, retained.
+    let (mut raw, ack) = session5(addr, connect5("lamp-1", 30)).await;
+    assert!(ack.retain_available);
+    for (id, payload) in [(1u16, &b"online"[..]), (2, &b""[..])] {
+        let mut p = publish("status/lamp-1", 1, id, b"", Some(Default::default()));
+        p.payload = bytes::Bytes::copy_from_slice(payload);
+        p.retain = true;
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) => {
+                assert_eq!((a.packet_id.get(), u8::from(a.reason_code)), (id, 0))
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    // Not retained: no flag.
+    raw.send5(v5::Packet::Publish(Box::new(publish(
+        "status/lamp-1",
+        1,
+        3,
+        b"plain",
+        Some(Default::default()),
+    ))))
+    .await;
+    assert!(matches!(raw.recv5().await, Some(v5::Packet::PublishAck(_))));
+    let recs = records(&s, "status", 3).await;
+    assert_eq!(recs[0]["value"], "online");
+    assert_eq!(header(&recs[0], "mqtt-retain").as_deref(), Some("true"));
+    assert_eq!(recs[1]["value"], "");
+    assert_eq!(header(&recs[1], "mqtt-retain").as_deref(), Some("true"));
+    assert_eq!(header(&recs[2], "mqtt-retain"), None);
+
+    // A stream that drops retained publishes answers them with success and stores nothing;
+    // its other publishes are stored.
+    for (id, retain) in [(4u16, true), (5, false)] {
+        let mut p = publish("quiet/lamp-1", 2, id, b"x", Some(Default::default()));
+        p.retain = retain;
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+        match raw.recv5().await {
+            Some(v5::Packet::PublishReceived(a)) => {
+                assert_eq!((a.packet_id.get(), u8::from(a.reason_code)), (id, 0))
+            }
+            other => panic!("expected PUBREC, got {other:?}"),
+        }
+        assert_eq!(release(&mut raw, id).await, v5::PublishAck2Reason::Success);
+    }
+    let quiet = records(&s, "quiet", 1).await;
+    assert_eq!(quiet.len(), 1);
+    assert_eq!(header(&quiet[0], "mqtt-retain"), None);
+
+    // MQTT 3.1.1: the retain flag is recorded too.
+    let mut raw3 = session3(addr, connect3("lamp-3", 30)).await;
+    let mut p = publish("status/lamp-3", 1, 1, b"online", None);
+    p.retain = true;
+    raw3.send3(v3::Packet::Publish(Box::new(p))).await;
+    assert!(matches!(
+        raw3.recv3().await,
+        Some(v3::Packet::PublishAck { .. })
+    ));
+    let recs = records(&s, "status", 4).await;
+    assert_eq!(recs[3]["value"], "online");
+    assert_eq!(header(&recs[3], "mqtt-retain").as_deref(), Some("true"));
+
+    // A retained will is accepted at CONNECT and, when the device drops off, stored retained.
+    let mut c = connect5("lamp-w", 30);
+    c.last_will = Some(v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain: true,
+        topic: "status/lamp-w".into(),
+        message: bytes::Bytes::from_static(b"offline"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: vec![],
+        is_utf8_payload: None,
+        response_topic: None,
+    });
+    let (raw_w, _) = session5(addr, c).await;
+    drop(raw_w);
+    let recs = records(&s, "status", 5).await;
+    assert_eq!(recs[4]["value"], "offline");
+    assert_eq!(header(&recs[4], "mqtt-will").as_deref(), Some("true"));
+    assert_eq!(header(&recs[4], "mqtt-retain").as_deref(), Some("true"));
+
+    // mosquitto_pub -r over 5.0 (what device firmware does at boot) is stored, flag and all.
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p"])
+        .arg(addr.port().to_string())
+        .args(["-q", "1", "-r", "-t", "status/plug-9", "-m", "online"])
+        .output()
+        .expect("mosquitto_pub (scripts/install-deps.sh installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let recs = records(&s, "status", 6).await;
+    assert_eq!(recs[5]["value"], "online");
+    assert_eq!(header(&recs[5], "mqtt-retain").as_deref(), Some("true"));
+    assert_eq!(
+        header(&recs[5], "mqtt-topic").as_deref(),
+        Some("status/plug-9")
+    );
+
+    // A user property cannot forge the flag.
+    let mut p = publish("status/lamp-1", 1, 9, b"x", Some(Default::default()));
+    p.properties.as_mut().unwrap().user_properties = vec![("mqtt-retain".into(), "true".into())];
+    raw.send5(v5::Packet::Publish(Box::new(p))).await;
+    match raw.recv5().await {
+        Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x99),
+        other => panic!("{other:?}"),
+    }
+
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_or_zero(&m, "sluice_mqtt_retained_total", "outcome=\"accepted\""),
+        5.0
+    );
+    assert_eq!(
+        metric_or_zero(&m, "sluice_mqtt_retained_total", "outcome=\"dropped\""),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_its_qos2_exchanges_across_reconnects_and_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Sluice::start(&data, "").unwrap();
+    let addr = s.mqtt.unwrap();
+
+    // First connection: no session yet. A QoS 2 publish is stored and answered with PUBREC,
+    // then the connection drops before the device sends PUBREL.
+    let (mut raw, ack) = session5(addr, persistent5("meter-1", 300)).await;
+    assert!(!ack.session_present);
+    publish2(&mut raw, "readings/meter-1", 7, b"r7", false).await;
+    drop(raw);
+
+    // The device comes back: Session Present; its resend of 7 (DUP) gets PUBREC without a
+    // second copy, and its PUBREL is answered with PUBCOMP success.
+    let (mut raw, ack) = session5(addr, persistent5("meter-1", 300)).await;
+    assert!(ack.session_present);
+    publish2(&mut raw, "readings/meter-1", 7, b"r7", true).await;
+    assert_eq!(release(&mut raw, 7).await, v5::PublishAck2Reason::Success);
+    // Released: the id is free again, a new publish with it is a new event.
+    publish2(&mut raw, "readings/meter-1", 7, b"r7b", false).await;
+    // Another exchange left open across a graceful restart (SIGTERM: the session is saved
+    // when its connection is drained).
+    publish2(&mut raw, "readings/meter-1", 8, b"r8", false).await;
+    assert_eq!(release(&mut raw, 7).await, v5::PublishAck2Reason::Success);
+    assert!(s.terminate().unwrap().success());
+    drop(raw);
+    let mut s = Sluice::start(&data, "").unwrap();
+    let addr = s.mqtt.unwrap();
+    let (mut raw, ack) = session5(addr, persistent5("meter-1", 300)).await;
+    assert!(ack.session_present, "the session survives a restart");
+    publish2(&mut raw, "readings/meter-1", 8, b"r8", true).await;
+    assert_eq!(release(&mut raw, 8).await, v5::PublishAck2Reason::Success);
+    let recs = records(&s, "readings", 3).await;
+    let values: Vec<&str> = recs.iter().map(|r| r["value"].as_str().unwrap()).collect();
+    assert_eq!(values, ["r7", "r7b", "r8"], "each publish stored once");
+    drop(raw);
+
+    // SIGKILL: the session as saved at CONNECT is found again.
+    s.kill().unwrap();
+    let mut s = Sluice::start(&data, "").unwrap();
+    let addr = s.mqtt.unwrap();
+    assert!(session_present(addr, "meter-1").await);
+
+    // 3.1.1 clean session 0 keeps a session too; clean session 1 discards it.
+    let mut c3 = connect3("meter-3", 30);
+    c3.clean_session = false;
+    let connack3 = |c: v3::Connect| async move {
+        let mut raw = Raw::connect(addr, false).await;
+        raw.send3(v3::Packet::Connect(Box::new(c))).await;
+        match raw.recv3().await {
+            Some(v3::Packet::ConnectAck(a)) => {
+                assert_eq!(a.return_code, v3::ConnectAckReason::ConnectionAccepted);
+                a.session_present
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(!connack3(c3.clone()).await);
+    assert!(connack3(c3.clone()).await);
+    assert!(!connack3(connect3("meter-3", 30)).await);
+    assert!(
+        !connack3(c3.clone()).await,
+        "the clean session discarded it"
+    );
+
+    // A session is its principal's: the same client id under another principal has none.
+    assert!(session_present(addr, "meter-1").await);
+    let key = "fleet.key-of-another-tenant";
+    s.terminate().unwrap();
+    let config = api_key_entry(key, "tenant-b", &["*"]);
+    let s = Sluice::start(&data, &config).unwrap();
+    let addr = s.mqtt.unwrap();
+    let mut c = persistent5("meter-1", 300);
+    c.username = Some("fleet".into());
+    c.password = Some(bytes::Bytes::from_static(b"key-of-another-tenant"));
+    let (_raw, ack) = session5(addr, c).await;
+    assert!(!ack.session_present, "another principal cannot load it");
+    let m = s.metrics().await;
+    assert!(metric_or_zero(&m, "sluice_mqtt_sessions_stored", "") >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_and_the_bounds_are_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        &format!(
+            "[mqtt]\nmax_session_expiry_secs = 3600\nmax_sessions_per_principal = 2\n{}",
+            api_key_entry("fleet.bounds-test-secret", "fleet", &["*"])
+        ),
+    )
+    .unwrap();
+    let addr = s.mqtt.unwrap();
+    let fleet = |mut c: v5::Connect| {
+        c.username = Some("fleet".into());
+        c.password = Some(bytes::Bytes::from_static(b"bounds-test-secret"));
+        c
+    };
+
+    // Session Expiry Interval above the gateway's maximum: CONNACK says what it keeps. (Then
+    // a clean start with expiry 0 forgets it.)
+    let (raw, ack) = session5(addr, fleet(persistent5("long", u32::MAX))).await;
+    assert_eq!(ack.session_expiry_interval_secs, Some(3600));
+    drop(raw);
+    let (raw, ack) = session5(addr, fleet(connect5("long", 30))).await;
+    assert!(!ack.session_present);
+    drop(raw);
+    // A session of 1 s is gone once it expired; one of 300 s beside it is not.
+    let (mut brief, ack) = session5(addr, persistent5("brief", 1)).await;
+    assert_eq!(ack.session_expiry_interval_secs, None);
+    let (mut kept, _) = session5(addr, persistent5("kept", 300)).await;
+    for raw in [&mut brief, &mut kept] {
+        raw.send5(v5::Packet::Disconnect(Default::default())).await;
+        // Closed by the gateway once it saved the session.
+        assert!(raw.closed().await);
+    }
+    // The passage of the session's second is what is tested here (nothing to wait for).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !session_present(addr, "brief").await,
+        "a 1 s session expired"
+    );
+    assert!(session_present(addr, "kept").await);
+
+    // Two sessions per principal: a third pushes out the one expiring soonest. (Open ones
+    // too: each is saved at CONNECT.)
+    let dir = tmp.path().join("data").join("mqtt-sessions");
+    let clients = |d: &std::path::Path| {
+        let mut ids: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let v: Value =
+                    serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap();
+                v["client_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut open = Vec::new();
+    for (id, expiry) in [("a", 60u32), ("b", 600), ("c", 300)] {
+        open.push(session5(addr, fleet(persistent5(id, expiry))).await.0);
+    }
+    // The anonymous principal's two ("brief" again, from the probe, and "kept") stay.
+    assert_eq!(
+        clients(&dir),
+        ["b", "brief", "c", "kept"],
+        "fleet's soonest expiring went"
+    );
+    let m = s.metrics().await;
+    assert_eq!(metric_or_zero(&m, "sluice_mqtt_sessions_stored", ""), 4.0);
+    drop(open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_device_resumes_its_session_on_another_gateway() {
+    let redis = Redis::start().unwrap();
+    let config = format!(
+        "[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = {:?}\n",
+        redis.url()
+    );
+    let (ta, tb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Sluice::start(&ta.path().join("data"), &config).unwrap();
+    let b = Sluice::start(&tb.path().join("data"), &config).unwrap();
+
+    let (mut raw, ack) = session5(a.mqtt.unwrap(), persistent5("tracker-5", 300)).await;
+    assert!(!ack.session_present);
+    publish2(&mut raw, "pos/tracker-5", 11, b"p11", false).await;
+    // The device disconnects; gateway A closes the connection once the session is saved.
+    raw.send5(v5::Packet::Disconnect(Default::default())).await;
+    assert!(raw.closed().await);
+    // The balancer sends it to the other gateway.
+    let (mut raw, ack) = session5(b.mqtt.unwrap(), persistent5("tracker-5", 300)).await;
+    assert!(
+        ack.session_present,
+        "gateway B finds the session gateway A saved"
+    );
+    // The resend of 11 is answered without a second copy; its PUBREL completes.
+    publish2(&mut raw, "pos/tracker-5", 11, b"p11", true).await;
+    assert_eq!(release(&mut raw, 11).await, v5::PublishAck2Reason::Success);
+    assert_eq!(records(&a, "pos", 1).await.len(), 1);
+    assert!(
+        read_log(&b.data_dir, "pos", &[])
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert!(redis.count_keys("sluice:ms:*").unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websocket_checks_the_origin_like_the_websocket_endpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        "[websocket]\nallowed_origins = [\"https://dash.example\"]\n",
+    )
+    .unwrap();
+    let url = format!("ws://{}/mqtt", s.http);
+    let refused = Client5::websocket_from(
+        &url,
+        TcpStream::connect(s.http).await.unwrap(),
+        Some("https://evil.example"),
+    )
+    .await;
+    assert_eq!(refused.err(), Some(403));
+    for origin in [Some("https://dash.example"), None] {
+        let mut c =
+            Client5::websocket_from(&url, TcpStream::connect(s.http).await.unwrap(), origin)
+                .await
+                .unwrap_or_else(|code| panic!("{origin:?} refused with {code}"));
+        assert_eq!(c.connect(connect5("browser", 30)).await, 0);
+        assert_eq!(c.publish1("web/x", 1, b"hi").await, 0);
+    }
+}
