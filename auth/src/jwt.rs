@@ -450,7 +450,15 @@ impl JwtVerifier {
         Ok((
             Principal::new(name, Permissions::Streams(streams))
                 .with_source(&format!("jwt:{}", issuer.cfg.issuer))
-                .expiring_at(valid_until),
+                .expiring_at(valid_until)
+                // String and number claims, for topic rules bound to one (a device id claim).
+                .with_claims(claims.as_object().into_iter().flatten().filter_map(
+                    |(k, v)| match v {
+                        Value::String(s) => Some((k.clone(), s.clone())),
+                        Value::Number(n) => Some((k.clone(), n.to_string())),
+                        _ => None,
+                    },
+                )),
             exp,
         ))
     }

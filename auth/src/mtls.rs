@@ -37,6 +37,26 @@ fn values(cert: &X509Certificate<'_>, field: CertField) -> Vec<String> {
     }
 }
 
+/// The names of a client certificate that MQTT topic rules can bind to (docs/mqtt.md
+/// "Device-bound topics").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertNames {
+    pub cn: Vec<String>,
+    pub san_dns: Vec<String>,
+    pub san_uri: Vec<String>,
+}
+
+/// The names of a client certificate (DER) that TLS already verified; `None` if it cannot be
+/// parsed.
+pub fn cert_names(der: &[u8]) -> Option<CertNames> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(CertNames {
+        cn: values(&cert, CertField::Cn),
+        san_dns: values(&cert, CertField::SanDns),
+        san_uri: values(&cert, CertField::SanUri),
+    })
+}
+
 impl MtlsMapper {
     pub fn new(rules: &[MtlsRule]) -> Self {
         Self {

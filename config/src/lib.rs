@@ -23,7 +23,7 @@ pub use auth::*;
 pub use dedup::{DedupConfig, DedupKeys, DedupStore, RedisConfig};
 pub use listeners::ProducerTransport;
 pub use log::*;
-pub use mqtt::{Mapped, MqttConfig, TopicError, TopicMap, TopicRuleConfig};
+pub use mqtt::{IdentityField, Mapped, MqttConfig, TopicError, TopicMap, TopicRuleConfig};
 pub(crate) use problems::Problems;
 pub use problems::{ConfigError, Problem};
 pub use quotas::*;

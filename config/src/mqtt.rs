@@ -123,6 +123,68 @@ pub struct TopicRuleConfig {
     /// user property still gives one, and wins).
     #[serde(default)]
     pub id: Option<String>,
+    /// Placeholders bound to the connection's identity, like AWS IoT policy variables:
+    /// `bind = { device = "client_id" }` lets a device publish only under its own client id.
+    /// Sources: `client_id`, `principal`, `cert_cn`, `cert_san_dns`, `cert_san_uri`,
+    /// `claim:<name>` (a JWT claim). A publish whose placeholder differs is refused (MQTT 5
+    /// PUBACK 0x87; 3.1.1: the connection is closed).
+    #[serde(default)]
+    pub bind: std::collections::BTreeMap<String, String>,
+}
+
+/// Where a bound placeholder's value must come from (`[[mqtt.topics]] bind`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityField {
+    /// The MQTT client identifier.
+    ClientId,
+    /// The principal's name.
+    Principal,
+    /// A subject common name of the client certificate.
+    CertCn,
+    /// A DNS name among the client certificate's subject alternative names.
+    CertSanDns,
+    /// A URI among the client certificate's subject alternative names.
+    CertSanUri,
+    /// A claim of the JWT the device connected with.
+    Claim(String),
+}
+
+impl IdentityField {
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "client_id" => Self::ClientId,
+            "principal" => Self::Principal,
+            "cert_cn" => Self::CertCn,
+            "cert_san_dns" => Self::CertSanDns,
+            "cert_san_uri" => Self::CertSanUri,
+            _ => match s.strip_prefix("claim:") {
+                Some(c) if !c.is_empty() => Self::Claim(c.to_string()),
+                _ => {
+                    return Err(format!(
+                        "`{s}` is not an identity: use client_id, principal, cert_cn, cert_san_dns, cert_san_uri or claim:<name>"
+                    ));
+                }
+            },
+        })
+    }
+
+    /// Whether the value comes from the client certificate.
+    pub fn is_cert(&self) -> bool {
+        matches!(self, Self::CertCn | Self::CertSanDns | Self::CertSanUri)
+    }
+}
+
+impl std::fmt::Display for IdentityField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ClientId => f.write_str("client_id"),
+            Self::Principal => f.write_str("principal"),
+            Self::CertCn => f.write_str("cert_cn"),
+            Self::CertSanDns => f.write_str("cert_san_dns"),
+            Self::CertSanUri => f.write_str("cert_san_uri"),
+            Self::Claim(c) => write!(f, "claim:{c}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +206,7 @@ struct Rule {
     stream: Vec<Part>,
     key: Option<Vec<Part>>,
     id: Option<Vec<Part>>,
+    binds: Vec<(String, IdentityField)>,
 }
 
 /// Where a topic goes: its stream, and the key and id of its events.
@@ -152,6 +215,9 @@ pub struct Mapped {
     pub stream: String,
     pub key: Option<String>,
     pub id: Option<String>,
+    /// What the topic's bound placeholders captured, each to be equal to the connection's
+    /// identity field.
+    pub binds: Vec<(IdentityField, String)>,
 }
 
 /// The compiled `[[mqtt.topics]]` rules.
@@ -285,12 +351,34 @@ impl TopicMap {
             r.id.as_deref()
                 .map(|k| parse_template(k, &names))
                 .transpose()?;
+        let mut binds = Vec::with_capacity(r.bind.len());
+        for (var, field) in &r.bind {
+            if !names.contains(&var.as_str()) {
+                return Err(format!(
+                    "bind `{var}`: the pattern `{}` has no placeholder {{{var}}}",
+                    r.pattern
+                ));
+            }
+            binds.push((
+                var.clone(),
+                IdentityField::parse(field).map_err(|e| format!("bind `{var}`: {e}"))?,
+            ));
+        }
         Ok(Rule {
             levels,
             stream,
             key,
             id,
+            binds,
         })
+    }
+
+    /// Whether a rule binds a placeholder to the client certificate (the session then reads
+    /// its certificate's names once, at CONNECT).
+    pub fn binds_cert(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.binds.iter().any(|(_, f)| f.is_cert()))
     }
 
     /// Whether no rule is configured (the default mapping applies).
@@ -319,6 +407,7 @@ impl TopicMap {
                 stream: stream.to_string(),
                 key,
                 id: None,
+                binds: Vec::new(),
             });
         }
         'rules: for rule in &self.rules {
@@ -367,7 +456,20 @@ impl TopicMap {
             })?;
             let key = rule.key.as_deref().map(render);
             let id = rule.id.as_deref().map(render);
-            return Ok(Mapped { stream, key, id });
+            let binds = rule
+                .binds
+                .iter()
+                .map(|(var, field)| {
+                    let value = vars.iter().find(|(n, _)| n == var).map(|(_, v)| v.clone());
+                    (field.clone(), value.unwrap_or_default())
+                })
+                .collect();
+            return Ok(Mapped {
+                stream,
+                key,
+                id,
+                binds,
+            });
         }
         Err(TopicError::Unmapped)
     }
@@ -447,6 +549,7 @@ mod tests {
             pattern: pattern.into(),
             stream: stream.into(),
             key: key.map(str::to_string),
+            bind: Default::default(),
         }
     }
 
@@ -496,7 +599,8 @@ mod tests {
             Mapped {
                 stream: "readings".into(),
                 key: Some("d7".into()),
-                id: Some("d7-41".into())
+                id: Some("d7-41".into()),
+                binds: Vec::new(),
             }
         );
         assert_eq!(m.map("devices/d7/telemetry/x"), Err(TopicError::Unmapped));
@@ -520,9 +624,49 @@ mod tests {
             (rule("a/{x}/{x}", "s", None), "twice"),
             (rule("a", "bad stream", None), "stream `bad stream`"),
             (rule("", "s", None), "empty"),
+            (
+                TopicRuleConfig {
+                    bind: [("device".to_string(), "client_id".to_string())].into(),
+                    ..rule("a/{x}", "s", None)
+                },
+                "no placeholder {device}",
+            ),
+            (
+                TopicRuleConfig {
+                    bind: [("x".to_string(), "password".to_string())].into(),
+                    ..rule("a/{x}", "s", None)
+                },
+                "not an identity",
+            ),
         ] {
             let e = TopicMap::compile(&[r]).unwrap_err().1;
             assert!(e.contains(want), "{e} should mention {want}");
         }
+    }
+
+    #[test]
+    fn bound_placeholders_report_what_they_captured() {
+        let m = TopicMap::compile(&[TopicRuleConfig {
+            bind: [
+                ("device".to_string(), "client_id".to_string()),
+                ("tenant".to_string(), "claim:tenant".to_string()),
+            ]
+            .into(),
+            ..rule(
+                "t/{tenant}/d/{device}/{rest+}",
+                "telemetry",
+                Some("{device}"),
+            )
+        }])
+        .unwrap();
+        assert!(!m.binds_cert());
+        let got = m.resolve("t/acme/d/pump-7/temp/c").unwrap();
+        assert_eq!(
+            got.binds,
+            [
+                (IdentityField::ClientId, "pump-7".to_string()),
+                (IdentityField::Claim("tenant".into()), "acme".to_string()),
+            ]
+        );
     }
 }

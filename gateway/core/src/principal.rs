@@ -53,7 +53,18 @@ pub struct Principal {
     /// When the credential stops being valid (a JWT's `exp` plus leeway, an API key's
     /// `expires_at`); long-lived sessions are checked again then.
     expires_at: Option<std::time::SystemTime>,
+    /// A JWT's string claims (at most [`MAX_CLAIMS`], each at most [`MAX_CLAIM_BYTES`]), for
+    /// topic rules that bind a placeholder to one (docs/mqtt.md "Device-bound topics").
+    claims: Option<Claims>,
 }
+
+/// A credential's claims, by name.
+type Claims = Arc<[(Arc<str>, Arc<str>)]>;
+
+/// Most claims a principal keeps.
+pub const MAX_CLAIMS: usize = 32;
+/// Longest claim value a principal keeps.
+pub const MAX_CLAIM_BYTES: usize = 256;
 
 impl Principal {
     /// The principal of producers that presented no credentials where that is allowed.
@@ -64,6 +75,7 @@ impl Principal {
             identity: Arc::from("anonymous\u{1f}anonymous"),
             permissions: Arc::new(Permissions::All),
             expires_at: None,
+            claims: None,
         }
     }
 
@@ -76,6 +88,7 @@ impl Principal {
             source: Arc::from(""),
             permissions: Arc::new(permissions),
             expires_at: None,
+            claims: None,
         }
     }
 
@@ -102,6 +115,28 @@ impl Principal {
     pub fn expiring_at(mut self, at: std::time::SystemTime) -> Self {
         self.expires_at = Some(at);
         self
+    }
+
+    /// The same principal, with its credential's claims (bounded: past [`MAX_CLAIMS`] claims,
+    /// and values over [`MAX_CLAIM_BYTES`], are not kept).
+    pub fn with_claims(mut self, claims: impl IntoIterator<Item = (String, String)>) -> Self {
+        let kept: Vec<(Arc<str>, Arc<str>)> = claims
+            .into_iter()
+            .filter(|(_, v)| v.len() <= MAX_CLAIM_BYTES)
+            .take(MAX_CLAIMS)
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect();
+        self.claims = (!kept.is_empty()).then(|| kept.into());
+        self
+    }
+
+    /// The value of the credential's claim `name` (JWT principals), if it was kept.
+    pub fn claim(&self, name: &str) -> Option<&str> {
+        self.claims
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| &**k == name)
+            .map(|(_, v)| &**v)
     }
 
     /// When the credential behind this principal stops being valid, if it does.
@@ -189,5 +224,23 @@ mod tests {
         assert!(p.may_produce_to("orders"));
         assert!(!p.may_produce_to("payments"));
         assert!(Principal::anonymous().may_produce_to("anything"));
+    }
+
+    #[test]
+    fn claims_are_kept_bounded() {
+        let long = "x".repeat(MAX_CLAIM_BYTES + 1);
+        let p = Principal::new("d", Permissions::All).with_claims(
+            [
+                ("tenant".to_string(), "acme".to_string()),
+                ("big".into(), long),
+            ]
+            .into_iter()
+            .chain((0..100).map(|i| (format!("c{i:03}"), i.to_string()))),
+        );
+        assert_eq!(p.claim("tenant"), Some("acme"));
+        assert_eq!(p.claim("big"), None, "too long to keep");
+        assert_eq!(p.claim("c030"), Some("30"));
+        assert_eq!(p.claim("c031"), None, "past MAX_CLAIMS");
+        assert_eq!(Principal::anonymous().claim("tenant"), None);
     }
 }

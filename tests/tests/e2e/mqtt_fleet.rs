@@ -431,3 +431,176 @@ async fn mqtt_over_websocket_checks_the_origin_like_the_websocket_endpoint() {
         assert_eq!(c.publish1("web/x", 1, b"hi").await, 0);
     }
 }
+
+const ISS: &str = "https://idp.fleet.test";
+const HS_SECRET: &str = "a-fleet-hs256-secret-long-enough-1234";
+
+/// Publishes QoS 1 and returns the PUBACK's reason code.
+async fn puback<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    c: &mut Client5<S>,
+    topic: &str,
+    id: u16,
+) -> u8 {
+    c.publish1(topic, id, b"reading").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_bound_topics_let_a_device_publish_only_as_itself() {
+    use sluice_tests::pki::{self, Ca};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ca = Ca::new("fleet CA").unwrap();
+    let server = ca
+        .issue_valid("sluice", &["localhost", "127.0.0.1"])
+        .unwrap();
+    let pump = ca.issue_valid("pump-7", &["pump-7.devices.test"]).unwrap();
+    let w = |name: &str, c: &str| pki::write(d, name, c).unwrap().display().to_string();
+    let config = format!(
+        r#"
+[mqtt.auth]
+allow_anonymous = false
+
+[http.auth]
+allow_anonymous = false
+
+[mqtt.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+client_auth = "optional"
+client_ca_file = "{ca}"
+
+[[auth.jwt.issuers]]
+issuer = "{ISS}"
+audiences = ["sluice"]
+algorithms = ["HS256"]
+hs256_secret = "{HS_SECRET}"
+permissions_claim = "streams"
+permission_prefix = ""
+
+[[auth.mtls.rules]]
+field = "san_dns"
+pattern = "*.devices.test"
+streams = ["*"]
+
+[[mqtt.topics]]
+pattern = "devices/{{device}}/telemetry"
+stream = "telemetry"
+key = "{{device}}"
+bind = {{ device = "client_id" }}
+
+[[mqtt.topics]]
+pattern = "tenants/{{tenant}}/{{rest+}}"
+stream = "tenants"
+key = "{{tenant}}"
+bind = {{ tenant = "claim:tenant" }}
+
+[[mqtt.topics]]
+pattern = "certs/{{name}}/{{rest+}}"
+stream = "certs"
+key = "{{name}}"
+bind = {{ name = "cert_cn" }}
+{key_entry}"#,
+        cert = w("server.pem", &server.cert_pem),
+        key = w("server.key", &server.key_pem),
+        ca = w("ca.pem", &ca.cert_pem()),
+        key_entry = api_key_entry("fleet.one-key-for-all-devices", "fleet", &["*"]),
+    );
+    let s = Sluice::start(&d.join("data"), &config).unwrap();
+    let addr = s.mqtt.unwrap();
+    let with_key = |mut c: v5::Connect| {
+        c.username = Some("fleet".into());
+        c.password = Some(bytes::Bytes::from_static(b"one-key-for-all-devices"));
+        c
+    };
+
+    // One API key for the whole fleet: device A publishes under its own client id, not B's.
+    let mut a = Client5::stream(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(a.connect(with_key(connect5("dev-a", 30))).await, 0);
+    assert_eq!(puback(&mut a, "devices/dev-a/telemetry", 1).await, 0);
+    assert_eq!(puback(&mut a, "devices/dev-b/telemetry", 2).await, 0x87);
+    // The connection goes on after a refusal.
+    assert_eq!(puback(&mut a, "devices/dev-a/telemetry", 3).await, 0);
+    // A will on another device's topic is refused at CONNECT.
+    let mut c = with_key(connect5("dev-a2", 30));
+    c.last_will = Some(v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain: false,
+        topic: "devices/dev-b/telemetry".into(),
+        message: bytes::Bytes::from_static(b"gone"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: vec![],
+        is_utf8_payload: None,
+        response_topic: None,
+    });
+    let mut refused = Client5::stream(TcpStream::connect(addr).await.unwrap());
+    assert_eq!(refused.connect(c).await, 0x87);
+    // MQTT 3.1.1 cannot say no: the connection is closed.
+    let mut c3 = connect3("dev-c", 30);
+    c3.username = Some("fleet".into());
+    c3.password = Some(bytes::Bytes::from_static(b"one-key-for-all-devices"));
+    let mut raw3 = session3(addr, c3).await;
+    raw3.send3(v3::Packet::Publish(Box::new(publish(
+        "devices/dev-a/telemetry",
+        1,
+        1,
+        b"forged",
+        None,
+    ))))
+    .await;
+    assert!(raw3.closed().await, "3.1.1: closed without PUBACK");
+
+    // A JWT's claim: tenant acme's device cannot publish into globex.
+    let token = pki::hs256(
+        HS_SECRET.as_bytes(),
+        &serde_json::json!({"iss": ISS, "sub": "sensor-1", "aud": "sluice", "exp": pki::now() + 3600, "streams": ["*"], "tenant": "acme"}),
+    );
+    let mut j = Client5::stream(TcpStream::connect(addr).await.unwrap());
+    let mut c = connect5("sensor-1", 30);
+    c.username = Some("jwt".into());
+    c.password = Some(bytes::Bytes::from(token));
+    assert_eq!(j.connect(c).await, 0);
+    assert_eq!(puback(&mut j, "tenants/acme/site-1/temp", 1).await, 0);
+    assert_eq!(puback(&mut j, "tenants/globex/site-1/temp", 2).await, 0x87);
+    // An API key has no claims: nothing is bound to it.
+    assert_eq!(puback(&mut a, "tenants/acme/x", 4).await, 0x87);
+
+    // A client certificate's CN.
+    let tls = pki::tls_client(&ca.cert_pem(), Some(&pump)).unwrap();
+    let tcp = TcpStream::connect(s.mqtts.unwrap()).await.unwrap();
+    let io = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut p = Client5::stream(io);
+    assert_eq!(p.connect(connect5("pump-7", 30)).await, 0);
+    assert_eq!(puback(&mut p, "certs/pump-7/pressure", 1).await, 0);
+    assert_eq!(puback(&mut p, "certs/pump-8/pressure", 2).await, 0x87);
+
+    let keys = |stream: &str| -> Vec<String> {
+        read_log(&s.data_dir, stream, &[])
+            .unwrap_or_default()
+            .iter()
+            .map(|r| r["key"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(records(&s, "telemetry", 2).await.len(), 2);
+    assert_eq!(keys("telemetry"), ["dev-a", "dev-a"]);
+    assert_eq!(keys("tenants"), ["acme"]);
+    assert_eq!(keys("certs"), ["pump-7"]);
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_or_zero(
+            &m,
+            "sluice_events_rejected_total",
+            "protocol=\"mqtt\",reason=\"identity\""
+        ),
+        6.0,
+        "each refusal counted: B's topic, the will, the 3.1.1 forgery, globex, the key's tenant, pump-8"
+    );
+}

@@ -84,6 +84,7 @@ pub(super) struct Accepted {
     pub(super) keep_alive: Duration,
     pub(super) props: ConnAckProps,
     pub(super) persistence: Persistence,
+    pub(super) identity: Identity,
 }
 
 /// What becomes of the session when its connection ends, and what it resumed.
@@ -187,15 +188,27 @@ pub(super) async fn accept<I: Ingest>(
             ));
         }
     };
-    let will = match &c.will {
-        None => None,
-        Some(w) => prepare_will(mqtt, &principal, w).map_err(|(v3, v5c, m)| (code(v3, v5c), m))?,
-    };
     let mut client_id = c.client_id.clone();
     let assigned = client_id.is_empty().then(|| {
         client_id = ByteString::from(format!("sluice-{:016x}", rand_id(conn_id)));
         client_id.clone()
     });
+    // The certificate's names, read once, when a topic rule binds a placeholder to one.
+    let identity = Identity {
+        client_id: c.client_id.clone(),
+        cert: if mqtt.opts.topics.binds_cert() {
+            conn.client_cert
+                .as_deref()
+                .and_then(sluice_auth::mtls::cert_names)
+        } else {
+            None
+        },
+    };
+    let will = match &c.will {
+        None => None,
+        Some(w) => prepare_will(mqtt, &principal, &identity, w)
+            .map_err(|(v3, v5c, m)| (code(v3, v5c), m))?,
+    };
     // Keyed by the principal's identity (source and name), so that a JWT subject cannot take
     // over the session of an API key's principal of the same name.
     let key: SessionKey = (principal.identity().clone(), client_id);
@@ -230,6 +243,7 @@ pub(super) async fn accept<I: Ingest>(
         keep_alive: Duration::from_millis(u64::from(ka) * 1500),
         props,
         persistence,
+        identity,
     })
 }
 
@@ -327,6 +341,7 @@ fn rand_id(conn_id: u64) -> u64 {
 fn prepare_will<I: Ingest>(
     mqtt: &Mqtt<I>,
     principal: &Principal,
+    identity: &Identity,
     w: &Will,
 ) -> Result<Option<PreparedWill>, (u8, u8, String)> {
     if w.topic.contains(['+', '#']) || w.topic.is_empty() {
@@ -336,13 +351,22 @@ fn prepare_will<I: Ingest>(
             format!("will topic `{}` is not a topic name", w.topic),
         ));
     }
-    let (stream, key) = mqtt.opts.topics.map(&w.topic).map_err(|e| {
+    let mapped = mqtt.opts.topics.resolve(&w.topic).map_err(|e| {
         (
             rc::v3::NOT_AUTHORIZED,
             rc::TOPIC_NAME_INVALID,
             format!("will topic `{}`: {e}", w.topic),
         )
     })?;
+    if let Err(m) = identity.check(principal, &mapped.binds) {
+        mqtt.ingest.metrics().rejected(PROTO, "identity", 1);
+        return Err((
+            rc::v3::NOT_AUTHORIZED,
+            rc::NOT_AUTHORIZED,
+            format!("will topic `{}`: {m}", w.topic),
+        ));
+    }
+    let (stream, key) = (mapped.stream, mapped.key);
     let stream = StreamName::parse(&stream).map_err(|r| {
         (
             rc::v3::NOT_AUTHORIZED,

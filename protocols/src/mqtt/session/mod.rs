@@ -150,11 +150,53 @@ struct PreparedWill {
     delay_secs: u32,
 }
 
+/// Who the connection is, for topic rules that bind placeholders to it (docs/mqtt.md
+/// "Device-bound topics"); the principal is the session's own.
+pub(super) struct Identity {
+    /// The client identifier the device sent (an assigned one never matches a topic level).
+    client_id: ByteString,
+    /// The client certificate's names, when a rule binds to one.
+    cert: Option<sluice_auth::mtls::CertNames>,
+}
+
+impl Identity {
+    /// Whether every bound placeholder of a topic holds this connection's own value.
+    fn check(
+        &self,
+        principal: &Principal,
+        binds: &[(sluice_config::IdentityField, String)],
+    ) -> Result<(), String> {
+        use sluice_config::IdentityField as F;
+        for (field, value) in binds {
+            let among = |v: Option<&Vec<String>>| v.is_some_and(|v| v.iter().any(|n| n == value));
+            let cert = self.cert.as_ref();
+            let ok = match field {
+                F::ClientId => &*self.client_id == value,
+                F::Principal => principal.name() == value,
+                F::CertCn => among(cert.map(|c| &c.cn)),
+                F::CertSanDns => among(cert.map(|c| &c.san_dns)),
+                F::CertSanUri => among(cert.map(|c| &c.san_uri)),
+                F::Claim(name) => principal.claim(name) == Some(value.as_str()),
+            };
+            if !ok {
+                return Err(format!(
+                    "the topic names `{value}` where the rule requires this connection's {field}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Session<I> {
     mqtt: Arc<Mqtt<I>>,
     codec: Codec,
     principal: Principal,
     client_id: ByteString,
+    identity: Identity,
+    /// Whether a publish outside the connection's bound topics was logged already (once per
+    /// connection; all are counted).
+    bind_logged: bool,
     appender: Appender<I>,
     next_group: u64,
     rbuf: BytesMut,
@@ -233,6 +275,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         keep_alive,
         props,
         persistence,
+        identity,
     } = accepted;
     wbuf.clear();
     if codec.connack(0, props, &mut wbuf).is_err()
@@ -256,6 +299,8 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         codec,
         principal: principal.clone(),
         client_id: connect.client_id.clone(),
+        identity,
+        bind_logged: false,
         appender: Appender {
             ingest: mqtt.ingest.clone(),
             principal,

@@ -394,6 +394,13 @@ impl<I: Ingest> Session<I> {
         let (stream, key, mapped_id) = match &self.last_topic {
             Some((t, s, k, id)) if *t == topic => (s.clone(), k.clone(), id.clone()),
             _ => match self.mqtt.opts.topics.resolve(&topic) {
+                Ok(m) if !m.binds.is_empty() && self.unbound(&topic, &m.binds) => {
+                    return refused(
+                        rc::NOT_AUTHORIZED,
+                        "not_authorized",
+                        format!("topic `{topic}` is not this device's to publish to"),
+                    );
+                }
                 Ok(m) => match StreamName::parse(&m.stream) {
                     Ok(s) => {
                         let k = m.key.map(Bytes::from);
@@ -490,6 +497,20 @@ impl<I: Ingest> Session<I> {
             state: State::Submitted,
         };
         Ok(Some((item, Some(stream))))
+    }
+
+    /// Whether a topic's bound placeholders are not this connection's own (counted, and logged
+    /// once per connection): device A publishing as device B.
+    fn unbound(&mut self, topic: &str, binds: &[(sluice_config::IdentityField, String)]) -> bool {
+        let Err(why) = self.identity.check(&self.principal, binds) else {
+            return false;
+        };
+        self.count_refusal("identity");
+        if !self.bind_logged {
+            self.bind_logged = true;
+            tracing::warn!(client_id = %self.client_id, principal = self.principal.name(), topic, reason = %why, "MQTT publish outside the device's bound topics refused (further ones on this connection are only counted)");
+        }
+        true
     }
 
     /// Whether `stream` drops retained publishes (`mqtt_retained = "drop"`). Asked only for
