@@ -135,5 +135,13 @@ if [ "$with_grpcio" -eq 1 ]; then
       || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcio grpcio-tools \
       || apt_install python3-grpcio python3-grpc-tools
   fi
+  # paho-mqtt: the MQTT library most Python devices and bridges use, for
+  # tests/python/mqtt_fleet.py (sessions, retained, wills, session expiry).
+  if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+    log "installing Python paho-mqtt"
+    python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' 2>/dev/null \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' \
+      || apt_install python3-paho-mqtt
+  fi
 fi
 log "ok"

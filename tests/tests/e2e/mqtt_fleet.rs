@@ -604,3 +604,131 @@ bind = {{ name = "cert_cn" }}
         "each refusal counted: B's topic, the will, the 3.1.1 forgery, globex, the key's tenant, pump-8"
     );
 }
+
+/// Runs tests/python/mqtt_fleet.py (paho-mqtt) with `args`; its stdout as JSON.
+fn paho(args: &[String]) -> Value {
+    use sluice_tests::OutputWithin;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/mqtt_fleet.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output_within(Duration::from_secs(180))
+        .expect("python3 with paho-mqtt (scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "mqtt_fleet.py {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_devices_publish_retained_state_and_wills_subscribe_and_keep_sessions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let port = s.mqtt.unwrap().port().to_string();
+    let report = tokio::task::spawn_blocking(move || paho(&["fleet".into(), port]))
+        .await
+        .unwrap();
+    assert_eq!(report["connack"], 0, "{report}");
+    assert_eq!(report["online_acked"], true, "{report}");
+    // SUBACK failure (3.1.1: 0x80), and the device goes on publishing.
+    assert_eq!(report["suback"], serde_json::json!([128]), "{report}");
+    assert_eq!(report["after_subscribe_acked"], true, "{report}");
+    // MQTT 5 session expiry.
+    assert_eq!(report["first"], serde_json::json!([0, false]), "{report}");
+    assert_eq!(
+        report["kept_first"],
+        serde_json::json!([0, false]),
+        "{report}"
+    );
+    assert_eq!(
+        report["after_expiry"],
+        serde_json::json!([0, false]),
+        "{report}"
+    );
+    assert_eq!(
+        report["kept_after"],
+        serde_json::json!([0, true]),
+        "{report}"
+    );
+    // The retained "online" and the retained will, flagged.
+    let status = records(&s, "status", 2).await;
+    let seen: Vec<(String, Option<String>, Option<String>)> = status
+        .iter()
+        .map(|r| {
+            (
+                r["value"].as_str().unwrap().to_string(),
+                header(r, "mqtt-retain"),
+                header(r, "mqtt-will"),
+            )
+        })
+        .collect();
+    let t = || Some("true".to_string());
+    assert_eq!(
+        seen,
+        [("online".into(), t(), None), ("offline".into(), t(), t())]
+    );
+    assert_eq!(
+        records(&s, "telemetry", 1).await[0]["value"],
+        "after-subscribe"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paho_device_publishing_through_a_gateway_sigkill_has_every_acked_publish_stored_once() {
+    // QoS 1 and 2 in flight when the gateway is killed: the device (paho, persistent session)
+    // reconnects to the restarted gateway and resends; with dedup on the stream (the
+    // exactly-once statement for a crash, docs/mqtt.md) every acked publish is stored once.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("sluice.toml");
+    std::fs::write(&config, "[streams.defaults]\ndedup = true\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [("SLUICE_MQTT__LISTEN", listen.as_str())];
+    let mut s = Sluice::start_with_env(&data, &config, &env).unwrap();
+    let n = 1500;
+    let device = tokio::task::spawn_blocking(move || {
+        paho(&["crash".into(), port.to_string(), n.to_string()])
+    });
+    let received = wait_until(Duration::from_secs(60), || async {
+        let m = s.metrics().await;
+        metric_or_zero(&m, "sluice_events_received_total", "protocol=\"mqtt\"") >= 300.0
+    })
+    .await;
+    assert!(received, "the device is publishing");
+    s.kill().unwrap();
+    let s = Sluice::start_with_env(&data, &config, &env).unwrap();
+    let acked = device.await.unwrap();
+    let acked: Vec<String> = serde_json::from_value(acked).unwrap();
+    assert_eq!(acked.len(), n, "every publish acked in the end");
+    let stored = read_log(&s.data_dir, "meters", &[]).unwrap();
+    let mut count = std::collections::HashMap::<String, usize>::new();
+    for r in &stored {
+        *count
+            .entry(r["value"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for p in &acked {
+        assert_eq!(
+            count.get(p),
+            Some(&1),
+            "{p}: acked, stored {:?} times",
+            count.get(p)
+        );
+    }
+    assert_eq!(stored.len(), n, "nothing stored twice");
+    let m = s.metrics().await;
+    eprintln!(
+        "after the crash: {} duplicates answered, sessions resumed {}",
+        sluice_tests::metric_sum(&m, "sluice_dedup_duplicates_total", "protocol=\"mqtt\""),
+        metric_or_zero(&m, "sluice_mqtt_sessions_total", "outcome=\"resumed\"")
+    );
+}
