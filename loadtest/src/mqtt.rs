@@ -49,6 +49,25 @@ pub struct MqttArgs {
     /// hold them for `duration_secs`.
     #[arg(long)]
     idle: bool,
+    /// A reconnect storm: all `connections` CONNECT at once (at most `storm_concurrency`
+    /// handshakes in flight), each publishes one QoS 1 message and waits for its PUBACK;
+    /// reports the CONNECT rate and the time until every device was back and acked.
+    #[arg(long)]
+    storm: bool,
+    /// Handshakes in flight at once during a storm.
+    #[arg(long, default_value_t = 1000)]
+    storm_concurrency: usize,
+    /// Persistent sessions: clean session 0 and a stable client id (`{client_prefix}-{c}`), so a
+    /// second run resumes the first run's sessions.
+    #[arg(long)]
+    persistent: bool,
+    /// Client ids are `{client_prefix}-{c}` (default: `lt-{pid}`).
+    #[arg(long)]
+    client_prefix: Option<String>,
+    /// Spread connections over this many loopback source addresses (127.0.0.1, 127.0.0.2, …):
+    /// one address has ~28,000 ephemeral ports towards one listener.
+    #[arg(long, default_value_t = 1)]
+    source_addrs: u8,
     #[arg(long)]
     json: bool,
 }
@@ -67,9 +86,14 @@ fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn connect_packet(client_id: &str, user: Option<&str>, pass: Option<&str>) -> Vec<u8> {
+fn connect_packet(
+    client_id: &str,
+    user: Option<&str>,
+    pass: Option<&str>,
+    persistent: bool,
+) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
-    let mut flags = 0x02; // clean session
+    let mut flags = if persistent { 0 } else { 0x02 }; // clean session
     if user.is_some() {
         flags |= 0x80;
     }
@@ -123,15 +147,29 @@ fn next_packet(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     Some((first, body))
 }
 
-async fn open(a: &MqttArgs, c: usize) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(a.addr)
+/// Connects connection `c` and waits for CONNACK; returns the stream and Session Present.
+async fn open_session(a: &MqttArgs, c: usize) -> Result<(TcpStream, bool)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if a.source_addrs > 1 {
+        // The ports of an earlier run's connections may still be in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        let last = 1 + (c % usize::from(a.source_addrs)) as u8;
+        socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
+    }
+    let mut s = socket
+        .connect(a.addr)
         .await
         .with_context(|| format!("connecting to {}", a.addr))?;
     s.set_nodelay(true)?;
+    let prefix = a
+        .client_prefix
+        .clone()
+        .unwrap_or_else(|| format!("lt-{}", std::process::id()));
     s.write_all(&connect_packet(
-        &format!("lt-{}-{c}", std::process::id()),
+        &format!("{prefix}-{c}"),
         a.username.as_deref(),
         a.password.as_deref(),
+        a.persistent,
     ))
     .await?;
     let mut buf = Vec::new();
@@ -146,14 +184,102 @@ async fn open(a: &MqttArgs, c: usize) -> Result<TcpStream> {
             if first != 0x20 || body.get(1) != Some(&0) {
                 bail!("CONNACK refused: {body:?}");
             }
-            return Ok(s);
+            return Ok((s, body.first().is_some_and(|f| f & 1 == 1)));
         }
     }
+}
+
+async fn open(a: &MqttArgs, c: usize) -> Result<TcpStream> {
+    Ok(open_session(a, c).await?.0)
+}
+
+/// A reconnect storm (`--storm`).
+async fn storm(a: MqttArgs) -> Result<()> {
+    let start = Instant::now();
+    let gate = Arc::new(tokio::sync::Semaphore::new(a.storm_concurrency));
+    let payload = vec![b'x'; a.payload_bytes];
+    let mut tasks = Vec::with_capacity(a.connections);
+    for c in 0..a.connections {
+        let (a, gate, payload) = (a.clone(), gate.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await?;
+            let began = Instant::now();
+            // A refused or reset CONNECT is retried, as a device does, with a short backoff.
+            let mut tries = 0u32;
+            let (mut s, present) = loop {
+                match open_session(&a, c).await {
+                    Ok(v) => break v,
+                    Err(_) if tries < 50 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(tries.min(10))))
+                            .await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let connected = began.elapsed();
+            let mut out = Vec::new();
+            publish_packet(
+                &a.topic.replace("{c}", &c.to_string()),
+                1,
+                1,
+                &payload,
+                &mut out,
+            );
+            s.write_all(&out).await?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 64];
+            loop {
+                let n = s.read(&mut chunk).await?;
+                if n == 0 {
+                    bail!("connection closed before PUBACK");
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some((first, _)) = next_packet(&mut buf)
+                    && first == 0x40
+                {
+                    break;
+                }
+            }
+            drop(permit);
+            // Held until every device is back (a storm is all of them at once).
+            anyhow::Ok((s, connected, start.elapsed(), present, tries))
+        }));
+    }
+    let mut held = Vec::with_capacity(tasks.len());
+    let mut connect = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut last, mut present, mut retries) = (Duration::ZERO, 0usize, 0u64);
+    for t in tasks {
+        let (s, connected, done, p, tries) = t.await??;
+        connect.record(connected.as_micros() as u64)?;
+        last = last.max(done);
+        present += usize::from(p);
+        retries += u64::from(tries);
+        held.push(s);
+    }
+    let report = serde_json::json!({
+        "mode": "mqtt-storm",
+        "connections": a.connections,
+        "persistent": a.persistent,
+        "sessions_present": present,
+        "connect_retries": retries,
+        "all_back_and_acked_s": last.as_secs_f64(),
+        "connects_per_s": a.connections as f64 / last.as_secs_f64(),
+        "connect_latency_us": latency_json(&connect),
+    });
+    println!("{report}");
+    for mut s in held {
+        let _ = s.write_all(&[0xe0, 0]).await; // DISCONNECT
+    }
+    Ok(())
 }
 
 pub async fn run(a: MqttArgs) -> Result<()> {
     if a.idle {
         return idle(a).await;
+    }
+    if a.storm {
+        return storm(a).await;
     }
     let payload = vec![b'x'; a.payload_bytes];
     let start = Instant::now() + Duration::from_millis(500);

@@ -245,20 +245,27 @@ impl<I: Ingest> Mqtt<I> {
         .await
         {
             let (this, tls, gate) = (self.clone(), tls.clone(), gate.clone());
-            tokio::spawn(async move {
-                match tls {
-                    None => {
+            // One task per connection; a plain TCP connection's task does not carry the TLS
+            // handshake's state (memory per idle connection).
+            match tls {
+                None => {
+                    let task = async move {
                         this.session(Stream(stream), conn_info(peer, None), &gate)
-                            .await
-                    }
-                    Some(tls) => {
-                        if let Some((s, cert)) = accept_tls(&tls, stream, peer).await {
+                            .await;
+                        drop(permit);
+                    };
+                    tokio::spawn(task);
+                }
+                Some(tls) => {
+                    tokio::spawn(async move {
+                        // Boxed: the handshake's state is large and over once it is done.
+                        if let Some((s, cert)) = Box::pin(accept_tls(&tls, stream, peer)).await {
                             this.session(Stream(s), conn_info(peer, cert), &gate).await;
                         }
-                    }
+                        drop(permit);
+                    });
                 }
-                drop(permit);
-            });
+            }
         }
     }
 
@@ -277,24 +284,39 @@ impl<I: Ingest> Mqtt<I> {
     }
 
     /// Runs one MQTT session over `io` to its end, authenticated by `gate`.
-    pub async fn session<T: Transport>(self: Arc<Self>, io: T, conn: ConnInfo, gate: &Gate) {
-        let Ok(guard) = self.sessions.clone().try_read_owned() else {
-            return; // draining
-        };
-        let gauge = self.ingest.metrics().connections_of(PROTO);
-        gauge.inc();
-        let span = tracing::info_span!(
-            "conn",
-            protocol = PROTO,
-            peer = %conn.peer,
-            client_id = tracing::field::Empty,
-            principal = tracing::field::Empty
-        );
-        // Boxed: the session's state lives on the heap once, not in every spawned future.
-        tracing::Instrument::instrument(Box::pin(session::run(self.clone(), io, conn, gate)), span)
-            .await;
-        gauge.dec();
-        drop(guard);
+    pub fn session<'g, T: Transport>(
+        self: Arc<Self>,
+        io: T,
+        conn: ConnInfo,
+        gate: &'g Gate,
+    ) -> impl Future<Output = ()> + Send + 'g {
+        // Not an `async fn`: the session's state (with `io`, a TLS stream in particular) is
+        // boxed here, before the returned future exists, so a spawned connection task holds a
+        // pointer, not a copy of every transport's state (memory per idle connection).
+        let guard = self.sessions.clone().try_read_owned().ok();
+        let run = guard.as_ref().map(|_| {
+            let span = tracing::info_span!(
+                "conn",
+                protocol = PROTO,
+                peer = %conn.peer,
+                client_id = tracing::field::Empty,
+                principal = tracing::field::Empty
+            );
+            tracing::Instrument::instrument(
+                Box::pin(session::run(self.clone(), io, conn, gate)),
+                span,
+            )
+        });
+        async move {
+            let Some(run) = run else {
+                return; // draining
+            };
+            let gauge = self.ingest.metrics().connections_of(PROTO);
+            gauge.inc();
+            run.await;
+            gauge.dec();
+            drop(guard);
+        }
     }
 
     /// Tells every session to answer what it read, send MQTT 5 clients DISCONNECT 0x8B and

@@ -96,7 +96,8 @@ pub(super) struct Persistence {
     /// QoS 2 packet ids of the resumed session awaiting PUBREL.
     pub(super) qos2: Vec<u16>,
     /// Told when this connection has ended and saved its session.
-    pub(super) ended: watch::Sender<bool>,
+    /// (A oneshot: a watch channel's state is five times its size, per connection.)
+    pub(super) ended: Option<oneshot::Sender<()>>,
 }
 
 /// Checks a CONNECT: client identifier, credentials, connection limits and the will. On
@@ -269,20 +270,21 @@ async fn resume<I: Ingest>(
     };
     let expiry_secs = asked.min(max);
     let told = (v5 && expiry_secs != asked).then_some(expiry_secs);
-    let (ended, rx) = watch::channel(false);
     let mut p = Persistence {
         expiry_secs,
         stored: false,
         qos2: Vec::new(),
-        ended,
+        ended: None,
     };
     if max == 0 {
         return (p, false, told);
     }
-    if let Some(mut previous) = mqtt.follow(key, conn_id, rx) {
+    let (ended, rx) = oneshot::channel();
+    p.ended = Some(ended);
+    if let Some(previous) = mqtt.follow(key, conn_id, rx) {
         // Bounded: a connection that has not ended within the CONNECT deadline leaves its
-        // session as last saved.
-        let _ = tokio::time::timeout(mqtt.opts.connect_timeout, previous.wait_for(|e| *e)).await;
+        // session as last saved. (Its sender dropped, or sent: ended either way.)
+        let _ = tokio::time::timeout(mqtt.opts.connect_timeout, previous).await;
     }
     let id = SessionId {
         principal: &key.0,

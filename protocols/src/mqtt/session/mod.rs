@@ -19,7 +19,7 @@ use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::types::{Publish, QoS};
 use sluice_auth::{Credentials, FailureKind, Principal};
 use sluice_core::{Event, Ingest, Protocol, Receipt, Rejection, StreamName};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::codec::{Codec, ConnAckProps, Connect, Hello, Inbound, Version, Will, hello};
@@ -49,8 +49,8 @@ const CONTENT_TYPE: Bytes = Bytes::from_static(b"application/octet-stream");
 /// The header marking a retained publish or will (`mqtt-retain: true`).
 const RETAIN_HEADER: Bytes = Bytes::from_static(b"mqtt-retain");
 const MAX_CLIENT_ID: usize = 256;
-/// The smallest read buffer (idle connections).
-const MIN_READ: usize = 512;
+/// The smallest read buffer (idle connections; a busy connection's grows with its reads).
+const MIN_READ: usize = 256;
 /// How much a connection under backpressure may have buffered and still be read (to notice a
 /// closed socket).
 const PEEK_BYTES: usize = 4096;
@@ -225,13 +225,65 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     conn: ConnInfo,
     gate: &Gate,
 ) {
+    // Three phases, the first and the last boxed: the connection's state while it lives (for
+    // hours, mostly idle) is the session and its loop, not the authentication's or the end's
+    // futures (memory per idle connection, BENCHMARKS.md).
+    let Some(mut h) = Box::pin(handshake(&mqtt, &mut io, &conn, gate)).await else {
+        return;
+    };
+    // `h` is used in place, not destructured: its parts would take a second copy of the
+    // session's size in this future's state.
+    let close =
+        h.s.serve(&mut io, h.kicked, h.keep_alive, gate, h.auth)
+            .await;
+    Box::pin(end(
+        End {
+            mqtt,
+            conn,
+            key: h.key,
+            conn_id: h.conn_id,
+            will: h.will,
+            persistence: h.persistence,
+        },
+        io,
+        h.s,
+        close,
+    ))
+    .await;
+}
+
+/// A connection whose CONNECT was accepted and answered.
+struct Handshake<I> {
+    s: Session<I>,
+    auth: SessionAuth,
+    key: SessionKey,
+    kicked: oneshot::Receiver<()>,
+    will: Option<PreparedWill>,
+    keep_alive: Duration,
+    persistence: connect::Persistence,
+    conn_id: u64,
+}
+
+/// Reads the CONNECT (within `connect_timeout_ms`), authenticates it, and answers CONNACK;
+/// `None` when the connection ended there (refused, timed out, gone).
+async fn handshake<I: Ingest, T: Transport>(
+    mqtt: &Arc<Mqtt<I>>,
+    io: &mut T,
+    conn: &ConnInfo,
+    gate: &Gate,
+) -> Option<Handshake<I>> {
     let metrics = mqtt.ingest.metrics().clone();
-    let opts = mqtt.opts.clone();
+    let opts = &mqtt.opts;
     let mut rbuf = BytesMut::with_capacity(256);
     let mut wbuf = BytesMut::new();
     let first = tokio::time::timeout(
         opts.connect_timeout,
-        read_connect(&mut io, &mut rbuf, &mut wbuf, opts.max_packet_bytes),
+        Box::pin(read_connect(
+            io,
+            &mut rbuf,
+            &mut wbuf,
+            opts.max_packet_bytes,
+        )),
     )
     .await;
     let (mut codec, connect) = match first {
@@ -242,16 +294,23 @@ pub(super) async fn run<I: Ingest, T: Transport>(
             }
             metrics.mqtt_disconnect(label);
             io.close().await;
-            return;
+            return None;
         }
         Err(_) => {
             metrics.mqtt_disconnect("connect_timeout");
             io.close().await;
-            return;
+            return None;
         }
     };
+    // The client id outlives the CONNECT's read buffer (sessions, the registry): its own copy,
+    // so it does not keep that buffer alive for the connection's life.
+    let mut connect = connect;
+    connect.client_id = ByteString::from(&*connect.client_id);
     let conn_id = mqtt.next_conn_id();
-    let accepted = match accept(&mqtt, gate, &mut codec, &connect, &conn, conn_id).await {
+    // Boxed, like the CONNECT's read above: the authentication's future is large and lives only
+    // until CONNACK, while the connection's own state stays for hours (memory per idle
+    // connection, BENCHMARKS.md).
+    let accepted = match Box::pin(accept(mqtt, gate, &mut codec, &connect, conn, conn_id)).await {
         Ok(a) => a,
         Err((code, reason)) => {
             let props = ConnAckProps {
@@ -263,7 +322,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
             }
             metrics.mqtt_disconnect("refused");
             io.close().await;
-            return;
+            return None;
         }
     };
     let Accepted {
@@ -287,14 +346,14 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         metrics.mqtt_disconnect("write_timeout");
         // The session stays as it was saved at CONNECT.
         mqtt.ended(&key, conn_id);
-        return;
+        return None;
     }
     wbuf.clear();
     let span = tracing::Span::current();
     span.record("client_id", key.1.as_ref() as &str);
     span.record("principal", principal.name());
     tracing::debug!(version = codec.version().as_str(), "MQTT session started");
-    let mut s = Session {
+    let s = Session {
         mqtt: mqtt.clone(),
         codec,
         principal: principal.clone(),
@@ -322,7 +381,41 @@ pub(super) async fn run<I: Ingest, T: Transport>(
         closing: false,
         read_hint: MIN_READ,
     };
-    let close = s.serve(&mut io, kicked, keep_alive, gate, auth).await;
+    Some(Handshake {
+        s,
+        auth,
+        key,
+        kicked,
+        will,
+        keep_alive,
+        persistence,
+        conn_id,
+    })
+}
+
+/// What the end of a connection needs besides its session.
+struct End<I> {
+    mqtt: Arc<Mqtt<I>>,
+    conn: ConnInfo,
+    key: SessionKey,
+    conn_id: u64,
+    will: Option<PreparedWill>,
+    persistence: connect::Persistence,
+}
+
+/// Ends a connection: DISCONNECT (MQTT 5), what was read appended, the session saved, the
+/// socket closed, the will published or discarded.
+async fn end<I: Ingest, T: Transport>(e: End<I>, mut io: T, mut s: Session<I>, close: Close) {
+    let End {
+        mqtt,
+        conn,
+        key,
+        conn_id,
+        will,
+        persistence,
+    } = e;
+    let metrics = mqtt.ingest.metrics().clone();
+    let opts = &mqtt.opts;
     let appender = std::mem::replace(
         &mut s.appender,
         Appender {
@@ -375,11 +468,15 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     drop(conn.principal.lock().unwrap().take());
     // What was read is still appended (a QoS 0 publish right before DISCONNECT, in particular),
     // before the will, and while the session still counts for the drain.
-    let outcomes = appender.finish().await;
+    // Boxed (the end of a connection is short; its futures need not sit in every connection's
+    // state while it lives).
+    let outcomes = Box::pin(appender.finish()).await;
     if persistence.stored {
-        s.keep(&key, &persistence, outcomes).await;
+        Box::pin(s.keep(&key, &persistence, outcomes)).await;
     }
-    let _ = persistence.ended.send(true);
+    if let Some(ended) = persistence.ended {
+        let _ = ended.send(());
+    }
     mqtt.ended(&key, conn_id);
     // Closed once the session is saved: a device that sees its connection close (after its
     // DISCONNECT, say) finds the session saved wherever it reconnects.

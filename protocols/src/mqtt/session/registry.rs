@@ -18,7 +18,7 @@ pub(in crate::mqtt) struct Registry {
     /// The last connection of each session key until it has ended (its persistent session
     /// saved): the next connection waits for it before loading the session. Entries are
     /// removed by the connection itself at its end, so this holds at most one per connection.
-    pub(super) ends: Mutex<HashMap<SessionKey, (u64, watch::Receiver<bool>)>>,
+    pub(super) ends: Mutex<HashMap<SessionKey, (u64, oneshot::Receiver<()>)>>,
 }
 
 impl<I: Ingest> Mqtt<I> {
@@ -45,8 +45,8 @@ impl<I: Ingest> Mqtt<I> {
         &self,
         key: &SessionKey,
         conn_id: u64,
-        ended: watch::Receiver<bool>,
-    ) -> Option<watch::Receiver<bool>> {
+        ended: oneshot::Receiver<()>,
+    ) -> Option<oneshot::Receiver<()>> {
         let mut ends = self.registry.ends.lock().unwrap();
         ends.insert(key.clone(), (conn_id, ended)).map(|(_, e)| e)
     }

@@ -91,7 +91,7 @@ impl<I: Ingest> Session<I> {
                 Step::Stop => {
                     // Packets already read are still handled (and answered before the
                     // DISCONNECT); the socket is not read any more.
-                    let decoded = self.decode_ready().await;
+                    let decoded = self.decode_ready();
                     self.closing = true;
                     // Held publishes are not retried any more: answer them now.
                     if let Some(g) = self.pending.front_mut() {
@@ -130,7 +130,7 @@ impl<I: Ingest> Session<I> {
                     } else if n < self.read_hint / 4 {
                         self.read_hint = (self.read_hint / 2).max(MIN_READ);
                     }
-                    self.decode_ready().await
+                    self.decode_ready()
                 }
                 Step::KeepAlive => {
                     return error(
@@ -142,7 +142,9 @@ impl<I: Ingest> Session<I> {
                 // A reload or the credential's expiry: the session goes on only while its
                 // principal stands as it authenticated (publishes already read are answered
                 // before the DISCONNECT, like a drain's).
-                Step::Recheck => match gate.recheck(&mut auth).await {
+                // Boxed: a recheck is rare (a reload, an expiry), and its future would otherwise
+                // sit in every idle connection's state.
+                Step::Recheck => match Box::pin(gate.recheck(&mut auth)).await {
                     Ok(()) => Ok(()),
                     Err(revoked) => {
                         let code = match revoked {
@@ -157,10 +159,9 @@ impl<I: Ingest> Session<I> {
             // Answer what is settled; acks may have made room: decode what is already buffered
             // (groups refused before appending, e.g. for their topic, are answered at once).
             let result = match result.and_then(|()| self.settle_and_answer()) {
-                Ok(()) if self.can_read() && !self.rbuf.is_empty() => self
-                    .decode_ready()
-                    .await
-                    .and_then(|()| self.settle_and_answer()),
+                Ok(()) if self.can_read() && !self.rbuf.is_empty() => {
+                    self.decode_ready().and_then(|()| self.settle_and_answer())
+                }
                 r => r,
             };
             if !self.wbuf.is_empty() {
@@ -185,7 +186,7 @@ impl<I: Ingest> Session<I> {
     }
 
     /// Handles every complete packet in the read buffer while the connection may read.
-    pub(super) async fn decode_ready(&mut self) -> Result<(), Close> {
+    pub(super) fn decode_ready(&mut self) -> Result<(), Close> {
         let mut batch: Option<Group> = None;
         let result = loop {
             if !self.can_read() {
@@ -405,7 +406,10 @@ impl<I: Ingest> Session<I> {
                     Ok(s) => {
                         let k = m.key.map(Bytes::from);
                         let id = m.id.map(Bytes::from);
-                        self.last_topic = Some((topic.clone(), s.clone(), k.clone(), id.clone()));
+                        // A copy of the topic: the publish's own bytes are a slice of a read
+                        // buffer, which the cache would otherwise keep alive.
+                        let cached = ByteString::from(&*topic);
+                        self.last_topic = Some((cached, s.clone(), k.clone(), id.clone()));
                         (s, k, id)
                     }
                     Err(r) => {
