@@ -185,15 +185,15 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         |g| async move { g.sweep_dedup() },
     );
 
-    let http_listener = TcpListener::bind(&config.http.listen)
+    let http_listener = bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
-    let admin_listener = TcpListener::bind(&config.admin.listen)
+    let admin_listener = bind(&config.admin.listen)
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     let grpc_listener = if config.grpc.enabled {
         Some(
-            TcpListener::bind(&config.grpc.listen)
+            bind(&config.grpc.listen)
                 .await
                 .with_context(|| format!("binding grpc.listen {}", config.grpc.listen))?,
         )
@@ -204,7 +204,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     let m = &config.mqtt;
     let mqtt_listener = if m.enabled && m.plaintext {
         Some(
-            TcpListener::bind(&m.listen)
+            bind(&m.listen)
                 .await
                 .with_context(|| format!("binding mqtt.listen {}", m.listen))?,
         )
@@ -213,7 +213,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
     };
     let mqtts_listener = if m.enabled && m.tls.is_some() {
         Some(
-            TcpListener::bind(&m.tls_listen)
+            bind(&m.tls_listen)
                 .await
                 .with_context(|| format!("binding mqtt.tls_listen {}", m.tls_listen))?,
         )
@@ -541,6 +541,27 @@ where
             }
         }
     });
+}
+
+/// Pending connections a listener's kernel queue holds (capped by `net.core.somaxconn`):
+/// tokio's default of 1024 overflowed in a reconnect storm of 10,000 devices, and each SYN
+/// dropped costs its device a 1 s retransmit (BENCHMARKS.md, MQTT fleets).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener on `addr` (resolved; the first address) with [`LISTEN_BACKLOG`].
+async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let sa = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    })?;
+    let socket = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted gateway binds while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(sa)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Where persistent MQTT sessions are kept: beside the dedup window, in Redis when that is
