@@ -132,7 +132,24 @@ impl SessionAuth {
     /// Completes when the session's principal must be checked again: the configuration was
     /// reloaded, or its credential reached its expiry.
     pub async fn due(&mut self) {
-        let expiry = self.next_expiry;
+        match self.next_expiry {
+            Some(at) => tokio::select! {
+                _ = self.reloaded() => {}
+                _ = tokio::time::sleep_until(at) => {}
+            },
+            None => self.reloaded().await,
+        }
+    }
+
+    /// When the credential reaches its expiry (and must be checked again), if it expires: for a
+    /// session that folds this deadline into a timer of its own instead of [`SessionAuth::due`].
+    pub fn expiry(&self) -> Option<tokio::time::Instant> {
+        self.next_expiry
+    }
+
+    /// Completes when the configuration or the listener's TLS was reloaded (the session's
+    /// principal must be checked again).
+    pub async fn reloaded(&mut self) {
         let tls = async {
             let changed = match self.tls_reloaded.as_mut() {
                 Some(rx) => rx.changed().await.is_ok(),
@@ -148,18 +165,9 @@ impl SessionAuth {
                 std::future::pending::<()>().await;
             }
         };
-        // Built on every turn of a session's loop, so a credential without expiry costs no
-        // timer and no clock read.
-        match expiry {
-            Some(at) => tokio::select! {
-                _ = reloaded => {}
-                _ = tls => {}
-                _ = tokio::time::sleep_until(at) => {}
-            },
-            None => tokio::select! {
-                _ = reloaded => {}
-                _ = tls => {}
-            },
+        tokio::select! {
+            _ = reloaded => {}
+            _ = tls => {}
         }
     }
 

@@ -234,7 +234,7 @@ pub(super) async fn run<I: Ingest, T: Transport>(
     // `h` is used in place, not destructured: its parts would take a second copy of the
     // session's size in this future's state.
     let close =
-        h.s.serve(&mut io, h.kicked, h.keep_alive, gate, h.auth)
+        h.s.serve(&mut io, h.kicked, h.keep_alive, gate, &mut h.auth)
             .await;
     Box::pin(end(
         End {

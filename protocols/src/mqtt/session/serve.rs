@@ -12,8 +12,13 @@ enum Step {
     Queued,
     Retry,
     Read(std::io::Result<usize>),
+    /// The connection's one timer: a held batch's retry, the keep-alive, or the credential's
+    /// expiry, whichever is first (one timer in every connection's state, not three).
+    Timer,
     KeepAlive,
     Recheck,
+    /// The timer fired for nothing due any more.
+    Nothing,
 }
 
 impl<I: Ingest> Session<I> {
@@ -46,7 +51,9 @@ impl<I: Ingest> Session<I> {
         mut kicked: oneshot::Receiver<()>,
         keep_alive: Duration,
         gate: &Gate,
-        mut auth: SessionAuth,
+        // Borrowed, not moved in: a moved argument takes a second slot of its size in the
+        // connection's future.
+        auth: &mut SessionAuth,
     ) -> Close {
         let mut stop = self.mqtt.stop.subscribe();
         let mut deadline = Instant::now() + keep_alive;
@@ -72,18 +79,39 @@ impl<I: Ingest> Session<I> {
             let spare = self.rbuf.capacity() - self.rbuf.len();
             let step = {
                 let retry_at = self.pending.front().and_then(|g| g.retry_at);
+                let keep_alive_at = can_read.then_some(deadline);
+                let expiry = auth.expiry();
+                let wake = [retry_at, keep_alive_at, expiry]
+                    .into_iter()
+                    .flatten()
+                    .min();
                 let has_appends = !self.appender.appends.is_empty();
                 let waiting = self.appender.chain.waiting();
-                tokio::select! {
+                let step = tokio::select! {
                     biased;
                     _ = &mut kicked => Step::Kicked,
                     _ = stop.changed(), if !self.closing => Step::Stop,
                     Some((id, idx, out)) = self.appender.appends.next(), if has_appends => Step::Appended(id, idx, out),
                     _ = self.appender.chain.wait(), if waiting => Step::Queued,
-                    _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => Step::Retry,
                     r = io.read_into(&mut self.rbuf), if can_read || can_peek => Step::Read(r),
-                    _ = tokio::time::sleep_until(deadline), if can_read => Step::KeepAlive,
-                    _ = auth.due() => Step::Recheck,
+                    _ = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => Step::Timer,
+                    _ = auth.reloaded() => Step::Recheck,
+                };
+                match step {
+                    Step::Timer => {
+                        let now = Instant::now();
+                        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+                        if due(retry_at) {
+                            Step::Retry
+                        } else if due(keep_alive_at) {
+                            Step::KeepAlive
+                        } else if due(expiry) {
+                            Step::Recheck
+                        } else {
+                            Step::Nothing
+                        }
+                    }
+                    step => step,
                 }
             };
             let result = match step {
@@ -122,6 +150,7 @@ impl<I: Ingest> Session<I> {
                     self.retry();
                     Ok(())
                 }
+                Step::Timer | Step::Nothing => Ok(()),
                 Step::Read(Ok(0)) | Step::Read(Err(_)) => return Close::Eof,
                 Step::Read(Ok(n)) => {
                     deadline = Instant::now() + keep_alive;
@@ -144,7 +173,7 @@ impl<I: Ingest> Session<I> {
                 // before the DISCONNECT, like a drain's).
                 // Boxed: a recheck is rare (a reload, an expiry), and its future would otherwise
                 // sit in every idle connection's state.
-                Step::Recheck => match Box::pin(gate.recheck(&mut auth)).await {
+                Step::Recheck => match Box::pin(gate.recheck(auth)).await {
                     Ok(()) => Ok(()),
                     Err(revoked) => {
                         let code = match revoked {
