@@ -150,6 +150,9 @@ pub struct FileSessions {
     total: usize,
     index: Mutex<Index>,
     stored: Gauge,
+    /// Makes each write's temporary file name unique (two saves of one session may overlap
+    /// when its previous connection took longer than the CONNECT deadline to end).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl FileSessions {
@@ -190,6 +193,7 @@ impl FileSessions {
             total,
             index: Mutex::new(index),
             stored,
+            writes: Default::default(),
         });
         this.stored
             .set(this.index.lock().unwrap().by_name.len() as i64);
@@ -240,7 +244,10 @@ impl FileSessions {
         let name = digest(id);
         let r = record(id, s);
         let bytes = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
-        let tmp = self.dir.join(format!(".{name:032x}.tmp"));
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{name:032x}.{n}.tmp"));
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, self.path(name)))
             .map_err(|e| format!("{}: {e}", self.dir.display()))?;
@@ -354,7 +361,11 @@ for _, set in ipairs({{KEYS[2], tonumber(ARGV[5])}, {KEYS[3], tonumber(ARGV[6])}
     end
   end
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+-- The principal's set lives as long as its longest session (extended, never shortened).
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
 return evicted
 ";
 

@@ -549,19 +549,30 @@ where
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds a listener on `addr` (resolved; the first address) with [`LISTEN_BACKLOG`].
+/// Like `TcpListener::bind`, each resolved address is tried until one binds.
 async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-    let sa = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let attempt = (|| {
+            let socket = if sa.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // As TcpListener::bind does: a restarted gateway binds while old connections
+            // linger.
+            socket.set_reuseaddr(true)?;
+            socket.bind(sa)?;
+            socket.listen(LISTEN_BACKLOG)
+        })();
+        match attempt {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
-    })?;
-    let socket = if sa.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As TcpListener::bind does: a restarted gateway binds while old connections linger.
-    socket.set_reuseaddr(true)?;
-    socket.bind(sa)?;
-    socket.listen(LISTEN_BACKLOG)
+    }))
 }
 
 /// Where persistent MQTT sessions are kept: beside the dedup window, in Redis when that is

@@ -375,7 +375,7 @@ async fn session_expiry_and_the_bounds_are_honoured() {
 async fn with_redis_a_device_resumes_its_session_on_another_gateway() {
     let redis = Redis::start().unwrap();
     let config = format!(
-        "[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = {:?}\n",
+        "[mqtt]\nmax_sessions_per_principal = 2\n[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = {:?}\n",
         redis.url()
     );
     let (ta, tb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -403,7 +403,17 @@ async fn with_redis_a_device_resumes_its_session_on_another_gateway() {
             .unwrap_or_default()
             .is_empty()
     );
-    assert!(redis.count_keys("sluice:ms:*").unwrap() >= 1);
+    assert_eq!(redis.count_keys("sluice:ms:*").unwrap(), 1);
+    // The bound holds in Redis too: two sessions per principal, the soonest expiring go
+    // first (the connections stay open: each session was saved at CONNECT).
+    let mut open = Vec::new();
+    for (id, expiry) in [("t-a", 60u32), ("t-b", 600), ("t-c", 400)] {
+        open.push(session5(a.mqtt.unwrap(), persistent5(id, expiry)).await.0);
+    }
+    assert_eq!(redis.count_keys("sluice:ms:*").unwrap(), 2);
+    let (_raw, ack) = session5(b.mqtt.unwrap(), persistent5("t-b", 600)).await;
+    assert!(ack.session_present, "the session expiring last is kept");
+    drop(open);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
