@@ -24,11 +24,13 @@ fn start(extra: &str) -> (tempfile::TempDir, Sluice) {
     (dir, s)
 }
 
-fn header(rec: &Value, name: &str) -> Option<String> {
+/// A record's header `name` as a string (shared with mqtt_fleet).
+pub(crate) fn header(rec: &Value, name: &str) -> Option<String> {
     rec["headers"][name].as_str().map(str::to_string)
 }
 
-async fn log_len(s: &Sluice, stream: &str, n: usize) -> Vec<Value> {
+/// The records of `stream` once there are at least `n` (20 s at most; shared with mqtt_fleet).
+pub(crate) async fn log_len(s: &Sluice, stream: &str, n: usize) -> Vec<Value> {
     let mut last = Vec::new();
     let ok = wait_until(Duration::from_secs(20), || {
         let r = read_log(&s.data_dir, stream, &[]).unwrap_or_default();

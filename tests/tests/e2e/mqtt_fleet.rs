@@ -14,24 +14,25 @@ use serde_json::Value;
 use sluice_tests::mqtt::{Client5, Raw, connect3, connect5, publish, session3, session5};
 use sluice_tests::redis::Redis;
 use sluice_tests::{Sluice, api_key_entry, metric_or_zero, read_log, wait_until};
+
+use crate::mqtt::{header, log_len};
 use tokio::net::TcpStream;
 
-fn header(rec: &Value, name: &str) -> Option<String> {
-    rec["headers"][name].as_str().map(str::to_string)
-}
-
-/// The records of `stream` once there are at least `n` (20 s at most).
-async fn records(s: &Sluice, stream: &str, n: usize) -> Vec<Value> {
-    let mut last = Vec::new();
-    let ok = wait_until(Duration::from_secs(20), || {
-        let r = read_log(&s.data_dir, stream, &[]).unwrap_or_default();
-        let done = r.len() >= n;
-        last = r;
-        async move { done }
-    })
-    .await;
-    assert!(ok, "stream {stream} has {} of {n} records", last.len());
-    last
+/// A QoS 1 Last Will.
+fn will(topic: &str, message: &'static [u8], retain: bool) -> v5::LastWill {
+    v5::LastWill {
+        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        retain,
+        topic: topic.into(),
+        message: bytes::Bytes::from_static(message),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: vec![],
+        is_utf8_payload: None,
+        response_topic: None,
+    }
 }
 
 fn persistent5(client_id: &str, expiry_secs: u32) -> v5::Connect {
@@ -119,7 +120,7 @@ async fn retained_publishes_and_wills_are_stored_with_their_flag_or_dropped_per_
     ))))
     .await;
     assert!(matches!(raw.recv5().await, Some(v5::Packet::PublishAck(_))));
-    let recs = records(&s, "status", 3).await;
+    let recs = log_len(&s, "status", 3).await;
     assert_eq!(recs[0]["value"], "online");
     assert_eq!(header(&recs[0], "mqtt-retain").as_deref(), Some("true"));
     assert_eq!(recs[1]["value"], "");
@@ -140,7 +141,7 @@ async fn retained_publishes_and_wills_are_stored_with_their_flag_or_dropped_per_
         }
         assert_eq!(release(&mut raw, id).await, v5::PublishAck2Reason::Success);
     }
-    let quiet = records(&s, "quiet", 1).await;
+    let quiet = log_len(&s, "quiet", 1).await;
     assert_eq!(quiet.len(), 1);
     assert_eq!(header(&quiet[0], "mqtt-retain"), None);
 
@@ -153,28 +154,16 @@ async fn retained_publishes_and_wills_are_stored_with_their_flag_or_dropped_per_
         raw3.recv3().await,
         Some(v3::Packet::PublishAck { .. })
     ));
-    let recs = records(&s, "status", 4).await;
+    let recs = log_len(&s, "status", 4).await;
     assert_eq!(recs[3]["value"], "online");
     assert_eq!(header(&recs[3], "mqtt-retain").as_deref(), Some("true"));
 
     // A retained will is accepted at CONNECT and, when the device drops off, stored retained.
     let mut c = connect5("lamp-w", 30);
-    c.last_will = Some(v5::LastWill {
-        qos: rmqtt_codec::types::QoS::AtLeastOnce,
-        retain: true,
-        topic: "status/lamp-w".into(),
-        message: bytes::Bytes::from_static(b"offline"),
-        will_delay_interval_sec: None,
-        correlation_data: None,
-        message_expiry_interval: None,
-        content_type: None,
-        user_properties: vec![],
-        is_utf8_payload: None,
-        response_topic: None,
-    });
+    c.last_will = Some(will("status/lamp-w", b"offline", true));
     let (raw_w, _) = session5(addr, c).await;
     drop(raw_w);
-    let recs = records(&s, "status", 5).await;
+    let recs = log_len(&s, "status", 5).await;
     assert_eq!(recs[4]["value"], "offline");
     assert_eq!(header(&recs[4], "mqtt-will").as_deref(), Some("true"));
     assert_eq!(header(&recs[4], "mqtt-retain").as_deref(), Some("true"));
@@ -187,7 +176,7 @@ async fn retained_publishes_and_wills_are_stored_with_their_flag_or_dropped_per_
         .output()
         .expect("mosquitto_pub (scripts/install-deps.sh installs it)");
     assert!(out.status.success(), "{out:?}");
-    let recs = records(&s, "status", 6).await;
+    let recs = log_len(&s, "status", 6).await;
     assert_eq!(recs[5]["value"], "online");
     assert_eq!(header(&recs[5], "mqtt-retain").as_deref(), Some("true"));
     assert_eq!(
@@ -249,7 +238,7 @@ async fn a_persistent_session_keeps_its_qos2_exchanges_across_reconnects_and_res
     assert!(ack.session_present, "the session survives a restart");
     publish2(&mut raw, "readings/meter-1", 8, b"r8", true).await;
     assert_eq!(release(&mut raw, 8).await, v5::PublishAck2Reason::Success);
-    let recs = records(&s, "readings", 3).await;
+    let recs = log_len(&s, "readings", 3).await;
     let values: Vec<&str> = recs.iter().map(|r| r["value"].as_str().unwrap()).collect();
     assert_eq!(values, ["r7", "r7b", "r8"], "each publish stored once");
     drop(raw);
@@ -397,7 +386,7 @@ async fn with_redis_a_device_resumes_its_session_on_another_gateway() {
     // The resend of 11 is answered without a second copy; its PUBREL completes.
     publish2(&mut raw, "pos/tracker-5", 11, b"p11", true).await;
     assert_eq!(release(&mut raw, 11).await, v5::PublishAck2Reason::Success);
-    assert_eq!(records(&a, "pos", 1).await.len(), 1);
+    assert_eq!(log_len(&a, "pos", 1).await.len(), 1);
     assert!(
         read_log(&b.data_dir, "pos", &[])
             .unwrap_or_default()
@@ -532,19 +521,7 @@ bind = {{ name = "cert_cn" }}
     assert_eq!(puback(&mut a, "devices/dev-a/telemetry", 3).await, 0);
     // A will on another device's topic is refused at CONNECT.
     let mut c = with_key(connect5("dev-a2", 30));
-    c.last_will = Some(v5::LastWill {
-        qos: rmqtt_codec::types::QoS::AtLeastOnce,
-        retain: false,
-        topic: "devices/dev-b/telemetry".into(),
-        message: bytes::Bytes::from_static(b"gone"),
-        will_delay_interval_sec: None,
-        correlation_data: None,
-        message_expiry_interval: None,
-        content_type: None,
-        user_properties: vec![],
-        is_utf8_payload: None,
-        response_topic: None,
-    });
+    c.last_will = Some(will("devices/dev-b/telemetry", b"gone", false));
     let mut refused = Client5::stream(TcpStream::connect(addr).await.unwrap());
     assert_eq!(refused.connect(c).await, 0x87);
     // MQTT 3.1.1 cannot say no: the connection is closed.
@@ -599,7 +576,7 @@ bind = {{ name = "cert_cn" }}
             .map(|r| r["key"].as_str().unwrap_or_default().to_string())
             .collect()
     };
-    assert_eq!(records(&s, "telemetry", 2).await.len(), 2);
+    assert_eq!(log_len(&s, "telemetry", 2).await.len(), 2);
     assert_eq!(keys("telemetry"), ["dev-a", "dev-a"]);
     assert_eq!(keys("tenants"), ["acme"]);
     assert_eq!(keys("certs"), ["pump-7"]);
@@ -665,7 +642,7 @@ async fn paho_devices_publish_retained_state_and_wills_subscribe_and_keep_sessio
         "{report}"
     );
     // The retained "online" and the retained will, flagged.
-    let status = records(&s, "status", 2).await;
+    let status = log_len(&s, "status", 2).await;
     let seen: Vec<(String, Option<String>, Option<String>)> = status
         .iter()
         .map(|r| {
@@ -682,7 +659,7 @@ async fn paho_devices_publish_retained_state_and_wills_subscribe_and_keep_sessio
         [("online".into(), t(), None), ("offline".into(), t(), t())]
     );
     assert_eq!(
-        records(&s, "telemetry", 1).await[0]["value"],
+        log_len(&s, "telemetry", 1).await[0]["value"],
         "after-subscribe"
     );
 }
