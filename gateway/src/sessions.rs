@@ -68,16 +68,17 @@ fn session_of(id: SessionId<'_>, r: Record) -> Option<StoredSession> {
         })
 }
 
-/// Which sessions exist, by expiry, so the bounds push out the one expiring soonest.
+/// Which sessions exist, by expiry, so the bounds push out the one expiring soonest; with
+/// each its principal and what it keeps (a few bytes), so loading one reads no file.
 #[derive(Default)]
 struct Index {
-    by_name: HashMap<u128, (Arc<str>, u64)>,
+    by_name: HashMap<u128, (Arc<str>, u64, StoredSession)>,
     order: BTreeSet<(u64, u128)>,
     per_principal: HashMap<Arc<str>, BTreeSet<(u64, u128)>>,
 }
 
 impl Index {
-    fn insert(&mut self, name: u128, principal: &str, expires_at: u64) {
+    fn insert(&mut self, name: u128, principal: &str, expires_at: u64, session: StoredSession) {
         self.remove(name);
         let p: Arc<str> = match self.per_principal.get_key_value(principal) {
             Some((k, _)) => k.clone(),
@@ -88,11 +89,11 @@ impl Index {
             .entry(p.clone())
             .or_default()
             .insert((expires_at, name));
-        self.by_name.insert(name, (p, expires_at));
+        self.by_name.insert(name, (p, expires_at, session));
     }
 
     fn remove(&mut self, name: u128) -> bool {
-        let Some((p, at)) = self.by_name.remove(&name) else {
+        let Some((p, at, _)) = self.by_name.remove(&name) else {
             return false;
         };
         self.order.remove(&(at, name));
@@ -178,9 +179,15 @@ impl FileSessions {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Record>(&b).ok());
             match (name, record) {
-                (Some(n), Some(r)) if r.expires_at_ms > now => {
-                    index.insert(n, &r.principal, r.expires_at_ms)
-                }
+                (Some(n), Some(r)) if r.expires_at_ms > now => index.insert(
+                    n,
+                    &r.principal,
+                    r.expires_at_ms,
+                    StoredSession {
+                        expiry_secs: r.expiry_secs,
+                        qos2: r.qos2,
+                    },
+                ),
                 // Expired, a rename that never happened, or not ours to read.
                 _ => {
                     let _ = std::fs::remove_file(&path);
@@ -224,20 +231,16 @@ impl FileSessions {
         self.delete(&names);
     }
 
+    /// The session of `id`, from memory (the files are read once, at start).
     fn load_now(&self, id: SessionId<'_>) -> Result<Option<StoredSession>, String> {
         let name = digest(id);
-        if !self.index.lock().unwrap().by_name.contains_key(&name) {
-            return Ok(None);
-        }
-        match std::fs::read(self.path(name)) {
-            Ok(b) => {
-                let r: Record = serde_json::from_slice(&b)
-                    .map_err(|e| format!("session file {name:032x}: {e}"))?;
-                Ok(session_of(id, r))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("session file {name:032x}: {e}")),
-        }
+        let now = now_ms();
+        let index = self.index.lock().unwrap();
+        Ok(index
+            .by_name
+            .get(&name)
+            .filter(|(p, at, _)| &**p == id.principal && *at > now)
+            .map(|(_, _, s)| s.clone()))
     }
 
     fn save_now(&self, id: SessionId<'_>, s: &StoredSession) -> Result<(), String> {
@@ -253,7 +256,7 @@ impl FileSessions {
             .map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let evicted = {
             let mut index = self.index.lock().unwrap();
-            index.insert(name, id.principal, r.expires_at_ms);
+            index.insert(name, id.principal, r.expires_at_ms, s.clone());
             let out = index.over(id.principal, name, self.per_principal, self.total);
             self.stored.set(index.by_name.len() as i64);
             out
@@ -313,8 +316,8 @@ pub struct SharedFiles(pub Arc<FileSessions>);
 
 impl SessionStore for SharedFiles {
     fn load<'a>(&'a self, id: SessionId<'a>) -> StoreFuture<'a, Option<StoredSession>> {
-        let (this, id) = (self.0.clone(), owned(id));
-        Box::pin(blocking(move || this.load_now(borrowed(&id))))
+        // From memory: no file is read, so no blocking thread is needed.
+        Box::pin(std::future::ready(self.0.load_now(id)))
     }
 
     fn save<'a>(&'a self, id: SessionId<'a>, s: &'a StoredSession) -> StoreFuture<'a, ()> {

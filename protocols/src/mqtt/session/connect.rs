@@ -318,8 +318,12 @@ async fn resume<I: Ingest>(
     }
     if expiry_secs > 0 {
         p.stored = true;
-        // Saved now, so that a gateway that dies before the connection ends still finds the
-        // session (as it was at CONNECT) when the device comes back.
+    }
+    // A new session is saved now, so that a gateway that dies before the connection ends still
+    // finds it when the device comes back. A resumed one is in the store already: not writing
+    // it again keeps a reconnect storm of resuming devices (after a restart) free of writes;
+    // its expiry counts from its last save until this connection ends and saves it again.
+    if expiry_secs > 0 && !present {
         let now = StoredSession {
             expiry_secs,
             qos2: p.qos2.clone(),
