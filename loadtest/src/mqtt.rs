@@ -172,19 +172,25 @@ async fn open_session(a: &MqttArgs, c: usize) -> Result<(TcpStream, bool)> {
         a.persistent,
     ))
     .await?;
+    let (first, body) = next_packet_from(&mut s, "CONNACK").await?;
+    if first != 0x20 || body.get(1) != Some(&0) {
+        bail!("CONNACK refused: {body:?}");
+    }
+    Ok((s, body.first().is_some_and(|f| f & 1 == 1)))
+}
+
+/// Reads `s` until a complete packet arrived (the first one; `what` names it in errors).
+async fn next_packet_from(s: &mut TcpStream, what: &str) -> Result<(u8, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 64];
     loop {
         let n = s.read(&mut chunk).await?;
         if n == 0 {
-            bail!("connection closed before CONNACK");
+            bail!("connection closed before {what}");
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some((first, body)) = next_packet(&mut buf) {
-            if first != 0x20 || body.get(1) != Some(&0) {
-                bail!("CONNACK refused: {body:?}");
-            }
-            return Ok((s, body.first().is_some_and(|f| f & 1 == 1)));
+        if let Some(p) = next_packet(&mut buf) {
+            return Ok(p);
         }
     }
 }
@@ -227,19 +233,9 @@ async fn storm(a: MqttArgs) -> Result<()> {
                 &mut out,
             );
             s.write_all(&out).await?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 64];
-            loop {
-                let n = s.read(&mut chunk).await?;
-                if n == 0 {
-                    bail!("connection closed before PUBACK");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some((first, _)) = next_packet(&mut buf)
-                    && first == 0x40
-                {
-                    break;
-                }
+            let (first, _) = next_packet_from(&mut s, "PUBACK").await?;
+            if first != 0x40 {
+                bail!("expected PUBACK, got packet type {:#x}", first >> 4);
             }
             drop(permit);
             // Held until every device is back (a storm is all of them at once).

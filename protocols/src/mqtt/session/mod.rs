@@ -192,7 +192,7 @@ struct Session<I> {
     mqtt: Arc<Mqtt<I>>,
     codec: Codec,
     principal: Principal,
-    client_id: ByteString,
+    /// Who the connection is: its client id (as sent) and certificate names.
     identity: Identity,
     /// Whether a publish outside the connection's bound topics was logged already (once per
     /// connection; all are counted).
@@ -357,7 +357,6 @@ async fn handshake<I: Ingest, T: Transport>(
         mqtt: mqtt.clone(),
         codec,
         principal: principal.clone(),
-        client_id: connect.client_id.clone(),
         identity,
         bind_logged: false,
         appender: Appender {
@@ -459,7 +458,7 @@ async fn end<I: Ingest, T: Transport>(e: End<I>, mut io: T, mut s: Session<I>, c
         }
     }
     if let Close::Error { message, .. } = &close {
-        tracing::debug!(peer = %conn.peer, client_id = %s.client_id, reason = label, %message, "MQTT connection closed by the server");
+        tracing::debug!(peer = %conn.peer, client_id = %s.identity.client_id, reason = label, %message, "MQTT connection closed by the server");
     }
     metrics.mqtt_disconnect(label);
     mqtt.release(&key, conn_id);

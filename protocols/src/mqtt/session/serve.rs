@@ -505,9 +505,9 @@ impl<I: Ingest> Session<I> {
         // A QoS 1/2 publish is known by (client id, packet id) on streams with dedup: a resend
         // (DUP) of one already stored is answered without a second copy, also after a reconnect.
         if let Some(pid) = packet_id {
-            let mut v = Vec::with_capacity(self.client_id.len() + 7);
+            let mut v = Vec::with_capacity(self.identity.client_id.len() + 7);
             v.push(if p.dup { b'd' } else { b'n' });
-            v.extend_from_slice(self.client_id.as_bytes());
+            v.extend_from_slice(self.identity.client_id.as_bytes());
             v.push(b'#');
             v.extend_from_slice(pid.get().to_string().as_bytes());
             headers.push((
@@ -541,7 +541,7 @@ impl<I: Ingest> Session<I> {
         self.count_refusal("identity");
         if !self.bind_logged {
             self.bind_logged = true;
-            tracing::warn!(client_id = %self.client_id, principal = self.principal.name(), topic, reason = %why, "MQTT publish outside the device's bound topics refused (further ones on this connection are only counted)");
+            tracing::warn!(client_id = %self.identity.client_id, principal = self.principal.name(), topic, reason = %why, "MQTT publish outside the device's bound topics refused (further ones on this connection are only counted)");
         }
         true
     }
