@@ -64,7 +64,7 @@ impl Gateway {
     /// From now on, batches waiting for their ack point are answered with a retryable error
     /// (the drain deadline is near; see `server.shutdown_timeout_ms`).
     pub fn answer_in_flight_now(&self) {
-        let _ = self.deadline.send(true);
+        self.deadline.send_replace(true);
     }
 
     pub fn new(

@@ -68,6 +68,10 @@ pub struct MqttArgs {
     /// one address has ~28,000 ephemeral ports towards one listener.
     #[arg(long, default_value_t = 1)]
     source_addrs: u8,
+    /// The first source address's last byte (127.0.0.N), so that generators running side by
+    /// side use addresses of their own (ephemeral ports are per source address).
+    #[arg(long, default_value_t = 1)]
+    source_first: u8,
     #[arg(long)]
     json: bool,
 }
@@ -150,10 +154,12 @@ fn next_packet(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
 /// Connects connection `c` and waits for CONNACK; returns the stream and Session Present.
 async fn open_session(a: &MqttArgs, c: usize) -> Result<(TcpStream, bool)> {
     let socket = tokio::net::TcpSocket::new_v4()?;
-    if a.source_addrs > 1 {
+    if a.source_addrs > 1 || a.source_first != 1 {
         // The ports of an earlier run's connections may still be in TIME_WAIT.
         socket.set_reuseaddr(true)?;
-        let last = 1 + (c % usize::from(a.source_addrs)) as u8;
+        let last = a
+            .source_first
+            .saturating_add((c % usize::from(a.source_addrs.max(1))) as u8);
         socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
     }
     let mut s = socket

@@ -147,6 +147,17 @@ impl SessionAuth {
         self.next_expiry
     }
 
+    /// Whether the configuration or the listener's TLS was reloaded since the session's
+    /// principal was last checked (for a session told of reloads by a signal of its own
+    /// instead of [`SessionAuth::reloaded`]).
+    pub fn reload_pending(&self) -> bool {
+        self.reloaded.has_changed().unwrap_or(false)
+            || self
+                .tls_reloaded
+                .as_ref()
+                .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+    }
+
     /// Completes when the configuration or the listener's TLS was reloaded (the session's
     /// principal must be checked again).
     pub async fn reloaded(&mut self) {

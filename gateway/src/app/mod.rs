@@ -746,7 +746,7 @@ impl Running {
     /// before everything finished.
     pub async fn drain(self) -> bool {
         self.ready.store(false, Ordering::SeqCst);
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
         // Shortly before the deadline, whatever still waits for its ack point is answered with
         // a retryable error, so no producer is left with a cut connection and no answer.
         let margin = (self.shutdown_timeout / 5).min(Duration::from_secs(2));
@@ -770,7 +770,7 @@ impl Running {
                 "drain deadline passed; exiting (what was still in flight was answered with a retryable error, none of it acked)"
             );
         }
-        let _ = self.admin_stop.send(true);
+        self.admin_stop.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.admin).await;
         in_time
     }

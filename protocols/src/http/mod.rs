@@ -106,7 +106,7 @@ pub async fn serve<I: Ingest>(
         async move {
             shutdown.await;
             // Upgraded sockets are no longer hyper's: tell them to finish and close.
-            let _ = ws_stop.send(true);
+            ws_stop.send_replace(true);
         },
     )
     .await;

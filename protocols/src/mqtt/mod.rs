@@ -204,6 +204,9 @@ pub struct Mqtt<I> {
     /// Every session holds a read guard; the drain takes the write lock.
     sessions: Arc<tokio::sync::RwLock<()>>,
     stop: watch::Sender<bool>,
+    /// Whether MQTT-over-WebSocket sessions are told of reloads yet (one task, started with
+    /// the first such session).
+    ws_reloads: std::sync::Once,
 }
 
 impl<I: Ingest> Mqtt<I> {
@@ -215,6 +218,7 @@ impl<I: Ingest> Mqtt<I> {
             next_id: AtomicU64::new(1),
             sessions: Arc::new(tokio::sync::RwLock::new(())),
             stop: watch::channel(false).0,
+            ws_reloads: std::sync::Once::new(),
         })
     }
 
@@ -233,6 +237,7 @@ impl<I: Ingest> Mqtt<I> {
             policy,
         } = settings;
         let gate = Arc::new(self.gate(policy, tls.clone()));
+        self.forward_reloads(&gate);
         tokio::pin!(shutdown);
         let metrics = self.ingest.metrics().clone();
         while let Some((stream, peer, permit)) = accept_within(
@@ -295,7 +300,10 @@ impl<I: Ingest> Mqtt<I> {
         // pointer, not a copy of every transport's state (memory per idle connection).
         let guard = self.sessions.clone().try_read_owned().ok();
         let run = guard.as_ref().map(|_| {
-            let span = tracing::info_span!(
+            // A debug span: at the default `info` level a span per connection cost ~430 bytes
+            // of every idle connection's memory (BENCHMARKS.md); the events logged at `info`
+            // and above during a session name its client id and principal themselves.
+            let span = tracing::debug_span!(
                 "conn",
                 protocol = PROTO,
                 peer = %conn.peer,
@@ -322,7 +330,8 @@ impl<I: Ingest> Mqtt<I> {
     /// Tells every session to answer what it read, send MQTT 5 clients DISCONNECT 0x8B and
     /// close; returns once all have ended.
     pub async fn drain(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
+        self.raise_all(session::registry::signal::STOP);
         let _ = self.sessions.write().await;
     }
 
@@ -365,6 +374,7 @@ impl<I: Ingest> WsSessions for Arc<Mqtt<I>> {
                 this.opts.websocket_policy.clone(),
                 this.opts.websocket_tls.clone(),
             );
+            this.ws_reloads.call_once(|| this.forward_reloads(&gate));
             let conn = ConnInfo {
                 principal: Default::default(),
                 ..conn

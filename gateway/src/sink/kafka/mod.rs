@@ -158,7 +158,7 @@ impl KafkaSink {
 
     /// Delivers what is queued (up to `message_timeout_ms`) and stops the probe.
     pub async fn close(&self) {
-        let _ = self.inner.stop.send(true);
+        self.inner.stop.send_replace(true);
         let inner = self.inner.clone();
         let timeout = Duration::from_millis(inner.cfg.message_timeout_ms);
         let _ = tokio::task::spawn_blocking(move || {

@@ -79,8 +79,10 @@ pub(super) struct Accepted {
     pub(super) principal: Principal,
     pub(super) auth: SessionAuth,
     pub(super) key: SessionKey,
-    pub(super) kicked: oneshot::Receiver<()>,
-    pub(super) will: Option<PreparedWill>,
+    /// Told when the session is taken over, the gateway drains, or a reload happens.
+    pub(super) signal: Arc<registry::Signal>,
+    /// (Boxed: most connections have none, and their state holds a pointer.)
+    pub(super) will: Option<Box<PreparedWill>>,
     pub(super) keep_alive: Duration,
     pub(super) props: ConnAckProps,
     pub(super) persistence: Persistence,
@@ -201,6 +203,7 @@ pub(super) async fn accept<I: Ingest>(
             conn.client_cert
                 .as_deref()
                 .and_then(sluice_auth::mtls::cert_names)
+                .map(Box::new)
         } else {
             None
         },
@@ -208,12 +211,13 @@ pub(super) async fn accept<I: Ingest>(
     let will = match &c.will {
         None => None,
         Some(w) => prepare_will(mqtt, &principal, &identity, w)
+            .map(|w| w.map(Box::new))
             .map_err(|(v3, v5c, m)| (code(v3, v5c), m))?,
     };
     // Keyed by the principal's identity (source and name), so that a JWT subject cannot take
     // over the session of an API key's principal of the same name.
     let key: SessionKey = (principal.identity().clone(), client_id);
-    let kicked = mqtt.claim(&key, conn_id);
+    let signal = mqtt.claim(&key, conn_id);
     let (persistence, session_present, expiry_told) = resume(mqtt, c, v5, &key, conn_id).await;
     let max_ka = opts.max_keep_alive_secs;
     let ka = if c.keep_alive == 0 || c.keep_alive > max_ka {
@@ -238,7 +242,7 @@ pub(super) async fn accept<I: Ingest>(
         principal,
         auth,
         key,
-        kicked,
+        signal,
         will,
         // Silence for 1.5× the keep-alive ends the connection (MQTT §3.1.2.10).
         keep_alive: Duration::from_millis(u64::from(ka) * 1500),
@@ -297,7 +301,7 @@ async fn resume<I: Ingest>(
         // A clean start discards the stored session (MQTT 5 §3.1.2.4).
         if let Err(e) = store.remove(id).await {
             metrics.mqtt_session("store_error");
-            tracing::warn!(error = %e, "MQTT session store: could not forget a session");
+            tracing::warn!(client_id = id.client_id, principal = id.principal, error = %e, "MQTT session store: could not forget a session");
         }
     } else {
         p.stored = true;
@@ -312,7 +316,7 @@ async fn resume<I: Ingest>(
             // publish it resends is stored again, nothing is lost.
             Err(e) => {
                 metrics.mqtt_session("store_error");
-                tracing::warn!(error = %e, "MQTT session store: could not load a session; it starts clean");
+                tracing::warn!(client_id = id.client_id, principal = id.principal, error = %e, "MQTT session store: could not load a session; it starts clean");
             }
         }
     }
@@ -330,7 +334,7 @@ async fn resume<I: Ingest>(
         };
         if let Err(e) = store.save(id, &now).await {
             metrics.mqtt_session("store_error");
-            tracing::warn!(error = %e, "MQTT session store: could not save a session");
+            tracing::warn!(client_id = id.client_id, principal = id.principal, error = %e, "MQTT session store: could not save a session");
         }
     }
     (p, present, told)

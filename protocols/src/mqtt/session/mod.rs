@@ -156,7 +156,8 @@ pub(super) struct Identity {
     /// The client identifier the device sent (an assigned one never matches a topic level).
     client_id: ByteString,
     /// The client certificate's names, when a rule binds to one.
-    cert: Option<sluice_auth::mtls::CertNames>,
+    /// (Boxed: most connections have none, and their state holds a pointer, not the names.)
+    cert: Option<Box<sluice_auth::mtls::CertNames>>,
 }
 
 impl Identity {
@@ -191,7 +192,6 @@ impl Identity {
 struct Session<I> {
     mqtt: Arc<Mqtt<I>>,
     codec: Codec,
-    principal: Principal,
     /// Who the connection is: its client id (as sent) and certificate names.
     identity: Identity,
     /// Whether a publish outside the connection's bound topics was logged already (once per
@@ -211,7 +211,9 @@ struct Session<I> {
     aliases: Vec<Option<ByteString>>,
     /// The last topic's mapping (devices mostly publish to one topic).
     /// The last topic published to, with its stream, key and (from a topic rule) id.
-    last_topic: Option<(ByteString, StreamName, Option<Bytes>, Option<Bytes>)>,
+    /// (Boxed: an idle connection's state holds a pointer, not the 112 bytes.)
+    #[allow(clippy::type_complexity)]
+    last_topic: Option<Box<(ByteString, StreamName, Option<Bytes>, Option<Bytes>)>>,
     over_quota: u32,
     over_quota_qos0: bool,
     closing: bool,
@@ -219,37 +221,44 @@ struct Session<I> {
     read_hint: usize,
 }
 
-pub(super) async fn run<I: Ingest, T: Transport>(
+// Not an `async fn`: an async block uses what it captures in place, where an async fn's
+// arguments take a second slot each in its state (memory per idle connection).
+#[allow(clippy::manual_async_fn)]
+pub(super) fn run<I: Ingest, T: Transport>(
     mqtt: Arc<Mqtt<I>>,
     mut io: T,
     conn: ConnInfo,
     gate: &Gate,
-) {
-    // Three phases, the first and the last boxed: the connection's state while it lives (for
-    // hours, mostly idle) is the session and its loop, not the authentication's or the end's
-    // futures (memory per idle connection, BENCHMARKS.md).
-    let Some(mut h) = Box::pin(handshake(&mqtt, &mut io, &conn, gate)).await else {
-        return;
-    };
-    // `h` is used in place, not destructured: its parts would take a second copy of the
-    // session's size in this future's state.
-    let close =
-        h.s.serve(&mut io, h.kicked, h.keep_alive, gate, &mut h.auth)
-            .await;
-    Box::pin(end(
-        End {
-            mqtt,
-            conn,
-            key: h.key,
-            conn_id: h.conn_id,
-            will: h.will,
-            persistence: h.persistence,
-        },
-        io,
-        h.s,
-        close,
-    ))
-    .await;
+) -> impl Future<Output = ()> + Send + '_ {
+    async move {
+        // Three phases, the first and the last boxed: the connection's state while it lives
+        // (for hours, mostly idle) is the session and its loop, not the authentication's or
+        // the end's futures (memory per idle connection, BENCHMARKS.md). The handshake's
+        // outcome is boxed too: held inline, it took its size twice (the awaited value and the
+        // binding).
+        let Some(mut h) = Box::pin(handshake(&mqtt, &mut io, &conn, gate)).await else {
+            return;
+        };
+        // `h` is used in place, not destructured: its parts would take a second copy of the
+        // session's size in this future's state.
+        let close =
+            h.s.serve(&mut io, &h.signal, h.keep_alive, gate, &mut h.auth)
+                .await;
+        Box::pin(end(
+            End {
+                mqtt,
+                conn,
+                key: h.key,
+                conn_id: h.conn_id,
+                will: h.will,
+                persistence: h.persistence,
+            },
+            io,
+            h.s,
+            close,
+        ))
+        .await;
+    }
 }
 
 /// A connection whose CONNECT was accepted and answered.
@@ -257,8 +266,8 @@ struct Handshake<I> {
     s: Session<I>,
     auth: SessionAuth,
     key: SessionKey,
-    kicked: oneshot::Receiver<()>,
-    will: Option<PreparedWill>,
+    signal: Arc<registry::Signal>,
+    will: Option<Box<PreparedWill>>,
     keep_alive: Duration,
     persistence: connect::Persistence,
     conn_id: u64,
@@ -271,7 +280,7 @@ async fn handshake<I: Ingest, T: Transport>(
     io: &mut T,
     conn: &ConnInfo,
     gate: &Gate,
-) -> Option<Handshake<I>> {
+) -> Option<Box<Handshake<I>>> {
     let metrics = mqtt.ingest.metrics().clone();
     let opts = &mqtt.opts;
     let mut rbuf = BytesMut::with_capacity(256);
@@ -329,7 +338,7 @@ async fn handshake<I: Ingest, T: Transport>(
         principal,
         auth,
         key,
-        kicked,
+        signal,
         will,
         keep_alive,
         props,
@@ -356,16 +365,9 @@ async fn handshake<I: Ingest, T: Transport>(
     let s = Session {
         mqtt: mqtt.clone(),
         codec,
-        principal: principal.clone(),
         identity,
         bind_logged: false,
-        appender: Appender {
-            ingest: mqtt.ingest.clone(),
-            principal,
-            appends: FuturesUnordered::new(),
-            to_start: VecDeque::new(),
-            chain: Chain::default(),
-        },
+        appender: Appender::new(mqtt.ingest.clone(), principal),
         next_group: 0,
         rbuf,
         wbuf,
@@ -380,16 +382,16 @@ async fn handshake<I: Ingest, T: Transport>(
         closing: false,
         read_hint: MIN_READ,
     };
-    Some(Handshake {
+    Some(Box::new(Handshake {
         s,
         auth,
         key,
-        kicked,
+        signal,
         will,
         keep_alive,
         persistence,
         conn_id,
-    })
+    }))
 }
 
 /// What the end of a connection needs besides its session.
@@ -398,7 +400,7 @@ struct End<I> {
     conn: ConnInfo,
     key: SessionKey,
     conn_id: u64,
-    will: Option<PreparedWill>,
+    will: Option<Box<PreparedWill>>,
     persistence: connect::Persistence,
 }
 
@@ -415,15 +417,10 @@ async fn end<I: Ingest, T: Transport>(e: End<I>, mut io: T, mut s: Session<I>, c
     } = e;
     let metrics = mqtt.ingest.metrics().clone();
     let opts = &mqtt.opts;
+    let principal = s.appender.principal.clone();
     let appender = std::mem::replace(
         &mut s.appender,
-        Appender {
-            ingest: mqtt.ingest.clone(),
-            principal: s.principal.clone(),
-            appends: FuturesUnordered::new(),
-            to_start: VecDeque::new(),
-            chain: Chain::default(),
-        },
+        Appender::new(mqtt.ingest.clone(), principal.clone()),
     );
 
     let version = s.codec.version();
@@ -481,7 +478,7 @@ async fn end<I: Ingest, T: Transport>(e: End<I>, mut io: T, mut s: Session<I>, c
     // DISCONNECT, say) finds the session saved wherever it reconnects.
     io.close().await;
     match will {
-        Some(w) if publish_will => mqtt.will(key, conn_id, s.principal.clone(), w),
+        Some(w) if publish_will => mqtt.will(key, conn_id, principal, *w),
         // The new connection of the session came before the will was due.
         Some(_) if matches!(close, Close::TakenOver) => metrics.mqtt_will("cancelled"),
         // Not due: a DISCONNECT without "with will", the drain, revoked credentials.
@@ -551,7 +548,7 @@ impl<I: Ingest> Session<I> {
         };
         if let Err(e) = result {
             metrics.mqtt_session("store_error");
-            tracing::warn!(error = %e, "MQTT session store: could not keep the session");
+            tracing::warn!(client_id = id.client_id, principal = id.principal, error = %e, "MQTT session store: could not keep the session");
         }
     }
 }

@@ -3,6 +3,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::task::AbortHandle;
 
@@ -13,7 +17,7 @@ use super::*;
 /// connection limits, wills by `max_pending_wills` and `max_pending_will_bytes`.
 #[derive(Default)]
 pub(in crate::mqtt) struct Registry {
-    pub(super) sessions: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
+    pub(super) sessions: Mutex<HashMap<SessionKey, (u64, Arc<Signal>)>>,
     pub(super) wills: Mutex<HashMap<SessionKey, (u64, AbortHandle)>>,
     /// The last connection of each session key until it has ended (its persistent session
     /// saved): the next connection waits for it before loading the session. Entries are
@@ -21,22 +25,112 @@ pub(in crate::mqtt) struct Registry {
     pub(super) ends: Mutex<HashMap<SessionKey, (u64, oneshot::Receiver<()>)>>,
 }
 
+/// What a session is told from outside, as bits of its [`Signal`].
+pub(in crate::mqtt) mod signal {
+    /// A new connection with the same client identifier took the session over.
+    pub const KICKED: u8 = 1;
+    /// The gateway is draining.
+    pub const STOP: u8 = 2;
+    /// The configuration or a listener's TLS was reloaded: the session checks whether its
+    /// own credentials' sources changed ([`crate::gate::SessionAuth::reload_pending`]).
+    pub const RELOAD: u8 = 4;
+}
+
+/// A session's one wake-up from outside: taken over, the gateway draining, a reload. One
+/// small shared cell a session polls in place, instead of a oneshot and two watch
+/// subscriptions whose futures sat in every idle connection's state (~430 bytes; memory per
+/// idle connection, BENCHMARKS.md).
+pub(in crate::mqtt) struct Signal {
+    bits: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    /// A signal with `bits` already raised.
+    fn new(bits: u8) -> Arc<Self> {
+        Arc::new(Self {
+            bits: AtomicU8::new(bits),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    pub(super) fn raise(&self, bits: u8) {
+        self.bits.fetch_or(bits, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The bits raised since the last poll (and clears them), or pending until one is.
+    pub(super) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        let bits = self.bits.swap(0, Ordering::AcqRel);
+        if bits != 0 {
+            return Poll::Ready(bits);
+        }
+        self.waker.register(cx.waker());
+        // Raised between the swap and the registration: its wake went to the old waker.
+        match self.bits.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            bits => Poll::Ready(bits),
+        }
+    }
+}
+
 impl<I: Ingest> Mqtt<I> {
     /// Registers a session under `key`, taking over (and telling) the session that had it,
-    /// and cancels a will still waiting for its delay under that key.
-    pub(super) fn claim(&self, key: &SessionKey, conn_id: u64) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
+    /// and cancels a will still waiting for its delay under that key. The session's signal
+    /// starts with RELOAD raised (a reload between its authentication and this registration
+    /// reached no signal: it checks once), and with STOP when the gateway is draining.
+    pub(super) fn claim(&self, key: &SessionKey, conn_id: u64) -> Arc<Signal> {
         // Lock order: sessions, then wills (as in `will`), so a will is either waiting here
-        // (and cancelled) or sees this session and is not scheduled.
+        // (and cancelled) or sees this session and is not scheduled. `raise_all` takes the
+        // sessions lock after the drain's `stop` is sent: a session is either registered
+        // before (and told) or sees `stop` here.
         let mut sessions = self.registry.sessions.lock().unwrap();
-        if let Some((_, old)) = sessions.insert(key.clone(), (conn_id, tx)) {
-            let _ = old.send(());
+        let stopping = if *self.stop.borrow() { signal::STOP } else { 0 };
+        let signal = Signal::new(signal::RELOAD | stopping);
+        if let Some((_, old)) = sessions.insert(key.clone(), (conn_id, signal.clone())) {
+            old.raise(signal::KICKED);
         }
         if let Some((_, pending)) = self.registry.wills.lock().unwrap().remove(key) {
             pending.abort();
             self.ingest.metrics().mqtt_will("cancelled");
         }
-        rx
+        signal
+    }
+
+    /// Raises `bits` on every open session's signal (a drain, a reload).
+    pub(in crate::mqtt) fn raise_all(&self, bits: u8) {
+        for (_, signal) in self.registry.sessions.lock().unwrap().values() {
+            signal.raise(bits);
+        }
+    }
+
+    /// Tells every session when the configuration or `gate`'s TLS is reloaded, until the
+    /// gateway drains (or is gone): one task per gate, not a subscription per session.
+    pub(in crate::mqtt) fn forward_reloads(self: &Arc<Self>, gate: &crate::gate::Gate) {
+        let mut config = gate.auth.subscribe();
+        let mut tls = gate.tls.as_ref().map(|t| t.subscribe());
+        let mut stop = self.stop.subscribe();
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let tls_changed = async {
+                    let changed = match tls.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => false,
+                    };
+                    if !changed {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = config.changed() => if r.is_err() { return },
+                    () = tls_changed => {}
+                    _ = stop.changed() => return,
+                }
+                let Some(this) = this.upgrade() else { return };
+                this.raise_all(signal::RELOAD);
+            }
+        });
     }
 
     /// Records that connection `conn_id` holds `key` until `ended` says it has ended; returns

@@ -6,6 +6,8 @@ use super::*;
 
 /// What the loop does next.
 enum Step {
+    /// The session's signal ([`registry::signal`]): taken over, draining, or a reload.
+    Signal(u8),
     Kicked,
     Stop,
     Appended(u64, Vec<usize>, Outcome),
@@ -48,14 +50,13 @@ impl<I: Ingest> Session<I> {
     pub(super) async fn serve<T: Transport>(
         &mut self,
         io: &mut T,
-        mut kicked: oneshot::Receiver<()>,
+        signal: &registry::Signal,
         keep_alive: Duration,
         gate: &Gate,
         // Borrowed, not moved in: a moved argument takes a second slot of its size in the
         // connection's future.
         auth: &mut SessionAuth,
     ) -> Close {
-        let mut stop = self.mqtt.stop.subscribe();
         let mut deadline = Instant::now() + keep_alive;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
@@ -85,19 +86,29 @@ impl<I: Ingest> Session<I> {
                     .into_iter()
                     .flatten()
                     .min();
-                let has_appends = !self.appender.appends.is_empty();
+                let has_appends = self.appender.in_flight();
                 let waiting = self.appender.chain.waiting();
                 let step = tokio::select! {
                     biased;
-                    _ = &mut kicked => Step::Kicked,
-                    _ = stop.changed(), if !self.closing => Step::Stop,
-                    Some((id, idx, out)) = self.appender.appends.next(), if has_appends => Step::Appended(id, idx, out),
+                    bits = std::future::poll_fn(|cx| signal.poll_take(cx)) => Step::Signal(bits),
+                (id, idx, out) = appender::next_outcome(&mut self.appender.appends), if has_appends => Step::Appended(id, idx, out),
                     _ = self.appender.chain.wait(), if waiting => Step::Queued,
                     r = io.read_into(&mut self.rbuf), if can_read || can_peek => Step::Read(r),
                     _ = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => Step::Timer,
-                    _ = auth.reloaded() => Step::Recheck,
                 };
                 match step {
+                    Step::Signal(bits) => {
+                        use registry::signal::{KICKED, RELOAD, STOP};
+                        if bits & KICKED != 0 {
+                            Step::Kicked
+                        } else if bits & STOP != 0 && !self.closing {
+                            Step::Stop
+                        } else if bits & RELOAD != 0 && auth.reload_pending() {
+                            Step::Recheck
+                        } else {
+                            Step::Nothing
+                        }
+                    }
                     Step::Timer => {
                         let now = Instant::now();
                         let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
@@ -150,7 +161,7 @@ impl<I: Ingest> Session<I> {
                     self.retry();
                     Ok(())
                 }
-                Step::Timer | Step::Nothing => Ok(()),
+                Step::Timer | Step::Signal(_) | Step::Nothing => Ok(()),
                 Step::Read(Ok(0)) | Step::Read(Err(_)) => return Close::Eof,
                 Step::Read(Ok(n)) => {
                     deadline = Instant::now() + keep_alive;
@@ -421,7 +432,7 @@ impl<I: Ingest> Session<I> {
                 format!("`{topic}` has wildcards; a PUBLISH needs a topic name"),
             );
         }
-        let (stream, key, mapped_id) = match &self.last_topic {
+        let (stream, key, mapped_id) = match self.last_topic.as_deref() {
             Some((t, s, k, id)) if *t == topic => (s.clone(), k.clone(), id.clone()),
             _ => match self.mqtt.opts.topics.resolve(&topic) {
                 Ok(m) if !m.binds.is_empty() && self.unbound(&topic, &m.binds) => {
@@ -438,7 +449,8 @@ impl<I: Ingest> Session<I> {
                         // A copy of the topic: the publish's own bytes are a slice of a read
                         // buffer, which the cache would otherwise keep alive.
                         let cached = ByteString::from(&*topic);
-                        self.last_topic = Some((cached, s.clone(), k.clone(), id.clone()));
+                        self.last_topic =
+                            Some(Box::new((cached, s.clone(), k.clone(), id.clone())));
                         (s, k, id)
                     }
                     Err(r) => {
@@ -535,13 +547,13 @@ impl<I: Ingest> Session<I> {
     /// Whether a topic's bound placeholders are not this connection's own (counted, and logged
     /// once per connection): device A publishing as device B.
     fn unbound(&mut self, topic: &str, binds: &[(sluice_config::IdentityField, String)]) -> bool {
-        let Err(why) = self.identity.check(&self.principal, binds) else {
+        let Err(why) = self.identity.check(&self.appender.principal, binds) else {
             return false;
         };
         self.count_refusal("identity");
         if !self.bind_logged {
             self.bind_logged = true;
-            tracing::warn!(client_id = %self.identity.client_id, principal = self.principal.name(), topic, reason = %why, "MQTT publish outside the device's bound topics refused (further ones on this connection are only counted)");
+            tracing::warn!(client_id = %self.identity.client_id, principal = self.appender.principal.name(), topic, reason = %why, "MQTT publish outside the device's bound topics refused (further ones on this connection are only counted)");
         }
         true
     }
@@ -553,7 +565,7 @@ impl<I: Ingest> Session<I> {
     fn drops_retained(&self, stream: &StreamName) -> bool {
         self.mqtt
             .ingest
-            .admit(&self.principal, stream)
+            .admit(&self.appender.principal, stream)
             .is_ok_and(|a| a.settings().mqtt_retained == sluice_config::RetainedPolicy::Drop)
     }
 
