@@ -246,3 +246,31 @@ impl<I: Ingest> Mqtt<I> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What is raised before the session polls is not lost, bits accumulate until taken, and
+    /// a raise wakes a session waiting on its signal.
+    #[tokio::test]
+    async fn a_signal_keeps_what_was_raised_and_wakes_its_session() {
+        let s = Signal::new(signal::RELOAD);
+        s.raise(signal::STOP);
+        let bits = std::future::poll_fn(|cx| s.poll_take(cx)).await;
+        assert_eq!(bits, signal::RELOAD | signal::STOP);
+        let waiting = {
+            let s = s.clone();
+            tokio::spawn(async move { std::future::poll_fn(|cx| s.poll_take(cx)).await })
+        };
+        // Not ready before anything is raised.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        s.raise(signal::KICKED);
+        let bits = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the raise woke the waiting session")
+            .unwrap();
+        assert_eq!(bits, signal::KICKED);
+    }
+}
