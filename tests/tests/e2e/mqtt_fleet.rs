@@ -719,3 +719,85 @@ async fn a_paho_device_publishing_through_a_gateway_sigkill_has_every_acked_publ
         metric_or_zero(&m, "sluice_mqtt_sessions_total", "outcome=\"resumed\"")
     );
 }
+
+/// Debian's mosquitto_pub as the device: a retained Last Will published when the client dies
+/// without DISCONNECT (SIGKILL while it holds the connection open with `-l`), and persistent
+/// sessions (`-c`, 3.1.1 and 5.0 with a Session Expiry Interval) resumed by its next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_wills_and_persistent_sessions() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), "").unwrap();
+    let port = s.mqtt.unwrap().port().to_string();
+    let pub_args = |version: &str, client: &str| {
+        let mut a: Vec<String> = ["-V", version, "-h", "127.0.0.1", "-p", &port, "-q", "1"]
+            .map(String::from)
+            .to_vec();
+        a.extend(["-i", client, "-c"].map(String::from));
+        if version == "mqttv5" {
+            a.extend(["-x", "300"].map(String::from));
+        }
+        a
+    };
+
+    // A device that stays connected (-l reads lines from stdin), with a retained will.
+    let mut device = Command::new("mosquitto_pub")
+        .args(pub_args("mqttv5", "lamp-m"))
+        .args(["-t", "status/lamp-m", "-l"])
+        .args(["--will-topic", "status/lamp-m", "--will-payload", "offline"])
+        .args(["--will-qos", "1", "--will-retain"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub (scripts/install-deps.sh installs it)");
+    let mut stdin = device.stdin.take().unwrap();
+    stdin.write_all(b"online\n").unwrap();
+    stdin.flush().unwrap();
+    let recs = log_len(&s, "status", 1).await;
+    assert_eq!(recs[0]["value"], "online");
+    assert_eq!(header(&recs[0], "mqtt-will"), None);
+    // The device dies without DISCONNECT: its will is published, retained.
+    device.kill().unwrap();
+    device.wait().unwrap();
+    let recs = log_len(&s, "status", 2).await;
+    assert_eq!(recs[1]["value"], "offline");
+    assert_eq!(header(&recs[1], "mqtt-will").as_deref(), Some("true"));
+    assert_eq!(header(&recs[1], "mqtt-retain").as_deref(), Some("true"));
+    assert_eq!(
+        header(&recs[1], "mqtt-topic").as_deref(),
+        Some("status/lamp-m")
+    );
+
+    // Its next run resumes the session it left (5.0, Session Expiry 300 s); a 3.1.1 device
+    // with clean session 0 does the same on its second run.
+    for (version, client) in [
+        ("mqttv5", "lamp-m"),
+        ("mqttv311", "lamp-3"),
+        ("mqttv311", "lamp-3"),
+    ] {
+        let out = Command::new("mosquitto_pub")
+            .args(pub_args(version, client))
+            .args(["-t", &format!("status/{client}"), "-m", "back"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let recs = log_len(&s, "status", 5).await;
+    assert!(recs[2..].iter().all(|r| r["value"] == "back"), "{recs:?}");
+    let m = s.metrics().await;
+    // New: lamp-m's first connection and lamp-3's first; resumed: lamp-m's and lamp-3's next.
+    assert_eq!(
+        metric_or_zero(&m, "sluice_mqtt_sessions_total", "outcome=\"new\""),
+        2.0
+    );
+    assert_eq!(
+        metric_or_zero(&m, "sluice_mqtt_sessions_total", "outcome=\"resumed\""),
+        2.0
+    );
+    assert_eq!(
+        metric_or_zero(&m, "sluice_mqtt_wills_total", "outcome=\"appended\""),
+        1.0
+    );
+}
