@@ -79,6 +79,7 @@ impl ApiKeys {
                             k.principal.as_str(),
                             Permissions::Streams(k.streams.clone()),
                         )
+                        .consuming(Permissions::Streams(k.consume.clone()))
                         .with_source("api_key"),
                         expires_at,
                         disabled: k.disabled,
@@ -148,6 +149,7 @@ mod tests {
             secret_sha256: hash_hex(key),
             principal: format!("p-{id}"),
             streams: vec!["t.*".into()],
+            consume: vec!["audit.*".into()],
             expires_at: expires.map(str::to_string),
             disabled,
         }
@@ -166,6 +168,8 @@ mod tests {
         let p = keys.verify(&good).unwrap();
         assert_eq!(p.name(), "p-a");
         assert!(p.may_produce_to("t.x") && !p.may_produce_to("u"));
+        // Reading is granted apart from producing.
+        assert!(p.may_consume("audit.x") && !p.may_consume("t.x"));
         assert_eq!(keys.verify("a.wrong").unwrap_err().reason, "unknown_key");
         assert_eq!(keys.verify("zzz").unwrap_err().reason, "unknown_key");
         assert_eq!(keys.verify("d.x").unwrap_err().reason, "disabled_key");

@@ -441,14 +441,23 @@ impl JwtVerifier {
         };
         let prefix = issuer.cfg.permission_prefix.as_str();
         let streams = entries
-            .into_iter()
+            .iter()
             .filter_map(|e| e.strip_prefix(prefix))
+            .map(str::to_string)
+            .collect();
+        let consume_prefix = issuer.cfg.consume_prefix.as_str();
+        // An empty consume prefix would make every entry a read grant: reading needs a prefix.
+        let consume = entries
+            .iter()
+            .filter(|_| !consume_prefix.is_empty())
+            .filter_map(|e| e.strip_prefix(consume_prefix))
             .map(str::to_string)
             .collect();
         let valid_until = std::time::UNIX_EPOCH
             + std::time::Duration::from_secs(u64::try_from(exp).unwrap_or(0) + issuer.cfg.leeway_s);
         Ok((
             Principal::new(name, Permissions::Streams(streams))
+                .consuming(Permissions::Streams(consume))
                 .with_source(&format!("jwt:{}", issuer.cfg.issuer))
                 .expiring_at(valid_until)
                 // String and number claims, for topic rules bound to one (a device id claim).

@@ -82,6 +82,7 @@ impl MtlsMapper {
                         .map_or_else(|| v.clone(), |p| p.replace("{value}", &v));
                     return Ok(
                         Principal::new(name, Permissions::Streams(rule.streams.clone()))
+                            .consuming(Permissions::Streams(rule.consume.clone()))
                             .with_source("mtls"),
                     );
                 }

@@ -81,6 +81,9 @@ pub struct ApiKeyConfig {
     pub principal: String,
     /// Glob patterns of the streams it may produce to.
     pub streams: Vec<String>,
+    /// Glob patterns of the streams it may read (docs/consume.md); none by default.
+    #[serde(default)]
+    pub consume: Vec<String>,
     /// After this instant (RFC 3339 with offset, as a TOML date-time or a string) the key is
     /// refused.
     #[serde(default, deserialize_with = "datetime_or_string")]
@@ -142,6 +145,10 @@ pub struct IssuerConfig {
     /// stream pattern that follows it (`produce:telemetry.*`). Empty: every entry is a pattern.
     #[serde(default = "default_permission_prefix")]
     pub permission_prefix: String,
+    /// Entries of the permissions claim that start with this prefix grant reading the stream
+    /// pattern that follows it (`consume:telemetry.*`; docs/consume.md).
+    #[serde(default = "default_consume_prefix")]
+    pub consume_prefix: String,
 }
 
 fn default_leeway() -> u64 {
@@ -166,6 +173,10 @@ fn default_permissions_claim() -> String {
 
 fn default_permission_prefix() -> String {
     "produce:".into()
+}
+
+fn default_consume_prefix() -> String {
+    "consume:".into()
 }
 
 /// Client certificates to principals.
@@ -199,6 +210,9 @@ pub struct MtlsRule {
     pub principal: Option<String>,
     /// Glob patterns of the streams it may produce to.
     pub streams: Vec<String>,
+    /// Glob patterns of the streams it may read (docs/consume.md); none by default.
+    #[serde(default)]
+    pub consume: Vec<String>,
 }
 
 /// Limits on failed authentications per source address.

@@ -55,6 +55,13 @@ pub struct HttpConfig {
     /// Open connections per principal on this listener (0 = no limit); a connection whose
     /// principal is at its limit gets 429 and is closed.
     pub max_connections_per_principal: usize,
+    /// Live tails (Server-Sent Events, docs/consume.md) open at once on this listener; more
+    /// get 503 with Retry-After.
+    pub max_subscribers: usize,
+    /// Live tails open at once per principal; more get 429.
+    pub max_subscribers_per_principal: usize,
+    /// A live tail without records sends a heartbeat comment this often.
+    pub sse_heartbeat_ms: u64,
     /// TLS for this listener; plain TCP when absent.
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
@@ -73,6 +80,9 @@ impl Default for HttpConfig {
             body_read_timeout_ms: 30_000,
             max_concurrent_requests: 4096,
             max_connections_per_principal: 1000,
+            max_subscribers: 1000,
+            max_subscribers_per_principal: 100,
+            sse_heartbeat_ms: 15_000,
             tls: None,
             auth: ListenerAuthConfig::default(),
         }
@@ -305,6 +315,19 @@ impl Config {
         if self.http.max_concurrent_requests == 0 {
             p.add("http.max_concurrent_requests", "must be at least 1");
         }
+        // A semaphore's permits are bounded; 0 would refuse every live tail.
+        p.in_range(
+            "http.max_subscribers",
+            self.http.max_subscribers as u64,
+            1,
+            1 << 20,
+        );
+        p.in_range(
+            "http.sse_heartbeat_ms",
+            self.http.sse_heartbeat_ms,
+            10,
+            600_000,
+        );
         for (path, v) in [
             (
                 "http.header_read_timeout_ms",

@@ -232,6 +232,14 @@ impl Gateway {
 }
 
 impl Ingest for Gateway {
+    async fn read(
+        &self,
+        principal: &Principal,
+        request: sluice_core::ReadRequest,
+    ) -> Result<sluice_core::ReadBatch, sluice_core::ReadError> {
+        crate::read::read(&self.sink, principal, request).await
+    }
+
     fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection> {
         // Authorize first: an unauthorized producer learns nothing about which streams exist.
         // This is the only authorization of a batch; its admission goes into the request.

@@ -1,7 +1,8 @@
 //! `sluice log read|tail`: the embedded log as NDJSON, one record per line:
 //! `{"stream","partition","offset","timestamp","timestamp_ms","key","id","headers","value","value_encoding"}`.
-//! Text that is valid UTF-8 is printed as a string, anything else as base64 and says so in an
-//! `…_encoding` field.
+//! Text that is valid UTF-8 is printed as a string, anything else as base64, and with
+//! `--json-values` a JSON event's value as JSON (the shape of the network read side,
+//! docs/consume.md); the `…_encoding` fields say which.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -39,6 +40,10 @@ pub struct ReadArgs {
     /// Print at most this many records.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// Print a JSON event's value as JSON (`"value_encoding":"json"`) instead of a string, as
+    /// `GET /v1/streams/{stream}/events` does.
+    #[arg(long)]
+    pub json_values: bool,
 }
 
 pub fn run(args: &ReadArgs, follow: bool) -> ExitCode {
@@ -107,7 +112,7 @@ fn read(args: &ReadArgs, follow: bool) -> io::Result<()> {
         for (p, r) in &mut readers {
             while printed < limit {
                 let Some(rec) = r.next_record()? else { break };
-                serde_json::to_writer(&mut out, &render(&args.stream, *p, &rec))?;
+                serde_json::to_writer(&mut out, &render(&args.stream, *p, &rec, args.json_values))?;
                 out.write_all(b"\n")?;
                 printed += 1;
                 progressed = true;
@@ -138,8 +143,9 @@ fn text_or_base64(map: &mut Map<String, Value>, field: &str, bytes: Option<&[u8]
     map.insert(field.to_string(), v);
 }
 
-/// One record as a JSON object.
-pub fn render(stream: &str, partition: u32, r: &Record) -> Value {
+/// One record as a JSON object; with `json_values`, a JSON event's value is JSON in it (the
+/// network read side; `sluice log read --json-values`), otherwise a string as stored.
+pub fn render(stream: &str, partition: u32, r: &Record, json_values: bool) -> Value {
     let mut m = Map::new();
     m.insert("stream".into(), json!(stream));
     m.insert("partition".into(), json!(partition));
@@ -173,18 +179,38 @@ pub fn render(stream: &str, partition: u32, r: &Record) -> Value {
         }
     }
     m.insert("headers".into(), Value::Object(headers));
-    let encoding = if std::str::from_utf8(&r.value).is_ok() {
-        "utf8"
-    } else {
-        "base64"
+    // JSON events (their content type says so, and they parse) are JSON in the output; other
+    // text is a string, anything else base64.
+    let content_type = r
+        .headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(b"content-type"))
+        .map_or(&r.content_type[..], |(_, v)| &v[..]);
+    let as_json = (json_values && is_json_type(content_type))
+        .then(|| serde_json::from_slice::<Value>(&r.value).ok())
+        .flatten();
+    let (value, encoding) = match as_json {
+        Some(v) => (v, "json"),
+        None if std::str::from_utf8(&r.value).is_ok() => (lossy(&r.value), "utf8"),
+        None => (
+            json!(base64::engine::general_purpose::STANDARD.encode(&r.value)),
+            "base64",
+        ),
     };
-    m.insert(
-        "value".into(),
-        match encoding {
-            "utf8" => lossy(&r.value),
-            _ => json!(base64::engine::general_purpose::STANDARD.encode(&r.value)),
-        },
-    );
+    m.insert("value".into(), value);
     m.insert("value_encoding".into(), json!(encoding));
     Value::Object(m)
+}
+
+/// `application/json`, or a `+json` type (`application/cloudevents+json`), parameters aside.
+fn is_json_type(ct: &[u8]) -> bool {
+    let ct = std::str::from_utf8(ct).unwrap_or("");
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
 }

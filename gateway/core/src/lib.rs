@@ -352,6 +352,75 @@ impl Admission {
     }
 }
 
+/// Where a read starts in each partition it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Each partition's oldest record still held.
+    Start,
+    /// This offset in every partition read.
+    Offset(u64),
+    /// The first record received at or after this time (ms since the epoch).
+    Time(i64),
+    /// A cursor from an earlier read: an offset per partition.
+    Cursor(Vec<(u32, u64)>),
+    /// The end: only what arrives from now on.
+    End,
+}
+
+/// A read of a stream's records (docs/consume.md).
+#[derive(Debug, Clone)]
+pub struct ReadRequest {
+    pub stream: StreamName,
+    /// The partitions to read; `None`: all (with a cursor: the cursor's).
+    pub partitions: Option<Vec<u32>>,
+    pub from: ReadFrom,
+    /// Most records answered.
+    pub limit: usize,
+    /// Most bytes of rendered records answered (at least one record is, whatever its size).
+    pub max_bytes: usize,
+    /// How long to wait for a record when there is none yet (long poll).
+    pub wait: Duration,
+}
+
+/// What a read found: each record as a JSON object (the shape of `sluice log read`), and where
+/// the next read continues, per partition.
+#[derive(Debug, Clone, Default)]
+pub struct ReadBatch {
+    pub records: Vec<ReadRecord>,
+    pub next: Vec<(u32, u64)>,
+}
+
+/// One record read: where it is, and the record as a JSON object.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub partition: u32,
+    pub offset: u64,
+    pub json: Bytes,
+}
+
+/// Why a read was not answered with records.
+#[derive(Debug, Clone)]
+pub enum ReadError {
+    /// Malformed, unavailable, ...
+    Rejected(Rejection),
+    /// The principal has no `consume` grant for the stream.
+    Forbidden(String),
+    /// The stream does not exist (nothing was ever written to it).
+    NoStream(String),
+    /// The position is older than retention: the partition's oldest offset now.
+    Gone { partition: u32, earliest: u64 },
+    /// The position is past the partition's end.
+    OutOfRange { partition: u32, end: u64 },
+    /// This log cannot be read through the gateway (yet).
+    Unsupported(String),
+}
+
+impl From<Rejection> for ReadError {
+    fn from(r: Rejection) -> Self {
+        ReadError::Rejected(r)
+    }
+}
+
 /// The service every protocol adapter calls. The gateway implements it: authorize, validate,
 /// quota, in-flight budget, append, receipts.
 pub trait Ingest: Send + Sync + 'static {
@@ -373,4 +442,18 @@ pub trait Ingest: Send + Sync + 'static {
 
     /// The in-flight budget adapters reserve from before they read a request's events.
     fn budget(&self) -> &Budget;
+
+    /// Reads records of a stream for `principal` (who needs its `consume` permission).
+    fn read(
+        &self,
+        principal: &Principal,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<ReadBatch, ReadError>> + Send {
+        let _ = (principal, request);
+        async {
+            Err(ReadError::Unsupported(
+                "this gateway serves no reads".into(),
+            ))
+        }
+    }
 }

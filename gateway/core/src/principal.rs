@@ -50,6 +50,8 @@ pub struct Principal {
     identity: Arc<str>,
     // Shared, so that handing a cached principal to every request is two reference counts.
     permissions: Arc<Permissions>,
+    /// Streams it may read (docs/consume.md): separate from producing.
+    consume: Arc<Permissions>,
     /// When the credential stops being valid (a JWT's `exp` plus leeway, an API key's
     /// `expires_at`); long-lived sessions are checked again then.
     expires_at: Option<std::time::SystemTime>,
@@ -74,6 +76,9 @@ impl Principal {
             source: Arc::from("anonymous"),
             identity: Arc::from("anonymous\u{1f}anonymous"),
             permissions: Arc::new(Permissions::All),
+            // Anonymous producers exist only where a listener admits them (loopback by default,
+            // or `allow_anonymous = true`): there they may read what they may write.
+            consume: Arc::new(Permissions::All),
             expires_at: None,
             claims: None,
         }
@@ -87,9 +92,16 @@ impl Principal {
             name,
             source: Arc::from(""),
             permissions: Arc::new(permissions),
+            consume: Arc::new(Permissions::Streams(Vec::new())),
             expires_at: None,
             claims: None,
         }
+    }
+
+    /// The same principal, allowed to read the streams `consume` allows.
+    pub fn consuming(mut self, consume: Permissions) -> Self {
+        self.consume = Arc::new(consume);
+        self
     }
 
     /// The same principal, established by `source` (`api_key`, `jwt:<issuer>`, `mtls`).
@@ -146,7 +158,9 @@ impl Principal {
 
     /// Whether `other` is the same identity with the same permissions (expiry aside).
     pub fn same_grant(&self, other: &Principal) -> bool {
-        self.identity == other.identity && self.permissions == other.permissions
+        self.identity == other.identity
+            && self.permissions == other.permissions
+            && self.consume == other.consume
     }
 
     /// The principal's name, as recorded with its events.
@@ -157,6 +171,11 @@ impl Principal {
     /// Whether this principal may append to `stream`.
     pub fn may_produce_to(&self, stream: &str) -> bool {
         self.permissions.allows(stream)
+    }
+
+    /// Whether this principal may read `stream` (docs/consume.md).
+    pub fn may_consume(&self, stream: &str) -> bool {
+        self.consume.allows(stream)
     }
 }
 
@@ -224,6 +243,12 @@ mod tests {
         assert!(p.may_produce_to("orders"));
         assert!(!p.may_produce_to("payments"));
         assert!(Principal::anonymous().may_produce_to("anything"));
+        // Reading is a permission of its own.
+        assert!(!p.may_consume("orders"));
+        let p = p.consuming(Permissions::Streams(vec!["orders.audit".into()]));
+        assert!(p.may_consume("orders.audit") && !p.may_consume("orders"));
+        assert!(p.may_produce_to("orders"));
+        assert!(Principal::anonymous().may_consume("anything"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use frame::{Frame, FrameBuilder, FrameView, RecordView};
-pub use log::{Guard, Log, LogOptions, StreamLog, StreamOptions};
+pub use log::{Guard, Log, LogOptions, Marks, StreamLog, StreamOptions};
 pub use metrics::LogMetrics;
 pub use partition::{PartitionOptions, PartitionWriter, Recovery, check_recovery};
 pub use reader::{PartitionReader, Record, partition_dirs};

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::frame::Frame;
@@ -99,7 +99,27 @@ struct Inner {
 pub struct StreamLog {
     name: Arc<str>,
     partitions: Vec<mpsc::Sender<Op>>,
+    /// Each partition's readable range, and its directory (readers open its files).
+    marks: Vec<(watch::Receiver<Marks>, PathBuf)>,
     next_sticky: AtomicU32,
+}
+
+/// The readable range of a partition: `start` is its oldest offset still on disk (retention
+/// moves it), `end` the offset after the last record that is durable (fsynced). Readers see
+/// records below `end` only, so a consumer never reads an event a crash could take back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marks {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Marks {
+    fn of(w: &PartitionWriter) -> Self {
+        Marks {
+            start: w.start_offset(),
+            end: w.next_offset(),
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -236,15 +256,21 @@ impl Log {
     fn install(&self, name: &str, writers: Vec<PartitionWriter>) -> Arc<StreamLog> {
         let shared = &self.inner.shared;
         let mut senders = Vec::with_capacity(writers.len());
+        let mut marks = Vec::with_capacity(writers.len());
         let mut handles = self.inner.writers.lock().unwrap();
-        for w in writers {
+        let stream_dir = shared.opts.data_dir.join("streams").join(name);
+        for (p, w) in writers.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(shared.opts.queue_depth);
             senders.push(tx);
-            handles.push(tokio::spawn(run_writer(w, rx, shared.clone())));
+            // What recovery left on disk is readable.
+            let (marks_tx, marks_rx) = watch::channel(Marks::of(&w));
+            marks.push((marks_rx, stream_dir.join(p.to_string())));
+            handles.push(tokio::spawn(run_writer(w, rx, shared.clone(), marks_tx)));
         }
         let s = Arc::new(StreamLog {
             name: Arc::from(name),
             partitions: senders,
+            marks,
             next_sticky: AtomicU32::new(0),
         });
         self.inner
@@ -327,6 +353,17 @@ impl StreamLog {
         self.partitions.len() as u32
     }
 
+    /// Partition `p`'s readable range, which changes as records become durable and retention
+    /// deletes segments; `None` if there is no such partition.
+    pub fn marks(&self, p: u32) -> Option<watch::Receiver<Marks>> {
+        self.marks.get(p as usize).map(|(m, _)| m.clone())
+    }
+
+    /// Partition `p`'s directory, for a [`crate::PartitionReader`].
+    pub fn partition_dir(&self, p: u32) -> Option<&Path> {
+        self.marks.get(p as usize).map(|(_, d)| d.as_path())
+    }
+
     /// The partition of a keyed event (Kafka's murmur2 partitioner).
     pub fn partition_for_key(&self, key: &[u8]) -> u32 {
         partition_for_key(key, self.partition_count())
@@ -401,7 +438,26 @@ impl StreamLog {
 }
 
 /// The group-commit loop of one partition.
-async fn run_writer(mut writer: PartitionWriter, mut rx: mpsc::Receiver<Op>, shared: Arc<Shared>) {
+async fn run_writer(
+    mut writer: PartitionWriter,
+    mut rx: mpsc::Receiver<Op>,
+    shared: Arc<Shared>,
+    marks: watch::Sender<Marks>,
+) {
+    // Readers see what is durable: the end moves after each fsync, the start after retention.
+    let publish = |w: &PartitionWriter, synced: bool| {
+        marks.send_if_modified(|m| {
+            let now = Marks {
+                start: w.start_offset(),
+                end: if synced && w.poisoned().is_none() {
+                    w.next_offset()
+                } else {
+                    m.end
+                },
+            };
+            std::mem::replace(m, now) != now
+        });
+    };
     let opts = &shared.opts;
     let mut dirty_since: Option<tokio::time::Instant> = None;
     let mut next_retention = tokio::time::Instant::now() + opts.retention_check_interval;
@@ -432,6 +488,7 @@ async fn run_writer(mut writer: PartitionWriter, mut rx: mpsc::Receiver<Op>, sha
                 writer = w;
                 group = ops;
                 group.clear();
+                publish(&writer, durable);
                 if durable {
                     dirty_since = None;
                 } else if dirty_since.is_none() {
@@ -443,6 +500,7 @@ async fn run_writer(mut writer: PartitionWriter, mut rx: mpsc::Receiver<Op>, sha
                     let _ = sync_timed(w, s);
                 }).await;
                 writer = w;
+                publish(&writer, true);
                 dirty_since = None;
             }
             _ = tokio::time::sleep_until(next_retention) => {
@@ -455,6 +513,7 @@ async fn run_writer(mut writer: PartitionWriter, mut rx: mpsc::Receiver<Op>, sha
                     };
                 }).await;
                 writer = w;
+                publish(&writer, false);
                 next_retention = tokio::time::Instant::now() + opts.retention_check_interval;
             }
         }

@@ -316,6 +316,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             tls: tls.clone(),
         },
         concurrency: limits.concurrency.clone(),
+        max_subscribers: config.http.max_subscribers,
+        max_subscribers_per_principal: config.http.max_subscribers_per_principal,
+        sse_heartbeat: Duration::from_millis(config.http.sse_heartbeat_ms),
         websocket: config.websocket.enabled.then(|| {
             let w = &config.websocket;
             WsOptions {

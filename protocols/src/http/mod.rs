@@ -3,6 +3,7 @@
 //! The wire format is documented in docs/http.md.
 
 pub mod body;
+pub mod read;
 pub mod ws;
 
 use std::fmt::Write as _;
@@ -42,6 +43,11 @@ pub struct HttpOptions {
     /// Origins a browser page may open WebSocket ingest or MQTT over WebSocket from
     /// (`websocket.allowed_origins`); empty: any.
     pub allowed_origins: Vec<String>,
+    /// Live tails (SSE) open at once, in all and per principal.
+    pub max_subscribers: usize,
+    pub max_subscribers_per_principal: usize,
+    /// A live tail without records sends a heartbeat comment this often.
+    pub sse_heartbeat: Duration,
 }
 
 /// Request header carrying an API key.
@@ -76,6 +82,11 @@ pub async fn serve<I: Ingest>(
         allowed_origins: opts.allowed_origins,
         ws_sessions: Arc::new(tokio::sync::RwLock::new(())),
         ws_shutdown,
+        subscribers: read::Subscribers {
+            total: Arc::new(tokio::sync::Semaphore::new(opts.max_subscribers)),
+            per_principal: server::Counted::new(opts.max_subscribers_per_principal),
+            heartbeat: opts.sse_heartbeat,
+        },
     });
     let sessions = ctx.ws_sessions.clone();
     server::serve(
@@ -90,7 +101,7 @@ pub async fn serve<I: Ingest>(
                     if outcome != "upgraded" {
                         ingest.metrics().request("mqtt", outcome);
                     }
-                    return resp;
+                    return resp.map(read::Body::Left);
                 }
                 if let Some(stream) = ws::route(req.uri().path()) {
                     let stream = stream.map(str::to_string);
@@ -98,9 +109,20 @@ pub async fn serve<I: Ingest>(
                     if outcome != "upgraded" {
                         ingest.metrics().request("websocket", outcome);
                     }
+                    return resp.map(read::Body::Left);
+                }
+                if req.method() == Method::GET
+                    && read::wants_sse(&req)
+                    && let Some(stream) = events_route(req.uri().path())
+                {
+                    let stream = stream.to_string();
+                    let (resp, outcome) = tail(req, conn, &stream, ingest.clone(), &ctx).await;
+                    ingest.metrics().request("http_read", outcome);
                     return resp;
                 }
-                handle(req, conn, &*ingest, &ctx).await
+                handle(req, conn, &*ingest, &ctx)
+                    .await
+                    .map(read::Body::Left)
             }
         },
         async move {
@@ -126,6 +148,42 @@ struct Ctx {
     /// Every WebSocket session holds a read guard; the drain takes the write lock.
     ws_sessions: Arc<tokio::sync::RwLock<()>>,
     ws_shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Live tails open, in all and per principal.
+    subscribers: read::Subscribers,
+}
+
+/// The stream of `/v1/streams/{stream}/events`.
+fn events_route(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/streams/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+}
+
+/// A live tail (Server-Sent Events) of a stream (docs/consume.md).
+async fn tail<I: Ingest>(
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    stream: &str,
+    ingest: Arc<I>,
+    ctx: &Ctx,
+) -> (Response<read::Body>, &'static str) {
+    let whole = |r: &Rejection| (rejection_response(r).map(read::Body::Left), r.code());
+    let stream = match StreamName::parse(stream) {
+        Ok(s) => s,
+        Err(r) => return whole(&r),
+    };
+    let principal = match authenticate(&req, &conn, &*ingest, ctx).await {
+        Ok(p) => p,
+        Err(refused) => return whole(&refused.rejection()),
+    };
+    read::subscribe(
+        &req,
+        principal,
+        stream,
+        ingest,
+        &ctx.subscribers,
+        ctx.ws_shutdown.clone(),
+    )
+    .await
 }
 
 async fn handle<I: Ingest>(
@@ -135,21 +193,21 @@ async fn handle<I: Ingest>(
     ctx: &Ctx,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let Some(stream) = path
-        .strip_prefix("/v1/streams/")
-        .and_then(|rest| rest.strip_suffix("/events"))
-    else {
+    let Some(stream) = events_route(path) else {
         let message = format!("no route for {} {path}", req.method());
         return error_body(StatusCode::NOT_FOUND, "no_route", &message);
     };
-    if req.method() != Method::POST {
+    if req.method() != Method::POST && req.method() != Method::GET {
         let mut r = error_body(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            &format!("{} is not allowed here; use POST", req.method()),
+            &format!(
+                "{} is not allowed here; POST appends, GET reads",
+                req.method()
+            ),
         );
         r.headers_mut()
-            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, POST"));
         return r;
     }
     let stream = stream.to_string();
@@ -168,6 +226,12 @@ async fn handle<I: Ingest>(
         stream = %stream,
         principal = tracing::field::Empty
     );
+    if req.method() == Method::GET {
+        let (resp, outcome) =
+            tracing::Instrument::instrument(consume(req, &conn, &stream, ingest, ctx), span).await;
+        metrics.request("http_read", outcome);
+        return resp;
+    }
     match tracing::Instrument::instrument(publish(req, &conn, &stream, ingest, ctx), span).await {
         Ok((response, outcome)) => {
             metrics.request(PROTO, outcome);
@@ -199,6 +263,41 @@ async fn authenticate<I: Ingest>(
         client_cert: conn.client_cert.as_deref(),
     };
     ctx.gate.admit(PROTO, ingest.metrics(), conn, creds).await
+}
+
+/// `GET /v1/streams/{stream}/events`: the stream's records (docs/consume.md).
+async fn consume<I: Ingest>(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    stream: &str,
+    ingest: &I,
+    ctx: &Ctx,
+) -> (Response<Full<Bytes>>, &'static str) {
+    let stream = match StreamName::parse(stream) {
+        Ok(s) => s,
+        Err(r) => return (rejection_response(&r), r.code()),
+    };
+    let principal = match authenticate(&req, conn, ingest, ctx).await {
+        Ok(p) => p,
+        Err(refused) => {
+            let r = refused.rejection();
+            return (rejection_response(&r), r.code());
+        }
+    };
+    tracing::Span::current().record("principal", principal.name());
+    // A long poll does not hold the drain: when the listener shuts down it is answered 503
+    // (nothing is lost by dropping a read), and the client resumes from its cursor elsewhere.
+    let mut shutdown = ctx.ws_shutdown.clone();
+    tokio::select! {
+        r = read::fetch(&req, &principal, stream, ingest) => r,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            let r = Rejection::unavailable(
+                Duration::from_secs(1),
+                "the gateway is shutting down; read again from the same position",
+            );
+            (rejection_response(&r), r.code())
+        }
+    }
 }
 
 async fn publish<I: Ingest>(

@@ -56,7 +56,7 @@ pub fn route(path: &str) -> Option<Option<&str>> {
 }
 
 /// The query parameter `name`, percent-decoded.
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name).then(|| percent_decode(v))

@@ -302,13 +302,13 @@ async fn every_error_status_names_what_was_wrong() {
         .await
         .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "no_route", "/v2/x").await;
-    let r = c.get(s.events_url("open")).send().await.unwrap();
-    assert_eq!(r.headers().get("allow").unwrap(), "POST");
+    let r = c.delete(s.events_url("open")).send().await.unwrap();
+    assert_eq!(r.headers().get("allow").unwrap(), "GET, POST");
     expect_error(
         r,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "GET",
+        "DELETE",
     )
     .await;
 

@@ -5,6 +5,7 @@
 mod attacks;
 mod auth;
 mod browser;
+mod consume;
 mod crash;
 mod deploy;
 mod exactly_once;

@@ -1,0 +1,254 @@
+//! The read side of the embedded log (docs/consume.md): records of a stream by offset, time or
+//! cursor, only what is durable, with a long poll at the end.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sluice_core::{Principal, ReadBatch, ReadError, ReadFrom, ReadRecord, ReadRequest, Rejection};
+use sluice_log::{Marks, PartitionReader};
+use tokio::sync::watch;
+
+use crate::logcmd::render;
+use crate::sink::Sink;
+
+/// Most records one read answers.
+pub const MAX_LIMIT: usize = 10_000;
+/// Most bytes of records one read answers.
+pub const MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Longest long poll.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Where one partition's read starts.
+#[derive(Clone, Copy)]
+enum Pos {
+    Offset(u64),
+    Time(i64),
+}
+
+struct Part {
+    partition: u32,
+    dir: PathBuf,
+    marks: watch::Receiver<Marks>,
+    pos: Pos,
+}
+
+pub(crate) async fn read(
+    sink: &Sink,
+    principal: &Principal,
+    req: ReadRequest,
+) -> Result<ReadBatch, ReadError> {
+    let name = req.stream.as_str();
+    if !principal.may_consume(name) {
+        return Err(ReadError::Forbidden(name.to_string()));
+    }
+    let log = match sink {
+        Sink::Embedded(log) => log,
+        Sink::Kafka(_) => {
+            return Err(ReadError::Unsupported(
+                "this gateway's log is Kafka: reading streams through the gateway is served \
+                 from the embedded log only for now; read the topic with a Kafka consumer"
+                    .into(),
+            ));
+        }
+    };
+    let Some(stream) = log.stream(name) else {
+        return Err(ReadError::NoStream(name.to_string()));
+    };
+    let count = stream.partition_count();
+    let chosen: Vec<u32> = match (&req.partitions, &req.from) {
+        (Some(ps), _) => ps.clone(),
+        (None, ReadFrom::Cursor(c)) => c.iter().map(|(p, _)| *p).collect(),
+        (None, _) => (0..count).collect(),
+    };
+    let mut parts = Vec::with_capacity(chosen.len());
+    for p in chosen {
+        let (Some(marks), Some(dir)) = (stream.marks(p), stream.partition_dir(p)) else {
+            return Err(Rejection::Malformed {
+                message: format!("stream `{name}` has no partition {p} (it has {count})"),
+            }
+            .into());
+        };
+        let m = *marks.borrow();
+        let pos = match &req.from {
+            ReadFrom::Offset(o) => Pos::Offset(*o),
+            ReadFrom::Time(t) => Pos::Time(*t),
+            ReadFrom::End => Pos::Offset(m.end),
+            ReadFrom::Start => Pos::Offset(m.start),
+            // A partition the cursor does not name starts at its oldest record.
+            ReadFrom::Cursor(c) => {
+                Pos::Offset(c.iter().find(|(q, _)| *q == p).map_or(m.start, |(_, o)| *o))
+            }
+        };
+        if let Pos::Offset(o) = pos {
+            check(p, o, m)?;
+        }
+        parts.push(Part {
+            partition: p,
+            dir: dir.to_path_buf(),
+            marks,
+            pos,
+        });
+    }
+    if parts.is_empty() {
+        return Err(Rejection::Malformed {
+            message: "the read names no partition".into(),
+        }
+        .into());
+    }
+    let deadline = tokio::time::Instant::now() + req.wait.min(MAX_WAIT);
+    let limit = req.limit.clamp(1, MAX_LIMIT);
+    let max_bytes = req.max_bytes.clamp(1, MAX_BYTES);
+    loop {
+        // Seen before reading: a record made durable while the read runs wakes the next wait.
+        for part in &mut parts {
+            part.marks.borrow_and_update();
+        }
+        let job: Vec<(u32, PathBuf, Pos, Marks)> = parts
+            .iter()
+            .map(|p| (p.partition, p.dir.clone(), p.pos, *p.marks.borrow()))
+            .collect();
+        let stream_name = name.to_string();
+        let ReadBatch { records, next } =
+            tokio::task::spawn_blocking(move || read_parts(&stream_name, job, limit, max_bytes))
+                .await
+                .map_err(|e| Rejection::Internal {
+                    message: format!("read task failed: {e}"),
+                })?
+                .map_err(|e| match e {
+                    ReadFail::Gone(partition, earliest) => ReadError::Gone {
+                        partition,
+                        earliest,
+                    },
+                    ReadFail::Io(e) => ReadError::Rejected(Rejection::Internal {
+                        message: format!("reading the log: {e}"),
+                    }),
+                })?;
+        for (part, (_, o)) in parts.iter_mut().zip(&next) {
+            part.pos = Pos::Offset(*o);
+        }
+        if !records.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(ReadBatch { records, next });
+        }
+        // Long poll: until a partition has a new durable record, or the deadline.
+        let changed = futures_util::future::select_all(
+            parts
+                .iter_mut()
+                .map(|p| Box::pin(p.marks.changed()))
+                .collect::<Vec<_>>(),
+        );
+        match tokio::time::timeout_at(deadline, changed).await {
+            Ok((Ok(()), _, _)) => {}
+            // The timeout, or the log closing (shutdown): answer what there is (nothing).
+            Ok((Err(_), _, _)) | Err(_) => return Ok(ReadBatch { records, next }),
+        }
+    }
+}
+
+/// A position older than retention or past the end is refused, naming the range.
+fn check(partition: u32, offset: u64, m: Marks) -> Result<(), ReadError> {
+    if offset < m.start {
+        return Err(ReadError::Gone {
+            partition,
+            earliest: m.start,
+        });
+    }
+    if offset > m.end {
+        return Err(ReadError::OutOfRange {
+            partition,
+            end: m.end,
+        });
+    }
+    Ok(())
+}
+
+enum ReadFail {
+    Gone(u32, u64),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ReadFail {
+    fn from(e: std::io::Error) -> Self {
+        ReadFail::Io(e)
+    }
+}
+
+/// Reads the partitions in rounds (a share of `limit` each per round, so one busy partition
+/// does not starve the others) up to each one's durable end.
+fn read_parts(
+    stream: &str,
+    parts: Vec<(u32, PathBuf, Pos, Marks)>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<ReadBatch, ReadFail> {
+    let mut records = Vec::new();
+    let mut bytes = 0usize;
+    let mut readers = Vec::with_capacity(parts.len());
+    let mut next = Vec::with_capacity(parts.len());
+    for (p, dir, pos, m) in &parts {
+        let reader = match pos {
+            Pos::Offset(o) if *o >= m.end => None,
+            Pos::Offset(o) => Some(PartitionReader::from_offset(dir, *o)?),
+            Pos::Time(t) => Some(PartitionReader::from_time(dir, *t)?),
+        };
+        readers.push(reader);
+        // Where the partition continues if nothing is read from it: its position, or (by time,
+        // nothing at or after it yet) its durable end.
+        next.push((
+            *p,
+            match pos {
+                Pos::Offset(o) => *o,
+                Pos::Time(_) => m.end,
+            },
+        ));
+    }
+    let share = (limit / parts.len().max(1)).max(1);
+    loop {
+        let mut progressed = false;
+        for (i, (p, _, pos, m)) in parts.iter().enumerate() {
+            let Some(reader) = readers[i].as_mut() else {
+                continue;
+            };
+            let mut taken = 0;
+            while taken < share && records.len() < limit && bytes < max_bytes {
+                let Some(rec) = reader.next_record()? else {
+                    readers[i] = None;
+                    break;
+                };
+                if rec.offset >= m.end {
+                    // Written, not durable yet.
+                    readers[i] = None;
+                    break;
+                }
+                // Offsets are contiguous: a first record past the position means retention
+                // deleted the position after it was checked.
+                if let Pos::Offset(o) = pos
+                    && next[i].1 == *o
+                    && rec.offset > *o
+                {
+                    return Err(ReadFail::Gone(*p, rec.offset));
+                }
+                let json = serde_json::to_vec(&render(stream, *p, &rec, true))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if bytes + json.len() > max_bytes && !records.is_empty() {
+                    return Ok(ReadBatch { records, next });
+                }
+                bytes += json.len();
+                records.push(ReadRecord {
+                    partition: *p,
+                    offset: rec.offset,
+                    json: Bytes::from(json),
+                });
+                next[i].1 = rec.offset + 1;
+                taken += 1;
+                progressed = true;
+            }
+            if records.len() >= limit || bytes >= max_bytes {
+                return Ok(ReadBatch { records, next });
+            }
+        }
+        if !progressed {
+            return Ok(ReadBatch { records, next });
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! The read side (docs/consume.md): `GET /v1/streams/{stream}/events` on the real binary — the
+//! `consume` permission apart from `produce`, JSON and NDJSON, cursors that read every record
+//! once across partitions, the long poll, time positions, and the errors (past the end,
+//! deleted by retention, no such stream or partition).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_tests::http::{Answer, client};
+use sluice_tests::{Sluice, api_key_entry};
+
+const WRITER: &str = "writer.w-secret";
+const READER: &str = "reader.r-secret";
+
+fn config(extra: &str) -> String {
+    let reader = api_key_entry(READER, "dashboard", &[])
+        .replace("streams = []\n", "streams = []\nconsume = [\"orders*\"]\n");
+    format!(
+        "[http.auth]\nallow_anonymous = false\n[streams.declare.orders]\npartitions = 3\n{extra}{}{reader}",
+        api_key_entry(WRITER, "shop", &["*"]),
+    )
+}
+
+async fn publish(c: &reqwest::Client, s: &Sluice, stream: &str, events: Value) {
+    let a = Answer::of(
+        c.post(s.events_url(stream))
+            .header("x-api-key", WRITER)
+            .json(&events),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+}
+
+async fn read(c: &reqwest::Client, s: &Sluice, stream: &str, query: &str, key: &str) -> Answer {
+    Answer::of(
+        c.get(format!("{}?{query}", s.events_url(stream)))
+            .header("x-api-key", key),
+    )
+    .await
+}
+
+fn values(a: &Answer) -> Vec<String> {
+    a.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"]["n"].to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_reads_every_record_once_by_cursor_and_waits_at_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config("")).unwrap();
+    let c = client(Duration::from_secs(20));
+    // 30 events with keys over three partitions.
+    let events: Vec<Value> = (0..30)
+        .map(|n| json!({"key": format!("k{}", n % 7), "value": {"n": n}}))
+        .collect();
+    publish(&c, &s, "orders", json!(events)).await;
+
+    // Reading is its own permission: the writer (produce only) and no credentials are refused.
+    let a = read(&c, &s, "orders", "", WRITER).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{a:?}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("consume")
+    );
+    let a = Answer::of(c.get(s.events_url("orders"))).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{a:?}");
+    // Nor does a consume grant for `orders*` reach other streams.
+    publish(&c, &s, "payments", json!([{"value": {"n": 1}}])).await;
+    let a = read(&c, &s, "payments", "", READER).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{a:?}");
+
+    // Everything, in pages of 7, by cursor: each record exactly once, in offset order per
+    // partition, in the shape of `sluice log read`.
+    let mut seen = Vec::new();
+    let mut query = "limit=7".to_string();
+    loop {
+        let a = read(&c, &s, "orders", &query, READER).await;
+        assert_eq!(a.status, StatusCode::OK, "{a:?}");
+        let recs = a.body["records"].as_array().unwrap().clone();
+        assert!(recs.len() <= 7);
+        if recs.is_empty() {
+            break;
+        }
+        for r in &recs {
+            assert_eq!(r["stream"], "orders");
+            assert_eq!(r["headers"]["sluice-principal"], "shop");
+            assert!(r["timestamp"].is_string() && r["key"].is_string(), "{r}");
+            seen.push((
+                r["partition"].as_u64().unwrap(),
+                r["offset"].as_u64().unwrap(),
+                r["value"]["n"].as_u64().unwrap(),
+            ));
+        }
+        query = format!("limit=7&cursor={}", a.body["next"].as_str().unwrap());
+    }
+    let ns: BTreeSet<u64> = seen.iter().map(|x| x.2).collect();
+    assert_eq!(seen.len(), 30, "{seen:?}");
+    assert_eq!(ns, (0..30).collect(), "every event once");
+    for p in 0..3 {
+        let offsets: Vec<u64> = seen.iter().filter(|x| x.0 == p).map(|x| x.1).collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as u64).collect::<Vec<_>>(),
+            "partition {p}"
+        );
+    }
+    assert!(
+        seen.iter().map(|x| x.0).collect::<BTreeSet<_>>().len() > 1,
+        "the keys spread over partitions"
+    );
+
+    // At the end, a long poll waits for the next durable record instead of answering empty.
+    let end = read(&c, &s, "orders", "from=end&limit=1", READER).await;
+    assert_eq!(values(&end), Vec::<String>::new());
+    let cursor = end.body["next"].as_str().unwrap().to_string();
+    let waiting = {
+        let (c, url) = (c.clone(), s.events_url("orders"));
+        tokio::spawn(async move {
+            Answer::of(
+                c.get(format!("{url}?cursor={cursor}&wait_ms=15000"))
+                    .header("x-api-key", READER),
+            )
+            .await
+        })
+    };
+    // A long poll of our own that ends empty: the first one (started before it) is still
+    // waiting, not answered empty; whether it reached the gateway before the publish below or
+    // after, it must answer with the new record.
+    let probe = read(&c, &s, "orders", "from=end&wait_ms=200", READER).await;
+    assert_eq!(probe.status, StatusCode::OK);
+    assert!(
+        !waiting.is_finished(),
+        "the long poll answered before any event: {probe:?}"
+    );
+    publish(&c, &s, "orders", json!([{"value": {"n": 100}}])).await;
+    let a = waiting.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(values(&a), vec!["100".to_string()]);
+
+    // NDJSON: one record per line, the cursor in a header.
+    let r = c
+        .get(format!(
+            "{}?partition=0,1,2&limit=1000",
+            s.events_url("orders")
+        ))
+        .header("x-api-key", READER)
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let cursor = r.headers()["sluice-next-cursor"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(cursor.split(',').count(), 3, "{cursor}");
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 31);
+
+    // Errors name what is wrong.
+    let a = read(&c, &s, "orders", "partition=0&from_offset=999", READER).await;
+    assert_eq!(a.status, StatusCode::RANGE_NOT_SATISFIABLE, "{a:?}");
+    assert_eq!(a.body["error"]["code"], "offset_out_of_range");
+    assert!(a.body["error"]["end_offset"].as_u64().unwrap() <= 31);
+    let a = read(&c, &s, "orders", "partition=7", READER).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    let a = read(&c, &s, "orders-none", "", READER).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "{a:?}");
+    let a = read(&c, &s, "orders", "from_offset=1&from=end", READER).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+}
+
+/// Reading by time: a position after the first batch's receive time finds only later records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_starts_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config("")).unwrap();
+    let c = client(Duration::from_secs(20));
+    publish(
+        &c,
+        &s,
+        "orders",
+        json!([{"value": {"n": 1}}, {"value": {"n": 2}}]),
+    )
+    .await;
+    let first = read(&c, &s, "orders", "", READER).await;
+    let t0 = first.body["records"][0]["timestamp_ms"].as_i64().unwrap();
+    // The next batch is received at a later millisecond than the first.
+    let later = sluice_tests::wait_until(Duration::from_secs(5), || async {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            > t0
+    })
+    .await;
+    assert!(later);
+    publish(&c, &s, "orders", json!([{"value": {"n": 3}}])).await;
+    let all = read(&c, &s, "orders", "", READER).await;
+    let t1 = all.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["value"]["n"] == 3)
+        .unwrap()["timestamp_ms"]
+        .as_i64()
+        .unwrap();
+    assert!(t1 > t0);
+    let a = read(&c, &s, "orders", &format!("from_time={t1}"), READER).await;
+    assert_eq!(values(&a), vec!["3".to_string()], "{a:?}");
+    // RFC 3339 too; a time before everything reads everything.
+    let a = read(&c, &s, "orders", "from_time=2000-01-01T00:00:00Z", READER).await;
+    assert_eq!(a.body["records"].as_array().unwrap().len(), 3, "{a:?}");
+}
+
+/// A position that retention deleted is answered 410 with the partition's earliest offset,
+/// from which the reader can go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_deleted_by_retention_is_gone_with_the_earliest_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = "[log]\nsegment_bytes = 4096\nretention_check_interval_ms = 20\n\
+                 [streams.declare.orders-short]\nretention_bytes = 8192\n";
+    let s = Sluice::start(&tmp.path().join("data"), &config(extra)).unwrap();
+    let c = client(Duration::from_secs(20));
+    let pad = "x".repeat(400);
+    for batch in 0..10 {
+        let events: Vec<Value> = (0..10)
+            .map(|i| json!({"value": {"n": batch * 10 + i, "pad": pad}}))
+            .collect();
+        publish(&c, &s, "orders-short", json!(events)).await;
+    }
+    // Retention runs on its own clock: wait until offset 0 is gone.
+    let deleted = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        read(&c, &s, "orders-short", "from_offset=0", READER)
+            .await
+            .status
+            == StatusCode::GONE
+    })
+    .await;
+    assert!(deleted, "offset 0 was never deleted");
+    // Once deleted it stays deleted.
+    let a = read(&c, &s, "orders-short", "from_offset=0", READER).await;
+    assert_eq!(a.status, StatusCode::GONE, "{a:?}");
+    assert_eq!(a.body["error"]["code"], "offset_gone");
+    let earliest = a.body["error"]["earliest_offset"].as_u64().unwrap();
+    assert!(earliest > 0 && earliest < 100, "{a:?}");
+    // From the earliest offset on, the rest reads; `from=start` starts there too.
+    let a = read(
+        &c,
+        &s,
+        "orders-short",
+        &format!("from_offset={earliest}&limit=1000"),
+        READER,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let recs = a.body["records"].as_array().unwrap();
+    assert_eq!(recs[0]["offset"].as_u64(), Some(earliest));
+    assert_eq!(recs.last().unwrap()["value"]["n"], 99);
+    let a = read(&c, &s, "orders-short", "limit=1", READER).await;
+    assert_eq!(
+        a.body["records"][0]["offset"]
+            .as_u64()
+            .map(|o| o >= earliest),
+        Some(true)
+    );
+}
+
+/// One Server-Sent Events connection, parsed as it arrives.
+struct Sse {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+/// An SSE event: its id and data, or a comment (`: heartbeat`).
+#[derive(Debug)]
+enum SseEvent {
+    Record { id: String, data: Value },
+    Comment(String),
+    Other,
+}
+
+impl Sse {
+    async fn open(c: &reqwest::Client, url: &str, key: &str, last_id: Option<&str>) -> Sse {
+        let mut req = c
+            .get(url)
+            .header("x-api-key", key)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{resp:?}");
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Sse {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (the client's timeout bounds the wait).
+    async fn next(&mut self) -> SseEvent {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut data) = (None, None);
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        return SseEvent::Comment(c.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str(v).unwrap());
+                    }
+                }
+                return match (id, data) {
+                    (Some(id), Some(data)) => SseEvent::Record { id, data },
+                    _ => SseEvent::Other,
+                };
+            }
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .expect("the stream stays open")
+                .expect("a chunk");
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// The next `n` records (skipping comments and the `retry:` line).
+    async fn records(&mut self, n: usize) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            if let SseEvent::Record { id, data } = self.next().await {
+                out.push((id, data));
+            }
+        }
+        out
+    }
+}
+
+/// The live tail: records as they become durable, each event's id the cursor after it, so an
+/// EventSource that reconnects with Last-Event-ID misses nothing and repeats nothing;
+/// heartbeats while quiet; bounded per principal; refused without a consume grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_resumes_with_last_event_id_and_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = "[http]\nmax_subscribers_per_principal = 2\nsse_heartbeat_ms = 100\n";
+    let s = Sluice::start(&tmp.path().join("data"), &config(extra)).unwrap();
+    let c = client(Duration::from_secs(20));
+    let url = s.events_url("orders");
+    publish(&c, &s, "orders", json!([{"value": {"n": -1}}])).await;
+
+    // By default a tail starts at the end: the record already there is not sent.
+    let mut tail = Sse::open(&c, &url, READER, None).await;
+    let events: Vec<Value> = (0..6)
+        .map(|n| json!({"key": format!("k{n}"), "value": {"n": n}}))
+        .collect();
+    publish(&c, &s, "orders", json!(events)).await;
+    let got = tail.records(6).await;
+    let ns: BTreeSet<i64> = got
+        .iter()
+        .map(|(_, d)| d["value"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..6).collect(), "{got:?}");
+    // Quiet: heartbeat comments keep the stream alive.
+    loop {
+        match tail.next().await {
+            SseEvent::Comment(c) if c == "heartbeat" => break,
+            SseEvent::Record { data, .. } => panic!("unexpected record {data}"),
+            _ => {}
+        }
+    }
+    // Drop after the fourth record; resume from its id: exactly the rest, then new ones.
+    let resume_at = got[3].0.clone();
+    drop(tail);
+    publish(
+        &c,
+        &s,
+        "orders",
+        json!([{"value": {"n": 6}}, {"value": {"n": 7}}]),
+    )
+    .await;
+    let mut tail = Sse::open(&c, &url, READER, Some(&resume_at)).await;
+    let rest = tail.records(4).await;
+    let mut ns: Vec<i64> = rest
+        .iter()
+        .map(|(_, d)| d["value"]["n"].as_i64().unwrap())
+        .collect();
+    ns.sort();
+    let mut want: Vec<i64> = got[4..]
+        .iter()
+        .map(|(_, d)| d["value"]["n"].as_i64().unwrap())
+        .chain([6, 7])
+        .collect();
+    want.sort();
+    assert_eq!(ns, want, "resumed from {resume_at}: {rest:?}");
+
+    // Two tails per principal (configured): a third is refused with 429, another reader's is
+    // not affected; a producer without a consume grant gets 403 before any stream starts.
+    let _second = Sse::open(&c, &url, READER, None).await;
+    let third = c
+        .get(&url)
+        .header("x-api-key", READER)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    let writer = c
+        .get(&url)
+        .header("x-api-key", WRITER)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(writer.status(), StatusCode::FORBIDDEN);
+    let m = s.metrics().await;
+    assert_eq!(
+        sluice_tests::metric(&m, "sluice_connections", "protocol=\"sse\""),
+        2.0
+    );
+    // A closed tail frees its place.
+    drop(tail);
+    let freed = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        c.get(&url)
+            .header("x-api-key", READER)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    assert!(freed, "the closed tail's place was not freed");
+}
+
+/// A JWT grants reading with `consume:` scope entries, apart from `produce:`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_consume_scope_grants_reading() {
+    const SECRET: &str = "an-hs256-secret-that-is-long-enough-1234";
+    let issuer = format!(
+        "[[auth.jwt.issuers]]\nissuer = \"https://idp.test/hs\"\naudiences = [\"sluice\"]\nalgorithms = [\"HS256\"]\nhs256_secret = \"{SECRET}\"\n"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config(&issuer)).unwrap();
+    let c = client(Duration::from_secs(20));
+    publish(&c, &s, "orders", json!([{"value": {"n": 1}}])).await;
+    let token = |scope: &str| {
+        sluice_tests::pki::hs256(
+            SECRET.as_bytes(),
+            &json!({"iss": "https://idp.test/hs", "sub": "board", "aud": "sluice",
+                    "exp": sluice_tests::pki::now() + 600, "scope": scope}),
+        )
+    };
+    let get = |scope: &str| Answer::of(c.get(s.events_url("orders")).bearer_auth(token(scope)));
+    let a = get("consume:orders").await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(a.body["records"][0]["value"]["n"], 1);
+    assert_eq!(a.body["records"][0]["value_encoding"], "json");
+    // Producing is not reading, and a consume grant for another stream is not this one.
+    for scope in ["produce:orders", "consume:payments", "orders"] {
+        let a = get(scope).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{scope}: {a:?}");
+    }
+}
