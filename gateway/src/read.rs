@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_core::{Principal, ReadBatch, ReadError, ReadFrom, ReadRecord, ReadRequest, Rejection};
+use sluice_core::{
+    Principal, RawRecord, ReadBatch, ReadError, ReadFrom, ReadRecord, ReadRequest, Rejection,
+};
 use sluice_log::{Marks, PartitionReader};
 use tokio::sync::watch;
 
@@ -108,22 +110,24 @@ pub(crate) async fn read(
             .iter()
             .map(|p| (p.partition, p.dir.clone(), p.pos, *p.marks.borrow()))
             .collect();
+        let raw = req.raw;
         let stream_name = name.to_string();
-        let ReadBatch { records, next } =
-            tokio::task::spawn_blocking(move || read_parts(&stream_name, job, limit, max_bytes))
-                .await
-                .map_err(|e| Rejection::Internal {
-                    message: format!("read task failed: {e}"),
-                })?
-                .map_err(|e| match e {
-                    ReadFail::Gone(partition, earliest) => ReadError::Gone {
-                        partition,
-                        earliest,
-                    },
-                    ReadFail::Io(e) => ReadError::Rejected(Rejection::Internal {
-                        message: format!("reading the log: {e}"),
-                    }),
-                })?;
+        let ReadBatch { records, next } = tokio::task::spawn_blocking(move || {
+            read_parts(&stream_name, job, limit, max_bytes, raw)
+        })
+        .await
+        .map_err(|e| Rejection::Internal {
+            message: format!("read task failed: {e}"),
+        })?
+        .map_err(|e| match e {
+            ReadFail::Gone(partition, earliest) => ReadError::Gone {
+                partition,
+                earliest,
+            },
+            ReadFail::Io(e) => ReadError::Rejected(Rejection::Internal {
+                message: format!("reading the log: {e}"),
+            }),
+        })?;
         for (part, (_, o)) in parts.iter_mut().zip(&next) {
             part.pos = Pos::Offset(*o);
         }
@@ -180,6 +184,7 @@ fn read_parts(
     parts: Vec<(u32, PathBuf, Pos, Marks)>,
     limit: usize,
     max_bytes: usize,
+    raw: bool,
 ) -> Result<ReadBatch, ReadFail> {
     let mut records = Vec::new();
     let mut bytes = 0usize;
@@ -228,16 +233,30 @@ fn read_parts(
                 {
                     return Err(ReadFail::Gone(*p, rec.offset));
                 }
-                let json = serde_json::to_vec(&render(stream, *p, &rec, true))
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                if bytes + json.len() > max_bytes && !records.is_empty() {
+                let (json, fields, size) = if raw {
+                    let size = rec.value.len()
+                        + rec.key.as_ref().map_or(0, Vec::len)
+                        + rec
+                            .headers
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len())
+                            .sum::<usize>();
+                    (Bytes::new(), Some(Box::new(raw_of(&rec))), size)
+                } else {
+                    let json = serde_json::to_vec(&render(stream, *p, &rec, true))
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let size = json.len();
+                    (Bytes::from(json), None, size)
+                };
+                if bytes + size > max_bytes && !records.is_empty() {
                     return Ok(ReadBatch { records, next });
                 }
-                bytes += json.len();
+                bytes += size;
                 records.push(ReadRecord {
                     partition: *p,
                     offset: rec.offset,
-                    json: Bytes::from(json),
+                    json,
+                    raw: fields,
                 });
                 next[i].1 = rec.offset + 1;
                 taken += 1;
@@ -250,5 +269,43 @@ fn read_parts(
         if !progressed {
             return Ok(ReadBatch { records, next });
         }
+    }
+}
+
+/// A record's fields, with Sluice's own facts as headers after the event's (as the JSON shape
+/// has them).
+fn raw_of(r: &sluice_log::Record) -> RawRecord {
+    let mut headers: Vec<(Bytes, Bytes)> = r
+        .headers
+        .iter()
+        .map(|(k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
+        .collect();
+    headers.push((
+        Bytes::from_static(b"sluice-protocol"),
+        Bytes::copy_from_slice(&r.protocol),
+    ));
+    match r.principal.iter().position(|&b| b == 0x1f) {
+        Some(at) => {
+            headers.push((
+                Bytes::from_static(b"sluice-principal"),
+                Bytes::copy_from_slice(&r.principal[at + 1..]),
+            ));
+            headers.push((
+                Bytes::from_static(b"sluice-principal-source"),
+                Bytes::copy_from_slice(&r.principal[..at]),
+            ));
+        }
+        None => headers.push((
+            Bytes::from_static(b"sluice-principal"),
+            Bytes::copy_from_slice(&r.principal),
+        )),
+    }
+    RawRecord {
+        timestamp_ms: r.timestamp_ms,
+        key: r.key.as_deref().map(Bytes::copy_from_slice),
+        id: r.id.as_deref().map(Bytes::copy_from_slice),
+        headers,
+        value: Bytes::copy_from_slice(&r.value),
+        content_type: Bytes::copy_from_slice(&r.content_type),
     }
 }

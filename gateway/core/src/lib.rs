@@ -380,6 +380,8 @@ pub struct ReadRequest {
     pub max_bytes: usize,
     /// How long to wait for a record when there is none yet (long poll).
     pub wait: Duration,
+    /// Records as their fields ([`ReadRecord::raw`], for gRPC) instead of JSON.
+    pub raw: bool,
 }
 
 /// What a read found: each record as a JSON object (the shape of `sluice log read`), and where
@@ -390,12 +392,26 @@ pub struct ReadBatch {
     pub next: Vec<(u32, u64)>,
 }
 
-/// One record read: where it is, and the record as a JSON object.
+/// One record read: where it is, and the record as a JSON object (or, for a raw read, as its
+/// fields).
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
     pub partition: u32,
     pub offset: u64,
     pub json: Bytes,
+    pub raw: Option<Box<RawRecord>>,
+}
+
+/// A record's fields as stored.
+#[derive(Debug, Clone, Default)]
+pub struct RawRecord {
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub id: Option<Bytes>,
+    /// The event's headers, then Sluice's own (`sluice-protocol`, `sluice-principal`, …).
+    pub headers: Vec<(Bytes, Bytes)>,
+    pub value: Bytes,
+    pub content_type: Bytes,
 }
 
 /// Why a read was not answered with records.

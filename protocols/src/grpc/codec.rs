@@ -37,6 +37,8 @@ impl EventsField for pb::PublishStreamRequest {
 }
 impl EventsField for pb::PublishResponse {}
 impl EventsField for pb::PublishStreamResponse {}
+impl EventsField for pb::SubscribeRequest {}
+impl EventsField for pb::SubscribeResponse {}
 
 /// `Event.headers`.
 const HEADERS_FIELD: u32 = 3;

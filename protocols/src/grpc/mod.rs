@@ -10,7 +10,10 @@ use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use sluice_auth::Credentials;
-use sluice_core::{Event, Ingest, Principal, Protocol, Receipt, Rejection, StreamName};
+use sluice_core::{
+    Event, Ingest, Principal, Protocol, ReadBatch, ReadError, ReadFrom, ReadRequest, Receipt,
+    Rejection, StreamName,
+};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -67,10 +70,13 @@ pub async fn serve<I: Ingest>(
     let gauge = ingest.metrics().connections_of(PROTO);
     let limit = opts.max_message_bytes;
     let metrics_of_gate = Arc::new(ingest.metrics().clone());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let service = GrpcIngest {
         ingest,
         gate: opts.gate.clone(),
         max_batches_in_flight: opts.max_batches_in_flight,
+        max_message_bytes: limit,
+        stop,
     };
     let ingest_svc = IngestServer::new(service)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -83,6 +89,13 @@ pub async fn serve<I: Ingest>(
     // The drain's signal goes to the health reporter as well as to the connection loop.
     let shutdown = futures_util::FutureExt::shared(Box::pin(shutdown));
     let health = report_health(reporter, opts.ready.clone(), shutdown.clone());
+    let stopping = shutdown.clone();
+    let health = async move {
+        tokio::join!(health, async move {
+            stopping.await;
+            stop_tx.send_replace(true);
+        });
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -193,9 +206,14 @@ async fn report_health(
 /// The `sluice.v1.Ingest` implementation over an [`Ingest`] service.
 struct GrpcIngest<I> {
     ingest: Arc<I>,
-    /// Checks `PublishStream` principals again after reloads and at their expiry.
+    /// Checks `PublishStream` and `Subscribe` principals again after reloads and at their
+    /// expiry.
     gate: Gate,
     max_batches_in_flight: usize,
+    /// Largest message: a `Subscribe` response stays within it.
+    max_message_bytes: usize,
+    /// Set when the drain starts: `Subscribe` calls end (they would hold the drain).
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The principal of a `sluice.v1.Ingest` call, from its headers and the connection's client
@@ -215,7 +233,8 @@ async fn authenticate_call(
         client_cert: conn.client_cert.as_deref(),
     };
     let refused = |r: crate::gate::Refused| status_of(&r.rejection());
-    if req.uri().path().ends_with("/PublishStream") {
+    let path = req.uri().path();
+    if path.ends_with("/PublishStream") || path.ends_with("/Subscribe") {
         let (p, s) = gate
             .admit_session(PROTO, metrics, conn, creds)
             .await
@@ -319,6 +338,58 @@ fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::I
         _ => return None,
     };
     Some(tokio::time::Instant::now() + d)
+}
+
+/// A `Subscribe` response from a read's records.
+fn subscribe_response(batch: ReadBatch, cursor: String) -> pb::SubscribeResponse {
+    let records = batch
+        .records
+        .into_iter()
+        .filter_map(|r| {
+            let f = r.raw?;
+            Some(pb::Record {
+                partition: r.partition,
+                offset: r.offset,
+                timestamp_ms: f.timestamp_ms,
+                key: f.key,
+                id: f.id,
+                headers: f
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| pb::Header {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        value: v,
+                    })
+                    .collect(),
+                value: f.value,
+                content_type: String::from_utf8_lossy(&f.content_type).into_owned(),
+            })
+        })
+        .collect();
+    pb::SubscribeResponse { records, cursor }
+}
+
+/// The gRPC status of a failed read.
+fn read_status(e: ReadError) -> Status {
+    match e {
+        ReadError::Rejected(r) => status_of(&r),
+        ReadError::Forbidden(stream) => Status::permission_denied(format!(
+            "not allowed to consume stream `{stream}` (it needs a `consume` grant)"
+        )),
+        ReadError::NoStream(stream) => {
+            Status::not_found(format!("stream `{stream}` does not exist"))
+        }
+        ReadError::Gone {
+            partition,
+            earliest,
+        } => Status::out_of_range(format!(
+            "partition {partition} no longer holds that offset (retention deleted it); its earliest offset is {earliest}"
+        )),
+        ReadError::OutOfRange { partition, end } => Status::out_of_range(format!(
+            "partition {partition} ends at offset {end}: read from at most {end}"
+        )),
+        ReadError::Unsupported(m) => Status::unimplemented(m),
+    }
 }
 
 fn deadline_exceeded() -> Status {
@@ -513,6 +584,105 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
     }
 
     type PublishStreamStream = ReceiverStream<Result<pb::PublishStreamResponse, Status>>;
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<pb::SubscribeRequest>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, Status> {
+        let principal = principal_of(&request)?;
+        let mut auth = request
+            .extensions()
+            .get::<SessionAuth>()
+            .cloned()
+            .ok_or_else(|| Status::internal("the call was not authenticated"))?;
+        let req = request.into_inner();
+        let stream = StreamName::parse(&req.stream).map_err(|r| status_of(&r))?;
+        use pb::subscribe_request::From as F;
+        let from = match req.from {
+            None => ReadFrom::End,
+            Some(F::Start(_)) => ReadFrom::Start,
+            Some(F::Offset(o)) => ReadFrom::Offset(o),
+            Some(F::TimeMs(t)) => ReadFrom::Time(t),
+            Some(F::Cursor(c)) => ReadFrom::Cursor(
+                crate::http::read::parse_cursor(&c).map_err(Status::invalid_argument)?,
+            ),
+        };
+        let limit = match req.max_records {
+            0 => 256,
+            n => n as usize,
+        };
+        let read = ReadRequest {
+            stream,
+            partitions: (!req.partitions.is_empty()).then_some(req.partitions),
+            from,
+            limit,
+            // Record fields plus their framing stay within the message limit.
+            max_bytes: self.max_message_bytes / 2,
+            wait: Duration::ZERO,
+            raw: true,
+        };
+        let ingest = self.ingest.clone();
+        // What is wrong with the call (permission, stream, position) fails it before it
+        // streams anything.
+        let first = ingest
+            .read(&principal, read.clone())
+            .await
+            .map_err(read_status)?;
+        let (tx, rx) = mpsc::channel(2);
+        let (gate, mut stop) = (self.gate.clone(), self.stop.clone());
+        let gauge = ingest.metrics().connections_of("grpc_subscribe");
+        tokio::spawn(async move {
+            gauge.inc();
+            let mut batch = Some(first);
+            let mut send_empty = true;
+            let mut from = read.from.clone();
+            loop {
+                if let Some(mut b) = batch.take() {
+                    let cursor = crate::http::read::cursor_string(&b.next);
+                    from = ReadFrom::Cursor(std::mem::take(&mut b.next));
+                    let send = send_empty || !b.records.is_empty();
+                    if send && tx.send(Ok(subscribe_response(b, cursor))).await.is_err() {
+                        break; // the client cancelled
+                    }
+                    send_empty = false;
+                }
+                let next = ReadRequest {
+                    partitions: None,
+                    from: from.clone(),
+                    wait: Duration::from_secs(15),
+                    ..read.clone()
+                };
+                tokio::select! {
+                    r = ingest.read(&principal, next) => match r {
+                        Ok(b) => batch = Some(b),
+                        Err(e) => {
+                            let _ = tx.send(Err(read_status(e))).await;
+                            break;
+                        }
+                    },
+                    _ = tx.closed() => break,
+                    () = async { drop(stop.wait_for(|s| *s).await) } => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "the gateway is shutting down; subscribe again with the last cursor",
+                            )))
+                            .await;
+                        break;
+                    }
+                    // A reload or the credential's expiry: reading goes on only while the
+                    // principal stands with its grant.
+                    _ = auth.due() => if let Err(revoked) = gate.recheck(&mut auth).await {
+                        ingest.metrics().session_revoked(PROTO);
+                        let _ = tx.send(Err(Status::unauthenticated(revoked.to_string()))).await;
+                        break;
+                    },
+                }
+            }
+            gauge.dec();
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn publish_stream(
         &self,

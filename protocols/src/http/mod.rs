@@ -171,13 +171,30 @@ async fn tail<I: Ingest>(
         Ok(s) => s,
         Err(r) => return whole(&r),
     };
-    let principal = match authenticate(&req, &conn, &*ingest, ctx).await {
+    // A tail lasts: its principal is checked again after reloads and at its expiry, like a
+    // WebSocket session's.
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let creds = Credentials {
+        authorization: header(http::header::AUTHORIZATION.as_str()),
+        api_key: header(API_KEY_HEADER),
+        bearer: None,
+        client_cert: conn.client_cert.as_deref(),
+    };
+    let (principal, auth) = match ctx
+        .gate
+        .admit_session(PROTO, ingest.metrics(), &conn, creds)
+        .await
+    {
         Ok(p) => p,
         Err(refused) => return whole(&refused.rejection()),
     };
     read::subscribe(
         &req,
-        principal,
+        (principal, auth, ctx.gate.clone()),
         stream,
         ingest,
         &ctx.subscribers,

@@ -132,6 +132,7 @@ pub(super) fn request_of(stream: StreamName, q: Option<&str>) -> Result<ReadRequ
         limit,
         max_bytes,
         wait: Duration::from_millis(wait_ms),
+        raw: false,
     })
 }
 
@@ -335,7 +336,11 @@ fn sse_event(cursor: &str, json: &[u8]) -> Vec<u8> {
 /// id is the cursor after it, a heartbeat comment every 15 s without records.
 pub(super) async fn subscribe<I: Ingest>(
     req: &Request<Incoming>,
-    principal: sluice_core::Principal,
+    (principal, mut auth, gate): (
+        sluice_core::Principal,
+        crate::gate::SessionAuth,
+        crate::gate::Gate,
+    ),
     stream: StreamName,
     ingest: Arc<I>,
     subscribers: &Subscribers,
@@ -409,13 +414,15 @@ pub(super) async fn subscribe<I: Ingest>(
             // The cursor after each record, a valid place to resume: every partition where it
             // stood before the batch (its first record's offset, or where the batch left it
             // when it read none), moved past each record in turn.
+            // Taken, so that a loop without a new read (a re-check) sends nothing twice.
+            let records = std::mem::take(&mut batch.records);
             let mut at = batch.next.clone();
-            for r in batch.records.iter().rev() {
+            for r in records.iter().rev() {
                 if let Some(e) = at.iter_mut().find(|(p, _)| *p == r.partition) {
                     e.1 = r.offset;
                 }
             }
-            for r in &batch.records {
+            for r in &records {
                 match at.iter_mut().find(|(p, _)| *p == r.partition) {
                     Some(e) => e.1 = r.offset + 1,
                     None => at.push((r.partition, r.offset + 1)),
@@ -460,6 +467,14 @@ pub(super) async fn subscribe<I: Ingest>(
                 },
                 _ = tx.closed() => break,
                 () = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
+                // A reload or the credential's expiry: the tail goes on only while its
+                // principal stands with its grant.
+                _ = auth.due() => if let Err(revoked) = gate.recheck(&mut auth).await {
+                    ingest.metrics().session_revoked("http");
+                    let e = serde_json::json!({"error": {"code": "revoked", "message": revoked.to_string()}});
+                    let _ = tx.send(Bytes::from(format!("event: error\ndata: {e}\n\n"))).await;
+                    break;
+                },
             }
         }
         gauge.dec();
