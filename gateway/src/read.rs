@@ -190,22 +190,27 @@ fn read_parts(
     let mut bytes = 0usize;
     let mut readers = Vec::with_capacity(parts.len());
     let mut next = Vec::with_capacity(parts.len());
+    // A time becomes the offset of the first record at or after it (or the durable end when
+    // there is none yet), so that a partition the limit leaves unread still continues there.
+    let mut parts = parts;
+    for (_, dir, pos, m) in &mut parts {
+        if let Pos::Time(t) = *pos {
+            let first = PartitionReader::from_time(dir, t)?.next_record()?;
+            *pos = Pos::Offset(first.map_or(m.end, |r| r.offset.min(m.end)));
+        }
+    }
     for (p, dir, pos, m) in &parts {
         let reader = match pos {
             Pos::Offset(o) if *o >= m.end => None,
             Pos::Offset(o) => Some(PartitionReader::from_offset(dir, *o)?),
-            Pos::Time(t) => Some(PartitionReader::from_time(dir, *t)?),
+            Pos::Time(_) => unreachable!("resolved above"),
         };
         readers.push(reader);
-        // Where the partition continues if nothing is read from it: its position, or (by time,
-        // nothing at or after it yet) its durable end.
-        next.push((
-            *p,
-            match pos {
-                Pos::Offset(o) => *o,
-                Pos::Time(_) => m.end,
-            },
-        ));
+        // Where the partition continues if nothing is read from it: its position.
+        let Pos::Offset(o) = pos else {
+            unreachable!("resolved above")
+        };
+        next.push((*p, *o));
     }
     let share = (limit / parts.len().max(1)).max(1);
     loop {

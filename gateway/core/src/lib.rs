@@ -392,6 +392,21 @@ pub struct ReadBatch {
     pub next: Vec<(u32, u64)>,
 }
 
+impl ReadBatch {
+    /// Where each partition stood before this batch: a cursor from which a new read returns
+    /// these records again (a partition's first record here, or where the batch left it when it
+    /// read none of it).
+    pub fn before(&self) -> Vec<(u32, u64)> {
+        let mut at = self.next.clone();
+        for r in self.records.iter().rev() {
+            if let Some(e) = at.iter_mut().find(|(p, _)| *p == r.partition) {
+                e.1 = r.offset;
+            }
+        }
+        at
+    }
+}
+
 /// One record read: where it is, and the record as a JSON object (or, for a raw read, as its
 /// fields).
 #[derive(Debug, Clone)]

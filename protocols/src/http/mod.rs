@@ -5,6 +5,7 @@
 pub mod body;
 pub mod read;
 pub mod ws;
+mod ws_read;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -100,6 +101,15 @@ pub async fn serve<I: Ingest>(
                     let (resp, outcome) = ws::upgrade_mqtt(req, conn, ctx).await;
                     if outcome != "upgraded" {
                         ingest.metrics().request("mqtt", outcome);
+                    }
+                    return resp.map(read::Body::Left);
+                }
+                if let Some(stream) = ws_read::route(req.uri().path()) {
+                    let stream = stream.to_string();
+                    let (resp, outcome) =
+                        ws_read::upgrade(req, conn, &stream, ingest.clone(), ctx).await;
+                    if outcome != "upgraded" {
+                        ingest.metrics().request("http_read", outcome);
                     }
                     return resp.map(read::Body::Left);
                 }

@@ -215,7 +215,7 @@ fn render(batch: ReadBatch, ndjson: bool) -> Response<Full<Bytes>> {
     resp
 }
 
-fn error(e: ReadError) -> (Response<Full<Bytes>>, &'static str) {
+pub(super) fn error(e: ReadError) -> (Response<Full<Bytes>>, &'static str) {
     let json = |status: StatusCode, v: serde_json::Value| {
         let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
         *r.status_mut() = status;
@@ -320,6 +320,35 @@ pub(super) struct Subscribers {
     pub(super) heartbeat: Duration,
 }
 
+/// A live tail's places in its listener's limits, held while it lasts.
+pub(super) type Slots = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<crate::server::Slot<Arc<str>>>,
+);
+
+impl Subscribers {
+    /// Takes a live tail's places: 503 when the listener has its maximum open, 429 when the
+    /// principal has.
+    pub(super) fn take(&self, principal: &sluice_core::Principal) -> Result<Slots, Rejection> {
+        let Ok(total) = self.total.clone().try_acquire_owned() else {
+            return Err(Rejection::unavailable(
+                Duration::from_secs(1),
+                "the listener has its maximum of live tails open (http.max_subscribers)",
+            ));
+        };
+        let Ok(mine) = self.per_principal.take(principal.identity().clone()) else {
+            return Err(Rejection::OverQuota {
+                retry_after: Duration::from_secs(1),
+                message: format!(
+                    "principal `{}` has its maximum of live tails open (http.max_subscribers_per_principal)",
+                    principal.name()
+                ),
+            });
+        };
+        Ok((total, mine))
+    }
+}
+
 /// One SSE event: `id` the cursor after it, `data` the record.
 fn sse_event(cursor: &str, json: &[u8]) -> Vec<u8> {
     let mut e = Vec::with_capacity(json.len() + cursor.len() + 16);
@@ -372,22 +401,9 @@ pub(super) async fn subscribe<I: Ingest>(
         // A live tail starts at the end unless told otherwise.
         request.from = ReadFrom::End;
     }
-    let Ok(total) = subscribers.total.clone().try_acquire_owned() else {
-        let r = Rejection::unavailable(
-            Duration::from_secs(1),
-            "the listener has its maximum of live tails open (http.max_subscribers)",
-        );
-        return whole((rejection_response(&r), r.code()));
-    };
-    let Ok(mine) = subscribers.per_principal.take(principal.identity().clone()) else {
-        let r = Rejection::OverQuota {
-            retry_after: Duration::from_secs(1),
-            message: format!(
-                "principal `{}` has its maximum of live tails open (http.max_subscribers_per_principal)",
-                principal.name()
-            ),
-        };
-        return whole((rejection_response(&r), r.code()));
+    let (total, mine) = match subscribers.take(&principal) {
+        Ok(slots) => slots,
+        Err(r) => return whole((rejection_response(&r), r.code())),
     };
     // The first read answers what is wrong (permission, stream, position) as a status, before
     // the stream starts.
@@ -415,13 +431,8 @@ pub(super) async fn subscribe<I: Ingest>(
             // stood before the batch (its first record's offset, or where the batch left it
             // when it read none), moved past each record in turn.
             // Taken, so that a loop without a new read (a re-check) sends nothing twice.
+            let mut at = batch.before();
             let records = std::mem::take(&mut batch.records);
-            let mut at = batch.next.clone();
-            for r in records.iter().rev() {
-                if let Some(e) = at.iter_mut().find(|(p, _)| *p == r.partition) {
-                    e.1 = r.offset;
-                }
-            }
             for r in &records {
                 match at.iter_mut().find(|(p, _)| *p == r.partition) {
                     Some(e) => e.1 = r.offset + 1,

@@ -86,7 +86,9 @@ fn percent_decode(s: &str) -> String {
 /// Checks the upgrade request's method and WebSocket headers; the `Sec-WebSocket-Key`, or the
 /// HTTP error to answer.
 #[allow(clippy::result_large_err)] // built once per upgrade request, answered at once
-fn handshake(req: &Request<Incoming>) -> Result<String, (Response<Full<Bytes>>, &'static str)> {
+pub(super) fn handshake(
+    req: &Request<Incoming>,
+) -> Result<String, (Response<Full<Bytes>>, &'static str)> {
     let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if req.method() != http::Method::GET {
         return Err((
@@ -135,7 +137,7 @@ fn handshake(req: &Request<Incoming>) -> Result<String, (Response<Full<Bytes>>, 
 
 /// The `101 Switching Protocols` answer to `key`, naming `subprotocol` if the client offered
 /// any.
-fn switching(key: &str, subprotocol: Option<&'static str>) -> Response<Full<Bytes>> {
+pub(super) fn switching(key: &str, subprotocol: Option<&'static str>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = r.headers_mut();
@@ -153,7 +155,7 @@ fn switching(key: &str, subprotocol: Option<&'static str>) -> Response<Full<Byte
 }
 
 /// The subprotocols a client offers.
-fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
+pub(super) fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
     req.headers()
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -168,7 +170,7 @@ fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
 /// message carries MQTT bytes and the MQTT session authenticates the CONNECT as on TCP.
 /// The refusal of a WebSocket upgrade whose `Origin` is not in `websocket.allowed_origins`
 /// (when set; requests without `Origin` come from no browser and go on).
-fn origin_refused(
+pub(super) fn origin_refused(
     ctx: &Ctx,
     req: &Request<Incoming>,
 ) -> Option<(Response<Full<Bytes>>, &'static str)> {
@@ -380,7 +382,7 @@ struct Session<I> {
     opts: WsOptions,
 }
 
-fn close(code: CloseCode, reason: &str) -> Message {
+pub(super) fn close(code: CloseCode, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: reason.to_string().into(),

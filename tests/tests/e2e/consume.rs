@@ -625,3 +625,115 @@ async fn grpc_subscribe_streams_records_and_resumes_from_a_cursor() {
     let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"Subscribe") && has(b"SubscribeRequest") && has(b"SubscribeResponse"));
 }
+
+/// WebSocket subscribe with credit: never more records than granted, more after a grant, the
+/// cursor of each message resumes exactly there, errors before the upgrade are HTTP statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribe_sends_no_more_than_its_credit() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::connect_async;
+    use tokio_tungstenite::tungstenite::Message;
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config("")).unwrap();
+    let c = client(Duration::from_secs(20));
+    let events: Vec<Value> = (0..20)
+        .map(|n| json!({"key": format!("k{n}"), "value": {"n": n}}))
+        .collect();
+    publish(&c, &s, "orders", json!(events)).await;
+    let url = |q: &str| {
+        format!(
+            "ws://{}/v1/streams/orders/subscribe?api_key={READER}&{q}",
+            s.http
+        )
+    };
+    type Ws = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+    async fn message(ws: &mut Ws) -> Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("a message within 10 s")
+                .expect("socket open")
+                .expect("a frame");
+            match m {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let n_of = |m: &Value| -> Vec<i64> {
+        m["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"]["n"].as_i64().unwrap())
+            .collect()
+    };
+
+    // 7 records granted: exactly 7 arrive, then nothing until more credit.
+    let (mut ws, _) = connect_async(url("from=start&credit=7")).await.unwrap();
+    let mut got = Vec::new();
+    let mut cursor = String::new();
+    while got.len() < 7 {
+        let m = message(&mut ws).await;
+        got.extend(n_of(&m));
+        cursor = m["cursor"].as_str().unwrap().to_string();
+    }
+    assert_eq!(got.len(), 7, "{got:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
+    assert!(quiet.is_err(), "a record beyond the credit: {quiet:?}");
+    // A grant of 100 brings the other 13, and new records as they come.
+    ws.send(Message::text(r#"{"credit": 100}"#)).await.unwrap();
+    while got.len() < 20 {
+        got.extend(n_of(&message(&mut ws).await));
+    }
+    publish(&c, &s, "orders", json!([{"value": {"n": 20}}])).await;
+    assert_eq!(n_of(&message(&mut ws).await), vec![20]);
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..20).collect::<Vec<_>>());
+    // Anything but a credit grant closes the socket with a policy error.
+    ws.send(Message::text("hello")).await.unwrap();
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1008);
+
+    // Resuming from the cursor after the first 7: the other 14, nothing repeated.
+    let (mut ws, _) = connect_async(url(&format!("cursor={cursor}&credit=1000")))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    while rest.len() < 14 {
+        rest.extend(n_of(&message(&mut ws).await));
+    }
+    let mut all: Vec<i64> = got[..7].iter().chain(&rest).copied().collect();
+    all.sort();
+    assert_eq!(all, (0..21).collect::<Vec<_>>());
+
+    // Refusals are HTTP answers to the upgrade.
+    for (q, status) in [
+        (format!("api_key={WRITER}"), 403),
+        ("".to_string(), 401),
+        (format!("api_key={READER}&from_offset=999&partition=0"), 416),
+    ] {
+        let err = connect_async(format!("ws://{}/v1/streams/orders/subscribe?{q}", s.http))
+            .await
+            .unwrap_err();
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(r) => {
+                assert_eq!(r.status().as_u16(), status, "{q}")
+            }
+            other => panic!("{q}: {other:?}"),
+        }
+    }
+}
