@@ -15,6 +15,17 @@ pub enum QuotaPolicy {
     Delay,
 }
 
+/// What a quota rule limits: producing to streams (the default) or reading them.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaDirection {
+    #[default]
+    Produce,
+    /// Reads (docs/consume.md): `bytes_per_sec` counts the records as sent, `events_per_sec`
+    /// the records.
+    Consume,
+}
+
 /// Which bucket a quota rule counts against.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +83,9 @@ fn star() -> String {
 #[serde(deny_unknown_fields)]
 pub struct QuotaRule {
     pub scope: QuotaScope,
+    /// Producing (default) or reading.
+    #[serde(default)]
+    pub on: QuotaDirection,
     /// Glob pattern of the streams this rule applies to.
     #[serde(default = "star")]
     pub streams: String,

@@ -237,7 +237,34 @@ impl Ingest for Gateway {
         principal: &Principal,
         request: sluice_core::ReadRequest,
     ) -> Result<sluice_core::ReadBatch, sluice_core::ReadError> {
-        crate::read::read(&self.sink, principal, request).await
+        let stream = request.stream.clone();
+        let mut batch = crate::read::read(&self.sink, principal, request).await?;
+        // Read quotas (`on = "consume"` rules) count what is sent: the records that fit go,
+        // the rest waits for the reader's next read; none fitting is 429 with Retry-After.
+        let policy = self.policy.load();
+        if batch.records.is_empty() || !policy.quotas.limits_reads() {
+            return Ok(batch);
+        }
+        let sizes: Vec<usize> = batch.records.iter().map(|r| r.size).collect();
+        let v = policy.quotas.check_on(
+            sluice_config::QuotaDirection::Consume,
+            principal.name(),
+            principal.identity(),
+            stream.as_str(),
+            &sizes,
+        );
+        if v.admitted == 0 {
+            let scope = v.scope.map_or("", |s| s.as_str());
+            return Err(sluice_core::ReadError::Rejected(Rejection::OverQuota {
+                retry_after: crate::quota::hint(v.retry_after),
+                message: format!(
+                    "read quota exceeded ({scope} limit {}); retry after the hinted time",
+                    v.limit
+                ),
+            }));
+        }
+        batch.truncate(v.admitted);
+        Ok(batch)
     }
 
     fn admit(&self, principal: &Principal, stream: &StreamName) -> Result<Admission, Rejection> {

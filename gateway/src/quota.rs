@@ -20,7 +20,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
 use sluice_auth::glob_match;
-use sluice_config::{QuotaPolicy, QuotaRule, QuotaScope, QuotasConfig};
+use sluice_config::{QuotaDirection, QuotaPolicy, QuotaRule, QuotaScope, QuotasConfig};
 
 type Keyed<C> =
     RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
@@ -110,11 +110,19 @@ impl<C: Clock + Clone> Quotas<C> {
         self.rules.is_empty()
     }
 
+    /// Whether any rule limits reads.
+    pub fn limits_reads(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.cfg.on == QuotaDirection::Consume)
+    }
+
     /// For each scope, the first rule matching `stream` and `principal`, with its bucket key.
     /// Rules match the principal's `name`; buckets are keyed by its `identity` (source and name),
     /// so equal names from different authentication methods do not share a bucket.
     fn applicable<'a>(
         &'a self,
+        on: QuotaDirection,
         principal: &'a str,
         identity: &'a str,
         stream: &'a str,
@@ -128,6 +136,7 @@ impl<C: Clock + Clone> Quotas<C> {
         .filter_map(move |scope| {
             let rule = self.rules.iter().find(|r| {
                 r.cfg.scope == scope
+                    && r.cfg.on == on
                     && glob_match(&r.cfg.streams, stream)
                     && glob_match(&r.cfg.principals, principal)
             })?;
@@ -143,6 +152,18 @@ impl<C: Clock + Clone> Quotas<C> {
     /// Counts `sizes` (one entry per event, in bytes) against every applicable bucket and says
     /// how many events, from the front, fit.
     pub fn check(&self, principal: &str, identity: &str, stream: &str, sizes: &[usize]) -> Verdict {
+        self.check_on(QuotaDirection::Produce, principal, identity, stream, sizes)
+    }
+
+    /// [`Quotas::check`] for the rules of one direction (`consume`: reads, one size per record).
+    pub fn check_on(
+        &self,
+        on: QuotaDirection,
+        principal: &str,
+        identity: &str,
+        stream: &str,
+        sizes: &[usize],
+    ) -> Verdict {
         let mut v = Verdict {
             admitted: sizes.len(),
             retry_after: Duration::ZERO,
@@ -155,7 +176,7 @@ impl<C: Clock + Clone> Quotas<C> {
         for s in sizes {
             prefix.push(prefix.last().copied().unwrap_or(0) + *s as u64);
         }
-        for (rule, key) in self.applicable(principal, identity, stream) {
+        for (rule, key) in self.applicable(on, principal, identity, stream) {
             for (limiter, unit, per_sec) in [
                 (&rule.events, "events", rule.cfg.events_per_sec),
                 (&rule.bytes, "bytes", rule.cfg.bytes_per_sec),

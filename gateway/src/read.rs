@@ -260,6 +260,7 @@ fn read_parts(
                 records.push(ReadRecord {
                     partition: *p,
                     offset: rec.offset,
+                    size,
                     json,
                     raw: fields,
                 });

@@ -405,6 +405,21 @@ impl ReadBatch {
         }
         at
     }
+
+    /// Keeps the first `n` records, and `next` where they end.
+    pub fn truncate(&mut self, n: usize) {
+        if n >= self.records.len() {
+            return;
+        }
+        let mut at = self.before();
+        self.records.truncate(n);
+        for r in &self.records {
+            if let Some(e) = at.iter_mut().find(|(p, _)| *p == r.partition) {
+                e.1 = r.offset + 1;
+            }
+        }
+        self.next = at;
+    }
 }
 
 /// One record read: where it is, and the record as a JSON object (or, for a raw read, as its
@@ -413,6 +428,8 @@ impl ReadBatch {
 pub struct ReadRecord {
     pub partition: u32,
     pub offset: u64,
+    /// Its size as sent (the JSON's, or the raw fields'), for read quotas.
+    pub size: usize,
     pub json: Bytes,
     pub raw: Option<Box<RawRecord>>,
 }

@@ -654,7 +654,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                     ..read.clone()
                 };
                 tokio::select! {
-                    r = ingest.read(&principal, next) => match r {
+                    r = crate::http::read::read_paced(&*ingest, &principal, next) => match r {
                         Ok(b) => batch = Some(b),
                         Err(e) => {
                             let _ = tx.send(Err(read_status(e))).await;

@@ -459,7 +459,7 @@ pub(super) async fn subscribe<I: Ingest>(
                 ..request.clone()
             };
             tokio::select! {
-                r = ingest.read(&principal, next) => match r {
+                r = read_paced(&*ingest, &principal, next) => match r {
                     Ok(b) => batch = b,
                     Err(e) => {
                         // Said as an event, then the stream ends (retention overtook a slow
@@ -500,6 +500,39 @@ pub(super) async fn subscribe<I: Ingest>(
     // Reverse proxies (nginx) pass the events on at once.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     (resp, "ok")
+}
+
+/// A live tail's read: over its read quota it waits for the quota (up to the read's own wait)
+/// instead of failing, so a tail is paced to its quota the way producers are; past the wait it
+/// answers no records at the same position.
+pub(crate) async fn read_paced<I: Ingest>(
+    ingest: &I,
+    principal: &sluice_core::Principal,
+    req: ReadRequest,
+) -> Result<ReadBatch, ReadError> {
+    let deadline = tokio::time::Instant::now() + req.wait;
+    loop {
+        match ingest.read(principal, req.clone()).await {
+            Err(ReadError::Rejected(Rejection::OverQuota { retry_after, .. })) => {
+                let at = tokio::time::Instant::now() + retry_after;
+                let ReadFrom::Cursor(pos) = &req.from else {
+                    return Err(ReadError::Rejected(Rejection::OverQuota {
+                        retry_after,
+                        message: "read quota exceeded".into(),
+                    }));
+                };
+                if at > deadline {
+                    tokio::time::sleep_until(deadline).await;
+                    return Ok(ReadBatch {
+                        records: Vec::new(),
+                        next: pos.clone(),
+                    });
+                }
+                tokio::time::sleep_until(at).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -189,7 +189,7 @@ pub(super) async fn upgrade<I: Ingest>(
                     ingest.metrics().session_revoked(PROTO);
                     break close(CloseCode::Policy, &revoked.to_string());
                 },
-                r = ingest.read(&principal, read), if want > 0 => match r {
+                r = super::read::read_paced(&*ingest, &principal, read), if want > 0 => match r {
                     Ok(b) if b.records.is_empty() => pos = b.next,
                     Ok(b) => {
                         credit -= b.records.len() as u64;

@@ -737,3 +737,37 @@ async fn websocket_subscribe_sends_no_more_than_its_credit() {
         }
     }
 }
+
+/// A read quota (`on = "consume"`) paces readers with the producers' signal (429 and
+/// Retry-After) and leaves producing alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_quota_answers_what_fits_then_429() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rule = "[[quotas.rules]]\nscope = \"principal_stream\"\non = \"consume\"\nevents_per_sec = 1\nburst_events = 5\n";
+    let s = Sluice::start(&tmp.path().join("data"), &config(rule)).unwrap();
+    let c = client(Duration::from_secs(20));
+    let events: Vec<Value> = (0..20).map(|n| json!({"value": {"n": n}})).collect();
+    // 20 events in one request: the consume rule does not limit producing.
+    publish(&c, &s, "orders", json!(events)).await;
+    let a = read(&c, &s, "orders", "limit=100", READER).await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(a.body["records"].as_array().unwrap().len(), 5, "the burst");
+    let cursor = a.body["next"].as_str().unwrap().to_string();
+    let a = read(&c, &s, "orders", &format!("cursor={cursor}"), READER).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{a:?}");
+    assert!(a.retry_after.is_some(), "{a:?}");
+    // The cursor did not move past what was refused: the records come later, in order.
+    let later = sluice_tests::wait_until(Duration::from_secs(10), || async {
+        let a = read(
+            &c,
+            &s,
+            "orders",
+            &format!("cursor={cursor}&limit=1"),
+            READER,
+        )
+        .await;
+        a.status == StatusCode::OK && a.body["records"][0]["value"]["n"] == 5
+    })
+    .await;
+    assert!(later, "the sixth record never came");
+}
