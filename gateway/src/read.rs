@@ -46,13 +46,7 @@ pub(crate) async fn read(
     }
     let log = match sink {
         Sink::Embedded(log) => log,
-        Sink::Kafka(_) => {
-            return Err(ReadError::Unsupported(
-                "this gateway's log is Kafka: reading streams through the gateway is served \
-                 from the embedded log only for now; read the topic with a Kafka consumer"
-                    .into(),
-            ));
-        }
+        Sink::Kafka(kafka) => return kafka.read(req).await,
     };
     let Some(stream) = log.stream(name) else {
         return Err(ReadError::NoStream(name.to_string()));
@@ -280,7 +274,7 @@ fn read_parts(
 
 /// A record's fields, with Sluice's own facts as headers after the event's (as the JSON shape
 /// has them).
-fn raw_of(r: &sluice_log::Record) -> RawRecord {
+pub(crate) fn raw_of(r: &sluice_log::Record) -> RawRecord {
     let mut headers: Vec<(Bytes, Bytes)> = r
         .headers
         .iter()

@@ -28,6 +28,7 @@ use super::Held;
 
 mod metrics;
 mod produce;
+mod read;
 mod topics;
 
 use metrics::ErrorLabels;
@@ -82,6 +83,8 @@ struct Inner {
     problem: Mutex<String>,
     metrics: KafkaMetrics,
     stop: watch::Sender<bool>,
+    /// Consumers for the read side.
+    readers: Arc<read::Readers>,
 }
 
 /// Why the sink cannot take events now.
@@ -123,10 +126,19 @@ impl KafkaSink {
                 problem: Mutex::new("no broker has answered yet".into()),
                 metrics,
                 stop,
+                readers: Arc::new(read::Readers::new(cfg)),
             }),
         };
         tokio::spawn(sink.clone().probe());
         Ok(sink)
+    }
+
+    /// Reads a stream's topic (docs/consume.md); the caller checked the permission.
+    pub async fn read(
+        &self,
+        req: sluice_core::ReadRequest,
+    ) -> Result<sluice_core::ReadBatch, sluice_core::ReadError> {
+        self.inner.readers.read(req).await
     }
 
     /// Whether the brokers answer and the producer can take events; the reason if not.
