@@ -232,6 +232,10 @@ impl Gateway {
 }
 
 impl Ingest for Gateway {
+    fn streams(&self, principal: &Principal) -> Vec<sluice_core::StreamInfo> {
+        crate::read::streams(&self.sink, principal)
+    }
+
     async fn read(
         &self,
         principal: &Principal,

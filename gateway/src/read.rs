@@ -143,6 +143,38 @@ pub(crate) async fn read(
     }
 }
 
+/// The streams `principal` may read.
+pub(crate) fn streams(sink: &Sink, principal: &Principal) -> Vec<sluice_core::StreamInfo> {
+    match sink {
+        Sink::Embedded(log) => log
+            .stream_names()
+            .into_iter()
+            .filter(|n| principal.may_consume(n))
+            .filter_map(|name| {
+                let s = log.stream(&name)?;
+                let records = (0..s.partition_count())
+                    .filter_map(|p| s.marks(p).map(|m| m.borrow().end))
+                    .sum();
+                Some(sluice_core::StreamInfo {
+                    name,
+                    partitions: s.partition_count(),
+                    records: Some(records),
+                })
+            })
+            .collect(),
+        Sink::Kafka(k) => k
+            .streams()
+            .into_iter()
+            .filter(|(n, _)| principal.may_consume(n))
+            .map(|(name, partitions)| sluice_core::StreamInfo {
+                name,
+                partitions,
+                records: None,
+            })
+            .collect(),
+    }
+}
+
 /// A position older than retention or past the end is refused, naming the range.
 fn check(partition: u32, offset: u64, m: Marks) -> Result<(), ReadError> {
     if offset < m.start {

@@ -446,6 +446,16 @@ pub struct RawRecord {
     pub content_type: Bytes,
 }
 
+/// A stream a principal may read, for listings (the console page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub name: String,
+    pub partitions: u32,
+    /// Records ever written (the sum of the partitions' end offsets), when the log knows it
+    /// cheaply (the embedded log); a rate is its change over time.
+    pub records: Option<u64>,
+}
+
 /// Why a read was not answered with records.
 #[derive(Debug, Clone)]
 pub enum ReadError {
@@ -490,6 +500,12 @@ pub trait Ingest: Send + Sync + 'static {
 
     /// The in-flight budget adapters reserve from before they read a request's events.
     fn budget(&self) -> &Budget;
+
+    /// The streams `principal` may read (its `consume` grant), by name.
+    fn streams(&self, principal: &Principal) -> Vec<StreamInfo> {
+        let _ = principal;
+        Vec::new()
+    }
 
     /// Reads records of a stream for `principal` (who needs its `consume` permission).
     fn read(

@@ -188,10 +188,11 @@ async fn tail<I: Ingest>(
             .get(name)
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
+    let (key, token) = query_credentials(&req);
     let creds = Credentials {
         authorization: header(http::header::AUTHORIZATION.as_str()),
-        api_key: header(API_KEY_HEADER),
-        bearer: None,
+        api_key: header(API_KEY_HEADER).or(key.as_deref()),
+        bearer: token.as_deref(),
         client_cert: conn.client_cert.as_deref(),
     };
     let (principal, auth) = match ctx
@@ -220,6 +221,15 @@ async fn handle<I: Ingest>(
     ctx: &Ctx,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if req.method() == Method::GET && (path == "/console" || path == "/console/") {
+        ingest.metrics().request(PROTO, "ok");
+        return console();
+    }
+    if req.method() == Method::GET && path == "/v1/streams" {
+        let (resp, outcome) = list_streams(req, &conn, ingest, ctx).await;
+        ingest.metrics().request("http_read", outcome);
+        return resp;
+    }
     let Some(stream) = events_route(path) else {
         let message = format!("no route for {} {path}", req.method());
         return error_body(StatusCode::NOT_FOUND, "no_route", &message);
@@ -271,6 +281,92 @@ async fn handle<I: Ingest>(
     }
 }
 
+/// The principal of a read: from its headers, or (for EventSource, which cannot send headers)
+/// the `api_key` or `access_token` query parameter, as WebSocket upgrades take them.
+async fn authenticate_read<I: Ingest>(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    ingest: &I,
+    ctx: &Ctx,
+) -> Result<Principal, Refused> {
+    let (key, token) = query_credentials(req);
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let creds = Credentials {
+        authorization: header(http::header::AUTHORIZATION.as_str()),
+        api_key: header(API_KEY_HEADER).or(key.as_deref()),
+        bearer: token.as_deref(),
+        client_cert: conn.client_cert.as_deref(),
+    };
+    ctx.gate.admit(PROTO, ingest.metrics(), conn, creds).await
+}
+
+/// The `api_key` and `access_token` query parameters of a read.
+fn query_credentials(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
+    let q = req.uri().query();
+    (
+        ws::query_param(q, "api_key"),
+        ws::query_param(q, "access_token"),
+    )
+}
+
+/// `GET /v1/streams`: the streams the principal may read (docs/consume.md).
+async fn list_streams<I: Ingest>(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    ingest: &I,
+    ctx: &Ctx,
+) -> (Response<Full<Bytes>>, &'static str) {
+    let principal = match authenticate_read(&req, conn, ingest, ctx).await {
+        Ok(p) => p,
+        Err(refused) => {
+            let r = refused.rejection();
+            return (rejection_response(&r), r.code());
+        }
+    };
+    let streams: Vec<serde_json::Value> = ingest
+        .streams(&principal)
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "partitions": s.partitions,
+                "records": s.records,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "streams": streams }).to_string();
+    (json_response(StatusCode::OK, body), "ok")
+}
+
+/// The console page (docs/consume.md): static, no data of its own; what it shows comes from
+/// the read side with the credentials typed into it.
+fn console() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(
+        include_str!("console/index.html").as_bytes(),
+    )));
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    r
+}
+
 /// The request's principal, from its headers and the connection's client certificate.
 async fn authenticate<I: Ingest>(
     req: &Request<Incoming>,
@@ -304,7 +400,7 @@ async fn consume<I: Ingest>(
         Ok(s) => s,
         Err(r) => return (rejection_response(&r), r.code()),
     };
-    let principal = match authenticate(&req, conn, ingest, ctx).await {
+    let principal = match authenticate_read(&req, conn, ingest, ctx).await {
         Ok(p) => p,
         Err(refused) => {
             let r = refused.rejection();

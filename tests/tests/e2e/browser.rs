@@ -93,6 +93,48 @@ impl Driver {
         d
     }
 
+    /// A headless Chromium session with a profile of its own; its id.
+    async fn session(&self, profile: &Path) -> String {
+        let session = self
+            .call(
+                reqwest::Method::POST,
+                "/session",
+                Some(json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": "/usr/bin/chromium",
+                        "args": ["--headless", "--no-sandbox", "--disable-gpu",
+                                 "--disable-background-networking", "--disable-dev-shm-usage",
+                                 "--no-first-run", "--window-size=1000,900",
+                                 format!("--user-data-dir={}", profile.display())]
+                    }
+                }}})),
+            )
+            .await;
+        session["sessionId"].as_str().unwrap().to_string()
+    }
+
+    /// The text of the element `css` selects, in session `sid`.
+    async fn text_of(&self, sid: &str, css: &str) -> String {
+        let e = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/session/{sid}/element"),
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        let id = e[ELEMENT].as_str().unwrap();
+        self.call(
+            reqwest::Method::GET,
+            &format!("/session/{sid}/element/{id}/text"),
+            None,
+        )
+        .await
+        .as_str()
+        .unwrap()
+        .to_string()
+    }
+
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut r = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
@@ -123,23 +165,7 @@ async fn headless_chromium_sends_events_from_the_example_page() {
     );
 
     let d = Driver::start().await;
-    let profile = tmp.path().join("chromium-profile");
-    let session = d
-        .call(
-            reqwest::Method::POST,
-            "/session",
-            Some(json!({"capabilities": {"alwaysMatch": {
-                "browserName": "chrome",
-                "goog:chromeOptions": {
-                    "binary": "/usr/bin/chromium",
-                    "args": ["--headless", "--no-sandbox", "--disable-gpu",
-                             "--disable-background-networking", "--disable-dev-shm-usage",
-                             "--no-first-run", format!("--user-data-dir={}", profile.display())]
-                }
-            }}})),
-        )
-        .await;
-    let sid = session["sessionId"].as_str().unwrap().to_string();
+    let sid = d.session(&tmp.path().join("chromium-profile")).await;
     let at = |p: &str| format!("/session/{sid}{p}");
     d.call(
         reqwest::Method::POST,
@@ -228,4 +254,108 @@ async fn headless_chromium_sends_events_from_the_example_page() {
             .all(|e| e["headers"]["sluice-principal"] == "browser-user")
     );
     assert_eq!(log[1]["id"], "browser-2");
+}
+
+/// The console page (served by the gateway at /console) in headless Chromium: it lists the
+/// streams the key may read with their record counts, and shows one stream live over
+/// Server-Sent Events with a chart of events per second; the numbers on the page are checked
+/// against what the test published, and a screenshot is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_shows_a_stream_live_on_the_console_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (writer, reader) = ("shop.writer-secret-123", "board.reader-secret-456");
+    let toml = format!(
+        "[http.auth]\nallow_anonymous = false\n[streams.declare.orders]\npartitions = 2\n{}{}",
+        api_key_entry(writer, "shop", &["*"]),
+        api_key_entry(reader, "board", &[])
+            .replace("streams = []\n", "streams = []\nconsume = [\"orders\"]\n"),
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let c = sluice_tests::http::client(Duration::from_secs(20));
+    let publish = |n0: usize, n: usize| {
+        let events: Vec<Value> = (n0..n0 + n)
+            .map(|i| json!({"key": format!("k{i}"), "value": {"n": i}}))
+            .collect();
+        let c = c.clone();
+        let url = s.events_url("orders");
+        async move {
+            let r = c
+                .post(url)
+                .header("x-api-key", writer)
+                .json(&events)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // Six records before the page opens: the list counts them; the live view starts at the
+    // end, so it does not show them.
+    publish(0, 5).await;
+    publish(5, 1).await;
+
+    let d = Driver::start().await;
+    let sid = d.session(&tmp.path().join("chromium-profile")).await;
+    let page = format!("http://{}/console?api_key={reader}&stream=orders", s.http);
+    d.call(
+        reqwest::Method::POST,
+        &format!("/session/{sid}/url"),
+        Some(json!({"url": page})),
+    )
+    .await;
+    let listed = wait_until(Duration::from_secs(30), || async {
+        d.text_of(&sid, "#status").await == "connected"
+            && d.text_of(&sid, "#streams tbody").await.contains("orders")
+    })
+    .await;
+    assert!(listed, "status {:?}", d.text_of(&sid, "#status").await);
+
+    // 30 events in three requests while the page watches.
+    for i in 0..3 {
+        publish(100 + i * 10, 10).await;
+    }
+    let live = wait_until(Duration::from_secs(30), || async {
+        d.text_of(&sid, "#received").await == "30"
+    })
+    .await;
+    assert!(
+        live,
+        "received on the page: {}",
+        d.text_of(&sid, "#received").await
+    );
+    assert_eq!(d.text_of(&sid, "#chart-total").await, "30");
+    let shown = d.text_of(&sid, "#events").await;
+    assert_eq!(shown.lines().count(), 30, "{shown}");
+    assert!(shown.contains("{\"n\":129}"), "{shown}");
+    // The list: orders with its 2 partitions and all 36 records.
+    let counted = wait_until(Duration::from_secs(10), || async {
+        d.text_of(&sid, "#streams tbody")
+            .await
+            .contains("orders 2 36")
+    })
+    .await;
+    assert!(
+        counted,
+        "list: {:?}",
+        d.text_of(&sid, "#streams tbody").await
+    );
+
+    let shot = d
+        .call(
+            reqwest::Method::GET,
+            &format!("/session/{sid}/screenshot"),
+            None,
+        )
+        .await;
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().unwrap())
+        .unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let path = std::env::temp_dir().join("sluice-console.png");
+    std::fs::write(&path, &png).unwrap();
+    eprintln!("console screenshot: {}", path.display());
+    let _ = d
+        .call(reqwest::Method::DELETE, &format!("/session/{sid}"), None)
+        .await;
 }

@@ -133,6 +133,21 @@ impl KafkaSink {
         Ok(sink)
     }
 
+    /// The streams this gateway has produced to or looked up since start, with their
+    /// partition counts.
+    pub fn streams(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .inner
+            .topics
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.partition_count()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Reads a stream's topic (docs/consume.md); the caller checked the permission.
     pub async fn read(
         &self,
