@@ -58,6 +58,8 @@ pub struct Gateway {
     created_by: std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>,
     /// The window of recent keys that answers retries (streams with `dedup = true`).
     dedup: Arc<Dedup>,
+    /// Rendered records near the end of each stream, shared by its readers.
+    read_cache: crate::read::Caches,
 }
 
 impl Gateway {
@@ -84,6 +86,7 @@ impl Gateway {
             deadline: tokio::sync::watch::channel(false).0,
             created_by: Default::default(),
             dedup,
+            read_cache: crate::read::Caches::new(),
         }
     }
 
@@ -242,7 +245,7 @@ impl Ingest for Gateway {
         request: sluice_core::ReadRequest,
     ) -> Result<sluice_core::ReadBatch, sluice_core::ReadError> {
         let stream = request.stream.clone();
-        let mut batch = crate::read::read(&self.sink, principal, request).await?;
+        let mut batch = crate::read::read(&self.sink, &self.read_cache, principal, request).await?;
         // Read quotas (`on = "consume"` rules) count what is sent: the records that fit go,
         // the rest waits for the reader's next read; none fitting is 429 with Retry-After.
         let policy = self.policy.load();

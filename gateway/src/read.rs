@@ -1,7 +1,10 @@
 //! The read side of the embedded log (docs/consume.md): records of a stream by offset, time or
 //! cursor, only what is durable, with a long poll at the end.
 
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +40,7 @@ struct Part {
 
 pub(crate) async fn read(
     sink: &Sink,
+    caches: &Caches,
     principal: &Principal,
     req: ReadRequest,
 ) -> Result<ReadBatch, ReadError> {
@@ -106,8 +110,9 @@ pub(crate) async fn read(
             .collect();
         let raw = req.raw;
         let stream_name = name.to_string();
+        let cache = caches.of(name, count);
         let ReadBatch { records, next } = tokio::task::spawn_blocking(move || {
-            read_parts(&stream_name, job, limit, max_bytes, raw)
+            read_parts(&stream_name, job, limit, max_bytes, raw, Some(&cache))
         })
         .await
         .map_err(|e| Rejection::Internal {
@@ -203,18 +208,179 @@ impl From<std::io::Error> for ReadFail {
     }
 }
 
+/// Rendered records near the end of each partition, shared by every reader there: a hundred
+/// live tails of one stream render and read each record once, not a hundred times.
+pub(crate) struct Caches {
+    streams: Mutex<HashMap<String, Arc<StreamCache>>>,
+    /// Bytes held by every cache together, bounded by [`CACHE_BYTES`].
+    bytes: Arc<AtomicUsize>,
+}
+
+/// Records kept per partition (the newest).
+const CACHE_RECORDS: usize = 4096;
+/// Bytes kept by all caches together.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+pub(crate) struct StreamCache {
+    parts: Vec<PartCache>,
+    bytes: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct PartCache {
+    /// Consecutive offsets, oldest first.
+    recs: Mutex<VecDeque<(u64, Bytes)>>,
+    /// Held by the one reader rendering new records near the end; the others wait, then find
+    /// them here.
+    fill: Mutex<()>,
+}
+
+impl Caches {
+    pub(crate) fn new() -> Self {
+        Self {
+            streams: Mutex::default(),
+            bytes: Arc::default(),
+        }
+    }
+
+    fn of(&self, stream: &str, partitions: u32) -> Arc<StreamCache> {
+        let mut map = self.streams.lock().unwrap();
+        if let Some(c) = map.get(stream)
+            && c.parts.len() == partitions as usize
+        {
+            return c.clone();
+        }
+        let c = Arc::new(StreamCache {
+            parts: (0..partitions).map(|_| PartCache::default()).collect(),
+            bytes: self.bytes.clone(),
+        });
+        if let Some(old) = map.insert(stream.to_string(), c.clone()) {
+            let held: usize = old
+                .parts
+                .iter()
+                .flat_map(|p| {
+                    p.recs
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(_, b)| b.len())
+                        .collect::<Vec<_>>()
+                })
+                .sum();
+            self.bytes.fetch_sub(held, Ordering::Relaxed);
+        }
+        c
+    }
+}
+
+impl StreamCache {
+    /// The cached records of partition `p` from offset `from` on (consecutive; none when
+    /// `from` is not cached), below `end`.
+    fn take(&self, p: u32, from: u64, end: u64) -> VecDeque<(u64, Bytes)> {
+        let recs = self.parts[p as usize].recs.lock().unwrap();
+        let Some(&(first, _)) = recs.front() else {
+            return VecDeque::new();
+        };
+        if from < first {
+            return VecDeque::new();
+        }
+        recs.iter()
+            .skip((from - first) as usize)
+            .take_while(|(o, _)| *o < end)
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps a rendered record (after the newest kept one; a gap starts over).
+    fn insert(&self, p: u32, offset: u64, json: &Bytes) {
+        let mut recs = self.parts[p as usize].recs.lock().unwrap();
+        match recs.back() {
+            Some(&(last, _)) if offset <= last => return,
+            Some(&(last, _)) if offset != last + 1 => {
+                let held: usize = recs.iter().map(|(_, b)| b.len()).sum();
+                self.bytes.fetch_sub(held, Ordering::Relaxed);
+                recs.clear();
+            }
+            _ => {}
+        }
+        while recs.len() >= CACHE_RECORDS
+            || (!recs.is_empty() && self.bytes.load(Ordering::Relaxed) + json.len() > CACHE_BYTES)
+        {
+            if let Some((_, b)) = recs.pop_front() {
+                self.bytes.fetch_sub(b.len(), Ordering::Relaxed);
+            }
+        }
+        if self.bytes.load(Ordering::Relaxed) + json.len() > CACHE_BYTES {
+            return; // other streams hold the budget
+        }
+        self.bytes.fetch_add(json.len(), Ordering::Relaxed);
+        recs.push_back((offset, json.clone()));
+    }
+}
+
+/// Where one partition's next records come from: shared rendered records, then its files.
+struct Source<'c> {
+    cached: VecDeque<(u64, Bytes)>,
+    reader: Option<PartitionReader>,
+    /// Held while this read renders the records near the end that others will share.
+    _fill: Option<std::sync::MutexGuard<'c, ()>>,
+}
+
+enum Next {
+    Json(u64, Bytes),
+    Record(Box<sluice_log::Record>),
+}
+
+impl<'c> Source<'c> {
+    /// The next record of the partition at `at` (below `end`), from the cache when it is
+    /// there; `None` at the end.
+    fn next(
+        &mut self,
+        cache: Option<(&'c StreamCache, u32)>,
+        dir: &Path,
+        at: u64,
+        end: u64,
+    ) -> std::io::Result<Option<Next>> {
+        loop {
+            if let Some((o, b)) = self.cached.pop_front() {
+                return Ok(Some(Next::Json(o, b)));
+            }
+            if at >= end {
+                return Ok(None);
+            }
+            if self.reader.is_none() {
+                // Near the end, one reader renders and the others take what it rendered.
+                if let Some((c, p)) = cache
+                    && at + CACHE_RECORDS as u64 >= end
+                    && self._fill.is_none()
+                {
+                    self._fill = Some(c.parts[p as usize].fill.lock().unwrap());
+                    self.cached = c.take(p, at, end);
+                    if !self.cached.is_empty() {
+                        continue;
+                    }
+                }
+                self.reader = Some(PartitionReader::from_offset(dir, at)?);
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            return Ok(reader.next_record()?.map(|r| Next::Record(Box::new(r))));
+        }
+    }
+}
+
 /// Reads the partitions in rounds (a share of `limit` each per round, so one busy partition
-/// does not starve the others) up to each one's durable end.
+/// does not starve the others) up to each one's durable end; JSON reads near the end share
+/// rendered records through `cache`.
 fn read_parts(
     stream: &str,
     parts: Vec<(u32, PathBuf, Pos, Marks)>,
     limit: usize,
     max_bytes: usize,
     raw: bool,
+    cache: Option<&StreamCache>,
 ) -> Result<ReadBatch, ReadFail> {
     let mut records = Vec::new();
     let mut bytes = 0usize;
-    let mut readers = Vec::with_capacity(parts.len());
     let mut next = Vec::with_capacity(parts.len());
     // A time becomes the offset of the first record at or after it (or the durable end when
     // there is none yet), so that a partition the limit leaves unread still continues there.
@@ -225,72 +391,93 @@ fn read_parts(
             *pos = Pos::Offset(first.map_or(m.end, |r| r.offset.min(m.end)));
         }
     }
-    for (p, dir, pos, m) in &parts {
-        let reader = match pos {
-            Pos::Offset(o) if *o >= m.end => None,
-            Pos::Offset(o) => Some(PartitionReader::from_offset(dir, *o)?),
-            Pos::Time(_) => unreachable!("resolved above"),
-        };
-        readers.push(reader);
-        // Where the partition continues if nothing is read from it: its position.
+    let mut sources = Vec::with_capacity(parts.len());
+    for (p, _, pos, m) in &parts {
         let Pos::Offset(o) = pos else {
             unreachable!("resolved above")
         };
+        let cached = match cache {
+            Some(c) if !raw && *o < m.end => c.take(*p, *o, m.end),
+            _ => VecDeque::new(),
+        };
+        sources.push(Source {
+            cached,
+            reader: None,
+            _fill: None,
+        });
+        // Where the partition continues if nothing is read from it: its position.
         next.push((*p, *o));
     }
+    let mut done = vec![false; parts.len()];
     let share = (limit / parts.len().max(1)).max(1);
     loop {
         let mut progressed = false;
-        for (i, (p, _, pos, m)) in parts.iter().enumerate() {
-            let Some(reader) = readers[i].as_mut() else {
+        for (i, (p, dir, pos, m)) in parts.iter().enumerate() {
+            if done[i] {
                 continue;
-            };
+            }
+            let cache_here = cache.filter(|_| !raw).map(|c| (c, *p));
             let mut taken = 0;
             while taken < share && records.len() < limit && bytes < max_bytes {
-                let Some(rec) = reader.next_record()? else {
-                    readers[i] = None;
+                let Some(item) = sources[i].next(cache_here, dir, next[i].1, m.end)? else {
+                    done[i] = true;
                     break;
                 };
-                if rec.offset >= m.end {
-                    // Written, not durable yet.
-                    readers[i] = None;
-                    break;
-                }
+                let (offset, json, fields, size) = match item {
+                    Next::Json(o, b) => {
+                        let size = b.len();
+                        (o, b, None, size)
+                    }
+                    Next::Record(rec) => {
+                        if rec.offset >= m.end {
+                            // Written, not durable yet.
+                            done[i] = true;
+                            break;
+                        }
+                        if raw {
+                            let size = rec.value.len()
+                                + rec.key.as_ref().map_or(0, Vec::len)
+                                + rec
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| k.len() + v.len())
+                                    .sum::<usize>();
+                            (rec.offset, Bytes::new(), Some(Box::new(raw_of(&rec))), size)
+                        } else {
+                            let json = Bytes::from(
+                                serde_json::to_vec(&render(stream, *p, &rec, true))
+                                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+                            );
+                            if let Some((c, _)) = cache_here
+                                && rec.offset + CACHE_RECORDS as u64 >= m.end
+                            {
+                                c.insert(*p, rec.offset, &json);
+                            }
+                            let size = json.len();
+                            (rec.offset, json, None, size)
+                        }
+                    }
+                };
                 // Offsets are contiguous: a first record past the position means retention
                 // deleted the position after it was checked.
                 if let Pos::Offset(o) = pos
                     && next[i].1 == *o
-                    && rec.offset > *o
+                    && offset > *o
                 {
-                    return Err(ReadFail::Gone(*p, rec.offset));
+                    return Err(ReadFail::Gone(*p, offset));
                 }
-                let (json, fields, size) = if raw {
-                    let size = rec.value.len()
-                        + rec.key.as_ref().map_or(0, Vec::len)
-                        + rec
-                            .headers
-                            .iter()
-                            .map(|(k, v)| k.len() + v.len())
-                            .sum::<usize>();
-                    (Bytes::new(), Some(Box::new(raw_of(&rec))), size)
-                } else {
-                    let json = serde_json::to_vec(&render(stream, *p, &rec, true))
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    let size = json.len();
-                    (Bytes::from(json), None, size)
-                };
                 if bytes + size > max_bytes && !records.is_empty() {
                     return Ok(ReadBatch { records, next });
                 }
                 bytes += size;
                 records.push(ReadRecord {
                     partition: *p,
-                    offset: rec.offset,
+                    offset,
                     size,
                     json,
                     raw: fields,
                 });
-                next[i].1 = rec.offset + 1;
+                next[i].1 = offset + 1;
                 taken += 1;
                 progressed = true;
             }
@@ -339,5 +526,44 @@ pub(crate) fn raw_of(r: &sluice_log::Record) -> RawRecord {
         headers,
         value: Bytes::copy_from_slice(&r.value),
         content_type: Bytes::copy_from_slice(&r.content_type),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_keeps_consecutive_records_and_stays_bounded() {
+        let caches = Caches::new();
+        let c = caches.of("s", 2);
+        let b = |n: usize| Bytes::from(vec![b'x'; n]);
+        for o in 10..20 {
+            c.insert(0, o, &b(10));
+        }
+        // From a cached offset: the rest, below the end; before the first or elsewhere: none.
+        let got: Vec<u64> = c.take(0, 15, 18).iter().map(|(o, _)| *o).collect();
+        assert_eq!(got, vec![15, 16, 17]);
+        assert!(c.take(0, 9, 20).is_empty());
+        assert!(c.take(1, 10, 20).is_empty());
+        // Re-inserting is a no-op; a gap starts the partition's cache over.
+        c.insert(0, 12, &b(10));
+        assert_eq!(caches.bytes.load(Ordering::Relaxed), 100);
+        c.insert(0, 30, &b(10));
+        assert!(c.take(0, 19, 40).is_empty());
+        assert_eq!(c.take(0, 30, 40).len(), 1);
+        assert_eq!(caches.bytes.load(Ordering::Relaxed), 10);
+        // At most CACHE_RECORDS per partition, oldest out first.
+        for o in 31..31 + CACHE_RECORDS as u64 {
+            c.insert(0, o, &b(1));
+        }
+        assert_eq!(c.parts[0].recs.lock().unwrap().len(), CACHE_RECORDS);
+        assert!(c.take(0, 30, u64::MAX).is_empty(), "the oldest went first");
+        // The bytes of all caches stay within CACHE_BYTES.
+        let big = b(CACHE_BYTES / 3);
+        for o in 0..10 {
+            c.insert(1, o, &big);
+        }
+        assert!(caches.bytes.load(Ordering::Relaxed) <= CACHE_BYTES);
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod attack;
 mod mqtt;
+mod read;
 
 #[derive(Parser)]
 #[command(name = "sluice-loadtest", about = "Load generator for Sluice")]
@@ -51,6 +52,11 @@ enum Cmd {
     /// allocate far more than they cost to send: unauthenticated gRPC messages of empty events,
     /// bodies of millions of tiny events, events with thousands of empty headers.
     AttackRss(attack::AttackArgs),
+    /// The read side: a stream read back by cursor in batches (`GET .../events`).
+    ReadFetch(read::FetchArgs),
+    /// The read side: SSE subscribers of one stream while producers write at a target rate;
+    /// fan-out throughput and ack → receipt latency.
+    ReadTail(read::TailArgs),
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -293,6 +299,8 @@ fn main() -> Result<()> {
         Cmd::Grpc(a) => rt.block_on(grpc(a)),
         Cmd::Ws(a) => rt.block_on(ws(a)),
         Cmd::Mqtt(a) => rt.block_on(mqtt::run(a)),
+        Cmd::ReadFetch(a) => rt.block_on(read::fetch(a)),
+        Cmd::ReadTail(a) => rt.block_on(read::tail(a)),
         Cmd::AttackRss(a) => rt.block_on(attack::run(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
         Cmd::Token {
