@@ -55,6 +55,17 @@ impl Logs {
         }
     }
 
+    /// A JSON line for which `pred` holds among those read already, or else the next one:
+    /// for lines whose order against earlier waits is not fixed.
+    pub fn find_json(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let seen = self
+            .seen
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| pred(v));
+        seen.or_else(|| self.wait_for_json(timeout, pred))
+    }
+
     /// The next line that is JSON (`log_format = "json"`) and for which `pred` holds.
     pub fn wait_for_json(
         &mut self,
