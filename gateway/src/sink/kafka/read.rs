@@ -5,6 +5,8 @@
 //! (the producer's `acks=all`), so a reader never sees an event a broker failure could take
 //! back. Records are rendered in the embedded log's shape.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
@@ -28,7 +30,26 @@ const META_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Readers {
     config: ClientConfig,
     topic: String,
+    /// Consumers left where their read ended, to continue exactly there.
+    idle: Mutex<VecDeque<Parked>>,
 }
+
+/// A consumer whose last read ended cleanly at `next` (every record it polled was returned),
+/// so what it has prefetched is exactly what comes next: a read that continues from `next` —
+/// a tail, a reader paging by cursor — goes on polling it without a new assignment, broker
+/// round trip or connection. Any other read gets a new consumer: a reused one could still
+/// deliver what it fetched for an earlier assignment (another topic's partition of the same
+/// number, or offsets past a gap), which must never pass for the read's own records.
+struct Parked {
+    topic: String,
+    next: Vec<(u32, u64)>,
+    /// Which partitions the fetch had reported at their end.
+    eof: Vec<bool>,
+    consumer: BaseConsumer,
+}
+
+/// Parked consumers kept at most (the oldest is closed first).
+const PARKED: usize = 64;
 
 impl Readers {
     pub fn new(cfg: &KafkaConfig) -> Self {
@@ -61,13 +82,29 @@ impl Readers {
         Self {
             config,
             topic: cfg.topic.clone(),
+            idle: Mutex::new(VecDeque::new()),
         }
     }
 
-    /// A consumer of its own for one read: a reused one may still deliver what it fetched for
-    /// an earlier assignment (another topic's partition of the same number, or offsets past a
-    /// gap), which a read must never mistake for its own records.
-    fn take(&self) -> Result<BaseConsumer, ReadError> {
+    /// A parked consumer that stopped exactly at `next` of `topic`.
+    fn continuing(&self, topic: &str, next: &[(u32, u64)]) -> Option<Parked> {
+        let mut idle = self.idle.lock().unwrap();
+        let i = idle
+            .iter()
+            .position(|p| p.topic == topic && p.next == next)?;
+        idle.remove(i)
+    }
+
+    fn park(&self, parked: Parked) {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() >= PARKED {
+            idle.pop_front();
+        }
+        idle.push_back(parked);
+    }
+
+    /// A new consumer, for a read that does not continue a parked one.
+    fn create(&self) -> Result<BaseConsumer, ReadError> {
         self.config.create().map_err(|e| {
             ReadError::Rejected(Rejection::Internal {
                 message: format!("Kafka consumer: {e}"),
@@ -107,8 +144,29 @@ impl Readers {
         }
         let _cancel = Cancel(cancelled.clone());
         tokio::task::spawn_blocking(move || {
-            let consumer = this.take()?;
-            this.read_blocking(&consumer, &req, &cancelled)
+            let topic = topic_name(&this.topic, req.stream.as_str());
+            let parked = match (&req.from, &req.partitions) {
+                (ReadFrom::Cursor(c), None) => this.continuing(&topic, c),
+                _ => None,
+            };
+            let (consumer, start) = match parked {
+                Some(p) => {
+                    let parts = p.next.iter().map(|(q, o)| (*q, *o, *o)).collect();
+                    (p.consumer, Start::Continue(parts, p.eof))
+                }
+                None => (this.create()?, Start::Fresh),
+            };
+            let (result, eof, clean) =
+                this.read_blocking(&consumer, &topic, &req, &cancelled, start);
+            if let (Ok(batch), true) = (&result, clean) {
+                this.park(Parked {
+                    topic,
+                    next: batch.next.clone(),
+                    eof,
+                    consumer,
+                });
+            }
+            result
         })
         .await
         .map_err(|e| {
@@ -118,14 +176,39 @@ impl Readers {
         })?
     }
 
+    /// Reads on `consumer`: positioned and assigned first unless it continues where it was.
+    /// Also answers which partitions it left at their end, and whether it stopped cleanly
+    /// (every record it polled returned, so it may be parked to continue).
     fn read_blocking(
         &self,
         consumer: &BaseConsumer,
+        topic: &str,
         req: &ReadRequest,
         cancelled: &AtomicBool,
-    ) -> Result<ReadBatch, ReadError> {
+        start: Start,
+    ) -> (Result<ReadBatch, ReadError>, Vec<bool>, bool) {
+        let (parts, eof) = match start {
+            Start::Continue(parts, eof) => (parts, eof),
+            Start::Fresh => match self.position(consumer, topic, req) {
+                Ok(parts) => {
+                    let n = parts.len();
+                    (parts, vec![false; n])
+                }
+                Err(e) => return (Err(e), Vec::new(), false),
+            },
+        };
+        self.poll_records(consumer, topic, req, cancelled, parts, eof)
+    }
+
+    /// Where a fresh read starts in each partition (checked against the watermarks), with
+    /// the consumer assigned there: (partition, position, high watermark).
+    fn position(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        req: &ReadRequest,
+    ) -> Result<Vec<(u32, u64, u64)>, ReadError> {
         let stream = req.stream.as_str();
-        let topic = topic_name(&self.topic, stream);
         let unavailable = |e: String| {
             ReadError::Rejected(Rejection::unavailable(
                 Duration::from_secs(1),
@@ -133,7 +216,7 @@ impl Readers {
             ))
         };
         let md = consumer
-            .fetch_metadata(Some(&topic), META_TIMEOUT)
+            .fetch_metadata(Some(topic), META_TIMEOUT)
             .map_err(|e| unavailable(e.to_string()))?;
         let count = md
             .topics()
@@ -162,7 +245,7 @@ impl Readers {
                 }));
             }
             let (low, high) = consumer
-                .fetch_watermarks(&topic, p as i32, META_TIMEOUT)
+                .fetch_watermarks(topic, p as i32, META_TIMEOUT)
                 .map_err(|e| unavailable(e.to_string()))?;
             let (low, high) = (low.max(0) as u64, high.max(0) as u64);
             let pos = match &req.from {
@@ -172,7 +255,7 @@ impl Readers {
                 ReadFrom::Cursor(c) => c.iter().find(|(q, _)| *q == p).map_or(low, |(_, o)| *o),
                 ReadFrom::Time(t) => {
                     let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition_offset(&topic, p as i32, Offset::Offset(*t))
+                    tpl.add_partition_offset(topic, p as i32, Offset::Offset(*t))
                         .map_err(|e| unavailable(e.to_string()))?;
                     let found = consumer
                         .offsets_for_times(tpl, META_TIMEOUT)
@@ -201,16 +284,36 @@ impl Readers {
             }
             parts.push((p, pos, high));
         }
-        let mut next: Vec<(u32, u64)> = parts.iter().map(|(p, pos, _)| (*p, *pos)).collect();
-        let mut eof = vec![false; parts.len()];
         let mut tpl = TopicPartitionList::new();
         for (p, pos, _) in &parts {
-            tpl.add_partition_offset(&topic, *p as i32, Offset::Offset(*pos as i64))
+            tpl.add_partition_offset(topic, *p as i32, Offset::Offset(*pos as i64))
                 .map_err(|e| unavailable(e.to_string()))?;
         }
         consumer
             .assign(&tpl)
             .map_err(|e| unavailable(e.to_string()))?;
+        Ok(parts)
+    }
+
+    /// Polls the records of `parts` from their positions, up to the read's limits.
+    fn poll_records(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        req: &ReadRequest,
+        cancelled: &AtomicBool,
+        parts: Vec<(u32, u64, u64)>,
+        mut eof: Vec<bool>,
+    ) -> (Result<ReadBatch, ReadError>, Vec<bool>, bool) {
+        let stream = req.stream.as_str();
+        let unavailable = |e: String| {
+            ReadError::Rejected(Rejection::unavailable(
+                Duration::from_secs(1),
+                format!("Kafka cannot be read now: {e}"),
+            ))
+        };
+        let mut next: Vec<(u32, u64)> = parts.iter().map(|(p, pos, _)| (*p, *pos)).collect();
+        let mut clean = true;
         let limit = req.limit.max(1);
         let start = Instant::now();
         let deadline = start + req.wait;
@@ -220,10 +323,11 @@ impl Readers {
         let mut records = Vec::new();
         let mut bytes = 0usize;
         loop {
-            if records.len() >= limit
-                || bytes >= req.max_bytes
-                || cancelled.load(AtomicOrdering::Relaxed)
-            {
+            if cancelled.load(AtomicOrdering::Relaxed) {
+                clean = false;
+                break;
+            }
+            if records.len() >= limit || bytes >= req.max_bytes {
                 break;
             }
             // Every partition read to its end (the fetch said so).
@@ -250,16 +354,18 @@ impl Readers {
                         .map(|(p, _, high)| (*p, *high))
                         .next()
                         .unwrap_or((0, 0));
-                    return Err(ReadError::OutOfRange { partition: p, end });
+                    return (Err(ReadError::OutOfRange { partition: p, end }), eof, false);
                 }
-                Err(e) => return Err(unavailable(e.to_string())),
+                Err(e) => return (Err(unavailable(e.to_string())), eof, false),
             };
             if m.topic() != topic {
+                clean = false;
                 continue;
             }
             let p = m.partition() as u32;
             let offset = m.offset().max(0) as u64;
             let Some(i) = next.iter().position(|(q, _)| *q == p) else {
+                clean = false;
                 continue;
             };
             eof[i] = false;
@@ -272,12 +378,17 @@ impl Readers {
                 let size = rec.value.len() + rec.key.as_ref().map_or(0, Vec::len);
                 (Bytes::new(), Some(Box::new(raw_of(&rec))), size)
             } else {
-                let json = serde_json::to_vec(&render(stream, p, &rec, true))
-                    .map_err(|e| unavailable(e.to_string()))?;
-                let size = json.len();
-                (Bytes::from(json), None, size)
+                match serde_json::to_vec(&render(stream, p, &rec, true)) {
+                    Ok(json) => {
+                        let size = json.len();
+                        (Bytes::from(json), None, size)
+                    }
+                    Err(e) => return (Err(unavailable(e.to_string())), eof, false),
+                }
             };
             if bytes + size > req.max_bytes && !records.is_empty() {
+                // Polled and not returned: this consumer cannot continue from `next`.
+                clean = false;
                 break;
             }
             bytes += size;
@@ -290,8 +401,14 @@ impl Readers {
                 raw,
             });
         }
-        Ok(ReadBatch { records, next })
+        (Ok(ReadBatch { records, next }), eof, clean)
     }
+}
+
+/// How a read's consumer starts: positioned and assigned, or where a parked one was.
+enum Start {
+    Fresh,
+    Continue(Vec<(u32, u64, u64)>, Vec<bool>),
 }
 
 /// Whether a consumer error says the position is outside the partition's log.
