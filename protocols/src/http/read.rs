@@ -84,7 +84,16 @@ pub(super) fn request_of(stream: StreamName, q: Option<&str>) -> Result<ReadRequ
                         .parse::<u32>()
                         .map_err(|_| malformed(format!("`partition` must list numbers, not `{v}`")))
                 })
-                .collect::<Result<Vec<_>, _>>()?,
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|ps| {
+                    let mut seen = std::collections::HashSet::new();
+                    if ps.len() > 4096 || !ps.iter().all(|p| seen.insert(*p)) {
+                        return Err(malformed(
+                            "`partition` lists each partition once, 4096 at most",
+                        ));
+                    }
+                    Ok(ps)
+                })?,
         ),
     };
     let from_offset: Option<u64> = number(q, "from_offset")?;
@@ -577,6 +586,7 @@ mod tests {
             "from=middle",
             "from_time=yesterday",
             "partition=a",
+            "partition=1,1",
         ] {
             assert!(request_of(s(), Some(bad)).is_err(), "{bad}");
         }

@@ -154,6 +154,62 @@ pub(super) fn switching(key: &str, subprotocol: Option<&'static str>) -> Respons
     r
 }
 
+/// What a WebSocket upgrade (ingest or subscribe) may carry as credentials besides headers:
+/// browsers cannot set headers on a WebSocket, so a token may come as the `bearer.<token>`
+/// subprotocol or the `access_token` query parameter, and a key as `api_key`. A client that
+/// offers subprotocols must offer `sluice.v1`.
+pub(super) struct UpgradeCredentials {
+    pub(super) offered: Vec<String>,
+    token: Option<String>,
+    key: Option<String>,
+}
+
+impl UpgradeCredentials {
+    #[allow(clippy::result_large_err)] // built once per upgrade request, answered at once
+    pub(super) fn of(
+        req: &Request<Incoming>,
+    ) -> Result<Self, (Response<Full<Bytes>>, &'static str)> {
+        let offered = offered_subprotocols(req);
+        if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
+            return Err((
+                error_body(
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    "offer the subprotocol `sluice.v1` (with `bearer.<token>` for credentials)",
+                ),
+                "malformed",
+            ));
+        }
+        let query = req.uri().query();
+        let token = offered
+            .iter()
+            .find_map(|p| p.strip_prefix("bearer."))
+            .map(str::to_string)
+            .or_else(|| query_param(query, "access_token"));
+        let key = query_param(query, "api_key");
+        Ok(Self {
+            offered,
+            token,
+            key,
+        })
+    }
+
+    /// The request's credentials: headers first, then these.
+    pub(super) fn credentials<'a>(
+        &'a self,
+        req: &'a Request<Incoming>,
+        conn: &'a ConnInfo,
+    ) -> Credentials<'a> {
+        let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        Credentials {
+            authorization: h(http::header::AUTHORIZATION.as_str()),
+            api_key: h(API_KEY_HEADER).or(self.key.as_deref()),
+            bearer: self.token.as_deref(),
+            client_cert: conn.client_cert.as_deref(),
+        }
+    }
+}
+
 /// The subprotocols a client offers.
 pub(super) fn offered_subprotocols(req: &Request<Incoming>) -> Vec<String> {
     req.headers()
@@ -277,39 +333,23 @@ pub(super) async fn upgrade<I: Ingest>(
     if let Some(refused) = origin_refused(&ctx, &req) {
         return refused;
     }
-    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    // Subprotocols: `sluice.v1`, and optionally `bearer.<token>` (browsers cannot set headers).
-    let offered = offered_subprotocols(&req);
-    if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
-        return (
-            error_body(
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "offer the subprotocol `sluice.v1` (with `bearer.<token>` for credentials)",
-            ),
-            "malformed",
-        );
-    }
-    let sub_token = offered
-        .iter()
-        .find_map(|p| p.strip_prefix("bearer."))
-        .map(str::to_string);
-    let query = req.uri().query();
-    let query_token = query_param(query, "access_token");
-    let query_key = query_param(query, "api_key");
+    let upgrade_creds = match UpgradeCredentials::of(&req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let offered = upgrade_creds.offered.clone();
     let stream = match stream.as_deref().map(StreamName::parse).transpose() {
         Ok(s) => s,
         Err(r) => return (rejection_response(&r), r.code()),
     };
-    let creds = Credentials {
-        authorization: h(http::header::AUTHORIZATION.as_str()),
-        api_key: h(API_KEY_HEADER).or(query_key.as_deref()),
-        bearer: sub_token.as_deref().or(query_token.as_deref()),
-        client_cert: conn.client_cert.as_deref(),
-    };
     let (principal, auth) = match ctx
         .gate
-        .admit_session(PROTO, ingest.metrics(), &conn, creds)
+        .admit_session(
+            PROTO,
+            ingest.metrics(),
+            &conn,
+            upgrade_creds.credentials(&req, &conn),
+        )
         .await
     {
         Ok(p) => p,

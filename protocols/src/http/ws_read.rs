@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use sluice_auth::Credentials;
 use sluice_core::{Ingest, ReadFrom, ReadRequest, Rejection, StreamName};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -22,9 +21,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::read::{cursor_string, error, request_of};
 use super::ws::{
-    SUBPROTOCOL, close, handshake, offered_subprotocols, origin_refused, query_param, switching,
+    SUBPROTOCOL, UpgradeCredentials, close, handshake, origin_refused, query_param, switching,
 };
-use super::{API_KEY_HEADER, Ctx, error_body, rejection_response};
+use super::{Ctx, rejection_response};
 use crate::server::ConnInfo;
 
 const PROTO: &str = "websocket";
@@ -59,17 +58,11 @@ pub(super) async fn upgrade<I: Ingest>(
     if let Some(refused) = origin_refused(&ctx, &req) {
         return refused;
     }
-    let offered = offered_subprotocols(&req);
-    if !offered.is_empty() && !offered.iter().any(|p| p == SUBPROTOCOL) {
-        return (
-            error_body(
-                StatusCode::BAD_REQUEST,
-                "malformed",
-                "offer the subprotocol `sluice.v1` (with `bearer.<token>` for credentials)",
-            ),
-            "malformed",
-        );
-    }
+    let upgrade_creds = match UpgradeCredentials::of(&req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let offered = upgrade_creds.offered.clone();
     let query = req.uri().query();
     let stream = match StreamName::parse(stream) {
         Ok(s) => s,
@@ -95,22 +88,14 @@ pub(super) async fn upgrade<I: Ingest>(
             return (rejection_response(&r), r.code());
         }
     };
-    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let sub_token = offered
-        .iter()
-        .find_map(|p| p.strip_prefix("bearer."))
-        .map(str::to_string);
-    let query_token = query_param(query, "access_token");
-    let query_key = query_param(query, "api_key");
-    let creds = Credentials {
-        authorization: h(http::header::AUTHORIZATION.as_str()),
-        api_key: h(API_KEY_HEADER).or(query_key.as_deref()),
-        bearer: sub_token.as_deref().or(query_token.as_deref()),
-        client_cert: conn.client_cert.as_deref(),
-    };
     let (principal, mut auth) = match ctx
         .gate
-        .admit_session(PROTO, ingest.metrics(), &conn, creds)
+        .admit_session(
+            PROTO,
+            ingest.metrics(),
+            &conn,
+            upgrade_creds.credentials(&req, &conn),
+        )
         .await
     {
         Ok(p) => p,
@@ -190,7 +175,13 @@ pub(super) async fn upgrade<I: Ingest>(
                     break close(CloseCode::Policy, &revoked.to_string());
                 },
                 r = super::read::read_paced(&*ingest, &principal, read), if want > 0 => match r {
-                    Ok(b) if b.records.is_empty() => pos = b.next,
+                    Ok(b) if b.records.is_empty() => {
+                        pos = b.next;
+                        // Nothing for a while: a ping, so a peer that vanished is noticed.
+                        if sink.send(Message::Ping(Default::default())).await.is_err() {
+                            return gauge.dec();
+                        }
+                    }
                     Ok(b) => {
                         credit -= b.records.len() as u64;
                         let mut out = BytesMut::new();
