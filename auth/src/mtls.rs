@@ -95,3 +95,28 @@ impl MtlsMapper {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rule's `streams` grant producing and its `consume` grant reading, apart.
+    #[test]
+    fn a_rule_grants_producing_and_reading_apart() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["meter-7.devices.test".to_string()]).unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let mapper = MtlsMapper::new(&[MtlsRule {
+            field: CertField::SanDns,
+            pattern: "*.devices.test".into(),
+            principal: Some("device:{value}".into()),
+            streams: vec!["telemetry".into()],
+            consume: vec!["commands".into()],
+        }]);
+        let p = mapper.map(&der).unwrap();
+        assert_eq!(p.name(), "device:meter-7.devices.test");
+        assert!(p.may_produce_to("telemetry") && !p.may_produce_to("commands"));
+        assert!(p.may_consume("commands") && !p.may_consume("telemetry"));
+    }
+}
