@@ -886,3 +886,53 @@ async fn reads_work_the_same_with_kafka_as_the_log_and_cursors_move_between_gate
     }
     assert_eq!(n, 13);
 }
+
+/// An attacker's tails: thirty SSE subscribers that never read what they are sent. Each holds
+/// at most one read in the gateway (its socket fills, its tail waits), so the gateway's memory
+/// stays bounded while far more is written than they would buffer, and a subscriber that does
+/// read still gets every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_never_read_hold_the_gateway_to_bounded_memory() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = "[http]\nmax_subscribers_per_principal = 100\n";
+    let s = Sluice::start(&tmp.path().join("data"), &config(extra)).unwrap();
+    let c = client(Duration::from_secs(60));
+    let rss_kib = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    publish(&c, &s, "orders", json!([{"value": {"n": -1}}])).await;
+    let mut stuck = Vec::new();
+    for _ in 0..30 {
+        let mut sock = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        let req = format!(
+            "GET /v1/streams/orders/events?from=start HTTP/1.1\r\nhost: x\r\nx-api-key: {READER}\r\naccept: text/event-stream\r\n\r\n"
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        stuck.push(sock); // never read
+    }
+    let mut reader = Sse::open(&c, &s.events_url("orders"), READER, None).await;
+    let before = rss_kib(s.pid());
+    // 200 requests of 100 events of ~1 KiB: 20 MB written, 600 MB if every stuck tail buffered it.
+    let pad = "p".repeat(1000);
+    for batch in 0..200 {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"value": {"n": batch * 100 + i, "pad": pad}}))
+            .collect();
+        publish(&c, &s, "orders", json!(events)).await;
+    }
+    let got = reader.records(20_000).await;
+    assert_eq!(got.len(), 20_000, "the reading subscriber got every event");
+    let grown_mib = rss_kib(s.pid()).saturating_sub(before) / 1024;
+    // The shared cache of rendered records is bounded by 64 MiB; each stuck tail by one read.
+    assert!(
+        grown_mib < 128,
+        "the gateway grew by {grown_mib} MiB with 30 tails not reading"
+    );
+    drop(stuck);
+}
