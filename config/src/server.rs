@@ -62,6 +62,8 @@ pub struct HttpConfig {
     pub max_subscribers_per_principal: usize,
     /// A live tail without records sends a heartbeat comment this often.
     pub sse_heartbeat_ms: u64,
+    /// Cross-origin requests from web pages (CORS); off while `allowed_origins` is empty.
+    pub cors: CorsConfig,
     /// TLS for this listener; plain TCP when absent.
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
@@ -83,10 +85,79 @@ impl Default for HttpConfig {
             max_subscribers: 1000,
             max_subscribers_per_principal: 100,
             sse_heartbeat_ms: 15_000,
+            cors: CorsConfig::default(),
             tls: None,
             auth: ListenerAuthConfig::default(),
         }
     }
+}
+
+/// CORS on the HTTP listener (docs/http.md "Calling from web pages").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins whose pages may call the API: exact (`https://app.example.com`), any subdomain
+    /// (`https://*.example.com`), or `*` (any origin; not with credentials). Empty: CORS off.
+    pub allowed_origins: Vec<String>,
+    /// Methods a page may use.
+    pub allowed_methods: Vec<String>,
+    /// Request headers a page may send.
+    pub allowed_headers: Vec<String>,
+    /// Response headers a page may read (besides the CORS-safelisted ones).
+    pub expose_headers: Vec<String>,
+    /// Whether a page may send the browser's credentials (cookies, client certificates) and
+    /// read the answer (`Access-Control-Allow-Credentials: true`).
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight's answer.
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: s(&["GET", "POST"]),
+            allowed_headers: s(&[
+                "authorization",
+                "content-type",
+                "content-encoding",
+                "x-api-key",
+                "idempotency-key",
+                "sluice-key",
+                "sluice-id",
+                "last-event-id",
+            ]),
+            expose_headers: s(&["sluice-next-cursor", "retry-after"]),
+            allow_credentials: false,
+            max_age_secs: 600,
+        }
+    }
+}
+
+/// Whether `o` is an origin pattern `http.cors.allowed_origins` takes: `*`, or
+/// `scheme://host[:port]` where the host may start with `*.`.
+pub fn valid_origin_pattern(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    let host =
+        rest.rsplit_once(':').map_or(
+            rest,
+            |(h, port)| {
+                if port.parse::<u16>().is_ok() { h } else { rest }
+            },
+        );
+    let host = host.strip_prefix("*.").unwrap_or(host);
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && host.chars().all(|c| {
+            c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']' || c == ':'
+        })
+        && !host.contains('*')
 }
 
 /// The gRPC ingest listener (`sluice.v1.Ingest`, health and reflection).
@@ -314,6 +385,34 @@ impl Config {
         }
         if self.http.max_concurrent_requests == 0 {
             p.add("http.max_concurrent_requests", "must be at least 1");
+        }
+        let cors = &self.http.cors;
+        for o in &cors.allowed_origins {
+            if !valid_origin_pattern(o) {
+                p.add(
+                    "http.cors.allowed_origins",
+                    format!("`{o}` is not `*` or an origin like https://app.example.com or https://*.example.com"),
+                );
+            }
+        }
+        if cors.allow_credentials && cors.allowed_origins.iter().any(|o| o == "*") {
+            p.add(
+                "http.cors.allow_credentials",
+                "browsers refuse credentials with any origin (`*`): name the origins",
+            );
+        }
+        for m in &cors.allowed_methods {
+            if m.is_empty() || !m.chars().all(|c| c.is_ascii_uppercase()) {
+                p.add(
+                    "http.cors.allowed_methods",
+                    format!("`{m}` is not a method like POST"),
+                );
+            }
+        }
+        for h in cors.allowed_headers.iter().chain(&cors.expose_headers) {
+            if h.is_empty() || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                p.add("http.cors", format!("`{h}` is not a header name"));
+            }
         }
         // A semaphore's permits are bounded; 0 would refuse every live tail.
         p.in_range(

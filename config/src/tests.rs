@@ -641,3 +641,27 @@ fn a_kafka_linger_past_the_drain_deadline_is_refused_when_streams_ack_on_receipt
     // Durable streams ack after delivery: the linger only delays them.
     assert!(Config::from_toml_str(base, "t", no_env()).is_ok());
 }
+
+#[test]
+fn cors_origins_are_checked() {
+    let ok = Config::from_toml_str(
+        "[http.cors]\nallowed_origins = [\"https://app.example.com\", \"https://*.example.com:8443\", \"http://127.0.0.1:3000\"]\nallow_credentials = true\n",
+        "t",
+        no_env(),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+    let bad = problems(
+        "[http.cors]\nallowed_origins = [\"*\", \"app.example.com\", \"https://app.example.com/\", \"https://a.*.example.com\"]\nallow_credentials = true\nallowed_methods = [\"post\"]\n",
+    );
+    let paths: Vec<&str> = bad.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths
+            .iter()
+            .filter(|p| **p == "http.cors.allowed_origins")
+            .count(),
+        3,
+        "{bad:?}"
+    );
+    assert!(paths.contains(&"http.cors.allow_credentials"), "{bad:?}");
+    assert!(paths.contains(&"http.cors.allowed_methods"), "{bad:?}");
+}

@@ -241,7 +241,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             tracing::warn!(
                 transport = t.name,
                 listen = %t.listen,
-                "anonymous producers are allowed (the listener is bound to loopback, or {}.allow_anonymous = true); they may produce to every stream",
+                "anonymous producers are allowed (the listener is bound to loopback, or {}.allow_anonymous = true); they may produce to and read every stream",
                 t.auth_key
             );
         }
@@ -319,6 +319,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         max_subscribers: config.http.max_subscribers,
         max_subscribers_per_principal: config.http.max_subscribers_per_principal,
         sse_heartbeat: Duration::from_millis(config.http.sse_heartbeat_ms),
+        cors: sluice_protocols::http::cors::Cors::new(&config.http.cors).map(Arc::new),
         websocket: config.websocket.enabled.then(|| {
             let w = &config.websocket;
             WsOptions {

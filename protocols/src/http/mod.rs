@@ -3,6 +3,7 @@
 //! The wire format is documented in docs/http.md.
 
 pub mod body;
+pub mod cors;
 pub mod read;
 pub mod ws;
 mod ws_read;
@@ -49,6 +50,8 @@ pub struct HttpOptions {
     pub max_subscribers_per_principal: usize,
     /// A live tail without records sends a heartbeat comment this often.
     pub sse_heartbeat: Duration,
+    /// Cross-origin requests from web pages; `None`: CORS off.
+    pub cors: Option<Arc<cors::Cors>>,
 }
 
 /// Request header carrying an API key.
@@ -90,49 +93,28 @@ pub async fn serve<I: Ingest>(
         },
     });
     let sessions = ctx.ws_sessions.clone();
+    let cors = opts.cors;
     server::serve(
         listener,
         opts.server,
         gauge,
         move |req, conn| {
-            let (ingest, ctx) = (ingest.clone(), ctx.clone());
+            let (ingest, ctx, cors) = (ingest.clone(), ctx.clone(), cors.clone());
             async move {
-                if req.uri().path() == "/mqtt" {
-                    let (resp, outcome) = ws::upgrade_mqtt(req, conn, ctx).await;
-                    if outcome != "upgraded" {
-                        ingest.metrics().request("mqtt", outcome);
-                    }
-                    return resp.map(read::Body::Left);
+                let Some(cors) = cors else {
+                    return route(req, conn, ingest, ctx).await;
+                };
+                // Preflights are answered before any authentication.
+                if let Some(r) = cors.preflight(req.method(), req.headers()) {
+                    ingest.metrics().request(PROTO, "preflight");
+                    return r.map(read::Body::Left);
                 }
-                if let Some(stream) = ws_read::route(req.uri().path()) {
-                    let stream = stream.to_string();
-                    let (resp, outcome) =
-                        ws_read::upgrade(req, conn, &stream, ingest.clone(), ctx).await;
-                    if outcome != "upgraded" {
-                        ingest.metrics().request("http_read", outcome);
-                    }
-                    return resp.map(read::Body::Left);
+                let origin = req.headers().get(http::header::ORIGIN).cloned();
+                let mut resp = route(req, conn, ingest, ctx).await;
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    cors.decorate(origin.as_ref(), &mut resp);
                 }
-                if let Some(stream) = ws::route(req.uri().path()) {
-                    let stream = stream.map(str::to_string);
-                    let (resp, outcome) = ws::upgrade(req, conn, stream, ingest.clone(), ctx).await;
-                    if outcome != "upgraded" {
-                        ingest.metrics().request("websocket", outcome);
-                    }
-                    return resp.map(read::Body::Left);
-                }
-                if req.method() == Method::GET
-                    && read::wants_sse(&req)
-                    && let Some(stream) = events_route(req.uri().path())
-                {
-                    let stream = stream.to_string();
-                    let (resp, outcome) = tail(req, conn, &stream, ingest.clone(), &ctx).await;
-                    ingest.metrics().request("http_read", outcome);
-                    return resp;
-                }
-                handle(req, conn, &*ingest, &ctx)
-                    .await
-                    .map(read::Body::Left)
+                resp
             }
         },
         async move {
@@ -144,6 +126,50 @@ pub async fn serve<I: Ingest>(
     .await;
     // Wait for every WebSocket session to answer what it read and close.
     let _ = sessions.write().await;
+}
+
+/// Routes one request of the HTTP listener.
+async fn route<I: Ingest>(
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    ingest: Arc<I>,
+    ctx: Arc<Ctx>,
+) -> Response<read::Body> {
+    if req.uri().path() == "/mqtt" {
+        let (resp, outcome) = ws::upgrade_mqtt(req, conn, ctx).await;
+        if outcome != "upgraded" {
+            ingest.metrics().request("mqtt", outcome);
+        }
+        return resp.map(read::Body::Left);
+    }
+    if let Some(stream) = ws_read::route(req.uri().path()) {
+        let stream = stream.to_string();
+        let (resp, outcome) = ws_read::upgrade(req, conn, &stream, ingest.clone(), ctx).await;
+        if outcome != "upgraded" {
+            ingest.metrics().request("http_read", outcome);
+        }
+        return resp.map(read::Body::Left);
+    }
+    if let Some(stream) = ws::route(req.uri().path()) {
+        let stream = stream.map(str::to_string);
+        let (resp, outcome) = ws::upgrade(req, conn, stream, ingest.clone(), ctx).await;
+        if outcome != "upgraded" {
+            ingest.metrics().request("websocket", outcome);
+        }
+        return resp.map(read::Body::Left);
+    }
+    if req.method() == Method::GET
+        && read::wants_sse(&req)
+        && let Some(stream) = events_route(req.uri().path())
+    {
+        let stream = stream.to_string();
+        let (resp, outcome) = tail(req, conn, &stream, ingest.clone(), &ctx).await;
+        ingest.metrics().request("http_read", outcome);
+        return resp;
+    }
+    handle(req, conn, &*ingest, &ctx)
+        .await
+        .map(read::Body::Left)
 }
 
 /// What every request handler of one listener shares.

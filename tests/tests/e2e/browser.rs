@@ -359,3 +359,87 @@ async fn headless_chromium_shows_a_stream_live_on_the_console_page() {
         .call(reqwest::Method::DELETE, &format!("/session/{sid}"), None)
         .await;
 }
+
+/// CORS in a real browser: a page of an allowed origin POSTs events with an API key and reads
+/// them back (headers and the cursor header readable); the same page from another origin is
+/// refused by the browser (the preflight is answered 403, before any authentication).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_calls_the_api_cross_origin_only_from_allowed_origins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let page_dir = tmp.path().join("page");
+    std::fs::create_dir_all(&page_dir).unwrap();
+    std::fs::write(
+        page_dir.join("cors.html"),
+        r#"<!doctype html><meta charset="utf-8"><pre id="out">pending</pre>
+<script>
+const p = new URLSearchParams(location.search);
+const gw = p.get("gateway"), key = p.get("key");
+(async () => {
+  const out = document.getElementById("out");
+  try {
+    const r = await fetch(gw + "/v1/streams/web/events", {method: "POST",
+      headers: {"content-type": "application/json", "x-api-key": key},
+      body: JSON.stringify([{value: {from: "page"}}])});
+    const posted = await r.json();
+    const read = await fetch(gw + "/v1/streams/web/events?from=start", {headers: {"x-api-key": key}});
+    const got = await read.json();
+    out.textContent = JSON.stringify({post: r.status, offset: posted.results[0].offset,
+      read: read.status, value: got.records[0].value, cursor: read.headers.get("sluice-next-cursor")});
+  } catch (e) { out.textContent = "error: " + e; }
+})();
+</script>"#,
+    )
+    .unwrap();
+    let allowed = static_server(page_dir.clone()).await;
+    let other = static_server(page_dir).await;
+    let key = "web.cors-secret-1234";
+    let toml = format!(
+        "[http.auth]\nallow_anonymous = false\n[http.cors]\nallowed_origins = [\"http://{allowed}\"]\n{}",
+        api_key_entry(key, "page", &["web"]).replace(
+            "streams = [\"web\"]\n",
+            "streams = [\"web\"]\nconsume = [\"web\"]\n"
+        ),
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let d = Driver::start().await;
+    let sid = d.session(&tmp.path().join("chromium-profile")).await;
+    let run = |site: std::net::SocketAddr| {
+        let (d, sid) = (&d, sid.clone());
+        let url = format!(
+            "http://{site}/cors.html?gateway=http://{}&key={key}",
+            s.http
+        );
+        async move {
+            d.call(
+                reqwest::Method::POST,
+                &format!("/session/{sid}/url"),
+                Some(json!({"url": url})),
+            )
+            .await;
+            let done = wait_until(Duration::from_secs(30), || async {
+                d.text_of(&sid, "#out").await != "pending"
+            })
+            .await;
+            assert!(done, "the page never finished");
+            d.text_of(&sid, "#out").await
+        }
+    };
+    let ok = run(allowed).await;
+    let v: Value = serde_json::from_str(&ok).unwrap_or_else(|_| panic!("page said {ok}"));
+    assert_eq!(v["post"], 200, "{v}");
+    assert_eq!(v["offset"], 0, "{v}");
+    assert_eq!(v["read"], 200, "{v}");
+    assert_eq!(v["value"]["from"], "page", "{v}");
+    assert_eq!(v["cursor"], "0:1", "exposed to the page: {v}");
+    let refused = run(other).await;
+    assert!(
+        refused.starts_with("error: "),
+        "another origin got through: {refused}"
+    );
+    // The refused page stored nothing.
+    let log = read_log(&s.data_dir, "web", &[]).unwrap();
+    assert_eq!(log.len(), 1);
+    let _ = d
+        .call(reqwest::Method::DELETE, &format!("/session/{sid}"), None)
+        .await;
+}
