@@ -99,6 +99,7 @@ pub(crate) async fn read(
     let deadline = tokio::time::Instant::now() + req.wait.min(MAX_WAIT);
     let limit = req.limit.clamp(1, MAX_LIMIT);
     let max_bytes = req.max_bytes.clamp(1, MAX_BYTES);
+    let mut gone_retries = 0;
     loop {
         // Seen before reading: a record made durable while the read runs wakes the next wait.
         for part in &mut parts {
@@ -111,22 +112,39 @@ pub(crate) async fn read(
         let raw = req.raw;
         let stream_name = name.to_string();
         let cache = caches.of(name, count);
-        let ReadBatch { records, next } = tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             read_parts(&stream_name, job, limit, max_bytes, raw, Some(&cache))
         })
         .await
         .map_err(|e| Rejection::Internal {
             message: format!("read task failed: {e}"),
-        })?
-        .map_err(|e| match e {
-            ReadFail::Gone(partition, earliest) => ReadError::Gone {
-                partition,
-                earliest,
-            },
-            ReadFail::Io(e) => ReadError::Rejected(Rejection::Internal {
-                message: format!("reading the log: {e}"),
-            }),
         })?;
+        let ReadBatch { records, next } = match read {
+            Ok(batch) => batch,
+            // Retention deleted the position while the read ran. A reader that asked for the
+            // oldest records (or a time, resolved to an offset) is not told "gone": it goes on
+            // from the oldest there is now; a reader that named the offset is.
+            Err(ReadFail::Gone(partition, earliest))
+                if matches!(req.from, ReadFrom::Start | ReadFrom::Time(_)) && gone_retries < 3 =>
+            {
+                gone_retries += 1;
+                if let Some(part) = parts.iter_mut().find(|p| p.partition == partition) {
+                    part.pos = Pos::Offset(earliest);
+                }
+                continue;
+            }
+            Err(ReadFail::Gone(partition, earliest)) => {
+                return Err(ReadError::Gone {
+                    partition,
+                    earliest,
+                });
+            }
+            Err(ReadFail::Io(e)) => {
+                return Err(ReadError::Rejected(Rejection::Internal {
+                    message: format!("reading the log: {e}"),
+                }));
+            }
+        };
         for (part, (_, o)) in parts.iter_mut().zip(&next) {
             part.pos = Pos::Offset(*o);
         }

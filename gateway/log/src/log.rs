@@ -72,6 +72,9 @@ struct Op {
     durable: bool,
     enqueued: Instant,
     reply: Option<oneshot::Sender<Result<u64, LogError>>>,
+    /// The commit's answer for this op, sent once the partition's readable end has moved
+    /// past it (so a producer's ack is never ahead of what readers see).
+    outcome: Option<Result<u64, LogError>>,
     _guard: Option<Guard>,
 }
 
@@ -430,6 +433,7 @@ impl StreamLog {
             durable,
             enqueued: Instant::now(),
             reply,
+            outcome: None,
             _guard: guard,
         })
         .await
@@ -484,11 +488,20 @@ async fn run_writer(
                 }
                 let ops = std::mem::take(&mut group);
                 let durable = ops.iter().any(|o| o.durable);
-                let (w, ops) = blocking(writer, ops, shared.clone(), commit).await;
+                let (w, ops) = blocking(writer, ops, shared.clone(), |w, ops, s| commit(w, ops, s)).await;
                 writer = w;
                 group = ops;
-                group.clear();
+                // Readers first, then the producers: an acked record is already readable.
                 publish(&writer, durable);
+                for op in group.drain(..) {
+                    shared
+                        .metrics
+                        .append_seconds
+                        .observe(op.enqueued.elapsed().as_secs_f64());
+                    if let (Some(reply), Some(outcome)) = (op.reply, op.outcome) {
+                        let _ = reply.send(outcome);
+                    }
+                }
                 if durable {
                     dirty_since = None;
                 } else if dirty_since.is_none() {
@@ -564,7 +577,7 @@ fn sync_timed(w: &mut PartitionWriter, s: &Shared) -> Result<(), LogError> {
 }
 
 /// One group commit: write every frame, fsync once if any is durable, answer every waiter.
-fn commit(w: &mut PartitionWriter, ops: &mut Vec<Op>, s: &Shared) {
+fn commit(w: &mut PartitionWriter, ops: &mut [Op], s: &Shared) {
     for op in ops.iter() {
         s.metrics
             .linger_seconds
@@ -594,15 +607,11 @@ fn commit(w: &mut PartitionWriter, ops: &mut Vec<Op>, s: &Shared) {
             tracing::error!(error = %e, "group commit failed");
         }
     }
-    for (i, op) in ops.drain(..).enumerate() {
-        s.metrics
-            .append_seconds
-            .observe(op.enqueued.elapsed().as_secs_f64());
-        if let Some(reply) = op.reply {
-            let _ = reply.send(match &result {
-                Ok(bases) => Ok(bases[i]),
-                Err(e) => Err(e.clone()),
-            });
-        }
+    // Answered by the writer task once the readable end has moved (`run_writer`).
+    for (i, op) in ops.iter_mut().enumerate() {
+        op.outcome = Some(match &result {
+            Ok(bases) => Ok(bases[i]),
+            Err(e) => Err(e.clone()),
+        });
     }
 }
