@@ -209,21 +209,15 @@ async fn tail<I: Ingest>(
     };
     // A tail lasts: its principal is checked again after reloads and at its expiry, like a
     // WebSocket session's.
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
-    let (key, token) = query_credentials(&req);
-    let creds = Credentials {
-        authorization: header(http::header::AUTHORIZATION.as_str()),
-        api_key: header(API_KEY_HEADER).or(key.as_deref()),
-        bearer: token.as_deref(),
-        client_cert: conn.client_cert.as_deref(),
-    };
+    let query = ws::UpgradeCredentials::of_query(&req);
     let (principal, auth) = match ctx
         .gate
-        .admit_session(PROTO, ingest.metrics(), &conn, creds)
+        .admit_session(
+            PROTO,
+            ingest.metrics(),
+            &conn,
+            query.credentials(&req, &conn),
+        )
         .await
     {
         Ok(p) => p,
@@ -315,28 +309,10 @@ async fn authenticate_read<I: Ingest>(
     ingest: &I,
     ctx: &Ctx,
 ) -> Result<Principal, Refused> {
-    let (key, token) = query_credentials(req);
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
-    let creds = Credentials {
-        authorization: header(http::header::AUTHORIZATION.as_str()),
-        api_key: header(API_KEY_HEADER).or(key.as_deref()),
-        bearer: token.as_deref(),
-        client_cert: conn.client_cert.as_deref(),
-    };
-    ctx.gate.admit(PROTO, ingest.metrics(), conn, creds).await
-}
-
-/// The `api_key` and `access_token` query parameters of a read.
-fn query_credentials(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
-    let q = req.uri().query();
-    (
-        ws::query_param(q, "api_key"),
-        ws::query_param(q, "access_token"),
-    )
+    let query = ws::UpgradeCredentials::of_query(req);
+    ctx.gate
+        .admit(PROTO, ingest.metrics(), conn, query.credentials(req, conn))
+        .await
 }
 
 /// `GET /v1/streams`: the streams the principal may read (docs/consume.md).

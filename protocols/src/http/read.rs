@@ -521,26 +521,24 @@ pub(crate) async fn read_paced<I: Ingest>(
 ) -> Result<ReadBatch, ReadError> {
     let deadline = tokio::time::Instant::now() + req.wait;
     loop {
-        match ingest.read(principal, req.clone()).await {
-            Err(ReadError::Rejected(Rejection::OverQuota { retry_after, .. })) => {
-                let at = tokio::time::Instant::now() + retry_after;
-                let ReadFrom::Cursor(pos) = &req.from else {
-                    return Err(ReadError::Rejected(Rejection::OverQuota {
-                        retry_after,
-                        message: "read quota exceeded".into(),
-                    }));
-                };
-                if at > deadline {
-                    tokio::time::sleep_until(deadline).await;
-                    return Ok(ReadBatch {
-                        records: Vec::new(),
-                        next: pos.clone(),
-                    });
-                }
-                tokio::time::sleep_until(at).await;
-            }
-            r => return r,
+        // Over the quota, a tail (reading by cursor) waits; anything else is answered as is.
+        let r = ingest.read(principal, req.clone()).await;
+        let (
+            Err(ReadError::Rejected(Rejection::OverQuota { retry_after, .. })),
+            ReadFrom::Cursor(pos),
+        ) = (&r, &req.from)
+        else {
+            return r;
+        };
+        let at = tokio::time::Instant::now() + *retry_after;
+        if at > deadline {
+            tokio::time::sleep_until(deadline).await;
+            return Ok(ReadBatch {
+                records: Vec::new(),
+                next: pos.clone(),
+            });
         }
+        tokio::time::sleep_until(at).await;
     }
 }
 

@@ -154,10 +154,10 @@ pub(super) fn switching(key: &str, subprotocol: Option<&'static str>) -> Respons
     r
 }
 
-/// What a WebSocket upgrade (ingest or subscribe) may carry as credentials besides headers:
-/// browsers cannot set headers on a WebSocket, so a token may come as the `bearer.<token>`
-/// subprotocol or the `access_token` query parameter, and a key as `api_key`. A client that
-/// offers subprotocols must offer `sluice.v1`.
+/// What a WebSocket upgrade (ingest or subscribe) or a read may carry as credentials besides
+/// headers: browsers cannot set headers on a WebSocket or an EventSource, so a token may come as
+/// the `bearer.<token>` subprotocol (WebSocket) or the `access_token` query parameter, and a key
+/// as `api_key`. A client that offers subprotocols must offer `sluice.v1`.
 pub(super) struct UpgradeCredentials {
     pub(super) offered: Vec<String>,
     token: Option<String>,
@@ -180,18 +180,24 @@ impl UpgradeCredentials {
                 "malformed",
             ));
         }
-        let query = req.uri().query();
-        let token = offered
+        let sub_token = offered
             .iter()
             .find_map(|p| p.strip_prefix("bearer."))
-            .map(str::to_string)
-            .or_else(|| query_param(query, "access_token"));
-        let key = query_param(query, "api_key");
-        Ok(Self {
-            offered,
-            token,
-            key,
-        })
+            .map(str::to_string);
+        let mut c = Self::of_query(req);
+        c.token = sub_token.or(c.token);
+        c.offered = offered;
+        Ok(c)
+    }
+
+    /// The `api_key` and `access_token` query parameters (a read: no subprotocols).
+    pub(super) fn of_query(req: &Request<Incoming>) -> Self {
+        let query = req.uri().query();
+        Self {
+            offered: Vec::new(),
+            token: query_param(query, "access_token"),
+            key: query_param(query, "api_key"),
+        }
     }
 
     /// The request's credentials: headers first, then these.
