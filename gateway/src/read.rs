@@ -499,6 +499,10 @@ fn read_parts(
                 taken += 1;
                 progressed = true;
             }
+            // One fill lock at a time: released at the end of the partition's turn, so two
+            // reads taking partitions' locks in different orders cannot wait on each other
+            // (the lock only spares work; records rendered without it are the same).
+            sources[i]._fill = None;
             if records.len() >= limit || bytes >= max_bytes {
                 return Ok(ReadBatch { records, next });
             }
