@@ -45,6 +45,41 @@ pub struct LogConfig {
     pub fault_fsync_fail_after: u64,
     /// The Kafka sink, used when `kind = "kafka"`.
     pub kafka: KafkaConfig,
+    /// The local spool in front of Kafka, for streams with `ack = "spooled"`.
+    pub spool: SpoolConfig,
+}
+
+/// `[log.spool]`: the durable spool in front of Kafka (docs/kafka.md "The spool"). It lives in
+/// `{data_dir}/spool` and is opened when a stream acks `spooled`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Most bytes every spooled stream together may hold on disk; past it producers of
+    /// spooled streams get the backpressure answer (503 / UNAVAILABLE / MQTT hold).
+    pub max_bytes: u64,
+    /// A spool segment rolls over at this size; a segment is deleted once Kafka has every
+    /// event in it, so this is also how much forwarded data may linger per partition.
+    pub segment_bytes: u64,
+    /// Events per second each stream's forwarder sends to Kafka at most (0 = as fast as Kafka
+    /// takes them), so a backlog drains without starving live traffic of the cluster.
+    pub forward_rate: u64,
+    /// Events per partition handed to the Kafka producer and not yet acknowledged.
+    pub max_in_flight_events: u64,
+    /// How often each partition's forwarding position is written down (and forwarded segments
+    /// deleted). After a crash, the forwarder asks Kafka only for what was forwarded since.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            segment_bytes: 16 * 1024 * 1024,
+            forward_rate: 0,
+            max_in_flight_events: 10_000,
+            checkpoint_interval_ms: 1000,
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -61,6 +96,7 @@ impl Default for LogConfig {
             fault_append_delay_ms: 0,
             fault_fsync_fail_after: 0,
             kafka: KafkaConfig::default(),
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -387,6 +423,23 @@ impl Config {
         );
         if self.log.kind == LogKind::Kafka {
             self.validate_kafka(p);
+        }
+        if self.any_spooled_stream() {
+            let s = &self.log.spool;
+            p.in_range("log.spool.max_bytes", s.max_bytes, 1 << 20, u64::MAX);
+            p.in_range("log.spool.segment_bytes", s.segment_bytes, 4096, 1 << 31);
+            p.in_range(
+                "log.spool.max_in_flight_events",
+                s.max_in_flight_events,
+                1,
+                1_000_000,
+            );
+            p.in_range(
+                "log.spool.checkpoint_interval_ms",
+                s.checkpoint_interval_ms,
+                10,
+                3_600_000,
+            );
         }
     }
 

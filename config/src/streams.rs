@@ -27,11 +27,18 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
-    /// After the events are written and fsynced: they survive a crash or power loss.
+    /// After the events are written and fsynced (embedded log), or acknowledged by every
+    /// in-sync replica (Kafka, acks=all; `replicated` is another name for it): they survive a
+    /// crash or power loss.
     #[default]
+    #[serde(alias = "replicated")]
     Durable,
     /// After the events are parsed and queued for the log: fire-and-forget.
     Received,
+    /// With `log.kind = "kafka"`: after the events are fsynced in the gateway's local spool,
+    /// from where they are forwarded to Kafka in order (docs/kafka.md "The spool"). They
+    /// survive a crash of the gateway and an outage of Kafka.
+    Spooled,
 }
 
 impl AckMode {
@@ -39,6 +46,7 @@ impl AckMode {
         match self {
             AckMode::Durable => "durable",
             AckMode::Received => "received",
+            AckMode::Spooled => "spooled",
         }
     }
 }
@@ -78,6 +86,12 @@ pub struct StreamSettings {
     /// What an MQTT publish (or will) with the retain flag becomes: `store` (an event with the
     /// header `mqtt-retain: true`) or `drop` (answered with success, not stored).
     pub mqtt_retained: RetainedPolicy,
+    /// For `ack = "spooled"`: most bytes this stream's spool may hold on disk (0 = only the
+    /// total `log.spool.max_bytes`); past it producers get the backpressure answer.
+    pub spool_max_bytes: u64,
+    /// For `ack = "spooled"`: once the oldest event not yet forwarded to Kafka is this old,
+    /// producers get the backpressure answer (0 = no limit by age).
+    pub spool_max_age_ms: u64,
 }
 
 /// What becomes of a retained MQTT publish (docs/mqtt.md "Retained messages").
@@ -108,6 +122,8 @@ impl Default for StreamSettings {
             dedup_principal_events: 100_000,
             dedup_keys: DedupKeys::default(),
             mqtt_retained: RetainedPolicy::Store,
+            spool_max_bytes: 0,
+            spool_max_age_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -130,6 +146,8 @@ pub struct StreamOverrides {
     pub dedup_principal_events: Option<u64>,
     pub dedup_keys: Option<DedupKeys>,
     pub mqtt_retained: Option<RetainedPolicy>,
+    pub spool_max_bytes: Option<u64>,
+    pub spool_max_age_ms: Option<u64>,
 }
 
 impl StreamOverrides {
@@ -154,6 +172,8 @@ impl StreamOverrides {
                 .unwrap_or(d.dedup_principal_events),
             dedup_keys: self.dedup_keys.unwrap_or(d.dedup_keys),
             mqtt_retained: self.mqtt_retained.unwrap_or(d.mqtt_retained),
+            spool_max_bytes: self.spool_max_bytes.unwrap_or(d.spool_max_bytes),
+            spool_max_age_ms: self.spool_max_age_ms.unwrap_or(d.spool_max_age_ms),
         }
     }
 }
@@ -239,14 +259,24 @@ pub fn check_stream_name(name: &str) -> Result<(), StreamNameError> {
 }
 
 impl Config {
-    /// Whether any stream (the defaults or a declared one) acks durably.
+    /// Whether any stream (the defaults or a declared one) acks durably (or through the
+    /// spool, whose forwarder needs the same producer guarantees).
     pub fn any_durable_stream(&self) -> bool {
-        self.streams.defaults.ack == AckMode::Durable
+        self.any_stream_acking(|a| a != AckMode::Received)
+    }
+
+    /// Whether any stream (the defaults or a declared one) acks once spooled.
+    pub fn any_spooled_stream(&self) -> bool {
+        self.any_stream_acking(|a| a == AckMode::Spooled)
+    }
+
+    fn any_stream_acking(&self, f: impl Fn(AckMode) -> bool) -> bool {
+        f(self.streams.defaults.ack)
             || self
                 .streams
                 .declare
                 .values()
-                .any(|o| o.apply(&self.streams.defaults).ack == AckMode::Durable)
+                .any(|o| f(o.apply(&self.streams.defaults).ack))
     }
 
     pub(crate) fn validate_streams(&self, p: &mut Problems) {
@@ -323,6 +353,24 @@ impl Config {
                 for problem in q.0 {
                     add(&problem.path, problem.message);
                 }
+            }
+            // A spool holds whole segments: each partition's newest one stays until it rolls,
+            // forwarded or not, so a bound below two per partition could never be met.
+            let least = 2 * self.log.spool.segment_bytes * u64::from(s.partitions);
+            if s.ack == AckMode::Spooled && s.spool_max_bytes > 0 && s.spool_max_bytes < least {
+                add(
+                    "spool_max_bytes",
+                    format!(
+                        "{} is below two spool segments per partition ({least} = 2 × log.spool.segment_bytes × partitions): the spool keeps whole segments, so the bound could be reached with nothing waiting",
+                        s.spool_max_bytes
+                    ),
+                );
+            }
+            if s.ack == AckMode::Spooled && self.log.kind != crate::LogKind::Kafka {
+                add(
+                    "ack",
+                    "\"spooled\" puts a local spool in front of Kafka and needs log.kind = \"kafka\"; the embedded log acks durably by itself (ack = \"durable\")".into(),
+                );
             }
             largest_body = largest_body.max(s.max_body_bytes);
         };

@@ -578,10 +578,7 @@ impl Gateway {
             .ack_seconds
             .get_or_create(&AckLabels {
                 protocol: protocol.as_str(),
-                ack: match ack {
-                    sluice_config::AckMode::Durable => "durable",
-                    sluice_config::AckMode::Received => "received",
-                },
+                ack: ack.as_str(),
             })
             .observe(started.elapsed().as_secs_f64());
         Ok((req, receipts))

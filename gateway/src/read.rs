@@ -50,7 +50,7 @@ pub(crate) async fn read(
     }
     let log = match sink {
         Sink::Embedded(log) => log,
-        Sink::Kafka(kafka) => return kafka.read(req).await,
+        Sink::Kafka(kafka, _) => return kafka.read(req).await,
     };
     let Some(stream) = log.stream(name) else {
         return Err(ReadError::NoStream(name.to_string()));
@@ -185,7 +185,7 @@ pub(crate) fn streams(sink: &Sink, principal: &Principal) -> Vec<sluice_core::St
                 })
             })
             .collect(),
-        Sink::Kafka(k) => k
+        Sink::Kafka(k, _) => k
             .streams()
             .into_iter()
             .filter(|(n, _)| principal.may_consume(n))

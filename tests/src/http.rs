@@ -27,19 +27,25 @@ pub struct Answer {
 impl Answer {
     /// Sends `req` and reads the answer.
     pub async fn of(req: reqwest::RequestBuilder) -> Answer {
+        Self::try_of(req).await.expect("request sent, answer read")
+    }
+
+    /// Sends `req` and reads the answer; an error if the connection failed (a gateway that
+    /// was killed, say).
+    pub async fn try_of(req: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
         let start = Instant::now();
-        let r = req.send().await.expect("request sent");
+        let r = req.send().await?;
         let status = r.status();
         let retry_after = r
             .headers()
             .get("retry-after")
             .map(|v| v.to_str().expect("ASCII Retry-After").to_string());
-        let text = r.text().await.expect("body read");
-        Answer {
+        let text = r.text().await?;
+        Ok(Answer {
             status,
             body: serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")),
             retry_after,
             took: start.elapsed(),
-        }
+        })
     }
 }

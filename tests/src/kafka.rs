@@ -88,11 +88,17 @@ impl Tansu {
 
     /// Starts Tansu on `port` and waits until it answers metadata requests.
     pub fn start_on(port: u16) -> Result<Tansu> {
+        Self::start_advertising(port, &format!("tcp://127.0.0.1:{port}"))
+    }
+
+    /// Starts Tansu on `port`, telling clients to connect to `advertised`, and waits until
+    /// it answers metadata requests on `port`.
+    pub fn start_advertising(port: u16, advertised: &str) -> Result<Tansu> {
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu_binary()?)
             .arg("broker")
             .args(["--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -355,6 +361,116 @@ pub fn murmur2(data: &[u8]) -> i32 {
     h = h.wrapping_mul(m);
     h ^= h >> 15;
     h as i32
+}
+
+/// A TCP link between clients and a broker that a test can cut and restore: "Kafka is
+/// unreachable" as a network outage, while the broker behind it keeps what it has (Tansu
+/// 0.6 stores in memory, S3 or Postgres, so stopping it would also forget every topic).
+/// Runs on its own runtime, so blocking calls in a test do not stall it.
+pub struct Link {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Link {
+    /// A link listening on a free loopback port, forwarding to `target` once [`Link::to`]
+    /// is called (the broker may only be started after it knows the link's address).
+    pub fn listen() -> Result<(Link, std::sync::Arc<std::sync::Mutex<Option<String>>>)> {
+        use std::sync::atomic::Ordering;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let listener = {
+            let _in = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener)?
+        };
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let target = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (up2, cut2, target2) = (up.clone(), cut.clone(), target.clone());
+        runtime.spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let to = target2.lock().unwrap().clone();
+                let (true, Some(to)) = (up2.load(Ordering::SeqCst), to) else {
+                    drop(client); // down: refused at once
+                    continue;
+                };
+                let mut cuts = cut2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok((
+            Link {
+                addr,
+                up,
+                cut,
+                runtime: Some(runtime),
+            },
+            target,
+        ))
+    }
+
+    /// Cuts every connection through the link and refuses new ones until [`Link::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Tansu behind a [`Link`]: clients bootstrap through the link and Tansu advertises the link's
+/// address, so every connection (the gateway's and the test's consumer's) can be cut.
+pub struct LinkedTansu {
+    pub link: Link,
+    pub tansu: Tansu,
+    /// The link's address: what clients use.
+    pub bootstrap: String,
+}
+
+impl LinkedTansu {
+    pub fn start() -> Result<LinkedTansu> {
+        let (link, target) = Link::listen()?;
+        let advertised = format!("tcp://{}", link.addr);
+        let tansu = on_a_free_port(|port| {
+            *target.lock().unwrap() = Some(format!("127.0.0.1:{port}"));
+            Tansu::start_advertising(port, &advertised)
+        })?;
+        wait_for_broker(&link.addr.to_string(), Duration::from_secs(30))?;
+        Ok(LinkedTansu {
+            bootstrap: link.addr.to_string(),
+            link,
+            tansu,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -211,6 +211,9 @@ pub enum Receipt {
     Appended { partition: u32, offset: u64 },
     /// Queued for this partition of a stream with `ack = "received"`; not yet durable.
     Received { partition: u32 },
+    /// Fsynced in the gateway's spool (a stream with `ack = "spooled"`): durable, and on its
+    /// way to this partition of the Kafka topic, whose offset is not known yet.
+    Spooled { partition: u32 },
     /// Not appended: a retry of an event already in the log (or queued, `offset: None`) at this
     /// position, recognised by its dedup key (docs/exactly-once.md).
     Duplicate { partition: u32, offset: Option<u64> },
@@ -223,7 +226,9 @@ impl Receipt {
     pub fn position(&self) -> Option<(u32, Option<u64>)> {
         match *self {
             Receipt::Appended { partition, offset } => Some((partition, Some(offset))),
-            Receipt::Received { partition } => Some((partition, None)),
+            Receipt::Received { partition } | Receipt::Spooled { partition } => {
+                Some((partition, None))
+            }
             Receipt::Duplicate { partition, offset } => Some((partition, offset)),
             Receipt::Failed(_) => None,
         }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,9 @@ pub struct LogOptions {
     pub max_streams: usize,
     /// Appends that may queue per partition (bytes are bounded by the caller's budget).
     pub queue_depth: usize,
+    /// A spool's log: segments are deleted only below what [`StreamLog::release`] allows, at
+    /// each retention check, never by the retention settings.
+    pub keep_until_released: bool,
 }
 
 impl Default for LogOptions {
@@ -55,6 +58,7 @@ impl Default for LogOptions {
             fault_fsync_fail_after: 0,
             max_streams: 1000,
             queue_depth: 4096,
+            keep_until_released: false,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct StreamLog {
     partitions: Vec<mpsc::Sender<Op>>,
     /// Each partition's readable range, and its directory (readers open its files).
     marks: Vec<(watch::Receiver<Marks>, PathBuf)>,
+    /// Per partition, the offset below which segments may be deleted (`keep_until_released`).
+    released: Vec<Arc<AtomicU64>>,
     next_sticky: AtomicU32,
 }
 
@@ -114,6 +120,8 @@ pub struct StreamLog {
 pub struct Marks {
     pub start: u64,
     pub end: u64,
+    /// Bytes of the partition's segments on disk.
+    pub bytes: u64,
 }
 
 impl Marks {
@@ -121,6 +129,7 @@ impl Marks {
         Marks {
             start: w.start_offset(),
             end: w.next_offset(),
+            bytes: w.size_bytes(),
         }
     }
 }
@@ -260,6 +269,7 @@ impl Log {
         let shared = &self.inner.shared;
         let mut senders = Vec::with_capacity(writers.len());
         let mut marks = Vec::with_capacity(writers.len());
+        let mut released = Vec::with_capacity(writers.len());
         let mut handles = self.inner.writers.lock().unwrap();
         let stream_dir = shared.opts.data_dir.join("streams").join(name);
         for (p, w) in writers.into_iter().enumerate() {
@@ -268,12 +278,21 @@ impl Log {
             // What recovery left on disk is readable.
             let (marks_tx, marks_rx) = watch::channel(Marks::of(&w));
             marks.push((marks_rx, stream_dir.join(p.to_string())));
-            handles.push(tokio::spawn(run_writer(w, rx, shared.clone(), marks_tx)));
+            let release = Arc::new(AtomicU64::new(0));
+            released.push(release.clone());
+            handles.push(tokio::spawn(run_writer(
+                w,
+                rx,
+                shared.clone(),
+                marks_tx,
+                release,
+            )));
         }
         let s = Arc::new(StreamLog {
             name: Arc::from(name),
             partitions: senders,
             marks,
+            released,
             next_sticky: AtomicU32::new(0),
         });
         self.inner
@@ -367,6 +386,14 @@ impl StreamLog {
         self.marks.get(p as usize).map(|(_, d)| d.as_path())
     }
 
+    /// Lets the segments of partition `p` whose records are all below `offset` be deleted at
+    /// the next retention check (a log opened with `keep_until_released`).
+    pub fn release(&self, p: u32, offset: u64) {
+        if let Some(r) = self.released.get(p as usize) {
+            r.fetch_max(offset, Ordering::Relaxed);
+        }
+    }
+
     /// The partition of a keyed event (Kafka's murmur2 partitioner).
     pub fn partition_for_key(&self, key: &[u8]) -> u32 {
         partition_for_key(key, self.partition_count())
@@ -447,6 +474,7 @@ async fn run_writer(
     mut rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
     marks: watch::Sender<Marks>,
+    released: Arc<AtomicU64>,
 ) {
     // Readers see what is durable: the end moves after each fsync, the start after retention.
     let publish = |w: &PartitionWriter, synced: bool| {
@@ -458,6 +486,7 @@ async fn run_writer(
                 } else {
                     m.end
                 },
+                bytes: w.size_bytes(),
             };
             std::mem::replace(m, now) != now
         });
@@ -517,8 +546,14 @@ async fn run_writer(
                 dirty_since = None;
             }
             _ = tokio::time::sleep_until(next_retention) => {
-                let (w, _) = blocking(writer, Vec::new(), shared.clone(), |w, _, s| {
-                    match w.apply_retention(now_ms()) {
+                let below = released.load(Ordering::Relaxed);
+                let (w, _) = blocking(writer, Vec::new(), shared.clone(), move |w, _, s| {
+                    let deleted = if s.opts.keep_until_released {
+                        w.delete_below(below)
+                    } else {
+                        w.apply_retention(now_ms())
+                    };
+                    match deleted {
                         Ok(n) => {
                             s.metrics.segments_deleted.inc_by(n as u64);
                         }

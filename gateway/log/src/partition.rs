@@ -299,13 +299,30 @@ impl PartitionWriter {
 
     /// Deletes sealed segments past the retention limits; returns how many were deleted.
     pub fn apply_retention(&mut self, now_ms: i64) -> Result<usize, LogError> {
+        let (retention_ms, retention_bytes) = (self.opts.retention_ms, self.opts.retention_bytes);
+        self.delete_oldest_while(|w, oldest, _| {
+            let expired =
+                retention_ms > 0 && oldest.max_ts < now_ms.saturating_sub(retention_ms as i64);
+            let oversize = retention_bytes > 0 && w.size_bytes() > retention_bytes;
+            expired || oversize
+        })
+    }
+
+    /// Deletes the sealed segments all of whose records are below `offset` (a spool deletes
+    /// what Kafka has acknowledged); returns how many were deleted.
+    pub fn delete_below(&mut self, offset: u64) -> Result<usize, LogError> {
+        self.delete_oldest_while(|_, _, next_base| next_base <= offset)
+    }
+
+    /// Deletes the oldest sealed segment while `f(self, oldest, base of the next segment)`.
+    fn delete_oldest_while(
+        &mut self,
+        f: impl Fn(&Self, Sealed, u64) -> bool,
+    ) -> Result<usize, LogError> {
         let mut deleted = 0;
         while let Some(oldest) = self.sealed.front().copied() {
-            let expired = self.opts.retention_ms > 0
-                && oldest.max_ts < now_ms.saturating_sub(self.opts.retention_ms as i64);
-            let oversize =
-                self.opts.retention_bytes > 0 && self.size_bytes() > self.opts.retention_bytes;
-            if !(expired || oversize) {
+            let next_base = self.sealed.get(1).map_or(self.active.base, |s| s.base);
+            if !f(self, oldest, next_base) {
                 break;
             }
             fs::remove_file(segment_path(&self.dir, oldest.base, "log"))?;

@@ -122,6 +122,12 @@ impl PartitionReader {
         }
     }
 
+    /// Puts `r` (the record [`PartitionReader::next_record`] just returned) back in front, for
+    /// a caller that read one past where it may go (e.g. past what is durable yet).
+    pub fn put_back(&mut self, r: Record) {
+        self.pending.push_front(r);
+    }
+
     /// Reads the frame at the cursor into `pending`; false if there is none (yet).
     fn read_frame(&mut self) -> io::Result<bool> {
         if self.file.is_none() {

@@ -127,15 +127,25 @@ pub(super) fn respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {why}\n"),
                 )
-            } else if let Err(why) = gateway.dedup().health() {
+            } else {
+                let mut degraded = Vec::new();
                 // Streams without dedup are served; those with it answer 503 (retryable) until
                 // the store answers again, so the gateway stays in its load balancer.
-                text(
-                    StatusCode::OK,
-                    format!("ready (degraded: {why}; streams with dedup answer 503)\n"),
-                )
-            } else {
-                text(StatusCode::OK, "ready\n".into())
+                if let Err(why) = gateway.dedup().health() {
+                    degraded.push(format!("{why}; streams with dedup answer 503"));
+                }
+                // Spooled streams take events while Kafka is away; the others answer 503.
+                if let Some(why) = gateway.sink().degraded() {
+                    degraded.push(why);
+                }
+                if degraded.is_empty() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::OK,
+                        format!("ready (degraded: {})\n", degraded.join("; ")),
+                    )
+                }
             }
         }
         "/metrics" => {

@@ -44,6 +44,7 @@ use crate::admission::{Gateway, Policy};
 use crate::dedup::{Dedup, DedupMetrics, Restored};
 use crate::kafka::{KafkaMetrics, KafkaSink};
 use crate::sink::Sink;
+use crate::sink::spool::{Spool, SpoolMetrics};
 use crate::sink::stream_options;
 use sluice_config::DedupStore;
 use sluice_core::Ingest as _;
@@ -111,7 +112,30 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             // Declared streams' topics are looked up (and created, with create_topics) in the
             // background, so a cluster that is down does not keep the gateway from starting.
             tokio::spawn(prepare_topics(k.clone(), config.streams.clone()));
-            Sink::Kafka(k)
+            // The spool opens when a stream acks "spooled", and also when it holds a backlog
+            // from an earlier run (which its forwarders then send on).
+            let spool = if config.any_spooled_stream()
+                || config.log.data_dir.join("spool").join("streams").is_dir()
+            {
+                let spool_metrics = SpoolMetrics::default();
+                spool_metrics.register(&mut registry);
+                let spool_log_metrics = LogMetrics::default();
+                spool_log_metrics.register(registry.sub_registry_with_prefix("spool"));
+                Some(
+                    Spool::open(
+                        &config.log.data_dir,
+                        &config.log.spool,
+                        k.clone(),
+                        &config.streams,
+                        spool_log_metrics,
+                        spool_metrics,
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            Sink::Kafka(k, spool)
         }
     };
     let dedup_metrics = DedupMetrics::default();
@@ -121,7 +145,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         DedupStore::Redis => {
             let instance = match &sink {
                 Sink::Embedded(_) => Some(instance_id(&config.log.data_dir)?),
-                Sink::Kafka(_) => None,
+                Sink::Kafka(..) => None,
             };
             Dedup::redis(&config.dedup.redis, instance, dedup_metrics)?
         }
@@ -512,6 +536,7 @@ async fn open_embedded(config: &Config, metrics: LogMetrics) -> anyhow::Result<L
         fault_fsync_fail_after: config.log.fault_fsync_fail_after,
         max_streams: config.streams.max_streams,
         queue_depth: 4096,
+        keep_until_released: false,
     };
     let streams_cfg = config.streams.clone();
     let log = Log::open(log_opts, metrics, move |name| {

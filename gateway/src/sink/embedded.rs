@@ -84,7 +84,8 @@ pub(super) async fn append(
         req.events.len()
     ];
     match ack {
-        AckMode::Durable => {
+        // The spool appends to its own embedded log with durable acks.
+        AckMode::Durable | AckMode::Spooled => {
             // Queue every frame first (their order in the log is then fixed), tell the caller,
             // then wait for the writes.
             let mut waits = Vec::with_capacity(groups.len());

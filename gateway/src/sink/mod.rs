@@ -4,15 +4,17 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod spool;
 
 use std::sync::Arc;
 
-use sluice_config::{AckMode, StreamsConfig};
+use sluice_config::{AckMode, StreamSettings, StreamsConfig};
 use sluice_core::{IngestRequest, Receipt, Rejection, Reservation};
 use sluice_log::{Log, StreamLog};
 
 pub use embedded::{log_rejection, stream_options};
 use kafka::{KafkaSink, Topic};
+use spool::{Spool, SpoolStream};
 
 /// Budget held for a request: the global reservation and the stream's, if it has one. It is
 /// released when the events reach their ack point (or, for `ack = "received"`, travels with
@@ -35,13 +37,15 @@ impl Held {
 #[derive(Clone)]
 pub enum Sink {
     Embedded(Log),
-    Kafka(KafkaSink),
+    /// Kafka, with the spool in front of it when a stream acks `spooled`.
+    Kafka(KafkaSink, Option<Spool>),
 }
 
 /// One stream in the sink, resolved for an append.
 pub(crate) enum Target {
     Embedded(Arc<StreamLog>),
     Kafka(KafkaSink, Arc<Topic>),
+    Spool(Spool, Arc<SpoolStream>, StreamSettings),
 }
 
 impl Target {
@@ -57,6 +61,9 @@ impl Target {
         match self {
             Target::Embedded(stream) => embedded::append(stream, req, ack, held, queued).await,
             Target::Kafka(sink, topic) => sink.append(topic, req, ack, held, queued).await,
+            Target::Spool(spool, stream, settings) => {
+                spool.append(stream, settings, req, held, queued).await
+            }
         }
     }
 }
@@ -67,18 +74,32 @@ impl Sink {
     pub fn known(&self, stream: &str) -> Option<bool> {
         match self {
             Sink::Embedded(log) => Some(log.stream(stream).is_some()),
-            Sink::Kafka(k) => k.known(stream),
+            Sink::Kafka(k, _) => k.known(stream),
         }
     }
 
-    /// Whether the sink takes writes; the reason for `/readyz` if not.
+    /// Whether the sink takes writes; the reason for `/readyz` if not. A gateway with a spool
+    /// takes them while Kafka is away (its spooled streams do), so it stays ready.
     pub fn health(&self) -> Result<(), String> {
         match self {
             Sink::Embedded(log) if log.healthy() => Ok(()),
             Sink::Embedded(_) => {
                 Err("a log partition stopped taking writes after an I/O error".into())
             }
-            Sink::Kafka(k) => k.health(),
+            Sink::Kafka(_, Some(spool)) if !spool.healthy() => {
+                Err("a spool partition stopped taking writes after an I/O error".into())
+            }
+            Sink::Kafka(_, Some(_)) => Ok(()),
+            Sink::Kafka(k, None) => k.health(),
+        }
+    }
+
+    /// What `/readyz` says beside "ready" when the gateway serves in a degraded way: spooling
+    /// while Kafka is away or a backlog drains.
+    pub fn degraded(&self) -> Option<String> {
+        match self {
+            Sink::Kafka(_, Some(spool)) => spool.detail(),
+            _ => None,
         }
     }
 
@@ -86,7 +107,12 @@ impl Sink {
     pub async fn close(&self) {
         match self {
             Sink::Embedded(log) => log.close().await,
-            Sink::Kafka(k) => k.close().await,
+            Sink::Kafka(k, spool) => {
+                if let Some(spool) = spool {
+                    spool.close().await;
+                }
+                k.close().await
+            }
         }
     }
 
@@ -102,9 +128,23 @@ impl Sink {
                 .await
                 .map(Target::Embedded)
                 .map_err(log_rejection),
-            Sink::Kafka(k) => {
+            Sink::Kafka(k, spool) => {
                 let may_create = streams.auto_create || streams.declare.contains_key(name);
-                k.get_or_create(name, &streams.settings(name), may_create)
+                let settings = streams.settings(name);
+                if settings.ack == AckMode::Spooled {
+                    let Some(spool) = spool else {
+                        return Err(Rejection::Internal {
+                            message: format!(
+                                "stream `{name}` acks \"spooled\" but the spool was not opened at start (no stream acked spooled then): restart the gateway"
+                            ),
+                        });
+                    };
+                    return spool
+                        .stream(name, &settings, may_create)
+                        .await
+                        .map(|s| Target::Spool(spool.clone(), s, settings));
+                }
+                k.get_or_create(name, &settings, may_create)
                     .await
                     .map(|t| Target::Kafka(k.clone(), t))
             }

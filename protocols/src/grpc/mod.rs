@@ -302,16 +302,25 @@ fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
                     partition,
                     offset: Some(offset),
                     duplicate: false,
+                    spooled: false,
                 }),
                 Receipt::Received { partition } => R::Position(pb::Position {
                     partition,
                     offset: None,
                     duplicate: false,
+                    spooled: false,
+                }),
+                Receipt::Spooled { partition } => R::Position(pb::Position {
+                    partition,
+                    offset: None,
+                    duplicate: false,
+                    spooled: true,
                 }),
                 Receipt::Duplicate { partition, offset } => R::Position(pb::Position {
                     partition,
                     offset,
                     duplicate: true,
+                    spooled: false,
                 }),
                 Receipt::Failed(e) => R::Error(pb::EventError {
                     code: e.code().to_string(),

@@ -647,6 +647,9 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
             Receipt::Received { partition } => {
                 let _ = write!(out, "{{\"partition\":{partition},\"status\":\"received\"}}");
             }
+            Receipt::Spooled { partition } => {
+                let _ = write!(out, "{{\"partition\":{partition},\"status\":\"spooled\"}}");
+            }
             Receipt::Duplicate {
                 partition,
                 offset: Some(offset),

@@ -803,6 +803,13 @@ impl Answers {
                                 id_json(id)
                             );
                         }
+                        Receipt::Spooled { partition } => {
+                            let _ = write!(
+                                s,
+                                r#"{{"seq":{seq},"index":{i},"id":{},"partition":{partition},"status":"spooled"}}"#,
+                                id_json(id)
+                            );
+                        }
                         Receipt::Duplicate { partition, offset } => {
                             let _ = write!(
                                 s,

@@ -22,4 +22,5 @@ mod mqtt_fleet;
 mod operations;
 mod quotas;
 mod reload;
+mod spool;
 mod websocket;

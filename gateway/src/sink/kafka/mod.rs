@@ -33,6 +33,8 @@ mod topics;
 
 use metrics::ErrorLabels;
 pub use metrics::{KafkaMetrics, StatsContext};
+pub(crate) use produce::now_ms;
+pub(crate) use read::consumer_config;
 pub use topics::{Topic, topic_name};
 
 /// Header names Sluice adds to every record (documented in docs/kafka.md).
@@ -131,6 +133,11 @@ impl KafkaSink {
         };
         tokio::spawn(sink.clone().probe());
         Ok(sink)
+    }
+
+    /// The `[log.kafka]` settings.
+    pub(crate) fn config(&self) -> &KafkaConfig {
+        &self.inner.cfg
     }
 
     /// The streams this gateway has produced to or looked up since start, with their

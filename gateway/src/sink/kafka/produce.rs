@@ -76,7 +76,8 @@ impl KafkaSink {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.inner.cfg.message_timeout_ms);
         match ack {
-            AckMode::Durable => {
+            // Spooled streams reach Kafka through the spool's forwarder, never here.
+            AckMode::Durable | AckMode::Spooled => {
                 let (outcomes, unsettled) = self.deliveries(pending, deadline).await;
                 for (r, o) in receipts.iter_mut().zip(outcomes) {
                     if let Some(o) = o {
@@ -252,7 +253,7 @@ pub(super) fn record_headers(req: &IngestRequest, e: &Event, received_at: &str) 
     h
 }
 
-pub(super) fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

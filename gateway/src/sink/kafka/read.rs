@@ -26,6 +26,37 @@ const POLL: Duration = Duration::from_millis(100);
 /// Metadata and watermark requests.
 const META_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The settings of a consumer that reads partitions it is assigned (never joining `group`):
+/// the producer's connection and security settings, nothing of its own.
+pub(crate) fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in cfg.producer_properties() {
+        let keep = k == "bootstrap.servers"
+            || k == "client.id"
+            || k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.");
+        if keep {
+            config.set(k, v);
+        }
+    }
+    config
+        // Needed by librdkafka for a consumer; never joined (assign, not subscribe).
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // The end of a partition is what the fetch says it is (an EOF event), not a
+        // separately listed watermark.
+        .set("enable.partition.eof", "true")
+        // A position outside the log is an error to report, never silently moved.
+        .set("auto.offset.reset", "error")
+        .set("allow.auto.create.topics", "false")
+        .set("fetch.wait.max.ms", "100")
+        // A reader holds little: what one read returns, not a deep prefetch per partition.
+        .set("queued.max.messages.kbytes", "1024");
+    config
+}
+
 /// Consumers for reads, reused.
 pub struct Readers {
     config: ClientConfig,
@@ -53,32 +84,7 @@ const PARKED: usize = 64;
 
 impl Readers {
     pub fn new(cfg: &KafkaConfig) -> Self {
-        let mut config = ClientConfig::new();
-        // The connection and security settings of the producer; nothing of its own.
-        for (k, v) in cfg.producer_properties() {
-            let keep = k == "bootstrap.servers"
-                || k == "client.id"
-                || k.starts_with("security.")
-                || k.starts_with("sasl.")
-                || k.starts_with("ssl.");
-            if keep {
-                config.set(k, v);
-            }
-        }
-        config
-            // Needed by librdkafka for a consumer; never joined (assign, not subscribe).
-            .set("group.id", "sluice-reader")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // The end of a partition is what the fetch says it is (an EOF event), not a
-            // separately listed watermark.
-            .set("enable.partition.eof", "true")
-            // A position outside the log is an error to report, never silently moved.
-            .set("auto.offset.reset", "error")
-            .set("allow.auto.create.topics", "false")
-            .set("fetch.wait.max.ms", "100")
-            // A reader holds little: what one read returns, not a deep prefetch per partition.
-            .set("queued.max.messages.kbytes", "1024");
+        let config = consumer_config(cfg, "sluice-reader");
         Self {
             config,
             topic: cfg.topic.clone(),

@@ -47,6 +47,7 @@ impl<I: Ingest> Session<I> {
                         Some(
                             Receipt::Appended { .. }
                             | Receipt::Received { .. }
+                            | Receipt::Spooled { .. }
                             | Receipt::Duplicate { .. },
                         ) => Ok(()),
                         Some(Receipt::Failed(r)) => Err(r),
