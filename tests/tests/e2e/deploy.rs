@@ -79,10 +79,11 @@ async fn families(s: &Sluice) -> BTreeSet<String> {
 async fn dashboard_and_alerts_reference_only_exported_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let embedded = Sluice::start(&dir.path().join("a"), "").unwrap();
-    // The Kafka sink's metrics exist from the start, broker or not.
+    // The Kafka sink's metrics exist from the start, broker or not; the spool's with a spooled
+    // stream.
     let kafka = Sluice::start(
         &dir.path().join("b"),
-        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n",
+        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n[streams.defaults]\nack = \"spooled\"\n",
     )
     .unwrap();
     let mut exported = families(&embedded).await;
@@ -94,6 +95,7 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         "sluice_connections_opened",
         "sluice_kafka_delivery_errors",
         "sluice_mqtt_disconnects",
+        "sluice_spool_events",
     ] {
         assert!(
             exported.contains(must),
