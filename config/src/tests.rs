@@ -665,3 +665,61 @@ fn cors_origins_are_checked() {
     assert!(paths.contains(&"http.cors.allow_credentials"), "{bad:?}");
     assert!(paths.contains(&"http.cors.allowed_methods"), "{bad:?}");
 }
+
+#[test]
+fn spooled_acks_need_kafka_and_a_spool_bound_of_at_least_two_segments_per_partition() {
+    let p = problems(
+        r#"
+        [streams.defaults]
+        ack = "spooled"
+    "#,
+    );
+    assert!(
+        p.iter()
+            .any(|p| p.path == "streams.defaults.ack" && p.message.contains("log.kind")),
+        "{p:?}"
+    );
+    let p = problems(
+        r#"
+        [log]
+        kind = "kafka"
+        [log.kafka]
+        bootstrap_servers = "k:9092"
+        [log.spool]
+        segment_bytes = 1048576
+        [streams.declare.orders]
+        ack = "spooled"
+        partitions = 4
+        spool_max_bytes = 4194304
+    "#,
+    );
+    assert!(
+        p.iter()
+            .any(|p| p.path == "streams.declare.orders.spool_max_bytes"
+                && p.message.contains("8388608")),
+        "{p:?}"
+    );
+    let c = Config::from_toml_str(
+        r#"
+        [log]
+        kind = "kafka"
+        [log.kafka]
+        bootstrap_servers = "k:9092"
+        [log.spool]
+        max_bytes = 1073741824
+        forward_rate = 5000
+        [streams.defaults]
+        ack = "spooled"
+        spool_max_age_ms = 600000
+        [streams.declare.audit]
+        ack = "replicated"
+    "#,
+        "t",
+        no_env(),
+    )
+    .unwrap();
+    assert!(c.any_spooled_stream() && c.any_durable_stream());
+    assert_eq!(c.log.spool.forward_rate, 5000);
+    assert_eq!(c.streams.settings("x").spool_max_age_ms, 600_000);
+    assert_eq!(c.streams.settings("audit").ack, AckMode::Durable);
+}

@@ -218,6 +218,37 @@ fn segments_roll_and_retention_deletes_oldest_first() {
 }
 
 #[test]
+fn a_spool_deletes_only_segments_wholly_below_the_released_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No retention settings: only what is released goes.
+    let (mut w, _) = PartitionWriter::open(tmp.path(), opts(1024, 128)).unwrap();
+    let b: Vec<Vec<Vec<u8>>> = (0..60).map(|_| vec![vec![7u8; 100]]).collect();
+    write_batches(&mut w, &b, 0);
+    let segments = w.segment_count();
+    assert!(segments > 5, "{segments} segments");
+    assert_eq!(w.apply_retention(i64::MAX).unwrap(), 0, "retention is off");
+    assert_eq!(w.delete_below(0).unwrap(), 0);
+    // Released up to offset 1: the first segment still holds offsets at or past it.
+    assert_eq!(w.delete_below(1).unwrap(), 0);
+    assert_eq!(w.start_offset(), 0);
+    let released = 30;
+    let deleted = w.delete_below(released).unwrap();
+    assert!(deleted > 0 && deleted < segments, "{deleted} of {segments}");
+    assert!(
+        w.start_offset() <= released,
+        "{} > {released}",
+        w.start_offset()
+    );
+    let got = read_all(tmp.path(), 0);
+    assert_eq!(got[0].0, w.start_offset());
+    assert_eq!(got.last().unwrap().0, 59);
+    // Everything released: every sealed segment goes, the active one stays.
+    w.delete_below(60).unwrap();
+    assert_eq!(w.segment_count(), 1);
+    assert_eq!(w.next_offset(), 60);
+}
+
+#[test]
 fn retention_by_age_keeps_the_active_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let mut o = opts(1024, 128);

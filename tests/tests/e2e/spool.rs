@@ -563,7 +563,7 @@ async fn a_restart_with_a_backlog_and_kafka_still_away_stays_ready_and_forwards_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn produce_errors_from_the_broker_are_retried_until_every_event_is_in_kafka_once() {
+async fn produce_errors_and_a_slow_broker_are_absorbed_and_every_event_reaches_kafka_once() {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let cluster = MockCluster::new(1).unwrap();
@@ -573,7 +573,9 @@ async fn produce_errors_from_the_broker_are_retried_until_every_event_is_in_kafk
     let s = Sluice::start(&tmp.path().join("data"), &spool_config(&bootstrap, "")).unwrap();
     assert!(s.wait_readyz(200, sluice_tests::DEADLINE).await);
     // Errors a broker answers under trouble, many of them: producers are not told, the
-    // forwarder's producer retries.
+    // forwarder's producer retries. (The topic has 2 partitions; a spool created before the
+    // gateway first reached the broker has the configured 3, and then sends keyed events to
+    // their key's partition: the per-key order checked below holds either way.)
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 50],
@@ -589,6 +591,21 @@ async fn produce_errors_from_the_broker_are_retried_until_every_event_is_in_kafk
     );
     let count = || acked.lock().unwrap().len();
     assert!(wait_until(Duration::from_secs(60), || async { count() >= 2000 }).await);
+    // A slow broker: producers are acked at the spool's pace while a backlog builds.
+    cluster
+        .broker_round_trip_time(-1, Duration::from_millis(500))
+        .unwrap();
+    let at_slow = count();
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            count() >= at_slow + 2000 && spool_waiting(&s).await > 0.0
+        })
+        .await,
+        "producers waited on the slow broker ({} acked since, {} waiting)",
+        count() - at_slow,
+        spool_waiting(&s).await
+    );
+    cluster.broker_round_trip_time(-1, Duration::ZERO).unwrap();
     stop.store(true, Ordering::Relaxed);
     p.await.unwrap();
     assert!(drained(&s, Duration::from_secs(120)).await, "never drained");
