@@ -42,7 +42,7 @@ ack = "spooled"
 TOML
 target/release/sluice serve --config "$work/sluice.toml" >"$work/sluice.out" 2>"$work/sluice.err" &
 sluice_pid=$!
-trap 'kill -CONT $tansu_pid 2>/dev/null; kill $sluice_pid $tansu_pid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -CONT $tansu_pid 2>/dev/null; kill $sluice_pid $tansu_pid 2>/dev/null; wait $sluice_pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 300); do grep -q "sluice listening" "$work/sluice.out" && break; sleep 0.1; done
 line="$(grep "sluice listening" "$work/sluice.out")"
 http_addr="$(sed -E 's/.*http=([^ ]+).*/\1/' <<<"$line")"
@@ -102,7 +102,7 @@ for _ in $(seq 2400); do
 done
 t1="$(date +%s.%N)"
 after="$(metric sluice_spool_forwarded_events_total)"
-kill -INT "$live_pid" 2>/dev/null || true
+kill -TERM "$live_pid" 2>/dev/null || true
 wait "$live_pid" 2>/dev/null || true
 python3 -c "
 b, f, t = $waiting, $after - $before, $t1 - $t0

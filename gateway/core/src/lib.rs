@@ -216,7 +216,12 @@ pub enum Receipt {
     Spooled { partition: u32 },
     /// Not appended: a retry of an event already in the log (or queued, `offset: None`) at this
     /// position, recognised by its dedup key (docs/exactly-once.md).
-    Duplicate { partition: u32, offset: Option<u64> },
+    /// `spooled`: the original is in the spool of a stream with `ack = "spooled"`.
+    Duplicate {
+        partition: u32,
+        offset: Option<u64>,
+        spooled: bool,
+    },
     /// Not appended; the rejection says why and whether a retry can help.
     Failed(Rejection),
 }
@@ -229,7 +234,9 @@ impl Receipt {
             Receipt::Received { partition } | Receipt::Spooled { partition } => {
                 Some((partition, None))
             }
-            Receipt::Duplicate { partition, offset } => Some((partition, offset)),
+            Receipt::Duplicate {
+                partition, offset, ..
+            } => Some((partition, offset)),
             Receipt::Failed(_) => None,
         }
     }

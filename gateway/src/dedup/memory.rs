@@ -612,6 +612,7 @@ mod tests {
         Receipt::Duplicate {
             partition: 0,
             offset: Some(offset),
+            spooled: false,
         }
     }
 

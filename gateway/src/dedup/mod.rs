@@ -46,10 +46,11 @@ impl Position {
             .map(|(partition, offset)| Position { partition, offset })
     }
 
-    fn duplicate(self) -> Receipt {
+    fn duplicate(self, spooled: bool) -> Receipt {
         Receipt::Duplicate {
             partition: self.partition,
             offset: self.offset,
+            spooled: spooled && self.offset.is_none(),
         }
     }
 }
@@ -273,6 +274,8 @@ enum Answer {
 pub struct Plan {
     answers: Vec<Answer>,
     tickets: Tickets,
+    /// The stream acks once spooled: a duplicate's answer says so.
+    spooled: bool,
 }
 
 impl Dedup {
@@ -403,7 +406,11 @@ impl Dedup {
             kept.push(e);
         }
         req.events = kept;
-        Ok(Plan { answers, tickets })
+        Ok(Plan {
+            answers,
+            tickets,
+            spooled: s.ack == sluice_config::AckMode::Spooled,
+        })
     }
 
     async fn claim(&self, scope: &Scope<'_>, keys: &[&Material]) -> Result<Vec<Claim>, Rejection> {
@@ -631,9 +638,9 @@ impl Plan {
                         message: "no receipt for an appended event".into(),
                     })
                 }),
-                Answer::Duplicate(p) => p.duplicate(),
+                Answer::Duplicate(p) => p.duplicate(self.spooled),
                 Answer::Same(j) => match Position::of(&out[*j]) {
-                    Some(p) => p.duplicate(),
+                    Some(p) => p.duplicate(self.spooled),
                     None => out[*j].clone(),
                 },
             };

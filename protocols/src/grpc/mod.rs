@@ -316,11 +316,15 @@ fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
                     duplicate: false,
                     spooled: true,
                 }),
-                Receipt::Duplicate { partition, offset } => R::Position(pb::Position {
+                Receipt::Duplicate {
+                    partition,
+                    offset,
+                    spooled,
+                } => R::Position(pb::Position {
                     partition,
                     offset,
                     duplicate: true,
-                    spooled: false,
+                    spooled,
                 }),
                 Receipt::Failed(e) => R::Error(pb::EventError {
                     code: e.code().to_string(),

@@ -631,7 +631,12 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
     let all_received = receipts.iter().all(|r| {
         matches!(
             r,
-            Receipt::Received { .. } | Receipt::Duplicate { offset: None, .. }
+            Receipt::Received { .. }
+                | Receipt::Duplicate {
+                    offset: None,
+                    spooled: false,
+                    ..
+                }
         )
     });
     let mut out = String::with_capacity(16 + receipts.len() * 32);
@@ -653,6 +658,7 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
             Receipt::Duplicate {
                 partition,
                 offset: Some(offset),
+                ..
             } => {
                 let _ = write!(
                     out,
@@ -662,10 +668,12 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
             Receipt::Duplicate {
                 partition,
                 offset: None,
+                spooled,
             } => {
+                let status = if *spooled { "spooled" } else { "received" };
                 let _ = write!(
                     out,
-                    "{{\"partition\":{partition},\"status\":\"received\",\"duplicate\":true}}"
+                    "{{\"partition\":{partition},\"status\":\"{status}\",\"duplicate\":true}}"
                 );
             }
             Receipt::Failed(e) => {

@@ -810,14 +810,19 @@ impl Answers {
                                 id_json(id)
                             );
                         }
-                        Receipt::Duplicate { partition, offset } => {
+                        Receipt::Duplicate {
+                            partition,
+                            offset,
+                            spooled,
+                        } => {
                             let _ = write!(
                                 s,
                                 r#"{{"seq":{seq},"index":{i},"id":{},"partition":{partition},{},"duplicate":true}}"#,
                                 id_json(id),
-                                match offset {
-                                    Some(o) => format!(r#""offset":{o}"#),
-                                    None => r#""status":"received""#.to_string(),
+                                match (offset, spooled) {
+                                    (Some(o), _) => format!(r#""offset":{o}"#),
+                                    (None, true) => r#""status":"spooled""#.to_string(),
+                                    (None, false) => r#""status":"received""#.to_string(),
                                 }
                             );
                         }

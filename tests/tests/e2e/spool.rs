@@ -614,3 +614,35 @@ async fn produce_errors_and_a_slow_broker_are_absorbed_and_every_event_reaches_k
     check_exactly_once_in_order(&records, &acked);
     assert_eq!(records.len(), acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_spooled_event_is_answered_as_a_spooled_duplicate_and_forwarded_once() {
+    let kafka = LinkedTansu::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = spool_config(&kafka.bootstrap, "")
+        .replace("[streams.defaults]\n", "[streams.defaults]\ndedup = true\n");
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    assert!(s.wait_readyz(200, sluice_tests::DEADLINE).await);
+    kafka.link.cut();
+    let c = client();
+    let body = json!([{"id": "r-1", "key": "k", "value": "once"}]);
+    let first = Answer::of(c.post(s.events_url("retries")).json(&body)).await;
+    let again = Answer::of(c.post(s.events_url("retries")).json(&body)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body["results"][0]["status"], "spooled");
+    assert_eq!(
+        again.body["results"][0]["status"], "spooled",
+        "{}",
+        again.body
+    );
+    assert_eq!(again.body["results"][0]["duplicate"], true);
+    assert_eq!(
+        again.body["results"][0]["partition"],
+        first.body["results"][0]["partition"]
+    );
+    kafka.link.restore();
+    assert!(drained(&s, Duration::from_secs(60)).await);
+    let records = read_topic(&kafka.bootstrap, "retries", 1, READ_TIMEOUT).unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].header("sluice-event-id").as_deref(), Some("r-1"));
+}
