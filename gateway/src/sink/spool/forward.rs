@@ -99,7 +99,12 @@ pub(super) async fn run(spool: Spool, stream: Arc<SpoolStream>, p: u32) {
             return;
         }
         let (generation, producer) = spool.producer();
-        let problem = match recover(&spool, &stream, p).await {
+        // Asking Kafka can take a while (metadata, a scan): a stop does not wait for it.
+        let recovered = tokio::select! {
+            r = recover(&spool, &stream, p) => r,
+            _ = stop.wait_for(|&s| s) => return,
+        };
+        let problem = match recovered {
             Ok(start) => {
                 if !last_problem.is_empty() {
                     tracing::info!(stream = %stream.name, partition = p, next = start.next, "spool forwarding resumed");

@@ -399,8 +399,13 @@ impl Spool {
     pub async fn close(&self) {
         self.inner.stop.send_replace(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
-        for t in tasks {
-            let _ = t.await;
+        // Each forwarder waits at most a few seconds for its deliveries; this bounds the rest.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for mut t in tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
         }
         self.inner.streams.write().unwrap().clear();
         self.inner.log.close().await;
