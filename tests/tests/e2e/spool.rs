@@ -646,3 +646,89 @@ async fn a_retried_spooled_event_is_answered_as_a_spooled_duplicate_and_forwarde
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0].header("sluice-event-id").as_deref(), Some("r-1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_age_bound_and_the_whole_spools_bound_push_back_too() {
+    let kafka = LinkedTansu::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[streams.declare.fresh]\nspool_max_age_ms = 1000\n",
+        spool_config(
+            &kafka.bootstrap,
+            "segment_bytes = 65536\nmax_bytes = 1048576"
+        )
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    assert!(s.wait_readyz(200, sluice_tests::DEADLINE).await);
+    kafka.link.cut();
+    let c = client();
+    let post = |stream: &str, value: Value| {
+        Answer::of(
+            c.post(s.events_url(stream))
+                .json(&json!({"key": "k", "value": value})),
+        )
+    };
+    // Age: once the oldest waiting event of `fresh` is a second old, it is refused.
+    assert_eq!(post("fresh", json!(0)).await.status, StatusCode::OK);
+    let refused = Mutex::new(None);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            let a = post("fresh", json!(1)).await;
+            let full = a.status == StatusCode::SERVICE_UNAVAILABLE;
+            if full {
+                *refused.lock().unwrap() = Some(a);
+            }
+            full
+        })
+        .await,
+        "the age bound never refused"
+    );
+    let a = refused.into_inner().unwrap().unwrap();
+    let message = a.body["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("old") && message.contains("spool_max_age_ms"),
+        "{message}"
+    );
+    // The whole spool: 1 MiB for every stream together.
+    let big = "y".repeat(20_000);
+    let mut total_refused = false;
+    for n in 0..200 {
+        let a = post("bulk", json!(format!("{n}-{big}"))).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            let message = a.body["error"]["message"].as_str().unwrap().to_string();
+            assert!(message.contains("log.spool.max_bytes"), "{message}");
+            total_refused = true;
+            break;
+        }
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+    assert!(
+        total_refused,
+        "the whole spool's bound never refused: {}",
+        s.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("sluice_spool"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let m = s.metrics().await;
+    for (stream, reason) in [("fresh", "age"), ("bulk", "total_bytes")] {
+        let labels = format!("stream=\"{stream}\",reason=\"{reason}\"");
+        assert!(
+            metric_or_zero(&m, "sluice_spool_refused_events_total", &labels) >= 1.0,
+            "{labels}"
+        );
+    }
+    // Kafka back: both drain and take events again.
+    kafka.link.restore();
+    assert!(drained(&s, Duration::from_secs(60)).await);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            post("fresh", json!(2)).await.status == StatusCode::OK
+                && post("bulk", json!("after")).await.status == StatusCode::OK
+        })
+        .await,
+        "still refused after the spool drained"
+    );
+}

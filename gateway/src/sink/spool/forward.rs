@@ -26,6 +26,8 @@ use crate::sink::kafka::headers;
 /// `<spool id>:<spool partition>:<spool offset>`.
 pub const SPOOL_HEADER: &str = "sluice-spool";
 
+/// How long a recovery waits for the topic's metadata (and its creation).
+const LOOKUP_WAIT: Duration = Duration::from_secs(3);
 /// Events read from the spool per step.
 const READ_STEP: usize = 1000;
 /// Longest pause between attempts after a failure.
@@ -169,11 +171,20 @@ async fn recover(
         .map_or(marks.start, |c| c.next.max(marks.start));
     // Until Kafka answers, the oldest waiting event is the first one after the checkpoint.
     note_oldest(stream, p, floor, marks.end);
-    let topic = spool
+    // Bounded, so a Kafka going away does not hold the attempt (and the oldest event's age,
+    // noted above at each attempt) for several metadata timeouts.
+    let lookup = spool
         .inner
         .kafka
-        .get_or_create(&stream.name, &stream.settings, stream.may_create)
+        .get_or_create(&stream.name, &stream.settings, stream.may_create);
+    let topic = tokio::time::timeout(LOOKUP_WAIT, lookup)
         .await
+        .map_err(|_| {
+            (
+                "recover",
+                format!("Kafka did not answer within {LOOKUP_WAIT:?}"),
+            )
+        })?
         .map_err(|r| {
             (
                 "recover",

@@ -35,6 +35,9 @@ use super::kafka::KafkaSink;
 pub use metrics::SpoolMetrics;
 use metrics::{RefusedLabels, StreamLabel};
 
+/// How long a new spooled stream's first producer waits for Kafka to name the topic's
+/// partition count.
+const TOPIC_LOOKUP: Duration = Duration::from_secs(1);
 /// How long a producer refused at a bound is told to wait.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -58,7 +61,10 @@ struct Inner {
     streams: RwLock<HashMap<Arc<str>, Arc<SpoolStream>>>,
     create: tokio::sync::Mutex<()>,
     metrics: SpoolMetrics,
+    /// Bytes of every spooled stream on disk, as of the last refresh (every 250 ms) ...
     total_bytes: AtomicU64,
+    /// ... and the bytes appended since, so the bound holds between refreshes too.
+    recent_bytes: AtomicU64,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -135,6 +141,7 @@ impl Spool {
                 create: tokio::sync::Mutex::new(()),
                 metrics,
                 total_bytes: AtomicU64::new(0),
+                recent_bytes: AtomicU64::new(0),
                 stop,
                 tasks: Mutex::default(),
             }),
@@ -179,18 +186,26 @@ impl Spool {
         if let Some(s) = self.get(name) {
             return Ok(s);
         }
-        let partitions = match self
-            .inner
-            .kafka
-            .get_or_create(name, settings, may_create)
-            .await
-        {
-            Ok(topic) => topic.partition_count(),
-            Err(r @ (Rejection::NotFound { .. } | Rejection::Malformed { .. })) => return Err(r),
-            // Kafka does not answer: the spool takes events with the configured count, and
-            // the forwarder checks it against the topic's (docs/kafka.md).
-            Err(_) if may_create => settings.partitions,
-            Err(r) => return Err(r),
+        // Producers of a spooled stream do not wait on Kafka: the topic's partition count is
+        // asked for briefly, and a Kafka that does not answer in time (down, or going down
+        // before the probe noticed) leaves the configured count.
+        let lookup = self.inner.kafka.get_or_create(name, settings, may_create);
+        let partitions = match tokio::time::timeout(TOPIC_LOOKUP, lookup).await {
+            Ok(Ok(topic)) => topic.partition_count(),
+            Ok(Err(r @ (Rejection::NotFound { .. } | Rejection::Malformed { .. }))) => {
+                return Err(r);
+            }
+            // The forwarder checks the count against the topic's later (docs/kafka.md).
+            Ok(Err(_)) | Err(_) if may_create => settings.partitions,
+            Ok(Err(r)) => return Err(r),
+            Err(_) => {
+                return Err(Rejection::unavailable(
+                    RETRY_AFTER,
+                    format!(
+                        "Kafka did not say within {TOPIC_LOOKUP:?} whether stream `{name}`'s topic exists"
+                    ),
+                ));
+            }
         };
         let log = self
             .inner
@@ -277,6 +292,8 @@ impl Spool {
             }
             return vec![Receipt::Failed(r); req.events.len()];
         }
+        let bytes: u64 = req.events.iter().map(|e| e.charge() as u64).sum();
+        self.inner.recent_bytes.fetch_add(bytes, Ordering::Relaxed);
         let mut receipts = embedded::append(&s.log, req, AckMode::Durable, held, queued).await;
         for r in &mut receipts {
             if let Receipt::Appended { partition, .. } = *r {
@@ -321,7 +338,8 @@ impl Spool {
                 ),
             );
         }
-        let total = self.inner.total_bytes.load(Ordering::Relaxed);
+        let total = self.inner.total_bytes.load(Ordering::Relaxed)
+            + self.inner.recent_bytes.load(Ordering::Relaxed);
         if total >= self.inner.cfg.max_bytes {
             return refuse(
                 "total_bytes",
@@ -364,6 +382,7 @@ impl Spool {
                 .set(s.oldest_age_ms() as f64 / 1000.0);
         }
         self.inner.total_bytes.store(total, Ordering::Relaxed);
+        self.inner.recent_bytes.store(0, Ordering::Relaxed);
         m.total_bytes.set(total as i64);
     }
 
