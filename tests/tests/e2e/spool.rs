@@ -526,7 +526,10 @@ async fn a_restart_with_a_backlog_and_kafka_still_away_stays_ready_and_forwards_
     let kafka = LinkedTansu::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let toml = spool_config(&kafka.bootstrap, "");
+    // A producer queue of 20 events for three forwarders: the backlog drains through a full
+    // queue, each forwarder waiting its turn.
+    let toml = spool_config(&kafka.bootstrap, "")
+        .replace("linger_ms = 2", "linger_ms = 2\nqueue_max_events = 20");
     let mut s = Sluice::start(&data, &toml).unwrap();
     assert!(s.wait_readyz(200, sluice_tests::DEADLINE).await);
     // The topic exists (the first event went through), then Kafka goes away.
@@ -560,6 +563,16 @@ async fn a_restart_with_a_backlog_and_kafka_still_away_stays_ready_and_forwards_
     let records = read_topic(&kafka.bootstrap, "later", acked.len(), READ_TIMEOUT).unwrap();
     check_exactly_once_in_order(&records, &acked);
     assert_eq!(records.len(), 301);
+    // A full producer queue is waited out, not treated as a failed delivery.
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_or_zero(
+            &m,
+            "sluice_spool_forward_errors_total",
+            "stream=\"later\",error=\"delivery\""
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -501,10 +501,20 @@ async fn forward(
                         delivery: Some(delivery),
                     });
                 }
-                // The producer's queue is full: wait for deliveries below.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
-                    if !in_flight.is_empty() =>
-                {
+                // The producer's queue is full: wait for this partition's deliveries below, or,
+                // with none in flight (other partitions and streams filled the shared queue),
+                // a moment, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if in_flight.is_empty() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            _ = async { drop(stop.wait_for(|&s| s).await) } => {
+                                save(stream, p, &path, &mut progress).await;
+                                return Ended::Stopped;
+                            }
+                        }
+                        continue;
+                    }
                     break;
                 }
                 Err((e, _)) => {
