@@ -432,6 +432,7 @@ impl Gateway {
         let v = self
             .throttle(policy, req.principal(), name, &sizes.charges)
             .await;
+        req.admission.rate_limits().set(v.limits.clone());
         if v.admitted == sizes.charges.len() {
             return Ok(None);
         }

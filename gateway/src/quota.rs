@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock, Reference};
-use governor::middleware::NoOpMiddleware;
+use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::HashMapStateStore;
 use governor::{Quota, RateLimiter};
 use sluice_auth::glob_match;
 use sluice_config::{QuotaDirection, QuotaPolicy, QuotaRule, QuotaScope, QuotasConfig};
+use sluice_core::RateLimit;
 
-type Keyed<C> =
-    RateLimiter<String, HashMapStateStore<String>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> = RateLimiter<String, HashMapStateStore<String>, C, StateInformationMiddleware>;
 
 struct Rule<C: Clock> {
     cfg: QuotaRule,
@@ -58,6 +58,8 @@ pub struct Verdict {
     pub policy: QuotaPolicy,
     /// The rule's limit, for the message.
     pub limit: String,
+    /// Each applicable bucket's state after the check (the IETF `RateLimit` fields).
+    pub limits: Vec<RateLimit>,
 }
 
 fn quota(per_sec: u32, burst: Option<u32>) -> Quota {
@@ -81,14 +83,14 @@ impl<C: Clock + Clone> Quotas<C> {
             .map(|r| Rule {
                 cfg: r.clone(),
                 events: r.events_per_sec.map(|e| {
-                    RateLimiter::new(
+                    Keyed::new(
                         quota(e, r.burst_events),
                         HashMapStateStore::default(),
                         clock.clone(),
                     )
                 }),
                 bytes: r.bytes_per_sec.map(|b| {
-                    RateLimiter::new(
+                    Keyed::new(
                         quota(b, r.burst_bytes),
                         HashMapStateStore::default(),
                         clock.clone(),
@@ -170,6 +172,7 @@ impl<C: Clock + Clone> Quotas<C> {
             scope: None,
             policy: QuotaPolicy::Reject,
             limit: String::new(),
+            limits: Vec::new(),
         };
         let mut prefix = Vec::with_capacity(sizes.len() + 1);
         prefix.push(0u64);
@@ -177,9 +180,19 @@ impl<C: Clock + Clone> Quotas<C> {
             prefix.push(prefix.last().copied().unwrap_or(0) + *s as u64);
         }
         for (rule, key) in self.applicable(on, principal, identity, stream) {
-            for (limiter, unit, per_sec) in [
-                (&rule.events, "events", rule.cfg.events_per_sec),
-                (&rule.bytes, "bytes", rule.cfg.bytes_per_sec),
+            for (limiter, unit, per_sec, burst) in [
+                (
+                    &rule.events,
+                    "events",
+                    rule.cfg.events_per_sec,
+                    rule.cfg.burst_events,
+                ),
+                (
+                    &rule.bytes,
+                    "bytes",
+                    rule.cfg.bytes_per_sec,
+                    rule.cfg.burst_bytes,
+                ),
             ] {
                 let Some(l) = limiter else { continue };
                 self.sweep(rule, l);
@@ -190,7 +203,12 @@ impl<C: Clock + Clone> Quotas<C> {
                         prefix[r.end] - prefix[r.start]
                     }
                 };
-                let (k, wait) = self.take_prefix(l, &key, v.admitted, weight);
+                let checked = v.admitted > 0;
+                let (k, wait, remaining) = self.take_prefix(l, &key, v.admitted, weight);
+                if checked {
+                    v.limits
+                        .push(rate_limit(rule.cfg.scope, unit, per_sec, burst, remaining));
+                }
                 if k < v.admitted {
                     v.admitted = k;
                     v.retry_after = wait;
@@ -224,14 +242,17 @@ impl<C: Clock + Clone> Quotas<C> {
     }
 
     /// The longest prefix of `n` events that `l` admits for `key`; consumes exactly that prefix.
+    /// Also: how long until the first refused event could fit, and what is left of the burst
+    /// after the last admitted chunk (0 when none was).
     fn take_prefix(
         &self,
         l: &Keyed<C>,
         key: &String,
         n: usize,
         weight: impl Fn(Range<usize>) -> u64,
-    ) -> (usize, Duration) {
+    ) -> (usize, Duration, u64) {
         let (mut admitted, mut step, mut wait) = (0, n, Duration::ZERO);
+        let mut remaining = 0;
         while step > 0 && admitted < n {
             let take = step.min(n - admitted);
             let amount = weight(admitted..admitted + take);
@@ -240,7 +261,10 @@ impl<C: Clock + Clone> Quotas<C> {
                 continue;
             };
             match l.check_key_n(key, amount) {
-                Ok(Ok(())) => admitted += take,
+                Ok(Ok(snapshot)) => {
+                    admitted += take;
+                    remaining = u64::from(snapshot.remaining_burst_capacity());
+                }
                 Ok(Err(not_until)) => {
                     wait = not_until.wait_time_from(self.clock.now());
                     step = take / 2;
@@ -253,7 +277,32 @@ impl<C: Clock + Clone> Quotas<C> {
                 }
             }
         }
-        (admitted, wait)
+        (admitted, wait, remaining)
+    }
+}
+
+/// A bucket's state in the terms of the IETF `RateLimit` fields: the burst is the quota, the
+/// window the time the rate takes to refill it, and the reset the time until it is full again.
+fn rate_limit(
+    scope: QuotaScope,
+    unit: &str,
+    per_sec: Option<u32>,
+    burst: Option<u32>,
+    remaining: u64,
+) -> RateLimit {
+    let rate = u64::from(per_sec.unwrap_or(1).max(1));
+    let quota = u64::from(burst.filter(|&b| b > 0).unwrap_or(rate as u32));
+    let scope = match scope {
+        QuotaScope::Stream => "stream",
+        QuotaScope::Principal => "principal",
+        QuotaScope::PrincipalStream => "principal-stream",
+    };
+    RateLimit {
+        name: format!("{scope}-{unit}"),
+        quota,
+        window_secs: quota.div_ceil(rate).max(1),
+        remaining: remaining.min(quota),
+        reset_secs: (quota - remaining.min(quota)).div_ceil(rate),
     }
 }
 
@@ -284,6 +333,17 @@ mod tests {
         let v = q.check("p", "p", "s", &[1; 8]);
         assert_eq!(v.admitted, 5, "the burst");
         assert_eq!(v.scope, Some(QuotaScope::Stream));
+        // The burst used up: 5 per 1 s window, none left, full again in 1 s.
+        assert_eq!(
+            v.limits,
+            vec![RateLimit {
+                name: "stream-events".into(),
+                quota: 5,
+                window_secs: 1,
+                remaining: 0,
+                reset_secs: 1,
+            }]
+        );
         assert_eq!(
             v.retry_after,
             Duration::from_millis(100),

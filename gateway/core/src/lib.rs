@@ -338,6 +338,35 @@ pub struct Admission {
     principal: Principal,
     stream: StreamName,
     settings: StreamSettings,
+    rate_limits: RateLimits,
+}
+
+/// One quota bucket's state after a request, as the IETF `RateLimit-Policy` / `RateLimit`
+/// fields state it (docs/quotas.md): `quota` units per `window_secs`, `remaining` now, full
+/// again in `reset_secs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `stream-events`, `principal-bytes`, `principal-stream-events`, ...
+    pub name: String,
+    pub quota: u64,
+    pub window_secs: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+}
+
+/// Where the gateway leaves the quotas' state of a request for its adapter to answer with;
+/// clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct RateLimits(Arc<std::sync::Mutex<Vec<RateLimit>>>);
+
+impl RateLimits {
+    pub fn set(&self, limits: Vec<RateLimit>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+    }
+
+    pub fn get(&self) -> Vec<RateLimit> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Admission {
@@ -347,7 +376,13 @@ impl Admission {
             principal,
             stream,
             settings,
+            rate_limits: RateLimits::default(),
         }
+    }
+
+    /// The quotas' state of this request, once the gateway checked them.
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.rate_limits
     }
 
     pub fn principal(&self) -> &Principal {

@@ -432,7 +432,6 @@ async fn publish<I: Ingest>(
     ingest: &I,
     ctx: &Ctx,
 ) -> Result<(Response<Full<Bytes>>, &'static str), Rejection> {
-    let body_timeout = ctx.body_timeout;
     let stream = StreamName::parse(stream)?;
     let principal = match authenticate(&req, conn, ingest, ctx).await {
         Ok(p) => p,
@@ -448,6 +447,44 @@ async fn publish<I: Ingest>(
     };
     tracing::Span::current().record("principal", principal.name());
     let admission = ingest.admit(&principal, &stream)?;
+    // Whatever the answer, it carries the quotas' state when the stream has quotas.
+    let rate_limits = admission.rate_limits().clone();
+    let (mut response, outcome) = match publish_admitted(req, admission, ingest, ctx).await {
+        Ok(answer) => answer,
+        Err(r) => (rejection_response(&r), r.code()),
+    };
+    add_rate_limit_fields(response.headers_mut(), &rate_limits.get());
+    Ok((response, outcome))
+}
+
+/// The IETF `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers):
+/// one item per quota bucket that applied, e.g. `"stream-events";q=1000;w=1` and
+/// `"stream-events";r=998;t=1`.
+pub fn add_rate_limit_fields(headers: &mut http::HeaderMap, limits: &[sluice_core::RateLimit]) {
+    if limits.is_empty() {
+        return;
+    }
+    let join = |f: &dyn Fn(&sluice_core::RateLimit) -> String| {
+        limits.iter().map(f).collect::<Vec<_>>().join(", ")
+    };
+    let policy = join(&|l| format!("\"{}\";q={};w={}", l.name, l.quota, l.window_secs));
+    let state = join(&|l| format!("\"{}\";r={};t={}", l.name, l.remaining, l.reset_secs));
+    for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+/// The rest of [`publish`], once the stream admitted the principal.
+async fn publish_admitted<I: Ingest>(
+    req: Request<Incoming>,
+    admission: sluice_core::Admission,
+    ingest: &I,
+    ctx: &Ctx,
+) -> Result<(Response<Full<Bytes>>, &'static str), Rejection> {
+    let body_timeout = ctx.body_timeout;
+    let stream = admission.stream().clone();
     let limits = *admission.settings();
 
     let (parts, body) = req.into_parts();

@@ -497,3 +497,70 @@ async fn a_byte_quota_counts_what_each_event_costs_over_http_and_mqtt() {
     assert_eq!(s.read_log("b.http").unwrap().len(), 4);
     assert_eq!(s.read_log("b.mqtt").unwrap().len(), 4);
 }
+
+#[tokio::test]
+async fn answers_carry_the_ietf_ratelimit_fields_for_streams_with_quotas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(
+        &tmp.path().join("data"),
+        // 1 event/s after a burst of 10, and 1 MB/s of bytes (burst 2 MB): two buckets apply.
+        "[[quotas.rules]]\nscope = \"stream\"\nstreams = \"rl.*\"\nevents_per_sec = 1\nburst_events = 10\nbytes_per_sec = 1000000\nburst_bytes = 2000000\n",
+    )
+    .unwrap();
+    let c = reqwest::Client::new();
+    let fields = |r: &reqwest::Response| {
+        let get = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+        (get("ratelimit-policy"), get("ratelimit"))
+    };
+    let r = c
+        .post(s.events_url("rl.a"))
+        .json(&json!([1, 2, 3]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (policy, state) = fields(&r);
+    assert_eq!(
+        policy.as_deref(),
+        Some(r#""stream-events";q=10;w=10, "stream-bytes";q=2000000;w=2"#)
+    );
+    // 3 of 10 events used: 7 left, full again in 3 s; bytes barely touched.
+    let state = state.expect("a RateLimit field");
+    assert!(
+        state.starts_with(r#""stream-events";r=7;t=3, "stream-bytes";r="#),
+        "{state}"
+    );
+    // Past the burst: 429, nothing left, and the fields still there beside Retry-After.
+    let r = c
+        .post(s.events_url("rl.a"))
+        .json(&json!((0..20).collect::<Vec<_>>()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a partly admitted batch");
+    let r = c
+        .post(s.events_url("rl.a"))
+        .json(&json!([1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let (policy, state) = fields(&r);
+    assert!(policy.is_some());
+    assert!(
+        state
+            .as_deref()
+            .is_some_and(|s| s.starts_with(r#""stream-events";r=0;t="#)),
+        "{state:?}"
+    );
+    // A stream without quotas: no fields.
+    let r = c
+        .post(s.events_url("free"))
+        .json(&json!([1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(fields(&r), (None, None));
+}
