@@ -7,12 +7,15 @@
 #  2. drain: Kafka frozen (SIGSTOP) while producers fill the spool with BACKLOG events, then
 #     resumed (SIGCONT) while new load continues at LIVE events/s: how fast the backlog drains.
 # Usage: loadtest/bench-spool.sh [seconds per round] [rounds] [backlog events] [live events/s]
+#                                [outage seconds]
+# The outage lasts as long as spooling the backlog takes (20 s by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
 rounds="${2:-2}"
 backlog="${3:-1000000}"
 live="${4:-20000}"
+outage="${5:-20}"
 scripts/install-deps.sh --with-tansu >/dev/null
 cargo build --release --locked -q --bin sluice --bin sluice-loadtest
 tansu="$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")"
@@ -80,11 +83,12 @@ for r in $(seq "$rounds"); do
   python3 -c "print('   forwarded %d events in %.1f s (load and the drain after it) = %.0f events/s; %d were waiting when the load stopped' % ($after-$before, $t1-$t0, ($after-$before)/($t1-$t0), $waiting))"
 done
 
-echo "== drain: Kafka frozen (SIGSTOP) while $backlog events are spooled"
+echo "== drain: Kafka frozen (SIGSTOP) for $outage s while $backlog events are spooled"
 kill -STOP "$tansu_pid"
-rate=$(( backlog / 100 / 20 ))
+rate=$(( backlog / 100 / outage ))
 target/release/sluice-loadtest http --url "http://$http_addr/v1/streams/spooled/events" \
-  --connections 64 --events-per-request 100 --payload-bytes 100 --rate "$rate" --duration-secs 20 --warmup-secs 0 --json
+  --connections 64 --events-per-request 100 --payload-bytes 100 --rate "$rate" --duration-secs "$outage" --warmup-secs 0 --json
+echo "   /readyz: $(curl -s "http://$admin_addr/readyz")"
 waiting="$(metric sluice_spool_events)"
 echo "   waiting: $waiting events; spool bytes: $(metric sluice_spool_bytes)"
 echo "== drain: Kafka resumed (SIGCONT) with $live events/s of new load"

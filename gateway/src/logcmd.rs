@@ -167,16 +167,10 @@ pub fn render(stream: &str, partition: u32, r: &Record, json_values: bool) -> Va
     // Sluice's own facts last, so that no stored header (older records were not checked
     // against the reserved names) can stand in for them.
     headers.insert("sluice-protocol".into(), lossy(&r.protocol));
-    // Stored as the principal's identity: source U+001F name (records written before sources
-    // were recorded hold the name alone).
-    match r.principal.iter().position(|&b| b == 0x1f) {
-        Some(at) => {
-            headers.insert("sluice-principal".into(), lossy(&r.principal[at + 1..]));
-            headers.insert("sluice-principal-source".into(), lossy(&r.principal[..at]));
-        }
-        None => {
-            headers.insert("sluice-principal".into(), lossy(&r.principal));
-        }
+    let (name, source) = r.principal_parts();
+    headers.insert("sluice-principal".into(), lossy(name));
+    if let Some(source) = source {
+        headers.insert("sluice-principal-source".into(), lossy(source));
     }
     m.insert("headers".into(), Value::Object(headers));
     // JSON events (their content type says so, and they parse) are JSON in the output; other

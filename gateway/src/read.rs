@@ -525,21 +525,16 @@ pub(crate) fn raw_of(r: &sluice_log::Record) -> RawRecord {
         Bytes::from_static(b"sluice-protocol"),
         Bytes::copy_from_slice(&r.protocol),
     ));
-    match r.principal.iter().position(|&b| b == 0x1f) {
-        Some(at) => {
-            headers.push((
-                Bytes::from_static(b"sluice-principal"),
-                Bytes::copy_from_slice(&r.principal[at + 1..]),
-            ));
-            headers.push((
-                Bytes::from_static(b"sluice-principal-source"),
-                Bytes::copy_from_slice(&r.principal[..at]),
-            ));
-        }
-        None => headers.push((
-            Bytes::from_static(b"sluice-principal"),
-            Bytes::copy_from_slice(&r.principal),
-        )),
+    let (name, source) = r.principal_parts();
+    headers.push((
+        Bytes::from_static(b"sluice-principal"),
+        Bytes::copy_from_slice(name),
+    ));
+    if let Some(source) = source {
+        headers.push((
+            Bytes::from_static(b"sluice-principal-source"),
+            Bytes::copy_from_slice(source),
+        ));
     }
     RawRecord {
         timestamp_ms: r.timestamp_ms,

@@ -26,6 +26,18 @@ pub struct Record {
     pub principal: Vec<u8>,
 }
 
+impl Record {
+    /// The producing principal's name and, when recorded, how it authenticated: the record
+    /// holds its identity, `source U+001F name` (records written before sources were recorded
+    /// hold the name alone).
+    pub fn principal_parts(&self) -> (&[u8], Option<&[u8]>) {
+        match self.principal.iter().position(|&b| b == 0x1f) {
+            Some(at) => (&self.principal[at + 1..], Some(&self.principal[..at])),
+            None => (&self.principal, None),
+        }
+    }
+}
+
 /// A cursor over one partition directory.
 pub struct PartitionReader {
     dir: PathBuf,

@@ -460,7 +460,7 @@ async fn publish<I: Ingest>(
 /// The IETF `RateLimit-Policy` and `RateLimit` fields (draft-ietf-httpapi-ratelimit-headers):
 /// one item per quota bucket that applied, e.g. `"stream-events";q=1000;w=1` and
 /// `"stream-events";r=998;t=1`.
-pub fn add_rate_limit_fields(headers: &mut http::HeaderMap, limits: &[sluice_core::RateLimit]) {
+fn add_rate_limit_fields(headers: &mut http::HeaderMap, limits: &[sluice_core::RateLimit]) {
     if limits.is_empty() {
         return;
     }

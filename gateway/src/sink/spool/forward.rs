@@ -674,15 +674,11 @@ fn record_headers(r: &Record, spool: &str) -> OwnedHeaders {
     if let Some(id) = &r.id {
         h = add(h, headers::EVENT_ID, id);
     }
-    // Stored as the principal's identity: source U+001F name.
-    match r.principal.iter().position(|&b| b == 0x1f) {
-        Some(at) => {
-            h = add(h, headers::PRINCIPAL, &r.principal[at + 1..]);
-            if at > 0 {
-                h = add(h, headers::PRINCIPAL_SOURCE, &r.principal[..at]);
-            }
-        }
-        None => h = add(h, headers::PRINCIPAL, &r.principal),
+    let (name, source) = r.principal_parts();
+    h = add(h, headers::PRINCIPAL, name);
+    // As the direct path: no source header for a principal without one.
+    if let Some(source) = source.filter(|s| !s.is_empty()) {
+        h = add(h, headers::PRINCIPAL_SOURCE, source);
     }
     h = add(h, headers::PROTOCOL, &r.protocol);
     h = add(
