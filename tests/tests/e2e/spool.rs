@@ -423,7 +423,7 @@ async fn a_full_spool_pushes_back_and_takes_events_again_once_kafka_drains_it() 
     let kafka = LinkedTansu::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let toml = format!(
-        "{}\n[streams.declare.small]\nspool_max_bytes = 600000\n",
+        "{}\n[streams.declare.small]\nspool_max_bytes = 600000\n[mqtt]\nmax_hold_ms = 300\n[[mqtt.topics]]\npattern = \"small/{{device}}\"\nstream = \"small\"\nkey = \"{{device}}\"\n",
         spool_config(&kafka.bootstrap, "segment_bytes = 65536")
     );
     let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
@@ -492,6 +492,39 @@ async fn a_full_spool_pushes_back_and_takes_events_again_once_kafka_drains_it() 
         })
         .await;
     assert_eq!(r.unwrap_err().code(), tonic::Code::Unavailable);
+    // WebSocket: the frame's nack with a retry hint; the connection stays open for the retry.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/small/ws", s.http))
+            .await
+            .unwrap();
+    ws.send(Message::text(r#"{"key":"k0","value":"ws"}"#))
+        .await
+        .unwrap();
+    let nack = loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("an answer within 30 s");
+        match m {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("WebSocket: {other:?}"),
+        }
+    };
+    assert_eq!(nack["error"]["code"], "unavailable", "{nack}");
+    assert!(nack["retry_after_ms"].as_u64().is_some(), "{nack}");
+    // MQTT 5: a QoS 1 publish is held for mqtt.max_hold_ms, then refused with 0x83.
+    {
+        use rmqtt_codec::v5;
+        use sluice_tests::mqtt::{connect5, publish, session5};
+        let (mut raw, _) = session5(s.mqtt.unwrap(), connect5("full-dev", 30)).await;
+        let mut p = publish("small/d1", 1, 1, b"", Some(Default::default()));
+        p.payload = bytes::Bytes::from_static(b"mqtt");
+        raw.send5(v5::Packet::Publish(Box::new(p))).await;
+        match raw.recv5().await {
+            Some(v5::Packet::PublishAck(a)) => assert_eq!(u8::from(a.reason_code), 0x83, "{a:?}"),
+            other => panic!("MQTT: {other:?}"),
+        }
+    }
     // Other streams' spools are not full.
     let a = Answer::of(c.post(s.events_url("other")).json(&json!({"value": 1}))).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
