@@ -587,6 +587,21 @@ async fn a_restart_with_a_backlog_and_kafka_still_away_stays_ready_and_forwards_
         acked.push((key, n.to_string()));
     }
     assert!(s.terminate().unwrap().success());
+    // An operator can look at the backlog with `sluice log read` on the spool's directory:
+    // every waiting event (and the forwarded first one, if its segment is still there).
+    let backlog = sluice_tests::read_log(&data.join("spool"), "later", &[]).unwrap();
+    let values: std::collections::HashSet<String> = backlog
+        .iter()
+        .map(|r| r["value"].as_str().expect("a text value").to_string())
+        .collect();
+    assert!(
+        matches!(backlog.len(), 300 | 301),
+        "{} records",
+        backlog.len()
+    );
+    for (_, v) in &acked[1..] {
+        assert!(values.contains(v), "{v} is not in the spool");
+    }
     let s = Sluice::start(&data, &toml).unwrap();
     assert!(s.wait_readyz(200, sluice_tests::DEADLINE).await);
     let (_, text) = readyz(&s).await;
