@@ -139,6 +139,11 @@ fn check_config(file: PathBuf) -> ExitCode {
                 match c.log.kind {
                     sluice_config::LogKind::Embedded =>
                         format!("embedded in {}", c.log.data_dir.display()),
+                    sluice_config::LogKind::Kafka if c.any_spooled_stream() => format!(
+                        "kafka at {}, spooled streams in {}",
+                        c.log.kafka.bootstrap_servers,
+                        c.log.data_dir.join("spool").display()
+                    ),
                     sluice_config::LogKind::Kafka =>
                         format!("kafka at {}", c.log.kafka.bootstrap_servers),
                 },
