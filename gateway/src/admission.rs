@@ -298,11 +298,17 @@ impl Ingest for Gateway {
         if let Some(p) = self.reserve_creation(principal, name, &policy.streams)? {
             self.release_creation(&p);
         }
-        Ok(Admission::granted(
+        let admission = Admission::granted(
             principal.clone(),
             stream.clone(),
             policy.streams.settings(name),
-        ))
+        );
+        // Only with quotas is there a state to answer with (and a cell to allocate).
+        Ok(if policy.quotas.is_empty() {
+            admission
+        } else {
+            admission.with_rate_limits()
+        })
     }
 
     /// The path of one admitted batch, as named steps in the order they run. Whole-batch

@@ -355,17 +355,26 @@ pub struct RateLimit {
 }
 
 /// Where the gateway leaves the quotas' state of a request for its adapter to answer with;
-/// clones share it.
+/// clones share it. Empty (nothing allocated, nothing kept) unless quotas are configured.
 #[derive(Debug, Clone, Default)]
-pub struct RateLimits(Arc<std::sync::Mutex<Vec<RateLimit>>>);
+pub struct RateLimits(Option<Arc<std::sync::Mutex<Vec<RateLimit>>>>);
 
 impl RateLimits {
+    /// A cell that keeps what is set (the default one drops it).
+    pub fn kept() -> Self {
+        Self(Some(Arc::default()))
+    }
+
     pub fn set(&self, limits: Vec<RateLimit>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        if let Some(cell) = &self.0 {
+            *cell.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        }
     }
 
     pub fn get(&self) -> Vec<RateLimit> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.as_ref().map_or_else(Vec::new, |cell| {
+            cell.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        })
     }
 }
 
@@ -383,6 +392,12 @@ impl Admission {
     /// The quotas' state of this request, once the gateway checked them.
     pub fn rate_limits(&self) -> &RateLimits {
         &self.rate_limits
+    }
+
+    /// The same admission, keeping the quotas' state for the adapter (streams with quotas).
+    pub fn with_rate_limits(mut self) -> Self {
+        self.rate_limits = RateLimits::kept();
+        self
     }
 
     pub fn principal(&self) -> &Principal {
