@@ -126,6 +126,8 @@ impl Default for CorsConfig {
                 "idempotency-key",
                 "sluice-key",
                 "sluice-id",
+                "sluice-timestamp",
+                "sluice-partition",
                 "last-event-id",
             ]),
             expose_headers: s(&["sluice-next-cursor", "retry-after"]),

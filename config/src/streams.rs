@@ -92,6 +92,27 @@ pub struct StreamSettings {
     /// For `ack = "spooled"`: once the oldest event not yet forwarded to Kafka is this old,
     /// producers get the backpressure answer (0 = no limit by age).
     pub spool_max_age_ms: u64,
+    /// A producer timestamp more than this far ahead of the gateway's clock is out of range
+    /// (0 = no limit). Kafka's `log.message.timestamp.after.max.ms` has the same default.
+    pub max_timestamp_future_ms: u64,
+    /// A producer timestamp more than this far behind the gateway's clock is out of range
+    /// (0 = no limit: devices that were offline for weeks send old events).
+    pub max_timestamp_past_ms: u64,
+    /// What an event whose producer timestamp is out of range gets.
+    pub timestamp_out_of_range: TimestampPolicy,
+}
+
+/// What becomes of an event whose producer timestamp is out of the stream's range
+/// (docs/http.md "Timestamps and partitions").
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampPolicy {
+    /// Refused per event as malformed, saying which bound it broke.
+    #[default]
+    Reject,
+    /// Stored with the time Sluice received it instead; the producer's time is kept in the
+    /// header `sluice-producer-timestamp`.
+    ReceiveTime,
 }
 
 /// What becomes of a retained MQTT publish (docs/mqtt.md "Retained messages").
@@ -124,6 +145,9 @@ impl Default for StreamSettings {
             mqtt_retained: RetainedPolicy::Store,
             spool_max_bytes: 0,
             spool_max_age_ms: 24 * 3600 * 1000,
+            max_timestamp_future_ms: 3600 * 1000,
+            max_timestamp_past_ms: 0,
+            timestamp_out_of_range: TimestampPolicy::Reject,
         }
     }
 }
@@ -148,6 +172,9 @@ pub struct StreamOverrides {
     pub mqtt_retained: Option<RetainedPolicy>,
     pub spool_max_bytes: Option<u64>,
     pub spool_max_age_ms: Option<u64>,
+    pub max_timestamp_future_ms: Option<u64>,
+    pub max_timestamp_past_ms: Option<u64>,
+    pub timestamp_out_of_range: Option<TimestampPolicy>,
 }
 
 impl StreamOverrides {
@@ -174,6 +201,15 @@ impl StreamOverrides {
             mqtt_retained: self.mqtt_retained.unwrap_or(d.mqtt_retained),
             spool_max_bytes: self.spool_max_bytes.unwrap_or(d.spool_max_bytes),
             spool_max_age_ms: self.spool_max_age_ms.unwrap_or(d.spool_max_age_ms),
+            max_timestamp_future_ms: self
+                .max_timestamp_future_ms
+                .unwrap_or(d.max_timestamp_future_ms),
+            max_timestamp_past_ms: self
+                .max_timestamp_past_ms
+                .unwrap_or(d.max_timestamp_past_ms),
+            timestamp_out_of_range: self
+                .timestamp_out_of_range
+                .unwrap_or(d.timestamp_out_of_range),
         }
     }
 }

@@ -150,11 +150,14 @@ pub fn render(stream: &str, partition: u32, r: &Record, json_values: bool) -> Va
     m.insert("stream".into(), json!(stream));
     m.insert("partition".into(), json!(partition));
     m.insert("offset".into(), json!(r.offset));
-    let ts = OffsetDateTime::from_unix_timestamp_nanos(i128::from(r.timestamp_ms) * 1_000_000)
+    // The event's time: the producer's when it gave one (the time of receipt is then the
+    // header `sluice-received-at`, as records in Kafka have it), else the time of receipt.
+    let at = r.event_time_ms();
+    let ts = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok());
     m.insert("timestamp".into(), json!(ts));
-    m.insert("timestamp_ms".into(), json!(r.timestamp_ms));
+    m.insert("timestamp_ms".into(), json!(at));
     text_or_base64(&mut m, "key", r.key.as_deref());
     text_or_base64(&mut m, "id", r.id.as_deref());
     let mut headers = Map::new();
@@ -171,6 +174,12 @@ pub fn render(stream: &str, partition: u32, r: &Record, json_values: bool) -> Va
     headers.insert("sluice-principal".into(), lossy(name));
     if let Some(source) = source {
         headers.insert("sluice-principal-source".into(), lossy(source));
+    }
+    if r.producer_timestamp_ms.is_some() {
+        headers.insert(
+            "sluice-received-at".into(),
+            json!(r.timestamp_ms.to_string()),
+        );
     }
     m.insert("headers".into(), Value::Object(headers));
     // JSON events (their content type says so, and they parse) are JSON in the output; other

@@ -536,8 +536,14 @@ pub(crate) fn raw_of(r: &sluice_log::Record) -> RawRecord {
             Bytes::copy_from_slice(source),
         ));
     }
+    if r.producer_timestamp_ms.is_some() {
+        headers.push((
+            Bytes::from_static(b"sluice-received-at"),
+            Bytes::from(r.timestamp_ms.to_string()),
+        ));
+    }
     RawRecord {
-        timestamp_ms: r.timestamp_ms,
+        timestamp_ms: r.event_time_ms(),
         key: r.key.as_deref().map(Bytes::copy_from_slice),
         id: r.id.as_deref().map(Bytes::copy_from_slice),
         headers,

@@ -138,6 +138,45 @@ pub struct Event {
     /// Application headers, stored with the event.
     pub headers: Vec<(Bytes, Bytes)>,
     pub value: Bytes,
+    /// The producer's own time of the event, milliseconds since the Unix epoch (the record's
+    /// timestamp; else the time Sluice received it). Checked against the stream's
+    /// `max_timestamp_future_ms` / `max_timestamp_past_ms`.
+    pub timestamp_ms: Option<i64>,
+    /// The partition the producer chose; wins over the key's partition. Refused per event when
+    /// the stream has no such partition.
+    pub partition: Option<u32>,
+}
+
+/// Parses a producer timestamp: RFC 3339 text (`2026-12-07T09:00:00.250Z`, any offset) or
+/// milliseconds since the Unix epoch as decimal digits. The refusal names what was wrong.
+pub fn parse_timestamp(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if !t.is_empty()
+        && t.bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+    {
+        return t
+            .parse::<i64>()
+            .map_err(|_| format!("timestamp `{t}` is out of range"));
+    }
+    let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("timestamp `{t}` is neither RFC 3339 (2026-12-07T09:00:00Z) nor milliseconds since the epoch: {e}")
+        })?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("timestamp `{t}` is out of range"))
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 in UTC (what answers and reads show).
+pub fn format_timestamp(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 /// The most headers one event may carry (HTTP/WebSocket `headers`, gRPC `headers`, MQTT 5 User

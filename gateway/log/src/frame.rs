@@ -3,13 +3,18 @@
 //! ```text
 //! frame   := crc32c:u32 | payload_len:u32 | base_offset:u64 | payload        (little-endian)
 //!            crc32c covers payload_len, base_offset and payload
-//! payload := version:u8 (=1) | count:u32 | timestamp_ms:i64
+//! payload := version:u8 (1 or 2) | count:u32 | timestamp_ms:i64
 //!            | content_type_len:u16 | content_type | protocol_len:u8 | protocol
 //!            | principal_len:u16 | principal | record{count}
 //! record  := record_len:u32 | key_len:i32 (-1 = none) | key | id_len:i32 (-1 = none) | id
 //!            | header_count:u32 | (name_len:u32 | name | value_len:u32 | value){header_count}
-//!            | value_len:u32 | value
+//!            | value_len:u32 | value | [producer_timestamp_ms:i64]   (version 2 only)
 //! ```
+//!
+//! The frame's `timestamp_ms` is when the gateway received the events (the time index is built
+//! from it). A record may also carry the producer's own time of the event; a frame holding such
+//! a record is written as version 2, any other as version 1, so logs of producers that never
+//! send timestamps stay readable by earlier releases.
 //!
 //! The record at index `i` of a frame has offset `base_offset + i`. The producer side builds the
 //! payload ([`FrameBuilder`]); the partition writer assigns the base offset and seals the CRC
@@ -19,8 +24,10 @@
 pub const HEADER_LEN: usize = 16;
 /// Largest payload a reader accepts; anything larger is treated as corruption.
 pub const MAX_PAYLOAD_LEN: usize = 512 * 1024 * 1024;
-/// The only payload version this code writes and reads.
+/// The payload version of frames without producer timestamps.
 pub const VERSION: u8 = 1;
+/// The payload version of frames with at least one record carrying a producer timestamp.
+pub const VERSION_TIMESTAMPS: u8 = 2;
 
 /// Why bytes are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +93,7 @@ pub struct FrameBuilder {
     count: u32,
     count_at: usize,
     timestamp_ms: i64,
+    producer_timestamps: bool,
 }
 
 impl FrameBuilder {
@@ -120,6 +128,7 @@ impl FrameBuilder {
             count: 0,
             count_at,
             timestamp_ms,
+            producer_timestamps: false,
         }
     }
 
@@ -127,6 +136,20 @@ impl FrameBuilder {
     /// keeps them far below).
     pub fn push<'a, H>(&mut self, key: Option<&[u8]>, id: Option<&[u8]>, headers: H, value: &[u8])
     where
+        H: ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    {
+        self.push_at(key, id, headers, value, None);
+    }
+
+    /// Appends one record with, when given, the producer's own timestamp of the event.
+    pub fn push_at<'a, H>(
+        &mut self,
+        key: Option<&[u8]>,
+        id: Option<&[u8]>,
+        headers: H,
+        value: &[u8],
+        producer_timestamp_ms: Option<i64>,
+    ) where
         H: ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
     {
         let start = self.bytes.len();
@@ -140,6 +163,10 @@ impl FrameBuilder {
             put(&mut self.bytes, v);
         }
         put(&mut self.bytes, value);
+        if let Some(ts) = producer_timestamp_ms {
+            self.bytes.extend_from_slice(&ts.to_le_bytes());
+            self.producer_timestamps = true;
+        }
         let record_len = (self.bytes.len() - start - 4) as u32;
         self.bytes[start..start + 4].copy_from_slice(&record_len.to_le_bytes());
         self.count += 1;
@@ -155,6 +182,9 @@ impl FrameBuilder {
         let payload_len = (self.bytes.len() - HEADER_LEN) as u32;
         self.bytes[4..8].copy_from_slice(&payload_len.to_le_bytes());
         self.bytes[self.count_at..self.count_at + 4].copy_from_slice(&self.count.to_le_bytes());
+        if self.producer_timestamps {
+            self.bytes[HEADER_LEN] = VERSION_TIMESTAMPS;
+        }
         Frame {
             bytes: self.bytes,
             count: self.count,
@@ -222,6 +252,7 @@ pub struct FrameView<'a> {
     pub content_type: &'a [u8],
     pub protocol: &'a [u8],
     pub principal: &'a [u8],
+    version: u8,
     records: &'a [u8],
 }
 
@@ -232,6 +263,8 @@ pub struct RecordView<'a> {
     pub id: Option<&'a [u8]>,
     pub headers: Vec<(&'a [u8], &'a [u8])>,
     pub value: &'a [u8],
+    /// The producer's own time of the event, when it gave one.
+    pub producer_timestamp_ms: Option<i64>,
 }
 
 impl<'a> FrameView<'a> {
@@ -255,7 +288,7 @@ impl<'a> FrameView<'a> {
         }
         let mut r = Reader(&b[HEADER_LEN..h.frame_len()]);
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_TIMESTAMPS {
             return Err(FrameError::Version(version));
         }
         let count = r.u32()?;
@@ -273,6 +306,7 @@ impl<'a> FrameView<'a> {
             content_type,
             protocol,
             principal,
+            version,
             records: r.0,
         };
         if count == 0 {
@@ -298,16 +332,17 @@ impl<'a> FrameView<'a> {
     /// The records, in offset order.
     pub fn records(&self) -> impl Iterator<Item = Result<RecordView<'a>, FrameError>> + 'a {
         let mut rest = Reader(self.records);
+        let timestamps = self.version == VERSION_TIMESTAMPS;
         std::iter::from_fn(move || {
             if rest.0.is_empty() {
                 return None;
             }
-            Some(next_record(&mut rest))
+            Some(next_record(&mut rest, timestamps))
         })
     }
 }
 
-fn next_record<'a>(rest: &mut Reader<'a>) -> Result<RecordView<'a>, FrameError> {
+fn next_record<'a>(rest: &mut Reader<'a>, timestamps: bool) -> Result<RecordView<'a>, FrameError> {
     let len = rest.u32()? as usize;
     let mut r = Reader(rest.take(len)?);
     let key = r.opt()?;
@@ -323,14 +358,17 @@ fn next_record<'a>(rest: &mut Reader<'a>) -> Result<RecordView<'a>, FrameError> 
         headers.push((name, value));
     }
     let value = r.part()?;
-    if !r.0.is_empty() {
-        return Err(FrameError::Malformed("trailing bytes in record"));
-    }
+    let producer_timestamp_ms = match r.0.len() {
+        0 => None,
+        8 if timestamps => Some(r.u64()? as i64),
+        _ => return Err(FrameError::Malformed("trailing bytes in record")),
+    };
     Ok(RecordView {
         key,
         id,
         headers,
         value,
+        producer_timestamp_ms,
     })
 }
 
@@ -381,16 +419,18 @@ mod tests {
         Option<Vec<u8>>,
         Vec<(Vec<u8>, Vec<u8>)>,
         Vec<u8>,
+        Option<i64>,
     );
 
     fn build(ts: i64, recs: &[Rec]) -> Frame {
         let mut b = FrameBuilder::new(ts, b"application/json", b"http", b"anonymous", 0);
-        for (k, id, h, v) in recs {
-            b.push(
+        for (k, id, h, v, t) in recs {
+            b.push_at(
                 k.as_deref(),
                 id.as_deref(),
                 h.iter().map(|(a, b)| (a.as_slice(), b.as_slice())),
                 v,
+                *t,
             );
         }
         b.finish()
@@ -408,7 +448,34 @@ mod tests {
                 0..4,
             ),
             proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::option::of(any::<i64>()),
         )
+    }
+
+    #[test]
+    fn frames_without_producer_timestamps_stay_version_1() {
+        let plain = (None, None, vec![], b"v".to_vec(), None);
+        let mut f = build(1, std::slice::from_ref(&plain));
+        f.seal(0);
+        assert_eq!(f.as_bytes()[HEADER_LEN], VERSION);
+        let mut f = build(1, &[plain, (None, None, vec![], b"w".to_vec(), Some(-5))]);
+        f.seal(0);
+        assert_eq!(f.as_bytes()[HEADER_LEN], VERSION_TIMESTAMPS);
+        let v = FrameView::decode(f.as_bytes()).unwrap();
+        let ts: Vec<_> = v
+            .records()
+            .map(|r| r.unwrap().producer_timestamp_ms)
+            .collect();
+        assert_eq!(ts, [None, Some(-5)]);
+        // A version 1 frame cannot carry them: the same bytes marked version 1 are malformed.
+        let mut bytes = f.as_bytes().to_vec();
+        bytes[HEADER_LEN] = VERSION;
+        let crc = crc32c::crc32c(&bytes[4..]);
+        bytes[..4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            FrameView::decode(&bytes),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     proptest! {
@@ -423,7 +490,8 @@ mod tests {
             prop_assert_eq!(v.timestamp_ms, ts);
             prop_assert_eq!(v.protocol, b"http");
             let got: Vec<RecordView> = v.records().map(Result::unwrap).collect();
-            for (g, (k, id, h, val)) in got.iter().zip(&recs) {
+            for (g, (k, id, h, val, t)) in got.iter().zip(&recs) {
+                prop_assert_eq!(g.producer_timestamp_ms, *t);
                 prop_assert_eq!(g.key, k.as_deref());
                 prop_assert_eq!(g.id, id.as_deref());
                 prop_assert_eq!(g.value, val.as_slice());

@@ -16,7 +16,10 @@ use crate::segment::{list_segments, parse_offset_index, parse_time_index, segmen
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub offset: u64,
+    /// When the gateway received the record (its frame's time; what the time index holds).
     pub timestamp_ms: i64,
+    /// The producer's own time of the event, when it gave one.
+    pub producer_timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub id: Option<Vec<u8>>,
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
@@ -27,6 +30,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The event's time: the producer's when it gave one, else when the gateway received it.
+    pub fn event_time_ms(&self) -> i64 {
+        self.producer_timestamp_ms.unwrap_or(self.timestamp_ms)
+    }
+
     /// The producing principal's name and, when recorded, how it authenticated: the record
     /// holds its identity, `source U+001F name` (records written before sources were recorded
     /// hold the name alone).
@@ -184,6 +192,7 @@ impl PartitionReader {
             self.pending.push_back(Record {
                 offset,
                 timestamp_ms: v.timestamp_ms,
+                producer_timestamp_ms: rec.producer_timestamp_ms,
                 key: rec.key.map(<[u8]>::to_vec),
                 id: rec.id.map(<[u8]>::to_vec),
                 headers: rec

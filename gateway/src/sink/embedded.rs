@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use sluice_config::{AckMode, StreamsConfig};
-use sluice_core::{Event, IngestRequest, Receipt, Rejection};
+use sluice_core::{IngestRequest, Receipt, Rejection};
 use sluice_log::{FrameBuilder, LogError, StreamLog, StreamOptions};
 
-use super::Held;
+use super::kafka::headers::PRODUCER_TIMESTAMP;
+use super::{Held, Placement, place};
 
 /// Log options of `name` from the streams configuration.
 pub fn stream_options(streams: &StreamsConfig, name: &str) -> StreamOptions {
@@ -60,29 +61,45 @@ pub(super) async fn append(
 ) -> Vec<Receipt> {
     let n = stream.partition_count();
     let sticky = stream.sticky_partition();
-    let partition_of = |e: &Event| match (&e.key, n) {
-        (_, 1) => 0,
-        (Some(k), _) => stream.partition_for_key(k),
-        (None, _) => sticky,
-    };
-    // Group event indexes by partition, keeping request order inside each group.
-    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
-    for (i, e) in req.events.iter().enumerate() {
-        let p = partition_of(e);
-        match groups.iter_mut().find(|(gp, _)| *gp == p) {
-            Some((_, idx)) => idx.push(i),
-            None => groups.push((p, vec![i])),
-        }
-    }
     let ts = now_ms();
-    let frames: Vec<_> = groups.iter().map(|(_, idx)| encode(req, idx, ts)).collect();
-
     let mut receipts = vec![
         Receipt::Failed(Rejection::Internal {
             message: String::new()
         });
         req.events.len()
     ];
+    // Group event indexes by partition, keeping request order inside each group; an event that
+    // cannot be placed is answered on its own and the others go on.
+    let settings = req.admission.settings();
+    let mut placements = Vec::with_capacity(req.events.len());
+    let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (i, e) in req.events.iter().enumerate() {
+        let placed = match place(e, n, sticky, settings, ts) {
+            Ok(p) => p,
+            Err(r) => {
+                receipts[i] = Receipt::Failed(r);
+                placements.push(None);
+                continue;
+            }
+        };
+        placements.push(Some(placed));
+        match groups.iter_mut().find(|(gp, _)| *gp == placed.partition) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((placed.partition, vec![i])),
+        }
+    }
+    if groups.is_empty() {
+        drop(held);
+        if let Some(q) = queued {
+            let _ = q.send(());
+        }
+        return receipts;
+    }
+    let frames: Vec<_> = groups
+        .iter()
+        .map(|(_, idx)| encode(req, idx, &placements, ts))
+        .collect();
+
     match ack {
         // The spool appends to its own embedded log with durable acks.
         AckMode::Durable | AckMode::Spooled => {
@@ -144,7 +161,12 @@ fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
     idx.iter().map(|&i| req.events[i].charge()).sum()
 }
 
-fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
+fn encode(
+    req: &IngestRequest,
+    idx: &[usize],
+    placements: &[Option<Placement>],
+    ts: i64,
+) -> sluice_log::Frame {
     let capacity = frame_share(req, idx);
     let mut b = FrameBuilder::new(
         ts,
@@ -157,14 +179,36 @@ fn encode(req: &IngestRequest, idx: &[usize], ts: i64) -> sluice_log::Frame {
     );
     for &i in idx {
         let e = &req.events[i];
-        b.push(
-            e.key.as_deref(),
-            e.id.as_deref(),
-            e.headers
-                .iter()
-                .map(|(k, v): &(Bytes, Bytes)| (&k[..], &v[..])),
-            &e.value,
-        );
+        let placed = placements[i].expect("placed events only");
+        let headers = e
+            .headers
+            .iter()
+            .map(|(k, v): &(Bytes, Bytes)| (&k[..], &v[..]));
+        match placed.replaced_ms {
+            None => b.push_at(
+                e.key.as_deref(),
+                e.id.as_deref(),
+                headers,
+                &e.value,
+                placed.timestamp_ms,
+            ),
+            Some(original) => {
+                let original = original.to_string();
+                let headers: Vec<_> = headers
+                    .chain(std::iter::once((
+                        PRODUCER_TIMESTAMP.as_bytes(),
+                        original.as_bytes(),
+                    )))
+                    .collect();
+                b.push_at(
+                    e.key.as_deref(),
+                    e.id.as_deref(),
+                    headers.into_iter(),
+                    &e.value,
+                    None,
+                )
+            }
+        }
     }
     b.finish()
 }

@@ -8,8 +8,8 @@ pub mod spool;
 
 use std::sync::Arc;
 
-use sluice_config::{AckMode, StreamSettings, StreamsConfig};
-use sluice_core::{IngestRequest, Receipt, Rejection, Reservation};
+use sluice_config::{AckMode, StreamSettings, StreamsConfig, TimestampPolicy};
+use sluice_core::{Event, IngestRequest, Receipt, Rejection, Reservation};
 use sluice_log::{Log, StreamLog};
 
 pub use embedded::{log_rejection, stream_options};
@@ -30,6 +30,82 @@ impl Held {
             global: self.global.split(bytes),
             stream: self.stream.as_mut().map(|r| r.split(bytes)),
         }
+    }
+}
+
+/// Where one event goes and with which time, as every sink decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) partition: u32,
+    /// The record's timestamp: the producer's, or `None` for the time of receipt.
+    pub(crate) timestamp_ms: Option<i64>,
+    /// The producer's timestamp when the stream's policy replaced it (kept as a header).
+    pub(crate) replaced_ms: Option<i64>,
+}
+
+/// Places `e` in a stream of `n` partitions: the producer's partition if it chose one (refused
+/// when the stream has no such partition), else its key's (Kafka's murmur2), else `sticky`; and
+/// its producer timestamp checked against the stream's bounds around `now_ms`.
+pub(crate) fn place(
+    e: &Event,
+    n: u32,
+    sticky: u32,
+    settings: &StreamSettings,
+    now_ms: i64,
+) -> Result<Placement, Rejection> {
+    let partition = match (e.partition, &e.key, n) {
+        (Some(p), _, _) if p < n => p,
+        (Some(p), _, _) => {
+            return Err(Rejection::Malformed {
+                message: format!(
+                    "partition {p} does not exist: the stream has {n} partition{} (0 to {})",
+                    if n == 1 { "" } else { "s" },
+                    n.saturating_sub(1)
+                ),
+            });
+        }
+        (None, _, 1) => 0,
+        (None, Some(k), _) => sluice_log::partition_for_key(k, n),
+        (None, None, _) => sticky,
+    };
+    let Some(ts) = e.timestamp_ms else {
+        return Ok(Placement {
+            partition,
+            timestamp_ms: None,
+            replaced_ms: None,
+        });
+    };
+    let ahead = ts.saturating_sub(now_ms);
+    let behind = now_ms.saturating_sub(ts);
+    let broken = if settings.max_timestamp_future_ms > 0
+        && ahead > settings.max_timestamp_future_ms as i64
+    {
+        Some(format!(
+            "{} ms ahead of the gateway's clock; the stream takes at most {} ms (max_timestamp_future_ms)",
+            ahead, settings.max_timestamp_future_ms
+        ))
+    } else if settings.max_timestamp_past_ms > 0 && behind > settings.max_timestamp_past_ms as i64 {
+        Some(format!(
+            "{} ms behind the gateway's clock; the stream takes at most {} ms (max_timestamp_past_ms)",
+            behind, settings.max_timestamp_past_ms
+        ))
+    } else {
+        None
+    };
+    match (broken, settings.timestamp_out_of_range) {
+        (None, _) => Ok(Placement {
+            partition,
+            timestamp_ms: Some(ts),
+            replaced_ms: None,
+        }),
+        (Some(_), TimestampPolicy::ReceiveTime) => Ok(Placement {
+            partition,
+            timestamp_ms: None,
+            replaced_ms: Some(ts),
+        }),
+        (Some(why), TimestampPolicy::Reject) => Err(Rejection::Malformed {
+            message: format!("timestamp {} is {why}", sluice_core::format_timestamp(ts)),
+        }),
     }
 }
 

@@ -465,6 +465,8 @@ fn events_of(
                 id: (!e.id.is_empty()).then(|| Bytes::from(e.id)),
                 headers,
                 value: e.value,
+                timestamp_ms: e.timestamp_ms,
+                partition: e.partition,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

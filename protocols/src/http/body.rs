@@ -1,9 +1,10 @@
 //! Request bodies to events: content decoding (gzip, zstd) and the JSON, NDJSON and raw event
 //! formats. Values are slices of the received buffer wherever the input allows.
 //!
-//! The JSON event rule: an object whose members are all among `value`, `key`, `headers` and `id`,
-//! and that has `value`, is an event envelope; any other JSON value (including other objects) is
-//! the event's value itself. The stored value is the JSON text of `value`, byte for byte.
+//! The JSON event rule: an object whose members are all among `value`, `key`, `headers`, `id`,
+//! `timestamp` and `partition`, and that has `value`, is an event envelope; any other JSON value
+//! (including other objects) is the event's value itself. The stored value is the JSON text of
+//! `value`, byte for byte.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -276,11 +277,38 @@ fn event_from(body: &Bytes, raw: &RawValue) -> Result<Event, String> {
                 None => Vec::new(),
             },
             value: slice_of(body, value.get()),
+            timestamp_ms: probe.timestamp.map(timestamp_field).transpose()?,
+            partition: probe.partition.map(partition_field).transpose()?,
         });
     }
     Ok(Event {
         value: slice_of(body, text),
         ..Event::default()
+    })
+}
+
+/// `timestamp`: RFC 3339 text or milliseconds since the epoch (a JSON integer or its digits).
+pub(crate) fn timestamp_field(raw: &RawValue) -> Result<i64, String> {
+    let text = raw.get();
+    if let Ok(ms) = serde_json::from_str::<i64>(text) {
+        return Ok(ms);
+    }
+    match serde_json::from_str::<Cow<'_, str>>(text) {
+        Ok(s) => sluice_core::parse_timestamp(&s),
+        Err(_) => Err(format!(
+            "`timestamp` must be RFC 3339 text or integer milliseconds since the epoch, found {text}"
+        )),
+    }
+}
+
+/// `partition`: a non-negative integer.
+pub(crate) fn partition_field(raw: &RawValue) -> Result<u32, String> {
+    serde_json::from_str::<u32>(raw.get()).map_err(|_| {
+        format!(
+            "`partition` must be an integer from 0 to {}, found {}",
+            u32::MAX,
+            raw.get()
+        )
     })
 }
 
@@ -337,6 +365,8 @@ struct Probe<'a> {
     key: Option<&'a RawValue>,
     id: Option<&'a RawValue>,
     headers: Option<&'a RawValue>,
+    timestamp: Option<&'a RawValue>,
+    partition: Option<&'a RawValue>,
     unknown: bool,
 }
 
@@ -354,6 +384,8 @@ impl<'de> Deserialize<'de> for Probe<'de> {
                     key: None,
                     id: None,
                     headers: None,
+                    timestamp: None,
+                    partition: None,
                     unknown: false,
                 };
                 while let Some(k) = map.next_key::<Cow<'de, str>>()? {
@@ -362,6 +394,8 @@ impl<'de> Deserialize<'de> for Probe<'de> {
                         "key" => &mut p.key,
                         "id" => &mut p.id,
                         "headers" => &mut p.headers,
+                        "timestamp" => &mut p.timestamp,
+                        "partition" => &mut p.partition,
                         _ => {
                             p.unknown = true;
                             map.next_value::<IgnoredAny>()?;

@@ -61,6 +61,10 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 pub const KEY_HEADER: &str = "sluice-key";
 /// Request header carrying the id of a raw (non-JSON) event.
 pub const ID_HEADER: &str = "sluice-id";
+/// A raw event's producer timestamp (RFC 3339 or milliseconds since the epoch).
+pub const TIMESTAMP_HEADER: &str = "sluice-timestamp";
+/// A raw event's partition, chosen by the producer.
+pub const PARTITION_HEADER: &str = "sluice-partition";
 /// The request's idempotency key (IETF httpapi draft; a quoted sf-string or a bare token): a
 /// retry with the same key is answered with the original's positions (docs/exactly-once.md).
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -591,6 +595,8 @@ async fn publish_admitted<I: Ingest>(
                 id: header_bytes(&parts.headers, ID_HEADER),
                 headers: Vec::new(),
                 value: body,
+                timestamp_ms: raw_timestamp(&parts.headers)?,
+                partition: raw_partition(&parts.headers)?,
             };
             let ct = content_type.unwrap_or("application/octet-stream");
             (vec![event], Bytes::copy_from_slice(ct.as_bytes()))
@@ -610,6 +616,35 @@ async fn publish_admitted<I: Ingest>(
         })
         .await?;
     Ok(receipts_response(&receipts))
+}
+
+/// A raw event's `Sluice-Timestamp` (RFC 3339 or milliseconds since the epoch).
+fn raw_timestamp(headers: &http::HeaderMap) -> Result<Option<i64>, Rejection> {
+    let Some(v) = headers.get(TIMESTAMP_HEADER) else {
+        return Ok(None);
+    };
+    let text = v.to_str().map_err(|_| Rejection::Malformed {
+        message: format!("`{TIMESTAMP_HEADER}` must be text"),
+    })?;
+    sluice_core::parse_timestamp(text)
+        .map(Some)
+        .map_err(|m| Rejection::Malformed {
+            message: format!("`{TIMESTAMP_HEADER}`: {m}"),
+        })
+}
+
+/// A raw event's `Sluice-Partition`.
+fn raw_partition(headers: &http::HeaderMap) -> Result<Option<u32>, Rejection> {
+    let Some(v) = headers.get(PARTITION_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .map(Some)
+        .ok_or_else(|| Rejection::Malformed {
+            message: format!("`{PARTITION_HEADER}` must be a partition number"),
+        })
 }
 
 /// Bodies up to this size are decoded and parsed on the async worker; larger ones (and every

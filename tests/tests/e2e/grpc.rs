@@ -31,7 +31,7 @@ fn event(value: &str, key: Option<&str>) -> pb::Event {
             value: b"north".to_vec().into(),
         }],
         id: format!("id-{value}"),
-        content_type: String::new(),
+        ..Default::default()
     }
 }
 

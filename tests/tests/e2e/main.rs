@@ -8,6 +8,7 @@ mod browser;
 mod consume;
 mod crash;
 mod deploy;
+mod envelope;
 mod exactly_once;
 mod grpc;
 mod grpc_python;

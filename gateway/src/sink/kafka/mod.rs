@@ -51,6 +51,9 @@ pub mod headers {
     pub const PROTOCOL: &str = "sluice-protocol";
     /// When the gateway received the event: milliseconds since the Unix epoch, in decimal.
     pub const RECEIVED_AT: &str = "sluice-received-at";
+    /// A producer timestamp the stream's `timestamp_out_of_range = "receive_time"` replaced:
+    /// milliseconds since the Unix epoch, in decimal.
+    pub const PRODUCER_TIMESTAMP: &str = "sluice-producer-timestamp";
 }
 
 /// How long a producer is told to wait when Kafka cannot take events.

@@ -16,22 +16,32 @@ impl KafkaSink {
         queued: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Vec<Receipt> {
         let n = topic.partition_count();
-        let sticky = if req.events.iter().any(|e| e.key.is_none()) && n > 1 {
+        let sticky = if n > 1
+            && req
+                .events
+                .iter()
+                .any(|e| e.key.is_none() && e.partition.is_none())
+        {
             topic.sticky_partition()
         } else {
             0
         };
+        let settings = req.admission.settings();
         let ts = now_ms();
         let ts_text = ts.to_string();
         let mut receipts = Vec::with_capacity(req.events.len());
         let mut pending = Vec::with_capacity(req.events.len());
         let mut queue_full = false;
         for e in &req.events {
-            let partition = match (&e.key, n) {
-                (_, 1) => 0,
-                (Some(k), _) => sluice_log::partition_for_key(k, n),
-                (None, _) => sticky,
+            let placed = match crate::sink::place(e, n, sticky, settings, ts) {
+                Ok(p) => p,
+                Err(r) => {
+                    receipts.push(Receipt::Failed(r));
+                    pending.push(None);
+                    continue;
+                }
             };
+            let partition = placed.partition;
             if queue_full {
                 // Once the queue is full, later events of the request stay out too, so a retry
                 // of the failed ones keeps their order per key.
@@ -43,8 +53,8 @@ impl KafkaSink {
                 partition: Some(partition as i32),
                 payload: Some(&e.value[..]),
                 key: e.key.as_deref(),
-                timestamp: Some(ts),
-                headers: Some(record_headers(req, e, &ts_text)),
+                timestamp: Some(placed.timestamp_ms.unwrap_or(ts)),
+                headers: Some(record_headers(req, e, &ts_text, placed.replaced_ms)),
             };
             match self.inner.producer.send_result(record) {
                 Ok(delivery) => {
@@ -223,8 +233,13 @@ pub(super) fn classify(e: &KafkaError) -> (Rejection, bool) {
 }
 
 /// The record's headers: Sluice's own (documented names), then the event's.
-pub(super) fn record_headers(req: &IngestRequest, e: &Event, received_at: &str) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(4 + e.headers.len() + e.id.is_some() as usize);
+pub(super) fn record_headers(
+    req: &IngestRequest,
+    e: &Event,
+    received_at: &str,
+    replaced_ms: Option<i64>,
+) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(5 + e.headers.len() + e.id.is_some() as usize);
     let add = |h: OwnedHeaders, key: &str, value: &[u8]| {
         h.insert(Header {
             key,
@@ -247,6 +262,13 @@ pub(super) fn record_headers(req: &IngestRequest, e: &Event, received_at: &str) 
     }
     h = add(h, headers::PROTOCOL, req.protocol.as_str().as_bytes());
     h = add(h, headers::RECEIVED_AT, received_at.as_bytes());
+    if let Some(original) = replaced_ms {
+        h = add(
+            h,
+            headers::PRODUCER_TIMESTAMP,
+            original.to_string().as_bytes(),
+        );
+    }
     for (k, v) in &e.headers {
         h = add(h, &String::from_utf8_lossy(k), v);
     }

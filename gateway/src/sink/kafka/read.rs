@@ -431,6 +431,7 @@ fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> sluice_log::Record {
     let mut r = sluice_log::Record {
         offset: m.offset().max(0) as u64,
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+        producer_timestamp_ms: None,
         key: m.key().map(<[u8]>::to_vec),
         id: None,
         headers: Vec::new(),
@@ -449,7 +450,17 @@ fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> sluice_log::Record {
                 headers::PRINCIPAL => name = v,
                 headers::PRINCIPAL_SOURCE => source = v,
                 headers::PROTOCOL => r.protocol = v,
-                headers::RECEIVED_AT => {}
+                // A record whose timestamp is not its time of receipt carries the producer's.
+                headers::RECEIVED_AT => {
+                    if let Some(received) = std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok())
+                        .filter(|&t| t != r.timestamp_ms)
+                    {
+                        r.producer_timestamp_ms = Some(r.timestamp_ms);
+                        r.timestamp_ms = received;
+                    }
+                }
                 k => r.headers.push((k.as_bytes().to_vec(), v)),
             }
         }

@@ -488,7 +488,7 @@ async fn forward(
                 partition: Some(kafka_partition(rec.key.as_deref())),
                 payload: Some(&rec.value[..]),
                 key: rec.key.as_deref(),
-                timestamp: Some(rec.timestamp_ms),
+                timestamp: Some(rec.event_time_ms()),
                 headers: Some(record_headers(rec, &value)),
             };
             match producer.send_result(record) {

@@ -460,6 +460,7 @@ fn prepare_will<I: Ingest>(
             id: None,
             headers: headers.iter().map(|(k, v)| (own(k), own(v))).collect(),
             value: own(&w.payload),
+            ..Event::default()
         },
         delay_secs: w.delay_secs.min(mqtt.opts.max_will_delay_secs),
     }))

@@ -509,11 +509,38 @@ impl<I: Ingest> Session<I> {
         // The user property `id` (as in the CloudEvents MQTT binding), else the id the topic
         // rule renders, is the event's id: stored as its id, and its dedup key on streams with
         // dedup (docs/exactly-once.md).
-        let id = headers
-            .iter()
-            .position(|(k, _)| &k[..] == b"id")
-            .map(|i| headers.remove(i).1)
-            .or(mapped_id);
+        let id = take_property(&mut headers, b"id").or(mapped_id);
+        // The user properties `time` (RFC 3339, as in the CloudEvents MQTT binding, or
+        // milliseconds since the epoch) and `partition` are the event's producer timestamp and
+        // chosen partition, as the HTTP envelope's `timestamp` and `partition`.
+        let placed = take_property(&mut headers, b"time")
+            .map(|t| {
+                std::str::from_utf8(&t)
+                    .map_err(|_| "user property `time` is not UTF-8".to_string())
+                    .and_then(sluice_core::parse_timestamp)
+                    .map_err(|m| format!("user property `time`: {m}"))
+            })
+            .transpose()
+            .and_then(|ts| {
+                let partition = take_property(&mut headers, b"partition")
+                    .map(|p| {
+                        std::str::from_utf8(&p)
+                            .ok()
+                            .and_then(|p| p.trim().parse::<u32>().ok())
+                            .ok_or_else(|| {
+                                "user property `partition` must be a partition number".to_string()
+                            })
+                    })
+                    .transpose()?;
+                Ok((ts, partition))
+            });
+        let (timestamp_ms, partition) = match placed {
+            Ok(p) => p,
+            Err(m) => {
+                self.count_refusal("malformed");
+                return refused(rc::PAYLOAD_FORMAT_INVALID, "malformed", m);
+            }
+        };
         // A QoS 1/2 publish is known by (client id, packet id) on streams with dedup: a resend
         // (DUP) of one already stored is answered without a second copy, also after a reconnect.
         if let Some(pid) = packet_id {
@@ -538,6 +565,8 @@ impl<I: Ingest> Session<I> {
                 id,
                 headers,
                 value: p.payload,
+                timestamp_ms,
+                partition,
             },
             state: State::Submitted,
         };
@@ -587,4 +616,12 @@ fn decode_error(e: DecodeError) -> Close {
         DecodeError::InvalidTopicName => error(rc::TOPIC_NAME_INVALID, "malformed", e.to_string()),
         _ => error(rc::PROTOCOL_ERROR, "protocol", e.to_string()),
     }
+}
+
+/// Removes the first header named `name` (an MQTT 5 user property Sluice interprets), if any.
+fn take_property(headers: &mut Vec<(Bytes, Bytes)>, name: &[u8]) -> Option<Bytes> {
+    headers
+        .iter()
+        .position(|(k, _)| &k[..] == name)
+        .map(|i| headers.remove(i).1)
 }
