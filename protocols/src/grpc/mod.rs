@@ -460,14 +460,27 @@ fn events_of(
                     ),
                 );
             }
-            Ok(Event {
+            let mut event = Event {
                 key: e.key,
                 id: (!e.id.is_empty()).then(|| Bytes::from(e.id)),
                 headers,
                 value: e.value,
                 timestamp_ms: e.timestamp_ms,
                 partition: e.partition,
-            })
+            };
+            // A CloudEvent in the Kafka binding's binary mode (attributes as `ce_*` headers).
+            if event
+                .headers
+                .iter()
+                .any(|(k, _)| &k[..] == crate::http::cloudevents::KAFKA_SPECVERSION.as_bytes())
+            {
+                crate::http::cloudevents::apply_kafka_headers(&mut event).map_err(|m| {
+                    Rejection::Malformed {
+                        message: format!("event {i}: CloudEvent: {m}"),
+                    }
+                })?;
+            }
+            Ok(event)
         })
         .collect::<Result<Vec<_>, _>>()?;
     if !idempotency_key.is_empty() {

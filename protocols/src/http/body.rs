@@ -23,6 +23,10 @@ pub enum BodyFormat {
     Json,
     /// `application/x-ndjson`: one JSON event per line.
     Ndjson,
+    /// `application/cloudevents+json`: one CloudEvent in structured mode.
+    CloudEvent,
+    /// `application/cloudevents-batch+json`: an array of CloudEvents.
+    CloudEventBatch,
     /// Anything else: the whole body is one event's value.
     Raw,
 }
@@ -39,6 +43,10 @@ pub fn format_of(content_type: Option<&str>) -> BodyFormat {
         || essence.eq_ignore_ascii_case("application/ndjson")
     {
         BodyFormat::Ndjson
+    } else if essence.eq_ignore_ascii_case(super::cloudevents::STRUCTURED) {
+        BodyFormat::CloudEvent
+    } else if essence.eq_ignore_ascii_case(super::cloudevents::BATCH) {
+        BodyFormat::CloudEventBatch
     } else {
         BodyFormat::Raw
     }
@@ -118,7 +126,7 @@ impl EventLimit<'_> {
         stream: "",
     };
 
-    fn exceeded(&self, at_least: u64) -> Rejection {
+    pub(crate) fn exceeded(&self, at_least: u64) -> Rejection {
         Rejection::TooLarge {
             message: format!(
                 "the request holds at least {at_least} events; the limit for stream `{}` is {}",
@@ -417,8 +425,8 @@ impl<'de> Deserialize<'de> for Probe<'de> {
 /// An object's members in order, values unparsed.
 /// A JSON object's members in order, left unparsed; refused past
 /// [`sluice_core::MAX_HEADERS_PER_EVENT`] members (setting `too_many`) without reading the rest.
-struct OrderedMap<'c> {
-    too_many: &'c std::cell::Cell<bool>,
+pub(crate) struct OrderedMap<'c> {
+    pub(crate) too_many: &'c std::cell::Cell<bool>,
 }
 
 impl<'de> Visitor<'de> for OrderedMap<'_> {

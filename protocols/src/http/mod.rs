@@ -3,6 +3,7 @@
 //! The wire format is documented in docs/http.md.
 
 pub mod body;
+pub mod cloudevents;
 pub mod cors;
 pub mod read;
 pub mod ws;
@@ -580,7 +581,46 @@ async fn publish_admitted<I: Ingest>(
             parse(&body, limit)
         })
     };
+    // Events a CloudEvents batch holds that are not valid CloudEvents, by index: answered
+    // alone, while the others go on.
+    let mut invalid: Vec<(usize, Rejection)> = Vec::new();
     let (mut events, stored_type) = match format {
+        BodyFormat::CloudEvent => (
+            vec![cloudevents::parse_structured(&body)?],
+            Bytes::from_static(b"application/json"),
+        ),
+        BodyFormat::CloudEventBatch => {
+            let name = stream.clone();
+            let parsed = off_the_runtime(body.len() > INLINE_BODY_BYTES, move || {
+                let limit = body::EventLimit {
+                    max: max_events,
+                    stream: name.as_str(),
+                };
+                cloudevents::parse_batch(&body, limit)
+            })
+            .await?;
+            let events;
+            (events, invalid) = cloudevents::split(parsed);
+            if !invalid.is_empty() {
+                ingest.metrics().rejected(
+                    Protocol::Http.as_str(),
+                    "malformed",
+                    invalid.len() as u64,
+                );
+            }
+            if events.is_empty() {
+                return Err(invalid.swap_remove(0).1);
+            }
+            (events, Bytes::from_static(b"application/json"))
+        }
+        BodyFormat::Raw if parts.headers.contains_key(cloudevents::SPECVERSION_HEADER) => (
+            vec![cloudevents::from_binary(&parts.headers, body)?],
+            Bytes::copy_from_slice(
+                content_type
+                    .unwrap_or("application/octet-stream")
+                    .as_bytes(),
+            ),
+        ),
         BodyFormat::Json => (
             json(body, body::parse_json).await?,
             Bytes::from_static(b"application/json"),
@@ -615,7 +655,32 @@ async fn publish_admitted<I: Ingest>(
             queued: None,
         })
         .await?;
-    Ok(receipts_response(&receipts))
+    Ok(receipts_response(&with_invalid(receipts, invalid)))
+}
+
+/// The answers of a request's valid events with its invalid events' refusals put back at their
+/// places (their indexes, ascending), so every event is answered in request order.
+pub(crate) fn with_invalid(
+    receipts: Vec<Receipt>,
+    invalid: Vec<(usize, Rejection)>,
+) -> Vec<Receipt> {
+    if invalid.is_empty() {
+        return receipts;
+    }
+    let mut all = Vec::with_capacity(receipts.len() + invalid.len());
+    let mut receipts = receipts.into_iter();
+    let mut invalid = invalid.into_iter().peekable();
+    loop {
+        if let Some((_, r)) = invalid.next_if(|(i, _)| *i <= all.len()) {
+            all.push(Receipt::Failed(r));
+        } else if let Some(r) = receipts.next() {
+            all.push(r);
+        } else if let Some((_, r)) = invalid.next() {
+            all.push(Receipt::Failed(r));
+        } else {
+            return all;
+        }
+    }
 }
 
 /// A raw event's `Sluice-Timestamp` (RFC 3339 or milliseconds since the epoch).

@@ -344,6 +344,17 @@ pub(super) async fn upgrade<I: Ingest>(
         Err(r) => return r,
     };
     let offered = upgrade_creds.offered.clone();
+    // `?format=cloudevents`: every text frame is a CloudEvent or an array of them.
+    let cloudevents = match query_param(req.uri().query(), "format").as_deref() {
+        None | Some("json") => false,
+        Some("cloudevents") => true,
+        Some(other) => {
+            let r = Rejection::Malformed {
+                message: format!("format `{other}` is not one of json, cloudevents"),
+            };
+            return (rejection_response(&r), r.code());
+        }
+    };
     let stream = match stream.as_deref().map(StreamName::parse).transpose() {
         Ok(s) => s,
         Err(r) => return (rejection_response(&r), r.code()),
@@ -404,6 +415,7 @@ pub(super) async fn upgrade<I: Ingest>(
                         principal,
                         stream,
                         opts,
+                        cloudevents,
                     }
                     .run(ws, shutdown, gate, auth)
                     .await;
@@ -426,6 +438,8 @@ struct Session<I> {
     /// The stream of `/v1/streams/{stream}/ws`; `None` on `/v1/ws`.
     stream: Option<StreamName>,
     opts: WsOptions,
+    /// Text frames are CloudEvents (`?format=cloudevents`).
+    cloudevents: bool,
 }
 
 pub(super) fn close(code: CloseCode, reason: &str) -> Message {
@@ -595,16 +609,35 @@ impl<I: Ingest> Session<I> {
             // Frames of one stream are appended in the order they arrived (the lane), and
             // answered in that order (the chain of `previous`).
             let queued = match parsed {
-                Ok((admission, content_type, events)) => {
-                    let ids: Vec<Option<Bytes>> = events.iter().map(|e| e.id.clone()).collect();
-                    Ok((lanes.submit(admission, content_type, events).await, ids))
+                Ok((admission, content_type, parsed)) => {
+                    let ids: Vec<Option<Bytes>> = parsed
+                        .iter()
+                        .map(|e| e.as_ref().ok().and_then(|e| e.id.clone()))
+                        .collect();
+                    let (events, invalid) = super::cloudevents::split(parsed);
+                    if !invalid.is_empty() {
+                        s.ingest
+                            .metrics()
+                            .rejected(PROTO, "malformed", invalid.len() as u64);
+                    }
+                    let outcome = if events.is_empty() {
+                        None
+                    } else {
+                        Some(lanes.submit(admission, content_type, events).await)
+                    };
+                    Ok((outcome, ids, invalid))
                 }
                 Err(e) => Err(e),
             };
             tokio::spawn(async move {
                 let answers = match queued {
-                    Ok((outcome, ids)) => match outcome.await {
-                        Ok(Ok(receipts)) => Answers::Receipts(receipts, ids),
+                    Ok((None, ids, invalid)) => {
+                        Answers::Receipts(super::with_invalid(Vec::new(), invalid), ids)
+                    }
+                    Ok((Some(outcome), ids, invalid)) => match outcome.await {
+                        Ok(Ok(receipts)) => {
+                            Answers::Receipts(super::with_invalid(receipts, invalid), ids)
+                        }
                         Ok(Err(r)) => Answers::Rejected(r, ids),
                         Err(_) => Answers::Rejected(
                             Rejection::Internal {
@@ -652,36 +685,47 @@ impl<I: Ingest> Session<I> {
         self.ingest.admit(&self.principal, stream)
     }
 
-    /// A frame's admission, content type and events, or why it cannot be taken (with the ids it
-    /// could read, for the nack).
+    /// A frame's admission, content type and events (each an event or, in a CloudEvents array,
+    /// the reason it is not one), or why the frame cannot be taken (with the ids it could
+    /// read, for the nack).
     #[allow(clippy::type_complexity)]
     fn parse(
         &self,
         frame: Frame,
-    ) -> Result<(Admission, Bytes, Vec<Event>), (Rejection, Vec<Option<Bytes>>)> {
+    ) -> Result<(Admission, Bytes, Vec<Result<Event, Rejection>>), (Rejection, Vec<Option<Bytes>>)>
+    {
         let fail = |r: Rejection| (r, vec![None]);
+        let json = Bytes::from_static(b"application/json");
+        let events = |t: &Bytes, admission: &Admission| {
+            if self.cloudevents {
+                super::cloudevents::parse_frame(t, event_limit(admission))
+            } else {
+                body::parse_json(t, event_limit(admission))
+                    .map(|events| events.into_iter().map(Ok).collect())
+            }
+        };
         match (frame, &self.stream) {
             (Frame::Binary(b), Some(stream)) => Ok((
                 self.admit(stream).map_err(fail)?,
                 Bytes::from_static(b"application/octet-stream"),
-                vec![Event {
+                vec![Ok(Event {
                     value: b,
                     ..Event::default()
-                }],
+                })],
             )),
             (Frame::Binary(_), None) => Err(fail(Rejection::Malformed {
                 message: "binary frames need a stream: use /v1/streams/{stream}/ws".into(),
             })),
             (Frame::Text(t), Some(stream)) => {
                 let admission = self.admit(stream).map_err(fail)?;
-                let events = body::parse_json(&t, event_limit(&admission)).map_err(fail)?;
-                Ok((admission, Bytes::from_static(b"application/json"), events))
+                let events = events(&t, &admission).map_err(fail)?;
+                Ok((admission, json, events))
             }
             (Frame::Text(t), None) => {
-                let (stream, events) = envelope(&t).map_err(fail)?;
+                let (stream, body) = envelope(&t).map_err(fail)?;
                 let admission = self.admit(&stream).map_err(fail)?;
-                let events = body::parse_json(&events, event_limit(&admission)).map_err(fail)?;
-                Ok((admission, Bytes::from_static(b"application/json"), events))
+                let events = events(&body, &admission).map_err(fail)?;
+                Ok((admission, json, events))
             }
         }
     }

@@ -246,7 +246,13 @@ pub(super) fn record_headers(
             value: Some(value),
         })
     };
-    if !req.content_type.is_empty() {
+    // An event's own content type (gRPC, MQTT 5, a CloudEvent's datacontenttype) is its only
+    // `content-type` header, as the CloudEvents Kafka binding has it.
+    let own_type = e
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case(headers::CONTENT_TYPE.as_bytes()));
+    if !req.content_type.is_empty() && !own_type {
         h = add(h, headers::CONTENT_TYPE, &req.content_type);
     }
     if let Some(id) = &e.id {

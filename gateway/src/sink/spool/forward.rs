@@ -668,7 +668,11 @@ fn record_headers(r: &Record, spool: &str) -> OwnedHeaders {
             value: Some(value),
         })
     };
-    if !r.content_type.is_empty() {
+    let own_type = r
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case(headers::CONTENT_TYPE.as_bytes()));
+    if !r.content_type.is_empty() && !own_type {
         h = add(h, headers::CONTENT_TYPE, &r.content_type);
     }
     if let Some(id) = &r.id {
