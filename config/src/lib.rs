@@ -21,7 +21,7 @@ mod tls;
 
 pub use auth::*;
 pub use dedup::{DedupConfig, DedupKeys, DedupStore, RedisConfig};
-pub use listeners::ProducerTransport;
+pub use listeners::{Cidr, ProducerTransport, ProxyConfig};
 pub use log::*;
 pub use mqtt::{IdentityField, Mapped, MqttConfig, TopicError, TopicMap, TopicRuleConfig};
 pub(crate) use problems::Problems;

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+use serde::Deserialize;
+
 use crate::{AuthMethod, Config, ListenerAuthConfig, Problems};
 
 /// A way producers reach the gateway: one transport on one listener, with the credentials it
@@ -117,6 +119,23 @@ impl Config {
     }
 
     pub(crate) fn validate_listeners(&self, p: &mut Problems) {
+        for (path, proxy) in [
+            ("grpc.proxy", &self.grpc.proxy),
+            ("mqtt.proxy", &self.mqtt.proxy),
+        ] {
+            if proxy.forwarded_headers {
+                p.add(
+                    format!("{path}.forwarded_headers"),
+                    "forwarding headers are HTTP's; use `protocol = true` (the PROXY protocol) here",
+                );
+            }
+        }
+        if self.http.proxy.forwarded_headers && self.http.proxy.trusted_proxies.is_empty() {
+            p.add(
+                "http.proxy.forwarded_headers",
+                "trusts no hop while `http.proxy.trusted_proxies` is empty; list the load balancers' addresses",
+            );
+        }
         for (path, addr) in [
             ("http.listen", &self.http.listen),
             ("grpc.listen", &self.grpc.listen),
@@ -177,5 +196,100 @@ impl Config {
                 ),
             );
         }
+    }
+}
+
+/// A listener behind a load balancer (docs/operations.md "Behind a load balancer"): the real
+/// client's address from the PROXY protocol or from forwarding headers, so logs, failure
+/// limiting and per-address caps see it. Off by default.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Every connection must start with a PROXY protocol header (v1 or v2, as HAProxy's
+    /// `send-proxy`/`send-proxy-v2`, AWS NLB, Envoy send it); connections without one, or from
+    /// an address outside `trusted_proxies` (when set), are closed.
+    pub protocol: bool,
+    /// The load balancers: addresses or CIDR blocks (`10.0.0.0/8`, `::1`). With `protocol`,
+    /// the only peers whose header is believed (empty: any peer, for a listener only the
+    /// balancer can reach); with `forwarded_headers`, the hops whose `Forwarded` /
+    /// `X-Forwarded-For` entries are believed (empty: none).
+    pub trusted_proxies: Vec<Cidr>,
+    /// HTTP listener only: take the client address from `Forwarded: for=` (RFC 7239) or else
+    /// `X-Forwarded-For`, walking from the nearest hop back past trusted proxies.
+    pub forwarded_headers: bool,
+}
+
+impl ProxyConfig {
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// An address block: an address and how many leading bits of it count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or CIDR block (10.0.0.0/8, fd00::/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }

@@ -73,6 +73,9 @@ pub struct MqttConfig {
     /// Topic → stream and key rules, first match wins. None: the first topic level is the
     /// stream and the rest the key.
     pub topics: Vec<TopicRuleConfig>,
+    /// Behind a load balancer: the PROXY protocol on the MQTT and MQTT-over-TLS listeners
+    /// (`forwarded_headers` does not apply; MQTT over WebSocket follows `[http.proxy]`).
+    pub proxy: crate::ProxyConfig,
 }
 
 impl Default for MqttConfig {
@@ -103,6 +106,7 @@ impl Default for MqttConfig {
             max_sessions_per_principal: 100_000,
             auth: ListenerAuthConfig::default(),
             topics: Vec::new(),
+            proxy: crate::ProxyConfig::default(),
         }
     }
 }

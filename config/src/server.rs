@@ -68,6 +68,8 @@ pub struct HttpConfig {
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
     pub auth: ListenerAuthConfig,
+    /// Behind a load balancer: the PROXY protocol and forwarding headers.
+    pub proxy: crate::ProxyConfig,
 }
 
 impl Default for HttpConfig {
@@ -88,6 +90,7 @@ impl Default for HttpConfig {
             cors: CorsConfig::default(),
             tls: None,
             auth: ListenerAuthConfig::default(),
+            proxy: crate::ProxyConfig::default(),
         }
     }
 }
@@ -201,6 +204,8 @@ pub struct GrpcConfig {
     pub tls: Option<TlsConfig>,
     /// Which credentials this listener accepts.
     pub auth: ListenerAuthConfig,
+    /// Behind a load balancer: the PROXY protocol (`forwarded_headers` does not apply).
+    pub proxy: crate::ProxyConfig,
 }
 
 impl Default for GrpcConfig {
@@ -218,6 +223,7 @@ impl Default for GrpcConfig {
             max_connections_per_principal: 1000,
             tls: None,
             auth: ListenerAuthConfig::default(),
+            proxy: crate::ProxyConfig::default(),
         }
     }
 }

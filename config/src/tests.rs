@@ -723,3 +723,53 @@ fn spooled_acks_need_kafka_and_a_spool_bound_of_at_least_two_segments_per_partit
     assert_eq!(c.streams.settings("x").spool_max_age_ms, 600_000);
     assert_eq!(c.streams.settings("audit").ack, AckMode::Durable);
 }
+
+#[test]
+fn proxy_settings_parse_and_are_checked() {
+    let c = Config::from_toml_str(
+        r#"
+        [http.proxy]
+        protocol = true
+        trusted_proxies = ["10.0.0.0/8", "::1", "192.168.1.7"]
+        forwarded_headers = true
+        "#,
+        "t",
+        no_env(),
+    )
+    .unwrap();
+    let p = &c.http.proxy;
+    assert!(p.protocol && p.forwarded_headers);
+    assert!(p.trusts("10.200.3.4".parse().unwrap()));
+    assert!(p.trusts("::ffff:10.0.0.1".parse().unwrap()));
+    assert!(p.trusts("::1".parse().unwrap()));
+    assert!(p.trusts("192.168.1.7".parse().unwrap()));
+    assert!(!p.trusts("192.168.1.8".parse().unwrap()));
+    assert!(!p.trusts("11.0.0.1".parse().unwrap()));
+    assert!(
+        "0.0.0.0/0"
+            .parse::<Cidr>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap())
+    );
+
+    let err = Config::from_toml_str(
+        "[http.proxy]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+        "t",
+        no_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("prefix length must be 0 to 32"), "{err}");
+    let err = Config::from_toml_str("[http.proxy]\nforwarded_headers = true\n", "t", no_env())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("trusts no hop"), "{err}");
+    let err = Config::from_toml_str(
+        "[grpc.proxy]\nforwarded_headers = true\ntrusted_proxies = [\"10.0.0.1\"]\n",
+        "t",
+        no_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("forwarding headers are HTTP's"), "{err}");
+}

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod http;
 pub mod lanes;
 pub mod mqtt;
+pub mod proxy;
 pub mod server;
 
 use bytes::Bytes;

@@ -145,6 +145,8 @@ pub struct ServerOptions {
     pub tls: Option<Arc<TlsReloader>>,
     /// The protocol of the listener, for its connections' tracing spans.
     pub protocol: &'static str,
+    /// Behind a load balancer: the PROXY protocol and (HTTP) forwarding headers.
+    pub proxy: crate::proxy::ProxySettings,
 }
 
 impl Default for ServerOptions {
@@ -157,6 +159,7 @@ impl Default for ServerOptions {
             h2_keepalive: Some(Duration::from_secs(30)),
             tls: None,
             protocol: "http",
+            proxy: Default::default(),
         }
     }
 }
@@ -167,6 +170,51 @@ impl Default for ServerOptions {
 pub struct Admitted {
     _connection: sluice_core::Reservation,
     _address: Option<AddressSlot>,
+}
+
+impl Admitted {
+    /// Counts the connection against the client's address `ip` once a PROXY header named it
+    /// (the balancer's address was not counted at accept); false, and the connection is to be
+    /// closed, when that address has its maximum open.
+    pub fn count_address(&mut self, per_address: &Arc<AddressSlots>, ip: std::net::IpAddr) -> bool {
+        match per_address.take(ip) {
+            Ok(slot) => {
+                self._address = slot;
+                true
+            }
+            Err(()) => false,
+        }
+    }
+}
+
+/// What a PROXY-protocol listener does first with an accepted connection: refuses a peer that
+/// is not a trusted proxy, reads the header within `timeout`, and counts the connection against
+/// the client's address. The client's address (the peer's for a header without one), or `None`
+/// when the connection is to be closed.
+pub async fn proxied<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    peer: SocketAddr,
+    proxy: &sluice_config::ProxyConfig,
+    timeout: Duration,
+    per_address: &Arc<AddressSlots>,
+    admitted: &mut Admitted,
+) -> Option<SocketAddr> {
+    if !proxy.trusted_proxies.is_empty() && !proxy.trusts(peer.ip()) {
+        tracing::debug!(%peer, "connection refused: not from a trusted proxy (proxy.trusted_proxies)");
+        return None;
+    }
+    let client = match crate::proxy::read_header(io, timeout).await {
+        Ok(client) => client.unwrap_or(peer),
+        Err(why) => {
+            tracing::debug!(%peer, reason = %why, "connection refused: PROXY protocol header");
+            return None;
+        }
+    };
+    if !admitted.count_address(per_address, client.ip()) {
+        tracing::debug!(%peer, %client, "connection refused: its address has max_connections_per_address open");
+        return None;
+    }
+    Some(client)
 }
 
 /// Serves `handler` on `listener` until `shutdown` completes, then stops accepting and waits
@@ -222,17 +270,28 @@ pub async fn serve_with<F, Fut, B>(
     };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    while let Some((stream, peer, permit)) = accept_within(
+    // With the PROXY protocol, connections are counted against the client's address once the
+    // header named it, not against the balancer's at accept.
+    let proxied_listener = opts.proxy.protocol;
+    let no_limit = AddressSlots::new(0);
+    while let Some((mut stream, peer, mut permit)) = accept_within(
         &listener,
         &opts.connections,
-        &opts.per_address,
+        if proxied_listener {
+            &no_limit
+        } else {
+            &opts.per_address
+        },
         shutdown.as_mut(),
         |_| {},
     )
     .await
     {
-        let span = tracing::info_span!("conn", protocol = opts.protocol, peer = %peer);
-        let permit = Arc::new(permit);
+        let span = tracing::info_span!(
+            "conn",
+            protocol = opts.protocol,
+            peer = tracing::field::Empty
+        );
         let (handler, builder, watcher, gauge, tls) = (
             handler.clone(),
             builder.clone(),
@@ -240,9 +299,33 @@ pub async fn serve_with<F, Fut, B>(
             connections.clone(),
             opts.tls.clone(),
         );
+        let (proxy, per_address) = (opts.proxy.clone(), opts.per_address.clone());
+        let header_timeout = opts.header_read_timeout;
         gauge.inc();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
+                let peer = if proxied_listener {
+                    match proxied(
+                        &mut stream,
+                        peer,
+                        &proxy,
+                        header_timeout,
+                        &per_address,
+                        &mut permit,
+                    )
+                    .await
+                    {
+                        Some(client) => client,
+                        None => {
+                            gauge.dec();
+                            return;
+                        }
+                    }
+                } else {
+                    peer
+                };
+                tracing::Span::current().record("peer", tracing::field::display(peer));
+                let permit = Arc::new(permit);
                 // The TLS handshake runs here, never in the accept loop, so a slow client holds
                 // only its own connection.
                 let info = |client_cert| ConnInfo {

@@ -2,6 +2,7 @@
 //! data directory, wait for it to report its addresses, drive it, kill or drain it, and read the
 //! log back through `sluice log read`.
 
+pub mod haproxy;
 pub mod http;
 pub mod inproc;
 pub mod kafka;

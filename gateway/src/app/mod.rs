@@ -313,6 +313,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                     per_address: AddressSlots::new(m.max_connections_per_address),
                     tls,
                     policy: policy_of(transport),
+                    proxy: Arc::new(m.proxy.clone()),
                 };
                 mqtt_listeners.push(tokio::spawn(mqtt.clone().serve(
                     listener,
@@ -331,6 +332,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             h2_keepalive: keepalive(config.http.h2_keepalive_interval_ms),
             tls: tls.clone(),
             protocol: "http",
+            proxy: Arc::new(config.http.proxy.clone()),
         },
         body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
         gate: Gate {
@@ -387,6 +389,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                     h2_keepalive: keepalive(config.grpc.h2_keepalive_interval_ms),
                     tls: grpc_tls.clone(),
                     protocol: "grpc",
+                    proxy: Arc::new(config.grpc.proxy.clone()),
                 },
                 gate: Gate {
                     auth: auth.clone(),
@@ -454,6 +457,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
                 h2_keepalive: None,
                 tls: admin_tls,
                 protocol: "admin",
+                proxy: Default::default(),
             },
             connections,
             move |req, _| {

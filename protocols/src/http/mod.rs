@@ -99,12 +99,22 @@ pub async fn serve<I: Ingest>(
     });
     let sessions = ctx.ws_sessions.clone();
     let cors = opts.cors;
+    let proxy = opts.server.proxy.clone();
     server::serve(
         listener,
         opts.server,
         gauge,
-        move |req, conn| {
+        move |req, conn: ConnInfo| {
             let (ingest, ctx, cors) = (ingest.clone(), ctx.clone(), cors.clone());
+            // Behind a trusted balancer that names the client in forwarding headers, the
+            // client's address is the request's peer (logs, failure limiting).
+            let conn = match crate::proxy::forwarded_client(&proxy, conn.peer, req.headers()) {
+                Some(ip) => ConnInfo {
+                    peer: std::net::SocketAddr::new(ip, 0),
+                    ..conn
+                },
+                None => conn,
+            };
             async move {
                 let Some(cors) = cors else {
                     return route(req, conn, ingest, ctx).await;

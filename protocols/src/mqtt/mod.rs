@@ -117,6 +117,8 @@ pub struct ListenerSettings {
     pub tls: Option<Arc<sluice_auth::tls::TlsReloader>>,
     /// What this listener accepts (anonymity decided for its own address).
     pub policy: ListenerPolicy,
+    /// Behind a load balancer: the PROXY protocol.
+    pub proxy: crate::proxy::ProxySettings,
 }
 
 /// A transport carrying MQTT bytes: a TCP or TLS stream, or WebSocket binary messages.
@@ -235,21 +237,65 @@ impl<I: Ingest> Mqtt<I> {
             per_address,
             tls,
             policy,
+            proxy,
         } = settings;
+        // With the PROXY protocol, connections are counted against the client's address once
+        // the header named it, not against the balancer's at accept.
+        let no_limit = AddressSlots::new(0);
+        let header_timeout = self.opts.connect_timeout;
         let gate = Arc::new(self.gate(policy, tls.clone()));
         self.forward_reloads(&gate);
         tokio::pin!(shutdown);
         let metrics = self.ingest.metrics().clone();
-        while let Some((stream, peer, permit)) = accept_within(
+        while let Some((mut stream, peer, mut permit)) = accept_within(
             &listener,
             &connections,
-            &per_address,
+            if proxy.protocol {
+                &no_limit
+            } else {
+                &per_address
+            },
             shutdown.as_mut(),
             |_| metrics.mqtt_disconnect("refused"),
         )
         .await
         {
             let (this, tls, gate) = (self.clone(), tls.clone(), gate.clone());
+            if proxy.protocol {
+                // Its own task: the header is read before the session starts, and its state is
+                // gone once it is read.
+                let (proxy, per_address, metrics) =
+                    (proxy.clone(), per_address.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    let Some(peer) = Box::pin(crate::server::proxied(
+                        &mut stream,
+                        peer,
+                        &proxy,
+                        header_timeout,
+                        &per_address,
+                        &mut permit,
+                    ))
+                    .await
+                    else {
+                        metrics.mqtt_disconnect("refused");
+                        return;
+                    };
+                    match tls {
+                        None => {
+                            this.session(Stream(stream), conn_info(peer, None), &gate)
+                                .await
+                        }
+                        Some(tls) => {
+                            if let Some((s, cert)) = Box::pin(accept_tls(&tls, stream, peer)).await
+                            {
+                                this.session(Stream(s), conn_info(peer, cert), &gate).await;
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
             // One task per connection; a plain TCP connection's task does not carry the TLS
             // handshake's state (memory per idle connection).
             match tls {

@@ -22,6 +22,7 @@ mod mqtt;
 mod mqtt_clients;
 mod mqtt_fleet;
 mod operations;
+mod proxy;
 mod quotas;
 mod reload;
 mod spool;
