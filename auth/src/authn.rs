@@ -198,6 +198,18 @@ impl Authenticator {
                     Err(method_not_allowed("api_key"))
                 };
             }
+            // `Basic base64(id:secret)`, as Kafka REST clients send an API key: the key
+            // `id.secret`.
+            (None, Some(h), _) if basic_of(h).is_some() => {
+                let key = basic_of(h)
+                    .expect("checked")
+                    .map_err(|m| AuthFailure::new("api_key", "malformed", m))?;
+                return if allows(AuthMethod::ApiKey) {
+                    self.api_keys.verify(&key)
+                } else {
+                    Err(method_not_allowed("api_key"))
+                };
+            }
             (None, Some(h), _) => Some(bearer_of(h)?),
             (None, None, t) => t,
         };
@@ -252,6 +264,28 @@ fn digest_of(c: &Credentials<'_>) -> [u8; 32] {
     ctx.finish().as_ref().try_into().expect("32 bytes")
 }
 
+/// The API key of an `Authorization: Basic` header (`id:secret` → `id.secret`); `None` for
+/// other schemes.
+fn basic_of(header: &str) -> Option<Result<String, &'static str>> {
+    use base64::Engine as _;
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let bad = "the Authorization header must be `Basic base64(<key id>:<secret>)`";
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|t| {
+                let (id, secret) = t.split_once(':')?;
+                (!id.is_empty() && !secret.is_empty()).then(|| format!("{id}.{secret}"))
+            })
+            .ok_or(bad),
+    )
+}
+
 fn bearer_of(header: &str) -> Result<&str, AuthFailure> {
     let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header, ""));
     let token = rest.trim();
@@ -259,7 +293,7 @@ fn bearer_of(header: &str) -> Result<&str, AuthFailure> {
         return Err(AuthFailure::new(
             "none",
             "malformed",
-            "the Authorization header must be `Bearer <token>`",
+            "the Authorization header must be `Bearer <token>` or `Basic base64(<key id>:<secret>)`",
         ));
     }
     Ok(token)

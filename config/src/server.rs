@@ -70,6 +70,9 @@ pub struct HttpConfig {
     pub auth: ListenerAuthConfig,
     /// Behind a load balancer: the PROXY protocol and forwarding headers.
     pub proxy: crate::ProxyConfig,
+    /// The cluster id the Kafka REST Proxy v3 API (`/v3/clusters/…`) answers with; empty turns
+    /// the v3 API off.
+    pub kafka_rest_cluster_id: String,
 }
 
 impl Default for HttpConfig {
@@ -91,6 +94,7 @@ impl Default for HttpConfig {
             tls: None,
             auth: ListenerAuthConfig::default(),
             proxy: crate::ProxyConfig::default(),
+            kafka_rest_cluster_id: "sluice".into(),
         }
     }
 }

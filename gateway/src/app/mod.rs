@@ -346,6 +346,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         max_subscribers_per_principal: config.http.max_subscribers_per_principal,
         sse_heartbeat: Duration::from_millis(config.http.sse_heartbeat_ms),
         cors: sluice_protocols::http::cors::Cors::new(&config.http.cors).map(Arc::new),
+        kafka_rest_cluster_id: config.http.kafka_rest_cluster_id.clone(),
         websocket: config.websocket.enabled.then(|| {
             let w = &config.websocket;
             WsOptions {

@@ -6,6 +6,7 @@ pub mod body;
 pub mod cloudevents;
 pub mod cors;
 pub mod read;
+pub mod rest_v3;
 pub mod ws;
 mod ws_read;
 
@@ -53,6 +54,8 @@ pub struct HttpOptions {
     pub sse_heartbeat: Duration,
     /// Cross-origin requests from web pages; `None`: CORS off.
     pub cors: Option<Arc<cors::Cors>>,
+    /// The cluster id the Kafka REST v3 API answers with (empty: the API is off).
+    pub kafka_rest_cluster_id: String,
 }
 
 /// Request header carrying an API key.
@@ -91,6 +94,8 @@ pub async fn serve<I: Ingest>(
         allowed_origins: opts.allowed_origins,
         ws_sessions: Arc::new(tokio::sync::RwLock::new(())),
         ws_shutdown,
+        kafka_rest_cluster_id: (!opts.kafka_rest_cluster_id.is_empty())
+            .then(|| Arc::from(opts.kafka_rest_cluster_id.as_str())),
         subscribers: read::Subscribers {
             total: Arc::new(tokio::sync::Semaphore::new(opts.max_subscribers)),
             per_principal: server::Counted::new(opts.max_subscribers_per_principal),
@@ -182,6 +187,11 @@ async fn route<I: Ingest>(
         ingest.metrics().request("http_read", outcome);
         return resp;
     }
+    if rest_v3::matches(req.uri().path()) {
+        let (resp, outcome) = rest_v3::handle(req, &conn, ingest.clone(), &ctx).await;
+        ingest.metrics().request(PROTO, outcome);
+        return resp;
+    }
     handle(req, conn, &*ingest, &ctx)
         .await
         .map(read::Body::Left)
@@ -201,6 +211,8 @@ struct Ctx {
     ws_shutdown: tokio::sync::watch::Receiver<bool>,
     /// Live tails open, in all and per principal.
     subscribers: read::Subscribers,
+    /// The cluster id of the Kafka REST v3 API; `None`: the API is off.
+    kafka_rest_cluster_id: Option<Arc<str>>,
 }
 
 /// The stream of `/v1/streams/{stream}/events`.

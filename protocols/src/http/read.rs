@@ -290,6 +290,13 @@ pub struct SseBody {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
 }
 
+impl SseBody {
+    /// A body of the chunks a task sends on `rx`, ending when the task drops its sender.
+    pub(super) fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        Self { rx }
+    }
+}
+
 impl hyper::body::Body for SseBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;

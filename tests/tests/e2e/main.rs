@@ -17,6 +17,7 @@ mod http;
 mod inproc;
 mod kafka;
 mod kafka_faults;
+mod kafka_rest;
 mod lifecycle;
 mod mqtt;
 mod mqtt_clients;
