@@ -15,6 +15,8 @@
 #   --with-redis   also install Debian's redis-server (the shared dedup window of several
 #                  gateways; the tests start their own instances on free ports, its service is
 #                  not enabled) and haproxy (the load balancer in front of two gateways)
+#   --with-schemathesis also install schemathesis (PyPI, pinned) in its own virtualenv under
+#                  target/tools/schemathesis (the OpenAPI contract check of scripts/schemathesis.sh)
 #   --for-tests    everything the test suite needs (all of the above)
 set -euo pipefail
 
@@ -24,6 +26,7 @@ with_browser=0
 with_mqtt=0
 with_prometheus=0
 with_redis=0
+with_schemathesis=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
@@ -32,8 +35,9 @@ for arg in "$@"; do
     --with-mqtt) with_mqtt=1 ;;
     --with-prometheus) with_prometheus=1 ;;
     --with-redis) with_redis=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--with-redis] [--for-tests]" >&2; exit 2 ;;
+    --with-schemathesis) with_schemathesis=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--with-redis] [--with-schemathesis] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -123,6 +127,17 @@ if [ "$with_tansu" -eq 1 ]; then
     cargo install tansu --locked --features dynostore --quiet
   fi
 fi
+# schemathesis, pinned, in a virtualenv of its own (no system packages touched).
+SCHEMATHESIS_VERSION=4.32.5
+if [ "$with_schemathesis" -eq 1 ]; then
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/tools/schemathesis"
+  if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+fi
+
 # Python grpcio: an independent gRPC implementation for tests/python/grpc_smoke.py.
 if [ "$with_grpcio" -eq 1 ]; then
   if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then

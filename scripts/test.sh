@@ -11,3 +11,5 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --workspace
+echo "== schemathesis (docs/openapi.yaml against the real binary)"
+scripts/schemathesis.sh

@@ -75,6 +75,9 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 const PROTO: &str = "http";
 
+/// The OpenAPI document of every HTTP endpoint, served at `GET /openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
 /// Serves HTTP ingest on `listener` until `shutdown`, then drains (see [`server::serve`]).
 pub async fn serve<I: Ingest>(
     listener: TcpListener,
@@ -271,6 +274,13 @@ async fn handle<I: Ingest>(
     if req.method() == Method::GET && (path == "/console" || path == "/console/") {
         ingest.metrics().request(PROTO, "ok");
         return console();
+    }
+    if req.method() == Method::GET && path == "/openapi.yaml" {
+        ingest.metrics().request(PROTO, "ok");
+        let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+        return r;
     }
     if req.method() == Method::GET && path == "/v1/streams" {
         let (resp, outcome) = list_streams(req, &conn, ingest, ctx).await;
