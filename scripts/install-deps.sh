@@ -17,7 +17,8 @@
 #                  not enabled) and haproxy (the load balancer in front of two gateways)
 #   --with-schemathesis also install schemathesis (PyPI, pinned) in its own virtualenv under
 #                  target/tools/schemathesis (the OpenAPI contract check of scripts/schemathesis.sh)
-#   --for-tests    everything the test suite needs (all of the above)
+#   --for-tests    everything the test suite needs (all of the above, and a check that Node.js
+#                  is 20 or later for the JavaScript client's tests)
 set -euo pipefail
 
 with_tansu=0
@@ -27,6 +28,7 @@ with_mqtt=0
 with_prometheus=0
 with_redis=0
 with_schemathesis=0
+with_node=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
@@ -36,7 +38,7 @@ for arg in "$@"; do
     --with-prometheus) with_prometheus=1 ;;
     --with-redis) with_redis=1 ;;
     --with-schemathesis) with_schemathesis=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1; with_node=1 ;;
     *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--with-redis] [--with-schemathesis] [--for-tests]" >&2; exit 2 ;;
   esac
 done
@@ -127,6 +129,16 @@ if [ "$with_tansu" -eq 1 ]; then
     cargo install tansu --locked --features dynostore --quiet
   fi
 fi
+# Node.js 20 or later: the JavaScript client's tests (clients/js) run under it. Debian's own
+# package is older on bookworm; the machines this project runs on carry Node.js 20.
+if [ "$with_node" -eq 1 ]; then
+  node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  if [ "$node_major" -lt 20 ]; then
+    log "Node.js $node_major found; installing Debian's nodejs (the JS client's tests need 20 or later)"
+    apt_install nodejs || true
+  fi
+fi
+
 # schemathesis, pinned, in a virtualenv of its own (no system packages touched).
 SCHEMATHESIS_VERSION=4.32.5
 if [ "$with_schemathesis" -eq 1 ]; then

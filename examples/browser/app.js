@@ -1,7 +1,10 @@
-// Sluice WebSocket example: connect, send typed events, show acks and nacks.
+// Sluice WebSocket example: connect, send typed events, show acks and nacks, with the
+// repository's JavaScript client (clients/js: reconnects, retries retryable nacks, stable ids).
 // Protocol: docs/websocket.md. URL parameters prefill the form (gateway, stream, token) and
-// `connect=1` connects on load, which the repository's browser test uses.
-"use strict";
+// `connect=1` connects on load, which the repository's browser test uses. Serve the repository
+// root (e.g. `python3 -m http.server` in it) and open /examples/browser/index.html, so the
+// import below resolves; in your own page, import "@sluice/client" instead.
+import { SluiceWebSocket } from "../../clients/js/src/index.js";
 
 const $ = (id) => document.getElementById(id);
 let socket = null;
@@ -14,42 +17,39 @@ function show(line, cls) {
   $("log").appendChild(div);
 }
 
-function connect() {
+async function connect() {
   if (socket) socket.close();
-  const url = `${$("gateway").value.replace(/\/$/, "")}/v1/streams/${encodeURIComponent($("stream").value)}/ws`;
-  // Browsers cannot set an Authorization header on a WebSocket: the token travels as a
-  // subprotocol next to `sluice.v1`, and the server answers with `sluice.v1` only.
-  const token = $("token").value.trim();
-  const protocols = token ? ["sluice.v1", `bearer.${token}`] : ["sluice.v1"];
-  socket = new WebSocket(url, protocols);
-  $("state").textContent = "connecting";
-  socket.onopen = () => {
-    $("state").textContent = "connected";
-    $("send").disabled = false;
+  // Browsers cannot set an Authorization header on a WebSocket: the client sends the token
+  // as a subprotocol next to `sluice.v1`, and the server answers with `sluice.v1` only.
+  socket = new SluiceWebSocket({
+    url: $("gateway").value,
+    stream: $("stream").value,
+    token: $("token").value.trim() || undefined,
+  });
+  socket.onstatechange = (state, detail) => {
+    $("state").textContent = detail ? `${state} (${detail})` : state;
+    $("send").disabled = state !== "connected";
   };
-  socket.onmessage = (msg) => {
-    const a = JSON.parse(msg.data);
-    if (a.error) {
-      const retry = a.retry_after_ms ? ` (retry in ${a.retry_after_ms} ms)` : "";
-      show(`nack ${a.id}: ${a.error.code}: ${a.error.message}${retry}`, "nack");
-    } else {
-      show(`ack ${a.id}: partition ${a.partition} offset ${a.offset}`, "ack");
-    }
-  };
-  socket.onclose = (e) => {
-    $("state").textContent = `closed (${e.code}${e.reason ? ": " + e.reason : ""})`;
-    $("send").disabled = true;
-  };
+  try {
+    await socket.connect();
+  } catch (e) {
+    show(`could not connect: ${e.message}`, "nack");
+  }
 }
 
-function send() {
+async function send() {
   const text = $("event").value;
   let value;
   try { value = JSON.parse(text); } catch { value = text; }   // any text is a JSON string then
   const event = { id: `browser-${nextId++}`, value };
   const key = $("key").value.trim();
   if (key) event.key = key;
-  socket.send(JSON.stringify(event));
+  const a = await socket.send(event);
+  if (a.error) {
+    show(`nack ${event.id}: ${a.error.code}: ${a.error.message}`, "nack");
+  } else {
+    show(`ack ${a.id}: partition ${a.partition} offset ${a.offset}`, "ack");
+  }
 }
 
 $("connect").onclick = connect;

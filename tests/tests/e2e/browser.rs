@@ -14,8 +14,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// Serves the files of `dir` over HTTP/1.1 on 127.0.0.1 (one request per connection).
-async fn static_server(dir: PathBuf) -> std::net::SocketAddr {
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Serves files over HTTP/1.1 on 127.0.0.1 (one request per connection): a request path is
+/// looked up under each of `roots` in turn (no `..`), so a test page can import the repository's
+/// own files (`/clients/js/src/index.js`).
+async fn static_server(roots: Vec<PathBuf>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -23,7 +29,7 @@ async fn static_server(dir: PathBuf) -> std::net::SocketAddr {
             let Ok((mut sock, _)) = listener.accept().await else {
                 return;
             };
-            let dir = dir.clone();
+            let roots = roots.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut n = 0;
@@ -36,11 +42,13 @@ async fn static_server(dir: PathBuf) -> std::net::SocketAddr {
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
                 let path = path.split('?').next().unwrap().trim_start_matches('/');
-                let name = Path::new(path).file_name().map(|f| f.to_owned());
-                let (status, body, ctype) = match name.map(|f| std::fs::read(dir.join(f))) {
-                    Some(Ok(b)) if path.ends_with(".js") => ("200 OK", b, "text/javascript"),
-                    Some(Ok(b)) => ("200 OK", b, "text/html; charset=utf-8"),
-                    _ => ("404 Not Found", b"not found".to_vec(), "text/plain"),
+                let file = (!path.split('/').any(|c| c == ".." || c.is_empty()))
+                    .then(|| roots.iter().find_map(|r| std::fs::read(r.join(path)).ok()))
+                    .flatten();
+                let (status, body, ctype) = match file {
+                    Some(b) if path.ends_with(".js") => ("200 OK", b, "text/javascript"),
+                    Some(b) => ("200 OK", b, "text/html; charset=utf-8"),
+                    None => ("404 Not Found", b"not found".to_vec(), "text/plain"),
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -157,10 +165,9 @@ async fn headless_chromium_sends_events_from_the_example_page() {
         api_key_entry(key, "browser-user", &["browser"])
     );
     let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
-    let site =
-        static_server(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/browser")).await;
+    let site = static_server(vec![repo_root()]).await;
     let page = format!(
-        "http://{site}/index.html?gateway=ws://{}&stream=browser&token={key}&connect=1",
+        "http://{site}/examples/browser/index.html?gateway=ws://{}&stream=browser&token={key}&connect=1",
         s.http
     );
 
@@ -390,8 +397,8 @@ const gw = p.get("gateway"), key = p.get("key");
 </script>"#,
     )
     .unwrap();
-    let allowed = static_server(page_dir.clone()).await;
-    let other = static_server(page_dir).await;
+    let allowed = static_server(vec![page_dir.clone()]).await;
+    let other = static_server(vec![page_dir]).await;
     let key = "web.cors-secret-1234";
     let toml = format!(
         "[http.auth]\nallow_anonymous = false\n[http.cors]\nallowed_origins = [\"http://{allowed}\"]\n{}",
@@ -442,4 +449,85 @@ const gw = p.get("gateway"), key = p.get("key");
     let _ = d
         .call(reqwest::Method::DELETE, &format!("/session/{sid}"), None)
         .await;
+}
+
+/// The JavaScript client's offline queue in a real browser: a page that cannot reach the
+/// gateway keeps three events in IndexedDB; the page loaded again (same origin, same profile)
+/// with the gateway reachable sends them and empties the queue; the log holds each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_chromium_keeps_events_in_indexeddb_until_the_gateway_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let page_dir = tmp.path().join("page");
+    std::fs::create_dir_all(&page_dir).unwrap();
+    std::fs::write(
+        page_dir.join("offline.html"),
+        r#"<!doctype html><meta charset="utf-8"><pre id="out">pending</pre>
+<script type="module">
+import { SluiceClient, IndexedDbQueue } from "/clients/js/src/index.js";
+const p = new URLSearchParams(location.search);
+const out = document.getElementById("out");
+const queue = new IndexedDbQueue("sluice-test");
+try {
+  if (p.get("phase") === "offline") {
+    const c = new SluiceClient({ url: "http://127.0.0.1:9", apiKey: p.get("key"), queue, maxRetries: 0 });
+    for (const v of ["idb-1", "idb-2", "idb-3"]) await c.enqueue("offline", { value: v });
+    out.textContent = "queued " + (await queue.size());
+  } else {
+    const c = new SluiceClient({ url: p.get("gateway"), apiKey: p.get("key"), queue });
+    const n = await c.flushQueue();
+    out.textContent = "flushed " + n + " left " + (await queue.size());
+  }
+} catch (e) { out.textContent = "error " + e; }
+</script>"#,
+    )
+    .unwrap();
+    let site = static_server(vec![page_dir, repo_root()]).await;
+    let key = "web.offline-secret-1234";
+    let toml = format!(
+        "[http.auth]\nallow_anonymous = false\n[http.cors]\nallowed_origins = [\"http://{site}\"]\n{}",
+        api_key_entry(key, "page", &["offline"])
+    );
+    let s = Sluice::start(&tmp.path().join("data"), &toml).unwrap();
+    let d = Driver::start().await;
+    let sid = d.session(&tmp.path().join("chromium-profile")).await;
+    let load = |phase: &'static str| {
+        let (d, sid) = (&d, sid.clone());
+        let url = format!(
+            "http://{site}/offline.html?phase={phase}&gateway=http://{}&key={key}",
+            s.http
+        );
+        async move {
+            d.call(
+                reqwest::Method::POST,
+                &format!("/session/{sid}/url"),
+                Some(json!({"url": url})),
+            )
+            .await;
+            let done = wait_until(Duration::from_secs(30), || async {
+                d.text_of(&sid, "#out").await != "pending"
+            })
+            .await;
+            assert!(done, "the page never finished");
+            d.text_of(&sid, "#out").await
+        }
+    };
+    assert_eq!(load("offline").await, "queued 3");
+    assert!(read_log(&s.data_dir, "offline", &[]).is_err_or_empty());
+    assert_eq!(load("online").await, "flushed 3 left 0");
+    let log = read_log(&s.data_dir, "offline", &[]).unwrap();
+    let values: Vec<&str> = log.iter().map(|e| e["value"].as_str().unwrap()).collect();
+    assert_eq!(values, [r#""idb-1""#, r#""idb-2""#, r#""idb-3""#]);
+    let _ = d
+        .call(reqwest::Method::DELETE, &format!("/session/{sid}"), None)
+        .await;
+}
+
+trait EmptyLog {
+    fn is_err_or_empty(&self) -> bool;
+}
+
+impl EmptyLog for anyhow::Result<Vec<Value>> {
+    fn is_err_or_empty(&self) -> bool {
+        self.as_ref().map_or(true, |l| l.is_empty())
+    }
 }

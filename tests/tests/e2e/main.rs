@@ -5,6 +5,7 @@
 mod attacks;
 mod auth;
 mod browser;
+mod clients;
 mod cloudevents;
 mod consume;
 mod crash;
