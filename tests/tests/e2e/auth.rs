@@ -504,13 +504,33 @@ async fn every_method_is_accepted_and_every_bad_credential_gets_its_exact_error(
         true,
     );
     let a = w
-        .post_with(&w.client, "a.x", &[("authorization", "Basic Zm9vOmJhcg==")])
+        .post_with(
+            &w.client,
+            "a.x",
+            &[("authorization", "Digest username=\"a\"")],
+        )
         .await
         .unwrap();
     unauthenticated(
-        &case("not a bearer scheme"),
+        &case("neither a bearer nor a basic scheme"),
         &a,
         "must be `Bearer <token>`",
+        true,
+    );
+    // Basic carries an API key's id and secret (Kafka REST clients): checked as that key.
+    let a = w
+        .post_with(&w.client, "a.x", &[("authorization", "Basic Zm9vOmJhcg==")])
+        .await
+        .unwrap();
+    unauthenticated(&case("basic, an unknown key"), &a, "unknown API key", true);
+    let a = w
+        .post_with(&w.client, "a.x", &[("authorization", "Basic !!!")])
+        .await
+        .unwrap();
+    unauthenticated(
+        &case("basic, not base64"),
+        &a,
+        "`Basic base64(<key id>:<secret>)`",
         true,
     );
     let t =
