@@ -75,6 +75,15 @@ pub(crate) fn place(
             replaced_ms: None,
         });
     };
+    // Kafka reserves negative timestamps (-1 is "none"), so times before 1970 are refused on
+    // every log alike.
+    if ts < 0 {
+        return Err(Rejection::Malformed {
+            message: format!(
+                "timestamp {ts} is before 1970-01-01T00:00:00Z, which is not supported"
+            ),
+        });
+    }
     let ahead = ts.saturating_sub(now_ms);
     let behind = now_ms.saturating_sub(ts);
     let broken = if settings.max_timestamp_future_ms > 0

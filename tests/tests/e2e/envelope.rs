@@ -114,6 +114,16 @@ async fn every_protocol_places_events_at_the_producers_partition_and_time() {
     }
     let a = post(&s.events_url("t"), &json!({"value": "x", "partition": -1})).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    // Before 1970: Kafka reserves negative timestamps, so no log takes them.
+    let a = post(&s.events_url("t"), &json!({"value": "x", "timestamp": -5})).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("before 1970"),
+        "{a:?}"
+    );
     // A lone event out of range is a 400 like any request whose every event failed.
     let a = post(&s.events_url("t"), &json!({"value": "x", "partition": 4})).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
