@@ -15,6 +15,7 @@ mod log;
 mod mqtt;
 mod problems;
 mod quotas;
+mod schemas;
 mod server;
 mod streams;
 mod tls;
@@ -27,6 +28,7 @@ pub use mqtt::{IdentityField, Mapped, MqttConfig, TopicError, TopicMap, TopicRul
 pub(crate) use problems::Problems;
 pub use problems::{ConfigError, Problem};
 pub use quotas::*;
+pub use schemas::{InvalidPolicy, SchemaConfig, SchemaFormat, SchemasConfig};
 pub use server::*;
 pub use streams::*;
 pub use tls::*;
@@ -61,6 +63,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub quotas: QuotasConfig,
     pub dedup: DedupConfig,
+    /// Schemas by stream (docs/schemas.md).
+    pub schemas: SchemasConfig,
 }
 
 /// Loads `text` the way the gateway would (no environment): whether it was accepted. An
@@ -141,6 +145,7 @@ impl Config {
         self.validate_auth(&mut p);
         self.validate_quotas(&mut p);
         self.validate_dedup(&mut p);
+        self.validate_schemas(&mut p);
         p.0
     }
 }
@@ -165,7 +170,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 13] = [
+    const SECTIONS: [&str; 14] = [
         "server",
         "http",
         "grpc",
@@ -179,6 +184,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         "auth",
         "quotas",
         "dedup",
+        "schemas",
     ];
     let mut problems = Vec::new();
     for key in table.keys() {
@@ -207,6 +213,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         auth: section(&table, "auth", origin, p),
         quotas: section(&table, "quotas", origin, p),
         dedup: section(&table, "dedup", origin, p),
+        schemas: section(&table, "schemas", origin, p),
     };
     (config, problems)
 }

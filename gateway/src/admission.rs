@@ -19,6 +19,9 @@ use sluice_auth::Swap;
 
 use crate::dedup::{Dedup, Plan, Tickets};
 use crate::quota::{Quotas, Verdict};
+use crate::schema::{
+    Invalid, InvalidLabels, SCHEMA_HEADER, SchemaMetrics, Schemas, StreamLabel, StreamSchema,
+};
 use crate::sink::{Held, Sink};
 use sluice_core::RECORD_OVERHEAD;
 
@@ -29,15 +32,18 @@ pub struct Policy {
     quotas: Quotas,
     max_delay: Duration,
     metrics_principals: HashSet<String>,
+    /// Compiled schemas by stream (docs/schemas.md).
+    schemas: Arc<Schemas>,
 }
 
 impl Policy {
-    pub fn new(streams: &StreamsConfig, quotas: &QuotasConfig) -> Self {
+    pub fn new(streams: &StreamsConfig, quotas: &QuotasConfig, schemas: Schemas) -> Self {
         Self {
             streams: streams.clone(),
             quotas: Quotas::new(quotas),
             max_delay: Duration::from_millis(quotas.max_delay_ms),
             metrics_principals: quotas.metrics_principals.iter().cloned().collect(),
+            schemas: Arc::new(schemas),
         }
     }
 }
@@ -60,6 +66,7 @@ pub struct Gateway {
     dedup: Arc<Dedup>,
     /// Rendered records near the end of each stream, shared by its readers.
     read_cache: crate::read::Caches,
+    schema_metrics: SchemaMetrics,
 }
 
 impl Gateway {
@@ -76,9 +83,11 @@ impl Gateway {
         quotas: &QuotasConfig,
         metrics: Metrics,
         dedup: Arc<Dedup>,
+        schemas: Schemas,
     ) -> Self {
         Self {
-            policy: Swap::new(Policy::new(&streams, quotas)),
+            policy: Swap::new(Policy::new(&streams, quotas, schemas)),
+            schema_metrics: SchemaMetrics::default(),
             sink,
             budget: Budget::new(max_in_flight_bytes),
             stream_budgets: Default::default(),
@@ -88,6 +97,11 @@ impl Gateway {
             dedup,
             read_cache: crate::read::Caches::new(),
         }
+    }
+
+    /// The schema step's metrics (registered by the app).
+    pub fn schema_metrics(&self) -> &SchemaMetrics {
+        &self.schema_metrics
     }
 
     /// The dedup window.
@@ -326,6 +340,15 @@ impl Ingest for Gateway {
         // The stream's limits, as admitted, before anything is charged: oversized input costs
         // nobody else.
         validate(&req, &sizes)?;
+        // The stream's schema: an invalid event is answered on its own (refused, or stored in
+        // the dead-letter stream) and the others go on; valid ones carry the schema's id.
+        let set_aside = self.check_schemas(&policy, &mut req).await;
+        if !set_aside.is_empty() {
+            if req.events.is_empty() {
+                return Ok(sluice_core::merge_at(Vec::new(), set_aside));
+            }
+            sizes = Sizes::of(&req.events);
+        }
         // Retries are answered from the dedup window and go no further: they cost no quota and
         // no budget. What goes on holds a claim on its key until its append is answered.
         let mut plan = self.plan(&mut req).await?;
@@ -333,7 +356,7 @@ impl Ingest for Gateway {
             if p.all_answered() {
                 let receipts = p.receipts(Vec::new());
                 self.count_duplicates(&req, p);
-                return Ok(receipts);
+                return Ok(sluice_core::merge_at(receipts, set_aside));
             }
             sizes = Sizes::of(&req.events);
         }
@@ -362,13 +385,14 @@ impl Ingest for Gateway {
             receipts.extend(std::iter::repeat_n(Receipt::Failed(r), n));
         }
         self.record(&req, &sizes, &receipts);
-        Ok(match &plan {
+        let receipts = match &plan {
             Some(p) => {
                 self.count_duplicates(&req, p);
                 p.receipts(receipts)
             }
             None => receipts,
-        })
+        };
+        Ok(sluice_core::merge_at(receipts, set_aside))
     }
 
     fn metrics(&self) -> &Metrics {
@@ -405,6 +429,10 @@ impl Sizes {
         (charge - n * RECORD_OVERHEAD, charge)
     }
 }
+
+type BoxedIngest<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Receipt>, Rejection>> + Send + 'a>,
+>;
 
 /// A quota refusal of a batch's tail: the rejection, the verdict, and how many events.
 type Refused = Option<(Rejection, Verdict, usize)>;
@@ -508,6 +536,177 @@ impl Gateway {
                 ))
             }
         }
+    }
+
+    /// The schema step, for streams with a schema: removes the invalid events from `req` and
+    /// answers each where it stood (a `malformed` refusal, or where the dead-letter stream
+    /// stored it). Large batches are checked on the blocking pool.
+    async fn check_schemas(
+        &self,
+        policy: &Policy,
+        req: &mut IngestRequest,
+    ) -> Vec<(usize, Receipt)> {
+        let Some(schema) = policy.schemas.of(req.stream().as_str()).cloned() else {
+            return Vec::new();
+        };
+        let events = std::mem::take(&mut req.events);
+        let large = events.len() > 64;
+        let check = {
+            let schema = schema.clone();
+            move || {
+                let mut keep = Vec::with_capacity(events.len());
+                let mut bad = Vec::new();
+                for (i, mut e) in events.into_iter().enumerate() {
+                    match schema.check(&e) {
+                        Ok(()) => {
+                            e.headers.push((
+                                bytes::Bytes::from_static(SCHEMA_HEADER.as_bytes()),
+                                schema.id.clone(),
+                            ));
+                            keep.push(e);
+                        }
+                        Err(why) => bad.push((i, e, why)),
+                    }
+                }
+                (keep, bad)
+            }
+        };
+        let (keep, bad) = if large {
+            tokio::task::spawn_blocking(check)
+                .await
+                .expect("schema check task")
+        } else {
+            check()
+        };
+        req.events = keep;
+        if bad.is_empty() {
+            return Vec::new();
+        }
+        let stream = req.stream().to_string();
+        for (_, _, why) in &bad {
+            self.schema_metrics
+                .invalid
+                .get_or_create(&InvalidLabels {
+                    stream: stream.clone(),
+                    reason: why.reason.clone(),
+                })
+                .inc();
+        }
+        match schema.policy {
+            sluice_config::InvalidPolicy::Reject => bad
+                .into_iter()
+                .map(|(i, _, why)| {
+                    (
+                        i,
+                        Receipt::Failed(Rejection::Malformed {
+                            message: format!("event {i}: {why}"),
+                        }),
+                    )
+                })
+                .collect(),
+            sluice_config::InvalidPolicy::DeadLetter => self.dead_letter(req, &schema, bad).await,
+        }
+    }
+
+    /// Stores invalid events in the dead-letter stream, with their original bytes and why
+    /// (docs/schemas.md), as the same principal and protocol: where each went, or why not (a
+    /// retryable refusal when the dead-letter stream cannot take them now: nothing is dropped).
+    async fn dead_letter(
+        &self,
+        req: &IngestRequest,
+        schema: &StreamSchema,
+        bad: Vec<(usize, Event, Invalid)>,
+    ) -> Vec<(usize, Receipt)> {
+        let h = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+        let source = bytes::Bytes::from(req.stream().to_string());
+        let mut at = Vec::with_capacity(bad.len());
+        let mut reasons = Vec::with_capacity(bad.len());
+        let mut events = Vec::with_capacity(bad.len());
+        for (i, mut e, why) in bad {
+            let text = why.to_string();
+            e.headers.push((
+                h("sluice-dead-letter-reason"),
+                bytes::Bytes::from(text.clone()),
+            ));
+            e.headers
+                .push((h("sluice-dead-letter-rule"), bytes::Bytes::from(why.reason)));
+            e.headers
+                .push((h("sluice-dead-letter-path"), bytes::Bytes::from(why.path)));
+            e.headers
+                .push((h("sluice-dead-letter-source"), source.clone()));
+            e.headers.push((h(SCHEMA_HEADER), schema.id.clone()));
+            // The dead-letter stream has partitions of its own.
+            e.partition = None;
+            at.push(i);
+            reasons.push(Arc::<str>::from(text));
+            events.push(e);
+        }
+        let n = events.len();
+        let stream = match StreamName::parse(&schema.dead_letter) {
+            Ok(s) => s,
+            Err(r) => {
+                return at
+                    .into_iter()
+                    .map(|i| (i, Receipt::Failed(r.clone())))
+                    .collect();
+            }
+        };
+        let policy = self.policy.load();
+        let dl = IngestRequest {
+            admission: Admission::granted(
+                req.principal().clone(),
+                stream.clone(),
+                policy.streams.settings(stream.as_str()),
+            ),
+            protocol: req.protocol,
+            content_type: req.content_type.clone(),
+            events,
+            reservation: self.budget.empty(),
+            queued: None,
+        };
+        // The dead-letter stream has no schema of its own (check-config refuses one), so this
+        // goes through the path above once.
+        let receipts = match self.ingest_boxed(dl).await {
+            Ok(r) => r,
+            Err(r) => vec![Receipt::Failed(r); n],
+        };
+        let name: Arc<str> = stream.shared();
+        let mut stored = 0;
+        let out = at
+            .into_iter()
+            .zip(receipts)
+            .zip(reasons)
+            .map(|((i, r), reason)| {
+                let r = match r.position() {
+                    Some((partition, offset)) => {
+                        stored += 1;
+                        Receipt::DeadLettered {
+                            stream: name.clone(),
+                            partition,
+                            offset,
+                            reason,
+                        }
+                    }
+                    None => r,
+                };
+                (i, r)
+            })
+            .collect();
+        if stored > 0 {
+            self.schema_metrics
+                .dead_lettered
+                .get_or_create(&StreamLabel {
+                    stream: req.stream().to_string(),
+                })
+                .inc_by(stored);
+        }
+        out
+    }
+
+    /// [`Ingest::ingest`] behind a box of a named type, for the dead-letter step's append
+    /// (a path that goes through `ingest` again).
+    fn ingest_boxed(&self, req: IngestRequest) -> BoxedIngest<'_> {
+        Box::pin(Ingest::ingest(self, req))
     }
 
     /// The dedup step, for streams with `dedup = true`.

@@ -131,6 +131,11 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn check_config(file: PathBuf) -> ExitCode {
     match load(Some(&file)) {
         Ok(c) => {
+            // Schemas are compiled as the gateway would: one that does not is named.
+            if let Err(e) = crate::schema::Schemas::load(&c.schemas) {
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
             println!(
                 "{}: ok (http {}, admin {}, log {}, {} declared stream(s), auto_create {})",
                 file.display(),
@@ -150,6 +155,12 @@ fn check_config(file: PathBuf) -> ExitCode {
                 c.streams.declare.len(),
                 c.streams.auto_create
             );
+            if !c.schemas.is_empty() {
+                println!(
+                    "schemas: {}",
+                    c.schemas.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,

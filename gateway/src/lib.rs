@@ -8,6 +8,7 @@ pub mod dedup;
 pub mod logcmd;
 pub mod quota;
 mod read;
+pub mod schema;
 pub mod sessions;
 pub mod sink;
 /// The Kafka sink, at its old path (the load generator and tests use it).

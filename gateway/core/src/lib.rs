@@ -261,8 +261,49 @@ pub enum Receipt {
         offset: Option<u64>,
         spooled: bool,
     },
+    /// Invalid for its stream's schema, and stored in the stream's dead-letter stream instead
+    /// (docs/schemas.md): where it went, and why.
+    DeadLettered {
+        stream: Arc<str>,
+        partition: u32,
+        offset: Option<u64>,
+        reason: Arc<str>,
+    },
     /// Not appended; the rejection says why and whether a retry can help.
     Failed(Rejection),
+}
+
+/// The receipts of a request's admitted events with its refused events' rejections put back at
+/// their places (`refused` by index, ascending), so every event is answered in request order.
+pub fn merge_receipts(receipts: Vec<Receipt>, refused: Vec<(usize, Rejection)>) -> Vec<Receipt> {
+    merge_at(
+        receipts,
+        refused
+            .into_iter()
+            .map(|(i, r)| (i, Receipt::Failed(r)))
+            .collect(),
+    )
+}
+
+/// [`merge_receipts`] with any receipts at the given indexes (ascending).
+pub fn merge_at(receipts: Vec<Receipt>, placed: Vec<(usize, Receipt)>) -> Vec<Receipt> {
+    if placed.is_empty() {
+        return receipts;
+    }
+    let mut all = Vec::with_capacity(receipts.len() + placed.len());
+    let mut receipts = receipts.into_iter();
+    let mut placed = placed.into_iter().peekable();
+    loop {
+        if let Some((_, r)) = placed.next_if(|(i, _)| *i <= all.len()) {
+            all.push(r);
+        } else if let Some(r) = receipts.next() {
+            all.push(r);
+        } else if let Some((_, r)) = placed.next() {
+            all.push(r);
+        } else {
+            return all;
+        }
+    }
 }
 
 impl Receipt {
@@ -276,7 +317,8 @@ impl Receipt {
             Receipt::Duplicate {
                 partition, offset, ..
             } => Some((partition, offset)),
-            Receipt::Failed(_) => None,
+            // Not in this stream.
+            Receipt::DeadLettered { .. } | Receipt::Failed(_) => None,
         }
     }
 }

@@ -194,6 +194,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         );
     }
     let mqtt_sessions = mqtt_session_store(&config, &dedup, &metrics)?;
+    let schemas = crate::schema::Schemas::load(&config.schemas).map_err(anyhow::Error::msg)?;
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
         sink,
@@ -201,7 +202,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         &config.quotas,
         metrics.clone(),
         dedup,
+        schemas,
     ));
+    gateway.schema_metrics().register(&mut registry);
     // Idle streams' expired dedup keys are freed now and then.
     every(
         Duration::from_secs(5),

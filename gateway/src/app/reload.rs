@@ -36,7 +36,7 @@ impl Reloader {
         match applied {
             Ok(()) => {
                 tracing::info!(
-                    "configuration reloaded: API keys, JWT issuers, mTLS rules, quotas and stream settings (listeners, TLS files and log settings are not reloaded)"
+                    "configuration reloaded: API keys, JWT issuers, mTLS rules, quotas, stream settings and schemas (listeners, TLS files and log settings are not reloaded)"
                 );
                 true
             }
@@ -52,8 +52,10 @@ impl Reloader {
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         auth.start().await;
         self.auth.store(auth);
+        // A schema that does not compile refuses the whole reload; the running ones stay.
+        let schemas = crate::schema::Schemas::load(&config.schemas).map_err(anyhow::Error::msg)?;
         self.gateway
-            .reload(Policy::new(&config.streams, &config.quotas));
+            .reload(Policy::new(&config.streams, &config.quotas, schemas));
         sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
         self.gateway
             .budget()

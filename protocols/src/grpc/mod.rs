@@ -301,20 +301,18 @@ fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
                 Receipt::Appended { partition, offset } => R::Position(pb::Position {
                     partition,
                     offset: Some(offset),
-                    duplicate: false,
-                    spooled: false,
+                    ..Default::default()
                 }),
                 Receipt::Received { partition } => R::Position(pb::Position {
                     partition,
                     offset: None,
-                    duplicate: false,
-                    spooled: false,
+                    ..Default::default()
                 }),
                 Receipt::Spooled { partition } => R::Position(pb::Position {
                     partition,
                     offset: None,
-                    duplicate: false,
                     spooled: true,
+                    ..Default::default()
                 }),
                 Receipt::Duplicate {
                     partition,
@@ -325,6 +323,19 @@ fn event_results(receipts: Vec<Receipt>) -> Vec<pb::EventResult> {
                     offset,
                     duplicate: true,
                     spooled,
+                    ..Default::default()
+                }),
+                Receipt::DeadLettered {
+                    stream,
+                    partition,
+                    offset,
+                    reason,
+                } => R::Position(pb::Position {
+                    partition,
+                    offset,
+                    dead_letter_stream: stream.to_string(),
+                    dead_letter_reason: reason.to_string(),
+                    ..Default::default()
                 }),
                 Receipt::Failed(e) => R::Error(pb::EventError {
                     code: e.code().to_string(),

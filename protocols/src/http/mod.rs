@@ -696,23 +696,7 @@ pub(crate) fn with_invalid(
     receipts: Vec<Receipt>,
     invalid: Vec<(usize, Rejection)>,
 ) -> Vec<Receipt> {
-    if invalid.is_empty() {
-        return receipts;
-    }
-    let mut all = Vec::with_capacity(receipts.len() + invalid.len());
-    let mut receipts = receipts.into_iter();
-    let mut invalid = invalid.into_iter().peekable();
-    loop {
-        if let Some((_, r)) = invalid.next_if(|(i, _)| *i <= all.len()) {
-            all.push(Receipt::Failed(r));
-        } else if let Some(r) = receipts.next() {
-            all.push(r);
-        } else if let Some((_, r)) = invalid.next() {
-            all.push(Receipt::Failed(r));
-        } else {
-            return all;
-        }
-    }
+    sluice_core::merge_receipts(receipts, invalid)
 }
 
 /// A raw event's `Sluice-Timestamp` (RFC 3339 or milliseconds since the epoch).
@@ -843,6 +827,20 @@ fn receipts_response(receipts: &[Receipt]) -> (Response<Full<Bytes>>, &'static s
                 let _ = write!(
                     out,
                     "{{\"partition\":{partition},\"status\":\"{status}\",\"duplicate\":true}}"
+                );
+            }
+            Receipt::DeadLettered {
+                stream,
+                partition,
+                offset,
+                reason,
+            } => {
+                out.push_str(
+                    &serde_json::json!({
+                        "dead_letter": {"stream": &**stream, "partition": partition, "offset": offset},
+                        "reason": &**reason,
+                    })
+                    .to_string(),
                 );
             }
             Receipt::Failed(e) => {

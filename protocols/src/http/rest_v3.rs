@@ -383,6 +383,25 @@ fn result_json(
             status_of(r),
             json!({"error_code": status_of(r).as_u16(), "message": r.to_string()}),
         ),
+        Receipt::DeadLettered {
+            stream,
+            partition,
+            offset,
+            reason,
+        } => (
+            StatusCode::OK,
+            json!({
+                "error_code": 200,
+                "cluster_id": cluster_id,
+                "topic_name": &**stream,
+                "partition_id": partition,
+                "offset": offset.map_or(-1, |o| o as i64),
+                "timestamp": sluice_core::format_timestamp(timestamp_ms),
+                "key": shape(shapes.0),
+                "value": shape(shapes.1),
+                "dead_letter_reason": &**reason,
+            }),
+        ),
         r => {
             let (partition, offset) = r.position().expect("not failed");
             let mut v = json!({

@@ -870,6 +870,20 @@ impl Answers {
                                 }
                             );
                         }
+                        Receipt::DeadLettered {
+                            stream,
+                            partition,
+                            offset,
+                            reason,
+                        } => {
+                            s = serde_json::json!({
+                                "seq": seq, "index": i,
+                                "id": serde_json::from_str::<serde_json::Value>(&id_json(id)).unwrap_or_default(),
+                                "dead_letter": {"stream": &**stream, "partition": partition, "offset": offset},
+                                "reason": &**reason,
+                            })
+                            .to_string();
+                        }
                         Receipt::Failed(r) => s = nack(r, i, id),
                     }
                     text(s)

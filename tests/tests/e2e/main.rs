@@ -27,5 +27,6 @@ mod operations;
 mod proxy;
 mod quotas;
 mod reload;
+mod schemas;
 mod spool;
 mod websocket;

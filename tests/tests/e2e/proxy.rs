@@ -188,14 +188,16 @@ async fn behind_haproxy_clients_are_told_apart_on_http_and_mqtt() {
         assert_eq!(post(client("127.0.0.3"), port, KEY).await, StatusCode::OK);
     }
     // A throttled client cannot pass for another by sending its own X-Forwarded-For: HAProxy
-    // appends the address it saw, and the gateway takes the nearest untrusted hop.
+    // appends the address it saw, and the gateway takes the nearest untrusted hop. (A wrong
+    // key: a throttled address gets 429 without the key being checked, another would get 401;
+    // the right key would pass anyway, having just authenticated from 127.0.0.3.)
     let forged = Answer::of(
         client("127.0.0.2")
             .post(format!(
                 "http://127.0.0.1:{}/v1/streams/s/events",
                 lb.ports[2]
             ))
-            .header("x-api-key", KEY)
+            .header("x-api-key", "shop.wrong")
             .header("x-forwarded-for", "198.51.100.77")
             .body("x"),
     )

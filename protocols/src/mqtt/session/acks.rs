@@ -48,7 +48,9 @@ impl<I: Ingest> Session<I> {
                             Receipt::Appended { .. }
                             | Receipt::Received { .. }
                             | Receipt::Spooled { .. }
-                            | Receipt::Duplicate { .. },
+                            | Receipt::Duplicate { .. }
+                            // Stored in the dead-letter stream: taken, not to be resent.
+                            | Receipt::DeadLettered { .. },
                         ) => Ok(()),
                         Some(Receipt::Failed(r)) => Err(r),
                         None => Err(lost()),

@@ -1,0 +1,379 @@
+//! Schemas (docs/schemas.md) on the real binary: JSON Schema per stream checked at admission,
+//! the same on HTTP, gRPC, WebSocket and MQTT 5 — an invalid event refused alone with the JSON
+//! pointer and the rule, or stored in the dead-letter stream with its original bytes and why;
+//! valid events carry the schema they were checked against; a reload applies a new version and
+//! refuses one that does not compile; `check-config` names a bad schema; the metrics count it.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sluice_protocols::grpc::pb;
+use sluice_protocols::grpc::pb::ingest_client::IngestClient;
+use sluice_tests::http::Answer;
+use sluice_tests::{Sluice, metric, read_log, wait_until};
+use tokio_tungstenite::tungstenite::Message;
+
+const ORDER_V1: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["id", "amount"],
+  "properties": {
+    "id": {"type": "string"},
+    "amount": {"type": "number", "minimum": 0},
+    "items": {"type": "array", "items": {"type": "object", "required": ["sku"]}}
+  }
+}"#;
+
+fn client() -> reqwest::Client {
+    sluice_tests::http::client(Duration::from_secs(30))
+}
+
+async fn post(url: &str, body: &Value) -> Answer {
+    Answer::of(client().post(url).json(body)).await
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    s: Sluice,
+}
+
+fn start() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    std::fs::write(dir.join("order.json"), ORDER_V1).unwrap();
+    let toml = format!(
+        r#"
+[schemas.orders]
+value = "{d}/order.json"
+
+[schemas.payments]
+value = "{d}/order.json"
+on_invalid = "dead_letter"
+"#,
+        d = dir.display()
+    );
+    let s = Sluice::start(&dir.join("data"), &toml).unwrap();
+    Setup { _tmp: tmp, dir, s }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_are_refused_alone_on_every_protocol() {
+    let Setup { s, _tmp: _keep, .. } = start();
+
+    // HTTP: the invalid event in the middle is refused with its pointer and rule.
+    let a = post(
+        &s.events_url("orders"),
+        &json!([
+            {"id": "o-1", "amount": 10},
+            {"id": "o-2", "amount": -1},
+            {"id": "o-3", "amount": 3, "items": [{"sku": "a"}, {"qty": 2}]},
+            {"id": "o-4", "amount": 4},
+        ]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let r = a.body["results"].as_array().unwrap();
+    assert!(r[0]["offset"].is_u64() && r[3]["offset"].is_u64(), "{a:?}");
+    let m1 = r[1]["error"]["message"].as_str().unwrap();
+    assert!(
+        m1.contains("event 1") && m1.contains("/amount") && m1.contains("minimum"),
+        "{m1}"
+    );
+    let m2 = r[2]["error"]["message"].as_str().unwrap();
+    assert!(m2.contains("/items/1") && m2.contains("required"), "{m2}");
+    assert_eq!(r[1]["error"]["code"], "malformed");
+    // Not JSON at all, and a request whose every event fails: 400.
+    let a = Answer::of(
+        client()
+            .post(s.events_url("orders"))
+            .header("content-type", "text/plain")
+            .body("plain text"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not_json"),
+        "{a:?}"
+    );
+
+    // gRPC: a per-event error.
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let ev = |v: &str| pb::Event {
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let out = IngestClient::new(ch)
+        .publish(pb::PublishRequest {
+            stream: "orders".into(),
+            events: vec![ev(r#"{"id":"g-1","amount":1}"#), ev(r#"{"id":"g-2"}"#)],
+            content_type: "application/json".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        out.results[0].result,
+        Some(pb::event_result::Result::Position(_))
+    ));
+    match &out.results[1].result {
+        Some(pb::event_result::Result::Error(e)) => {
+            assert_eq!(e.code, "malformed");
+            assert!(e.message.contains("required"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // WebSocket: a nack for the invalid event.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/orders/ws", s.http))
+            .await
+            .unwrap();
+    ws.send(Message::text(
+        json!([{"id": "w-1", "amount": 1}, {"id": 5, "amount": 1}]).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            acks.push(serde_json::from_str::<Value>(&t).unwrap());
+        }
+    }
+    acks.sort_by_key(|a| a["index"].as_u64());
+    assert!(acks[0]["offset"].is_u64(), "{acks:?}");
+    assert!(
+        acks[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/id"),
+        "{acks:?}"
+    );
+
+    // MQTT 5: PUBACK 0x99 (payload format invalid) with the reason.
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    let addr = s.mqtt.unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new("dev-schema", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    for payload in [
+        r#"{"id":"m-1","amount":2}"#,
+        r#"{"id":"m-2","amount":"lots"}"#,
+    ] {
+        c.publish("orders/dev", QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut reasons = Vec::new();
+    while reasons.len() < 2 {
+        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if let rumqttc::v5::Event::Incoming(Packet::PubAck(p)) = ev {
+            reasons.push(p.reason);
+        }
+    }
+    assert_eq!(
+        reasons,
+        [PubAckReason::Success, PubAckReason::PayloadFormatInvalid]
+    );
+
+    // Only the valid events are stored, each saying which schema passed it.
+    let log = read_log(&s.data_dir, "orders", &["--json-values"]).unwrap();
+    // JSON values as JSON; MQTT payloads (no content type) as their text.
+    let ids: Vec<String> = log
+        .iter()
+        .map(|r| match &r["value"] {
+            Value::String(t) => serde_json::from_str::<Value>(t).unwrap()["id"].clone(),
+            v => v["id"].clone(),
+        })
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["o-1", "o-4", "g-1", "w-1", "m-1"], "{log:#?}");
+    for r in &log {
+        let schema = r["headers"]["sluice-schema"].as_str();
+        assert!(schema.is_some_and(|s| s.starts_with("order.json@")), "{r}");
+    }
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_events_invalid_total",
+            r#"stream="orders",reason="minimum""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_events_invalid_total",
+            r#"stream="orders",reason="required""#
+        ),
+        2.0
+    );
+    // A producer cannot claim a schema it was not checked against.
+    let a = post(
+        &s.events_url("orders"),
+        &json!({"value": {"id": "x", "amount": 1}, "headers": {"sluice-schema": "forged"}}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_streams_keep_what_failed_with_why() {
+    let Setup { s, _tmp: _keep, .. } = start();
+    // Sent as written, so the stored bytes can be compared with it.
+    let a = Answer::of(
+        client()
+            .post(s.events_url("payments"))
+            .header("content-type", "application/json")
+            .body(
+                r#"[{"id": "p-1", "amount": 5},
+                    {"value": {"id":"p-2","amount":-5}, "key": "acct-9", "headers": {"source": "till"}}]"#,
+            ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let r = &a.body["results"];
+    assert!(r[0]["offset"].is_u64(), "{a:?}");
+    assert_eq!(r[1]["dead_letter"]["stream"], "payments.dlq", "{a:?}");
+    assert_eq!(r[1]["dead_letter"]["offset"], 0, "{a:?}");
+    assert!(
+        r[1]["reason"].as_str().unwrap().contains("/amount"),
+        "{a:?}"
+    );
+    assert_eq!(
+        a.body.get("failed"),
+        None,
+        "a dead-lettered event is taken: {a:?}"
+    );
+
+    let dlq = read_log(&s.data_dir, "payments.dlq", &[]).unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:#?}");
+    let d = &dlq[0];
+    // The original bytes, key and headers, and why.
+    assert_eq!(d["value"], r#"{"id":"p-2","amount":-5}"#);
+    assert_eq!(d["key"], "acct-9");
+    assert_eq!(d["headers"]["source"], "till");
+    assert_eq!(d["headers"]["sluice-dead-letter-source"], "payments");
+    assert_eq!(d["headers"]["sluice-dead-letter-rule"], "minimum");
+    assert_eq!(d["headers"]["sluice-dead-letter-path"], "/amount");
+    assert!(
+        d["headers"]["sluice-schema"]
+            .as_str()
+            .unwrap()
+            .starts_with("order.json@")
+    );
+    assert_eq!(d["headers"]["sluice-protocol"], "http");
+    assert_eq!(d["headers"]["sluice-principal"], "anonymous");
+    assert_eq!(read_log(&s.data_dir, "payments", &[]).unwrap().len(), 1);
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_dead_letter_events_total",
+            r#"stream="payments""#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_schema_and_refuses_one_that_does_not_compile() {
+    let Setup {
+        s,
+        dir,
+        _tmp: _keep,
+    } = start();
+    let item = json!({"id": "r-1", "amount": 1, "currency": "EUR"});
+    assert!(post(&s.events_url("orders"), &item).await.body["results"][0]["offset"].is_u64());
+    // Version 2 requires a currency.
+    let v2 = ORDER_V1.replace(
+        r#""required": ["id", "amount"]"#,
+        r#""required": ["id", "amount", "currency"]"#,
+    );
+    std::fs::write(dir.join("order.json"), &v2).unwrap();
+    s.signal("HUP").unwrap();
+    let applied = wait_until(Duration::from_secs(20), || async {
+        sluice_tests::metric_or_zero(
+            &s.metrics().await,
+            "sluice_config_reloads_total",
+            r#"result="ok""#,
+        ) >= 1.0
+    })
+    .await;
+    assert!(applied, "the new version applies without a restart");
+    let a = post(&s.events_url("orders"), &json!({"id": "r-2", "amount": 1})).await;
+    assert_eq!(
+        a.status,
+        StatusCode::BAD_REQUEST,
+        "version 2 requires a currency: {a:?}"
+    );
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("currency"),
+        "{a:?}"
+    );
+    let a = post(&s.events_url("orders"), &item).await;
+    assert!(a.body["results"][0]["offset"].is_u64(), "{a:?}");
+    // A schema that does not compile is refused; version 2 stays.
+    std::fs::write(dir.join("order.json"), r#"{"type": "no-such-type"}"#).unwrap();
+    s.signal("HUP").unwrap();
+    let rejected = wait_until(Duration::from_secs(20), || async {
+        sluice_tests::metric_or_zero(
+            &s.metrics().await,
+            "sluice_config_reloads_total",
+            r#"result="rejected""#,
+        ) >= 1.0
+    })
+    .await;
+    assert!(rejected, "the reload was refused");
+    let a = post(&s.events_url("orders"), &json!({"id": "r-3", "amount": 1})).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "still version 2: {a:?}");
+    let log = read_log(&s.data_dir, "orders", &[]).unwrap();
+    let ids: Vec<String> = log
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<Value>(r["value"].as_str().unwrap()).unwrap()["id"].to_string()
+        })
+        .collect();
+    assert_eq!(ids, [r#""r-1""#, r#""r-1""#]);
+    // The two stored events name different schema versions.
+    assert_ne!(
+        log[0]["headers"]["sluice-schema"],
+        log[1]["headers"]["sluice-schema"]
+    );
+
+    // check-config names the broken schema.
+    let out = std::process::Command::new(sluice_tests::binary())
+        .arg("check-config")
+        .arg(s.config_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("schemas.orders") && err.contains("not a valid JSON Schema"),
+        "{err}"
+    );
+}
