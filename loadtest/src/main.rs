@@ -118,6 +118,10 @@ struct HttpArgs {
     /// with `dedup = true` checks and records each one (docs/exactly-once.md).
     #[arg(long)]
     ids: bool,
+    /// Send this file's bytes as every request's body (a JSON array of events), instead of
+    /// `--events-per-request` strings of `--payload-bytes`.
+    #[arg(long)]
+    body_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Parser, Clone)]
@@ -370,7 +374,10 @@ async fn http(a: HttpArgs) -> Result<()> {
     if a.connections == 0 {
         bail!("--connections must be at least 1");
     }
-    let payload = body(a.events_per_request, a.payload_bytes);
+    let payload = match &a.body_file {
+        Some(f) => Bytes::from(std::fs::read(f).with_context(|| format!("--body-file {}", f.display()))?),
+        None => body(a.events_per_request, a.payload_bytes),
+    };
     let tls = match uri.scheme_str() {
         Some("https") => Some(tls_connector(a.tls_ca.as_deref(), &host)?),
         _ => None,
