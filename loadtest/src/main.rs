@@ -375,7 +375,9 @@ async fn http(a: HttpArgs) -> Result<()> {
         bail!("--connections must be at least 1");
     }
     let payload = match &a.body_file {
-        Some(f) => Bytes::from(std::fs::read(f).with_context(|| format!("--body-file {}", f.display()))?),
+        Some(f) => {
+            Bytes::from(std::fs::read(f).with_context(|| format!("--body-file {}", f.display()))?)
+        }
         None => body(a.events_per_request, a.payload_bytes),
     };
     let tls = match uri.scheme_str() {

@@ -44,6 +44,11 @@ fn start() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     std::fs::write(dir.join("order.json"), ORDER_V1).unwrap();
+    std::fs::write(
+        dir.join("key.json"),
+        r#"{"type": "string", "pattern": "^acct-[0-9]+$"}"#,
+    )
+    .unwrap();
     let toml = format!(
         r#"
 [schemas.orders]
@@ -52,6 +57,10 @@ value = "{d}/order.json"
 [schemas.payments]
 value = "{d}/order.json"
 on_invalid = "dead_letter"
+
+[schemas.keyed]
+value = "{d}/order.json"
+key = "{d}/key.json"
 "#,
         d = dir.display()
     );
@@ -373,7 +382,36 @@ async fn a_reload_applies_a_new_schema_and_refuses_one_that_does_not_compile() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("schemas.orders") && err.contains("not a valid JSON Schema"),
+        err.contains("order.json") && err.contains("not a valid JSON Schema"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_checked_when_the_stream_has_a_key_schema() {
+    let Setup { s, _tmp: _keep, .. } = start();
+    // Keys are JSON when checked: the key `"acct-1"` is the JSON string acct-1.
+    let a = post(
+        &s.events_url("keyed"),
+        &json!([
+            {"value": {"id": "k-1", "amount": 1}, "key": "\"acct-1\""},
+            {"value": {"id": "k-2", "amount": 1}, "key": "\"someone\""},
+            {"value": {"id": "k-3", "amount": 1}},
+        ]),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let r = &a.body["results"];
+    assert!(r[0]["offset"].is_u64(), "{a:?}");
+    let m = r[1]["error"]["message"].as_str().unwrap();
+    assert!(m.contains("key:") && m.contains("pattern"), "{m}");
+    // No key where one is required by a key schema: not JSON.
+    assert!(
+        r[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not_json"),
+        "{a:?}"
+    );
+    assert_eq!(read_log(&s.data_dir, "keyed", &[]).unwrap().len(), 1);
 }
