@@ -201,6 +201,54 @@ impl<'de> Visitor<'de> for ArrayOfEvents<'_, '_> {
     }
 }
 
+/// The elements of a JSON array, unparsed, refused as soon as there are more than `limit.max`
+/// (so a body of millions of tiny elements is never materialised): `Ok(None)` when `body` is
+/// not an array.
+pub(crate) fn array_within<'b>(
+    body: &'b [u8],
+    limit: EventLimit<'_>,
+) -> Result<Option<Vec<&'b RawValue>>, Rejection> {
+    struct Elements<'l> {
+        max: u64,
+        over: &'l std::cell::Cell<bool>,
+    }
+    impl<'de> Visitor<'de> for Elements<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                if out.len() as u64 >= self.max {
+                    self.over.set(true);
+                    return Err(de::Error::custom("too many elements"));
+                }
+                out.push(raw);
+            }
+            Ok(out)
+        }
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+        return Ok(None);
+    }
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = de::Deserializer::deserialize_seq(
+        &mut de,
+        Elements {
+            max: limit.max,
+            over: &over,
+        },
+    )
+    .and_then(|v| de.end().map(|()| v));
+    match parsed {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if over.get() => Err(limit.exceeded(limit.max + 1)),
+        Err(e) => Err(json_error(&e)),
+    }
+}
+
 /// Parses an NDJSON body: one event per non-empty line, refused as soon as it holds more than
 /// `limit.max` events.
 pub fn parse_ndjson(body: &Bytes, limit: EventLimit<'_>) -> Result<Vec<Event>, Rejection> {
@@ -328,17 +376,24 @@ fn string_field(body: &Bytes, raw: &RawValue, name: &str) -> Result<Bytes, Strin
     }
 }
 
-fn headers_field(body: &Bytes, raw: &RawValue) -> Result<Vec<(Bytes, Bytes)>, String> {
+/// A JSON object's members in order, values unparsed, at most
+/// [`sluice_core::MAX_HEADERS_PER_EVENT`] of them: `Err(true)` past that many, `Err(false)` when
+/// `raw` is not an object.
+pub(crate) fn members(raw: &RawValue) -> Result<Vec<(Cow<'_, str>, &RawValue)>, bool> {
     let too_many = std::cell::Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let map = de::Deserializer::deserialize_map(
+    de::Deserializer::deserialize_map(
         &mut de,
         OrderedMap {
             too_many: &too_many,
         },
     )
-    .map_err(|_| {
-        if too_many.get() {
+    .map_err(|_| too_many.get())
+}
+
+fn headers_field(body: &Bytes, raw: &RawValue) -> Result<Vec<(Bytes, Bytes)>, String> {
+    let map = members(raw).map_err(|too_many| {
+        if too_many {
             format!(
                 "more than {} headers; that is the most an event may have",
                 sluice_core::MAX_HEADERS_PER_EVENT
@@ -425,8 +480,8 @@ impl<'de> Deserialize<'de> for Probe<'de> {
 /// An object's members in order, values unparsed.
 /// A JSON object's members in order, left unparsed; refused past
 /// [`sluice_core::MAX_HEADERS_PER_EVENT`] members (setting `too_many`) without reading the rest.
-pub(crate) struct OrderedMap<'c> {
-    pub(crate) too_many: &'c std::cell::Cell<bool>,
+struct OrderedMap<'c> {
+    too_many: &'c std::cell::Cell<bool>,
 }
 
 impl<'de> Visitor<'de> for OrderedMap<'_> {

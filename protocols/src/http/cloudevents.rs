@@ -12,11 +12,10 @@ use std::borrow::Cow;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::de;
 use serde_json::value::RawValue;
 use sluice_core::{Event, Rejection};
 
-use super::body::{EventLimit, OrderedMap};
+use super::body::EventLimit;
 
 /// `application/cloudevents+json`: one event in structured mode.
 pub const STRUCTURED: &str = "application/cloudevents+json";
@@ -44,16 +43,10 @@ pub fn parse_batch(
     body: &Bytes,
     limit: EventLimit<'_>,
 ) -> Result<Vec<Result<Event, Rejection>>, Rejection> {
-    let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
-        malformed(format!(
-            "a CloudEvents batch is a JSON array of CloudEvents: {e}"
-        ))
-    })?;
+    let items = super::body::array_within(body, limit)?
+        .ok_or_else(|| malformed("a CloudEvents batch is a JSON array of CloudEvents"))?;
     if items.is_empty() {
         return Err(malformed("the batch holds no CloudEvents"));
-    }
-    if items.len() as u64 > limit.max {
-        return Err(limit.exceeded(items.len() as u64));
     }
     Ok(items
         .into_iter()
@@ -149,16 +142,8 @@ pub fn from_binary(headers: &http::HeaderMap, body: Bytes) -> Result<Event, Reje
 
 /// The event of one structured-mode CloudEvent object.
 fn from_json(body: &Bytes, raw: &RawValue) -> Result<Event, String> {
-    let too_many = std::cell::Cell::new(false);
-    let mut de = serde_json::Deserializer::from_str(raw.get());
-    let members = de::Deserializer::deserialize_map(
-        &mut de,
-        OrderedMap {
-            too_many: &too_many,
-        },
-    )
-    .map_err(|_| {
-        if too_many.get() {
+    let members = super::body::members(raw).map_err(|too_many| {
+        if too_many {
             format!(
                 "more than {} attributes; that is the most an event may have",
                 sluice_core::MAX_HEADERS_PER_EVENT

@@ -579,6 +579,12 @@ async fn produce<I: Ingest>(
         let _slot = slot;
         let ingest = &*ingest;
         let say = |v: Value| Bytes::from(v.to_string() + "\n");
+        // A client that stops reading its answers is not waited for longer than it may stay
+        // quiet while sending: the stream ends (and its slot is freed).
+        let send = |b: Bytes| {
+            let tx = tx.clone();
+            async move { matches!(tokio::time::timeout(idle, tx.send(b)).await, Ok(Ok(()))) }
+        };
         let mut body = body;
         let mut buf = BytesMut::new();
         loop {
@@ -586,8 +592,7 @@ async fn produce<I: Ingest>(
                 Ok(Some(Ok(f))) => f,
                 Ok(None) => break,
                 Ok(Some(Err(_))) | Err(_) => {
-                    let _ = tx
-                        .send(say(json!({"error_code": 400, "message": "the record stream broke off or went quiet"})))
+                    let _ = send(say(json!({"error_code": 400, "message": "the record stream broke off or went quiet"})))
                         .await;
                     return;
                 }
@@ -631,30 +636,29 @@ async fn produce<I: Ingest>(
                         out.push_str(&v.to_string());
                         out.push('\n');
                     }
-                    if tx.send(Bytes::from(out)).await.is_err() {
+                    if !send(Bytes::from(out)).await {
                         return;
                     }
                 }
             }
             if let Some(e) = fatal {
-                let _ = tx
-                    .send(say(json!({"error_code": 400, "message": format!("invalid JSON in the record stream: {e}")})))
+                let _ = send(say(json!({"error_code": 400, "message": format!("invalid JSON in the record stream: {e}")})))
                     .await;
                 return;
             }
             let rest = &frozen[used..];
             if rest.len() > max_record {
-                let _ = tx
-                    .send(say(json!({"error_code": 413, "message": format!("a record passes {max_record} bytes")})))
+                let _ = send(say(json!({"error_code": 413, "message": format!("a record passes {max_record} bytes")})))
                     .await;
                 return;
             }
             buf.extend_from_slice(rest);
         }
         if !buf.iter().all(u8::is_ascii_whitespace) {
-            let _ = tx
-                .send(say(json!({"error_code": 400, "message": "the record stream ended inside a record"})))
-                .await;
+            let _ = send(say(
+                json!({"error_code": 400, "message": "the record stream ended inside a record"}),
+            ))
+            .await;
         }
     });
     let mut resp = Response::new(read::Body::Right(read::SseBody::new(rx)));
