@@ -376,8 +376,25 @@ pub async fn tls_post(
     tls_request(addr, tls, http::Method::POST, path, headers, body).await
 }
 
-/// Sends one request over a new TLS connection.
+/// Sends one request over a new TLS connection; an error (never a hang) when the gateway has
+/// not answered within [`crate::DEADLINE`].
 pub async fn tls_request(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Answer> {
+    tokio::time::timeout(
+        crate::DEADLINE,
+        tls_request_now(addr, tls, method, path, headers, body),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer over TLS within {:?}", crate::DEADLINE))?
+}
+
+async fn tls_request_now(
     addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     method: http::Method,
