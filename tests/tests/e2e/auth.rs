@@ -864,7 +864,11 @@ async fn required_client_certificates_and_certificate_reload() {
         .unwrap();
     assert_eq!((a.status, a.body.as_str()), (200, Some("ready\n")));
     assert!(
-        reqwest::get(s.admin_url("readyz")).await.is_err(),
+        sluice_tests::http::client(sluice_tests::DEADLINE)
+            .get(s.admin_url("readyz"))
+            .send()
+            .await
+            .is_err(),
         "plain HTTP to a TLS admin listener"
     );
     let r = tls_post(s.http, &no_cert, url, &[], "[1]").await;
