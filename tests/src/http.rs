@@ -49,3 +49,29 @@ impl Answer {
         })
     }
 }
+
+/// The next `n` text frames of a WebSocket as JSON (acks and nacks), in the order they came,
+/// skipping pings; panics when one does not come within 30 s or the socket ends.
+pub async fn ws_answers<S>(ws: &mut S, n: usize) -> Vec<Value>
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("an answer within 30 s")
+            .expect("socket open")
+            .expect("a frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            out.push(serde_json::from_str(&t).expect("answers are JSON"));
+        }
+    }
+    out
+}

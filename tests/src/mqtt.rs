@@ -330,3 +330,22 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client5<S> {
         }
     }
 }
+
+/// The reason codes of the next `n` PUBACKs a rumqttc MQTT 5 client receives, in order,
+/// driving its event loop; panics when one does not come within 20 s.
+pub async fn v5_pubacks(
+    el: &mut rumqttc::v5::EventLoop,
+    n: usize,
+) -> Vec<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
+            .await
+            .expect("a PUBACK within 20 s")
+            .expect("the connection stays up");
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(p)) = ev {
+            out.push(p.reason);
+        }
+    }
+    out
+}

@@ -126,7 +126,7 @@ pub fn from_binary(headers: &http::HeaderMap, body: Bytes) -> Result<Event, Reje
             .map_err(|_| malformed(format!("header `{name}` is not text")))?;
         attrs.push((
             Cow::Owned(attr.to_string()),
-            Cow::Owned(percent_decode(text)),
+            Cow::Owned(super::ws::percent_decode(text, false)),
         ));
         if attrs.len() > sluice_core::MAX_HEADERS_PER_EVENT {
             return Err(malformed(format!(
@@ -310,33 +310,6 @@ fn is_json(ct: &str) -> bool {
         .trim()
         .to_ascii_lowercase();
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
-}
-
-/// The CloudEvents HTTP binding's percent-encoding of header values, undone.
-fn percent_decode(s: &str) -> String {
-    if !s.contains('%') {
-        return s.to_string();
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push(h << 4 | l);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
 }
 
 /// At most 80 characters of `s`, for error messages.

@@ -59,11 +59,13 @@ pub fn route(path: &str) -> Option<Option<&str>> {
 pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
+        (k == name).then(|| percent_decode(v, true))
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` sequences decoded (invalid ones kept as they are); with `plus_is_space` (query
+/// strings) a `+` is a space, otherwise (CloudEvents `ce-` headers) it stays a `+`.
+pub(super) fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let b = s.as_bytes();
     let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(b.len());
@@ -77,7 +79,11 @@ fn percent_decode(s: &str) -> String {
             i += 3;
             continue;
         }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        out.push(if plus_is_space && b[i] == b'+' {
+            b' '
+        } else {
+            b[i]
+        });
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -930,7 +936,8 @@ mod tests {
             Some("a.b.c")
         );
         assert_eq!(query_param(Some("x=1"), "api_key"), None);
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("a+b%20c"), "a b c");
+        assert_eq!(percent_decode("100%", true), "100%");
+        assert_eq!(percent_decode("a+b%20c", true), "a b c");
+        assert_eq!(percent_decode("a+b%20c", false), "a+b c");
     }
 }

@@ -122,6 +122,23 @@ impl Driver {
         session["sessionId"].as_str().unwrap().to_string()
     }
 
+    /// Opens `url` in session `sid` and waits (30 s at most) until the page's `#out` no longer
+    /// says `pending`: what it says then.
+    async fn outcome_of(&self, sid: &str, url: &str) -> String {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{sid}/url"),
+            Some(json!({"url": url})),
+        )
+        .await;
+        let done = wait_until(Duration::from_secs(30), || async {
+            self.text_of(sid, "#out").await != "pending"
+        })
+        .await;
+        assert!(done, "the page never finished");
+        self.text_of(sid, "#out").await
+    }
+
     /// The text of the element `css` selects, in session `sid`.
     async fn text_of(&self, sid: &str, css: &str) -> String {
         let e = self
@@ -416,20 +433,7 @@ const gw = p.get("gateway"), key = p.get("key");
             "http://{site}/cors.html?gateway=http://{}&key={key}",
             s.http
         );
-        async move {
-            d.call(
-                reqwest::Method::POST,
-                &format!("/session/{sid}/url"),
-                Some(json!({"url": url})),
-            )
-            .await;
-            let done = wait_until(Duration::from_secs(30), || async {
-                d.text_of(&sid, "#out").await != "pending"
-            })
-            .await;
-            assert!(done, "the page never finished");
-            d.text_of(&sid, "#out").await
-        }
+        async move { d.outcome_of(&sid, &url).await }
     };
     let ok = run(allowed).await;
     let v: Value = serde_json::from_str(&ok).unwrap_or_else(|_| panic!("page said {ok}"));
@@ -496,20 +500,7 @@ try {
             "http://{site}/offline.html?phase={phase}&gateway=http://{}&key={key}",
             s.http
         );
-        async move {
-            d.call(
-                reqwest::Method::POST,
-                &format!("/session/{sid}/url"),
-                Some(json!({"url": url})),
-            )
-            .await;
-            let done = wait_until(Duration::from_secs(30), || async {
-                d.text_of(&sid, "#out").await != "pending"
-            })
-            .await;
-            assert!(done, "the page never finished");
-            d.text_of(&sid, "#out").await
-        }
+        async move { d.outcome_of(&sid, &url).await }
     };
     assert_eq!(load("offline").await, "queued 3");
     assert!(read_log(&s.data_dir, "offline", &[]).is_err_or_empty());

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sluice_protocols::grpc::pb;
 use sluice_protocols::grpc::pb::ingest_client::IngestClient;
-use sluice_tests::http::Answer;
+use sluice_tests::http::{Answer, ws_answers};
 use sluice_tests::kafka::{Tansu, create_topic, kafka_config, read_topic, start_ready};
 use sluice_tests::{Sluice, metric, read_log};
 use tokio_tungstenite::tungstenite::Message;
@@ -203,17 +203,7 @@ async fn websocket_and_grpc_take_cloudevents_too() {
     ))
     .await
     .unwrap();
-    let mut acks = Vec::new();
-    while acks.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("an ack within 30 s")
-            .expect("socket open")
-            .expect("a frame");
-        if let Message::Text(t) = m {
-            acks.push(serde_json::from_str::<Value>(&t).unwrap());
-        }
-    }
+    let mut acks = ws_answers(&mut ws, 2).await;
     acks.sort_by_key(|a| a["index"].as_u64());
     assert!(acks[0]["offset"].is_u64(), "{acks:?}");
     assert_eq!(acks[0]["id"], "/browser w-1", "{acks:?}");

@@ -9,13 +9,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sluice_protocols::grpc::pb;
 use sluice_protocols::grpc::pb::ingest_client::IngestClient;
-use sluice_tests::http::Answer;
+use sluice_tests::http::{Answer, ws_answers};
 use sluice_tests::kafka::{Tansu, create_topic, kafka_config, read_topic, start_ready};
+use sluice_tests::mqtt::v5_pubacks;
 use sluice_tests::{Sluice, read_log, wait_until};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -198,21 +199,12 @@ async fn every_protocol_places_events_at_the_producers_partition_and_time() {
     ))
     .await
     .unwrap();
-    let ack = loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .expect("an ack within 30 s")
-            .expect("socket open")
-            .expect("a frame");
-        if let Message::Text(t) = m {
-            break serde_json::from_str::<Value>(&t).unwrap();
-        }
-    };
+    let ack = ws_answers(&mut ws, 1).await.remove(0);
     assert_eq!(ack["partition"], 3, "{ack}");
 
     // MQTT 5: the user properties `time` and `partition`; a bad `time` is PUBACK 0x99.
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+    use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
     let addr = s.mqtt.unwrap();
     let mut o = rumqttc::v5::MqttOptions::new("dev-ts", addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
@@ -230,18 +222,8 @@ async fn every_protocol_places_events_at_the_producers_partition_and_time() {
             .await
             .unwrap();
     }
-    let mut reasons = Vec::new();
-    while reasons.len() < 2 {
-        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
-            .await
-            .unwrap()
-            .unwrap();
-        if let rumqttc::v5::Event::Incoming(Packet::PubAck(p)) = ev {
-            reasons.push(p.reason);
-        }
-    }
     assert_eq!(
-        reasons,
+        v5_pubacks(&mut el, 2).await,
         [PubAckReason::Success, PubAckReason::PayloadFormatInvalid]
     );
 

@@ -6,12 +6,13 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sluice_protocols::grpc::pb;
 use sluice_protocols::grpc::pb::ingest_client::IngestClient;
-use sluice_tests::http::Answer;
+use sluice_tests::http::{Answer, ws_answers};
+use sluice_tests::mqtt::v5_pubacks;
 use sluice_tests::{Sluice, metric, read_log, wait_until};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -153,17 +154,7 @@ async fn invalid_events_are_refused_alone_on_every_protocol() {
     ))
     .await
     .unwrap();
-    let mut acks = Vec::new();
-    while acks.len() < 2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        if let Message::Text(t) = m {
-            acks.push(serde_json::from_str::<Value>(&t).unwrap());
-        }
-    }
+    let mut acks = ws_answers(&mut ws, 2).await;
     acks.sort_by_key(|a| a["index"].as_u64());
     assert!(acks[0]["offset"].is_u64(), "{acks:?}");
     assert!(
@@ -176,7 +167,7 @@ async fn invalid_events_are_refused_alone_on_every_protocol() {
 
     // MQTT 5: PUBACK 0x99 (payload format invalid) with the reason.
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
     let addr = s.mqtt.unwrap();
     let mut o = rumqttc::v5::MqttOptions::new("dev-schema", addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
@@ -189,18 +180,8 @@ async fn invalid_events_are_refused_alone_on_every_protocol() {
             .await
             .unwrap();
     }
-    let mut reasons = Vec::new();
-    while reasons.len() < 2 {
-        let ev = tokio::time::timeout(Duration::from_secs(20), el.poll())
-            .await
-            .unwrap()
-            .unwrap();
-        if let rumqttc::v5::Event::Incoming(Packet::PubAck(p)) = ev {
-            reasons.push(p.reason);
-        }
-    }
     assert_eq!(
-        reasons,
+        v5_pubacks(&mut el, 2).await,
         [PubAckReason::Success, PubAckReason::PayloadFormatInvalid]
     );
 
