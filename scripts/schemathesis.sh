@@ -56,10 +56,13 @@ line=$(grep "sluice listening" "$work/stdout") || { cat "$work/stderr" >&2; echo
 http=$(printf '%s\n' "$line" | sed -n 's/.*http=\([^ ]*\).*/\1/p')
 admin=$(printf '%s\n' "$line" | sed -n 's/.*admin=\([^ ]*\).*/\1/p')
 
+# One worker: with two, schemathesis (hypothesis) compiles code on two threads at once, and
+# CPython 3.11 before 3.11.8 can fail that with "SystemError: AST constructor recursion depth
+# mismatch" (CPython gh-106905) — seen once in CI as a runtime error unrelated to the API.
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance
 run() {
   "$st" run docs/openapi.yaml --checks "$checks" \
-    --max-examples "${ST_MAX_EXAMPLES:-30}" --request-timeout 40 --workers 2 \
+    --max-examples "${ST_MAX_EXAMPLES:-30}" --request-timeout 40 --workers 1 \
     --phases examples,coverage,fuzzing --seed 1 "$@"
 }
 echo "== schemathesis: ingest listener ($http)"
