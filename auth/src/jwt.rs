@@ -199,12 +199,30 @@ impl Issuer {
 
 /// GETs `url` (http or https) and returns at most [`MAX_JWKS_BYTES`] of its body.
 pub async fn fetch(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Bytes, String> {
-    tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, tls))
+    get_json(url, tls, None, MAX_JWKS_BYTES, FETCH_TIMEOUT).await
+}
+
+/// GETs `url` (http or https) with `Accept: application/json` and, when given, an
+/// `Authorization` header; returns at most `max_bytes` of a 2xx answer's body, all within
+/// `timeout`. A non-2xx answer is an error naming the status and the start of its body.
+pub async fn get_json(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    authorization: Option<&str>,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Bytes, String> {
+    tokio::time::timeout(timeout, fetch_inner(url, tls, authorization, max_bytes))
         .await
         .map_err(|_| format!("GET {url} timed out"))?
 }
 
-async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Bytes, String> {
+async fn fetch_inner(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    authorization: Option<&str>,
+    max_bytes: usize,
+) -> Result<Bytes, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL {url}: {e}"))?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("URL without host")?.to_string();
@@ -213,6 +231,12 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Bytes
         .await
         .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let req = Get {
+        host: &host,
+        path: &path,
+        authorization,
+        max_bytes,
+    };
     if https {
         let name = rustls_pki_types::ServerName::try_from(host.clone())
             .map_err(|e| format!("invalid server name {host}: {e}"))?;
@@ -220,13 +244,20 @@ async fn fetch_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Bytes
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS with {host}: {e}"))?;
-        get(TokioIo::new(stream), &host, &path).await
+        get(TokioIo::new(stream), req).await
     } else {
-        get(TokioIo::new(tcp), &host, &path).await
+        get(TokioIo::new(tcp), req).await
     }
 }
 
-async fn get<IO>(io: IO, host: &str, path: &str) -> Result<Bytes, String>
+struct Get<'a> {
+    host: &'a str,
+    path: &'a str,
+    authorization: Option<&'a str>,
+    max_bytes: usize,
+}
+
+async fn get<IO>(io: IO, g: Get<'_>) -> Result<Bytes, String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -236,20 +267,30 @@ where
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = http::Request::get(path)
-        .header(http::header::HOST, host)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("GET {path} answered {}", resp.status()));
+    let mut req = http::Request::get(g.path)
+        .header(http::header::HOST, g.host)
+        .header(http::header::ACCEPT, "application/json");
+    if let Some(a) = g.authorization {
+        req = req.header(http::header::AUTHORIZATION, a);
     }
-    Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), g.max_bytes)
         .collect()
         .await
         .map(|b| b.to_bytes())
-        .map_err(|e| format!("reading the JWKS: {e}"))
+        .map_err(|e| format!("reading the answer to GET {}: {e}", g.path));
+    if !status.is_success() {
+        let detail = body
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned())
+            .unwrap_or_default();
+        return Err(format!("GET {} answered {status} {detail}", g.path)
+            .trim_end()
+            .to_string());
+    }
+    body
 }
 
 /// Verifies bearer JWTs against the configured issuers.

@@ -28,7 +28,10 @@ pub use mqtt::{IdentityField, Mapped, MqttConfig, TopicError, TopicMap, TopicRul
 pub(crate) use problems::Problems;
 pub use problems::{ConfigError, Problem};
 pub use quotas::*;
-pub use schemas::{InvalidPolicy, SchemaConfig, SchemaFormat, SchemasConfig};
+pub use schemas::{
+    Compatibility, InvalidPolicy, PrivacyAction, PrivacyConfig, PrivacyRule, SchemaConfig,
+    SchemaFormat, SchemaRegistryConfig, SchemasConfig,
+};
 pub use server::*;
 pub use streams::*;
 pub use tls::*;
@@ -65,6 +68,10 @@ pub struct Config {
     pub dedup: DedupConfig,
     /// Schemas by stream (docs/schemas.md).
     pub schemas: SchemasConfig,
+    /// The Schema Registry schemas may come from.
+    pub schema_registry: SchemaRegistryConfig,
+    /// The key of `hmac` privacy rules.
+    pub privacy: PrivacyConfig,
 }
 
 /// Loads `text` the way the gateway would (no environment): whether it was accepted. An
@@ -146,6 +153,7 @@ impl Config {
         self.validate_quotas(&mut p);
         self.validate_dedup(&mut p);
         self.validate_schemas(&mut p);
+        self.validate_privacy(&mut p);
         p.0
     }
 }
@@ -170,7 +178,7 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
             T::default()
         })
     }
-    const SECTIONS: [&str; 14] = [
+    const SECTIONS: [&str; 16] = [
         "server",
         "http",
         "grpc",
@@ -185,6 +193,8 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         "quotas",
         "dedup",
         "schemas",
+        "schema_registry",
+        "privacy",
     ];
     let mut problems = Vec::new();
     for key in table.keys() {
@@ -214,6 +224,8 @@ fn deserialize_sections(table: toml::Table, origin: &str) -> (Config, Vec<Proble
         quotas: section(&table, "quotas", origin, p),
         dedup: section(&table, "dedup", origin, p),
         schemas: section(&table, "schemas", origin, p),
+        schema_registry: section(&table, "schema_registry", origin, p),
+        privacy: section(&table, "privacy", origin, p),
     };
     (config, problems)
 }

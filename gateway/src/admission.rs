@@ -203,6 +203,11 @@ impl Gateway {
         self.policy.store(policy);
     }
 
+    /// The schemas in force (a reload checks new versions against them).
+    pub fn schemas(&self) -> Arc<Schemas> {
+        self.policy.load().schemas.clone()
+    }
+
     /// Runs the quotas over the request's events: with a `delay` rule, waits (up to
     /// `quotas.max_delay_ms`) for the rest of the batch to fit.
     async fn throttle(
@@ -549,23 +554,30 @@ impl Gateway {
         let Some(schema) = policy.schemas.of(req.stream().as_str()).cloned() else {
             return Vec::new();
         };
+        // The versions this batch is checked against, held to the end.
+        let resolved = match schema.resolve() {
+            Ok(r) => Arc::new(r),
+            Err(message) => {
+                let n = req.events.len();
+                req.events.clear();
+                let r = Rejection::Unavailable {
+                    retry_after: std::time::Duration::from_secs(5),
+                    message,
+                };
+                return (0..n).map(|i| (i, Receipt::Failed(r.clone()))).collect();
+            }
+        };
         let events = std::mem::take(&mut req.events);
         // As the HTTP adapter parses bodies: inline up to 64 KiB, on the blocking pool beyond.
         let large = events.iter().map(|e| e.value.len()).sum::<usize>() > 64 * 1024;
         let check = {
-            let schema = schema.clone();
+            let resolved = resolved.clone();
             move || {
                 let mut keep = Vec::with_capacity(events.len());
                 let mut bad = Vec::new();
                 for (i, mut e) in events.into_iter().enumerate() {
-                    match schema.check(&e) {
-                        Ok(()) => {
-                            e.headers.push((
-                                bytes::Bytes::from_static(SCHEMA_HEADER.as_bytes()),
-                                schema.id.clone(),
-                            ));
-                            keep.push(e);
-                        }
+                    match resolved.admit(&mut e) {
+                        Ok(()) => keep.push(e),
                         Err(why) => bad.push((i, e, why)),
                     }
                 }
@@ -605,7 +617,9 @@ impl Gateway {
                     )
                 })
                 .collect(),
-            sluice_config::InvalidPolicy::DeadLetter => self.dead_letter(req, &schema, bad).await,
+            sluice_config::InvalidPolicy::DeadLetter => {
+                self.dead_letter(req, &schema, resolved.label(), bad).await
+            }
         }
     }
 
@@ -616,6 +630,7 @@ impl Gateway {
         &self,
         req: &IngestRequest,
         schema: &StreamSchema,
+        label: &bytes::Bytes,
         bad: Vec<(usize, Event, Invalid)>,
     ) -> Vec<(usize, Receipt)> {
         let h = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
@@ -635,7 +650,7 @@ impl Gateway {
                 .push((h("sluice-dead-letter-path"), bytes::Bytes::from(why.path)));
             e.headers
                 .push((h("sluice-dead-letter-source"), source.clone()));
-            e.headers.push((h(SCHEMA_HEADER), schema.id.clone()));
+            e.headers.push((h(SCHEMA_HEADER), label.clone()));
             // The dead-letter stream has partitions of its own.
             e.partition = None;
             at.push(i);

@@ -132,7 +132,20 @@ fn check_config(file: PathBuf) -> ExitCode {
     match load(Some(&file)) {
         Ok(c) => {
             // Schemas are compiled as the gateway would: one that does not is named.
-            if let Err(e) = crate::schema::Schemas::load(&c.schemas) {
+            // Registry subjects are not fetched here (only named); local files are compiled and
+            // checked against their `previous` versions.
+            let registry = if c.schema_registry.url.is_empty() {
+                None
+            } else {
+                match crate::schema::Registry::new(&c.schema_registry, None) {
+                    Ok(r) => Some(std::sync::Arc::new(r)),
+                    Err(e) => {
+                        eprintln!("{}: {e}", file.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
+            if let Err(e) = crate::schema::Schemas::load(&c, registry.as_ref(), None) {
                 eprintln!("{}: {e}", file.display());
                 return ExitCode::FAILURE;
             }

@@ -194,7 +194,27 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         );
     }
     let mqtt_sessions = mqtt_session_store(&config, &dedup, &metrics)?;
-    let schemas = crate::schema::Schemas::load(&config.schemas).map_err(anyhow::Error::msg)?;
+    let schema_registry = if config.schema_registry.url.is_empty() {
+        None
+    } else {
+        let r = crate::schema::Registry::new(
+            &config.schema_registry,
+            Some(config.log.data_dir.join("schema-cache")),
+        )
+        .map_err(anyhow::Error::msg)?;
+        r.register_metrics(&mut registry);
+        Some(Arc::new(r))
+    };
+    let schemas = crate::schema::Schemas::load(&config, schema_registry.as_ref(), None)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(r) = &schema_registry {
+        // One refresh before serving, so the first events need not wait for the task; a
+        // registry that is down delays the start by at most the request deadlines.
+        r.refresh().await;
+        every(r.refresh_every(), Arc::downgrade(r), |r| async move {
+            r.refresh().await
+        });
+    }
     let gateway = Arc::new(Gateway::new(
         config.streams.clone(),
         sink,
@@ -498,6 +518,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         reloads,
         limits,
         in_flight_budget: in_flight_budget.clone(),
+        schema_registry,
     });
     if config.server.config_watch_interval_ms > 0 {
         tokio::spawn(reloader.clone().watch(Duration::from_millis(

@@ -12,6 +12,7 @@ pub struct Reloader {
     pub(super) reloads: Family<ReloadLabels, Counter>,
     pub(super) limits: HttpLimits,
     pub(super) in_flight_budget: Gauge,
+    pub(super) schema_registry: Option<Arc<crate::schema::Registry>>,
 }
 
 /// The HTTP listener's run-time resizable limits.
@@ -53,7 +54,15 @@ impl Reloader {
         auth.start().await;
         self.auth.store(auth);
         // A schema that does not compile refuses the whole reload; the running ones stay.
-        let schemas = crate::schema::Schemas::load(&config.schemas).map_err(anyhow::Error::msg)?;
+        // A local file that changed must also be compatible with the running version.
+        let running = self.gateway.schemas();
+        let schemas =
+            crate::schema::Schemas::load(&config, self.schema_registry.as_ref(), Some(&running))
+                .map_err(anyhow::Error::msg)?;
+        if let Some(r) = &self.schema_registry {
+            // Subjects named for the first time are fetched now.
+            r.refresh().await;
+        }
         self.gateway
             .reload(Policy::new(&config.streams, &config.quotas, schemas));
         sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());

@@ -1,0 +1,731 @@
+//! Schemas per stream (docs/schemas.md): compiled from `[schemas]` at start and on every reload
+//! (a reload with a schema that does not compile, or that breaks the stream's compatibility
+//! rule, is refused, and the running schemas stay), and checked at admission, after
+//! authorization and before dedup and quotas, the same for every protocol. An event in flight
+//! finishes against the version it was checked with: a batch resolves its stream's versions
+//! once ([`StreamSchema::resolve`]) and holds them.
+//!
+//! Formats: JSON Schema ([`json`]) and Avro ([`avro`]); sources: local files or a Schema
+//! Registry ([`registry`]). Valid events then go through the stream's privacy rules
+//! ([`privacy`]).
+
+pub mod avro;
+pub mod json;
+pub mod privacy;
+pub mod registry;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry as Prometheus;
+use serde_json::Value;
+use sluice_config::{Compatibility, Config, InvalidPolicy, SchemaConfig, SchemaFormat};
+use sluice_core::Event;
+
+use avro::Avro;
+use json::JsonSchema;
+use privacy::{PRIVACY_HEADER, Privacy};
+pub use registry::Registry;
+
+/// The reserved header naming the schema a stored event was checked against: for a local
+/// file `<file name>@<first 12 hex digits of its SHA-256>`, for the registry
+/// `subject=<subject>;version=<n>;id=<id>`.
+pub const SCHEMA_HEADER: &str = "sluice-schema";
+
+/// The wire format's magic byte (Confluent): `0x00`, then the schema id as 4 bytes big-endian.
+const MAGIC: u8 = 0;
+
+/// The compiled schemas, by stream.
+#[derive(Default)]
+pub struct Schemas {
+    by_stream: HashMap<String, Arc<StreamSchema>>,
+}
+
+/// One compiled version of a schema.
+pub struct Version {
+    pub checker: Checker,
+    /// What stored records say they were checked against ([`SCHEMA_HEADER`]).
+    pub label: Bytes,
+    /// The registry's schema id (written in the wire format), for registry versions.
+    pub wire_id: Option<u32>,
+}
+
+/// A compiled schema document.
+pub enum Checker {
+    Json(JsonSchema),
+    Avro(Avro),
+}
+
+/// Where a stream's versions come from.
+enum Source {
+    File(Arc<Version>),
+    Registry {
+        registry: Arc<Registry>,
+        subject: String,
+        version: Option<u32>,
+    },
+}
+
+impl Source {
+    fn current(&self) -> Result<Arc<Version>, String> {
+        match self {
+            Source::File(v) => Ok(v.clone()),
+            Source::Registry {
+                registry,
+                subject,
+                version,
+            } => registry.current(subject, *version),
+        }
+    }
+
+    /// The version with wire id `id`, if it is one of this source's.
+    fn by_id(&self, id: u32) -> Option<Arc<Version>> {
+        match self {
+            Source::File(_) => None,
+            Source::Registry {
+                registry,
+                subject,
+                version,
+            } => registry.by_id(subject, *version, id),
+        }
+    }
+}
+
+/// One stream's schema.
+pub struct StreamSchema {
+    value: Source,
+    key: Option<Source>,
+    privacy: Option<Privacy>,
+    pub policy: InvalidPolicy,
+    pub dead_letter: String,
+}
+
+/// A stream's versions as one batch sees them.
+pub struct Resolved {
+    schema: Arc<StreamSchema>,
+    value: Arc<Version>,
+    key: Option<Arc<Version>>,
+}
+
+/// Why an event is invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The rule that failed (a JSON Schema keyword, an Avro check such as `type` or
+    /// `unknown_field`, or `not_json` / `not_avro` / `unknown_schema`): a bounded label.
+    pub reason: String,
+    /// Where: a JSON pointer into the value (`/items/2/price`), prefixed `key:` for the key.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "schema violation at {path} ({}): {}",
+            self.reason, self.message
+        )
+    }
+}
+
+impl Schemas {
+    /// Compiles every stream's schema from `config`; the first problem is the error, naming
+    /// the stream and file. Streams from the registry follow their subjects in `registry`
+    /// (required when any does). With `running`, a local file that changed must be compatible
+    /// with the running version under the stream's rule.
+    pub fn load(
+        config: &Config,
+        registry: Option<&Arc<Registry>>,
+        running: Option<&Schemas>,
+    ) -> Result<Self, String> {
+        let mut by_stream = HashMap::new();
+        let mut followed = HashSet::new();
+        for (stream, s) in &config.schemas {
+            let privacy = Privacy::compile(&s.privacy, &config.privacy);
+            let value = if s.from_registry() {
+                let registry =
+                    registry.ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
+                let subject = s.subject_of(stream);
+                registry
+                    .follow(&subject, s.version, s.format)
+                    .map_err(|e| format!("schemas.{stream}: {e}"))?;
+                followed.insert((subject.clone(), s.version));
+                Source::Registry {
+                    registry: registry.clone(),
+                    subject,
+                    version: s.version,
+                }
+            } else {
+                let file = s.value.as_deref().unwrap_or_default();
+                let v = read_version(stream, file, s.format)?;
+                check_history(stream, s, &v)?;
+                if let Some(running) = running.and_then(|r| r.by_stream.get(stream))
+                    && let Source::File(old) = &running.value
+                    && old.label != v.label
+                {
+                    compatible(&old.checker, &v.checker, s.compatibility).map_err(|e| {
+                        format!(
+                            "schemas.{stream}: `{file}` cannot replace the running version ({}) \
+                             under {:?} compatibility: {e}",
+                            String::from_utf8_lossy(&old.label),
+                            s.compatibility
+                        )
+                    })?;
+                }
+                if let (Some(p), Checker::Avro(a)) = (&privacy, &v.checker) {
+                    for (segments, action, field) in p.fields() {
+                        a.check_rule(segments, action).map_err(|e| {
+                            format!("schemas.{stream}: privacy rule `{field}`: {e}")
+                        })?;
+                    }
+                }
+                Source::File(Arc::new(v))
+            };
+            let key = match (&s.key, &s.key_subject) {
+                (Some(file), _) => Some(Source::File(Arc::new(read_version(
+                    stream, file, s.format,
+                )?))),
+                (None, Some(subject)) => {
+                    let registry = registry
+                        .ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
+                    registry
+                        .follow(subject, None, s.format)
+                        .map_err(|e| format!("schemas.{stream}: {e}"))?;
+                    followed.insert((subject.clone(), None));
+                    Some(Source::Registry {
+                        registry: registry.clone(),
+                        subject: subject.clone(),
+                        version: None,
+                    })
+                }
+                (None, None) => None,
+            };
+            by_stream.insert(
+                stream.clone(),
+                Arc::new(StreamSchema {
+                    value,
+                    key,
+                    privacy,
+                    policy: s.on_invalid,
+                    dead_letter: s.dead_letter_of(stream),
+                }),
+            );
+        }
+        if let Some(r) = registry {
+            r.retain(&followed);
+        }
+        Ok(Self { by_stream })
+    }
+
+    /// The schema of `stream`, if it has one.
+    pub fn of(&self, stream: &str) -> Option<&Arc<StreamSchema>> {
+        self.by_stream.get(stream)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_stream.is_empty()
+    }
+}
+
+fn compatible(old: &Checker, new: &Checker, rule: Compatibility) -> Result<(), String> {
+    match (old, new) {
+        (Checker::Json(o), Checker::Json(n)) => JsonSchema::compatible(o, n, rule),
+        (Checker::Avro(o), Checker::Avro(n)) => Avro::compatible(o, n, rule),
+        _ if rule == Compatibility::None => Ok(()),
+        _ => Err("the schema's format changed".into()),
+    }
+}
+
+/// `previous` versions, oldest first, then `current`: each must be compatible with the one
+/// before it.
+fn check_history(stream: &str, s: &SchemaConfig, current: &Version) -> Result<(), String> {
+    let mut older = Vec::with_capacity(s.previous.len());
+    for f in &s.previous {
+        older.push((f.as_str(), read_version(stream, f, s.format)?));
+    }
+    let file = s.value.as_deref().unwrap_or_default();
+    let mut chain: Vec<(&str, &Version)> = older.iter().map(|(f, v)| (*f, v)).collect();
+    chain.push((file, current));
+    for pair in chain.windows(2) {
+        let ((old_file, old), (new_file, new)) = (pair[0], pair[1]);
+        compatible(&old.checker, &new.checker, s.compatibility).map_err(|e| {
+            format!(
+                "schemas.{stream}: `{new_file}` is not {:?}-compatible with `{old_file}`: {e}",
+                s.compatibility
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn read_version(stream: &str, file: &str, format: SchemaFormat) -> Result<Version, String> {
+    let text =
+        std::fs::read(file).map_err(|e| format!("schemas.{stream}: cannot read `{file}`: {e}"))?;
+    let checker = match format {
+        SchemaFormat::JsonSchema => Checker::Json(
+            JsonSchema::parse(&text).map_err(|e| format!("schemas.{stream}: `{file}` is {e}"))?,
+        ),
+        SchemaFormat::Avro => {
+            let text = std::str::from_utf8(&text)
+                .map_err(|_| format!("schemas.{stream}: `{file}` is not UTF-8"))?;
+            Checker::Avro(
+                Avro::parse(text).map_err(|e| format!("schemas.{stream}: `{file}` is {e}"))?,
+            )
+        }
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, &text);
+    let hex: String = digest.as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = std::path::Path::new(file)
+        .file_name()
+        .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned());
+    Ok(Version {
+        checker,
+        label: Bytes::from(format!("{name}@{hex}")),
+        wire_id: None,
+    })
+}
+
+impl StreamSchema {
+    /// The versions a batch is checked against; why not when a registry subject was never
+    /// fetched (the batch is refused as retryable: never checked against nothing).
+    pub fn resolve(self: &Arc<Self>) -> Result<Resolved, String> {
+        Ok(Resolved {
+            schema: self.clone(),
+            value: self.value.current()?,
+            key: self.key.as_ref().map(Source::current).transpose()?,
+        })
+    }
+}
+
+/// One checked part of an event: its bytes to store (when they change) and the label of the
+/// version that passed it.
+struct Checked {
+    bytes: Option<Bytes>,
+    label: Bytes,
+    privacy: Option<String>,
+}
+
+impl Resolved {
+    /// The label of the value's version (for dead-letter headers).
+    pub fn label(&self) -> &Bytes {
+        &self.value.label
+    }
+
+    /// Checks one event: its value (and key, when the stream checks keys). A valid event is
+    /// rewritten as it is to be stored — Avro encoded, privacy rules applied — and gets the
+    /// [`SCHEMA_HEADER`] (and [`PRIVACY_HEADER`]); an invalid one is left as it came.
+    pub fn admit(&self, e: &mut Event) -> Result<(), Invalid> {
+        let privacy = self.schema.privacy.as_ref();
+        let value = check(
+            &self.value,
+            &self.schema.value,
+            &e.value,
+            "",
+            privacy,
+            false,
+        )?;
+        let key = match &self.key {
+            Some(k) => {
+                let src = self
+                    .schema
+                    .key
+                    .as_ref()
+                    .expect("a key source with a key version");
+                let key = e.key.as_deref().unwrap_or_default();
+                Some(check(k, src, key, "key:", None, true)?)
+            }
+            None => None,
+        };
+        if let Some(b) = value.bytes {
+            e.value = b;
+        }
+        if let Some(Checked { bytes: Some(b), .. }) = key {
+            e.key = Some(b);
+        }
+        e.headers
+            .push((Bytes::from_static(SCHEMA_HEADER.as_bytes()), value.label));
+        if let Some(p) = value.privacy {
+            e.headers.push((
+                Bytes::from_static(PRIVACY_HEADER.as_bytes()),
+                Bytes::from(p),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_json(bytes: &[u8], prefix: &str) -> Result<Value, Invalid> {
+    serde_json::from_slice(bytes).map_err(|e| Invalid {
+        reason: "not_json".into(),
+        path: prefix.to_string(),
+        message: format!("not JSON: {e}"),
+    })
+}
+
+fn check(
+    v: &Version,
+    source: &Source,
+    bytes: &[u8],
+    prefix: &str,
+    privacy: Option<&Privacy>,
+    is_key: bool,
+) -> Result<Checked, Invalid> {
+    match &v.checker {
+        Checker::Json(js) => {
+            let mut doc = parse_json(bytes, prefix)?;
+            js.check(&doc, prefix)?;
+            let applied = privacy.and_then(|p| p.apply(&mut doc));
+            Ok(Checked {
+                bytes: applied
+                    .is_some()
+                    .then(|| Bytes::from(serde_json::to_vec(&doc).expect("JSON serializes"))),
+                label: v.label.clone(),
+                privacy: applied,
+            })
+        }
+        Checker::Avro(a) if bytes.len() >= 5 && bytes[0] == MAGIC => {
+            // Binary in the wire format: checked against the version its id names.
+            let id = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes"));
+            let writer = if v.wire_id == Some(id) { Some(v) } else { None };
+            let other;
+            let writer = match writer {
+                Some(w) => w,
+                None => {
+                    other = source.by_id(id).ok_or_else(|| Invalid {
+                        reason: "unknown_schema".into(),
+                        path: prefix.to_string(),
+                        message: match source {
+                            Source::File(_) => "binary Avro needs a registry schema id; this stream's schema is a local file: send JSON".into(),
+                            Source::Registry { subject, .. } => format!("schema id {id} is not a version of subject `{subject}`"),
+                        },
+                    })?;
+                    &other
+                }
+            };
+            let Checker::Avro(wa) = &writer.checker else {
+                return Err(Invalid {
+                    reason: "unknown_schema".into(),
+                    path: prefix.to_string(),
+                    message: format!("schema id {id} is not an Avro schema"),
+                });
+            };
+            let mut doc = wa.check_binary(&bytes[5..], prefix, privacy.is_some())?;
+            let applied = privacy.and_then(|p| p.apply(&mut doc));
+            let bytes = match &applied {
+                Some(_) => Some(encode_avro(wa, &doc, writer.wire_id, prefix)?),
+                None => None,
+            };
+            Ok(Checked {
+                bytes,
+                label: writer.label.clone(),
+                privacy: applied,
+            })
+        }
+        Checker::Avro(a) => {
+            let mut doc = match (is_key, serde_json::from_slice::<Value>(bytes)) {
+                (_, Ok(doc)) => doc,
+                // A key that is not JSON is taken as a string (most Avro keys are strings).
+                (true, Err(_)) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+                (false, Err(_)) => parse_json(bytes, prefix)?,
+            };
+            let mut out = encode_avro(a, &doc, v.wire_id, prefix)?;
+            let applied = privacy.and_then(|p| p.apply(&mut doc));
+            if applied.is_some() {
+                out = encode_avro(a, &doc, v.wire_id, prefix).map_err(|e| Invalid {
+                    reason: "privacy".into(),
+                    message: format!(
+                        "the privacy rules leave a value the schema refuses: {}",
+                        e.message
+                    ),
+                    ..e
+                })?;
+            }
+            Ok(Checked {
+                bytes: Some(out),
+                label: v.label.clone(),
+                privacy: applied,
+            })
+        }
+    }
+}
+
+fn encode_avro(
+    a: &Avro,
+    doc: &Value,
+    wire_id: Option<u32>,
+    prefix: &str,
+) -> Result<Bytes, Invalid> {
+    let mut out = Vec::with_capacity(64);
+    if let Some(id) = wire_id {
+        out.push(MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    a.encode(doc, prefix, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvalidLabels {
+    pub stream: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: String,
+}
+
+/// The schema step's metrics.
+#[derive(Clone, Default)]
+pub struct SchemaMetrics {
+    pub invalid: Family<InvalidLabels, Counter>,
+    pub dead_lettered: Family<StreamLabel, Counter>,
+}
+
+impl SchemaMetrics {
+    pub fn register(&self, registry: &mut Prometheus) {
+        registry.register(
+            "events_invalid",
+            "Events that failed their stream's schema, by stream and the rule that failed (the JSON Schema keyword, or not_json)",
+            self.invalid.clone(),
+        );
+        registry.register(
+            "dead_letter_events",
+            "Invalid events stored in their stream's dead-letter stream instead, by source stream",
+            self.dead_lettered.clone(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_config::{PrivacyAction, PrivacyConfig, PrivacyRule, Secret};
+
+    fn config(
+        stream: &str,
+        format: SchemaFormat,
+        files: &[(&str, &str)],
+        extra: impl FnOnce(&mut SchemaConfig),
+    ) -> (Config, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for (name, doc) in files {
+            let f = dir.path().join(name);
+            std::fs::write(&f, doc).unwrap();
+            paths.push(f.to_string_lossy().into_owned());
+        }
+        let current = paths.pop().unwrap();
+        let mut s = SchemaConfig {
+            format,
+            value: Some(current),
+            key: None,
+            previous: paths,
+            compatibility: Compatibility::Backward,
+            registry: false,
+            subject: None,
+            key_subject: None,
+            version: None,
+            privacy: Vec::new(),
+            on_invalid: InvalidPolicy::Reject,
+            dead_letter_stream: None,
+        };
+        extra(&mut s);
+        let mut c = Config::default();
+        c.schemas.insert(stream.into(), s);
+        c.privacy = PrivacyConfig {
+            hmac_key_id: "k1".into(),
+            hmac_key: Some(Secret("0123456789abcdef0123456789abcdef".into())),
+        };
+        (c, dir)
+    }
+
+    fn resolved(c: &Config, stream: &str) -> Resolved {
+        let s = Schemas::load(c, None, None).unwrap();
+        s.of(stream).unwrap().resolve().unwrap()
+    }
+
+    fn ev(v: &str) -> Event {
+        Event {
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn invalid_events_name_the_pointer_and_the_rule() {
+        let (c, _d) = config(
+            "orders",
+            SchemaFormat::JsonSchema,
+            &[(
+                "orders.json",
+                r#"{"$schema":"https://json-schema.org/draft/2020-12/schema","type":"object",
+               "required":["id","items"],
+               "properties":{"id":{"type":"string"},
+                 "items":{"type":"array","items":{"type":"object","properties":{"price":{"type":"number","minimum":0}}}}}}"#,
+            )],
+            |_| {},
+        );
+        let s = resolved(&c, "orders");
+        let mut ok = ev(r#"{"id":"a","items":[{"price":1}]}"#);
+        assert!(s.admit(&mut ok).is_ok());
+        assert!(ok.headers[0].1.starts_with(b"orders.json@"));
+        let e = s
+            .admit(&mut ev(r#"{"id":"a","items":[{"price":1},{"price":-2}]}"#))
+            .unwrap_err();
+        assert_eq!(
+            (e.reason.as_str(), e.path.as_str()),
+            ("minimum", "/items/1/price")
+        );
+        assert_eq!(
+            s.admit(&mut ev(r#"{"items":[]}"#)).unwrap_err().reason,
+            "required"
+        );
+        assert_eq!(s.admit(&mut ev("{nope")).unwrap_err().reason, "not_json");
+    }
+
+    #[test]
+    fn draft_7_schemas_work_too_and_bad_schemas_are_refused_by_name() {
+        let (c, _d) = config(
+            "s",
+            SchemaFormat::JsonSchema,
+            &[(
+                "s.json",
+                r#"{"$schema":"http://json-schema.org/draft-07/schema#","type":"integer"}"#,
+            )],
+            |_| {},
+        );
+        let s = resolved(&c, "s");
+        assert!(s.admit(&mut ev("3")).is_ok());
+        assert_eq!(s.admit(&mut ev("\"x\"")).unwrap_err().reason, "type");
+        let (c, _d) = config(
+            "s",
+            SchemaFormat::JsonSchema,
+            &[("bad.json", r#"{"type": 12}"#)],
+            |_| {},
+        );
+        let err = Schemas::load(&c, None, None).err().unwrap();
+        assert!(
+            err.contains("schemas.s") && err.contains("not a valid JSON Schema"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn avro_json_is_stored_as_binary_with_privacy_applied() {
+        let (mut c, _d) = config(
+            "users",
+            SchemaFormat::Avro,
+            &[(
+                "u.avsc",
+                r#"{"type":"record","name":"User","fields":[{"name":"id","type":"string"},
+               {"name":"email","type":"string"},{"name":"phone","type":["null","string"],"default":null}]}"#,
+            )],
+            |s| {
+                s.privacy = vec![
+                    PrivacyRule {
+                        field: "/email".into(),
+                        action: PrivacyAction::Hmac,
+                        keep_last: 0,
+                    },
+                    PrivacyRule {
+                        field: "/phone".into(),
+                        action: PrivacyAction::Drop,
+                        keep_last: 0,
+                    },
+                ];
+            },
+        );
+        let s = resolved(&c, "users");
+        let mut e = ev(r#"{"id":"u1","email":"ann@example.com","phone":"555"}"#);
+        s.admit(&mut e).unwrap();
+        let Checker::Avro(a) = &s.value.checker else {
+            panic!()
+        };
+        let back = a.check_binary(&e.value, "", true).unwrap();
+        assert_eq!(back["id"], "u1");
+        assert!(
+            back["email"]
+                .as_str()
+                .unwrap()
+                .starts_with("hmac-sha256:k1:")
+        );
+        assert_eq!(back["phone"], Value::Null);
+        let h: Vec<_> = e
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            h[1],
+            ("sluice-privacy".into(), "/email=hmac:k1,/phone=drop".into())
+        );
+        // Binary on a local-file stream has no id to check against.
+        let mut bin = ev("\0\0\0\0\x01\x02u1");
+        assert_eq!(s.admit(&mut bin).unwrap_err().reason, "unknown_schema");
+        // A rule the schema cannot take is refused at load.
+        c.schemas.get_mut("users").unwrap().privacy = vec![PrivacyRule {
+            field: "/id".into(),
+            action: PrivacyAction::Drop,
+            keep_last: 0,
+        }];
+        let err = Schemas::load(&c, None, None).err().unwrap();
+        assert!(
+            err.contains("privacy rule `/id`") && err.contains("default"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn versions_must_follow_the_compatibility_rule() {
+        let v1 = r#"{"type":"record","name":"U","fields":[{"name":"id","type":"string"}]}"#;
+        let v2 = r#"{"type":"record","name":"U","fields":[{"name":"id","type":"string"},{"name":"n","type":"int"}]}"#;
+        let (c, _d) = config(
+            "u",
+            SchemaFormat::Avro,
+            &[("v1.avsc", v1), ("v2.avsc", v2)],
+            |_| {},
+        );
+        let err = Schemas::load(&c, None, None).err().unwrap();
+        assert!(
+            err.contains("`")
+                && err.contains("v2.avsc")
+                && err.contains("v1.avsc")
+                && err.contains("Backward"),
+            "{err}"
+        );
+        let (c, _d) = config(
+            "u",
+            SchemaFormat::Avro,
+            &[("v1.avsc", v1), ("v2.avsc", v2)],
+            |s| s.compatibility = Compatibility::Forward,
+        );
+        assert!(Schemas::load(&c, None, None).is_ok());
+        // Against the running version at reload.
+        let (c1, _d1) = config("u", SchemaFormat::Avro, &[("v1.avsc", v1)], |_| {});
+        let running = Schemas::load(&c1, None, None).unwrap();
+        let (c2, _d2) = config("u", SchemaFormat::Avro, &[("v2.avsc", v2)], |_| {});
+        let err = Schemas::load(&c2, None, Some(&running)).err().unwrap();
+        assert!(
+            err.contains("cannot replace the running version (v1.avsc@"),
+            "{err}"
+        );
+    }
+}
