@@ -593,6 +593,9 @@ impl Gateway {
         };
         req.events = keep;
         if bad.is_empty() {
+            if let Some(t) = resolved.content_type() {
+                req.content_type = bytes::Bytes::from_static(t.as_bytes());
+            }
             return Vec::new();
         }
         let stream = req.stream().to_string();
@@ -605,7 +608,7 @@ impl Gateway {
                 })
                 .inc();
         }
-        match schema.policy {
+        let set_aside = match schema.policy {
             sluice_config::InvalidPolicy::Reject => bad
                 .into_iter()
                 .map(|(i, _, why)| {
@@ -620,7 +623,13 @@ impl Gateway {
             sluice_config::InvalidPolicy::DeadLetter => {
                 self.dead_letter(req, &schema, resolved.label(), bad).await
             }
+        };
+        // What is stored is now the schema's encoding (Avro binary), whatever came in; the
+        // dead-letter stream above kept the original type with the original bytes.
+        if let Some(t) = resolved.content_type() {
+            req.content_type = bytes::Bytes::from_static(t.as_bytes());
         }
+        set_aside
     }
 
     /// Stores invalid events in the dead-letter stream, with their original bytes and why

@@ -9,6 +9,7 @@ pub mod kafka;
 pub mod mqtt;
 pub mod pki;
 pub mod redis;
+pub mod registry;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -36,6 +36,9 @@ pub use registry::Registry;
 /// `subject=<subject>;version=<n>;id=<id>`.
 pub const SCHEMA_HEADER: &str = "sluice-schema";
 
+/// The content type of stored Avro values.
+pub const AVRO_CONTENT_TYPE: &str = "application/vnd.apache.avro+binary";
+
 /// The wire format's magic byte (Confluent): `0x00`, then the schema id as 4 bytes big-endian.
 const MAGIC: u8 = 0;
 
@@ -318,6 +321,14 @@ struct Checked {
 }
 
 impl Resolved {
+    /// The content type of what is stored, when the schema changes it (Avro: binary).
+    pub fn content_type(&self) -> Option<&'static str> {
+        match self.value.checker {
+            Checker::Avro(_) => Some(AVRO_CONTENT_TYPE),
+            Checker::Json(_) => None,
+        }
+    }
+
     /// The label of the value's version (for dead-letter headers).
     pub fn label(&self) -> &Bytes {
         &self.value.label

@@ -27,6 +27,7 @@ mod operations;
 mod proxy;
 mod quotas;
 mod reload;
+mod schema_formats;
 mod schemas;
 mod spool;
 mod websocket;

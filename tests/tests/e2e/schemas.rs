@@ -37,7 +37,6 @@ async fn post(url: &str, body: &Value) -> Answer {
 
 struct Setup {
     _tmp: tempfile::TempDir,
-    dir: std::path::PathBuf,
     s: Sluice,
 }
 
@@ -66,7 +65,7 @@ key = "{d}/key.json"
         d = dir.display()
     );
     let s = Sluice::start(&dir.join("data"), &toml).unwrap();
-    Setup { _tmp: tmp, dir, s }
+    Setup { _tmp: tmp, s }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,60 +285,95 @@ async fn dead_letter_streams_keep_what_failed_with_why() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_applies_a_new_schema_and_refuses_one_that_does_not_compile() {
-    let Setup {
-        s,
-        dir,
-        _tmp: _keep,
-    } = start();
-    let item = json!({"id": "r-1", "amount": 1, "currency": "EUR"});
-    assert!(post(&s.events_url("orders"), &item).await.body["results"][0]["offset"].is_u64());
-    // Version 2 requires a currency.
-    let v2 = ORDER_V1.replace(
-        r#""required": ["id", "amount"]"#,
-        r#""required": ["id", "amount", "currency"]"#,
-    );
-    std::fs::write(dir.join("order.json"), &v2).unwrap();
-    s.signal("HUP").unwrap();
-    let applied = wait_until(Duration::from_secs(20), || async {
+/// Waits until `sluice_config_reloads_total{result}` reaches `n`.
+async fn reloads(s: &Sluice, result: &str, n: f64) -> bool {
+    wait_until(Duration::from_secs(20), || async {
         sluice_tests::metric_or_zero(
             &s.metrics().await,
             "sluice_config_reloads_total",
-            r#"result="ok""#,
-        ) >= 1.0
+            &format!(r#"result="{result}""#),
+        ) >= n
     })
-    .await;
-    assert!(applied, "the new version applies without a restart");
-    let a = post(&s.events_url("orders"), &json!({"id": "r-2", "amount": 1})).await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_compatible_version_and_refuses_a_breaking_or_broken_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    std::fs::write(dir.join("order.json"), ORDER_V1).unwrap();
+    let toml = format!(
+        "[schemas.orders]\nvalue = \"{d}/order.json\"\n\n[schemas.loose]\nvalue = \"{d}/loose.json\"\ncompatibility = \"none\"\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("loose.json"), ORDER_V1).unwrap();
+    let (s, mut logs) =
+        Sluice::start_with_logs(&dir.join("data"), &toml, &[("RUST_LOG", "warn")]).unwrap();
+    let a = post(&s.events_url("orders"), &json!({"id": "r-1", "amount": -1})).await;
     assert_eq!(
         a.status,
         StatusCode::BAD_REQUEST,
-        "version 2 requires a currency: {a:?}"
+        "version 1 has a minimum: {a:?}"
     );
+
+    // Version 2 drops the minimum: it accepts everything version 1 did (backward
+    // compatible, the default rule), so it applies without a restart.
+    let v2 = ORDER_V1.replace(r#", "minimum": 0"#, "");
+    assert_ne!(v2, ORDER_V1);
+    std::fs::write(dir.join("order.json"), &v2).unwrap();
+    s.signal("HUP").unwrap();
     assert!(
-        a.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("currency"),
-        "{a:?}"
+        reloads(&s, "ok", 1.0).await,
+        "the compatible version applies"
     );
-    let a = post(&s.events_url("orders"), &item).await;
-    assert!(a.body["results"][0]["offset"].is_u64(), "{a:?}");
+    let a = post(&s.events_url("orders"), &json!({"id": "r-2", "amount": -1})).await;
+    assert!(a.body["results"][0]["offset"].is_u64(), "version 2: {a:?}");
+
+    // Version 3 requires a currency: events version 2 accepted would be refused, so the
+    // reload is refused, naming what breaks, and version 2 stays.
+    let v3 = v2.replace(
+        r#""required": ["id", "amount"]"#,
+        r#""required": ["id", "amount", "currency"]"#,
+    );
+    std::fs::write(dir.join("order.json"), &v3).unwrap();
+    s.signal("HUP").unwrap();
+    assert!(
+        reloads(&s, "rejected", 1.0).await,
+        "the breaking version is refused"
+    );
+    let line = logs.wait_for(Duration::from_secs(20), |l| l.contains("reload rejected"));
+    let line = line.expect("a log line says why");
+    assert!(
+        line.contains("`currency` is now required") && line.contains("order.json"),
+        "{line}"
+    );
+    let a = post(&s.events_url("orders"), &json!({"id": "r-3", "amount": 1})).await;
+    assert!(
+        a.body["results"][0]["offset"].is_u64(),
+        "still version 2: {a:?}"
+    );
+
+    // With `compatibility = "none"` the same change applies.
+    std::fs::write(dir.join("order.json"), &v2).unwrap();
+    std::fs::write(dir.join("loose.json"), &v3).unwrap();
+    s.signal("HUP").unwrap();
+    assert!(reloads(&s, "ok", 2.0).await);
+    let a = post(&s.events_url("loose"), &json!({"id": "r-4", "amount": 1})).await;
+    assert_eq!(
+        a.status,
+        StatusCode::BAD_REQUEST,
+        "loose is at version 3: {a:?}"
+    );
+
     // A schema that does not compile is refused; version 2 stays.
     std::fs::write(dir.join("order.json"), r#"{"type": "no-such-type"}"#).unwrap();
     s.signal("HUP").unwrap();
-    let rejected = wait_until(Duration::from_secs(20), || async {
-        sluice_tests::metric_or_zero(
-            &s.metrics().await,
-            "sluice_config_reloads_total",
-            r#"result="rejected""#,
-        ) >= 1.0
-    })
-    .await;
-    assert!(rejected, "the reload was refused");
-    let a = post(&s.events_url("orders"), &json!({"id": "r-3", "amount": 1})).await;
-    assert_eq!(a.status, StatusCode::BAD_REQUEST, "still version 2: {a:?}");
+    assert!(reloads(&s, "rejected", 2.0).await, "the reload was refused");
+    let a = post(&s.events_url("orders"), &json!({"id": "r-5", "amount": -1})).await;
+    assert!(
+        a.body["results"][0]["offset"].is_u64(),
+        "still version 2: {a:?}"
+    );
     let log = read_log(&s.data_dir, "orders", &[]).unwrap();
     let ids: Vec<String> = log
         .iter()
@@ -347,23 +381,42 @@ async fn a_reload_applies_a_new_schema_and_refuses_one_that_does_not_compile() {
             serde_json::from_str::<Value>(r["value"].as_str().unwrap()).unwrap()["id"].to_string()
         })
         .collect();
-    assert_eq!(ids, [r#""r-1""#, r#""r-1""#]);
-    // The two stored events name different schema versions.
-    assert_ne!(
-        log[0]["headers"]["sluice-schema"],
-        log[1]["headers"]["sluice-schema"]
-    );
+    assert_eq!(ids, [r#""r-2""#, r#""r-3""#, r#""r-5""#]);
 
-    // check-config names the broken schema.
-    let out = std::process::Command::new(sluice_tests::binary())
-        .arg("check-config")
-        .arg(s.config_path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // check-config names the broken schema, and checks `previous` versions in order.
+    let check = |config: &std::path::Path| {
+        let out = std::process::Command::new(sluice_tests::binary())
+            .arg("check-config")
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = check(s.config_path());
+    assert!(!ok);
     assert!(
         err.contains("order.json") && err.contains("not a valid JSON Schema"),
+        "{err}"
+    );
+    std::fs::write(dir.join("v1.json"), ORDER_V1).unwrap();
+    std::fs::write(dir.join("v2.json"), &v2).unwrap();
+    std::fs::write(dir.join("v3.json"), &v3).unwrap();
+    let history = dir.join("history.toml");
+    let d = dir.display();
+    std::fs::write(
+        &history,
+        format!("[schemas.orders]\nvalue = \"{d}/v2.json\"\nprevious = [\"{d}/v1.json\"]\n"),
+    )
+    .unwrap();
+    let (ok, err) = check(&history);
+    assert!(ok, "{err}");
+    std::fs::write(&history, format!("[schemas.orders]\nvalue = \"{d}/v3.json\"\nprevious = [\"{d}/v1.json\", \"{d}/v2.json\"]\n")).unwrap();
+    let (ok, err) = check(&history);
+    assert!(
+        !ok && err.contains("v3.json") && err.contains("v2.json") && err.contains("currency"),
         "{err}"
     );
 }
