@@ -41,6 +41,9 @@ pub struct SchemaConfig {
     /// A pinned version of the subject; the latest (followed as it changes) when absent.
     #[serde(default)]
     pub version: Option<u32>,
+    /// Protobuf: the message type (`acme.Order`); the file's first message when absent.
+    #[serde(default)]
+    pub message: Option<String>,
     /// Field rules applied to valid events before they are stored.
     #[serde(default)]
     pub privacy: Vec<PrivacyRule>,
@@ -83,6 +86,10 @@ pub enum SchemaFormat {
     /// Apache Avro: JSON events are checked and stored as Avro binary; binary events in the
     /// registry's wire format are checked against their schema id.
     Avro,
+    /// Protobuf: a message type from a `.proto` file or a descriptor set; JSON events (proto3
+    /// JSON mapping) are checked and stored as binary, binary events in the registry's wire
+    /// format are checked against their schema id and message indexes.
+    Protobuf,
 }
 
 /// Compatibility between versions of a schema, as a Schema Registry names them.
@@ -225,6 +232,12 @@ impl Config {
                 p.add(
                     at("version"),
                     "pins a registry version; needs `registry = true`",
+                );
+            }
+            if s.message.is_some() && s.format != SchemaFormat::Protobuf {
+                p.add(
+                    at("message"),
+                    "names a Protobuf message; needs format = \"protobuf\"",
                 );
             }
             if s.key.is_some() && s.key_subject.is_some() {

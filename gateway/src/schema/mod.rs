@@ -12,6 +12,7 @@
 pub mod avro;
 pub mod json;
 pub mod privacy;
+pub mod protobuf;
 pub mod registry;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,7 @@ use sluice_core::Event;
 use avro::Avro;
 use json::JsonSchema;
 use privacy::{PRIVACY_HEADER, Privacy};
+use protobuf::Protobuf;
 pub use registry::Registry;
 
 /// The reserved header naming the schema a stored event was checked against: for a local
@@ -38,6 +40,9 @@ pub const SCHEMA_HEADER: &str = "sluice-schema";
 
 /// The content type of stored Avro values.
 pub const AVRO_CONTENT_TYPE: &str = "application/vnd.apache.avro+binary";
+
+/// The content type of stored Protobuf values.
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// The wire format's magic byte (Confluent): `0x00`, then the schema id as 4 bytes big-endian.
 const MAGIC: u8 = 0;
@@ -61,6 +66,7 @@ pub struct Version {
 pub enum Checker {
     Json(JsonSchema),
     Avro(Avro),
+    Protobuf(Protobuf),
 }
 
 /// Where a stream's versions come from.
@@ -159,7 +165,7 @@ impl Schemas {
                     registry.ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
                 let subject = s.subject_of(stream);
                 registry
-                    .follow(&subject, s.version, s.format)
+                    .follow(&subject, s.version, s.format, s.message.as_deref())
                     .map_err(|e| format!("schemas.{stream}: {e}"))?;
                 followed.insert((subject.clone(), s.version));
                 Source::Registry {
@@ -169,7 +175,7 @@ impl Schemas {
                 }
             } else {
                 let file = s.value.as_deref().unwrap_or_default();
-                let v = read_version(stream, file, s.format)?;
+                let v = read_version(stream, file, s.format, s.message.as_deref())?;
                 check_history(stream, s, &v)?;
                 if let Some(running) = running.and_then(|r| r.by_stream.get(stream))
                     && let Source::File(old) = &running.value
@@ -184,24 +190,27 @@ impl Schemas {
                         )
                     })?;
                 }
-                if let (Some(p), Checker::Avro(a)) = (&privacy, &v.checker) {
+                if let Some(p) = &privacy {
                     for (segments, action, field) in p.fields() {
-                        a.check_rule(segments, action).map_err(|e| {
-                            format!("schemas.{stream}: privacy rule `{field}`: {e}")
-                        })?;
+                        let fits = match &v.checker {
+                            Checker::Avro(a) => a.check_rule(segments, action),
+                            Checker::Protobuf(pb) => pb.check_rule(segments, action),
+                            Checker::Json(_) => Ok(()),
+                        };
+                        fits.map_err(|e| format!("schemas.{stream}: privacy rule `{field}`: {e}"))?;
                     }
                 }
                 Source::File(Arc::new(v))
             };
             let key = match (&s.key, &s.key_subject) {
                 (Some(file), _) => Some(Source::File(Arc::new(read_version(
-                    stream, file, s.format,
+                    stream, file, s.format, None,
                 )?))),
                 (None, Some(subject)) => {
                     let registry = registry
                         .ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
                     registry
-                        .follow(subject, None, s.format)
+                        .follow(subject, None, s.format, None)
                         .map_err(|e| format!("schemas.{stream}: {e}"))?;
                     followed.insert((subject.clone(), None));
                     Some(Source::Registry {
@@ -243,6 +252,7 @@ fn compatible(old: &Checker, new: &Checker, rule: Compatibility) -> Result<(), S
     match (old, new) {
         (Checker::Json(o), Checker::Json(n)) => JsonSchema::compatible(o, n, rule),
         (Checker::Avro(o), Checker::Avro(n)) => Avro::compatible(o, n, rule),
+        (Checker::Protobuf(o), Checker::Protobuf(n)) => Protobuf::compatible(o, n, rule),
         _ if rule == Compatibility::None => Ok(()),
         _ => Err("the schema's format changed".into()),
     }
@@ -253,7 +263,10 @@ fn compatible(old: &Checker, new: &Checker, rule: Compatibility) -> Result<(), S
 fn check_history(stream: &str, s: &SchemaConfig, current: &Version) -> Result<(), String> {
     let mut older = Vec::with_capacity(s.previous.len());
     for f in &s.previous {
-        older.push((f.as_str(), read_version(stream, f, s.format)?));
+        older.push((
+            f.as_str(),
+            read_version(stream, f, s.format, s.message.as_deref())?,
+        ));
     }
     let file = s.value.as_deref().unwrap_or_default();
     let mut chain: Vec<(&str, &Version)> = older.iter().map(|(f, v)| (*f, v)).collect();
@@ -270,7 +283,12 @@ fn check_history(stream: &str, s: &SchemaConfig, current: &Version) -> Result<()
     Ok(())
 }
 
-fn read_version(stream: &str, file: &str, format: SchemaFormat) -> Result<Version, String> {
+fn read_version(
+    stream: &str,
+    file: &str,
+    format: SchemaFormat,
+    message: Option<&str>,
+) -> Result<Version, String> {
     let text =
         std::fs::read(file).map_err(|e| format!("schemas.{stream}: cannot read `{file}`: {e}"))?;
     let checker = match format {
@@ -284,6 +302,10 @@ fn read_version(stream: &str, file: &str, format: SchemaFormat) -> Result<Versio
                 Avro::parse(text).map_err(|e| format!("schemas.{stream}: `{file}` is {e}"))?,
             )
         }
+        SchemaFormat::Protobuf => Checker::Protobuf(
+            Protobuf::from_file(file, message)
+                .map_err(|e| format!("schemas.{stream}: `{file}`: {e}"))?,
+        ),
     };
     let digest = ring::digest::digest(&ring::digest::SHA256, &text);
     let hex: String = digest.as_ref()[..6]
@@ -325,6 +347,7 @@ impl Resolved {
     pub fn content_type(&self) -> Option<&'static str> {
         match self.value.checker {
             Checker::Avro(_) => Some(AVRO_CONTENT_TYPE),
+            Checker::Protobuf(_) => Some(PROTOBUF_CONTENT_TYPE),
             Checker::Json(_) => None,
         }
     }
@@ -406,62 +429,82 @@ fn check(
                 privacy: applied,
             })
         }
-        Checker::Avro(a) if bytes.len() >= 5 && bytes[0] == MAGIC => {
+        Checker::Avro(_) | Checker::Protobuf(_) if bytes.len() >= 5 && bytes[0] == MAGIC => {
             // Binary in the wire format: checked against the version its id names.
             let id = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes"));
-            let writer = if v.wire_id == Some(id) { Some(v) } else { None };
             let other;
-            let writer = match writer {
-                Some(w) => w,
-                None => {
-                    other = source.by_id(id).ok_or_else(|| Invalid {
-                        reason: "unknown_schema".into(),
-                        path: prefix.to_string(),
-                        message: match source {
-                            Source::File(_) => "binary Avro needs a registry schema id; this stream's schema is a local file: send JSON".into(),
-                            Source::Registry { subject, .. } => format!("schema id {id} is not a version of subject `{subject}`"),
-                        },
-                    })?;
-                    &other
-                }
-            };
-            let Checker::Avro(wa) = &writer.checker else {
-                return Err(Invalid {
+            let writer = if v.wire_id == Some(id) {
+                v
+            } else {
+                other = source.by_id(id).ok_or_else(|| Invalid {
                     reason: "unknown_schema".into(),
                     path: prefix.to_string(),
-                    message: format!("schema id {id} is not an Avro schema"),
-                });
+                    message: match source {
+                        Source::File(_) => "binary needs a registry schema id; this stream's \
+                                            schema is a local file: send JSON"
+                            .into(),
+                        Source::Registry { subject, .. } => {
+                            format!("schema id {id} is not a version of subject `{subject}`")
+                        }
+                    },
+                })?;
+                &other
             };
-            let mut doc = wa.check_binary(&bytes[5..], prefix, privacy.is_some())?;
-            let applied = privacy.and_then(|p| p.apply(&mut doc));
-            let bytes = match &applied {
-                Some(_) => Some(encode_avro(wa, &doc, writer.wire_id, prefix)?),
-                None => None,
+            let (doc, applied, rewritten) = match &writer.checker {
+                Checker::Avro(wa) => {
+                    let mut doc = wa.check_binary(&bytes[5..], prefix, privacy.is_some())?;
+                    let applied = privacy.and_then(|p| p.apply(&mut doc));
+                    let rewritten = match &applied {
+                        Some(_) => Some(encode_avro(wa, &doc, writer.wire_id, prefix)?),
+                        None => None,
+                    };
+                    (doc, applied, rewritten)
+                }
+                Checker::Protobuf(wp) => {
+                    let (message, at) = wp.split(&bytes[5..], prefix)?;
+                    let body = &bytes[5 + at..];
+                    let mut doc =
+                        Protobuf::check_binary(&message, body, prefix, privacy.is_some())?;
+                    let applied = privacy.and_then(|p| p.apply(&mut doc));
+                    let rewritten = match &applied {
+                        Some(_) => {
+                            let mut out = bytes[..5 + at].to_vec();
+                            out.extend(
+                                Protobuf::encode_as(&message, &doc, prefix)
+                                    .map_err(privacy_error)?,
+                            );
+                            Some(Bytes::from(out))
+                        }
+                        None => None,
+                    };
+                    (doc, applied, rewritten)
+                }
+                Checker::Json(_) => {
+                    return Err(Invalid {
+                        reason: "unknown_schema".into(),
+                        path: prefix.to_string(),
+                        message: format!("schema id {id} is a JSON Schema, not a binary format"),
+                    });
+                }
             };
+            drop(doc);
             Ok(Checked {
-                bytes,
+                bytes: rewritten,
                 label: writer.label.clone(),
                 privacy: applied,
             })
         }
-        Checker::Avro(a) => {
+        Checker::Avro(_) | Checker::Protobuf(_) => {
             let mut doc = match (is_key, serde_json::from_slice::<Value>(bytes)) {
                 (_, Ok(doc)) => doc,
-                // A key that is not JSON is taken as a string (most Avro keys are strings).
+                // A key that is not JSON is taken as a string (most keys are strings).
                 (true, Err(_)) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
                 (false, Err(_)) => parse_json(bytes, prefix)?,
             };
-            let mut out = encode_avro(a, &doc, v.wire_id, prefix)?;
+            let mut out = encode_binary(&v.checker, &doc, v.wire_id, prefix)?;
             let applied = privacy.and_then(|p| p.apply(&mut doc));
             if applied.is_some() {
-                out = encode_avro(a, &doc, v.wire_id, prefix).map_err(|e| Invalid {
-                    reason: "privacy".into(),
-                    message: format!(
-                        "the privacy rules leave a value the schema refuses: {}",
-                        e.message
-                    ),
-                    ..e
-                })?;
+                out = encode_binary(&v.checker, &doc, v.wire_id, prefix).map_err(privacy_error)?;
             }
             Ok(Checked {
                 bytes: Some(out),
@@ -469,6 +512,43 @@ fn check(
                 privacy: applied,
             })
         }
+    }
+}
+
+fn privacy_error(e: Invalid) -> Invalid {
+    Invalid {
+        reason: "privacy".into(),
+        message: format!(
+            "the privacy rules leave a value the schema refuses: {}",
+            e.message
+        ),
+        ..e
+    }
+}
+
+/// JSON as the stream's binary format, with the wire-format header when the version has an id.
+fn encode_binary(
+    checker: &Checker,
+    doc: &Value,
+    wire_id: Option<u32>,
+    prefix: &str,
+) -> Result<Bytes, Invalid> {
+    match checker {
+        Checker::Avro(a) => encode_avro(a, doc, wire_id, prefix),
+        Checker::Protobuf(p) => {
+            let body = p.encode(doc, prefix)?;
+            let mut out = Vec::with_capacity(body.len() + 8);
+            if let Some(id) = wire_id {
+                out.push(MAGIC);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend(p.index_bytes());
+            }
+            out.extend(body);
+            Ok(Bytes::from(out))
+        }
+        Checker::Json(_) => Ok(Bytes::from(
+            serde_json::to_vec(doc).expect("JSON serializes"),
+        )),
     }
 }
 
@@ -549,6 +629,7 @@ mod tests {
             subject: None,
             key_subject: None,
             version: None,
+            message: None,
             privacy: Vec::new(),
             on_invalid: InvalidPolicy::Reject,
             dead_letter_stream: None,

@@ -51,12 +51,19 @@ struct SubjectVersion {
 }
 
 /// A followed subject, its format and the schema ids known of it.
-type Followed = ((String, Option<u32>), SchemaFormat, HashSet<u32>);
+type Followed = ((String, Option<u32>), Shape, HashSet<u32>);
+
+/// What a subject's schemas are compiled as: the format, and for Protobuf the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub format: SchemaFormat,
+    pub message: Option<String>,
+}
 
 /// What is known of one followed subject.
 #[derive(Default)]
 struct Subject {
-    format: Option<SchemaFormat>,
+    shape: Option<Shape>,
     current: Option<Arc<Version>>,
     /// Every fetched version of the subject, by schema id.
     by_id: HashMap<u32, Arc<Version>>,
@@ -138,22 +145,27 @@ impl Registry {
         subject: &str,
         version: Option<u32>,
         format: SchemaFormat,
+        message: Option<&str>,
     ) -> Result<(), String> {
+        let shape = Shape {
+            format,
+            message: message.map(String::from),
+        };
         let mut subjects = self.subjects.lock().expect("registry lock");
         if subjects.len() >= MAX_SUBJECTS && !subjects.contains_key(&(subject.to_string(), version))
         {
             return Err(format!("more than {MAX_SUBJECTS} registry subjects"));
         }
         let s = subjects.entry((subject.to_string(), version)).or_default();
-        if s.format.is_some_and(|f| f != format) {
+        if s.shape.as_ref().is_some_and(|f| *f != shape) {
             return Err(format!(
-                "subject `{subject}` is used with two schema formats"
+                "subject `{subject}` is used with two schema formats (or Protobuf messages)"
             ));
         }
-        s.format = Some(format);
+        s.shape = Some(shape.clone());
         if s.current.is_none()
             && let Some(v) = self.read_cache(subject, version)
-            && let Ok(compiled) = compile(&v, format)
+            && let Ok(compiled) = compile(&v, &shape)
         {
             s.by_id.insert(v.id, compiled.clone());
             s.current = Some(compiled);
@@ -208,13 +220,17 @@ impl Registry {
             subjects
                 .iter()
                 .filter_map(|(k, s)| {
-                    Some((k.clone(), s.format?, s.by_id.keys().copied().collect()))
+                    Some((
+                        k.clone(),
+                        s.shape.clone()?,
+                        s.by_id.keys().copied().collect(),
+                    ))
                 })
                 .collect()
         };
         let mut stale = 0;
-        for ((subject, pinned), format, known) in followed {
-            let fetched = self.fetch_subject(&subject, pinned, format, &known).await;
+        for ((subject, pinned), shape, known) in followed {
+            let fetched = self.fetch_subject(&subject, pinned, &shape, &known).await;
             let mut subjects = self.subjects.lock().expect("registry lock");
             let Some(s) = subjects.get_mut(&(subject.clone(), pinned)) else {
                 continue;
@@ -292,7 +308,7 @@ impl Registry {
         &self,
         subject: &str,
         pinned: Option<u32>,
-        format: SchemaFormat,
+        shape: &Shape,
         known: &HashSet<u32>,
     ) -> Result<(Arc<Version>, Vec<Arc<Version>>), String> {
         let v = self
@@ -301,11 +317,11 @@ impl Registry {
                 &pinned.map_or_else(|| "latest".to_string(), |n| n.to_string()),
             )
             .await?;
-        let current = compile(&v, format)
+        let current = compile(&v, shape)
             .map_err(|e| format!("subject `{subject}` version {}: {e}", v.version))?;
         self.write_cache(subject, pinned, &v);
         let mut older = Vec::new();
-        if format == SchemaFormat::Avro && pinned.is_none() {
+        if shape.format != SchemaFormat::JsonSchema && pinned.is_none() {
             // Producers still on an older version send its id; those are checked against it.
             let body = self
                 .get(&format!("/subjects/{}/versions", encode_segment(subject)))
@@ -319,7 +335,7 @@ impl Registry {
                 if known.contains(&ov.id) {
                     continue;
                 }
-                match compile(&ov, format) {
+                match compile(&ov, shape) {
                     Ok(c) => older.push(c),
                     Err(e) => {
                         tracing::warn!(subject, version = n, error = %e, "an older schema version does not compile; events naming it are refused")
@@ -375,10 +391,14 @@ fn encode_segment(s: &str) -> String {
     out
 }
 
-fn compile(v: &SubjectVersion, format: SchemaFormat) -> Result<Arc<Version>, String> {
+fn compile(v: &SubjectVersion, shape: &Shape) -> Result<Arc<Version>, String> {
+    let format = shape.format;
     let ty = v.schema_type.as_deref().unwrap_or("AVRO");
     let checker = match (format, ty) {
         (SchemaFormat::Avro, "AVRO") => Checker::Avro(super::avro::Avro::parse(&v.schema)?),
+        (SchemaFormat::Protobuf, "PROTOBUF") => Checker::Protobuf(
+            super::protobuf::Protobuf::from_text(&v.schema, shape.message.as_deref())?,
+        ),
         (SchemaFormat::JsonSchema, "JSON") => {
             Checker::Json(super::json::JsonSchema::parse(v.schema.as_bytes())?)
         }

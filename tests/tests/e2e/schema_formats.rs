@@ -595,3 +595,228 @@ privacy = [
         "{out:?}"
     );
 }
+
+const PROTO: &str = r#"syntax = "proto3";
+package acme;
+message Order {
+  string id = 1;
+  int64 amount = 2;
+  repeated Line lines = 3;
+  string email = 4;
+  message Line { string sku = 1; int32 qty = 2; }
+}
+message Ping { string from = 1; }
+"#;
+
+/// Decodes a Protobuf message with prost-reflect (the descriptor compiled here by protox).
+fn decode_proto(message: &str, bytes: &[u8]) -> Value {
+    let mut resolver = protox::file::ChainFileResolver::new();
+    struct One;
+    impl protox::file::FileResolver for One {
+        fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+            protox::file::File::from_source(name, PROTO)
+        }
+    }
+    resolver.add(One);
+    let mut c = protox::Compiler::with_file_resolver(resolver);
+    c.open_file("t.proto").unwrap();
+    let desc = c.descriptor_pool().get_message_by_name(message).unwrap();
+    let m = prost_reflect::DynamicMessage::decode(desc, bytes).unwrap();
+    serde_json::to_value(&m).unwrap()
+}
+
+/// One valid and one invalid event on each of HTTP, gRPC, WebSocket and MQTT 5: the invalid
+/// one's answers (HTTP message, gRPC message, WebSocket message, MQTT reason code).
+async fn every_protocol(s: &Sluice, stream: &str, valid: Value, invalid: Value) -> Vec<String> {
+    let mut why = Vec::new();
+    let a = post(&s.events_url(stream), &json!([valid, invalid])).await;
+    assert!(a.body["results"][0]["offset"].is_u64(), "{a:?}");
+    why.push(
+        a.body["results"][1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+
+    let ch = tonic::transport::Channel::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let ev = |v: &Value| pb::Event {
+        value: v.to_string().into_bytes().into(),
+        ..Default::default()
+    };
+    let out = IngestClient::new(ch)
+        .publish(pb::PublishRequest {
+            stream: stream.into(),
+            events: vec![ev(&valid), ev(&invalid)],
+            content_type: "application/json".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        out.results[0].result,
+        Some(pb::event_result::Result::Position(_))
+    ));
+    match &out.results[1].result {
+        Some(pb::event_result::Result::Error(e)) => why.push(e.message.clone()),
+        other => panic!("{other:?}"),
+    }
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/streams/{stream}/ws", s.http))
+            .await
+            .unwrap();
+    ws.send(Message::text(json!([valid, invalid]).to_string()))
+        .await
+        .unwrap();
+    let mut acks = ws_answers(&mut ws, 2).await;
+    acks.sort_by_key(|a| a["index"].as_u64());
+    assert!(acks[0]["offset"].is_u64(), "{acks:?}");
+    why.push(acks[1]["error"]["message"].as_str().unwrap().to_string());
+
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    let addr = s.mqtt.unwrap();
+    let mut o =
+        rumqttc::v5::MqttOptions::new(format!("dev-{stream}"), addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    for payload in [valid.to_string(), invalid.to_string()] {
+        c.publish(format!("{stream}/dev"), QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let acks = v5_pubacks(&mut el, 2).await;
+    assert_eq!(acks[0], PubAckReason::Success);
+    why.push(format!("{:?}", acks[1]));
+    why
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_streams_take_json_on_every_protocol_and_wire_format_from_the_registry() {
+    let ca = Ca::new("registry-ca").unwrap();
+    let reg = SchemaRegistry::start(&ca, "u", "p").await.unwrap();
+    let id = reg.register("pings-value", PROTO, Some("PROTOBUF"));
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("order.proto"), PROTO).unwrap();
+    let ca_file = sluice_tests::pki::write(d, "ca.pem", &ca.cert_pem()).unwrap();
+    let toml = format!(
+        r#"
+[privacy]
+hmac_key_id = "k1"
+hmac_key = "{HMAC_KEY}"
+
+[schema_registry]
+url = "{url}"
+username = "u"
+password = "p"
+ca_file = "{ca}"
+
+[schemas.orders]
+format = "protobuf"
+value = "{d}/order.proto"
+message = "acme.Order"
+privacy = [{{ field = "/email", action = "mask", keep_last = 4 }}]
+
+[schemas.pings]
+format = "protobuf"
+registry = true
+message = "acme.Ping"
+"#,
+        url = reg.url(),
+        ca = ca_file.display(),
+        d = d.display()
+    );
+    let s = Sluice::start(&d.join("data"), &toml).unwrap();
+
+    // A local .proto: JSON (the proto3 mapping) on every protocol; the invalid event names
+    // its field.
+    let why = every_protocol(
+        &s,
+        "orders",
+        json!({"id": "o-1", "amount": "12", "lines": [{"sku": "a", "qty": 2}], "email": "ann@example.com"}),
+        json!({"id": "o-2", "lines": [{"sku": "b", "qty": "two"}]}),
+    )
+    .await;
+    for w in &why[..3] {
+        assert!(w.contains("/lines/0/qty"), "{why:?}");
+    }
+    assert_eq!(why[3], "PayloadFormatInvalid");
+    let log = read_log(&s.data_dir, "orders", &[]).unwrap();
+    assert_eq!(log.len(), 4);
+    for r in &log {
+        let m = decode_proto("acme.Order", &value_bytes(r));
+        assert_eq!(m["id"], "o-1");
+        assert_eq!(m["amount"], "12");
+        assert_eq!(m["lines"][0]["qty"], 2);
+        assert_eq!(m["email"], "***********.com", "masked before it was stored");
+        assert_eq!(r["headers"]["sluice-privacy"], "/email=mask");
+        assert!(
+            r["headers"]["sluice-schema"]
+                .as_str()
+                .unwrap()
+                .starts_with("order.proto@")
+        );
+    }
+
+    // From the registry: JSON stored in the wire format with the id and the message index
+    // of acme.Ping (the file's second message: indexes [1], written as 02 02).
+    let a = post(&s.events_url("pings"), &json!({"from": "x"})).await;
+    assert!(a.body["results"][0]["offset"].is_u64(), "{a:?}");
+    let mut wire_order = vec![0u8];
+    wire_order.extend_from_slice(&id.to_be_bytes());
+    wire_order.push(0); // indexes [0]: acme.Order
+    wire_order.extend_from_slice(&[0x0a, 0x02, b'o', b'9']); // id = "o9"
+    let raw = |body: Vec<u8>| {
+        Answer::of(
+            client()
+                .post(s.events_url("pings"))
+                .header("content-type", "application/octet-stream")
+                .body(body),
+        )
+    };
+    let a = raw(wire_order.clone()).await;
+    assert!(
+        a.body["results"][0]["offset"].is_u64(),
+        "a message of the subject's file: {a:?}"
+    );
+    let mut bad = wire_order.clone();
+    bad.truncate(bad.len() - 1); // the string ends early
+    let a = raw(bad).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not_protobuf"),
+        "{a:?}"
+    );
+    let mut unknown_index = wire_order[..5].to_vec();
+    unknown_index.extend_from_slice(&[2, 18, 0x0a, 0x00]); // indexes [9]
+    let a = raw(unknown_index).await;
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown_schema"),
+        "{a:?}"
+    );
+
+    let log = read_log(&s.data_dir, "pings", &[]).unwrap();
+    assert_eq!(log.len(), 2);
+    let first = value_bytes(&log[0]);
+    assert_eq!(first[0], 0);
+    assert_eq!(u32::from_be_bytes(first[1..5].try_into().unwrap()), id);
+    assert_eq!(&first[5..7], &[2, 2], "message indexes [1]");
+    assert_eq!(decode_proto("acme.Ping", &first[7..])["from"], "x");
+    assert_eq!(value_bytes(&log[1]), wire_order, "binary is stored as sent");
+    assert_eq!(
+        log[0]["headers"]["sluice-schema"],
+        format!("subject=pings-value;version=1;id={id}")
+    );
+}
