@@ -8,7 +8,8 @@
 //!   unknown version;
 //! - `GET /subjects/{subject}/versions` → `[1, 2, …]`.
 //!
-//! Over TLS (a certificate from the test CA), with Basic auth required (401 otherwise). "Down"
+//! Over TLS (a certificate from the test CA), with auth required (401 otherwise): Basic with
+//! the user and password given at start, or Bearer with the password as the token. "Down"
 //! means down: the listener is closed, so connections are refused, and `up` binds the same
 //! port again.
 
@@ -39,7 +40,7 @@ pub struct SchemaRegistry {
     next_id: Mutex<u32>,
     hits: Arc<AtomicU64>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    auth: String,
+    auth: Vec<String>,
 }
 
 impl SchemaRegistry {
@@ -64,10 +65,13 @@ impl SchemaRegistry {
             next_id: Mutex::new(100),
             hits: Arc::default(),
             server: Mutex::new(None),
-            auth: format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            ),
+            auth: vec![
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+                ),
+                format!("Bearer {password}"),
+            ],
         });
         r.serve(listener);
         Ok(r)
@@ -136,7 +140,7 @@ impl SchemaRegistry {
                             let authorized = req
                                 .headers()
                                 .get(hyper::header::AUTHORIZATION)
-                                .is_some_and(|v| v.as_bytes() == auth.as_bytes());
+                                .is_some_and(|v| auth.iter().any(|a| v.as_bytes() == a.as_bytes()));
                             let (status, body) = if authorized {
                                 answer(&subjects.lock().unwrap(), req.uri().path())
                             } else {

@@ -519,6 +519,7 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         limits,
         in_flight_budget: in_flight_budget.clone(),
         schema_registry,
+        schema_files: std::sync::Mutex::new(reload::schema_files(&config)),
     });
     if config.server.config_watch_interval_ms > 0 {
         tokio::spawn(reloader.clone().watch(Duration::from_millis(

@@ -13,6 +13,19 @@ pub struct Reloader {
     pub(super) limits: HttpLimits,
     pub(super) in_flight_budget: Gauge,
     pub(super) schema_registry: Option<Arc<crate::schema::Registry>>,
+    /// The schema files the configuration names: a change to one reloads like a change to the
+    /// configuration file.
+    pub(super) schema_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
+}
+
+/// Every local schema file `config` names.
+pub(super) fn schema_files(config: &Config) -> Vec<std::path::PathBuf> {
+    config
+        .schemas
+        .values()
+        .flat_map(|s| s.value.iter().chain(s.key.iter()).chain(s.previous.iter()))
+        .map(std::path::PathBuf::from)
+        .collect()
 }
 
 /// The HTTP listener's run-time resizable limits.
@@ -59,6 +72,7 @@ impl Reloader {
         let schemas =
             crate::schema::Schemas::load(&config, self.schema_registry.as_ref(), Some(&running))
                 .map_err(anyhow::Error::msg)?;
+        *self.schema_files.lock().expect("schema files lock") = schema_files(&config);
         if let Some(r) = &self.schema_registry {
             // Subjects named for the first time are fetched now.
             r.refresh().await;
@@ -88,14 +102,22 @@ impl Reloader {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut seen = stamp(&path);
+        let stamps = || {
+            let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let files = self.schema_files.lock().expect("schema files lock").clone();
+            std::iter::once(path.clone())
+                .chain(files)
+                .map(|p| (stamp(&p), p))
+                .collect::<Vec<_>>()
+        };
+        let mut seen = stamps();
         loop {
             tokio::time::sleep(every).await;
-            let now = stamp(&path);
+            let now = stamps();
             if now != seen {
-                seen = now;
                 self.reload().await;
+                // What the reload left in force (a new file list when it applied).
+                seen = stamps();
             }
         }
     }

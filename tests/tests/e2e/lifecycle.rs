@@ -162,11 +162,18 @@ async fn zero_config_start_uses_defaults_and_the_data_dir_is_locked() {
 #[test]
 fn check_config_accepts_examples_and_reports_every_problem() {
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    let mut n = 0;
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        n += 1;
+        // From the repository root, as the examples' relative schema paths say.
         let out = Command::new(binary())
             .arg("check-config")
             .arg(&path)
+            .current_dir(examples.join("../.."))
             .output_within(sluice_tests::DEADLINE)
             .unwrap();
         assert!(
@@ -177,6 +184,7 @@ fn check_config_accepts_examples_and_reports_every_problem() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
     }
+    assert!(n >= 8, "every example, schemas.toml included: {n}");
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.toml");
     std::fs::write(

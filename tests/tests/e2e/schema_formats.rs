@@ -496,8 +496,7 @@ version = 1
         "{a:?}"
     );
     assert!(reg.hits() > 0);
-    s = s3;
-    let text = s.metrics().await;
+    let text = s3.metrics().await;
     assert!(
         metric_or_zero(
             &text,
@@ -505,6 +504,19 @@ version = 1
             r#"result="error""#
         ) >= 1.0
     );
+    drop(s3);
+    // Bearer auth instead of Basic.
+    let bearer = d.join("bearer");
+    let s4 = Sluice::start(
+        &bearer,
+        &toml("x").replace(
+            "username = \"sr-user\"\npassword = \"x\"",
+            "bearer_token = \"sr-pass\"",
+        ),
+    )
+    .unwrap();
+    let a = post(&s4.events_url("clicks"), &json!({"page": "/bearer"})).await;
+    assert!(a.body["results"][0]["offset"].is_u64(), "{a:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,6 +586,52 @@ privacy = [
     )
     .await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST, "{a:?}");
+    // A change to the schema file alone is picked up like a change to the config file (the
+    // watcher, every 2 s by default): version 2 no longer requires an email.
+    std::fs::write(
+        d.join("user.json"),
+        r#"{"type":"object","required":["id"],"properties":{"id":{"type":"string"},"email":{"type":"string"}}}"#,
+    )
+    .unwrap();
+    let v2 = wait_until(Duration::from_secs(30), || async {
+        post(&s.events_url("signups"), &json!({"id": "u-4"}))
+            .await
+            .body["results"][0]["offset"]
+            .is_u64()
+    })
+    .await;
+    assert!(v2, "the new schema file applies without a signal");
+    // Rotating the key: a new id and key in the config; new hashes name the new id.
+    std::fs::write(
+        s.config_path(),
+        toml.replace("2026-12", "2027-01")
+            .replace(HMAC_KEY, "fedcba9876543210fedcba9876543210"),
+    )
+    .unwrap();
+    let rotated = wait_until(Duration::from_secs(30), || async {
+        post(
+            &s.events_url("signups"),
+            &json!({"id": "u-5", "email": "ann@example.com"}),
+        )
+        .await;
+        let log = read_log(&s.data_dir, "signups", &["--json-values"]).unwrap();
+        log.last().unwrap()["value"]["email"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("hmac-sha256:2027-01:"))
+    })
+    .await;
+    assert!(rotated, "hashes name the new key");
+    let log = read_log(&s.data_dir, "signups", &["--json-values"]).unwrap();
+    let last = log.last().unwrap()["value"]["email"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(
+        last.rsplit(':').next(),
+        e.rsplit(':').next(),
+        "another key, another hash"
+    );
+
     // check-config refuses an hmac rule without a key, and a short key.
     let bad = d.join("bad.toml");
     std::fs::write(
