@@ -78,7 +78,12 @@ async fn families(s: &Sluice) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_alerts_reference_only_exported_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let embedded = Sluice::start(&dir.path().join("a"), "").unwrap();
+    // The registry client's metrics exist once a registry is configured (none answers here).
+    let embedded = Sluice::start(
+        &dir.path().join("a"),
+        "[schema_registry]\nurl = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
     // The Kafka sink's metrics exist from the start, broker or not; the spool's with a spooled
     // stream.
     let kafka = Sluice::start(
@@ -96,6 +101,8 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         "sluice_kafka_delivery_errors",
         "sluice_mqtt_disconnects",
         "sluice_spool_events",
+        "sluice_schema_registry_fetches",
+        "sluice_schema_registry_stale_subjects",
     ] {
         assert!(
             exported.contains(must),
