@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Schema cost (issue 18): HTTP batches of 100 JSON events of ~100 bytes with 5 fields, against
-# one gateway build with no schema on the stream and with a small JSON Schema (5 typed fields,
-# 3 required, one bound) on it, alternating in the same run on fresh data directories.
+# one gateway build with no schema on the stream, with a small JSON Schema (5 typed fields,
+# 3 required, one bound) on it, and with the same shape as an Avro record (JSON checked and
+# encoded to Avro binary), alternating in the same run on fresh data directories.
 #   loadtest/bench-schema.sh [ROUNDS] [SECONDS]
 # Prints a line per round and configuration (throughput, p99, the gateway's CPU per event), then
 # the median with the schema as a share of without.
@@ -19,6 +20,13 @@ cat > "$work/order.json" <<'JSON'
  "properties": {"id": {"type": "string"}, "amount": {"type": "number", "minimum": 0},
    "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
    "customer": {"type": "string"}, "items": {"type": "integer"}}}
+JSON
+cat > "$work/order.avsc" <<'JSON'
+{"type": "record", "name": "Order", "fields": [
+  {"name": "id", "type": "string"}, {"name": "amount", "type": "double"},
+  {"name": "currency", "type": {"type": "enum", "name": "Currency", "symbols": ["EUR", "USD", "GBP"]}},
+  {"name": "customer", "type": ["null", "string"], "default": null},
+  {"name": "items", "type": ["null", "long"], "default": null}]}
 JSON
 python3 - "$work/body.json" <<'PY'
 import json, sys
@@ -64,6 +72,10 @@ for _ in $(seq 1 "$rounds"); do
   run schema "[schemas.orders]
 value = \"$work/order.json\"
 "
+  run avro "[schemas.orders]
+format = \"avro\"
+value = \"$work/order.avsc\"
+"
 done
 python3 - "$results" <<'PY'
 import statistics, sys
@@ -71,6 +83,8 @@ rates = {}
 for line in open(sys.argv[1]):
     label, rate = line.split()
     rates.setdefault(label, []).append(float(rate))
-off, on = statistics.median(rates["off"]), statistics.median(rates["schema"])
-print("http x100  schema median %8.0f events/s = %3.0f%% of no schema (%.0f)" % (on, 100 * on / off, off))
+off = statistics.median(rates["off"])
+for label in ("schema", "avro"):
+    on = statistics.median(rates[label])
+    print("http x100  %-6s median %8.0f events/s = %3.0f%% of no schema (%.0f)" % (label, on, 100 * on / off, off))
 PY

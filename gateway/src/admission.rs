@@ -575,8 +575,15 @@ impl Gateway {
             move || {
                 let mut keep = Vec::with_capacity(events.len());
                 let mut bad = Vec::new();
+                // Encoded values (Avro) share one buffer: about the size of what came in.
+                let mut arena = match resolved.content_type() {
+                    Some(_) => bytes::BytesMut::with_capacity(
+                        events.iter().map(|e| e.value.len() + 8).sum(),
+                    ),
+                    None => bytes::BytesMut::new(),
+                };
                 for (i, mut e) in events.into_iter().enumerate() {
-                    match resolved.admit(&mut e) {
+                    match resolved.admit(&mut e, &mut arena) {
                         Ok(()) => keep.push(e),
                         Err(why) => bad.push((i, e, why)),
                     }

@@ -19,6 +19,8 @@ use super::Invalid;
 pub struct Avro {
     schema: Schema,
     names: HashMap<Name, Schema>,
+    /// Records' field defaults, encoded once (for the fast path).
+    defaults: super::avro_fast::Defaults,
 }
 
 fn invalid(path: &str, reason: &str, message: impl Into<String>) -> Invalid {
@@ -42,9 +44,51 @@ impl Avro {
                 .map(|(n, s)| (n.clone(), (*s).clone()))
                 .collect::<HashMap<_, _>>()
         };
-        let a = Self { schema, names };
+        let mut a = Self {
+            schema,
+            names,
+            defaults: Default::default(),
+        };
         a.supported(&a.schema, &mut Vec::new())?;
+        let mut records: Vec<&RecordSchema> = Vec::new();
+        for s in a.names.values().chain([&a.schema]) {
+            if let Schema::Record(r) = s
+                && !records.iter().any(|x| x.name == r.name)
+            {
+                records.push(r);
+            }
+        }
+        let defaults = records
+            .iter()
+            .map(|r| {
+                let encoded = r
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let d = f.default.as_ref()?;
+                        let mut out = Vec::new();
+                        a.enc(&f.schema, d, &mut String::new(), &mut out).ok()?;
+                        Some(out)
+                    })
+                    .collect();
+                (r.name.fullname(None), encoded)
+            })
+            .collect();
+        a.defaults = defaults;
         Ok(a)
+    }
+
+    pub(super) fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub(super) fn defaults(&self) -> &super::avro_fast::Defaults {
+        &self.defaults
+    }
+
+    /// A named type's definition for a reference; anything else as it is.
+    pub(super) fn resolve<'a>(&'a self, s: &'a Schema) -> &'a Schema {
+        self.deref(s)
     }
 
     /// Refuses what the encoder does not take, at load rather than per event.

@@ -10,6 +10,7 @@
 //! ([`privacy`]).
 
 pub mod avro;
+mod avro_fast;
 pub mod json;
 pub mod privacy;
 pub mod protobuf;
@@ -18,7 +19,7 @@ pub mod registry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -360,7 +361,7 @@ impl Resolved {
     /// Checks one event: its value (and key, when the stream checks keys). A valid event is
     /// rewritten as it is to be stored — Avro encoded, privacy rules applied — and gets the
     /// [`SCHEMA_HEADER`] (and [`PRIVACY_HEADER`]); an invalid one is left as it came.
-    pub fn admit(&self, e: &mut Event) -> Result<(), Invalid> {
+    pub fn admit(&self, e: &mut Event, arena: &mut BytesMut) -> Result<(), Invalid> {
         let privacy = self.schema.privacy.as_ref();
         let value = check(
             &self.value,
@@ -368,7 +369,7 @@ impl Resolved {
             &e.value,
             "",
             privacy,
-            false,
+            Some(arena),
         )?;
         let key = match &self.key {
             Some(k) => {
@@ -378,7 +379,7 @@ impl Resolved {
                     .as_ref()
                     .expect("a key source with a key version");
                 let key = e.key.as_deref().unwrap_or_default();
-                Some(check(k, src, key, "key:", None, true)?)
+                Some(check(k, src, key, "key:", None, None)?)
             }
             None => None,
         };
@@ -400,6 +401,11 @@ impl Resolved {
     }
 }
 
+thread_local! {
+    /// One event's encoding on its way into the batch's arena.
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn parse_json(bytes: &[u8], prefix: &str) -> Result<Value, Invalid> {
     serde_json::from_slice(bytes).map_err(|e| Invalid {
         reason: "not_json".into(),
@@ -414,10 +420,19 @@ fn check(
     bytes: &[u8],
     prefix: &str,
     privacy: Option<&Privacy>,
-    is_key: bool,
+    // The batch's arena for encoded values; none for keys.
+    arena: Option<&mut BytesMut>,
 ) -> Result<Checked, Invalid> {
+    let is_key = arena.is_none();
     match &v.checker {
         Checker::Json(js) => {
+            if privacy.is_none() && js.valid_fast(bytes) {
+                return Ok(Checked {
+                    bytes: None,
+                    label: v.label.clone(),
+                    privacy: None,
+                });
+            }
             let mut doc = parse_json(bytes, prefix)?;
             js.check(&doc, prefix)?;
             let applied = privacy.and_then(|p| p.apply(&mut doc));
@@ -492,6 +507,33 @@ fn check(
                 bytes: rewritten,
                 label: writer.label.clone(),
                 privacy: applied,
+            })
+        }
+        Checker::Avro(a) if privacy.is_none() && arena.is_some() => {
+            // Straight from the text into the batch's arena when the fast path decides it
+            // (one allocation per batch); from the document (which names what failed)
+            // otherwise.
+            let arena = arena.expect("checked");
+            let fast = ENCODED.with(|b| {
+                let mut out = b.borrow_mut();
+                out.clear();
+                if let Some(id) = v.wire_id {
+                    out.push(MAGIC);
+                    out.extend_from_slice(&id.to_be_bytes());
+                }
+                a.encode_fast(bytes, &mut out).then(|| {
+                    arena.extend_from_slice(&out);
+                    arena.split().freeze()
+                })
+            });
+            let out = match fast {
+                Some(b) => b,
+                None => encode_avro(a, &parse_json(bytes, prefix)?, v.wire_id, prefix)?,
+            };
+            Ok(Checked {
+                bytes: Some(out),
+                label: v.label.clone(),
+                privacy: None,
             })
         }
         Checker::Avro(_) | Checker::Protobuf(_) => {
@@ -649,6 +691,12 @@ mod tests {
         s.of(stream).unwrap().resolve().unwrap()
     }
 
+    impl Resolved {
+        fn admit1(&self, e: &mut Event) -> Result<(), Invalid> {
+            self.admit(e, &mut BytesMut::new())
+        }
+    }
+
     fn ev(v: &str) -> Event {
         Event {
             value: Bytes::copy_from_slice(v.as_bytes()),
@@ -672,20 +720,20 @@ mod tests {
         );
         let s = resolved(&c, "orders");
         let mut ok = ev(r#"{"id":"a","items":[{"price":1}]}"#);
-        assert!(s.admit(&mut ok).is_ok());
+        assert!(s.admit1(&mut ok).is_ok());
         assert!(ok.headers[0].1.starts_with(b"orders.json@"));
         let e = s
-            .admit(&mut ev(r#"{"id":"a","items":[{"price":1},{"price":-2}]}"#))
+            .admit1(&mut ev(r#"{"id":"a","items":[{"price":1},{"price":-2}]}"#))
             .unwrap_err();
         assert_eq!(
             (e.reason.as_str(), e.path.as_str()),
             ("minimum", "/items/1/price")
         );
         assert_eq!(
-            s.admit(&mut ev(r#"{"items":[]}"#)).unwrap_err().reason,
+            s.admit1(&mut ev(r#"{"items":[]}"#)).unwrap_err().reason,
             "required"
         );
-        assert_eq!(s.admit(&mut ev("{nope")).unwrap_err().reason, "not_json");
+        assert_eq!(s.admit1(&mut ev("{nope")).unwrap_err().reason, "not_json");
     }
 
     #[test]
@@ -700,8 +748,8 @@ mod tests {
             |_| {},
         );
         let s = resolved(&c, "s");
-        assert!(s.admit(&mut ev("3")).is_ok());
-        assert_eq!(s.admit(&mut ev("\"x\"")).unwrap_err().reason, "type");
+        assert!(s.admit1(&mut ev("3")).is_ok());
+        assert_eq!(s.admit1(&mut ev("\"x\"")).unwrap_err().reason, "type");
         let (c, _d) = config(
             "s",
             SchemaFormat::JsonSchema,
@@ -742,7 +790,7 @@ mod tests {
         );
         let s = resolved(&c, "users");
         let mut e = ev(r#"{"id":"u1","email":"ann@example.com","phone":"555"}"#);
-        s.admit(&mut e).unwrap();
+        s.admit1(&mut e).unwrap();
         let Checker::Avro(a) = &s.value.checker else {
             panic!()
         };
@@ -771,7 +819,7 @@ mod tests {
         );
         // Binary on a local-file stream has no id to check against.
         let mut bin = ev("\0\0\0\0\x01\x02u1");
-        assert_eq!(s.admit(&mut bin).unwrap_err().reason, "unknown_schema");
+        assert_eq!(s.admit1(&mut bin).unwrap_err().reason, "unknown_schema");
         // A rule the schema cannot take is refused at load.
         c.schemas.get_mut("users").unwrap().privacy = vec![PrivacyRule {
             field: "/id".into(),
