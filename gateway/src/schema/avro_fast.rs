@@ -31,7 +31,11 @@ impl Avro {
     /// false with `out` as it was: not decided here.
     pub fn encode_fast(&self, json: &[u8], out: &mut Vec<u8>) -> bool {
         let start = out.len();
-        let mut de = serde_json::Deserializer::from_slice(json);
+        // UTF-8 checked once for the whole text (the reader then skips it per string).
+        let Ok(json) = std::str::from_utf8(json) else {
+            return false;
+        };
+        let mut de = serde_json::Deserializer::from_str(json);
         let ok = matches!(
             (Value {
                 avro: self,

@@ -290,7 +290,11 @@ mod fast {
         }
 
         pub fn valid(&self, bytes: &[u8]) -> bool {
-            let mut de = serde_json::Deserializer::from_slice(bytes);
+            // UTF-8 checked once for the whole text (the reader then skips it per string).
+            let Ok(text) = std::str::from_utf8(bytes) else {
+                return false;
+            };
+            let mut de = serde_json::Deserializer::from_str(text);
             matches!(Root(self).deserialize(&mut de), Ok(true)) && de.end().is_ok()
         }
     }
