@@ -209,8 +209,9 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         .map_err(anyhow::Error::msg)?;
     if let Some(r) = &schema_registry {
         // One refresh before serving, so the first events need not wait for the task; a
-        // registry that is down delays the start by at most the request deadlines.
-        r.refresh().await;
+        // registry that is down or silent delays the start by at most two request deadlines
+        // (the background refresh goes on).
+        let _ = tokio::time::timeout(r.deadline() * 2, r.refresh()).await;
         every(r.refresh_every(), Arc::downgrade(r), |r| async move {
             r.refresh().await
         });

@@ -74,8 +74,9 @@ impl Reloader {
                 .map_err(anyhow::Error::msg)?;
         *self.schema_files.lock().expect("schema files lock") = schema_files(&config);
         if let Some(r) = &self.schema_registry {
-            // Subjects named for the first time are fetched now.
-            r.refresh().await;
+            // Subjects named for the first time are fetched now (within two request deadlines;
+            // the background refresh goes on).
+            let _ = tokio::time::timeout(r.deadline() * 2, r.refresh()).await;
         }
         self.gateway
             .reload(Policy::new(&config.streams, &config.quotas, schemas));

@@ -138,6 +138,11 @@ impl Registry {
         Duration::from_millis(self.cfg.refresh_ms)
     }
 
+    /// Each request's deadline.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.cfg.timeout_ms)
+    }
+
     /// Starts following `subject` (latest, or a pinned version) as `format`; what the disk
     /// cache holds of it serves until the registry answers.
     pub fn follow(
