@@ -573,8 +573,7 @@ impl Gateway {
         let check = {
             let resolved = resolved.clone();
             move || {
-                let mut keep = Vec::with_capacity(events.len());
-                let mut bad = Vec::new();
+                let mut events = events;
                 // Encoded values (Avro) share one buffer: about the size of what came in.
                 let mut arena = match resolved.content_type() {
                     Some(_) => bytes::BytesMut::with_capacity(
@@ -582,10 +581,23 @@ impl Gateway {
                     ),
                     None => bytes::BytesMut::new(),
                 };
-                for (i, mut e) in events.into_iter().enumerate() {
-                    match resolved.admit(&mut e, &mut arena) {
-                        Ok(()) => keep.push(e),
-                        Err(why) => bad.push((i, e, why)),
+                // Checked in place; an invalid event is left as it came.
+                let mut why = Vec::new();
+                for (i, e) in events.iter_mut().enumerate() {
+                    if let Err(w) = resolved.admit(e, &mut arena) {
+                        why.push((i, w));
+                    }
+                }
+                if why.is_empty() {
+                    return (events, Vec::new());
+                }
+                let mut keep = Vec::with_capacity(events.len() - why.len());
+                let mut bad = Vec::with_capacity(why.len());
+                let mut why = why.into_iter().peekable();
+                for (i, e) in events.into_iter().enumerate() {
+                    match why.next_if(|(j, _)| *j == i) {
+                        Some((_, w)) => bad.push((i, e, w)),
+                        None => keep.push(e),
                     }
                 }
                 (keep, bad)

@@ -249,6 +249,24 @@ impl Schemas {
     }
 }
 
+/// A version's label as static bytes: every stored event carries it, and cloning a static
+/// `Bytes` touches no shared counter (a shared one is a cache line both cores fight over at a
+/// million events a second). Labels are interned, so memory grows with the distinct versions
+/// this process has loaded (a few dozen bytes each), not with reloads.
+pub(crate) fn label(text: String) -> Bytes {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().expect("labels lock");
+    let s = match seen.iter().find(|s| **s == text) {
+        Some(s) => *s,
+        None => {
+            let s: &'static str = Box::leak(text.into_boxed_str());
+            seen.push(s);
+            s
+        }
+    };
+    Bytes::from_static(s.as_bytes())
+}
+
 fn compatible(old: &Checker, new: &Checker, rule: Compatibility) -> Result<(), String> {
     match (old, new) {
         (Checker::Json(o), Checker::Json(n)) => JsonSchema::compatible(o, n, rule),
@@ -318,7 +336,7 @@ fn read_version(
         .map_or_else(|| file.to_string(), |n| n.to_string_lossy().into_owned());
     Ok(Version {
         checker,
-        label: Bytes::from(format!("{name}@{hex}")),
+        label: label(format!("{name}@{hex}")),
         wire_id: None,
     })
 }

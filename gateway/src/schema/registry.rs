@@ -415,7 +415,7 @@ fn compile(v: &SubjectVersion, shape: &Shape) -> Result<Arc<Version>, String> {
     };
     Ok(Arc::new(Version {
         checker,
-        label: Bytes::from(format!(
+        label: super::label(format!(
             "subject={};version={};id={}",
             v.subject, v.version, v.id
         )),
