@@ -576,18 +576,19 @@ impl Gateway {
                 let mut events = events;
                 // Encoded values (Avro) share one buffer: about the size of what came in.
                 let mut arena = match resolved.content_type() {
-                    Some(_) => bytes::BytesMut::with_capacity(
+                    Some(_) => crate::schema::Arena::with_capacity(
                         events.iter().map(|e| e.value.len() + 8).sum(),
                     ),
-                    None => bytes::BytesMut::new(),
+                    None => crate::schema::Arena::default(),
                 };
                 // Checked in place; an invalid event is left as it came.
                 let mut why = Vec::new();
                 for (i, e) in events.iter_mut().enumerate() {
-                    if let Err(w) = resolved.admit(e, &mut arena) {
+                    if let Err(w) = resolved.admit(e, i, &mut arena) {
                         why.push((i, w));
                     }
                 }
+                arena.finish(&mut events);
                 if why.is_empty() {
                     return (events, Vec::new());
                 }

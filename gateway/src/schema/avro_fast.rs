@@ -217,32 +217,50 @@ fn record<'de, A: MapAccess<'de>>(
     if n > MAX_FIELDS {
         return Ok(false);
     }
-    let mut bufs = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if bufs.len() < n {
-        bufs.resize_with(n, Vec::new);
-    }
+    // Members that arrive in field order (the common case: producers serialize records in
+    // their declared order) are written straight to `out`; from the first one out of order,
+    // the rest wait in per-field scratch buffers and are put in order at the end.
+    let mut direct = 0;
+    let mut bufs: Option<Vec<Vec<u8>>> = None;
     let mut seen = 0u64;
     let mut ok = true;
     while ok {
         let Some(i) = map.next_key_seed(Field(r))? else {
             break;
         };
-        match i {
-            Some(i) if seen & (1 << i) == 0 => {
-                seen |= 1 << i;
-                bufs[i].clear();
-                let mut buf = std::mem::take(&mut bufs[i]);
-                ok = map.next_value_seed(Value {
-                    avro,
-                    schema: &r.fields[i].schema,
-                    out: &mut buf,
-                    depth,
-                })?;
-                bufs[i] = buf;
-            }
+        let Some(i) = i.filter(|&i| seen & (1 << i) == 0) else {
             // A duplicate member, or one the record lacks.
-            _ => ok = false,
+            ok = false;
+            break;
+        };
+        seen |= 1 << i;
+        let schema = &r.fields[i].schema;
+        if i == direct {
+            direct += 1;
+            ok = map.next_value_seed(Value {
+                avro,
+                schema,
+                out,
+                depth,
+            })?;
+            continue;
         }
+        let bufs = bufs.get_or_insert_with(|| {
+            let mut b = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+            if b.len() < n {
+                b.resize_with(n, Vec::new);
+            }
+            b
+        });
+        let mut buf = std::mem::take(&mut bufs[i]);
+        buf.clear();
+        ok = map.next_value_seed(Value {
+            avro,
+            schema,
+            out: &mut buf,
+            depth,
+        })?;
+        bufs[i] = buf;
     }
     let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
     // Looked up only when a field is missing (the key is built from the name).
@@ -250,9 +268,9 @@ fn record<'de, A: MapAccess<'de>>(
         .then(|| avro.defaults().get(&r.name.fullname(None)))
         .flatten();
     if ok {
-        for (i, buf) in bufs.iter().enumerate().take(n) {
+        for i in direct..n {
             if seen & (1 << i) != 0 {
-                out.extend_from_slice(buf);
+                out.extend_from_slice(&bufs.as_ref().expect("buffered")[i]);
             } else {
                 match defaults.and_then(|d| d[i].as_ref()) {
                     Some(d) => out.extend_from_slice(d),
@@ -264,13 +282,15 @@ fn record<'de, A: MapAccess<'de>>(
             }
         }
     }
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        // Nested records took theirs; keep the larger set.
-        if s.len() < bufs.len() {
-            *s = bufs;
-        }
-    });
+    if let Some(bufs) = bufs {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            // Nested records took theirs; keep the larger set.
+            if s.len() < bufs.len() {
+                *s = bufs;
+            }
+        });
+    }
     Ok(ok)
 }
 

@@ -19,7 +19,7 @@ pub mod registry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -379,15 +379,17 @@ impl Resolved {
     /// Checks one event: its value (and key, when the stream checks keys). A valid event is
     /// rewritten as it is to be stored — Avro encoded, privacy rules applied — and gets the
     /// [`SCHEMA_HEADER`] (and [`PRIVACY_HEADER`]); an invalid one is left as it came.
-    pub fn admit(&self, e: &mut Event, arena: &mut BytesMut) -> Result<(), Invalid> {
+    /// `index` is the event's place in `events` given to [`Arena::finish`].
+    pub fn admit(&self, e: &mut Event, index: usize, arena: &mut Arena) -> Result<(), Invalid> {
         let privacy = self.schema.privacy.as_ref();
+        let start = arena.buf.len();
         let value = check(
             &self.value,
             &self.schema.value,
             &e.value,
             "",
             privacy,
-            Some(arena),
+            Some(&mut arena.buf),
         )?;
         let key = match &self.key {
             Some(k) => {
@@ -397,12 +399,21 @@ impl Resolved {
                     .as_ref()
                     .expect("a key source with a key version");
                 let key = e.key.as_deref().unwrap_or_default();
-                Some(check(k, src, key, "key:", None, None)?)
+                match check(k, src, key, "key:", None, None) {
+                    Ok(c) => Some(c),
+                    Err(why) => {
+                        arena.buf.truncate(start);
+                        return Err(why);
+                    }
+                }
             }
             None => None,
         };
         if let Some(b) = value.bytes {
             e.value = b;
+        }
+        if arena.buf.len() > start {
+            arena.pending.push((index, start..arena.buf.len()));
         }
         if let Some(Checked { bytes: Some(b), .. }) = key {
             e.key = Some(b);
@@ -419,9 +430,33 @@ impl Resolved {
     }
 }
 
-thread_local! {
-    /// One event's encoding on its way into the batch's arena.
-    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// A batch's encoded values (Avro from the fast path) in one buffer: one allocation per batch,
+/// each event's value a slice of it.
+#[derive(Default)]
+pub struct Arena {
+    buf: Vec<u8>,
+    /// (event index, its bytes in `buf`).
+    pending: Vec<(usize, std::ops::Range<usize>)>,
+}
+
+impl Arena {
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(n),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Gives each event encoded here its value.
+    pub fn finish(self, events: &mut [Event]) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let shared = Bytes::from(self.buf);
+        for (i, r) in self.pending {
+            events[i].value = shared.slice(r);
+        }
+    }
 }
 
 fn parse_json(bytes: &[u8], prefix: &str) -> Result<Value, Invalid> {
@@ -438,8 +473,9 @@ fn check(
     bytes: &[u8],
     prefix: &str,
     privacy: Option<&Privacy>,
-    // The batch's arena for encoded values; none for keys.
-    arena: Option<&mut BytesMut>,
+    // The batch's buffer for encoded values (what is appended there is this value); none for
+    // keys.
+    arena: Option<&mut Vec<u8>>,
 ) -> Result<Checked, Invalid> {
     let is_key = arena.is_none();
     match &v.checker {
@@ -532,24 +568,27 @@ fn check(
             // (one allocation per batch); from the document (which names what failed)
             // otherwise.
             let arena = arena.expect("checked");
-            let fast = ENCODED.with(|b| {
-                let mut out = b.borrow_mut();
-                out.clear();
-                if let Some(id) = v.wire_id {
-                    out.push(MAGIC);
-                    out.extend_from_slice(&id.to_be_bytes());
-                }
-                a.encode_fast(bytes, &mut out).then(|| {
-                    arena.extend_from_slice(&out);
-                    arena.split().freeze()
-                })
-            });
-            let out = match fast {
-                Some(b) => b,
-                None => encode_avro(a, &parse_json(bytes, prefix)?, v.wire_id, prefix)?,
-            };
+            let start = arena.len();
+            if let Some(id) = v.wire_id {
+                arena.push(MAGIC);
+                arena.extend_from_slice(&id.to_be_bytes());
+            }
+            if a.encode_fast(bytes, arena) {
+                // The value is the arena's new bytes, put in place by `Arena::finish`.
+                return Ok(Checked {
+                    bytes: None,
+                    label: v.label.clone(),
+                    privacy: None,
+                });
+            }
+            arena.truncate(start);
             Ok(Checked {
-                bytes: Some(out),
+                bytes: Some(encode_avro(
+                    a,
+                    &parse_json(bytes, prefix)?,
+                    v.wire_id,
+                    prefix,
+                )?),
                 label: v.label.clone(),
                 privacy: None,
             })
@@ -711,7 +750,10 @@ mod tests {
 
     impl Resolved {
         fn admit1(&self, e: &mut Event) -> Result<(), Invalid> {
-            self.admit(e, &mut BytesMut::new())
+            let mut arena = Arena::default();
+            self.admit(e, 0, &mut arena)?;
+            arena.finish(std::slice::from_mut(e));
+            Ok(())
         }
     }
 
