@@ -39,6 +39,7 @@ pub struct SchemaRegistry {
     subjects: Arc<Mutex<Subjects>>,
     next_id: Mutex<u32>,
     hits: Arc<AtomicU64>,
+    paths: Arc<Mutex<BTreeMap<String, u64>>>,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
     auth: Vec<String>,
 }
@@ -64,6 +65,7 @@ impl SchemaRegistry {
             // Ids as a real registry hands them out: global, increasing, not per subject.
             next_id: Mutex::new(100),
             hits: Arc::default(),
+            paths: Arc::default(),
             server: Mutex::new(None),
             auth: vec![
                 format!(
@@ -99,6 +101,11 @@ impl SchemaRegistry {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// Requests for `path` answered so far.
+    pub fn hits_of(&self, path: &str) -> u64 {
+        self.paths.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
     /// Closes the listener: connections are refused until [`SchemaRegistry::up`].
     pub fn down(&self) {
         if let Some(h) = self.server.lock().unwrap().take() {
@@ -114,29 +121,37 @@ impl SchemaRegistry {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let (acceptor, subjects, hits, auth) = (
+        let (acceptor, subjects, hits, auth, paths) = (
             self.acceptor.clone(),
             self.subjects.clone(),
             self.hits.clone(),
             self.auth.clone(),
+            self.paths.clone(),
         );
         let h = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, subjects, hits, auth) = (
+                let (acceptor, subjects, hits, auth, paths) = (
                     acceptor.clone(),
                     subjects.clone(),
                     hits.clone(),
                     auth.clone(),
+                    paths.clone(),
                 );
                 conns.spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                        let (subjects, hits, auth) = (subjects.clone(), hits.clone(), auth.clone());
+                        let (subjects, hits, auth, paths) =
+                            (subjects.clone(), hits.clone(), auth.clone(), paths.clone());
                         async move {
                             hits.fetch_add(1, Ordering::SeqCst);
+                            *paths
+                                .lock()
+                                .unwrap()
+                                .entry(req.uri().path().to_string())
+                                .or_default() += 1;
                             let authorized = req
                                 .headers()
                                 .get(hyper::header::AUTHORIZATION)

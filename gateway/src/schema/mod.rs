@@ -159,6 +159,7 @@ impl Schemas {
     ) -> Result<Self, String> {
         let mut by_stream = HashMap::new();
         let mut followed = HashSet::new();
+        let load = registry.map_or(0, |r| r.begin_load());
         for (stream, s) in &config.schemas {
             let privacy = Privacy::compile(&s.privacy, &config.privacy);
             let value = if s.from_registry() {
@@ -166,7 +167,7 @@ impl Schemas {
                     registry.ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
                 let subject = s.subject_of(stream);
                 registry
-                    .follow(&subject, s.version, s.format, s.message.as_deref())
+                    .follow(load, &subject, s.version, s.format, s.message.as_deref())
                     .map_err(|e| format!("schemas.{stream}: {e}"))?;
                 followed.insert((subject.clone(), s.version));
                 Source::Registry {
@@ -211,7 +212,7 @@ impl Schemas {
                     let registry = registry
                         .ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
                     registry
-                        .follow(subject, None, s.format, None)
+                        .follow(load, subject, None, s.format, None)
                         .map_err(|e| format!("schemas.{stream}: {e}"))?;
                     followed.insert((subject.clone(), None));
                     Some(Source::Registry {

@@ -50,8 +50,8 @@ struct SubjectVersion {
     schema_type: Option<String>,
 }
 
-/// A followed subject, its format and the schema ids known of it.
-type Followed = ((String, Option<u32>), Shape, HashSet<u32>);
+/// A followed subject, its format, and the versions already known of it: (version, id).
+type Followed = ((String, Option<u32>), Shape, HashMap<u32, u32>);
 
 /// What a subject's schemas are compiled as: the format, and for Protobuf the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +67,13 @@ struct Subject {
     current: Option<Arc<Version>>,
     /// Every fetched version of the subject, by schema id.
     by_id: HashMap<u32, Arc<Version>>,
+    /// Version number → schema id of every version fetched (also those that did not compile),
+    /// so a refresh asks only for versions it has not seen.
+    versions: HashMap<u32, u32>,
     last_error: Option<String>,
+    /// The load (start or reload) that last named this subject, to tell two streams that
+    /// disagree on its shape from a reload that changes it.
+    claimed: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +97,8 @@ pub struct Registry {
     cache_dir: Option<PathBuf>,
     /// Keyed by (subject, pinned version).
     subjects: Mutex<HashMap<(String, Option<u32>), Subject>>,
+    /// Counts loads (start and reloads), for [`Subject::claimed`].
+    loads: std::sync::atomic::AtomicU64,
     metrics: RegistryMetrics,
 }
 
@@ -112,6 +120,7 @@ impl Registry {
             authorization,
             cache_dir,
             subjects: Mutex::new(HashMap::new()),
+            loads: std::sync::atomic::AtomicU64::new(0),
             metrics: RegistryMetrics::default(),
         })
     }
@@ -143,10 +152,18 @@ impl Registry {
         Duration::from_millis(self.cfg.timeout_ms)
     }
 
-    /// Starts following `subject` (latest, or a pinned version) as `format`; what the disk
-    /// cache holds of it serves until the registry answers.
+    /// Starts a load (start or reload): the [`Registry::follow`] calls that follow belong to it.
+    pub fn begin_load(&self) -> u64 {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// Starts following `subject` (latest, or a pinned version) as `format` for load `load`;
+    /// what the disk cache holds of it serves until the registry answers. Two streams of one
+    /// load that name the subject with different shapes are an error; a later load that changes
+    /// its shape starts it afresh.
     pub fn follow(
         &self,
+        load: u64,
         subject: &str,
         version: Option<u32>,
         format: SchemaFormat,
@@ -163,16 +180,21 @@ impl Registry {
         }
         let s = subjects.entry((subject.to_string(), version)).or_default();
         if s.shape.as_ref().is_some_and(|f| *f != shape) {
-            return Err(format!(
-                "subject `{subject}` is used with two schema formats (or Protobuf messages)"
-            ));
+            if s.claimed == load {
+                return Err(format!(
+                    "subject `{subject}` is used with two schema formats (or Protobuf messages)"
+                ));
+            }
+            *s = Subject::default();
         }
+        s.claimed = load;
         s.shape = Some(shape.clone());
         if s.current.is_none()
             && let Some(v) = self.read_cache(subject, version)
             && let Ok(compiled) = compile(&v, &shape)
         {
             s.by_id.insert(v.id, compiled.clone());
+            s.versions.insert(v.version, v.id);
             s.current = Some(compiled);
             tracing::info!(
                 subject,
@@ -224,32 +246,72 @@ impl Registry {
             let subjects = self.subjects.lock().expect("registry lock");
             subjects
                 .iter()
-                .filter_map(|(k, s)| {
-                    Some((
-                        k.clone(),
-                        s.shape.clone()?,
-                        s.by_id.keys().copied().collect(),
-                    ))
-                })
+                .filter_map(|(k, s)| Some((k.clone(), s.shape.clone()?, s.versions.clone())))
                 .collect()
         };
         let mut stale = 0;
         for ((subject, pinned), shape, known) in followed {
-            let fetched = self.fetch_subject(&subject, pinned, &shape, &known).await;
+            // Only what is new is fetched and compiled, outside the lock.
+            let fetched = self
+                .fetch_subject(&subject, pinned, &shape, &known)
+                .await
+                .and_then(|(current, older)| {
+                    let compiled = |v: &SubjectVersion| {
+                        (!known.values().any(|&id| id == v.id)).then(|| compile(v, &shape))
+                    };
+                    let cur = match compiled(&current) {
+                        Some(Err(e)) => {
+                            return Err(format!(
+                                "subject `{subject}` version {}: {e}",
+                                current.version
+                            ));
+                        }
+                        Some(Ok(c)) => Some(c),
+                        None => None,
+                    };
+                    let older: Vec<(u32, u32, Option<Arc<Version>>)> = older
+                        .iter()
+                        .map(|o| match compiled(o) {
+                            Some(Ok(c)) => (o.version, o.id, Some(c)),
+                            Some(Err(e)) => {
+                                tracing::warn!(subject, version = o.version, error = %e, "an older schema version does not compile; events naming it are refused");
+                                (o.version, o.id, None)
+                            }
+                            None => (o.version, o.id, None),
+                        })
+                        .collect();
+                    Ok((current, cur, older))
+                });
             let mut subjects = self.subjects.lock().expect("registry lock");
             let Some(s) = subjects.get_mut(&(subject.clone(), pinned)) else {
                 continue;
             };
             match fetched {
-                Ok((current, older)) => {
-                    for v in older.into_iter().chain([current.clone()]) {
-                        s.by_id.insert(v.wire_id.unwrap_or_default(), v);
+                Ok((raw, cur, older)) => {
+                    for (version, id, c) in older {
+                        s.versions.insert(version, id);
+                        if let Some(c) = c {
+                            s.by_id.insert(id, c);
+                        }
                     }
+                    s.versions.insert(raw.version, raw.id);
+                    if let Some(c) = cur {
+                        s.by_id.insert(raw.id, c);
+                    }
+                    let Some(current) = s.by_id.get(&raw.id).cloned() else {
+                        // Known as a version that did not compile, and now the latest.
+                        stale += 1;
+                        s.last_error = Some(format!(
+                            "subject `{subject}` version {} does not compile",
+                            raw.version
+                        ));
+                        continue;
+                    };
                     if s.by_id.len() > MAX_VERSIONS {
                         let mut ids: Vec<u32> = s.by_id.keys().copied().collect();
                         ids.sort_unstable();
                         for id in &ids[..ids.len() - MAX_VERSIONS] {
-                            if Some(*id) != current.wire_id {
+                            if *id != raw.id {
                                 s.by_id.remove(id);
                             }
                         }
@@ -257,6 +319,7 @@ impl Registry {
                     let changed = s.current.as_ref().map(|c| c.wire_id) != Some(current.wire_id);
                     if changed {
                         tracing::info!(subject, id = current.wire_id, label = %String::from_utf8_lossy(&current.label), "schema version now in use");
+                        self.write_cache(&subject, pinned, &raw);
                     }
                     s.current = Some(current);
                     s.last_error = None;
@@ -309,22 +372,21 @@ impl Registry {
     }
 
     /// The subject's version to serve and the older versions not yet known.
+    /// The subject's version to serve and the older versions not yet known (by number), as
+    /// the registry answers them.
     async fn fetch_subject(
         &self,
         subject: &str,
         pinned: Option<u32>,
         shape: &Shape,
-        known: &HashSet<u32>,
-    ) -> Result<(Arc<Version>, Vec<Arc<Version>>), String> {
+        known: &HashMap<u32, u32>,
+    ) -> Result<(SubjectVersion, Vec<SubjectVersion>), String> {
         let v = self
             .version(
                 subject,
                 &pinned.map_or_else(|| "latest".to_string(), |n| n.to_string()),
             )
             .await?;
-        let current = compile(&v, shape)
-            .map_err(|e| format!("subject `{subject}` version {}: {e}", v.version))?;
-        self.write_cache(subject, pinned, &v);
         let mut older = Vec::new();
         if shape.format != SchemaFormat::JsonSchema && pinned.is_none() {
             // Producers still on an older version send its id; those are checked against it.
@@ -335,20 +397,14 @@ impl Registry {
                 .map_err(|e| format!("the registry's version list for `{subject}`: {e}"))?;
             versions.sort_unstable();
             let skip = versions.len().saturating_sub(MAX_VERSIONS);
-            for n in versions.into_iter().skip(skip).filter(|&n| n != v.version) {
-                let ov = self.version(subject, &n.to_string()).await?;
-                if known.contains(&ov.id) {
+            for n in versions.into_iter().skip(skip) {
+                if n == v.version || known.contains_key(&n) {
                     continue;
                 }
-                match compile(&ov, shape) {
-                    Ok(c) => older.push(c),
-                    Err(e) => {
-                        tracing::warn!(subject, version = n, error = %e, "an older schema version does not compile; events naming it are refused")
-                    }
-                }
+                older.push(self.version(subject, &n.to_string()).await?);
             }
         }
-        Ok((current, older))
+        Ok((v, older))
     }
 
     fn cache_file(&self, subject: &str, version: Option<u32>) -> Option<PathBuf> {

@@ -416,6 +416,20 @@ version = 1
     })
     .await;
     assert!(followed, "version 3 applies");
+    // Refreshes ask for the latest version and the version list, not again for every version
+    // they already know: version 2 was fetched once, as the latest.
+    let list = "/subjects/clicks-value/versions";
+    let start = reg.hits_of(list);
+    let refreshed = wait_until(Duration::from_secs(20), || async {
+        reg.hits_of(list) >= start + 10
+    })
+    .await;
+    assert!(refreshed, "ten more refreshes");
+    assert_eq!(
+        reg.hits_of("/subjects/clicks-value/versions/2"),
+        0,
+        "known versions are not fetched again"
+    );
 
     // The registry goes away: the last good version keeps serving, and the outage shows.
     reg.down();
