@@ -64,14 +64,15 @@ impl Reloader {
     async fn try_reload(&self) -> anyhow::Result<()> {
         let config = Config::load(self.path.as_deref(), std::env::vars())?;
         let auth = Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
-        auth.start().await;
-        self.auth.store(auth);
-        // A schema that does not compile refuses the whole reload; the running ones stay.
+        // A schema that does not compile refuses the whole reload; the running ones stay (and
+        // so do the running credentials: nothing is applied before everything is checked).
         // A local file that changed must also be compatible with the running version.
         let running = self.gateway.schemas();
         let schemas =
             crate::schema::Schemas::load(&config, self.schema_registry.as_ref(), Some(&running))
                 .map_err(anyhow::Error::msg)?;
+        auth.start().await;
+        self.auth.store(auth);
         *self.schema_files.lock().expect("schema files lock") = schema_files(&config);
         if let Some(r) = &self.schema_registry {
             // Subjects named for the first time are fetched now (within two request deadlines;

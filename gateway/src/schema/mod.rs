@@ -16,7 +16,7 @@ pub mod privacy;
 pub mod protobuf;
 pub mod registry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -47,6 +47,9 @@ pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// The wire format's magic byte (Confluent): `0x00`, then the schema id as 4 bytes big-endian.
 const MAGIC: u8 = 0;
+
+/// A registry subject a load follows: its format, Protobuf message, and the stream naming it.
+type Follow = (SchemaFormat, Option<String>, String);
 
 /// The compiled schemas, by stream.
 #[derive(Default)]
@@ -158,18 +161,34 @@ impl Schemas {
         running: Option<&Schemas>,
     ) -> Result<Self, String> {
         let mut by_stream = HashMap::new();
-        let mut followed = HashSet::new();
-        let load = registry.map_or(0, |r| r.begin_load());
+        // Registry subjects are followed only once everything else compiled, so a refused
+        // reload leaves the registry client as it was: (subject, version) → (shape, stream).
+        let mut follows: HashMap<(String, Option<u32>), Follow> = HashMap::new();
+        let mut follow = |subject: &str,
+                          version: Option<u32>,
+                          format: SchemaFormat,
+                          message: Option<&str>,
+                          stream: &str|
+         -> Result<(), String> {
+            let shape = (format, message.map(String::from), stream.to_string());
+            match follows.get(&(subject.to_string(), version)) {
+                Some((f, m, other)) if (*f, m.as_deref()) != (format, message) => Err(format!(
+                    "schemas.{stream}: subject `{subject}` is also used by schemas.{other} with another format or message"
+                )),
+                Some(_) => Ok(()),
+                None => {
+                    follows.insert((subject.to_string(), version), shape);
+                    Ok(())
+                }
+            }
+        };
         for (stream, s) in &config.schemas {
             let privacy = Privacy::compile(&s.privacy, &config.privacy);
             let value = if s.from_registry() {
                 let registry =
                     registry.ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
                 let subject = s.subject_of(stream);
-                registry
-                    .follow(load, &subject, s.version, s.format, s.message.as_deref())
-                    .map_err(|e| format!("schemas.{stream}: {e}"))?;
-                followed.insert((subject.clone(), s.version));
+                follow(&subject, s.version, s.format, s.message.as_deref(), stream)?;
                 Source::Registry {
                     registry: registry.clone(),
                     subject,
@@ -211,10 +230,7 @@ impl Schemas {
                 (None, Some(subject)) => {
                     let registry = registry
                         .ok_or_else(|| format!("schemas.{stream}: needs [schema_registry]"))?;
-                    registry
-                        .follow(load, subject, None, s.format, None)
-                        .map_err(|e| format!("schemas.{stream}: {e}"))?;
-                    followed.insert((subject.clone(), None));
+                    follow(subject, None, s.format, None, stream)?;
                     Some(Source::Registry {
                         registry: registry.clone(),
                         subject: subject.clone(),
@@ -235,7 +251,12 @@ impl Schemas {
             );
         }
         if let Some(r) = registry {
-            r.retain(&followed);
+            let load = r.begin_load();
+            r.check_capacity(follows.len())?;
+            for ((subject, version), (format, message, _)) in &follows {
+                r.follow(load, subject, *version, *format, message.as_deref())?;
+            }
+            r.retain(&follows.keys().cloned().collect());
         }
         Ok(Self { by_stream })
     }

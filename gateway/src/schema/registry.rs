@@ -152,6 +152,14 @@ impl Registry {
         Duration::from_millis(self.cfg.timeout_ms)
     }
 
+    /// Whether `n` subjects may be followed.
+    pub fn check_capacity(&self, n: usize) -> Result<(), String> {
+        if n > MAX_SUBJECTS {
+            return Err(format!("more than {MAX_SUBJECTS} registry subjects"));
+        }
+        Ok(())
+    }
+
     /// Starts a load (start or reload): the [`Registry::follow`] calls that follow belong to it.
     pub fn begin_load(&self) -> u64 {
         self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
@@ -174,10 +182,6 @@ impl Registry {
             message: message.map(String::from),
         };
         let mut subjects = self.subjects.lock().expect("registry lock");
-        if subjects.len() >= MAX_SUBJECTS && !subjects.contains_key(&(subject.to_string(), version))
-        {
-            return Err(format!("more than {MAX_SUBJECTS} registry subjects"));
-        }
         let s = subjects.entry((subject.to_string(), version)).or_default();
         if s.shape.as_ref().is_some_and(|f| *f != shape) {
             if s.claimed == load {
