@@ -259,6 +259,22 @@ pub fn now() -> i64 {
 }
 
 /// A local HTTPS server serving a JWKS document that tests can replace or take down.
+/// A TLS acceptor for a test server on loopback: a certificate from `ca` for 127.0.0.1 and
+/// localhost, named `cn`.
+pub fn loopback_acceptor(ca: &Ca, cn: &str) -> Result<tokio_rustls::TlsAcceptor> {
+    let cert = ca.issue_valid(cn, &["127.0.0.1", "localhost"])?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())?],
+        PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?,
+    )?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 pub struct JwksServer {
     pub addr: SocketAddr,
     doc: Arc<Mutex<Option<String>>>,
@@ -268,17 +284,7 @@ pub struct JwksServer {
 impl JwksServer {
     /// Serves `keys` at `https://127.0.0.1:PORT/jwks.json` with a certificate from `ca`.
     pub async fn start(ca: &Ca, keys: &[&SigningKey]) -> Result<JwksServer> {
-        let cert = ca.issue_valid("jwks", &["127.0.0.1", "localhost"])?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())?],
-            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?,
-        )?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = loopback_acceptor(ca, "jwks")?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let doc = Arc::new(Mutex::new(Some(jwks(keys))));

@@ -23,8 +23,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -47,20 +45,11 @@ pub struct SchemaRegistry {
 impl SchemaRegistry {
     /// Starts on 127.0.0.1:0 over TLS, requiring `user:password`.
     pub async fn start(ca: &Ca, user: &str, password: &str) -> Result<Arc<Self>> {
-        let cert = ca.issue_valid("registry", &["127.0.0.1", "localhost"])?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())?],
-            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?,
-        )?;
+        let acceptor = crate::pki::loopback_acceptor(ca, "registry")?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let r = Arc::new(Self {
             addr: listener.local_addr()?,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor,
             subjects: Arc::default(),
             // Ids as a real registry hands them out: global, increasing, not per subject.
             next_id: Mutex::new(100),

@@ -792,6 +792,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// `int` and the logical types written as one (the matches above list them too, to stay
+/// exhaustive).
+pub(super) fn is_int(s: &Schema) -> bool {
+    matches!(s, Schema::Int | Schema::Date | Schema::TimeMillis)
+}
+
+/// `long` and the logical types written as one.
+pub(super) fn is_long(s: &Schema) -> bool {
+    matches!(
+        s,
+        Schema::Long
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos
+    )
+}
+
 pub fn put_long(out: &mut Vec<u8>, n: i64) {
     let mut z = ((n << 1) ^ (n >> 63)) as u64;
     while z >= 0x80 {

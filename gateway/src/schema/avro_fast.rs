@@ -13,7 +13,7 @@ use std::fmt;
 use apache_avro::schema::{RecordSchema, Schema};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 
-use super::avro::{Avro, put_long};
+use super::avro::{Avro, is_int, is_long, put_long};
 
 /// Fields of a record the fast path reorders on the stack.
 const MAX_FIELDS: usize = 32;
@@ -77,24 +77,6 @@ fn branch<'a>(
         .iter()
         .enumerate()
         .find(|(_, b)| fits(avro.resolve(b)))
-}
-
-fn is_int(s: &Schema) -> bool {
-    matches!(s, Schema::Int | Schema::Date | Schema::TimeMillis)
-}
-
-fn is_long(s: &Schema) -> bool {
-    matches!(
-        s,
-        Schema::Long
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos
-    )
 }
 
 /// The schema, and for a union the branch `fits` picks (its index written to `out` first).
