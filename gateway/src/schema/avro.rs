@@ -764,16 +764,8 @@ impl<'a> Reader<'a> {
     }
 
     fn long(&mut self) -> Result<i64, &'static str> {
-        let mut z: u64 = 0;
-        for shift in (0..64).step_by(7) {
-            let b = *self.b.get(self.pos).ok_or("the datum ends early")?;
-            self.pos += 1;
-            z |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
-            }
-        }
-        Err("a varint longer than 10 bytes")
+        get_long(self.b, &mut self.pos)
+            .ok_or("the datum ends early, or a varint is longer than 10 bytes")
     }
 
     fn sized(&mut self) -> Result<&'a [u8], &'static str> {
@@ -811,6 +803,21 @@ pub(super) fn is_long(s: &Schema) -> bool {
             | Schema::LocalTimestampMicros
             | Schema::LocalTimestampNanos
     )
+}
+
+/// Reads a zigzag varint (Avro's `long`, also Confluent's message indexes) at `*pos`; `None`
+/// when the bytes end first or it runs past 10 bytes.
+pub(super) fn get_long(b: &[u8], pos: &mut usize) -> Option<i64> {
+    let mut z: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        z |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((z >> 1) as i64 ^ -((z & 1) as i64));
+        }
+    }
+    None
 }
 
 pub fn put_long(out: &mut Vec<u8>, n: i64) {

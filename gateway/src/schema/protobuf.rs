@@ -169,19 +169,9 @@ impl Protobuf {
             message: m.into(),
         };
         let mut pos = 0;
-        let long = |pos: &mut usize| -> Result<i64, Invalid> {
-            let mut z: u64 = 0;
-            for shift in (0..64).step_by(7) {
-                let b = *body
-                    .get(*pos)
-                    .ok_or_else(|| bad("the message indexes end early"))?;
-                *pos += 1;
-                z |= u64::from(b & 0x7f) << shift;
-                if b & 0x80 == 0 {
-                    return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
-                }
-            }
-            Err(bad("a varint longer than 10 bytes"))
+        let long = |pos: &mut usize| {
+            super::avro::get_long(body, pos)
+                .ok_or_else(|| bad("the message indexes end early, or a varint is too long"))
         };
         let n = long(&mut pos)?;
         let indexes = if n == 0 {
