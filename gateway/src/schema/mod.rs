@@ -251,10 +251,9 @@ impl Schemas {
             );
         }
         if let Some(r) = registry {
-            let load = r.begin_load();
             r.check_capacity(follows.len())?;
             for ((subject, version), (format, message, _)) in &follows {
-                r.follow(load, subject, *version, *format, message.as_deref())?;
+                r.follow(subject, *version, *format, message.as_deref());
             }
             r.retain(&follows.keys().cloned().collect());
         }

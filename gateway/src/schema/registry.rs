@@ -71,9 +71,6 @@ struct Subject {
     /// so a refresh asks only for versions it has not seen.
     versions: HashMap<u32, u32>,
     last_error: Option<String>,
-    /// The load (start or reload) that last named this subject, to tell two streams that
-    /// disagree on its shape from a reload that changes it.
-    claimed: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,8 +94,6 @@ pub struct Registry {
     cache_dir: Option<PathBuf>,
     /// Keyed by (subject, pinned version).
     subjects: Mutex<HashMap<(String, Option<u32>), Subject>>,
-    /// Counts loads (start and reloads), for [`Subject::claimed`].
-    loads: std::sync::atomic::AtomicU64,
     metrics: RegistryMetrics,
 }
 
@@ -120,7 +115,6 @@ impl Registry {
             authorization,
             cache_dir,
             subjects: Mutex::new(HashMap::new()),
-            loads: std::sync::atomic::AtomicU64::new(0),
             metrics: RegistryMetrics::default(),
         })
     }
@@ -160,23 +154,16 @@ impl Registry {
         Ok(())
     }
 
-    /// Starts a load (start or reload): the [`Registry::follow`] calls that follow belong to it.
-    pub fn begin_load(&self) -> u64 {
-        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
-    }
-
-    /// Starts following `subject` (latest, or a pinned version) as `format` for load `load`;
-    /// what the disk cache holds of it serves until the registry answers. Two streams of one
-    /// load that name the subject with different shapes are an error; a later load that changes
-    /// its shape starts it afresh.
+    /// Starts following `subject` (latest, or a pinned version) as `format`; what the disk
+    /// cache holds of it serves until the registry answers. A reload that changes a subject's
+    /// shape starts it afresh (the load checked that its streams agree on one).
     pub fn follow(
         &self,
-        load: u64,
         subject: &str,
         version: Option<u32>,
         format: SchemaFormat,
         message: Option<&str>,
-    ) -> Result<(), String> {
+    ) {
         let shape = Shape {
             format,
             message: message.map(String::from),
@@ -184,14 +171,8 @@ impl Registry {
         let mut subjects = self.subjects.lock().expect("registry lock");
         let s = subjects.entry((subject.to_string(), version)).or_default();
         if s.shape.as_ref().is_some_and(|f| *f != shape) {
-            if s.claimed == load {
-                return Err(format!(
-                    "subject `{subject}` is used with two schema formats (or Protobuf messages)"
-                ));
-            }
             *s = Subject::default();
         }
-        s.claimed = load;
         s.shape = Some(shape.clone());
         if s.current.is_none()
             && let Some(v) = self.read_cache(subject, version)
@@ -207,7 +188,6 @@ impl Registry {
                 "schema served from the local cache until the registry answers"
             );
         }
-        Ok(())
     }
 
     /// Forgets subjects no stream names any more (after a reload).
