@@ -1091,4 +1091,38 @@ mod tests {
                 .contains("no field")
         );
     }
+
+    proptest::proptest! {
+        /// Differential, against the reference decoder: whatever bytes our walk accepts as one
+        /// datum, apache-avro decodes as exactly one datum too (mutations of valid encodings
+        /// and random bytes, so both the near-misses and the noise are tried).
+        #[test]
+        fn what_the_binary_check_accepts_apache_avro_decodes(
+            seed in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..4),
+            from_valid in proptest::bool::ANY,
+        ) {
+            let a = Avro::parse(ORDER).unwrap();
+            let mut bytes = if from_valid {
+                let mut out = Vec::new();
+                a.encode(&json!({"id":"o-1","amount":"-3.5","qty":7,"status":"PAID","note":"n",
+                    "tags":["x","y"],"attrs":{"k":1},"next":{"id":"o-0","amount":"1","qty":1}}), "", &mut out).unwrap();
+                out
+            } else {
+                seed
+            };
+            for (at, b) in flips {
+                if !bytes.is_empty() {
+                    let i = at % bytes.len();
+                    bytes[i] ^= b;
+                }
+            }
+            if a.check_binary(&bytes, "", false).is_ok() {
+                let mut r = bytes.as_slice();
+                let decoded = apache_avro::from_avro_datum(&a.schema, &mut r, None);
+                proptest::prop_assert!(decoded.is_ok(), "{:?}: {:?}", bytes, decoded);
+                proptest::prop_assert!(r.is_empty(), "{:?}: bytes left", bytes);
+            }
+        }
+    }
 }
