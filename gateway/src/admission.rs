@@ -582,29 +582,46 @@ impl Gateway {
                     None => crate::schema::Arena::default(),
                 };
                 // Checked in place; an invalid event is left as it came.
+                let batch_label = resolved.label().clone();
                 let mut why = Vec::new();
+                let mut labels = Vec::new();
+                let mut uniform = true;
                 for (i, e) in events.iter_mut().enumerate() {
-                    if let Err(w) = resolved.admit(e, i, &mut arena) {
-                        why.push((i, w));
+                    match resolved.admit(e, i, &mut arena) {
+                        Ok(label) => {
+                            uniform &= label == batch_label;
+                            labels.push(label);
+                        }
+                        Err(w) => why.push((i, w)),
                     }
                 }
                 arena.finish(&mut events);
+                let (mut keep, mut bad) = (Vec::new(), Vec::new());
                 if why.is_empty() {
-                    return (events, Vec::new());
-                }
-                let mut keep = Vec::with_capacity(events.len() - why.len());
-                let mut bad = Vec::with_capacity(why.len());
-                let mut why = why.into_iter().peekable();
-                for (i, e) in events.into_iter().enumerate() {
-                    match why.next_if(|(j, _)| *j == i) {
-                        Some((_, w)) => bad.push((i, e, w)),
-                        None => keep.push(e),
+                    keep = events;
+                } else {
+                    keep.reserve(events.len() - why.len());
+                    bad.reserve(why.len());
+                    let mut why = why.into_iter().peekable();
+                    for (i, e) in events.into_iter().enumerate() {
+                        match why.next_if(|(j, _)| *j == i) {
+                            Some((_, w)) => bad.push((i, e, w)),
+                            None => keep.push(e),
+                        }
                     }
                 }
-                (keep, bad)
+                // One header for the whole batch when it passed one version; else each event
+                // says which version passed it.
+                let label = if uniform {
+                    Some(batch_label)
+                } else {
+                    crate::schema::label_each(&mut keep, labels);
+                    None
+                };
+                (keep, bad, label)
             }
         };
-        let (keep, bad) = if large {
+        let (keep, bad, label) = if large {
             tokio::task::spawn_blocking(check)
                 .await
                 .expect("schema check task")
@@ -612,6 +629,12 @@ impl Gateway {
             check()
         };
         req.events = keep;
+        if let Some(label) = label
+            && !req.events.is_empty()
+        {
+            req.record_headers
+                .push((bytes::Bytes::from_static(SCHEMA_HEADER.as_bytes()), label));
+        }
         if bad.is_empty() {
             if let Some(t) = resolved.content_type() {
                 req.content_type = bytes::Bytes::from_static(t.as_bytes());
@@ -705,6 +728,7 @@ impl Gateway {
             ),
             protocol: req.protocol,
             content_type: req.content_type.clone(),
+            record_headers: Vec::new(),
             events,
             reservation: self.budget.empty(),
             queued: None,

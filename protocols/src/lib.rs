@@ -48,6 +48,7 @@ pub(crate) async fn append_admitted<I: Ingest>(
                     admission,
                     protocol,
                     content_type,
+                    record_headers: Vec::new(),
                     events,
                     reservation: ingest.budget().empty(),
                     queued,

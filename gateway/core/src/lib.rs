@@ -221,6 +221,10 @@ pub struct IngestRequest {
     /// Media type of the values, stored with the events (e.g. `application/json`).
     pub content_type: Bytes,
     pub events: Vec<Event>,
+    /// Headers Sluice adds to every record of the request, after each event's own (the
+    /// schema step's `sluice-schema` when the whole batch passed one version): one list per
+    /// batch instead of one allocation per event. Adapters leave it empty.
+    pub record_headers: Vec<(Bytes, Bytes)>,
     /// In-flight budget the adapter reserved while receiving the request (empty when it
     /// reserved nothing); admission settles it to the events' exact size and it is released
     /// once they reach their ack point.

@@ -571,6 +571,7 @@ mod tests {
             ),
             protocol: Protocol::Http,
             content_type: Bytes::new(),
+            record_headers: Vec::new(),
             events: ids
                 .iter()
                 .map(|id| Event {

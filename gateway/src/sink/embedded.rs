@@ -161,6 +161,35 @@ fn frame_share(req: &IngestRequest, idx: &[usize]) -> usize {
     idx.iter().map(|&i| req.events[i].charge()).sum()
 }
 
+/// An event's headers, then the request's record headers: a chain that knows its length (the
+/// frame writes the count first).
+struct Both<'a, T> {
+    first: std::slice::Iter<'a, T>,
+    then: std::slice::Iter<'a, T>,
+}
+
+impl<'a, T> Both<'a, T> {
+    fn new(first: &'a [T], then: &'a [T]) -> Self {
+        Self {
+            first: first.iter(),
+            then: then.iter(),
+        }
+    }
+}
+
+impl<'a, T> Iterator for Both<'a, T> {
+    type Item = &'a T;
+    fn next(&mut self) -> Option<&'a T> {
+        self.first.next().or_else(|| self.then.next())
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.first.len() + self.then.len();
+        (n, Some(n))
+    }
+}
+
+impl<T> ExactSizeIterator for Both<'_, T> {}
+
 fn encode(
     req: &IngestRequest,
     idx: &[usize],
@@ -180,9 +209,7 @@ fn encode(
     for &i in idx {
         let e = &req.events[i];
         let placed = placements[i].expect("placed events only");
-        let headers = e
-            .headers
-            .iter()
+        let headers = Both::new(&e.headers, &req.record_headers)
             .map(|(k, v): &(Bytes, Bytes)| (&k[..], &v[..]));
         match placed.replaced_ms {
             None => b.push_at(

@@ -682,6 +682,7 @@ async fn publish_admitted<I: Ingest>(
             admission,
             protocol: Protocol::Http,
             content_type: stored_type,
+            record_headers: Vec::new(),
             events,
             reservation,
             queued: None,

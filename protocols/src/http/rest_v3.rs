@@ -471,6 +471,7 @@ async fn take<I: Ingest>(
                     admission,
                     protocol: Protocol::Http,
                     content_type: Bytes::from_static(b"application/json"),
+                    record_headers: Vec::new(),
                     events,
                     reservation,
                     queued: None,

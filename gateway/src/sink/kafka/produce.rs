@@ -239,7 +239,9 @@ pub(super) fn record_headers(
     received_at: &str,
     replaced_ms: Option<i64>,
 ) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(5 + e.headers.len() + e.id.is_some() as usize);
+    let mut h = OwnedHeaders::new_with_capacity(
+        5 + e.headers.len() + req.record_headers.len() + e.id.is_some() as usize,
+    );
     let add = |h: OwnedHeaders, key: &str, value: &[u8]| {
         h.insert(Header {
             key,
@@ -275,7 +277,7 @@ pub(super) fn record_headers(
             original.to_string().as_bytes(),
         );
     }
-    for (k, v) in &e.headers {
+    for (k, v) in e.headers.iter().chain(&req.record_headers) {
         h = add(h, &String::from_utf8_lossy(k), v);
     }
     h
