@@ -76,6 +76,17 @@ impl Redis {
         Ok(line)
     }
 
+    /// Dedup window entries of `stream` (every principal): the fields of the window's
+    /// generations, `{prefix}dd:{stream}:{principal}:{n}`, pending or stored.
+    pub fn window_entries(&self, stream: &str) -> Result<usize> {
+        const SUM: &str = "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do n = n + redis.call('HLEN', k) end return n";
+        let pattern = format!("sluice:dd:{stream}:*:*");
+        let line = self.command(&["EVAL", SUM, "0", &pattern])?;
+        line.strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("an EVAL answer, not {line:?}"))
+    }
+
     /// Keys matching `pattern` (KEYS; fine for the few a test writes).
     pub fn count_keys(&self, pattern: &str) -> Result<usize> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;

@@ -824,6 +824,9 @@ impl Running {
             .await
             .is_ok();
         answer.abort();
+        // Dedup settlements that run after their answers (Redis): recorded before exiting, so
+        // a retry after the restart is recognised without waiting for the claims to expire.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.gateway.dedup().settled()).await;
         if !in_time {
             tracing::warn!(
                 in_flight_bytes = self.gateway.in_flight_bytes(),

@@ -146,6 +146,31 @@ struct Owner {
     count: usize,
 }
 
+/// Evictions counted under the lock and added to the metric once per call (a counter lookup
+/// per evicted key cost as much as the eviction).
+#[derive(Default)]
+struct Evicted {
+    expired: u64,
+    principal_share: u64,
+    stream_window: u64,
+    max_entries: u64,
+}
+
+impl Evicted {
+    fn record(&self, m: &DedupMetrics) {
+        for (reason, n) in [
+            ("expired", self.expired),
+            ("principal_share", self.principal_share),
+            ("stream_window", self.stream_window),
+            ("max_entries", self.max_entries),
+        ] {
+            if n > 0 {
+                m.evictions.get_or_create(&EvictLabels { reason }).inc_by(n);
+            }
+        }
+    }
+}
+
 struct Inner {
     map: Map,
     streams: Names<StreamWindow>,
@@ -195,7 +220,9 @@ impl Inner {
     /// Removes `key` and its counts; its waiters (if pending) are told the original failed.
     fn remove(&mut self, key: &Key) -> Option<Slot> {
         let slot = self.map.remove(key)?;
-        self.waiters.remove(key);
+        if !self.waiters.is_empty() {
+            self.waiters.remove(key);
+        }
         let o = &mut self.owners[slot.owner as usize];
         o.count -= 1;
         if let Some(w) = self.streams.get_mut(&o.stream) {
@@ -204,7 +231,9 @@ impl Inner {
         Some(slot)
     }
 
-    /// Forgets the oldest live key of a FIFO chosen by `pick`.
+    /// Forgets the oldest live key of a FIFO chosen by `pick`. The key's entry in its other FIFO
+    /// is left to be skipped later, unless it is at that FIFO's front too (as when one principal
+    /// sends all of a stream's keys): then it goes at once, so no stale entry costs a lookup.
     fn evict_oldest(&mut self, pick: impl Fn(&mut Inner) -> Option<&mut Fifo>) -> bool {
         loop {
             let Some(fifo) = pick(self) else {
@@ -213,15 +242,32 @@ impl Inner {
             let Some((k, s, _)) = fifo.0.pop_front() else {
                 return false;
             };
-            if is_live(&self.map, &k, s) {
-                self.remove(&k);
+            if let Some(slot) = self.remove_if(&k, s) {
+                let o = &mut self.owners[slot.owner as usize];
+                if o.fifo.0.front().is_some_and(|e| e.0 == k && e.1 == s) {
+                    o.fifo.0.pop_front();
+                }
+                if let Some(w) = self.streams.get_mut(&o.stream)
+                    && w.fifo.0.front().is_some_and(|e| e.0 == k && e.1 == s)
+                {
+                    w.fifo.0.pop_front();
+                }
                 return true;
             }
         }
     }
 
+    /// Removes `key` if its slot is still the one numbered `seq`.
+    fn remove_if(&mut self, key: &Key, seq: u64) -> Option<Slot> {
+        if is_live(&self.map, key, seq) {
+            self.remove(key)
+        } else {
+            None
+        }
+    }
+
     /// Forgets the stream's keys older than its window.
-    fn expire(&mut self, stream: &str, now_ms: u64, window_ms: u64, m: &DedupMetrics) {
+    fn expire(&mut self, stream: &str, now_ms: u64, window_ms: u64, evicted: &mut Evicted) {
         loop {
             let Some(w) = self.streams.get_mut(stream) else {
                 return;
@@ -229,20 +275,19 @@ impl Inner {
             let Some(&(k, s, at)) = w.fifo.0.front() else {
                 return;
             };
-            let Some(slot) = self.map.get(&k).filter(|slot| slot.seq == s) else {
-                w.fifo.0.pop_front();
-                continue;
-            };
+            // Time first: the front is the oldest entry, so if it is young enough nothing here
+            // is expired, and no lookup (a cache miss in a large window) is needed.
             if at.saturating_add(window_ms) > now_ms {
                 return;
             }
             w.fifo.0.pop_front();
+            let Some(slot) = self.map.get(&k).filter(|slot| slot.seq == s) else {
+                continue;
+            };
             // A pending key is its original still in flight: it stays until answered.
             if slot.partition != PENDING {
                 self.remove(&k);
-                m.evictions
-                    .get_or_create(&EvictLabels { reason: "expired" })
-                    .inc();
+                evicted.expired += 1;
             } else {
                 w.fifo.0.push_back((k, s, now_ms));
             }
@@ -260,23 +305,44 @@ impl Inner {
         at_ms: u64,
         s: &StreamSettings,
         max_entries: usize,
-        m: &DedupMetrics,
+        evicted: &mut Evicted,
     ) -> u64 {
-        let evict = |reason| m.evictions.get_or_create(&EvictLabels { reason }).inc();
+        self.make_room(owner, stream, 1, s, max_entries, evicted);
+        self.put(key, owner, stream, position, at_ms)
+    }
+
+    /// Forgets the oldest keys so that `n` new keys of `owner` (of `stream`) fit within the
+    /// three bounds. A request's evictions run together, before its inserts: each is a lookup
+    /// of a key last touched long ago (a cache miss), and in one loop the misses overlap.
+    fn make_room(
+        &mut self,
+        owner: u32,
+        stream: &str,
+        n: usize,
+        s: &StreamSettings,
+        max_entries: usize,
+        evicted: &mut Evicted,
+    ) {
+        let share = usize::try_from(s.dedup_principal_events).unwrap_or(usize::MAX);
+        let over = (self.owners[owner as usize].count + n).saturating_sub(share);
+        for _ in 0..over {
+            if !self.evict_oldest(|w| Some(&mut w.owners[owner as usize].fifo)) {
+                break;
+            }
+            evicted.principal_share += 1;
+        }
+        let window = usize::try_from(s.dedup_window_events).unwrap_or(usize::MAX);
         let stream_count = self.streams.get(stream).map_or(0, |w| w.count);
-        if self.owners[owner as usize].count as u64 >= s.dedup_principal_events
-            && self.evict_oldest(|w| Some(&mut w.owners[owner as usize].fifo))
-        {
-            evict("principal_share");
-        } else if stream_count as u64 >= s.dedup_window_events
-            && self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo))
-        {
-            evict("stream_window");
+        for _ in 0..(stream_count + n).saturating_sub(window) {
+            if !self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo)) {
+                break;
+            }
+            evicted.stream_window += 1;
         }
         // The whole window: this stream's oldest key goes first; a stream holding none takes
         // the place of the oldest key of the stream holding the most.
-        while self.map.len() >= max_entries {
-            let evicted = self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo))
+        while self.map.len() + n > max_entries {
+            let made_room = self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo))
                 || {
                     let largest = self
                         .streams
@@ -287,18 +353,35 @@ impl Inner {
                         self.evict_oldest(|w| w.streams.get_mut(&name).map(|w| &mut w.fifo))
                     })
                 };
-            if !evicted {
+            if !made_room {
                 break;
             }
-            evict("max_entries");
+            evicted.max_entries += 1;
         }
+    }
+
+    /// Adds `key` for `owner` (of `stream`); room was made first.
+    fn put(
+        &mut self,
+        key: Key,
+        owner: u32,
+        stream: &str,
+        position: Option<Position>,
+        at_ms: u64,
+    ) -> u64 {
         self.seq += 1;
         let seq = self.seq;
         let (partition, offset) = match position {
             Some(p) => (p.partition, p.offset.unwrap_or(NO_OFFSET)),
             None => (PENDING, NO_OFFSET),
         };
-        self.map.insert(
+        let Inner {
+            map,
+            owners,
+            streams,
+            ..
+        } = self;
+        map.insert(
             key,
             Slot {
                 seq,
@@ -307,21 +390,16 @@ impl Inner {
                 offset,
             },
         );
-        let o = &mut self.owners[owner as usize];
+        let o = &mut owners[owner as usize];
         o.count += 1;
         o.fifo.push(key, seq, at_ms);
-        let oc = o.count;
-        let w = self
-            .streams
+        o.fifo.compact(o.count, map);
+        let w = streams
             .get_mut(stream)
             .expect("an owner's stream has a window");
         w.count += 1;
         w.fifo.push(key, seq, at_ms);
-        let sc = w.count;
-        self.owners[owner as usize].fifo.compact(oc, &self.map);
-        if let Some(w) = self.streams.get_mut(stream) {
-            w.fifo.compact(sc, &self.map);
-        }
+        w.fifo.compact(w.count, map);
         seq
     }
 
@@ -413,43 +491,60 @@ impl Window {
         let now = self.now_ms();
         let mut guard = self.inner.lock().expect("dedup window poisoned");
         let w = &mut *guard;
-        w.expire(scope.stream, now, s.dedup_window_ms, metrics);
+        let mut evicted = Evicted::default();
+        w.expire(scope.stream, now, s.dedup_window_ms, &mut evicted);
         let owner = w.owner(scope.stream, scope.principal);
-        let claims = digests
-            .into_iter()
-            .zip(keys)
-            .map(|(key, m)| {
-                if let Some(slot) = w.map.get(&key) {
-                    match slot.position() {
-                        // A new MQTT publish reusing a packet id takes the key over from the
-                        // earlier publish, once that one is stored.
-                        Some(_) if m.replace => {
-                            w.remove(&key);
-                        }
-                        Some(p) => return Claim::Done(p),
-                        None => {
-                            let tx = w
-                                .waiters
-                                .entry(key)
-                                .or_insert_with(|| watch::channel(None).0);
-                            return Claim::Wait(Waiter::Memory(tx.subscribe()));
-                        }
-                    }
+        // Three passes: every lookup, then the evictions that make room for the new keys, then
+        // the inserts — so the cache misses of each pass overlap instead of queueing one by one.
+        let mut claims: Vec<Option<Claim>> = Vec::with_capacity(keys.len());
+        let mut fresh = 0;
+        for (key, m) in digests.iter().zip(keys) {
+            let found = w.map.get(key).map(Slot::position);
+            claims.push(match found {
+                // A new MQTT publish reusing a packet id takes the key over from the earlier
+                // publish, once that one is stored.
+                Some(Some(_)) if m.replace => {
+                    w.remove(key);
+                    fresh += 1;
+                    None
                 }
-                let seq = w.insert(
-                    key,
-                    owner,
-                    scope.stream,
-                    None,
-                    now,
-                    s,
-                    self.max_entries,
-                    metrics,
-                );
-                Claim::New(AnyToken::Memory(Token(key, seq)))
+                Some(Some(p)) => Some(Claim::Done(p)),
+                Some(None) => {
+                    let tx = w
+                        .waiters
+                        .entry(*key)
+                        .or_insert_with(|| watch::channel(None).0);
+                    Some(Claim::Wait(Waiter::Memory(tx.subscribe())))
+                }
+                None => {
+                    fresh += 1;
+                    None
+                }
+            });
+        }
+        if fresh > 0 {
+            w.make_room(
+                owner,
+                scope.stream,
+                fresh,
+                s,
+                self.max_entries,
+                &mut evicted,
+            );
+        }
+        let claims: Vec<Claim> = claims
+            .into_iter()
+            .zip(digests)
+            .map(|(claim, key)| {
+                claim.unwrap_or_else(|| {
+                    let seq = w.put(key, owner, scope.stream, None, now);
+                    Claim::New(AnyToken::Memory(Token(key, seq)))
+                })
             })
             .collect();
         metrics.keys.set(w.map.len() as i64);
+        drop(guard);
+        evicted.record(metrics);
         claims
     }
 
@@ -473,7 +568,9 @@ impl Window {
                 Some(p) => {
                     slot.partition = p.partition;
                     slot.offset = p.offset.unwrap_or(NO_OFFSET);
-                    if let Some(tx) = w.waiters.remove(&key) {
+                    if !w.waiters.is_empty()
+                        && let Some(tx) = w.waiters.remove(&key)
+                    {
                         tx.send_replace(Some(p));
                     }
                 }
@@ -508,6 +605,7 @@ impl Window {
         let principal: Arc<str> = Arc::from(String::from_utf8_lossy(principal).as_ref());
         let mut guard = self.inner.lock().expect("dedup window poisoned");
         let w = &mut *guard;
+        let mut evicted = Evicted::default();
         w.remove(&key);
         let owner = w.owner(stream, &principal);
         w.insert(
@@ -518,10 +616,12 @@ impl Window {
             at,
             s,
             self.max_entries,
-            metrics,
+            &mut evicted,
         );
         metrics.restored.inc();
         metrics.keys.set(w.map.len() as i64);
+        drop(guard);
+        evicted.record(metrics);
     }
 
     /// Forgets expired keys of every stream, and frees owners and streams left without keys.
@@ -529,11 +629,14 @@ impl Window {
         let now = self.now_ms();
         let mut w = self.inner.lock().expect("dedup window poisoned");
         let names: Vec<Arc<str>> = w.streams.keys().cloned().collect();
+        let mut evicted = Evicted::default();
         for name in names {
-            w.expire(&name, now, window_ms(&name), metrics);
+            w.expire(&name, now, window_ms(&name), &mut evicted);
         }
         w.free_empty();
         metrics.keys.set(w.map.len() as i64);
+        drop(w);
+        evicted.record(metrics);
     }
 
     /// Keys in the window.

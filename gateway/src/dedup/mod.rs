@@ -234,7 +234,7 @@ pub(crate) enum Claim {
 /// How to wait for an original in flight.
 pub(crate) enum Waiter {
     Memory(tokio::sync::watch::Receiver<Option<Position>>),
-    Redis(String),
+    Redis(redis::Held),
 }
 
 /// The store behind the window.
@@ -249,6 +249,14 @@ enum Store {
 pub struct Dedup {
     store: Store,
     metrics: DedupMetrics,
+    /// Settlements in Redis still running after their producers were answered.
+    settling: Settling,
+}
+
+#[derive(Default)]
+struct Settling {
+    n: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
 /// The claims of a request's new events; an event's claim is released (its retries may append)
@@ -285,6 +293,7 @@ impl Dedup {
         Self {
             store: Store::Memory(memory::Window::new(max_entries)),
             metrics,
+            settling: Settling::default(),
         }
     }
 
@@ -298,6 +307,7 @@ impl Dedup {
         Ok(Self {
             store: Store::Redis(Arc::new(redis::RedisStore::new(config, instance)?)),
             metrics,
+            settling: Settling::default(),
         })
     }
 
@@ -318,7 +328,7 @@ impl Dedup {
         let mut events = std::mem::take(&mut req.events);
         let materials: Vec<Option<Material>> = events.iter().map(|e| Material::of(&s, e)).collect();
         // The same key twice in one request: the later ones are answered like the first.
-        let mut first_of: HashMap<&Material, usize> = HashMap::new();
+        let mut first_of: HashMap<&Material, usize> = HashMap::with_capacity(materials.len());
         let mut same = vec![None; materials.len()];
         let mut unique: Vec<(usize, &Material)> = Vec::with_capacity(materials.len());
         for (i, m) in materials.iter().enumerate() {
@@ -431,7 +441,7 @@ impl Dedup {
                     Err(_) => Err(()),
                 }
             }
-            (Waiter::Redis(key), Store::Redis(r)) => r.wait(&key, deadline, &self.metrics).await,
+            (Waiter::Redis(held), Store::Redis(r)) => r.wait(&held, deadline, &self.metrics).await,
             (Waiter::Redis(_), Store::Memory(_)) => {
                 unreachable!("a Redis waiter of the embedded window")
             }
@@ -493,6 +503,17 @@ impl Dedup {
                 Ok(())
             }
             Store::Redis(r) => r.reconcile(events, &self.metrics).await,
+        }
+    }
+
+    /// Waits until the settlements running after their answers (Redis) are done.
+    pub async fn settled(&self) {
+        loop {
+            let idle = self.settling.idle.notified();
+            if self.settling.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -578,12 +599,40 @@ impl Tickets {
     }
 
     /// Records the appended events' positions (receipts in the order of the events that went
-    /// on); failed ones are released. Finishes before the producer is answered, so an acked
-    /// event's key is in the store when the ack leaves.
+    /// on); failed ones are released. In the embedded window this finishes before the producer
+    /// is answered. In Redis it runs beside the answer, so a request waits for one Redis round
+    /// trip (its claims), not two: a retry that arrives before the settlement finds the key
+    /// still claimed and waits for it, as for any original in flight; a gateway that dies in
+    /// between leaves the claim for the restart's reconciliation (or its expiry), as a crash
+    /// during the append always could. A drain waits for these settlements.
     pub async fn settle(mut self, req: &IngestRequest, receipts: &[Receipt]) {
         if let Some(d) = self.dedup.take() {
             let claims = std::mem::take(&mut self.claims);
             let stream = req.stream().shared();
+            if d.is_redis() {
+                let principal = req.principal().identity().clone();
+                let settings = *req.admission.settings();
+                let receipts = receipts.to_vec();
+                d.settling
+                    .n
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let scope = Scope {
+                        stream: &stream,
+                        principal: &principal,
+                        settings: &settings,
+                    };
+                    d.settle(claims, &receipts, &scope).await;
+                    if d.settling
+                        .n
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                        == 1
+                    {
+                        d.settling.idle.notify_waiters();
+                    }
+                });
+                return;
+            }
             let scope = Scope {
                 stream: &stream,
                 principal: req.principal().identity(),

@@ -1,26 +1,38 @@
 //! The dedup window in Redis, shared by every gateway that points at it: a retry that lands on
 //! another gateway is still recognised.
 //!
-//! One key per event: `{prefix}dd:{stream}:{digest}`, the digest being the first 128 bits of
-//! SHA-256 over the principal and the key (the same on every gateway). Its value is
-//! `p:{nonce}` while the original is in flight (`SET … NX PX 60000 GET`: one round trip claims a
-//! key or reads who holds it) and `d:{partition}:{offset}` once it is stored (for the stream's
-//! `dedup_window_ms`). A request's claims go in one pipeline, its settlements in one script
-//! call, which also keeps a sorted set per principal and stream so the principal's share
-//! (`dedup_principal_events`) pushes out its oldest keys first. The stream's and the whole
+//! The window of one principal on one stream is a few **generations**, each a Redis hash
+//! `{prefix}dd:{stream}:{principal digest}:{n}` whose fields are the event keys (the key's kind
+//! byte and its bytes) and whose values are `p:{deadline}:{instance}:{boot}:{n}` while the
+//! original is in flight and `d:{partition}:{offset}` once it is stored. A hash `{…}:{digest}`
+//! beside them names the current generation and when it began. New keys go into the current
+//! generation; a lookup asks the newest first. The current generation is closed when it holds
+//! half the principal's share (`dedup_principal_events`) or is half the stream's window
+//! (`dedup_window_ms`) old, and the one three generations back is dropped whole (`UNLINK`): so
+//! a principal keeps at least its share of newest keys and at most one and a half times it,
+//! and every key is kept at least the window and at most one and a half times it. Dropping a
+//! generation costs Redis nothing per key, where a sorted set per principal cost it a skip-list
+//! insert and removal per event (about ten times the Redis CPU per event, measured: BENCHMARKS.md).
+//!
+//! One script call per request claims all of its keys (looks them up in each generation with
+//! one `HMGET` and claims the new ones with one `HSET`), one settles them; scripts go by
+//! `EVALSHA` (loaded again when Redis answers `NOSCRIPT`). The stream's and the whole
 //! window's size are bounded by Redis's `maxmemory` (with `maxmemory-policy volatile-ttl`, the
-//! keys nearest their expiry, i.e. the oldest, go first), not by `dedup_window_events` and
-//! `dedup.max_entries`, which would cost a second sorted set per event.
+//! generations nearest their expiry, i.e. the oldest, go first), not by `dedup_window_events`
+//! and `dedup.max_entries`. A principal's keys live in keys sharing one prefix, which the
+//! scripts name themselves: a Redis Cluster would need them in one slot (not supported).
 //!
 //! When Redis does not answer within `dedup.redis.timeout_ms`, requests to streams with dedup are
 //! answered 503 (retryable): no event is stored without its key, so nothing acked is ever
 //! stored twice, and nothing acked is lost. Connections are re-made at most once a second.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
+use redis::{RedisWrite, ToRedisArgs, Value};
 use sluice_core::{Receipt, Rejection};
 use tokio::time::Instant;
 
@@ -35,70 +47,246 @@ const PENDING_TTL_MS: u64 = 60_000;
 /// After a failure, how long requests fail fast before a new connection is tried.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
-/// Marks the claimed keys stored (`d:…`, for the window), indexes them by time in the
-/// principal's sorted set for the stream, and pushes out the principal's oldest keys past its
-/// share. KEYS: the principal's set, then the keys. ARGV: window_ms, share, then one value per
-/// key. Returns how many keys the share pushed out.
-const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[1])
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', window)
-  redis.call('ZADD', KEYS[1], now, KEYS[i])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
-local evicted = 0
-if over > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[1], over)
-  for j = 1, #old, 2 do
-    redis.call('DEL', old[j])
-    evicted = evicted + 1
-  end
-end
-redis.call('PEXPIRE', KEYS[1], window)
-return evicted
-";
-
-/// Takes over a claim left by a gateway that restarted since (its log was reconciled, so the
-/// event is not in it). KEYS: the key. ARGV: the old claim, the new claim, its TTL.
-const TAKE_OVER: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
-
 /// How long a gateway's heartbeat (`{prefix}gw:{instance}` = its boot) outlives its last
 /// refresh (every second, with the probe).
 const HEARTBEAT_TTL_MS: u64 = 10_000;
 
-/// Deletes a claim if it is still this gateway's (the original failed: a retry may append).
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+/// Keys per claim script call.
+const CHUNK: usize = 1000;
+
+/// How many generations a principal's window keeps (the current one and two closed ones).
+const GENERATIONS: u64 = 3;
+
+/// What every script begins with: Redis's clock, and the current generation of a principal's
+/// window (closing it first when it is full or old, and dropping the oldest).
+const PRELUDE: &str = r"
+local GENS = 3
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function spans(window, share)
+  return math.max(1, math.ceil(window / (GENS - 1))), math.max(1, math.ceil(share / (GENS - 1)))
+end
+-- The current generation of the window at `base`: its key, its number, and how many keys its
+-- closing forced out for the share.
+local function current(base, now, window, share)
+  local span, cap = spans(window, share)
+  local meta = redis.call('HMGET', base, 'n', 's')
+  local n = tonumber(meta[1])
+  local evicted = 0
+  if n == nil then
+    n = 0
+    redis.call('HSET', base, 'n', 0, 's', now)
+  else
+    local full = redis.call('HLEN', base .. ':' .. n) >= cap
+    if full or now - tonumber(meta[2]) >= span then
+      n = n + 1
+      local old = base .. ':' .. (n - GENS)
+      if full then
+        evicted = redis.call('HLEN', old)
+      end
+      redis.call('UNLINK', old)
+      redis.call('HSET', base, 'n', n, 's', now)
+    end
+  end
+  redis.call('PEXPIRE', base, window + span)
+  return base .. ':' .. n, n, evicted
+end
+local function keep(key, window, share)
+  if redis.call('PTTL', key) < 0 then
+    local span = spans(window, share)
+    redis.call('PEXPIRE', key, window + span)
+  end
+end
+local function hset(key, pairs)
+  for c = 1, #pairs, 2000 do
+    redis.call('HSET', key, unpack(pairs, c, math.min(c + 1999, #pairs)))
+  end
+end
+";
+
+/// Claims a request's keys. KEYS: the window's base. ARGV: the claim's suffix
+/// (`{instance}:{boot}:{n}`), window_ms, share, the claim's TTL, one flag per key (`1`: a new
+/// MQTT publish that takes its key over), then the keys. Returns the claim's value, the
+/// number of keys the share forced out, the current generation, then per key its value
+/// (`false`: claimed now).
+const CLAIM: &str = r"
+local base = KEYS[1]
+local window, share = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local cur, n, evicted = current(base, now, window, share)
+local claim = 'p:' .. (now + tonumber(ARGV[4])) .. ':' .. ARGV[1]
+local flags = ARGV[5]
+local nk = #ARGV - 5
+-- Each generation's values of every key, newest first (few keys are found: one HMGET of all of
+-- them per generation costs less than building lists of the ones still open).
+local found = {}
+for g = n, math.max(0, n - GENS + 1), -1 do
+  found[#found + 1] = redis.call('HMGET', base .. ':' .. g, unpack(ARGV, 6))
+end
+local out = {claim, evicted, n}
+local pairs = {}
+for i = 1, nk do
+  local v = false
+  if string.byte(flags, i) == 49 then
+    for g = n - 1, math.max(0, n - GENS + 1), -1 do
+      redis.call('HDEL', base .. ':' .. g, ARGV[i + 5])
+    end
+  else
+    for g = 1, #found do
+      v = found[g][i]
+      if v then break end
+    end
+    if v and string.byte(v, 1) == 112 and tonumber(string.match(v, '^p:(%d+):')) < now then
+      v = false
+    end
+  end
+  out[i + 3] = v
+  if not v then
+    pairs[#pairs + 1] = ARGV[i + 5]
+    pairs[#pairs + 1] = claim
+  end
+end
+if #pairs > 0 then
+  hset(cur, pairs)
+  keep(cur, window, share)
+end
+return out
+";
+
+/// Records stored keys. KEYS: a generation. ARGV: window_ms, share, then key, value pairs.
+const SETTLE: &str = r"
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+keep(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
 return 0
 ";
 
-/// A claimed key and the nonce it was claimed with.
+/// Releases claims whose events failed (a retry may append), each only if it is still that
+/// claim. KEYS: a generation. ARGV: key, claim pairs.
+const RELEASE: &str = r"
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+";
+
+/// Takes over a claim left by a gateway that restarted since (its log was reconciled, so the
+/// event is not in it). KEYS: the generation. ARGV: the key, the old claim, the new claim's
+/// suffix, its TTL. Returns the new claim, or false if the key changed meanwhile.
+const TAKE_OVER: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  local claim = 'p:' .. (now_ms() + tonumber(ARGV[4])) .. ':' .. ARGV[3]
+  redis.call('HSET', KEYS[1], ARGV[1], claim)
+  return claim
+end
+return false
+";
+
+/// Marks stored the keys of events read back from the log at start. KEYS: the window's base.
+/// ARGV: window_ms, share, then key, value pairs.
+const RECONCILE: &str = r"
+local window, share = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cur = current(KEYS[1], now_ms(), window, share)
+redis.call('HSET', cur, unpack(ARGV, 3))
+keep(cur, window, share)
+return 0
+";
+
+/// A script, sent by its SHA-1 (`EVALSHA`).
+struct Script {
+    code: String,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &str) -> Self {
+        let code = format!("{PRELUDE}{body}");
+        let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, code.as_bytes());
+        Self {
+            sha: hex(d.as_ref()),
+            code,
+        }
+    }
+
+    fn cmd(&self, keys: &[&str]) -> redis::Cmd {
+        let mut c = redis::cmd("EVALSHA");
+        c.arg(&self.sha).arg(keys.len()).arg(keys);
+        c
+    }
+}
+
+struct Scripts {
+    claim: Script,
+    settle: Script,
+    release: Script,
+    take_over: Script,
+    reconcile: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            claim: Script::new(CLAIM),
+            settle: Script::new(SETTLE),
+            release: Script::new(RELEASE),
+            take_over: Script::new(TAKE_OVER),
+            reconcile: Script::new(RECONCILE),
+        }
+    }
+
+    fn all(&self) -> [&Script; 5] {
+        [
+            &self.claim,
+            &self.settle,
+            &self.release,
+            &self.take_over,
+            &self.reconcile,
+        ]
+    }
+}
+
+/// An event key as a hash field: its kind byte, then its bytes (written straight into the
+/// command, without a buffer of its own).
+struct Field<'a>(u8, &'a [u8]);
+
+impl ToRedisArgs for Field<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut w = out.writer_for_next_arg();
+        let _ = w.write_all(&[self.0]);
+        let _ = w.write_all(self.1);
+    }
+}
+
+impl Material {
+    fn field(&self) -> Field<'_> {
+        Field(self.kind, &self.bytes)
+    }
+}
+
+/// A claimed key: the generation it was claimed in, the key, and the claim's value.
 pub(crate) struct Token {
-    key: String,
-    nonce: String,
+    generation: Arc<str>,
+    kind: u8,
+    bytes: bytes::Bytes,
+    claim: Arc<str>,
 }
 
 impl Token {
-    /// Adds the release of this claim to `pipe` (deleted only if still this claim).
-    fn release(&self, pipe: &mut redis::Pipeline) {
-        pipe.cmd("EVAL")
-            .arg(RELEASE)
-            .arg(1)
-            .arg(&self.key)
-            .arg(&self.nonce)
-            .ignore();
+    fn field(&self) -> Field<'_> {
+        Field(self.kind, &self.bytes)
     }
+}
+
+/// A key held by an original in flight: where it is, and the claim found on it.
+pub(crate) struct Held {
+    generation: Arc<str>,
+    kind: u8,
+    bytes: bytes::Bytes,
 }
 
 pub struct RedisStore {
@@ -110,14 +298,15 @@ pub struct RedisStore {
     prefix: String,
     /// Since the last failure: when a connection may be tried again, and why it failed.
     down: Mutex<Option<(Instant, String)>>,
-    /// This gateway's claims are `p:{instance}:{boot}:{n}`. The instance is kept in its data
-    /// directory, for gateways with an embedded log (which reconcile it into Redis at start);
-    /// `-` for those without, whose claims are never taken over.
+    /// This gateway's claims are `p:{deadline}:{instance}:{boot}:{n}`. The instance is kept in
+    /// its data directory, for gateways with an embedded log (which reconcile it into Redis at
+    /// start); `-` for those without, whose claims are never taken over.
     instance: String,
     boot: String,
     nonces: AtomicU64,
     /// Set once this gateway's log was reconciled and its heartbeat may be published.
-    announced: std::sync::atomic::AtomicBool,
+    announced: AtomicBool,
+    scripts: Scripts,
 }
 
 fn unavailable(why: &str) -> Rejection {
@@ -147,14 +336,15 @@ impl RedisStore {
             instance: instance.unwrap_or_else(|| "-".into()),
             boot: format!("{:016x}", u64::from_le_bytes(seed)),
             nonces: AtomicU64::new(0),
-            announced: std::sync::atomic::AtomicBool::new(false),
+            announced: AtomicBool::new(false),
+            scripts: Scripts::new(),
         })
     }
 
-    /// A new claim's value.
+    /// A new claim's suffix (the script puts the deadline, on Redis's clock, before it).
     fn nonce(&self) -> String {
         format!(
-            "p:{}:{}:{:x}",
+            "{}:{}:{:x}",
             self.instance,
             self.boot,
             self.nonces.fetch_add(1, Ordering::Relaxed)
@@ -165,30 +355,10 @@ impl RedisStore {
         format!("{}gw:{instance}", self.prefix)
     }
 
-    /// The Redis key of `m` in `scope`.
-    fn key(&self, scope: &Scope<'_>, m: &Material) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(&(scope.principal.len() as u64).to_le_bytes());
-        ctx.update(scope.principal.as_bytes());
-        ctx.update(&[m.kind]);
-        ctx.update(&m.bytes);
-        let d = ctx.finish();
-        format!(
-            "{}dd:{}:{}",
-            self.prefix,
-            scope.stream,
-            hex(&d.as_ref()[..16])
-        )
-    }
-
-    fn principal_set(&self, scope: &Scope<'_>) -> String {
-        let d = ring::digest::digest(&ring::digest::SHA256, scope.principal.as_bytes());
-        format!(
-            "{}ddp:{}:{}",
-            self.prefix,
-            scope.stream,
-            hex(&d.as_ref()[..16])
-        )
+    /// The base of the window of `principal` on `stream` (its generations are `{base}:{n}`).
+    fn base(&self, stream: &str, principal: &[u8]) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, principal);
+        format!("{}dd:{stream}:{}", self.prefix, hex(&d.as_ref()[..16]))
     }
 
     /// A connection, made if its slot has none (failing fast for a second after a failure).
@@ -240,7 +410,8 @@ impl RedisStore {
         metrics.store_up.set(1);
     }
 
-    /// Runs `pipe`, within the timeout.
+    /// Runs `pipe`, within the timeout; when Redis does not know a script (a restarted or
+    /// another Redis), loads the scripts and runs it once more.
     pub(crate) async fn query<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
@@ -249,10 +420,38 @@ impl RedisStore {
     ) -> Result<T, String> {
         let result = match self.conn().await {
             Ok((i, mut c)) => {
-                match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut c)).await {
-                    Ok(Ok(v)) => Ok(v),
-                    Ok(Err(e)) => Err(self.failed(i, e.to_string())),
-                    Err(_) => Err(self.failed(i, format!("no answer within {:?}", self.timeout))),
+                let mut loaded = false;
+                loop {
+                    match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut c)).await {
+                        Ok(Ok(v)) => break Ok(v),
+                        Ok(Err(e))
+                            if !loaded
+                                && e.kind()
+                                    == redis::ErrorKind::Server(
+                                        redis::ServerErrorKind::NoScript,
+                                    ) =>
+                        {
+                            loaded = true;
+                            let mut load = redis::pipe();
+                            for s in self.scripts.all() {
+                                load.cmd("SCRIPT").arg("LOAD").arg(&s.code).ignore();
+                            }
+                            if let Err(e) =
+                                tokio::time::timeout(self.timeout, load.query_async::<()>(&mut c))
+                                    .await
+                                    .map_err(|_| format!("no answer within {:?}", self.timeout))
+                                    .and_then(|r| r.map_err(|e| e.to_string()))
+                            {
+                                break Err(self.failed(i, e));
+                            }
+                        }
+                        Ok(Err(e)) => break Err(self.failed(i, e.to_string())),
+                        Err(_) => {
+                            break Err(
+                                self.failed(i, format!("no answer within {:?}", self.timeout))
+                            );
+                        }
+                    }
                 }
             }
             Err(why) => Err(why),
@@ -276,38 +475,112 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let nonce = self.nonce();
-        let rkeys: Vec<String> = keys.iter().map(|m| self.key(scope, m)).collect();
+        let s = scope.settings;
+        let base = self.base(scope.stream, scope.principal.as_bytes());
+        // One script call per CHUNK keys (Lua's stack bounds the arguments it unpacks), all in
+        // one pipeline.
         let mut pipe = redis::pipe();
-        for (k, m) in rkeys.iter().zip(keys) {
-            let cmd = pipe.cmd("SET").arg(k).arg(&nonce);
-            // A new MQTT publish reusing a packet id takes the key over (no NX).
-            if !m.replace {
-                cmd.arg("NX");
+        for chunk in keys.chunks(CHUNK) {
+            let flags: Vec<u8> = chunk
+                .iter()
+                .map(|m| if m.replace { b'1' } else { b'0' })
+                .collect();
+            let mut cmd = self.scripts.claim.cmd(&[&base]);
+            cmd.arg(self.nonce())
+                .arg(s.dedup_window_ms)
+                .arg(s.dedup_principal_events)
+                .arg(PENDING_TTL_MS)
+                .arg(flags);
+            for m in chunk {
+                cmd.arg(m.field());
             }
-            cmd.arg("PX").arg(PENDING_TTL_MS).arg("GET");
+            pipe.add_command(cmd);
         }
-        let held: Vec<Option<String>> = self
+        let replies: Vec<Vec<Value>> = self
             .query(&pipe, "claim", metrics)
             .await
             .map_err(|why| unavailable(&why))?;
-        Ok(rkeys
-            .into_iter()
-            .zip(held)
-            .zip(keys)
-            .map(|((key, held), m)| match held.as_deref().map(parse) {
-                _ if m.replace => Claim::New(AnyToken::Redis(Token {
-                    key,
-                    nonce: nonce.clone(),
-                })),
-                None => Claim::New(AnyToken::Redis(Token {
-                    key,
-                    nonce: nonce.clone(),
-                })),
-                Some(Some(p)) => Claim::Done(p),
-                Some(None) => Claim::Wait(Waiter::Redis(key)),
-            })
-            .collect())
+        let bad = || unavailable("an unexpected answer to the claim script");
+        if replies.len() != keys.chunks(CHUNK).len() {
+            return Err(bad());
+        }
+        let mut claims = Vec::with_capacity(keys.len());
+        for (reply, chunk) in replies.into_iter().zip(keys.chunks(CHUNK)) {
+            let mut reply = reply.into_iter();
+            let claim: Arc<str> = match reply.next() {
+                Some(Value::BulkString(b)) => Arc::from(String::from_utf8_lossy(&b).as_ref()),
+                _ => return Err(bad()),
+            };
+            let evicted = match reply.next() {
+                Some(Value::Int(n)) => n.max(0) as u64,
+                _ => return Err(bad()),
+            };
+            let generation: Arc<str> = match reply.next() {
+                Some(Value::Int(n)) => Arc::from(format!("{base}:{n}")),
+                _ => return Err(bad()),
+            };
+            if evicted > 0 {
+                metrics
+                    .evictions
+                    .get_or_create(&EvictLabels {
+                        reason: "principal_share",
+                    })
+                    .inc_by(evicted);
+            }
+            for m in chunk {
+                let held = match reply.next() {
+                    Some(Value::Nil) => None,
+                    Some(Value::BulkString(b)) => Some(b),
+                    _ => return Err(bad()),
+                };
+                claims.push(match held {
+                    None => Claim::New(AnyToken::Redis(Token {
+                        generation: generation.clone(),
+                        kind: m.kind,
+                        bytes: m.bytes.clone(),
+                        claim: claim.clone(),
+                    })),
+                    Some(v) => match parse(&String::from_utf8_lossy(&v)) {
+                        Some(p) => Claim::Done(p),
+                        // Pending: wait where the lookup found it (the newest generation
+                        // holding the key).
+                        None => Claim::Wait(Waiter::Redis(self.locate(&base, m, &v).await?)),
+                    },
+                });
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Which generation holds the pending claim `v` of `m` (rare: a retry of an original in
+    /// flight), newest first.
+    async fn locate(&self, base: &str, m: &Material, v: &[u8]) -> Result<Held, Rejection> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(base).arg("n");
+        let (n,): (Option<u64>,) = self
+            .query(&pipe, "wait", &DedupMetrics::default())
+            .await
+            .map_err(|why| unavailable(&why))?;
+        let n = n.unwrap_or(0);
+        let mut pipe = redis::pipe();
+        let gens: Vec<u64> = (n.saturating_sub(GENERATIONS - 1)..=n).rev().collect();
+        for g in &gens {
+            pipe.cmd("HGET").arg(format!("{base}:{g}")).arg(m.field());
+        }
+        let found: Vec<Option<Vec<u8>>> = self
+            .query(&pipe, "wait", &DedupMetrics::default())
+            .await
+            .map_err(|why| unavailable(&why))?;
+        let g = gens
+            .iter()
+            .zip(found)
+            .find(|(_, f)| f.as_deref() == Some(v))
+            .map_or(n, |(g, _)| *g);
+        Ok(Held {
+            generation: Arc::from(format!("{base}:{g}")),
+            kind: m.kind,
+            bytes: m.bytes.clone(),
+        })
     }
 
     /// Polls a key held by an original in flight (on this gateway or another) until it is
@@ -317,46 +590,52 @@ impl RedisStore {
     /// heartbeat, so the claim's event is not in the log.
     pub(crate) async fn wait(
         &self,
-        key: &str,
+        held: &Held,
         deadline: Instant,
         metrics: &DedupMetrics,
     ) -> Result<Option<Claim>, ()> {
+        let field = Field(held.kind, &held.bytes);
         let mut pause = Duration::from_millis(2);
         loop {
             let mut pipe = redis::pipe();
-            pipe.cmd("GET").arg(key);
-            let (held,): (Option<String>,) =
+            pipe.cmd("HGET").arg(&*held.generation).arg(&field);
+            pipe.cmd("TIME");
+            let (value, (secs, micros)): (Option<String>, (u64, u64)) =
                 self.query(&pipe, "wait", metrics).await.map_err(|_| ())?;
-            let Some(held) = held else {
+            let Some(value) = value else {
                 return Ok(None);
             };
-            if let Some(p) = parse(&held) {
+            if let Some(p) = parse(&value) {
                 return Ok(Some(Claim::Done(p)));
             }
-            if let Some((instance, boot)) = owner(&held)
-                && instance != "-"
-            {
+            let Some(pending) = owner(&value) else {
+                return Ok(None);
+            };
+            if pending.deadline_ms < secs * 1000 + micros / 1000 {
+                return Ok(None);
+            }
+            if pending.instance != "-" {
                 let mut pipe = redis::pipe();
-                pipe.cmd("GET").arg(self.heartbeat_key(instance));
+                pipe.cmd("GET").arg(self.heartbeat_key(pending.instance));
                 let (beat,): (Option<String>,) =
                     self.query(&pipe, "wait", metrics).await.map_err(|_| ())?;
-                if beat.is_some_and(|b| b != boot) {
-                    let nonce = self.nonce();
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("EVAL")
-                        .arg(TAKE_OVER)
-                        .arg(1)
-                        .arg(key)
-                        .arg(&held)
-                        .arg(&nonce)
+                if beat.is_some_and(|b| b != pending.boot) {
+                    let mut cmd = self.scripts.take_over.cmd(&[&held.generation]);
+                    cmd.arg(&field)
+                        .arg(&value)
+                        .arg(self.nonce())
                         .arg(PENDING_TTL_MS);
-                    let (taken,): (i64,) =
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd);
+                    let (taken,): (Option<String>,) =
                         self.query(&pipe, "wait", metrics).await.map_err(|_| ())?;
-                    if taken == 1 {
+                    if let Some(claim) = taken {
                         metrics.taken_over.inc();
                         return Ok(Some(Claim::New(AnyToken::Redis(Token {
-                            key: key.to_string(),
-                            nonce,
+                            generation: held.generation.clone(),
+                            kind: held.kind,
+                            bytes: held.bytes.clone(),
+                            claim: Arc::from(claim),
                         }))));
                     }
                     continue;
@@ -381,35 +660,43 @@ impl RedisStore {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        for chunk in events.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for e in chunk {
-                let Some(m) = Material::of_record(
-                    &e.settings,
-                    e.id.as_deref(),
-                    e.request_key.as_deref(),
-                    e.mqtt_packet.as_deref(),
-                ) else {
-                    continue;
-                };
-                let principal: Arc<str> = Arc::from(String::from_utf8_lossy(&e.principal).as_ref());
-                let scope = Scope {
-                    stream: &e.stream,
-                    principal: &principal,
-                    settings: &e.settings,
-                };
-                let left = e.settings.dedup_window_ms as i64 - (now_ms - e.ts_ms).max(0);
-                if left <= 0 {
-                    continue;
-                }
-                pipe.cmd("SET")
-                    .arg(self.key(&scope, &m))
-                    .arg(stored_value(e.position))
-                    .arg("PX")
-                    .arg(left)
-                    .ignore();
+        // Per window: its settings and the (key, value) pairs, oldest first.
+        type Pairs = (u64, u64, Vec<(Material, String)>);
+        let mut windows: HashMap<String, Pairs> = HashMap::new();
+        for e in events {
+            let Some(m) = Material::of_record(
+                &e.settings,
+                e.id.as_deref(),
+                e.request_key.as_deref(),
+                e.mqtt_packet.as_deref(),
+            ) else {
+                continue;
+            };
+            if e.settings.dedup_window_ms as i64 - (now_ms - e.ts_ms).max(0) <= 0 {
+                continue;
             }
-            self.query::<()>(&pipe, "reconcile", metrics).await?;
+            let w = windows
+                .entry(self.base(&e.stream, &e.principal))
+                .or_insert_with(|| {
+                    (
+                        e.settings.dedup_window_ms,
+                        e.settings.dedup_principal_events,
+                        Vec::new(),
+                    )
+                });
+            w.2.push((m, stored_value(e.position)));
+        }
+        for (base, (window, share, pairs)) in &windows {
+            for chunk in pairs.chunks(1000) {
+                let mut cmd = self.scripts.reconcile.cmd(&[base]);
+                cmd.arg(window).arg(share);
+                for (m, v) in chunk {
+                    cmd.arg(m.field()).arg(v);
+                }
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd).ignore();
+                self.query::<()>(&pipe, "reconcile", metrics).await?;
+            }
         }
         self.announced.store(true, Ordering::SeqCst);
         self.heartbeat(metrics).await;
@@ -439,69 +726,63 @@ impl RedisStore {
         metrics: &DedupMetrics,
     ) {
         let s = scope.settings;
-        let mut keys = vec![self.principal_set(scope)];
-        let mut values = Vec::new();
-        let mut failed = Vec::new();
+        // Per generation (nearly always one): the stored keys, and the failed ones.
+        let mut stored: Calls = Vec::new();
+        let mut failed: Calls = Vec::new();
         for (i, claim) in claims.into_iter().enumerate() {
             let Some(AnyToken::Redis(t)) = claim else {
                 continue;
             };
             match receipts.get(i).and_then(Position::of) {
                 Some(p) => {
-                    keys.push(t.key);
-                    values.push(stored_value(p));
+                    let c = cmd_for(&mut stored, &t.generation, || {
+                        let mut c = self.scripts.settle.cmd(&[&t.generation]);
+                        c.arg(s.dedup_window_ms).arg(s.dedup_principal_events);
+                        c
+                    });
+                    c.arg(t.field()).arg(stored_value(p));
                 }
-                None => failed.push(t),
+                None => {
+                    let c = cmd_for(&mut failed, &t.generation, || {
+                        self.scripts.release.cmd(&[&t.generation])
+                    });
+                    c.arg(t.field()).arg(&*t.claim);
+                }
             }
         }
-        let mut pipe = redis::pipe();
-        let stores = keys.len() > 1;
-        if stores {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(SETTLE).arg(keys.len()).arg(&keys);
-            cmd.arg(s.dedup_window_ms)
-                .arg(s.dedup_principal_events)
-                .arg(&values);
-            pipe.add_command(cmd);
-        }
-        for t in &failed {
-            t.release(&mut pipe);
-        }
-        if !stores && failed.is_empty() {
+        if stored.is_empty() && failed.is_empty() {
             return;
         }
-        match self.query::<redis::Value>(&pipe, "settle", metrics).await {
-            Ok(v) => {
-                if let Some(share) = evicted(&v) {
-                    metrics
-                        .evictions
-                        .get_or_create(&EvictLabels {
-                            reason: "principal_share",
-                        })
-                        .inc_by(share);
-                }
-            }
-            Err(why) => {
-                // The events are stored; their keys stay pending until PENDING_TTL_MS, so a retry
-                // meanwhile waits and is then answered 503; after it, a retry is appended.
-                tracing::warn!(error = %why, "could not record stored events in the dedup store; their retries may be stored again after 60 s");
-            }
+        let mut pipe = redis::pipe();
+        for (_, _, c) in stored.into_iter().chain(failed) {
+            pipe.add_command(c).ignore();
+        }
+        if let Err(why) = self.query::<()>(&pipe, "settle", metrics).await {
+            // The events are stored; their keys stay pending until PENDING_TTL_MS, so a retry
+            // meanwhile waits and is then answered 503; after it, a retry is appended.
+            tracing::warn!(error = %why, "could not record stored events in the dedup store; their retries may be stored again after 60 s");
         }
     }
 
     /// Releases claims whose events never reached the log.
     pub(crate) async fn release(&self, claims: Vec<Option<AnyToken>>, metrics: &DedupMetrics) {
-        let mut pipe = redis::pipe();
-        let mut any = false;
+        let mut failed: Calls = Vec::new();
         for claim in claims.into_iter().flatten() {
             if let AnyToken::Redis(t) = claim {
-                t.release(&mut pipe);
-                any = true;
+                let c = cmd_for(&mut failed, &t.generation, || {
+                    self.scripts.release.cmd(&[&t.generation])
+                });
+                c.arg(t.field()).arg(&*t.claim);
             }
         }
-        if any {
-            let _ = self.query::<()>(&pipe, "release", metrics).await;
+        if failed.is_empty() {
+            return;
         }
+        let mut pipe = redis::pipe();
+        for (_, _, c) in failed {
+            pipe.add_command(c).ignore();
+        }
+        let _ = self.query::<()>(&pipe, "release", metrics).await;
     }
 
     /// Asks Redis whether it answers (the probe behind `/readyz` and `sluice_dedup_store_up`).
@@ -525,6 +806,30 @@ impl RedisStore {
     }
 }
 
+/// A script call per generation, each with at most [`CHUNK`] keys.
+type Calls = Vec<(Arc<str>, usize, redis::Cmd)>;
+
+/// The call for one more key of `generation` in `list`, made by `make` if it has none with
+/// room.
+fn cmd_for<'a>(
+    list: &'a mut Calls,
+    generation: &Arc<str>,
+    make: impl FnOnce() -> redis::Cmd,
+) -> &'a mut redis::Cmd {
+    let i = match list
+        .iter()
+        .rposition(|(g, n, _)| g == generation && *n < CHUNK)
+    {
+        Some(i) => i,
+        None => {
+            list.push((generation.clone(), 0, make()));
+            list.len() - 1
+        }
+    };
+    list[i].1 += 1;
+    &mut list[i].2
+}
+
 /// The value of a stored key.
 fn stored_value(p: Position) -> String {
     match p.offset {
@@ -533,10 +838,21 @@ fn stored_value(p: Position) -> String {
     }
 }
 
-/// The gateway instance and boot of a claim (`p:{instance}:{boot}:{n}`).
-fn owner(v: &str) -> Option<(&str, &str)> {
+/// A pending claim (`p:{deadline}:{instance}:{boot}:{n}`).
+#[derive(Debug, PartialEq, Eq)]
+struct Pending<'a> {
+    deadline_ms: u64,
+    instance: &'a str,
+    boot: &'a str,
+}
+
+fn owner(v: &str) -> Option<Pending<'_>> {
     let mut parts = v.strip_prefix("p:")?.split(':');
-    Some((parts.next()?, parts.next()?))
+    Some(Pending {
+        deadline_ms: parts.next()?.parse().ok()?,
+        instance: parts.next()?,
+        boot: parts.next()?,
+    })
 }
 
 /// A stored key's position (`d:{partition}:{offset or -}`); `None` for a pending one.
@@ -551,17 +867,6 @@ fn parse(v: &str) -> Option<Position> {
             Some(o.parse().ok()?)
         },
     })
-}
-
-/// The eviction count the settle script returned (the first reply of the pipeline).
-fn evicted(v: &redis::Value) -> Option<u64> {
-    let redis::Value::Array(replies) = v else {
-        return None;
-    };
-    match replies.first()? {
-        redis::Value::Int(n) => Some(*n as u64),
-        _ => None,
-    }
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
@@ -594,10 +899,34 @@ mod tests {
                 offset: None
             })
         );
-        assert_eq!(parse("p:00ab"), None);
-        assert_eq!(owner("p:inst:boot:1f"), Some(("inst", "boot")));
+        assert_eq!(parse("p:123:inst:boot:1f"), None);
+        assert_eq!(
+            owner("p:123:inst:boot:1f"),
+            Some(Pending {
+                deadline_ms: 123,
+                instance: "inst",
+                boot: "boot"
+            })
+        );
         assert_eq!(owner("d:1:2"), None);
+        assert_eq!(owner("p:x:inst:boot:1"), None);
         assert_eq!(hex(&[0x00, 0x9f, 0xa5]), "009fa5");
         assert_eq!(parse("d:x:1"), None);
+    }
+
+    #[test]
+    fn a_field_is_the_kind_then_the_key() {
+        let c = redis::cmd("HGET").arg("h").arg(Field(b'i', b"abc")).clone();
+        let args: Vec<Vec<u8>> = c
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            args,
+            vec![b"HGET".to_vec(), b"h".to_vec(), b"iabc".to_vec()]
+        );
     }
 }

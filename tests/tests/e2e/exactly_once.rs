@@ -482,7 +482,7 @@ async fn two_gateways_on_kafka_share_one_window_in_redis() {
         .collect();
     values.sort();
     assert_eq!(values, vec!["\"u\"", "1", "2", "3"]);
-    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 4);
+    assert_eq!(redis.window_entries("orders").unwrap(), 4);
     let (ma, mb) = (a.metrics().await, b.metrics().await);
     assert_eq!(
         metric(
@@ -518,7 +518,7 @@ async fn a_retry_on_another_gateway_waits_for_the_original_and_a_failed_one_is_r
         );
     assert!(
         sluice_tests::wait_until(Duration::from_secs(20), || {
-            let n = redis.count_keys("sluice:dd:orders:*").unwrap_or(0);
+            let n = redis.window_entries("orders").unwrap_or(0);
             async move { n == 1 }
         })
         .await,
@@ -617,7 +617,7 @@ async fn an_unreachable_redis_refuses_dedup_streams_with_503_until_it_answers() 
     );
     let again = post(&url, &one, None).await;
     assert!(positions(&again.body)[0].2, "{:?}", again.body);
-    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 1);
+    assert_eq!(redis.window_entries("orders").unwrap(), 1);
     assert!(
         sluice_tests::wait_until(Duration::from_secs(10), || async {
             metric(&s.metrics().await, "sluice_dedup_store_up", "") == 1.0
@@ -640,7 +640,7 @@ async fn a_claim_left_by_a_killed_gateway_is_taken_over_once_it_restarted() {
     let in_flight = tokio::spawn(async move { client().post(&url).json(&body).send().await });
     assert!(
         sluice_tests::wait_until(Duration::from_secs(20), || {
-            let n = redis.count_keys("sluice:dd:orders:*").unwrap_or(0);
+            let n = redis.window_entries("orders").unwrap_or(0);
             async move { n == 1 }
         })
         .await,
@@ -705,8 +705,10 @@ async fn in_redis_a_producer_sending_unique_ids_pushes_out_only_its_own_oldest_k
     for i in 0..10 {
         post(&url, &json!([{"id": format!("f-{i}"), "value": i}]), None).await;
     }
-    // It holds its share (5); b's keys are untouched.
-    assert_eq!(redis.count_keys("sluice:dd:orders:*").unwrap(), 7);
+    // It holds its share and at most half as much again: generations of ceil(5 / 2) = 3 keys,
+    // three kept — f-0..f-2 were dropped whole when f-9 opened the fourth, f-3..f-9 stay (7).
+    // b's keys are untouched.
+    assert_eq!(redis.window_entries("orders").unwrap(), 2 + 7);
     assert!(
         positions(&as_b(&["b-1", "b-2"]).await.body)
             .iter()
@@ -720,12 +722,13 @@ async fn in_redis_a_producer_sending_unique_ids_pushes_out_only_its_own_oldest_k
         "f-0 should have been pushed out"
     );
     let m = s.metrics().await;
-    assert!(
+    assert_eq!(
         metric(
             &m,
             "sluice_dedup_evictions_total",
             r#"reason="principal_share""#
-        ) >= 5.0
+        ),
+        3.0
     );
 }
 
