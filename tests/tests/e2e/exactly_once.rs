@@ -826,3 +826,46 @@ async fn an_id_from_the_topic_rule_deduplicates_mqtt_3_publishes() {
     assert_eq!(records[0]["id"], "m1-41");
     assert_eq!(records[0]["key"], "m1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_redis_a_request_of_thousands_of_keys_is_claimed_whole_and_the_window_expires() {
+    let redis = Redis::start().unwrap();
+    // A short window: Redis drops a generation window + window / 2 after it opened.
+    let config = redis_config(&redis, "")
+        .replace("dedup = true\n", "dedup = true\ndedup_window_ms = 1000\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let url = s.events_url("orders");
+    // 9,000 keys in one request: more than Lua can unpack into one call (about 8,000), so
+    // the claims go in calls of 1,000.
+    let events: Vec<Value> = (0..9000)
+        .map(|i| json!({"id": format!("big-{i}"), "value": i}))
+        .collect();
+    let batch = json!(events);
+    let first = post(&url, &batch, None).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let placed = positions(&first.body);
+    assert_eq!(placed.len(), 9000);
+    assert!(placed.iter().all(|p| !p.2));
+    let again = post(&url, &batch, None).await;
+    assert_eq!(
+        positions(&again.body),
+        placed
+            .iter()
+            .map(|&(p, o, _)| (p, o, true))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(read_log(&s.data_dir, "orders", &[]).unwrap().len(), 9000);
+    // The window passes: Redis expires the generation (nothing stays past 1.5 windows), and a
+    // retry now is a new event.
+    assert!(
+        sluice_tests::wait_until(Duration::from_secs(20), || async {
+            redis.window_entries("orders").unwrap_or(usize::MAX) == 0
+        })
+        .await,
+        "the window's generation never expired"
+    );
+    let late = post(&url, &json!([{"id": "big-7", "value": 7}]), None).await;
+    assert_eq!(late.status, StatusCode::OK, "{:?}", late.body);
+    assert!(!positions(&late.body)[0].2, "{:?}", late.body);
+}
