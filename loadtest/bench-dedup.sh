@@ -4,8 +4,9 @@
 # embedded window, and dedup on with the window in Redis (Debian's redis-server, started here on
 # a free port without persistence), alternating in the same run, each on a fresh data directory.
 #   loadtest/bench-dedup.sh [ROUNDS] [SECONDS]
-# Prints one line per round, store and scenario: throughput, p99 and the gateway's CPU time per
-# event; then, per scenario, each store's median throughput as a share of dedup off.
+# Prints one line per round, store and scenario: throughput, p99, the gateway's CPU time per
+# event (and redis-server's, for the Redis store); then, per scenario, each store's median
+# throughput as a share of dedup off.
 set -euo pipefail
 rounds=${1:-3} secs=${2:-5}
 cd "$(dirname "$0")/.."
@@ -34,17 +35,21 @@ run() { # label config
     sleep 0.05
   done
   [ -n "$addr" ] || { echo "no address for $1" >&2; kill $pid; exit 1; }
-  local c0 r
+  local c0 r0 r
   for n in 1 100; do
-    c0=$(cpu $pid)
+    c0=$(cpu $pid) r0=$(cpu $redis)
     r=$($lt http --url "http://$addr/v1/streams/d/events" --connections 64 --events-per-request $n \
       --payload-bytes 100 --duration-secs "$secs" --warmup-secs 1 --ids --json)
-    python3 - "$r" "$c0" "$(cpu $pid)" "$1" "$n" "$results" <<'PY'
+    python3 - "$r" "$c0" "$(cpu $pid)" "$1" "$n" "$results" "$r0" "$(cpu $redis)" <<'PY'
 import json, sys
 d = json.loads(sys.argv[1]); cpu = (int(sys.argv[3]) - int(sys.argv[2])) / 100
+rcpu = (int(sys.argv[8]) - int(sys.argv[7])) / 100
 rate = d["events_per_s"]; n = rate * d["duration_s"] or 1
 line = "%-9s http x%-3s  %8.0f events/s  p99 %6.2f ms  CPU %5.2f us/event  errors %d  non-2xx %d" % (
     sys.argv[4], sys.argv[5], rate, d["latency_us"]["p99"] / 1000, cpu * 1e6 / n, d["errors"], d["non_2xx"])
+if sys.argv[4] == "redis":
+    # Redis's CPU over the run (with the 1 s warm-up, so a slight overestimate per event).
+    line += "  redis-server CPU %5.2f us/event" % (rcpu * 1e6 / n)
 print(line)
 with open(sys.argv[6], "a") as f:
     f.write("%s %s %f\n" % (sys.argv[4], sys.argv[5], rate))
