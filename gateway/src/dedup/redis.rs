@@ -544,7 +544,9 @@ impl RedisStore {
                         Some(p) => Claim::Done(p),
                         // Pending: wait where the lookup found it (the newest generation
                         // holding the key).
-                        None => Claim::Wait(Waiter::Redis(self.locate(&base, m, &v).await?)),
+                        None => {
+                            Claim::Wait(Waiter::Redis(self.locate(&base, m, &v, metrics).await?))
+                        }
                     },
                 });
             }
@@ -554,11 +556,17 @@ impl RedisStore {
 
     /// Which generation holds the pending claim `v` of `m` (rare: a retry of an original in
     /// flight), newest first.
-    async fn locate(&self, base: &str, m: &Material, v: &[u8]) -> Result<Held, Rejection> {
+    async fn locate(
+        &self,
+        base: &str,
+        m: &Material,
+        v: &[u8],
+        metrics: &DedupMetrics,
+    ) -> Result<Held, Rejection> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGET").arg(base).arg("n");
         let (n,): (Option<u64>,) = self
-            .query(&pipe, "wait", &DedupMetrics::default())
+            .query(&pipe, "wait", metrics)
             .await
             .map_err(|why| unavailable(&why))?;
         let n = n.unwrap_or(0);
@@ -568,7 +576,7 @@ impl RedisStore {
             pipe.cmd("HGET").arg(format!("{base}:{g}")).arg(m.field());
         }
         let found: Vec<Option<Vec<u8>>> = self
-            .query(&pipe, "wait", &DedupMetrics::default())
+            .query(&pipe, "wait", metrics)
             .await
             .map_err(|why| unavailable(&why))?;
         let g = gens
