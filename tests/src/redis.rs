@@ -76,6 +76,27 @@ impl Redis {
         Ok(line)
     }
 
+    /// A field of `INFO section` (e.g. `blocked_clients` of `clients`).
+    pub fn info_field(&self, section: &str, field: &str) -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len()).as_bytes())?;
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        r.read_line(&mut head)?;
+        let len: usize = head
+            .trim_end()
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("an INFO answer, not {head:?}"))?;
+        let mut body = vec![0u8; len + 2];
+        std::io::Read::read_exact(&mut r, &mut body)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")).map(str::to_string))
+            .with_context(|| format!("no {field} in INFO {section}"))
+    }
+
     /// Dedup window entries of `stream` (every principal): the fields of the window's
     /// generations, `{prefix}dd:{stream}:{principal}:{n}`, pending or stored.
     pub fn window_entries(&self, stream: &str) -> Result<usize> {

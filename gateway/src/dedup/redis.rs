@@ -127,6 +127,7 @@ for g = n, math.max(0, n - GENS + 1), -1 do
 end
 local out = {claim, evicted, n}
 local pairs = {}
+local claimed = {}
 for i = 1, nk do
   local v = false
   if string.byte(flags, i) == 49 then
@@ -142,8 +143,14 @@ for i = 1, nk do
       v = false
     end
   end
+  if not v and claimed[ARGV[i + 5]] then
+    -- The same key twice in one call (two requests claiming together): the second waits for
+    -- the first, as for any original in flight.
+    v = claim
+  end
   out[i + 3] = v
   if not v then
+    claimed[ARGV[i + 5]] = true
     pairs[#pairs + 1] = ARGV[i + 5]
     pairs[#pairs + 1] = claim
   end
@@ -307,6 +314,8 @@ pub struct RedisStore {
     /// Set once this gateway's log was reconciled and its heartbeat may be published.
     announced: AtomicBool,
     scripts: Scripts,
+    /// The queue of the claim task (started with the first claim).
+    claims: std::sync::OnceLock<tokio::sync::mpsc::Sender<ClaimJob>>,
 }
 
 fn unavailable(why: &str) -> Rejection {
@@ -338,6 +347,7 @@ impl RedisStore {
             nonces: AtomicU64::new(0),
             announced: AtomicBool::new(false),
             scripts: Scripts::new(),
+            claims: std::sync::OnceLock::new(),
         })
     }
 
@@ -466,8 +476,12 @@ impl RedisStore {
         result
     }
 
+    /// Claims a request's keys. Requests claiming at the same time share script calls: the
+    /// claims go through one task that takes whatever has queued while earlier calls were in
+    /// flight (as a log's group commit does), one script call per stream and principal, so a
+    /// script's fixed cost in Redis is paid once per group rather than once per request.
     pub(crate) async fn claim(
-        &self,
+        self: &Arc<Self>,
         scope: &Scope<'_>,
         keys: &[&Material],
         metrics: &DedupMetrics,
@@ -476,82 +490,58 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let s = scope.settings;
-        let base = self.base(scope.stream, scope.principal.as_bytes());
-        // One script call per CHUNK keys (Lua's stack bounds the arguments it unpacks), all in
-        // one pipeline.
-        let mut pipe = redis::pipe();
-        for chunk in keys.chunks(CHUNK) {
-            let flags: Vec<u8> = chunk
+        let base: Arc<str> = Arc::from(self.base(scope.stream, scope.principal.as_bytes()));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = ClaimJob {
+            base: base.clone(),
+            window_ms: s.dedup_window_ms,
+            share: s.dedup_principal_events,
+            keys: keys
                 .iter()
-                .map(|m| if m.replace { b'1' } else { b'0' })
-                .collect();
-            let mut cmd = self.scripts.claim.cmd(&[&base]);
-            cmd.arg(self.nonce())
-                .arg(s.dedup_window_ms)
-                .arg(s.dedup_principal_events)
-                .arg(PENDING_TTL_MS)
-                .arg(flags);
-            for m in chunk {
-                cmd.arg(m.field());
-            }
-            pipe.add_command(cmd);
+                .map(|m| (m.kind, m.bytes.clone(), m.replace))
+                .collect(),
+            reply,
+        };
+        let queue = self.claims_queue(metrics);
+        let sent = tokio::time::timeout(self.timeout, queue.send(job)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(unavailable("the claims queue is full"));
         }
-        let replies: Vec<Vec<Value>> = self
-            .query(&pipe, "claim", metrics)
-            .await
-            .map_err(|why| unavailable(&why))?;
-        let bad = || unavailable("an unexpected answer to the claim script");
-        if replies.len() != keys.chunks(CHUNK).len() {
-            return Err(bad());
-        }
+        let found = match tokio::time::timeout(self.timeout * 2, answer).await {
+            Ok(Ok(Ok(found))) => found,
+            Ok(Ok(Err(why))) => return Err(unavailable(&why)),
+            _ => return Err(unavailable("no answer to the claims")),
+        };
         let mut claims = Vec::with_capacity(keys.len());
-        for (reply, chunk) in replies.into_iter().zip(keys.chunks(CHUNK)) {
-            let mut reply = reply.into_iter();
-            let claim: Arc<str> = match reply.next() {
-                Some(Value::BulkString(b)) => Arc::from(String::from_utf8_lossy(&b).as_ref()),
-                _ => return Err(bad()),
-            };
-            let evicted = match reply.next() {
-                Some(Value::Int(n)) => n.max(0) as u64,
-                _ => return Err(bad()),
-            };
-            let generation: Arc<str> = match reply.next() {
-                Some(Value::Int(n)) => Arc::from(format!("{base}:{n}")),
-                _ => return Err(bad()),
-            };
-            if evicted > 0 {
-                metrics
-                    .evictions
-                    .get_or_create(&EvictLabels {
-                        reason: "principal_share",
-                    })
-                    .inc_by(evicted);
-            }
-            for m in chunk {
-                let held = match reply.next() {
-                    Some(Value::Nil) => None,
-                    Some(Value::BulkString(b)) => Some(b),
-                    _ => return Err(bad()),
-                };
-                claims.push(match held {
-                    None => Claim::New(AnyToken::Redis(Token {
-                        generation: generation.clone(),
-                        kind: m.kind,
-                        bytes: m.bytes.clone(),
-                        claim: claim.clone(),
-                    })),
-                    Some(v) => match parse(&String::from_utf8_lossy(&v)) {
-                        Some(p) => Claim::Done(p),
-                        // Pending: wait where the lookup found it (the newest generation
-                        // holding the key).
-                        None => {
-                            Claim::Wait(Waiter::Redis(self.locate(&base, m, &v, metrics).await?))
-                        }
-                    },
-                });
-            }
+        for (m, f) in keys.iter().zip(found) {
+            claims.push(match f.value {
+                None => Claim::New(AnyToken::Redis(Token {
+                    generation: f.generation,
+                    kind: m.kind,
+                    bytes: m.bytes.clone(),
+                    claim: f.claim,
+                })),
+                Some(v) => match parse(&String::from_utf8_lossy(&v)) {
+                    Some(p) => Claim::Done(p),
+                    // Pending: wait where the lookup found it (the newest generation holding
+                    // the key).
+                    None => Claim::Wait(Waiter::Redis(self.locate(&base, m, &v, metrics).await?)),
+                },
+            });
         }
         Ok(claims)
+    }
+
+    /// The queue of the task that makes the claims, started with the first claim.
+    fn claims_queue(
+        self: &Arc<Self>,
+        metrics: &DedupMetrics,
+    ) -> &tokio::sync::mpsc::Sender<ClaimJob> {
+        self.claims.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(CLAIM_QUEUE);
+            tokio::spawn(claim_loop(Arc::downgrade(self), rx, metrics.clone()));
+            tx
+        })
     }
 
     /// Which generation holds the pending claim `v` of `m` (rare: a retry of an original in
@@ -812,6 +802,186 @@ impl RedisStore {
             Some((_, why)) => Err(format!("the dedup store (Redis) cannot be reached: {why}")),
         }
     }
+}
+
+/// Claims in one queue, at most this many waiting (then a claim waits to be queued, within
+/// the Redis timeout).
+const CLAIM_QUEUE: usize = 4096;
+/// At most this many queued requests share one round trip.
+const CLAIM_GROUP: usize = 256;
+
+/// One request's keys to claim, and where its answer goes.
+struct ClaimJob {
+    base: Arc<str>,
+    window_ms: u64,
+    share: u64,
+    keys: Vec<(u8, bytes::Bytes, bool)>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Found>, String>>,
+}
+
+/// What the claim script answered for one key: the call's claim value, the generation it
+/// claimed in, and the key's value if it was already held (`None`: claimed now).
+struct Found {
+    claim: Arc<str>,
+    generation: Arc<str>,
+    value: Option<Vec<u8>>,
+}
+
+/// The claim task: takes the first queued request, then whatever else has queued (up to
+/// [`CLAIM_GROUP`]), and runs them as one pipeline of script calls — one per stream and
+/// principal, [`CHUNK`] keys at most each — on its own task, so that up to
+/// `dedup.redis.connections` groups are in flight at once. Ends when the store is dropped.
+async fn claim_loop(
+    store: std::sync::Weak<RedisStore>,
+    mut rx: tokio::sync::mpsc::Receiver<ClaimJob>,
+    metrics: DedupMetrics,
+) {
+    let Some(connections) = store.upgrade().map(|s| s.slots.len()) else {
+        return;
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(connections));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < CLAIM_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            store.claim_group(jobs, &metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+impl RedisStore {
+    /// Runs one group of claims and answers each request.
+    async fn claim_group(&self, jobs: Vec<ClaimJob>, metrics: &DedupMetrics) {
+        // Per stream and principal (in order of first appearance): its keys, each with the
+        // request and the index it answers.
+        let mut groups: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let g = match groups
+                .iter()
+                .position(|(first, _)| jobs[*first].base == job.base)
+            {
+                Some(g) => g,
+                None => {
+                    groups.push((j, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[g].1.extend((0..job.keys.len()).map(|k| (j, k)));
+        }
+        let mut pipe = redis::pipe();
+        let mut calls: Vec<Call<'_>> = Vec::new();
+        for (first, keys) in &groups {
+            let head = &jobs[*first];
+            for chunk in keys.chunks(CHUNK) {
+                let flags: Vec<u8> = chunk
+                    .iter()
+                    .map(|&(j, k)| if jobs[j].keys[k].2 { b'1' } else { b'0' })
+                    .collect();
+                let mut cmd = self.scripts.claim.cmd(&[&head.base]);
+                cmd.arg(self.nonce())
+                    .arg(head.window_ms)
+                    .arg(head.share)
+                    .arg(PENDING_TTL_MS)
+                    .arg(flags);
+                for &(j, k) in chunk {
+                    let (kind, bytes, _) = &jobs[j].keys[k];
+                    cmd.arg(Field(*kind, bytes));
+                }
+                pipe.add_command(cmd);
+                calls.push((&head.base, chunk));
+            }
+        }
+        let answered: Result<Vec<Vec<Found>>, String> = async {
+            let replies: Vec<Vec<Value>> = self.query(&pipe, "claim", metrics).await?;
+            if replies.len() != calls.len() {
+                return Err("an unexpected answer to the claim script".to_string());
+            }
+            let mut found: Vec<Vec<Option<Found>>> = jobs
+                .iter()
+                .map(|j| (0..j.keys.len()).map(|_| None).collect())
+                .collect();
+            for (reply, (base, chunk)) in replies.into_iter().zip(&calls) {
+                let bad = || "an unexpected answer to the claim script".to_string();
+                let mut reply = reply.into_iter();
+                let claim: Arc<str> = match reply.next() {
+                    Some(Value::BulkString(b)) => Arc::from(String::from_utf8_lossy(&b).as_ref()),
+                    _ => return Err(bad()),
+                };
+                let evicted = match reply.next() {
+                    Some(Value::Int(n)) => n.max(0) as u64,
+                    _ => return Err(bad()),
+                };
+                let generation: Arc<str> = match reply.next() {
+                    Some(Value::Int(n)) => Arc::from(format!("{base}:{n}")),
+                    _ => return Err(bad()),
+                };
+                if evicted > 0 {
+                    metrics
+                        .evictions
+                        .get_or_create(&EvictLabels {
+                            reason: "principal_share",
+                        })
+                        .inc_by(evicted);
+                }
+                for &(j, k) in chunk.iter() {
+                    let value = match reply.next() {
+                        Some(Value::Nil) => None,
+                        Some(Value::BulkString(b)) => Some(b),
+                        _ => return Err(bad()),
+                    };
+                    found[j][k] = Some(Found {
+                        claim: claim.clone(),
+                        generation: generation.clone(),
+                        value,
+                    });
+                }
+            }
+            found
+                .into_iter()
+                .map(|keys| {
+                    keys.into_iter()
+                        .collect::<Option<Vec<Found>>>()
+                        .ok_or_else(bad_len)
+                })
+                .collect()
+        }
+        .await;
+        match answered {
+            Ok(found) => {
+                for (job, found) in jobs.into_iter().zip(found) {
+                    let _ = job.reply.send(Ok(found));
+                }
+            }
+            Err(why) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One script call of a group: its window's base and the (request, key) pairs it claims.
+type Call<'a> = (&'a Arc<str>, &'a [(usize, usize)]);
+
+fn bad_len() -> String {
+    "an unexpected answer to the claim script".to_string()
 }
 
 /// A script call per generation, each with at most [`CHUNK`] keys.

@@ -869,3 +869,68 @@ async fn in_redis_a_request_of_thousands_of_keys_is_claimed_whole_and_the_window
     assert_eq!(late.status, StatusCode::OK, "{:?}", late.body);
     assert!(!positions(&late.body)[0].2, "{:?}", late.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_redis_requests_claiming_the_same_key_together_store_it_once() {
+    let redis = Redis::start().unwrap();
+    // One connection: concurrent requests' claims queue and go to Redis in shared script calls.
+    let config = redis_config(&redis, "connections = 1\ntimeout_ms = 5000\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Sluice::start(&tmp.path().join("data"), &config).unwrap();
+    let url = s.events_url("orders");
+    for round in 0..5 {
+        let same = format!("same-{round}");
+        // Redis holds scripts for a second, and a first request's claim holds the gateway's one
+        // connection meanwhile: the next requests' claims queue behind it and go to Redis
+        // together, several holding the same key in one script call.
+        assert_eq!(
+            redis
+                .command(&["CLIENT", "PAUSE", "1000", "WRITE"])
+                .unwrap(),
+            "+OK"
+        );
+        let first = {
+            let url = url.clone();
+            let body = json!([{"id": format!("first-{round}"), "value": 0}]);
+            tokio::spawn(async move { post(&url, &body, None).await })
+        };
+        assert!(
+            sluice_tests::wait_until(Duration::from_secs(10), || async {
+                redis
+                    .info_field("clients", "blocked_clients")
+                    .is_ok_and(|n| n != "0")
+            })
+            .await,
+            "the first claim never reached Redis"
+        );
+        let sends = (0..32).map(|i| {
+            let url = url.clone();
+            let body =
+                json!([{"id": same, "value": 0}, {"id": format!("own-{round}-{i}"), "value": i}]);
+            tokio::spawn(async move { post(&url, &body, None).await })
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        assert_eq!(first.await.unwrap().status, StatusCode::OK);
+        let mut firsts = Vec::new();
+        for a in answers {
+            let a = a.unwrap();
+            assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+            let p = positions(&a.body);
+            assert!(!p[1].2, "a unique id answered as a duplicate: {:?}", a.body);
+            firsts.push(p[0]);
+        }
+        // Exactly one request stored the shared id; the others were answered with its place.
+        let stored: Vec<_> = firsts.iter().filter(|p| !p.2).collect();
+        assert_eq!(stored.len(), 1, "{firsts:?}");
+        assert!(
+            firsts
+                .iter()
+                .all(|p| (p.0, p.1) == (stored[0].0, stored[0].1)),
+            "{firsts:?}"
+        );
+    }
+    assert_eq!(
+        read_log(&s.data_dir, "orders", &[]).unwrap().len(),
+        5 * (1 + 1 + 32)
+    );
+}
