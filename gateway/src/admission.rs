@@ -828,7 +828,7 @@ impl Gateway {
         let run = async move {
             let receipts = target.append(&req, ack, held, queued).await;
             if let Some(t) = tickets {
-                t.settle(&req, &receipts).await;
+                t.settle(&receipts).await;
             }
             (req, receipts)
         };

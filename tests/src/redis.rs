@@ -100,7 +100,8 @@ impl Redis {
     /// Dedup window entries of `stream` (every principal): the fields of the window's
     /// generations, `{prefix}dd:{stream}:{principal}:{n}`, pending or stored.
     pub fn window_entries(&self, stream: &str) -> Result<usize> {
-        const SUM: &str = "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do n = n + redis.call('HLEN', k) end return n";
+        // Each generation also holds one empty field, made with it.
+        const SUM: &str = "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do n = n + redis.call('HLEN', k) - 1 end return n";
         let pattern = format!("sluice:dd:{stream}:*:*");
         let line = self.command(&["EVAL", SUM, "0", &pattern])?;
         line.strip_prefix(':')

@@ -708,7 +708,7 @@ mod tests {
         let mut req = request(principal, s, ids);
         let mut plan = d.plan(&mut req).await.unwrap();
         let receipts = appended(first, req.events.len());
-        plan.take_tickets().settle(&req, &receipts).await;
+        plan.take_tickets().settle(&receipts).await;
         plan.receipts(receipts)
     }
 
@@ -763,16 +763,13 @@ mod tests {
         let mut plan = d.plan(&mut req).await.unwrap();
         let failed = Receipt::Failed(Rejection::unavailable(Duration::from_secs(1), "down"));
         plan.take_tickets()
-            .settle(
-                &req,
-                &[
-                    failed.clone(),
-                    Receipt::Appended {
-                        partition: 0,
-                        offset: 5,
-                    },
-                ],
-            )
+            .settle(&[
+                failed.clone(),
+                Receipt::Appended {
+                    partition: 0,
+                    offset: 5,
+                },
+            ])
             .await;
         assert_eq!(
             plan.receipts(vec![
@@ -815,7 +812,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(!retry.is_finished());
-        tickets.settle(&original, &appended(3, 1)).await;
+        tickets.settle(&appended(3, 1)).await;
         assert_eq!(retry.await.unwrap(), vec![dup(3)]);
 
         // If the original fails, the waiting retry is appended itself.

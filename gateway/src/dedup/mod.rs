@@ -249,14 +249,6 @@ enum Store {
 pub struct Dedup {
     store: Store,
     metrics: DedupMetrics,
-    /// Settlements in Redis still running after their producers were answered.
-    settling: Settling,
-}
-
-#[derive(Default)]
-struct Settling {
-    n: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
 }
 
 /// The claims of a request's new events; an event's claim is released (its retries may append)
@@ -293,7 +285,6 @@ impl Dedup {
         Self {
             store: Store::Memory(memory::Window::new(max_entries)),
             metrics,
-            settling: Settling::default(),
         }
     }
 
@@ -307,7 +298,6 @@ impl Dedup {
         Ok(Self {
             store: Store::Redis(Arc::new(redis::RedisStore::new(config, instance)?)),
             metrics,
-            settling: Settling::default(),
         })
     }
 
@@ -451,10 +441,10 @@ impl Dedup {
     /// Records the outcome of claimed events (`receipts` in the order of `claims`; missing
     /// receipts are failures): an appended event's key now answers its retries with its
     /// position; a failed one's is released so a retry can append.
-    async fn settle(&self, claims: Vec<Option<Token>>, receipts: &[Receipt], s: &Scope<'_>) {
+    async fn settle(&self, claims: Vec<Option<Token>>, receipts: &[Receipt]) {
         match &self.store {
             Store::Memory(w) => w.settle(claims, receipts, &self.metrics),
-            Store::Redis(r) => r.settle(claims, receipts, s, &self.metrics).await,
+            Store::Redis(r) => r.settle(claims, receipts, &self.metrics).await,
         }
     }
 
@@ -508,12 +498,8 @@ impl Dedup {
 
     /// Waits until the settlements running after their answers (Redis) are done.
     pub async fn settled(&self) {
-        loop {
-            let idle = self.settling.idle.notified();
-            if self.settling.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
+        if let Store::Redis(r) = &self.store {
+            r.settled().await;
         }
     }
 
@@ -600,45 +586,15 @@ impl Tickets {
 
     /// Records the appended events' positions (receipts in the order of the events that went
     /// on); failed ones are released. In the embedded window this finishes before the producer
-    /// is answered. In Redis it runs beside the answer, so a request waits for one Redis round
-    /// trip (its claims), not two: a retry that arrives before the settlement finds the key
-    /// still claimed and waits for it, as for any original in flight; a gateway that dies in
-    /// between leaves the claim for the restart's reconciliation (or its expiry), as a crash
-    /// during the append always could. A drain waits for these settlements.
-    pub async fn settle(mut self, req: &IngestRequest, receipts: &[Receipt]) {
+    /// is answered. In Redis the stored keys are queued (see [`redis::RedisStore::settle`]), so a
+    /// request waits for one Redis round trip (its claims), not two: a retry that arrives before
+    /// the settlement finds the key still claimed and waits for it, as for any original in
+    /// flight; a gateway that dies in between leaves the claim for the restart's reconciliation
+    /// (or its expiry), as a crash during the append always could. A drain waits for the queue.
+    pub async fn settle(mut self, receipts: &[Receipt]) {
         if let Some(d) = self.dedup.take() {
             let claims = std::mem::take(&mut self.claims);
-            let stream = req.stream().shared();
-            if d.is_redis() {
-                let principal = req.principal().identity().clone();
-                let settings = *req.admission.settings();
-                let receipts = receipts.to_vec();
-                d.settling
-                    .n
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let scope = Scope {
-                        stream: &stream,
-                        principal: &principal,
-                        settings: &settings,
-                    };
-                    d.settle(claims, &receipts, &scope).await;
-                    if d.settling
-                        .n
-                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
-                        == 1
-                    {
-                        d.settling.idle.notify_waiters();
-                    }
-                });
-                return;
-            }
-            let scope = Scope {
-                stream: &stream,
-                principal: req.principal().identity(),
-                settings: req.admission.settings(),
-            };
-            d.settle(claims, receipts, &scope).await;
+            d.settle(claims, receipts).await;
         }
     }
 }

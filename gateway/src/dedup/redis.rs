@@ -5,7 +5,8 @@
 //! `{prefix}dd:{stream}:{principal digest}:{n}` whose fields are the event keys (the key's kind
 //! byte and its bytes) and whose values are `p:{deadline}:{instance}:{boot}:{n}` while the
 //! original is in flight and `d:{partition}:{offset}` once it is stored. A hash `{…}:{digest}`
-//! beside them names the current generation and when it began. New keys go into the current
+//! beside them names the current generation and when it began (each generation also holds one
+//! empty field, made with it so that it expires from the start). New keys go into the current
 //! generation; a lookup asks the newest first. The current generation is closed when it holds
 //! half the principal's share (`dedup_principal_events`) or is half the stream's window
 //! (`dedup_window_ms`) old, and the one three generations back is dropped whole (`UNLINK`): so
@@ -69,29 +70,39 @@ local function spans(window, share)
   return math.max(1, math.ceil(window / (GENS - 1))), math.max(1, math.ceil(share / (GENS - 1)))
 end
 -- The current generation of the window at `base`: its key, its number, and how many keys its
--- closing forced out for the share.
+-- closing forced out for the share. A generation is made with its expiry and an empty field
+-- (so it exists, and expires, from the start: claims need not check), and the window's meta
+-- with it: while claims come, a generation is closed at least every span, renewing the meta;
+-- when they stop, the meta and the generations expire together.
 local function current(base, now, window, share)
   local span, cap = spans(window, share)
   local meta = redis.call('HMGET', base, 'n', 's')
   local n = tonumber(meta[1])
   local evicted = 0
+  local open = false
   if n == nil then
     n = 0
-    redis.call('HSET', base, 'n', 0, 's', now)
+    open = true
   else
-    local full = redis.call('HLEN', base .. ':' .. n) >= cap
+    local full = redis.call('HLEN', base .. ':' .. n) - 1 >= cap
     if full or now - tonumber(meta[2]) >= span then
       n = n + 1
+      open = true
       local old = base .. ':' .. (n - GENS)
       if full then
-        evicted = redis.call('HLEN', old)
+        evicted = math.max(0, redis.call('HLEN', old) - 1)
       end
       redis.call('UNLINK', old)
-      redis.call('HSET', base, 'n', n, 's', now)
     end
   end
-  redis.call('PEXPIRE', base, window + span)
-  return base .. ':' .. n, n, evicted
+  local cur = base .. ':' .. n
+  if open then
+    redis.call('HSET', base, 'n', n, 's', now)
+    redis.call('PEXPIRE', base, window + span)
+    redis.call('HSET', cur, '', '')
+    redis.call('PEXPIRE', cur, window + span)
+  end
+  return cur, n, evicted
 end
 local function keep(key, window, share)
   if redis.call('PTTL', key) < 0 then
@@ -157,15 +168,16 @@ for i = 1, nk do
 end
 if #pairs > 0 then
   hset(cur, pairs)
-  keep(cur, window, share)
 end
 return out
 ";
 
-/// Records stored keys. KEYS: a generation. ARGV: window_ms, share, then key, value pairs.
+/// Records stored keys. KEYS: a generation. ARGV: key, value pairs. A generation that is gone
+/// (dropped for the share, or expired) is not made again: its keys are forgotten anyway.
 const SETTLE: &str = r"
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-keep(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV))
+end
 return 0
 ";
 
@@ -316,6 +328,9 @@ pub struct RedisStore {
     scripts: Scripts,
     /// The queue of the claim task (started with the first claim).
     claims: std::sync::OnceLock<tokio::sync::mpsc::Sender<ClaimJob>>,
+    /// The queue of the settle task, and how many settlements it holds.
+    settles: std::sync::OnceLock<tokio::sync::mpsc::Sender<SettleJob>>,
+    settling: Settling,
 }
 
 fn unavailable(why: &str) -> Rejection {
@@ -348,6 +363,8 @@ impl RedisStore {
             announced: AtomicBool::new(false),
             scripts: Scripts::new(),
             claims: std::sync::OnceLock::new(),
+            settles: std::sync::OnceLock::new(),
+            settling: Settling::default(),
         })
     }
 
@@ -716,49 +733,104 @@ impl RedisStore {
         let _ = self.query::<()>(&pipe, "probe", metrics).await;
     }
 
+    /// Records the outcome of a request's claims: failed ones are released at once; stored
+    /// ones are queued for the settle task, which merges what queued meanwhile into one `HSET`
+    /// per generation. The producer's answer does not wait for it: a retry that comes first
+    /// finds the key claimed and waits, as for any original in flight. [`RedisStore::settled`]
+    /// waits until the queue is empty (a drain does).
     pub(crate) async fn settle(
-        &self,
+        self: &Arc<Self>,
         claims: Vec<Option<AnyToken>>,
         receipts: &[Receipt],
-        scope: &Scope<'_>,
         metrics: &DedupMetrics,
     ) {
-        let s = scope.settings;
-        // Per generation (nearly always one): the stored keys, and the failed ones.
-        let mut stored: Calls = Vec::new();
-        let mut failed: Calls = Vec::new();
+        // Per generation (nearly always one): the stored keys.
+        let mut jobs: Vec<SettleJob> = Vec::new();
+        let mut failed = Vec::new();
         for (i, claim) in claims.into_iter().enumerate() {
             let Some(AnyToken::Redis(t)) = claim else {
                 continue;
             };
             match receipts.get(i).and_then(Position::of) {
                 Some(p) => {
-                    let c = cmd_for(&mut stored, &t.generation, || {
-                        let mut c = self.scripts.settle.cmd(&[&t.generation]);
-                        c.arg(s.dedup_window_ms).arg(s.dedup_principal_events);
-                        c
-                    });
-                    c.arg(t.field()).arg(stored_value(p));
+                    let j = match jobs.iter().position(|j| j.generation == t.generation) {
+                        Some(j) => j,
+                        None => {
+                            jobs.push(SettleJob {
+                                generation: t.generation.clone(),
+                                pairs: Vec::new(),
+                            });
+                            jobs.len() - 1
+                        }
+                    };
+                    jobs[j].pairs.push((t.kind, t.bytes, stored_value(p)));
                 }
-                None => {
-                    let c = cmd_for(&mut failed, &t.generation, || {
-                        self.scripts.release.cmd(&[&t.generation])
-                    });
-                    c.arg(t.field()).arg(&*t.claim);
-                }
+                None => failed.push(Some(AnyToken::Redis(t))),
             }
         }
-        if stored.is_empty() && failed.is_empty() {
-            return;
+        if !failed.is_empty() {
+            self.release(failed, metrics).await;
+        }
+        for job in jobs {
+            self.settling.n.fetch_add(1, Ordering::SeqCst);
+            let queue = self.settles_queue(metrics);
+            if queue.send(job).await.is_err() {
+                self.settled_one();
+            }
+        }
+    }
+
+    fn settles_queue(
+        self: &Arc<Self>,
+        metrics: &DedupMetrics,
+    ) -> &tokio::sync::mpsc::Sender<SettleJob> {
+        self.settles.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(CLAIM_QUEUE);
+            tokio::spawn(settle_loop(Arc::downgrade(self), rx, metrics.clone()));
+            tx
+        })
+    }
+
+    fn settled_one(&self) {
+        if self.settling.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.settling.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until every queued settlement was sent to Redis (or failed).
+    pub(crate) async fn settled(&self) {
+        loop {
+            let idle = self.settling.idle.notified();
+            if self.settling.n.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Records one group of settlements: one script call per generation and [`CHUNK`] keys.
+    async fn settle_group(&self, jobs: Vec<SettleJob>, metrics: &DedupMetrics) {
+        let mut calls: Calls = Vec::new();
+        for job in &jobs {
+            for (kind, bytes, value) in &job.pairs {
+                cmd_for(&mut calls, &job.generation, || {
+                    self.scripts.settle.cmd(&[&job.generation])
+                })
+                .arg(Field(*kind, bytes))
+                .arg(value);
+            }
         }
         let mut pipe = redis::pipe();
-        for (_, _, c) in stored.into_iter().chain(failed) {
+        for (_, _, c) in calls {
             pipe.add_command(c).ignore();
         }
         if let Err(why) = self.query::<()>(&pipe, "settle", metrics).await {
             // The events are stored; their keys stay pending until PENDING_TTL_MS, so a retry
             // meanwhile waits and is then answered 503; after it, a retry is appended.
             tracing::warn!(error = %why, "could not record stored events in the dedup store; their retries may be stored again after 60 s");
+        }
+        for _ in &jobs {
+            self.settled_one();
         }
     }
 
@@ -975,6 +1047,54 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The stored keys of one request in one generation, to be recorded.
+struct SettleJob {
+    generation: Arc<str>,
+    pairs: Vec<(u8, bytes::Bytes, String)>,
+}
+
+/// The settle task: like [`claim_loop`], takes what queued and records it in one pipeline.
+async fn settle_loop(
+    store: std::sync::Weak<RedisStore>,
+    mut rx: tokio::sync::mpsc::Receiver<SettleJob>,
+    metrics: DedupMetrics,
+) {
+    let Some(connections) = store.upgrade().map(|s| s.slots.len()) else {
+        return;
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(connections));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < CLAIM_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            store.settle_group(jobs, &metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Settlements queued and not yet sent.
+#[derive(Default)]
+struct Settling {
+    n: AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
 /// One script call of a group: its window's base and the (request, key) pairs it claims.
