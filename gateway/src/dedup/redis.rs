@@ -1036,8 +1036,28 @@ impl RedisStore {
         .await;
         match answered {
             Ok(found) => {
+                let mut orphans = Vec::new();
                 for (job, found) in jobs.into_iter().zip(found) {
-                    let _ = job.reply.send(Ok(found));
+                    // A request that stopped waiting (its deadline passed) leaves the keys it
+                    // claimed to nobody: release them, so its retry need not wait for the
+                    // claims' expiry.
+                    if let Err(Ok(found)) = job.reply.send(Ok(found)) {
+                        orphans.extend(job.keys.into_iter().zip(found).filter_map(
+                            |((kind, bytes, _), f)| {
+                                f.value.is_none().then(|| {
+                                    Some(AnyToken::Redis(Token {
+                                        generation: f.generation,
+                                        kind,
+                                        bytes,
+                                        claim: f.claim,
+                                    }))
+                                })
+                            },
+                        ));
+                    }
+                }
+                if !orphans.is_empty() {
+                    self.release(orphans, metrics).await;
                 }
             }
             Err(why) => {
