@@ -556,7 +556,12 @@ impl RedisStore {
     ) -> &tokio::sync::mpsc::Sender<ClaimJob> {
         self.claims.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(CLAIM_QUEUE);
-            tokio::spawn(claim_loop(Arc::downgrade(self), rx, metrics.clone()));
+            tokio::spawn(group_loop(
+                Arc::downgrade(self),
+                rx,
+                metrics.clone(),
+                |store, jobs, metrics| async move { store.claim_group(jobs, &metrics).await },
+            ));
             tx
         })
     }
@@ -786,7 +791,12 @@ impl RedisStore {
     ) -> &tokio::sync::mpsc::Sender<SettleJob> {
         self.settles.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(CLAIM_QUEUE);
-            tokio::spawn(settle_loop(Arc::downgrade(self), rx, metrics.clone()));
+            tokio::spawn(group_loop(
+                Arc::downgrade(self),
+                rx,
+                metrics.clone(),
+                |store, jobs, metrics| async move { store.settle_group(jobs, &metrics).await },
+            ));
             tx
         })
     }
@@ -899,15 +909,20 @@ struct Found {
     value: Option<Vec<u8>>,
 }
 
-/// The claim task: takes the first queued request, then whatever else has queued (up to
-/// [`CLAIM_GROUP`]), and runs them as one pipeline of script calls — one per stream and
-/// principal, [`CHUNK`] keys at most each — on its own task, so that up to
-/// `dedup.redis.connections` groups are in flight at once. Ends when the store is dropped.
-async fn claim_loop(
+/// The claim and the settle tasks: each takes the first queued job, then whatever else has
+/// queued meanwhile (up to [`CLAIM_GROUP`]), and runs them as one group — one pipeline — on a
+/// task of its own, so that up to `dedup.redis.connections` groups are in flight at once. Ends
+/// when the store is dropped.
+async fn group_loop<J, F, Fut>(
     store: std::sync::Weak<RedisStore>,
-    mut rx: tokio::sync::mpsc::Receiver<ClaimJob>,
+    mut rx: tokio::sync::mpsc::Receiver<J>,
     metrics: DedupMetrics,
-) {
+    run: F,
+) where
+    J: Send + 'static,
+    F: Fn(Arc<RedisStore>, Vec<J>, DedupMetrics) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let Some(connections) = store.upgrade().map(|s| s.slots.len()) else {
         return;
     };
@@ -929,9 +944,9 @@ async fn claim_loop(
         let Some(store) = store.upgrade() else {
             return;
         };
-        let metrics = metrics.clone();
+        let group = run(store, jobs, metrics.clone());
         tokio::spawn(async move {
-            store.claim_group(jobs, &metrics).await;
+            group.await;
             drop(permit);
         });
     }
@@ -1073,41 +1088,6 @@ impl RedisStore {
 struct SettleJob {
     generation: Arc<str>,
     pairs: Vec<(u8, bytes::Bytes, String)>,
-}
-
-/// The settle task: like [`claim_loop`], takes what queued and records it in one pipeline.
-async fn settle_loop(
-    store: std::sync::Weak<RedisStore>,
-    mut rx: tokio::sync::mpsc::Receiver<SettleJob>,
-    metrics: DedupMetrics,
-) {
-    let Some(connections) = store.upgrade().map(|s| s.slots.len()) else {
-        return;
-    };
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(connections));
-    loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < CLAIM_GROUP {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            store.settle_group(jobs, &metrics).await;
-            drop(permit);
-        });
-    }
 }
 
 /// Settlements queued and not yet sent.
