@@ -17,6 +17,8 @@
 #                  not enabled) and haproxy (the load balancer in front of two gateways)
 #   --with-schemathesis also install schemathesis (PyPI, pinned) in its own virtualenv under
 #                  target/tools/schemathesis (the OpenAPI contract check of scripts/schemathesis.sh)
+#   --with-wrk     also install Debian's wrk (the second, independent HTTP load generator of
+#                  loadtest/bench-all.sh; not needed by the tests)
 #   --for-tests    everything the test suite needs (all of the above, and a check that Node.js
 #                  is 20 or later for the JavaScript client's tests)
 set -euo pipefail
@@ -25,6 +27,7 @@ with_tansu=0
 with_grpcio=0
 with_browser=0
 with_mqtt=0
+with_wrk=0
 with_prometheus=0
 with_redis=0
 with_schemathesis=0
@@ -35,11 +38,12 @@ for arg in "$@"; do
     --with-grpcio) with_grpcio=1 ;;
     --with-browser) with_browser=1 ;;
     --with-mqtt) with_mqtt=1 ;;
+    --with-wrk) with_wrk=1 ;;
     --with-prometheus) with_prometheus=1 ;;
     --with-redis) with_redis=1 ;;
     --with-schemathesis) with_schemathesis=1 ;;
     --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1; with_node=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-prometheus] [--with-redis] [--with-schemathesis] [--for-tests]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-wrk] [--with-prometheus] [--with-redis] [--with-schemathesis] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -85,6 +89,9 @@ fi
 if [ "$with_browser" -eq 1 ]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fi
+if [ "$with_wrk" -eq 1 ]; then
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 fi
 if [ "$with_mqtt" -eq 1 ]; then
   command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
