@@ -317,17 +317,50 @@ impl Dedup {
         let principal = req.principal().identity().clone();
         let mut events = std::mem::take(&mut req.events);
         let materials: Vec<Option<Material>> = events.iter().map(|e| Material::of(&s, e)).collect();
-        // The same key twice in one request: the later ones are answered like the first.
-        let mut first_of: HashMap<&Material, usize> = HashMap::with_capacity(materials.len());
+        // The same key twice in one request: the later ones are answered like the first. The
+        // embedded window finds them by the digests it keys its table with (computed once, and
+        // keyed, so a request of colliding keys cannot make this quadratic); Redis by the keys.
         let mut same = vec![None; materials.len()];
         let mut unique: Vec<(usize, &Material)> = Vec::with_capacity(materials.len());
-        for (i, m) in materials.iter().enumerate() {
-            if let Some(m) = m {
-                match first_of.get(m) {
-                    Some(&j) => same[i] = Some(j),
-                    None => {
-                        first_of.insert(m, i);
-                        unique.push((i, m));
+        let mut digests: Option<Vec<memory::Key>> = None;
+        match &self.store {
+            Store::Memory(w) => {
+                let key = w.keys(&stream, principal.as_bytes());
+                let mut first_of: HashMap<
+                    memory::Key,
+                    usize,
+                    std::hash::BuildHasherDefault<memory::DigestHasher>,
+                > = HashMap::with_capacity_and_hasher(materials.len(), Default::default());
+                let mut unique_digests = Vec::with_capacity(materials.len());
+                for (i, m) in materials.iter().enumerate() {
+                    if let Some(m) = m {
+                        let d = key(m);
+                        match first_of.entry(d) {
+                            std::collections::hash_map::Entry::Occupied(e) => {
+                                same[i] = Some(*e.get());
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(i);
+                                unique.push((i, m));
+                                unique_digests.push(d);
+                            }
+                        }
+                    }
+                }
+                digests = Some(unique_digests);
+            }
+            Store::Redis(_) => {
+                let mut first_of: HashMap<&Material, usize> =
+                    HashMap::with_capacity(materials.len());
+                for (i, m) in materials.iter().enumerate() {
+                    if let Some(m) = m {
+                        match first_of.get(m) {
+                            Some(&j) => same[i] = Some(j),
+                            None => {
+                                first_of.insert(m, i);
+                                unique.push((i, m));
+                            }
+                        }
                     }
                 }
             }
@@ -338,7 +371,7 @@ impl Dedup {
             settings: &s,
         };
         let keys: Vec<&Material> = unique.iter().map(|(_, m)| *m).collect();
-        let claims = self.claim(&scope, &keys).await?;
+        let claims = self.claim(&scope, &keys, digests).await?;
         let deadline = Instant::now() + WAIT_FOR_ORIGINAL;
         // Claims made so far, released if this returns early (a wait past its deadline, Redis
         // failing on a second claim), so no key is left claimed by nobody.
@@ -364,7 +397,7 @@ impl Dedup {
                             // The original failed (its claim was released): claim again.
                             Ok(None) => {
                                 claim = self
-                                    .claim(&scope, &[*m])
+                                    .claim(&scope, &[*m], None)
                                     .await?
                                     .pop()
                                     .expect("one claim per key");
@@ -413,9 +446,14 @@ impl Dedup {
         })
     }
 
-    async fn claim(&self, scope: &Scope<'_>, keys: &[&Material]) -> Result<Vec<Claim>, Rejection> {
+    async fn claim(
+        &self,
+        scope: &Scope<'_>,
+        keys: &[&Material],
+        digests: Option<Vec<memory::Key>>,
+    ) -> Result<Vec<Claim>, Rejection> {
         match &self.store {
-            Store::Memory(w) => Ok(w.claim(scope, keys, &self.metrics)),
+            Store::Memory(w) => Ok(w.claim(scope, keys, digests, &self.metrics)),
             Store::Redis(r) => r.claim(scope, keys, &self.metrics).await,
         }
     }
