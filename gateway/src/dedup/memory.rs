@@ -457,7 +457,11 @@ impl Window {
     /// The digests of keys of one stream and principal: stream, principal identity, kind and
     /// the key's bytes, each length-prefixed so no two tuples share an encoding; the hashers'
     /// state after the stream and the principal is computed once.
-    pub(crate) fn keys(&self, stream: &str, principal: &[u8]) -> impl Fn(&Material) -> Key + use<> {
+    pub(crate) fn keys(
+        &self,
+        stream: &str,
+        principal: &[u8],
+    ) -> impl Fn(&Material<'_>) -> Key + use<> {
         let prefix = |state: &RandomState| {
             let mut h = state.build_hasher();
             h.write_usize(stream.len());
@@ -473,14 +477,14 @@ impl Window {
         let a = prefix(&self.hashers.0);
         let seed = prefix(&self.hashers.1).finish();
         let b = foldhash::fast::FixedState::with_seed(seed);
-        move |m: &Material| {
+        move |m: &Material<'_>| {
             let mut h = a.clone();
             h.write_u8(m.kind);
             h.write_usize(m.bytes.len());
-            h.write(&m.bytes);
+            h.write(m.bytes);
             let mut f = b.build_hasher();
             f.write_u8(m.kind);
-            f.write(&m.bytes);
+            f.write(m.bytes);
             Key([h.finish(), f.finish()])
         }
     }
@@ -490,7 +494,7 @@ impl Window {
     pub(crate) fn claim(
         &self,
         scope: &Scope<'_>,
-        keys: &[&Material],
+        keys: &[&Material<'_>],
         digests: Option<Vec<Key>>,
         metrics: &DedupMetrics,
     ) -> Vec<Claim> {
@@ -600,7 +604,7 @@ impl Window {
         &self,
         stream: &Arc<str>,
         principal: &[u8],
-        m: &Material,
+        m: &Material<'_>,
         position: Position,
         ts_ms: i64,
         s: &StreamSettings,

@@ -58,24 +58,25 @@ impl Position {
 /// What identifies one event within its stream and principal: the kind (`i` for ids, `k` for
 /// request keys, `m` for MQTT packets) and the key's bytes. `replace`: a new MQTT publish
 /// reusing a packet id takes the key over from the earlier publish instead of being its
-/// duplicate.
+/// duplicate. Borrowed from the event: the embedded window needs only its digest, Redis copies
+/// what it keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Material {
+pub(crate) struct Material<'a> {
     kind: u8,
-    bytes: bytes::Bytes,
+    bytes: &'a [u8],
     replace: bool,
 }
 
-impl Material {
+impl<'a> Material<'a> {
     /// The key of `event`, if the stream's `dedup_keys` give it one: its `id`, or the request
     /// key the adapter marked it with ([`IDEMPOTENCY_HEADER`]).
-    fn of(s: &StreamSettings, event: &Event) -> Option<Self> {
+    fn of(s: &StreamSettings, event: &'a Event) -> Option<Self> {
         if s.dedup_keys.id
             && let Some(id) = event.id.as_ref().filter(|id| !id.is_empty())
         {
             return Some(Material {
                 kind: b'i',
-                bytes: id.clone(),
+                bytes: id,
                 replace: false,
             });
         }
@@ -92,17 +93,17 @@ impl Material {
         {
             return Some(Material {
                 kind: b'k',
-                bytes: k.clone(),
+                bytes: k,
                 replace: false,
             });
         }
         if s.dedup_keys.mqtt_packet
             && let Some(v) = header(sluice_core::MQTT_PACKET_HEADER)
-            && let Some((&flag, _)) = v.split_first()
+            && let Some((&flag, rest)) = v.split_first()
         {
             return Some(Material {
                 kind: b'm',
-                bytes: v.slice(1..),
+                bytes: rest,
                 replace: flag == b'n',
             });
         }
@@ -112,13 +113,13 @@ impl Material {
     /// The key of an event read back from the log.
     pub(crate) fn of_record(
         s: &StreamSettings,
-        id: Option<&[u8]>,
-        request_key: Option<&[u8]>,
-        mqtt_packet: Option<&[u8]>,
+        id: Option<&'a [u8]>,
+        request_key: Option<&'a [u8]>,
+        mqtt_packet: Option<&'a [u8]>,
     ) -> Option<Self> {
-        let m = |kind, b: &[u8]| Material {
+        let m = |kind, bytes: &'a [u8]| Material {
             kind,
-            bytes: bytes::Bytes::copy_from_slice(b),
+            bytes,
             replace: false,
         };
         match (id.filter(|id| !id.is_empty()), request_key, mqtt_packet) {
@@ -449,7 +450,7 @@ impl Dedup {
     async fn claim(
         &self,
         scope: &Scope<'_>,
-        keys: &[&Material],
+        keys: &[&Material<'_>],
         digests: Option<Vec<memory::Key>>,
     ) -> Result<Vec<Claim>, Rejection> {
         match &self.store {

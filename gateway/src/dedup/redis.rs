@@ -281,9 +281,9 @@ impl ToRedisArgs for Field<'_> {
     }
 }
 
-impl Material {
+impl Material<'_> {
     fn field(&self) -> Field<'_> {
-        Field(self.kind, &self.bytes)
+        Field(self.kind, self.bytes)
     }
 }
 
@@ -500,7 +500,7 @@ impl RedisStore {
     pub(crate) async fn claim(
         self: &Arc<Self>,
         scope: &Scope<'_>,
-        keys: &[&Material],
+        keys: &[&Material<'_>],
         metrics: &DedupMetrics,
     ) -> Result<Vec<Claim>, Rejection> {
         if keys.is_empty() {
@@ -508,6 +508,20 @@ impl RedisStore {
         }
         let s = scope.settings;
         let base: Arc<str> = Arc::from(self.base(scope.stream, scope.principal.as_bytes()));
+        // The keys' bytes, copied once into one buffer that the job and the tokens share.
+        let mut buf = bytes::BytesMut::with_capacity(keys.iter().map(|m| m.bytes.len()).sum());
+        for m in keys {
+            buf.extend_from_slice(m.bytes);
+        }
+        let buf = buf.freeze();
+        let mut at = 0;
+        let owned: Vec<bytes::Bytes> = keys
+            .iter()
+            .map(|m| {
+                at += m.bytes.len();
+                buf.slice(at - m.bytes.len()..at)
+            })
+            .collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = ClaimJob {
             base: base.clone(),
@@ -515,7 +529,8 @@ impl RedisStore {
             share: s.dedup_principal_events,
             keys: keys
                 .iter()
-                .map(|m| (m.kind, m.bytes.clone(), m.replace))
+                .zip(&owned)
+                .map(|(m, b)| (m.kind, b.clone(), m.replace))
                 .collect(),
             reply,
         };
@@ -530,12 +545,12 @@ impl RedisStore {
             _ => return Err(unavailable("no answer to the claims")),
         };
         let mut claims = Vec::with_capacity(keys.len());
-        for (m, f) in keys.iter().zip(found) {
+        for ((m, f), bytes) in keys.iter().zip(found).zip(owned) {
             claims.push(match f.value {
                 None => Claim::New(AnyToken::Redis(Token {
                     generation: f.generation,
                     kind: m.kind,
-                    bytes: m.bytes.clone(),
+                    bytes,
                     claim: f.claim,
                 })),
                 Some(v) => match parse(&String::from_utf8_lossy(&v)) {
@@ -571,7 +586,7 @@ impl RedisStore {
     async fn locate(
         &self,
         base: &str,
-        m: &Material,
+        m: &Material<'_>,
         v: &[u8],
         metrics: &DedupMetrics,
     ) -> Result<Held, Rejection> {
@@ -599,7 +614,7 @@ impl RedisStore {
         Ok(Held {
             generation: Arc::from(format!("{base}:{g}")),
             kind: m.kind,
-            bytes: m.bytes.clone(),
+            bytes: bytes::Bytes::copy_from_slice(m.bytes),
         })
     }
 
@@ -681,8 +696,8 @@ impl RedisStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         // Per window: its settings and the (key, value) pairs, oldest first.
-        type Pairs = (u64, u64, Vec<(Material, String)>);
-        let mut windows: HashMap<String, Pairs> = HashMap::new();
+        type Pairs<'a> = (u64, u64, Vec<(Material<'a>, String)>);
+        let mut windows: HashMap<String, Pairs<'_>> = HashMap::new();
         for e in events {
             let Some(m) = Material::of_record(
                 &e.settings,
