@@ -2,8 +2,11 @@
 //! (`dedup_principal_events`), by the stream's window (`dedup_window_events`) and by the whole
 //! window (`dedup.max_entries`), oldest first in each, and by time (`dedup_window_ms`).
 //!
-//! Keys are 128-bit SipHash digests under keys chosen at random at start, so a producer cannot
-//! make two of its keys collide, and every entry costs the same: 40 bytes in the table (the
+//! Keys are 128-bit digests: 64 bits of SipHash under a key chosen at random at start (which
+//! places the key in the table, so a producer cannot aim its keys at one spot of it) and 64 bits
+//! of foldhash seeded per stream and principal from a second random SipHash key (so a producer
+//! cannot make two of its keys collide without colliding both), and every entry costs the same:
+//! 40 bytes in the table (the
 //! digest, a sequence number, the owner's index and the position) plus 32 in each of two FIFOs.
 //! The table is where the time goes (a cache miss per lookup once it outgrows the caches), so
 //! its slots are kept small: the (stream, principal) owning a key is an index into a table of
@@ -24,8 +27,8 @@ use super::{
     Claim, DedupMetrics, EvictLabels, Material, Position, Scope, Token as AnyToken, Waiter,
 };
 
-/// A key's digest: 128 bits of keyed SipHash, so uniformly distributed and out of a
-/// producer's control.
+/// A key's digest: keyed SipHash (the table's hash) and seeded foldhash, 64 bits each, so
+/// uniformly distributed and out of a producer's control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Key([u64; 2]);
 
