@@ -6,8 +6,8 @@
 #   WebSocket 10 and 1 events per frame         peer: MQTT QoS 1 over the same 100 connections
 #   MQTT QoS 1                                  peer: Mosquitto (Debian's, persistence off)
 #   HTTP -> Kafka (Tansu)                       peer: a direct rdkafka producer into the same Tansu
-# For each: the closed-loop maximum, then (where the generator has an open loop: HTTP, WebSocket,
-# MQTT) p50 / p99 / p99.9 at half that maximum.
+# For each: the closed-loop maximum, then (where the generator has an open loop: HTTP, gRPC,
+# WebSocket, MQTT; not the direct Kafka producer) p50 / p99 / p99.9 at half that maximum.
 #
 #   loadtest/bench-all.sh [SECONDS] [CPUS]
 # SECONDS per measurement (default 5, after 1 s of warm-up); CPUS pins the gateway and the peer
@@ -165,6 +165,10 @@ run grpc-stream sluice max -- grpc --url "http://$grpc" --stream bench --mode st
   --in-flight 16 --events-per-request 100 --payload-bytes 100
 run grpc-unary sluice max -- grpc --url "http://$grpc" --stream bench --mode unary --connections 16 \
   --calls-per-connection 4 --events-per-request 1 --payload-bytes 100
+run grpc-stream sluice half -- grpc --url "http://$grpc" --stream bench --mode stream --connections 4 \
+  --in-flight 16 --events-per-request 100 --payload-bytes 100 --rate $(( $(rate_of grpc-stream sluice) / 2 ))
+run grpc-unary sluice half -- grpc --url "http://$grpc" --stream bench --mode unary --connections 16 \
+  --calls-per-connection 4 --events-per-request 1 --payload-bytes 100 --rate $(( $(rate_of grpc-unary sluice) / 2 ))
 
 echo "bench-all: WebSocket and MQTT" >&2
 W="ws://$http/v1/streams/bench/ws"

@@ -181,6 +181,10 @@ struct GrpcArgs {
     duration_secs: f64,
     #[arg(long, default_value_t = 2.0)]
     warmup_secs: f64,
+    /// Target calls (unary) or batches (stream) per second over all connections (open loop;
+    /// latency counted from each call's intended start); 0 = closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     #[arg(long)]
     json: bool,
 }
@@ -831,6 +835,14 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
     let measure_from = start + Duration::from_secs_f64(a.warmup_secs);
     let end = measure_from + Duration::from_secs_f64(a.duration_secs);
     let mut tasks = Vec::new();
+    let lanes_total = if a.mode == "unary" {
+        a.connections * a.calls_per_connection
+    } else {
+        a.connections
+    };
+    // Open loop: each lane (a unary caller, or a stream's feeder) sends on its own schedule.
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(lanes_total as f64 / a.rate));
+    let mut lane_no = 0usize;
     for _ in 0..a.connections {
         let channel = tonic::transport::Channel::from_shared(a.url.clone())?
             .connect()
@@ -846,12 +858,34 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
         };
         for _ in 0..lanes {
             let (mut client, a, events) = (client.clone(), a.clone(), events.clone());
+            // Spread the lanes' schedules evenly over one interval.
+            let first = start
+                + interval.map_or(Duration::ZERO, |i| {
+                    i.mul_f64(lane_no as f64 / lanes_total as f64)
+                });
+            lane_no += 1;
             tasks.push(tokio::spawn(async move {
-                tokio::time::sleep_until(start.into()).await;
+                tokio::time::sleep_until(first.into()).await;
                 let mut t = Tally::new()?;
+                let mut due = first;
+                // The next send's intended time: now (closed loop) or its slot (open loop).
+                let mut next = move || match interval {
+                    Some(i) => {
+                        let d = due;
+                        due += i;
+                        d
+                    }
+                    None => Instant::now(),
+                };
                 if a.mode == "unary" {
-                    while Instant::now() < end {
-                        let sent = Instant::now();
+                    loop {
+                        let sent = next();
+                        if sent >= end {
+                            break;
+                        }
+                        if sent > Instant::now() {
+                            tokio::time::sleep_until(sent.into()).await;
+                        }
                         let r = client
                             .publish(pb::PublishRequest {
                                 stream: a.stream.clone(),
@@ -881,6 +915,13 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                     let (sent_at, window, a) = (sent_at.clone(), window.clone(), a.clone());
                     tokio::spawn(async move {
                         for seq in 0u64.. {
+                            let intended = next();
+                            if intended >= end {
+                                break;
+                            }
+                            if intended > Instant::now() {
+                                tokio::time::sleep_until(intended.into()).await;
+                            }
                             let Ok(p) = window.clone().acquire_owned().await else {
                                 break;
                             };
@@ -888,7 +929,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
                             if Instant::now() >= end {
                                 break;
                             }
-                            sent_at.lock().unwrap().push_back(Instant::now());
+                            sent_at.lock().unwrap().push_back(intended);
                             let batch = pb::PublishStreamRequest {
                                 sequence: seq,
                                 stream: a.stream.clone(),
@@ -936,6 +977,7 @@ async fn grpc(a: GrpcArgs) -> Result<()> {
     let h = &total.hist;
     let report = serde_json::json!({
         "mode": format!("grpc-{}", a.mode),
+        "target_rate": a.rate,
         "connections": a.connections,
         "calls_per_connection": a.calls_per_connection,
         "in_flight": a.in_flight,
