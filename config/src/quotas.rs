@@ -61,6 +61,32 @@ pub struct QuotasConfig {
     /// For each scope, the first rule matching the request's stream and principal applies; the
     /// three scopes all apply.
     pub rules: Vec<QuotaRule>,
+    /// How rules with `cluster = true` are shared by the gateways (docs/quotas.md).
+    pub cluster: ClusterQuotas,
+}
+
+/// `[quotas.cluster]`: rules with `cluster = true` count against one bucket per key in the
+/// Redis of the state store (`[dedup.redis]`), shared by every gateway pointing at it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterQuotas {
+    /// How many gateways share the quotas until Redis says how many do (each gateway says so
+    /// every second): while Redis cannot be reached, each gateway admits `rate / gateways`.
+    pub gateways: u32,
+    /// `0`: every check takes exactly what the request needs from Redis (one round trip per
+    /// request and rule). Otherwise a gateway takes a lease of `rate × lease_ms / 1000 /
+    /// gateways` tokens at once and spends it locally for up to `lease_ms`, giving back what
+    /// it did not use with its next call.
+    pub lease_ms: u64,
+}
+
+impl Default for ClusterQuotas {
+    fn default() -> Self {
+        Self {
+            gateways: 1,
+            lease_ms: 100,
+        }
+    }
 }
 
 impl Default for QuotasConfig {
@@ -70,6 +96,7 @@ impl Default for QuotasConfig {
             max_tracked_keys: 100_000,
             metrics_principals: Vec::new(),
             rules: Vec::new(),
+            cluster: ClusterQuotas::default(),
         }
     }
 }
@@ -100,6 +127,10 @@ pub struct QuotaRule {
     pub burst_bytes: Option<u32>,
     #[serde(default)]
     pub policy: QuotaPolicy,
+    /// Shared by every gateway on the same Redis (`[quotas.cluster]`); needs
+    /// `dedup.store = "redis"`.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Config {
@@ -128,7 +159,25 @@ impl Config {
             if r.burst_bytes.is_some() && r.bytes_per_sec.is_none() {
                 p.add(at("burst_bytes"), "needs bytes_per_sec");
             }
+            if r.cluster && self.dedup.store != crate::DedupStore::Redis {
+                p.add(
+                    at("cluster"),
+                    "a cluster-wide quota lives in the state store the gateways share: set dedup.store = \"redis\"",
+                );
+            }
         }
+        p.in_range(
+            "quotas.cluster.gateways",
+            u64::from(self.quotas.cluster.gateways),
+            1,
+            10_000,
+        );
+        p.in_range(
+            "quotas.cluster.lease_ms",
+            self.quotas.cluster.lease_ms,
+            0,
+            10_000,
+        );
         if self.quotas.max_tracked_keys == 0 {
             p.add("quotas.max_tracked_keys", "must be at least 1");
         }

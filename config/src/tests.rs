@@ -778,3 +778,19 @@ fn proxy_settings_parse_and_are_checked() {
     .to_string();
     assert!(err.contains("forwarding headers are HTTP's"), "{err}");
 }
+
+#[test]
+fn a_cluster_wide_quota_needs_redis_as_the_state_store() {
+    let rule = "[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 10\ncluster = true\n";
+    let p = problems(rule);
+    assert!(
+        p.iter()
+            .any(|p| p.path == "quotas.rules[0].cluster" && p.message.contains("dedup.store")),
+        "{p:?}"
+    );
+    Config::from_toml_str(&format!("{rule}[dedup]\nstore = \"redis\"\n"), "t", no_env())
+        .expect("with Redis it is valid");
+    let p = problems("[quotas.cluster]\ngateways = 0\nlease_ms = 60000\n");
+    let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["quotas.cluster.gateways", "quotas.cluster.lease_ms"]);
+}

@@ -18,7 +18,7 @@ use sluice_core::{
 use sluice_auth::Swap;
 
 use crate::dedup::{Dedup, Plan, Tickets};
-use crate::quota::{Quotas, Verdict};
+use crate::quota::{Cluster, Quotas, Verdict};
 use crate::schema::{
     Invalid, InvalidLabels, SCHEMA_HEADER, SchemaMetrics, Schemas, StreamLabel, StreamSchema,
 };
@@ -37,10 +37,17 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(streams: &StreamsConfig, quotas: &QuotasConfig, schemas: Schemas) -> Self {
+    /// `cluster`: what rules with `cluster = true` share their buckets through (with Redis as
+    /// the state store).
+    pub fn new(
+        streams: &StreamsConfig,
+        quotas: &QuotasConfig,
+        schemas: Schemas,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
         Self {
             streams: streams.clone(),
-            quotas: Quotas::new(quotas),
+            quotas: Quotas::new(quotas, cluster),
             max_delay: Duration::from_millis(quotas.max_delay_ms),
             metrics_principals: quotas.metrics_principals.iter().cloned().collect(),
             schemas: Arc::new(schemas),
@@ -67,6 +74,8 @@ pub struct Gateway {
     /// Rendered records near the end of each stream, shared by its readers.
     read_cache: crate::read::Caches,
     schema_metrics: SchemaMetrics,
+    /// What cluster-wide quota rules share (with Redis as the state store).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Gateway {
@@ -85,8 +94,18 @@ impl Gateway {
         dedup: Arc<Dedup>,
         schemas: Schemas,
     ) -> Self {
+        // Cluster-wide quota rules share their buckets through the state store's Redis.
+        let cluster = dedup.redis_store().map(|store| {
+            Arc::new(Cluster::new(
+                store,
+                &quotas.cluster,
+                dedup.metrics().clone(),
+                crate::quota::ClusterMetrics::default(),
+            ))
+        });
         Self {
-            policy: Swap::new(Policy::new(&streams, quotas, schemas)),
+            policy: Swap::new(Policy::new(&streams, quotas, schemas, cluster.clone())),
+            cluster,
             schema_metrics: SchemaMetrics::default(),
             sink,
             budget: Budget::new(max_in_flight_bytes),
@@ -97,6 +116,11 @@ impl Gateway {
             dedup,
             read_cache: crate::read::Caches::new(),
         }
+    }
+
+    /// What cluster-wide quota rules share, if Redis is the state store.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.clone()
     }
 
     /// The schema step's metrics (registered by the app).
@@ -221,12 +245,15 @@ impl Gateway {
         let mut admitted = 0;
         let mut delayed = false;
         loop {
-            let v = policy.quotas.check(
-                principal.name(),
-                principal.identity(),
-                stream,
-                &sizes[admitted..],
-            );
+            let v = policy
+                .quotas
+                .check(
+                    principal.name(),
+                    principal.identity(),
+                    stream,
+                    &sizes[admitted..],
+                )
+                .await;
             admitted += v.admitted;
             let done = admitted == sizes.len()
                 || v.policy != QuotaPolicy::Delay
@@ -272,13 +299,16 @@ impl Ingest for Gateway {
             return Ok(batch);
         }
         let sizes: Vec<usize> = batch.records.iter().map(|r| r.size).collect();
-        let v = policy.quotas.check_on(
-            sluice_config::QuotaDirection::Consume,
-            principal.name(),
-            principal.identity(),
-            stream.as_str(),
-            &sizes,
-        );
+        let v = policy
+            .quotas
+            .check_on(
+                sluice_config::QuotaDirection::Consume,
+                principal.name(),
+                principal.identity(),
+                stream.as_str(),
+                &sizes,
+            )
+            .await;
         if v.admitted == 0 {
             let scope = v.scope.map_or("", |s| s.as_str());
             return Err(sluice_core::ReadError::Rejected(Rejection::OverQuota {

@@ -225,6 +225,16 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
         dedup,
         schemas,
     ));
+    // With Redis as the state store, every gateway on it says once a second that it shares
+    // cluster-wide quotas, which tells each how many do.
+    if let Some(c) = gateway.cluster() {
+        c.metrics().register(&mut registry);
+        every(
+            crate::quota::MEMBERS_EVERY,
+            Arc::downgrade(&c),
+            |c| async move { c.announce(false).await },
+        );
+    }
     gateway.schema_metrics().register(&mut registry);
     // Idle streams' expired dedup keys are freed now and then.
     every(
@@ -827,6 +837,10 @@ impl Running {
         // Dedup settlements that run after their answers (Redis): recorded before exiting, so
         // a retry after the restart is recognised without waiting for the claims to expire.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.gateway.dedup().settled()).await;
+        // The other gateways' local shares (should Redis go away) count one gateway less.
+        if let Some(c) = self.gateway.cluster() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), c.announce(true)).await;
+        }
         if !in_time {
             tracing::warn!(
                 in_flight_bytes = self.gateway.in_flight_bytes(),

@@ -79,8 +79,12 @@ impl Reloader {
             // the background refresh goes on).
             let _ = tokio::time::timeout(r.deadline() * 2, r.refresh()).await;
         }
-        self.gateway
-            .reload(Policy::new(&config.streams, &config.quotas, schemas));
+        self.gateway.reload(Policy::new(
+            &config.streams,
+            &config.quotas,
+            schemas,
+            self.gateway.cluster(),
+        ));
         sluice_protocols::grpc::codec::set_max_events(config.streams.max_events_per_request());
         self.gateway
             .budget()

@@ -215,6 +215,45 @@ keep(cur, window, share)
 return 0
 ";
 
+/// A cluster-wide quota bucket (GCRA on Redis's clock): KEYS[1] holds the bucket's theoretical
+/// arrival time in microseconds since 2026-01-01T00:00:00Z (an epoch near
+/// now, so a double resolves nanoseconds). ARGV: the emission interval T (µs per token), the tolerance τ (burst × T, µs),
+/// tokens wanted, tokens given back (a lease's unused rest). Grants as many as fit, up to the
+/// wanted number (a partial grant), and answers `{granted, TAT - now in µs}`; the caller
+/// computes what is left and when the next token fits from T and τ.
+const QUOTA_TAKE: &str = r"
+local t = redis.call('TIME')
+local now = (tonumber(t[1]) - 1767225600) * 1000000 + tonumber(t[2])
+local T = tonumber(ARGV[1])
+local tau = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local back = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if back > 0 then tat = tat - back * T end
+if tat < now then tat = now end
+local fit = math.floor((now + tau - tat) / T + 1e-9)
+local granted = math.max(0, math.min(want, fit))
+tat = tat + granted * T
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {granted, string.format('%.3f', tat - now)}
+";
+
+/// Gateways sharing cluster-wide quotas: KEYS[1] is a sorted set of boots scored by when they
+/// last said so (ms, Redis's clock); ARGV: this boot, how long a member counts without saying
+/// so again, `1` to leave. Answers how many count now.
+const MEMBERS: &str = r"
+local now = now_ms()
+local ttl = tonumber(ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return redis.call('ZCARD', KEYS[1])
+";
+
 /// A script, sent by its SHA-1 (`EVALSHA`).
 struct Script {
     code: String,
@@ -244,6 +283,8 @@ struct Scripts {
     release: Script,
     take_over: Script,
     reconcile: Script,
+    quota: Script,
+    members: Script,
 }
 
 impl Scripts {
@@ -254,16 +295,20 @@ impl Scripts {
             release: Script::new(RELEASE),
             take_over: Script::new(TAKE_OVER),
             reconcile: Script::new(RECONCILE),
+            quota: Script::new(QUOTA_TAKE),
+            members: Script::new(MEMBERS),
         }
     }
 
-    fn all(&self) -> [&Script; 5] {
+    fn all(&self) -> [&Script; 7] {
         [
             &self.claim,
             &self.settle,
             &self.release,
             &self.take_over,
             &self.reconcile,
+            &self.quota,
+            &self.members,
         ]
     }
 }
@@ -891,6 +936,62 @@ impl RedisStore {
         {
             self.heartbeat(metrics).await;
         }
+    }
+
+    /// The prefix of every key Sluice writes in this Redis.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Takes up to `want` tokens from the cluster-wide quota bucket `key` (emission interval
+    /// `t_us`, tolerance `tau_us`), first giving `back` unused ones back. Answers the tokens
+    /// granted and the bucket's theoretical arrival time relative to now (µs).
+    pub(crate) async fn quota_take(
+        &self,
+        key: &str,
+        t_us: f64,
+        tau_us: f64,
+        want: u64,
+        back: u64,
+        metrics: &DedupMetrics,
+    ) -> Result<(u64, f64), String> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(
+            self.scripts
+                .quota
+                .cmd(&[key])
+                .arg(t_us)
+                .arg(tau_us)
+                .arg(want)
+                .arg(back)
+                .to_owned(),
+        );
+        let ((granted, tat),): ((u64, String),) = self.query(&pipe, "quota", metrics).await?;
+        Ok((granted, tat.parse().unwrap_or(0.0)))
+    }
+
+    /// Says this gateway shares cluster-wide quotas (or, with `leave`, no longer does) and
+    /// answers how many gateways do.
+    pub(crate) async fn quota_members(
+        &self,
+        ttl_ms: u64,
+        leave: bool,
+        metrics: &DedupMetrics,
+    ) -> Result<usize, String> {
+        let key = format!("{}qm", self.prefix);
+        let member = format!("{}:{}", self.instance, self.boot);
+        let mut pipe = redis::pipe();
+        pipe.add_command(
+            self.scripts
+                .members
+                .cmd(&[&key])
+                .arg(member)
+                .arg(ttl_ms)
+                .arg(if leave { "1" } else { "0" })
+                .to_owned(),
+        );
+        let (n,): (usize,) = self.query(&pipe, "quota_members", metrics).await?;
+        Ok(n)
     }
 
     pub(crate) fn health(&self) -> Result<(), String> {

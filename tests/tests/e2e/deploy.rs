@@ -85,10 +85,10 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     )
     .unwrap();
     // The Kafka sink's metrics exist from the start, broker or not; the spool's with a spooled
-    // stream.
+    // stream; cluster-wide quotas' with Redis as the state store (none answers here either).
     let kafka = Sluice::start(
         &dir.path().join("b"),
-        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n[streams.defaults]\nack = \"spooled\"\n",
+        "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n[streams.defaults]\nack = \"spooled\"\n[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = \"redis://127.0.0.1:9\"\n",
     )
     .unwrap();
     let mut exported = families(&embedded).await;
@@ -103,6 +103,7 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         "sluice_spool_events",
         "sluice_schema_registry_fetches",
         "sluice_schema_registry_stale_subjects",
+        "sluice_quota_cluster_degraded",
     ] {
         assert!(
             exported.contains(must),

@@ -12,6 +12,7 @@ mod crash;
 mod deploy;
 mod envelope;
 mod exactly_once;
+mod fleet;
 mod grpc;
 mod grpc_python;
 mod http;

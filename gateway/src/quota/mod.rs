@@ -9,9 +9,15 @@
 //! exactly its own events. When a later bucket admits less than an earlier one, the earlier one
 //! has already counted the difference: a throttled producer loses that much of its allowance,
 //! never more than one batch.
+//!
+//! A rule with `cluster = true` counts against a bucket in Redis shared by every gateway
+//! instead ([`cluster`]).
+
+mod cluster;
 
 use std::num::NonZeroU32;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -23,15 +29,26 @@ use sluice_auth::glob_match;
 use sluice_config::{QuotaDirection, QuotaPolicy, QuotaRule, QuotaScope, QuotasConfig};
 use sluice_core::RateLimit;
 
+use cluster::Shared;
+pub use cluster::{Cluster, ClusterMetrics, MEMBERS_EVERY};
+
 type Keyed<C> = RateLimiter<String, HashMapStateStore<String>, C, StateInformationMiddleware>;
 
 struct Rule<C: Clock> {
     cfg: QuotaRule,
     events: Option<Keyed<C>>,
     bytes: Option<Keyed<C>>,
+    /// The rule's buckets in Redis when it is cluster-wide (events, bytes).
+    shared: Option<SharedBuckets<C>>,
     /// When idle keys were last swept (ms since the rule was made); sweeps are O(keys), so a
     /// full table of active keys must not make every request pay for one.
     last_sweep_ms: AtomicU64,
+}
+
+/// A cluster-wide rule's buckets in Redis.
+struct SharedBuckets<C: Clock> {
+    events: Option<Shared<C>>,
+    bytes: Option<Shared<C>>,
 }
 
 /// Idle keys are swept at most this often per rule.
@@ -43,6 +60,7 @@ pub struct Quotas<C: Clock = MonotonicClock> {
     clock: C,
     start: C::Instant,
     max_keys: usize,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// What the quotas decided for a batch.
@@ -69,18 +87,50 @@ fn quota(per_sec: u32, burst: Option<u32>) -> Quota {
 }
 
 impl Quotas<MonotonicClock> {
-    pub fn new(cfg: &QuotasConfig) -> Self {
-        Self::with_clock(cfg, MonotonicClock)
+    /// The rules of `cfg`; those with `cluster = true` share their buckets through `cluster`
+    /// (counted locally when there is none: only with Redis as the state store is there one).
+    pub fn new(cfg: &QuotasConfig, cluster: Option<Arc<Cluster>>) -> Self {
+        let mut q = Self::with_clock(cfg, MonotonicClock);
+        if let Some(c) = cluster {
+            c.reconfigure(&cfg.cluster);
+            let prefix = c.prefix().to_string();
+            for r in &mut q.rules {
+                if !r.cfg.cluster {
+                    continue;
+                }
+                let shared = |unit: &str, per_sec: Option<u32>, burst: Option<u32>| {
+                    per_sec.map(|p| {
+                        Shared::new(
+                            &prefix,
+                            r.cfg.on,
+                            r.cfg.scope,
+                            unit,
+                            p,
+                            burst,
+                            MonotonicClock,
+                            cfg.max_tracked_keys,
+                        )
+                    })
+                };
+                r.shared = Some(SharedBuckets {
+                    events: shared("events", r.cfg.events_per_sec, r.cfg.burst_events),
+                    bytes: shared("bytes", r.cfg.bytes_per_sec, r.cfg.burst_bytes),
+                });
+            }
+            q.cluster = Some(c);
+        }
+        q
     }
 }
 
 impl<C: Clock + Clone> Quotas<C> {
-    /// With a given clock (tests use governor's fake clock).
+    /// With a given clock (tests use governor's fake clock); every rule counted locally.
     pub fn with_clock(cfg: &QuotasConfig, clock: C) -> Self {
         let rules = cfg
             .rules
             .iter()
             .map(|r| Rule {
+                shared: None,
                 cfg: r.clone(),
                 events: r.events_per_sec.map(|e| {
                     Keyed::new(
@@ -104,6 +154,7 @@ impl<C: Clock + Clone> Quotas<C> {
             start: clock.now(),
             clock,
             max_keys: cfg.max_tracked_keys,
+            cluster: None,
         }
     }
 
@@ -153,12 +204,19 @@ impl<C: Clock + Clone> Quotas<C> {
 
     /// Counts `sizes` (one entry per event, in bytes) against every applicable bucket and says
     /// how many events, from the front, fit.
-    pub fn check(&self, principal: &str, identity: &str, stream: &str, sizes: &[usize]) -> Verdict {
+    pub async fn check(
+        &self,
+        principal: &str,
+        identity: &str,
+        stream: &str,
+        sizes: &[usize],
+    ) -> Verdict {
         self.check_on(QuotaDirection::Produce, principal, identity, stream, sizes)
+            .await
     }
 
     /// [`Quotas::check`] for the rules of one direction (`consume`: reads, one size per record).
-    pub fn check_on(
+    pub async fn check_on(
         &self,
         on: QuotaDirection,
         principal: &str,
@@ -180,22 +238,27 @@ impl<C: Clock + Clone> Quotas<C> {
             prefix.push(prefix.last().copied().unwrap_or(0) + *s as u64);
         }
         for (rule, key) in self.applicable(on, principal, identity, stream) {
-            for (limiter, unit, per_sec, burst) in [
+            let (shared_events, shared_bytes) = match &rule.shared {
+                Some(b) => (b.events.as_ref(), b.bytes.as_ref()),
+                None => (None, None),
+            };
+            for (limiter, shared, unit, per_sec, burst) in [
                 (
                     &rule.events,
+                    shared_events,
                     "events",
                     rule.cfg.events_per_sec,
                     rule.cfg.burst_events,
                 ),
                 (
                     &rule.bytes,
+                    shared_bytes,
                     "bytes",
                     rule.cfg.bytes_per_sec,
                     rule.cfg.burst_bytes,
                 ),
             ] {
                 let Some(l) = limiter else { continue };
-                self.sweep(rule, l);
                 let weight = |r: Range<usize>| -> u64 {
                     if unit == "events" {
                         r.len() as u64
@@ -204,7 +267,16 @@ impl<C: Clock + Clone> Quotas<C> {
                     }
                 };
                 let checked = v.admitted > 0;
-                let (k, wait, remaining) = self.take_prefix(l, &key, v.admitted, weight);
+                let (k, wait, remaining) = match (shared, &self.cluster) {
+                    (Some(shared), Some(cluster)) if checked => {
+                        let t = shared.take(cluster, &key, v.admitted, weight).await;
+                        (t.admitted, t.wait, t.remaining)
+                    }
+                    _ => {
+                        self.sweep(rule, l);
+                        take_prefix(&self.clock, l, &key, v.admitted, weight)
+                    }
+                };
                 if checked {
                     v.limits
                         .push(rate_limit(rule.cfg.scope, unit, per_sec, burst, remaining));
@@ -240,45 +312,45 @@ impl<C: Clock + Clone> Quotas<C> {
             l.retain_recent();
         }
     }
+}
 
-    /// The longest prefix of `n` events that `l` admits for `key`; consumes exactly that prefix.
-    /// Also: how long until the first refused event could fit, and what is left of the burst
-    /// after the last admitted chunk (0 when none was).
-    fn take_prefix(
-        &self,
-        l: &Keyed<C>,
-        key: &String,
-        n: usize,
-        weight: impl Fn(Range<usize>) -> u64,
-    ) -> (usize, Duration, u64) {
-        let (mut admitted, mut step, mut wait) = (0, n, Duration::ZERO);
-        let mut remaining = 0;
-        while step > 0 && admitted < n {
-            let take = step.min(n - admitted);
-            let amount = weight(admitted..admitted + take);
-            let Some(amount) = NonZeroU32::new(amount.min(u64::from(u32::MAX)) as u32) else {
+/// The longest prefix of `n` events that `l` admits for `key`; consumes exactly that prefix.
+/// Also: how long until the first refused event could fit, and what is left of the burst
+/// after the last admitted chunk (0 when none was).
+fn take_prefix<C: Clock>(
+    clock: &C,
+    l: &Keyed<C>,
+    key: &String,
+    n: usize,
+    weight: impl Fn(Range<usize>) -> u64,
+) -> (usize, Duration, u64) {
+    let (mut admitted, mut step, mut wait) = (0, n, Duration::ZERO);
+    let mut remaining = 0;
+    while step > 0 && admitted < n {
+        let take = step.min(n - admitted);
+        let amount = weight(admitted..admitted + take);
+        let Some(amount) = NonZeroU32::new(amount.min(u64::from(u32::MAX)) as u32) else {
+            admitted += take;
+            continue;
+        };
+        match l.check_key_n(key, amount) {
+            Ok(Ok(snapshot)) => {
                 admitted += take;
-                continue;
-            };
-            match l.check_key_n(key, amount) {
-                Ok(Ok(snapshot)) => {
-                    admitted += take;
-                    remaining = u64::from(snapshot.remaining_burst_capacity());
-                }
-                Ok(Err(not_until)) => {
-                    wait = not_until.wait_time_from(self.clock.now());
-                    step = take / 2;
-                }
-                Err(_insufficient) => {
-                    // More than the whole burst: this chunk can never pass at once. A single
-                    // event that large can never pass at all.
-                    wait = Duration::MAX;
-                    step = take / 2;
-                }
+                remaining = u64::from(snapshot.remaining_burst_capacity());
+            }
+            Ok(Err(not_until)) => {
+                wait = not_until.wait_time_from(clock.now());
+                step = take / 2;
+            }
+            Err(_insufficient) => {
+                // More than the whole burst: this chunk can never pass at once. A single
+                // event that large can never pass at all.
+                wait = Duration::MAX;
+                step = take / 2;
             }
         }
-        (admitted, wait, remaining)
     }
+    (admitted, wait, remaining)
 }
 
 /// A bucket's state in the terms of the IETF `RateLimit` fields: the burst is the quota, the
@@ -315,7 +387,23 @@ pub fn hint(wait: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use governor::clock::FakeRelativeClock;
+
+    impl<C: Clock + Clone> Quotas<C> {
+        /// [`Quotas::check`] of local rules, which never wait.
+        fn check_now(
+            &self,
+            principal: &str,
+            identity: &str,
+            stream: &str,
+            sizes: &[usize],
+        ) -> Verdict {
+            self.check(principal, identity, stream, sizes)
+                .now_or_never()
+                .expect("local rules do not wait")
+        }
+    }
 
     fn rules(text: &str) -> QuotasConfig {
         sluice_config::Config::from_toml_str(text, "t", Vec::new())
@@ -330,7 +418,7 @@ mod tests {
             &rules("[[quotas.rules]]\nscope = \"stream\"\nevents_per_sec = 10\nburst_events = 5\n"),
             clock.clone(),
         );
-        let v = q.check("p", "p", "s", &[1; 8]);
+        let v = q.check_now("p", "p", "s", &[1; 8]);
         assert_eq!(v.admitted, 5, "the burst");
         assert_eq!(v.scope, Some(QuotaScope::Stream));
         // The burst used up: 5 per 1 s window, none left, full again in 1 s.
@@ -349,10 +437,10 @@ mod tests {
             Duration::from_millis(100),
             "one event per 100 ms"
         );
-        assert_eq!(q.check("p", "p", "s", &[1]).admitted, 0);
+        assert_eq!(q.check_now("p", "p", "s", &[1]).admitted, 0);
         clock.advance(Duration::from_millis(300));
         assert_eq!(
-            q.check("p", "p", "s", &[1; 8]).admitted,
+            q.check_now("p", "p", "s", &[1; 8]).admitted,
             3,
             "300 ms = 3 events"
         );
@@ -360,7 +448,7 @@ mod tests {
         let mut admitted = 0;
         for _ in 0..100 {
             clock.advance(Duration::from_millis(10));
-            admitted += q.check("p", "p", "s", &[1]).admitted;
+            admitted += q.check_now("p", "p", "s", &[1]).admitted;
         }
         assert_eq!(admitted, 10);
     }
@@ -387,19 +475,19 @@ mod tests {
             clock.clone(),
         );
         // Each principal has its own bucket on a shared stream.
-        assert_eq!(q.check("a", "a", "s", &[1; 5]).admitted, 2);
-        assert_eq!(q.check("b", "b", "s", &[1; 5]).admitted, 2);
+        assert_eq!(q.check_now("a", "a", "s", &[1; 5]).admitted, 2);
+        assert_eq!(q.check_now("b", "b", "s", &[1; 5]).admitted, 2);
         assert_eq!(
-            q.check("vip", "vip", "s", &[1; 5]).admitted,
+            q.check_now("vip", "vip", "s", &[1; 5]).admitted,
             5,
             "first matching rule"
         );
         // Bytes: 100 bytes/s on big.* streams cuts the batch by size.
-        let v = q.check("vip", "vip", "big.x", &[40, 40, 40]);
+        let v = q.check_now("vip", "vip", "big.x", &[40, 40, 40]);
         assert_eq!(v.admitted, 2);
         assert_eq!(v.limit, "100 bytes/s");
         // An event larger than the whole burst can never pass.
-        let v = q.check("vip", "vip", "big.y", &[101]);
+        let v = q.check_now("vip", "vip", "big.y", &[101]);
         assert_eq!((v.admitted, v.retry_after), (0, Duration::MAX));
     }
 
@@ -410,17 +498,17 @@ mod tests {
         cfg.max_tracked_keys = 10;
         let q = Quotas::with_clock(&cfg, clock.clone());
         for i in 0..10 {
-            q.check(&format!("p{i}"), &format!("p{i}"), "s", &[1]);
+            q.check_now(&format!("p{i}"), &format!("p{i}"), "s", &[1]);
         }
         clock.advance(Duration::from_secs(5)); // every bucket is full again: idle
-        q.check("new", "new", "s", &[1]);
+        q.check_now("new", "new", "s", &[1]);
         let l = q.rules[0].events.as_ref().unwrap();
         assert!(l.len() <= 2, "idle keys were dropped: {}", l.len());
         // A full table is swept at most once a second: an idle key survives until then.
         let swept_at = l.len();
         clock.advance(Duration::from_millis(500)); // "new" has refilled: idle
         for i in 0..20 {
-            q.check(&format!("busy{i}"), &format!("busy{i}"), "s", &[1; 10]); // empties each bucket: active
+            q.check_now(&format!("busy{i}"), &format!("busy{i}"), "s", &[1; 10]); // empties each bucket: active
         }
         assert_eq!(
             l.len(),
@@ -428,7 +516,7 @@ mod tests {
             "no sweep within the second, idle key kept"
         );
         clock.advance(Duration::from_millis(600));
-        q.check("late", "late", "s", &[1]);
+        q.check_now("late", "late", "s", &[1]);
         assert_eq!(
             l.len(),
             swept_at + 20,
