@@ -788,9 +788,16 @@ fn a_cluster_wide_quota_needs_redis_as_the_state_store() {
             .any(|p| p.path == "quotas.rules[0].cluster" && p.message.contains("dedup.store")),
         "{p:?}"
     );
-    Config::from_toml_str(&format!("{rule}[dedup]\nstore = \"redis\"\n"), "t", no_env())
-        .expect("with Redis it is valid");
+    Config::from_toml_str(
+        &format!("{rule}[dedup]\nstore = \"redis\"\n"),
+        "t",
+        no_env(),
+    )
+    .expect("with Redis it is valid");
     let p = problems("[quotas.cluster]\ngateways = 0\nlease_ms = 60000\n");
     let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
-    assert_eq!(paths, ["quotas.cluster.gateways", "quotas.cluster.lease_ms"]);
+    assert_eq!(
+        paths,
+        ["quotas.cluster.gateways", "quotas.cluster.lease_ms"]
+    );
 }

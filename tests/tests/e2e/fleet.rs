@@ -18,7 +18,8 @@ fn config(redis_port: u16, lease_ms: u64) -> String {
     format!(
         "[dedup]\nstore = \"redis\"\n[dedup.redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\ntimeout_ms = 200\n\
          [quotas.cluster]\ngateways = 1\nlease_ms = {lease_ms}\n\
-         [[quotas.rules]]\nscope = \"stream\"\nstreams = \"c.*\"\nevents_per_sec = {RATE}\nburst_events = {RATE}\ncluster = true\n"
+         [[quotas.rules]]\nscope = \"stream\"\nstreams = \"c.*\"\nevents_per_sec = {RATE}\nburst_events = {RATE}\ncluster = true\n\
+         [[quotas.rules]]\nscope = \"stream\"\nstreams = \"b.*\"\nbytes_per_sec = 100\nburst_bytes = 1000\ncluster = true\n"
     )
 }
 
@@ -115,6 +116,30 @@ async fn rate_is_held_across_three_gateways(
     let tmp = tempfile::tempdir().unwrap();
     let redis = Redis::start().unwrap();
     let gateways = fleet(tmp.path(), &redis, lease_ms).await;
+    // A byte quota is shared too, per event: 1,000 bytes of burst, each event below costs 476
+    // (a 450-byte value, its quotes and 24 bytes of framing: docs/quotas.md), so the first
+    // gateway admits two of three and the second none, told when 476 bytes will have come.
+    let c = reqwest::Client::new();
+    let events = json!(["v".repeat(450), "v".repeat(450), "v".repeat(450)]);
+    let a = Answer::of(c.post(gateways[0].events_url("b.one")).json(&events)).await;
+    let results = a.body["results"].as_array().unwrap();
+    assert!(results[1].get("offset").is_some(), "{}", a.body);
+    assert_eq!(results[2]["error"]["code"], "over_quota", "{}", a.body);
+    let a = Answer::of(
+        c.post(gateways[1].events_url("b.one"))
+            .json(&json!(["v".repeat(450)])),
+    )
+    .await;
+    assert_eq!(
+        a.status, 429,
+        "the second gateway sees the same bucket: {}",
+        a.body
+    );
+    let hint = a.body["error"]["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (3000..=5000).contains(&hint),
+        "about 4.3-4.8 s at 100 bytes/s: {hint}"
+    );
     let urls: Vec<String> = gateways.iter().map(|g| g.events_url("c.one")).collect();
     let (by_gateway, secs) = uneven_load(&urls, Duration::from_secs(4)).await;
     assert_holds(&format!("lease_ms = {lease_ms}"), &by_gateway, secs, RATE);
