@@ -9,9 +9,10 @@
 # For each: the closed-loop maximum, then (where the generator has an open loop: HTTP, gRPC,
 # WebSocket, MQTT; not the direct Kafka producer) p50 / p99 / p99.9 at half that maximum.
 #
-#   loadtest/bench-all.sh [SECONDS] [CPUS]
+#   loadtest/bench-all.sh [SECONDS] [CPUS] [PAYLOAD]
 # SECONDS per measurement (default 5, after 1 s of warm-up); CPUS pins the gateway and the peer
-# servers with taskset (e.g. `0` for one core, `0-1` for two); the generators are not pinned.
+# servers with taskset (e.g. `0` for one core, `0-1` for two, empty for none); the generators are
+# not pinned. PAYLOAD: bytes of each event's value (default 100; wrk's body stays 100).
 # Installs what it needs (Mosquitto, wrk, Tansu) and builds the release binaries. Prints the
 # table (Markdown, with the machine and the commit) and leaves it in target/bench-all.md, for
 # BENCHMARKS.md.
@@ -19,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
 cpus="${2:-}"
+payload="${3:-100}"
 scripts/install-deps.sh --with-mqtt --with-wrk --with-tansu >/dev/null
 cargo build --release --locked -q --bin sluice --bin sluice-loadtest
 lt=target/release/sluice-loadtest
@@ -144,16 +146,16 @@ PY
 U="http://$http/v1/streams/bench/events"
 S="http://127.0.0.1:$sink_port/x"
 echo "bench-all: HTTP" >&2
-run http-x100 sluice max -- http --url "$U" --connections 64 --events-per-request 100 --payload-bytes 100
-run http-x100 peer max -- http --url "$S" --connections 64 --events-per-request 100 --payload-bytes 100
-run http-x1 sluice max -- http --url "$U" --connections 64 --events-per-request 1 --payload-bytes 100
-run http-x1 peer max -- http --url "$S" --connections 64 --events-per-request 1 --payload-bytes 100
+run http-x100 sluice max -- http --url "$U" --connections 64 --events-per-request 100 --payload-bytes "$payload"
+run http-x100 peer max -- http --url "$S" --connections 64 --events-per-request 100 --payload-bytes "$payload"
+run http-x1 sluice max -- http --url "$U" --connections 64 --events-per-request 1 --payload-bytes "$payload"
+run http-x1 peer max -- http --url "$S" --connections 64 --events-per-request 1 --payload-bytes "$payload"
 for side in sluice peer; do
   url=$U; [ $side = peer ] && url=$S
   for n in 100 1; do
     half=$(( $(rate_of "http-x$n" $side) / 2 ))
     run "http-x$n" $side half -- http --url "$url" --connections 64 --events-per-request $n \
-      --payload-bytes 100 --rate "$half"
+      --payload-bytes "$payload" --rate "$half"
   done
 done
 body='[{"value":"'"$(head -c 88 /dev/zero | tr '\0' x)"'"}]'
@@ -162,43 +164,43 @@ wrk_run http-x1-wrk peer "$S" "$body"
 
 echo "bench-all: gRPC" >&2
 run grpc-stream sluice max -- grpc --url "http://$grpc" --stream bench --mode stream --connections 4 \
-  --in-flight 16 --events-per-request 100 --payload-bytes 100
+  --in-flight 16 --events-per-request 100 --payload-bytes "$payload"
 run grpc-unary sluice max -- grpc --url "http://$grpc" --stream bench --mode unary --connections 16 \
-  --calls-per-connection 4 --events-per-request 1 --payload-bytes 100
+  --calls-per-connection 4 --events-per-request 1 --payload-bytes "$payload"
 run grpc-stream sluice half -- grpc --url "http://$grpc" --stream bench --mode stream --connections 4 \
-  --in-flight 16 --events-per-request 100 --payload-bytes 100 --rate $(( $(rate_of grpc-stream sluice) / 2 ))
+  --in-flight 16 --events-per-request 100 --payload-bytes "$payload" --rate $(( $(rate_of grpc-stream sluice) / 2 ))
 run grpc-unary sluice half -- grpc --url "http://$grpc" --stream bench --mode unary --connections 16 \
-  --calls-per-connection 4 --events-per-request 1 --payload-bytes 100 --rate $(( $(rate_of grpc-unary sluice) / 2 ))
+  --calls-per-connection 4 --events-per-request 1 --payload-bytes "$payload" --rate $(( $(rate_of grpc-unary sluice) / 2 ))
 
 echo "bench-all: WebSocket and MQTT" >&2
 W="ws://$http/v1/streams/bench/ws"
-run ws-x10 sluice max -- ws --url "$W" --connections 100 --window 32 --events-per-frame 10 --payload-bytes 100
-run ws-x1 sluice max -- ws --url "$W" --connections 100 --window 32 --events-per-frame 1 --payload-bytes 100
-run mqtt sluice max -- mqtt --addr "127.0.0.1:$mqtt_port" --connections 100 --window 32 --payload-bytes 100
-run mqtt peer max -- mqtt --addr "127.0.0.1:$mosq_port" --connections 100 --window 32 --payload-bytes 100
+run ws-x10 sluice max -- ws --url "$W" --connections 100 --window 32 --events-per-frame 10 --payload-bytes "$payload"
+run ws-x1 sluice max -- ws --url "$W" --connections 100 --window 32 --events-per-frame 1 --payload-bytes "$payload"
+run mqtt sluice max -- mqtt --addr "127.0.0.1:$mqtt_port" --connections 100 --window 32 --payload-bytes "$payload"
+run mqtt peer max -- mqtt --addr "127.0.0.1:$mosq_port" --connections 100 --window 32 --payload-bytes "$payload"
 for n in 10 1; do
   run "ws-x$n" sluice half -- ws --url "$W" --connections 100 --window 32 --events-per-frame $n \
-    --payload-bytes 100 --rate $(( $(rate_of "ws-x$n" sluice) / 2 ))
+    --payload-bytes "$payload" --rate $(( $(rate_of "ws-x$n" sluice) / 2 ))
 done
 run mqtt sluice half -- mqtt --addr "127.0.0.1:$mqtt_port" --connections 100 --window 32 \
-  --payload-bytes 100 --rate $(( $(rate_of mqtt sluice) / 2 ))
+  --payload-bytes "$payload" --rate $(( $(rate_of mqtt sluice) / 2 ))
 run mqtt peer half -- mqtt --addr "127.0.0.1:$mosq_port" --connections 100 --window 32 \
-  --payload-bytes 100 --rate $(( $(rate_of mqtt peer) / 2 ))
+  --payload-bytes "$payload" --rate $(( $(rate_of mqtt peer) / 2 ))
 
 echo "bench-all: Kafka" >&2
 run kafka sluice max -- http --url "http://$khttp/v1/streams/bench/events" --connections 64 \
-  --events-per-request 100 --payload-bytes 100
+  --events-per-request 100 --payload-bytes "$payload"
 run kafka peer max -- kafka --config "$work/kafka.toml" --topic bench --connections 64 \
-  --events-per-request 100 --payload-bytes 100
+  --events-per-request 100 --payload-bytes "$payload"
 run kafka sluice half -- http --url "http://$khttp/v1/streams/bench/events" --connections 64 \
-  --events-per-request 100 --payload-bytes 100 --rate $(( $(rate_of kafka sluice) / 2 ))
+  --events-per-request 100 --payload-bytes "$payload" --rate $(( $(rate_of kafka sluice) / 2 ))
 
 mkdir -p target
-python3 - "$results" "$secs" "${cpus:-all}" "$(git rev-parse --short HEAD)" \
+python3 - "$results" "$secs" "${cpus:-all}" "$(git rev-parse --short HEAD)" "$payload" \
   "$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p' | head -1)" \
   <<'PY' | tee target/bench-all.md
 import json, sys
-path, secs, cpus, commit, machine = sys.argv[1:6]
+path, secs, cpus, commit, payload, machine = sys.argv[1:7]
 res = {}
 for line in open(path):
     d = json.loads(line)
@@ -231,7 +233,7 @@ rows = [
   ("MQTT QoS 1", "messages/s", rate("mqtt", "sluice"), "Mosquitto", rate("mqtt", "peer"), ">= 300%", lat("mqtt", "sluice"), lat("mqtt", "peer")),
   ("HTTP -> Kafka (Tansu), batches of 100", "events/s", rate("kafka", "sluice"), "direct rdkafka", rate("kafka", "peer"), "", lat("kafka", "sluice"), ""),
 ]
-print("### bench-all: commit %s, gateway on CPUs %s (%s s per measurement)" % (commit, cpus, secs))
+print("### bench-all: commit %s, gateway on CPUs %s, %s-byte events (%s s per measurement)" % (commit, cpus, payload, secs))
 print()
 print("Machine: %s. Closed-loop maximum of each path and its peer in the same run; the latencies are" % machine)
 print("the open loop at half the path's own maximum (p50 / p99 / p99.9).")
