@@ -188,6 +188,8 @@ impl Cluster {
 struct Lease {
     balance: u64,
     expires: Instant,
+    /// Until when Redis has no tokens for this key (its last retry hint).
+    empty_until: Instant,
 }
 
 /// One cluster-wide bucket of a rule (events or bytes), with this gateway's leases by key and
@@ -255,7 +257,9 @@ impl<C: Clock + Clone> Shared<C> {
     }
 
     /// Takes the longest prefix of the `n` events that fits (`weight` of a range of them in
-    /// tokens): from this gateway's lease first, then from Redis.
+    /// tokens): from this gateway's lease first, then from Redis. After Redis refused a key,
+    /// the key's requests are refused here until the retry hint it gave has passed: a
+    /// producer over its quota costs Redis one call per hint, not one per request.
     pub(super) async fn take(
         &self,
         cluster: &Cluster,
@@ -275,6 +279,20 @@ impl<C: Clock + Clone> Shared<C> {
                         admitted: n,
                         wait: Duration::ZERO,
                         remaining: l.balance,
+                    };
+                }
+                Some(l) if l.empty_until > now => {
+                    // Refused by Redis a moment ago: what the lease holds is all there is.
+                    // (An expired lease's rest stays, to be given back with the next call.)
+                    let live = l.expires > now;
+                    let admitted = prefix_within(n, if live { l.balance } else { 0 }, &weight);
+                    if live {
+                        l.balance -= weight(0..admitted);
+                    }
+                    return Taken {
+                        admitted,
+                        wait: l.empty_until - now,
+                        remaining: if live { l.balance } else { 0 },
                     };
                 }
                 Some(l) if l.expires > now => (std::mem::take(&mut l.balance), 0),
@@ -309,29 +327,13 @@ impl<C: Clock + Clone> Shared<C> {
             }
             Err(why) => {
                 cluster.failed(&why);
-                self.keep(key, have, now, lease_ms);
+                self.keep(key, have, now, lease_ms, None);
                 return self.take_locally(cluster, key, n, weight);
             }
         };
         let have = have + granted;
-        // The longest prefix that fits what this request holds (weights only grow with the
-        // prefix, so a binary search finds it).
-        let admitted = if have >= need {
-            n
-        } else {
-            let (mut lo, mut hi) = (0, n);
-            while lo < hi {
-                let mid = (lo + hi).div_ceil(2);
-                if weight(0..mid) <= have {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
-                }
-            }
-            lo
-        };
+        let admitted = prefix_within(n, have, &weight);
         let left = have - weight(0..admitted);
-        self.keep(key, left, now, lease_ms);
         let remaining = ((self.tau_us - tat_rel) / self.t_us).max(0.0) as u64 + left;
         let wait = if admitted < n {
             let next = weight(admitted..admitted + 1);
@@ -346,6 +348,8 @@ impl<C: Clock + Clone> Shared<C> {
         } else {
             Duration::ZERO
         };
+        let empty_until = (admitted < n && wait != Duration::MAX).then(|| now + wait);
+        self.keep(key, left, now, lease_ms, empty_until);
         Taken {
             admitted,
             wait,
@@ -353,16 +357,24 @@ impl<C: Clock + Clone> Shared<C> {
         }
     }
 
-    /// Puts tokens this request holds and did not use back into the key's lease.
-    fn keep(&self, key: &str, tokens: u64, now: Instant, lease_ms: u64) {
-        if tokens == 0 {
+    /// Puts tokens this request holds and did not use back into the key's lease, and notes
+    /// until when Redis has no more for it.
+    fn keep(
+        &self,
+        key: &str,
+        tokens: u64,
+        now: Instant,
+        lease_ms: u64,
+        empty_until: Option<Instant>,
+    ) {
+        if tokens == 0 && empty_until.is_none() {
             return;
         }
         let mut leases = self.leases.lock().expect("poisoned");
         if leases.len() >= self.max_keys && !leases.contains_key(key) {
             // Expired leases go (their rest is not given back); a table of live leases keeps
             // its keys and this rest is dropped: the cluster only admits less for it.
-            leases.retain(|_, l| l.expires > now);
+            leases.retain(|_, l| l.expires > now || l.empty_until > now);
             if leases.len() >= self.max_keys {
                 return;
             }
@@ -370,14 +382,20 @@ impl<C: Clock + Clone> Shared<C> {
         let l = leases.entry(key.to_string()).or_insert(Lease {
             balance: 0,
             expires: now,
+            empty_until: now,
         });
-        l.balance += tokens;
-        let ms = if lease_ms == 0 {
-            REMAINDER_MS
-        } else {
-            lease_ms
-        };
-        l.expires = now + Duration::from_millis(ms);
+        if tokens > 0 {
+            l.balance += tokens;
+            let ms = if lease_ms == 0 {
+                REMAINDER_MS
+            } else {
+                lease_ms
+            };
+            l.expires = now + Duration::from_millis(ms);
+        }
+        if let Some(t) = empty_until {
+            l.empty_until = t;
+        }
     }
 
     /// The local share: the rule's rate and burst divided by the number of gateways.
@@ -417,5 +435,39 @@ impl<C: Clock + Clone> Shared<C> {
             wait,
             remaining,
         }
+    }
+}
+
+/// The longest prefix of `n` events whose weight fits in `have` (weights only grow with the
+/// prefix, so a binary search finds it).
+fn prefix_within(n: usize, have: u64, weight: &impl Fn(Range<usize>) -> u64) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if weight(0..mid) <= have {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_within;
+
+    #[test]
+    fn the_prefix_within_a_grant_is_the_longest_that_fits() {
+        let sizes = [476u64, 476, 476, 10];
+        let weight = |r: std::ops::Range<usize>| sizes[r].iter().sum::<u64>();
+        assert_eq!(prefix_within(4, 0, &weight), 0);
+        assert_eq!(prefix_within(4, 475, &weight), 0);
+        assert_eq!(prefix_within(4, 476, &weight), 1);
+        assert_eq!(prefix_within(4, 1000, &weight), 2);
+        assert_eq!(prefix_within(4, 1428, &weight), 3);
+        assert_eq!(prefix_within(4, 1437, &weight), 3);
+        assert_eq!(prefix_within(4, 1438, &weight), 4);
+        assert_eq!(prefix_within(4, u64::MAX, &weight), 4);
     }
 }
