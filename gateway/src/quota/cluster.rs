@@ -42,6 +42,10 @@ pub const MEMBERS_EVERY: Duration = Duration::from_secs(1);
 /// How long a remainder taken without a lease (bytes left over when a request took fewer
 /// than it was granted) is kept for the next request.
 const REMAINDER_MS: u64 = 1_000;
+/// The shortest retry hint given to a request refused while another asks Redis for its key.
+const PROBE_HINT: Duration = Duration::from_millis(1);
+/// How long one request's call for a throttled key keeps the others from calling.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
@@ -190,6 +194,11 @@ struct Lease {
     expires: Instant,
     /// Until when Redis has no tokens for this key (its last retry hint).
     empty_until: Instant,
+    /// Redis refused this key's last request that asked.
+    throttled: bool,
+    /// A request is asking Redis for this throttled key now (until then at the latest: a
+    /// request dropped while it asks leaves no key refused for longer).
+    probing: Option<Instant>,
 }
 
 /// One cluster-wide bucket of a rule (events or bytes), with this gateway's leases by key and
@@ -281,22 +290,39 @@ impl<C: Clock + Clone> Shared<C> {
                         remaining: l.balance,
                     };
                 }
-                Some(l) if l.empty_until > now => {
-                    // Refused by Redis a moment ago: what the lease holds is all there is.
-                    // (An expired lease's rest stays, to be given back with the next call.)
+                Some(l) if l.empty_until > now || l.probing.is_some_and(|t| t > now) => {
+                    // Refused by Redis a moment ago, or asked again by another request right
+                    // now: what the lease holds is all there is. (An expired lease's rest
+                    // stays, to be given back with the next call.)
                     let live = l.expires > now;
                     let admitted = prefix_within(n, if live { l.balance } else { 0 }, &weight);
                     if live {
                         l.balance -= weight(0..admitted);
                     }
+                    let wait = if l.empty_until > now {
+                        l.empty_until - now
+                    } else {
+                        let next = weight(admitted..admitted + 1) as f64;
+                        Duration::from_micros((next * self.t_us) as u64).max(PROBE_HINT)
+                    };
                     return Taken {
                         admitted,
-                        wait: l.empty_until - now,
+                        wait,
                         remaining: if live { l.balance } else { 0 },
                     };
                 }
-                Some(l) if l.expires > now => (std::mem::take(&mut l.balance), 0),
-                Some(_) => (0, leases.remove(key).map_or(0, |l| l.balance)),
+                Some(l) => {
+                    // After a refusal, one request at a time asks Redis again (the others are
+                    // refused here meanwhile), so a throttled key's refusals do not all reach
+                    // Redis the moment its hint passes.
+                    l.probing = l.throttled.then(|| now + PROBE_TIMEOUT);
+                    let rest = std::mem::take(&mut l.balance);
+                    if l.expires > now {
+                        (rest, 0)
+                    } else {
+                        (0, rest)
+                    }
+                }
                 None => (0, 0),
             }
         };
@@ -327,7 +353,7 @@ impl<C: Clock + Clone> Shared<C> {
             }
             Err(why) => {
                 cluster.failed(&why);
-                self.keep(key, have, now, lease_ms, None);
+                self.keep(key, have, now, lease_ms, None, false);
                 return self.take_locally(cluster, key, n, weight);
             }
         };
@@ -349,7 +375,7 @@ impl<C: Clock + Clone> Shared<C> {
             Duration::ZERO
         };
         let empty_until = (admitted < n && wait != Duration::MAX).then(|| now + wait);
-        self.keep(key, left, now, lease_ms, empty_until);
+        self.keep(key, left, now, lease_ms, empty_until, admitted == n);
         Taken {
             admitted,
             wait,
@@ -366,11 +392,16 @@ impl<C: Clock + Clone> Shared<C> {
         now: Instant,
         lease_ms: u64,
         empty_until: Option<Instant>,
+        admitted_all: bool,
     ) {
+        let mut leases = self.leases.lock().expect("poisoned");
         if tokens == 0 && empty_until.is_none() {
+            if let Some(l) = leases.get_mut(key) {
+                l.probing = None;
+                l.throttled &= !admitted_all;
+            }
             return;
         }
-        let mut leases = self.leases.lock().expect("poisoned");
         if leases.len() >= self.max_keys && !leases.contains_key(key) {
             // Expired leases go (their rest is not given back); a table of live leases keeps
             // its keys and this rest is dropped: the cluster only admits less for it.
@@ -383,6 +414,8 @@ impl<C: Clock + Clone> Shared<C> {
             balance: 0,
             expires: now,
             empty_until: now,
+            throttled: false,
+            probing: None,
         });
         if tokens > 0 {
             l.balance += tokens;
@@ -393,8 +426,13 @@ impl<C: Clock + Clone> Shared<C> {
             };
             l.expires = now + Duration::from_millis(ms);
         }
-        if let Some(t) = empty_until {
-            l.empty_until = t;
+        l.probing = None;
+        match empty_until {
+            Some(t) => {
+                l.empty_until = t;
+                l.throttled = true;
+            }
+            None => l.throttled &= !admitted_all,
         }
     }
 
