@@ -53,6 +53,14 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Raw<S> {
         self.send_bytes(&out).await;
     }
 
+    /// [`Raw::send5`] that says whether the write went through instead of panicking (for
+    /// clients whose server may go away under them).
+    pub async fn try_send5(&mut self, p: v5::Packet) -> bool {
+        let mut out = BytesMut::new();
+        self.v5.encode(p, &mut out).expect("encode");
+        self.stream.write_all(&out).await.is_ok()
+    }
+
     pub async fn send3(&mut self, p: v3::Packet) {
         let mut out = BytesMut::new();
         self.v3.encode(p, &mut out).expect("encode");
