@@ -82,7 +82,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
 if command -v dpkg >/dev/null 2>&1; then
-  for pkg in libssl-dev zlib1g-dev; do
+  # librdkafka: TLS (OpenSSL), gzip (zlib), and OIDC token fetches for SASL OAUTHBEARER (libcurl).
+  for pkg in libssl-dev zlib1g-dev libcurl4-openssl-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
 fi

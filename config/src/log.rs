@@ -172,6 +172,10 @@ pub enum KafkaSaslMechanism {
     ScramSha256,
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+    /// OAuth 2 bearer tokens from an OIDC token endpoint (client credentials grant), fetched
+    /// and refreshed by librdkafka: Confluent Cloud, Event Hubs, and other managed clusters.
+    #[serde(rename = "OAUTHBEARER")]
+    OauthBearer,
 }
 
 impl KafkaSaslMechanism {
@@ -180,6 +184,7 @@ impl KafkaSaslMechanism {
             KafkaSaslMechanism::Plain => "PLAIN",
             KafkaSaslMechanism::ScramSha256 => "SCRAM-SHA-256",
             KafkaSaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            KafkaSaslMechanism::OauthBearer => "OAUTHBEARER",
         }
     }
 }
@@ -200,6 +205,15 @@ pub struct KafkaSecurityConfig {
     pub ssl_key_password: Option<Secret>,
     /// Check that the broker's certificate names the host connected to (default true).
     pub ssl_verify_hostname: Option<bool>,
+    /// `OAUTHBEARER`: the OIDC token endpoint (client credentials grant).
+    pub oauthbearer_token_endpoint_url: Option<String>,
+    pub oauthbearer_client_id: Option<String>,
+    pub oauthbearer_client_secret: Option<Secret>,
+    /// Scope asked for (space-separated), if the identity provider wants one.
+    pub oauthbearer_scope: Option<String>,
+    /// SASL extensions sent with the token, e.g. Confluent Cloud's `logicalCluster` and
+    /// `identityPoolId`.
+    pub oauthbearer_extensions: BTreeMap<String, String>,
 }
 
 /// `[log.kafka]`: the Kafka sink. One idempotent producer (acks=all) is shared by the process.
@@ -307,6 +321,32 @@ impl KafkaConfig {
         if let Some(pw) = &s.sasl_password {
             set("sasl.password", pw.0.clone());
         }
+        if s.sasl_mechanism == Some(KafkaSaslMechanism::OauthBearer) {
+            set("sasl.oauthbearer.method", "oidc".into());
+            for (key, value) in [
+                (
+                    "sasl.oauthbearer.token.endpoint.url",
+                    &s.oauthbearer_token_endpoint_url,
+                ),
+                ("sasl.oauthbearer.client.id", &s.oauthbearer_client_id),
+                ("sasl.oauthbearer.scope", &s.oauthbearer_scope),
+            ] {
+                if let Some(v) = value {
+                    set(key, v.clone());
+                }
+            }
+            if let Some(secret) = &s.oauthbearer_client_secret {
+                set("sasl.oauthbearer.client.secret", secret.0.clone());
+            }
+            if !s.oauthbearer_extensions.is_empty() {
+                let ext: Vec<String> = s
+                    .oauthbearer_extensions
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                set("sasl.oauthbearer.extensions", ext.join(","));
+            }
+        }
         for (key, path) in [
             ("ssl.ca.location", &s.ssl_ca_file),
             ("ssl.certificate.location", &s.ssl_cert_file),
@@ -352,6 +392,30 @@ pub const KAFKA_MANAGED_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.mechanisms", "log.kafka.security.sasl_mechanism"),
     ("sasl.username", "log.kafka.security.sasl_username"),
     ("sasl.password", "log.kafka.security.sasl_password"),
+    (
+        "sasl.oauthbearer.method",
+        "log.kafka.security.sasl_mechanism",
+    ),
+    (
+        "sasl.oauthbearer.token.endpoint.url",
+        "log.kafka.security.oauthbearer_token_endpoint_url",
+    ),
+    (
+        "sasl.oauthbearer.client.id",
+        "log.kafka.security.oauthbearer_client_id",
+    ),
+    (
+        "sasl.oauthbearer.client.secret",
+        "log.kafka.security.oauthbearer_client_secret",
+    ),
+    (
+        "sasl.oauthbearer.scope",
+        "log.kafka.security.oauthbearer_scope",
+    ),
+    (
+        "sasl.oauthbearer.extensions",
+        "log.kafka.security.oauthbearer_extensions",
+    ),
     ("ssl.ca.location", "log.kafka.security.ssl_ca_file"),
     (
         "ssl.certificate.location",
@@ -546,12 +610,36 @@ impl Config {
                 add(
                     "security.sasl_mechanism",
                     format!(
-                        "protocol {} needs one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+                        "protocol {} needs one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER",
                         sec.protocol.as_str()
                     ),
                 );
             }
-            if sec.sasl_username.is_none() || sec.sasl_password.is_none() {
+            if sec.sasl_mechanism == Some(KafkaSaslMechanism::OauthBearer) {
+                if sec.oauthbearer_token_endpoint_url.is_none()
+                    || sec.oauthbearer_client_id.is_none()
+                    || sec.oauthbearer_client_secret.is_none()
+                {
+                    add(
+                        "security",
+                        "OAUTHBEARER needs oauthbearer_token_endpoint_url, oauthbearer_client_id and oauthbearer_client_secret".into(),
+                    );
+                }
+                if let Some(url) = &sec.oauthbearer_token_endpoint_url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    add(
+                        "security.oauthbearer_token_endpoint_url",
+                        "must be an http(s):// URL".into(),
+                    );
+                }
+                if sec.sasl_username.is_some() || sec.sasl_password.is_some() {
+                    add(
+                        "security",
+                        "OAUTHBEARER takes oauthbearer_* settings, not sasl_username and sasl_password".into(),
+                    );
+                }
+            } else if sec.sasl_username.is_none() || sec.sasl_password.is_none() {
                 add(
                     "security",
                     format!(
@@ -570,6 +658,17 @@ impl Config {
                     "SASL settings need protocol = \"sasl_plaintext\" or \"sasl_ssl\" (it is {})",
                     sec.protocol.as_str()
                 ),
+            );
+        }
+        let oauth = sec.oauthbearer_token_endpoint_url.is_some()
+            || sec.oauthbearer_client_id.is_some()
+            || sec.oauthbearer_client_secret.is_some()
+            || sec.oauthbearer_scope.is_some()
+            || !sec.oauthbearer_extensions.is_empty();
+        if oauth && sec.sasl_mechanism != Some(KafkaSaslMechanism::OauthBearer) {
+            add(
+                "security",
+                "oauthbearer_* settings need sasl_mechanism = \"OAUTHBEARER\"".into(),
             );
         }
         let tls_files = sec.ssl_ca_file.is_some()

@@ -801,3 +801,45 @@ fn a_cluster_wide_quota_needs_redis_as_the_state_store() {
         ["quotas.cluster.gateways", "quotas.cluster.lease_ms"]
     );
 }
+
+#[test]
+fn oauthbearer_needs_its_endpoint_and_client_credentials_and_nothing_else() {
+    let base = "[log]\nkind = \"kafka\"\n[log.kafka]\nbootstrap_servers = \"k:9092\"\n[log.kafka.security]\nprotocol = \"sasl_ssl\"\n";
+    let c = Config::from_toml_str(
+        &format!(
+            "{base}sasl_mechanism = \"OAUTHBEARER\"\noauthbearer_token_endpoint_url = \"https://idp/token\"\noauthbearer_client_id = \"gw\"\noauthbearer_client_secret = \"s\"\noauthbearer_extensions = {{ logicalCluster = \"lkc-1\" }}\n"
+        ),
+        "t",
+        no_env(),
+    )
+    .expect("a complete OAUTHBEARER setting");
+    assert_eq!(
+        c.log.kafka.security.sasl_mechanism,
+        Some(KafkaSaslMechanism::OauthBearer)
+    );
+    assert!(
+        !format!("{:?}", c.log.kafka.security).contains("\"s\""),
+        "the client secret is redacted"
+    );
+    let messages =
+        |text: &str| -> Vec<String> { problems(text).into_iter().map(|p| p.message).collect() };
+    let m = messages(&format!("{base}sasl_mechanism = \"OAUTHBEARER\"\n"));
+    assert!(
+        m.iter()
+            .any(|m| m.contains("oauthbearer_token_endpoint_url")),
+        "{m:?}"
+    );
+    let m = messages(&format!(
+        "{base}sasl_mechanism = \"OAUTHBEARER\"\noauthbearer_token_endpoint_url = \"ftp://x\"\noauthbearer_client_id = \"gw\"\noauthbearer_client_secret = \"s\"\nsasl_username = \"u\"\nsasl_password = \"p\"\n"
+    ));
+    assert!(m.iter().any(|m| m.contains("http(s)://")), "{m:?}");
+    assert!(m.iter().any(|m| m.contains("not sasl_username")), "{m:?}");
+    let m = messages(&format!(
+        "{base}sasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\nsasl_password = \"p\"\noauthbearer_client_id = \"gw\"\n"
+    ));
+    assert!(
+        m.iter()
+            .any(|m| m.contains("need sasl_mechanism = \"OAUTHBEARER\"")),
+        "{m:?}"
+    );
+}

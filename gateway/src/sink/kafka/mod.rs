@@ -264,6 +264,94 @@ mod tests {
     }
 
     #[test]
+    fn oauthbearer_fetches_its_token_from_the_oidc_endpoint_with_client_credentials() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        // A token endpoint on 127.0.0.1: takes one request, answers with a token, and hands
+        // the request to the test.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/oauth2/token", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            // librdkafka reads the token's expiry and principal from its JWT claims.
+            let b64 = |v: serde_json::Value| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 3600;
+            let jwt = format!(
+                "{}.{}.c2ln",
+                b64(serde_json::json!({"alg": "RS256", "typ": "JWT"})),
+                b64(serde_json::json!({"sub": "sluice", "exp": exp, "iat": exp - 3600}))
+            );
+            let answer = serde_json::json!({"access_token": jwt, "token_type": "bearer", "expires_in": 3600}).to_string();
+            let mut conn = conn;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            tx.send((head, String::from_utf8(body).unwrap())).unwrap();
+        });
+        let mut k = KafkaConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            ..KafkaConfig::default()
+        };
+        k.security.protocol = KafkaSecurityProtocol::SaslPlaintext;
+        k.security.sasl_mechanism = Some(KafkaSaslMechanism::OauthBearer);
+        k.security.oauthbearer_token_endpoint_url = Some(url);
+        k.security.oauthbearer_client_id = Some("sluice-gw".into());
+        k.security.oauthbearer_client_secret = Some(Secret("s3cret".into()));
+        k.security.oauthbearer_scope = Some("kafka.write".into());
+        k.security
+            .oauthbearer_extensions
+            .insert("logicalCluster".into(), "lkc-1".into());
+        let c = client_config(&k);
+        assert_eq!(c.get("sasl.oauthbearer.method"), Some("oidc"));
+        assert_eq!(
+            c.get("sasl.oauthbearer.extensions"),
+            Some("logicalCluster=lkc-1")
+        );
+        let p: FutureProducer = c.create().expect("librdkafka is built with OIDC support");
+        let (head, body) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the producer asks the token endpoint for a token");
+        drop(p);
+        assert!(head.starts_with("POST /oauth2/token "), "{head}");
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode("sluice-gw:s3cret");
+        assert!(
+            head.to_ascii_lowercase().contains(&format!(
+                "authorization: basic {}",
+                basic.to_ascii_lowercase()
+            )),
+            "client credentials in HTTP Basic: {head}"
+        );
+        assert!(body.contains("grant_type=client_credentials"), "{body}");
+        assert!(body.contains("scope=kafka.write"), "{body}");
+    }
+
+    #[test]
     fn topics_follow_the_template() {
         assert_eq!(topic_name("{stream}", "orders"), "orders");
         assert_eq!(topic_name("sluice.{stream}", "orders"), "sluice.orders");
