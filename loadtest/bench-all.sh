@@ -48,6 +48,7 @@ wait_for "$work/sluice.out" "sluice listening"
 line="$(grep "sluice listening" "$work/sluice.out")"
 http="$(sed -E 's/.*http=([^ ]+).*/\1/' <<<"$line")"
 grpc="$(sed -E 's/.*grpc=([^ ]+).*/\1/' <<<"$line")"
+admin="$(sed -E 's/.*admin=([^ ]+).*/\1/' <<<"$line")"
 
 # The bare hyper sink.
 sink_port="$(free_port)"
@@ -90,6 +91,7 @@ RUST_LOG=error "${pin[@]}" target/release/sluice serve --config "$work/kafka.tom
 pids+=($!)
 wait_for "$work/kafka.out" "sluice listening"
 khttp="$(sed -E 's/.*http=([^ ]+).*/\1/' <<<"$(grep "sluice listening" "$work/kafka.out")")"
+kadmin="$(sed -E 's/.*admin=([^ ]+).*/\1/' <<<"$(grep "sluice listening" "$work/kafka.out")")"
 for _ in $(seq 600); do
   curl -sf -H 'content-type: application/json' -d '"warm"' "http://$khttp/v1/streams/bench/events" \
     >/dev/null && break
@@ -98,11 +100,48 @@ done
 
 results="$work/results.jsonl"
 # run NAME SIDE KIND -- generator args...: one measurement, appended to the results.
+# At half load, Sluice's own histograms are read before and after (the gateway's /metrics):
+# the time from admission to the ack point (`sluice_ack_seconds` of the path's protocol) and the
+# fsync itself (`sluice_log_fsync_seconds`; Kafka's round trip for the Kafka path is inside
+# the ack time and not separable), for the added-latency columns.
 run() {
   local name=$1 side=$2 kind=$3
   shift 4
-  local out
+  local out scrape="" url="http://$admin/metrics"
+  [ "$name" = kafka ] && url="http://$kadmin/metrics"
+  [ "$side/$kind" = sluice/half ] && scrape=1 && curl -s "$url" >"$work/m0"
   out="$("$lt" "$@" --duration-secs "$secs" --warmup-secs 1 --json)"
+  if [ -n "$scrape" ]; then
+    curl -s "$url" >"$work/m1"
+    out="$(python3 - "$name" "$out" "$work/m0" "$work/m1" <<'PY'
+import json, re, sys
+name, r = sys.argv[1], json.loads(sys.argv[2])
+proto = {"http": "http", "kafka": "http", "grpc": "grpc", "ws": "websocket", "mqtt": "mqtt"}[name.split("-")[0]]
+def buckets(text, metric, labels):
+    out = {}
+    for m in re.finditer(r'^%s_bucket\{([^}]*)\} (\S+)$' % metric, text, re.M):
+        ls = m.group(1)
+        if all(l in ls for l in labels):
+            le = re.search(r'le="([^"]+)"', ls).group(1)
+            out[float("inf") if le == "+Inf" else float(le)] = out.get(float("inf") if le == "+Inf" else float(le), 0) + float(m.group(2))
+    return out
+def quantiles(metric, labels):
+    a = buckets(open(sys.argv[3]).read(), metric, labels)
+    b = buckets(open(sys.argv[4]).read(), metric, labels)
+    d = sorted((le, b[le] - a.get(le, 0)) for le in b)
+    total = d[-1][1] if d else 0
+    if total <= 0: return None
+    q = {}
+    for name, p in (("p50", 0.5), ("p99", 0.99)):
+        # The upper bound of the bucket the quantile falls in (histograms give no more).
+        q[name] = next((le for le, c in d if c >= p * total), None)
+    return q
+r["ack"] = quantiles("sluice_ack_seconds", ['protocol="%s"' % proto, 'ack="durable"'])
+r["fsync"] = quantiles("sluice_log_fsync_seconds", [])
+print(json.dumps(r))
+PY
+)"
+  fi
   printf '{"name":"%s","side":"%s","kind":"%s","r":%s}\n' "$name" "$side" "$kind" "$out" >>"$results"
 }
 # rate_of NAME SIDE: the closed-loop rate of a measurement (requests, frames or messages per s,
@@ -219,6 +258,14 @@ def lat(name, side):
     l = r["latency_us"]
     f = lambda v: "-" if v is None else ("%.2f" % (v / 1000))
     return "%s / %s / %s ms" % (f(l.get("p50")), f(l.get("p99")), f(l.get("p999")))
+def added(name):
+    r = res.get((name, "sluice", "half"))
+    if r is None or not r.get("ack"): return "-"
+    a, f = r["ack"], r.get("fsync") or {}
+    ms = lambda v: "-" if v is None else ("%.2f" % (v * 1000))
+    if name == "kafka":
+        return "ack %s / %s (Kafka's round trip inside)" % (ms(a["p50"]), ms(a["p99"]))
+    return "ack %s / %s, fsync %s / %s" % (ms(a["p50"]), ms(a["p99"]), ms(f.get("p50")), ms(f.get("p99")))
 def n(v): return "-" if v is None else "{:,.0f}".format(v)
 def ratio(a, b): return "-" if not a or not b else "%.0f%%" % (100 * a / b)
 rows = [
@@ -242,4 +289,16 @@ print("| path | Sluice | peer | peer's | Sluice / peer | target | Sluice at half
 print("|---|---|---|---|---|---|---|---|")
 for path, unit, s, peer, p, target, ls, lp in rows:
     print("| %s | %s %s | %s | %s | %s | %s | %s | %s |" % (path, n(s), unit, peer or "-", n(p), ratio(s, p), target or "-", ls, lp))
+print()
+print("Inside the gateway at half load, from its histograms (upper bounds of the buckets the")
+print("quantiles fall in, ms, p50 / p99): admission to ack point, and one fsync of the log. The")
+print("time Sluice adds beyond the fsync is at most ack - fsync per quantile; target p99 < 1 ms.")
+print()
+print("| path | admission to ack, and fsync (p50 / p99, ms) |")
+print("|---|---|")
+for name, path in (("http-x100", "HTTP batches of 100"), ("http-x1", "HTTP single events"),
+                   ("grpc-stream", "gRPC PublishStream"), ("grpc-unary", "gRPC unary"),
+                   ("ws-x10", "WebSocket, 10 per frame"), ("ws-x1", "WebSocket, 1 per frame"),
+                   ("mqtt", "MQTT QoS 1"), ("kafka", "HTTP -> Kafka")):
+    print("| %s | %s |" % (path, added(name)))
 PY

@@ -480,7 +480,20 @@ fn managed_kafka_properties_and_refused_overrides_agree() {
     k.security.ssl_key_file = Some("k.pem".into());
     k.security.ssl_key_password = Some(Secret("kp".into()));
     k.security.ssl_verify_hostname = Some(true);
-    let props = k.producer_properties();
+    let mut props = k.producer_properties();
+    // OAUTHBEARER sets its own properties instead of the username and password.
+    let mut o = k.clone();
+    o.security.sasl_mechanism = Some(KafkaSaslMechanism::OauthBearer);
+    o.security.sasl_username = None;
+    o.security.sasl_password = None;
+    o.security.oauthbearer_token_endpoint_url = Some("https://idp/token".into());
+    o.security.oauthbearer_client_id = Some("gw".into());
+    o.security.oauthbearer_client_secret = Some(Secret("s".into()));
+    o.security.oauthbearer_scope = Some("kafka".into());
+    o.security
+        .oauthbearer_extensions
+        .insert("logicalCluster".into(), "lkc-1".into());
+    props.extend(o.producer_properties());
     for (key, value) in &props {
         match key.as_str() {
             // Guarantees: refused only when weakened while a stream acks durably.

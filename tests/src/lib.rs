@@ -93,6 +93,7 @@ pub struct Sluice {
     pub mqtts: Option<SocketAddr>,
     pub data_dir: PathBuf,
     config_path: PathBuf,
+    admin_client: reqwest::Client,
 }
 
 impl Sluice {
@@ -237,6 +238,7 @@ impl Sluice {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             config_path: config_path.to_path_buf(),
+            admin_client: reqwest::Client::new(),
         };
         Ok((s, logs))
     }
@@ -276,7 +278,12 @@ impl Sluice {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.admin_url("metrics"))
+        // One client per gateway, so a test polling in a loop reuses its connection instead of
+        // opening one per poll (a busy machine can leave more closing than the admin
+        // listener's `max_connections` allows).
+        self.admin_client
+            .get(self.admin_url("metrics"))
+            .send()
             .await
             .expect("GET /metrics")
             .text()
