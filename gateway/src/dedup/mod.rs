@@ -194,7 +194,7 @@ impl DedupMetrics {
         );
         registry.register(
             "dedup_store_errors",
-            "Failed calls to the Redis dedup store, by operation (claim, wait, settle, release)",
+            "Failed calls to the Redis state store, by operation (claim, wait, settle, release, reconcile, probe, session_*, quota, quota_members)",
             self.store_errors.clone(),
         );
         registry.register(
