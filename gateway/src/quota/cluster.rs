@@ -215,6 +215,9 @@ pub(super) struct Shared<C: Clock> {
     local: Mutex<Option<(usize, Arc<Keyed<C>>)>>,
     clock: C,
     max_keys: usize,
+    /// When the leases and the local share's table were last swept: a full table is swept at
+    /// most once per [`super::SWEEP_EVERY`], not on every new key.
+    swept: Mutex<Option<Instant>>,
 }
 
 /// What a check of one bucket decided.
@@ -253,7 +256,18 @@ impl<C: Clock + Clone> Shared<C> {
             local: Mutex::new(None),
             clock,
             max_keys,
+            swept: Mutex::new(None),
         }
+    }
+
+    /// Whether a full table may be swept now (at most once per [`super::SWEEP_EVERY`]).
+    fn sweep_due(&self, now: Instant) -> bool {
+        let mut swept = self.swept.lock().expect("poisoned");
+        if swept.is_some_and(|t| now.duration_since(t) < super::SWEEP_EVERY) {
+            return false;
+        }
+        *swept = Some(now);
+        true
     }
 
     fn redis_key(&self, key: &str) -> String {
@@ -405,7 +419,9 @@ impl<C: Clock + Clone> Shared<C> {
         if leases.len() >= self.max_keys && !leases.contains_key(key) {
             // Expired leases go (their rest is not given back); a table of live leases keeps
             // its keys and this rest is dropped: the cluster only admits less for it.
-            leases.retain(|_, l| l.expires > now || l.empty_until > now);
+            if self.sweep_due(now) {
+                leases.retain(|_, l| l.expires > now || l.empty_until > now);
+            }
             if leases.len() >= self.max_keys {
                 return;
             }
@@ -462,7 +478,7 @@ impl<C: Clock + Clone> Shared<C> {
                 }
             }
         };
-        if limiter.len() >= self.max_keys {
+        if limiter.len() >= self.max_keys && self.sweep_due(Instant::now()) {
             limiter.retain_recent();
         }
         let key = key.to_string();
