@@ -335,6 +335,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// A tracing filter such as `info` or `sluice=debug,hyper=warn`.
     pub log_level: String,
+    /// Distributed tracing of events (W3C Trace Context, OpenTelemetry spans over OTLP).
+    pub traces: TracesConfig,
 }
 
 impl Default for TelemetryConfig {
@@ -342,12 +344,97 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Human,
             log_level: "info".into(),
+            traces: TracesConfig::default(),
+        }
+    }
+}
+
+/// `[telemetry.traces]`: W3C trace contexts taken from producers and stored with their events,
+/// and Sluice's own spans (receive, admission, append, ack) exported over OTLP/gRPC
+/// (docs/operations.md, "Traces").
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracesConfig {
+    /// Off by default: no trace context is read or written and nothing is exported.
+    pub enabled: bool,
+    /// The OTLP/gRPC endpoint spans are exported to, e.g. `http://otel-collector:4317`. Unset:
+    /// contexts are still propagated into the records, but no span is exported.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces Sluice starts (or receives unsampled) that it samples, 0.0 to 1.0.
+    pub sampling_ratio: f64,
+    /// Whether a producer's own sampling decision (the `traceparent` flag) wins over
+    /// `sampling_ratio` (OpenTelemetry's parent-based sampler).
+    pub parent_based: bool,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// How long one export may take before it is abandoned (its spans are counted as failed).
+    pub export_timeout_ms: u64,
+    /// Finished spans waiting to be exported; more are dropped and counted.
+    pub max_queued_spans: usize,
+    /// Spans per export request.
+    pub max_export_batch: usize,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            otlp_endpoint: None,
+            sampling_ratio: 0.01,
+            parent_based: true,
+            service_name: "sluice".into(),
+            export_timeout_ms: 10_000,
+            max_queued_spans: 8192,
+            max_export_batch: 512,
         }
     }
 }
 
 impl Config {
+    fn validate_traces(&self, p: &mut Problems) {
+        let t = &self.telemetry.traces;
+        if !(0.0..=1.0).contains(&t.sampling_ratio) {
+            p.add(
+                "telemetry.traces.sampling_ratio",
+                format!("{} is outside 0.0..=1.0", t.sampling_ratio),
+            );
+        }
+        if let Some(url) = &t.otlp_endpoint {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                p.add(
+                    "telemetry.traces.otlp_endpoint",
+                    "must be an http(s):// URL with a host, e.g. http://otel-collector:4317",
+                );
+            }
+        }
+        if t.service_name.trim().is_empty() {
+            p.add("telemetry.traces.service_name", "must not be empty");
+        }
+        p.in_range(
+            "telemetry.traces.export_timeout_ms",
+            t.export_timeout_ms,
+            1,
+            60_000,
+        );
+        p.in_range(
+            "telemetry.traces.max_queued_spans",
+            t.max_queued_spans as u64,
+            1,
+            1_000_000,
+        );
+        p.in_range(
+            "telemetry.traces.max_export_batch",
+            t.max_export_batch as u64,
+            1,
+            t.max_queued_spans.max(1) as u64,
+        );
+    }
+
     pub(crate) fn validate_servers(&self, p: &mut Problems) {
+        self.validate_traces(p);
         if self.grpc.max_connections == 0 || self.grpc.max_concurrent_streams == 0 {
             p.add(
                 "grpc",

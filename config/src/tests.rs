@@ -856,3 +856,43 @@ fn oauthbearer_needs_its_endpoint_and_client_credentials_and_nothing_else() {
         "{m:?}"
     );
 }
+
+#[test]
+fn traces_parse_with_their_defaults_and_refuse_what_cannot_work() {
+    let c = Config::from_toml_str("", "t", no_env()).unwrap();
+    assert!(!c.telemetry.traces.enabled, "off unless asked for");
+    let c = Config::from_toml_str(
+        "[telemetry.traces]\nenabled = true\notlp_endpoint = \"https://collector:4317\"\n",
+        "t",
+        no_env(),
+    )
+    .unwrap();
+    let t = &c.telemetry.traces;
+    assert_eq!(t.sampling_ratio, 0.01);
+    assert!(t.parent_based);
+    assert_eq!(t.service_name, "sluice");
+    assert_eq!((t.max_queued_spans, t.max_export_batch), (8192, 512));
+
+    let paths: Vec<String> = problems(
+        "[telemetry.traces]\nenabled = true\nsampling_ratio = 1.5\notlp_endpoint = \"collector:4317\"\n\
+         service_name = \" \"\nexport_timeout_ms = 0\nmax_queued_spans = 10\nmax_export_batch = 11\n",
+    )
+    .into_iter()
+    .map(|p| p.path)
+    .collect();
+    for k in [
+        "sampling_ratio",
+        "otlp_endpoint",
+        "service_name",
+        "export_timeout_ms",
+        "max_export_batch",
+    ] {
+        assert!(
+            paths.contains(&format!("telemetry.traces.{k}")),
+            "{k} not refused: {paths:?}"
+        );
+    }
+    assert_eq!(paths.len(), 5, "{paths:?}");
+    let unknown = problems("[telemetry.traces]\nendpoint = \"http://c:4317\"\n");
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+}

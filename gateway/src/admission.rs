@@ -23,6 +23,7 @@ use crate::schema::{
     Invalid, InvalidLabels, SCHEMA_HEADER, SchemaMetrics, Schemas, StreamLabel, StreamSchema,
 };
 use crate::sink::{Held, Sink};
+use crate::traces::{Trace, Traces};
 use sluice_core::RECORD_OVERHEAD;
 
 /// What a configuration reload replaces: stream settings and quotas. Requests in flight keep
@@ -76,6 +77,8 @@ pub struct Gateway {
     schema_metrics: SchemaMetrics,
     /// What cluster-wide quota rules share (with Redis as the state store).
     cluster: Option<Arc<Cluster>>,
+    /// Traces (`[telemetry.traces]` enabled).
+    traces: Option<Arc<Traces>>,
 }
 
 impl Gateway {
@@ -115,7 +118,19 @@ impl Gateway {
             created_by: Default::default(),
             dedup,
             read_cache: crate::read::Caches::new(),
+            traces: None,
         }
+    }
+
+    /// Traces every batch with `traces` (`[telemetry.traces]` enabled).
+    pub fn with_traces(mut self, traces: Option<Arc<Traces>>) -> Self {
+        self.traces = traces;
+        self
+    }
+
+    /// The tracer, when `[telemetry.traces]` is enabled.
+    pub fn traces(&self) -> Option<&Arc<Traces>> {
+        self.traces.as_ref()
     }
 
     /// What cluster-wide quota rules share, if Redis is the state store.
@@ -360,10 +375,41 @@ impl Ingest for Gateway {
         })
     }
 
+    /// One admitted batch: its steps ([`Gateway::steps`]), traced when tracing is on.
+    async fn ingest(&self, req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
+        let Some(traces) = &self.traces else {
+            return self.steps(req, None).await;
+        };
+        let mut trace = None;
+        let result = self.steps(req, Some((traces, &mut trace))).await;
+        if let Some(t) = trace {
+            t.finish(traces, &result);
+        }
+        result
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn budget(&self) -> &Budget {
+        &self.budget
+    }
+}
+
+/// Where a batch's trace is kept while its steps run (tracing on).
+type Tracing<'a> = Option<(&'a Traces, &'a mut Option<Trace>)>;
+
+impl Gateway {
     /// The path of one admitted batch, as named steps in the order they run. Whole-batch
     /// refusals are returned (the adapter counts the request's outcome by the rejection's code);
     /// what happened to each event is counted in [`Gateway::record`].
-    async fn ingest(&self, mut req: IngestRequest) -> Result<Vec<Receipt>, Rejection> {
+    async fn steps(
+        &self,
+        mut req: IngestRequest,
+        mut tracing: Tracing<'_>,
+    ) -> Result<Vec<Receipt>, Rejection> {
+        let started = tracing.as_ref().map(|_| std::time::SystemTime::now());
         let policy = self.policy.load();
         // MQTT marks every QoS 1/2 publish with its packet key; only a stream that deduplicates
         // by it stores it (and pays for its bytes).
@@ -375,6 +421,11 @@ impl Ingest for Gateway {
         // The stream's limits, as admitted, before anything is charged: oversized input costs
         // nobody else.
         validate(&req, &sizes)?;
+        // The batch's trace starts once it is known to be well-formed; its context goes into
+        // the records (not counted against `max_event_bytes`).
+        if let (Some((traces, slot)), Some(at)) = (tracing.as_mut(), started) {
+            **slot = Some(traces.begin(&mut req, at));
+        }
         // The stream's schema: an invalid event is answered on its own (refused, or stored in
         // the dead-letter stream) and the others go on; valid ones carry the schema's id.
         let set_aside = self.check_schemas(&policy, &mut req).await;
@@ -415,7 +466,14 @@ impl Ingest for Gateway {
         }
         // Append; the answer comes at the stream's ack point, or at the drain deadline.
         let held = Held { global, stream };
+        let mark = |tracing: &mut Tracing<'_>, f: fn(&mut Trace)| {
+            if let Some((_, Some(t))) = tracing {
+                f(t);
+            }
+        };
+        mark(&mut tracing, Trace::admitted);
         let (req, mut receipts) = self.append(req, target, held, tickets).await?;
+        mark(&mut tracing, Trace::appended);
         if let Some((r, _, n)) = refused {
             receipts.extend(std::iter::repeat_n(Receipt::Failed(r), n));
         }
@@ -428,14 +486,6 @@ impl Ingest for Gateway {
             None => receipts,
         };
         Ok(sluice_core::merge_at(receipts, set_aside))
-    }
-
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    fn budget(&self) -> &Budget {
-        &self.budget
     }
 }
 
@@ -762,6 +812,8 @@ impl Gateway {
             events,
             reservation: self.budget.empty(),
             queued: None,
+            // Continues under the batch's span (its trace context, when tracing is on).
+            trace: req.trace.clone(),
         };
         // The dead-letter stream has no schema of its own (check-config refuses one), so this
         // goes through the path above once.

@@ -14,3 +14,4 @@ pub mod sink;
 /// The Kafka sink, at its old path (the load generator and tests use it).
 pub use sink::kafka;
 pub mod telemetry;
+pub mod traces;

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sluice_core::{Admission, Event, Ingest, Protocol, Receipt, Rejection, StreamName};
+use sluice_core::{
+    Admission, Event, Ingest, Protocol, Receipt, Rejection, StreamName, TraceHeaders,
+};
 use tokio::sync::{mpsc, oneshot};
 
 /// The outcome of one batch: a receipt per event, or the batch's rejection.
@@ -29,6 +31,9 @@ pub struct Lanes<I> {
     protocol: Protocol,
     depth: usize,
     lanes: HashMap<StreamName, mpsc::Sender<Item>>,
+    /// The connection's trace context (gRPC call metadata, WebSocket upgrade headers), for
+    /// every batch it sends.
+    trace: Option<TraceHeaders>,
 }
 
 const MAX_LANES: usize = 256;
@@ -41,7 +46,14 @@ impl<I: Ingest> Lanes<I> {
             protocol,
             depth: depth.max(1),
             lanes: HashMap::new(),
+            trace: None,
         }
+    }
+
+    /// Gives every batch of the connection the trace context it was opened with.
+    pub fn with_trace(mut self, trace: Option<TraceHeaders>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// Queues an admitted batch behind the earlier batches of its stream; the receiver gets its
@@ -62,7 +74,12 @@ impl<I: Ingest> Lanes<I> {
             .entry(stream.clone())
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(self.depth);
-                tokio::spawn(run(self.ingest.clone(), self.protocol, rx));
+                tokio::spawn(run(
+                    self.ingest.clone(),
+                    self.protocol,
+                    self.trace.clone(),
+                    rx,
+                ));
                 tx
             })
             .clone();
@@ -81,7 +98,12 @@ impl<I: Ingest> Lanes<I> {
 /// One stream's lane: appends queued batches in order, merging those already waiting (same
 /// content type, within the stream's events-per-request limit) into one append under the first
 /// one's admission (same principal and stream; admitted by the adapter as it read them).
-async fn run<I: Ingest>(ingest: Arc<I>, protocol: Protocol, mut rx: mpsc::Receiver<Item>) {
+async fn run<I: Ingest>(
+    ingest: Arc<I>,
+    protocol: Protocol,
+    trace: Option<TraceHeaders>,
+    mut rx: mpsc::Receiver<Item>,
+) {
     let mut next: Option<Item> = None;
     let mut chain = Chain::default();
     loop {
@@ -128,6 +150,7 @@ async fn run<I: Ingest>(ingest: Arc<I>, protocol: Protocol, mut rx: mpsc::Receiv
         }
         let queued = chain.next();
         let ingest2 = ingest.clone();
+        let trace = trace.clone();
         tokio::spawn(async move {
             let outcome = crate::append_admitted(
                 &*ingest2,
@@ -136,6 +159,7 @@ async fn run<I: Ingest>(ingest: Arc<I>, protocol: Protocol, mut rx: mpsc::Receiv
                 content_type,
                 events,
                 Some(queued),
+                trace,
             )
             .await;
             match outcome {

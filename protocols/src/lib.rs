@@ -13,6 +13,7 @@ pub mod server;
 use bytes::Bytes;
 use sluice_core::{
     Admission, Event, Ingest, IngestRequest, Principal, Protocol, Receipt, Rejection, StreamName,
+    TraceHeaders,
 };
 
 /// The path of one already-decoded batch (gRPC, WebSocket, MQTT): admit the principal on the
@@ -27,7 +28,16 @@ pub(crate) async fn append_batch<I: Ingest>(
     queued: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<Vec<Receipt>, Rejection> {
     let admitted = ingest.admit(principal, stream);
-    append_admitted(ingest, admitted, protocol, content_type, events, queued).await
+    append_admitted(
+        ingest,
+        admitted,
+        protocol,
+        content_type,
+        events,
+        queued,
+        None,
+    )
+    .await
 }
 
 /// Appends a batch whose admission was decided (authorized once, by [`Ingest::admit`]) and
@@ -40,6 +50,7 @@ pub(crate) async fn append_admitted<I: Ingest>(
     content_type: Bytes,
     events: Vec<Event>,
     queued: Option<tokio::sync::oneshot::Sender<()>>,
+    trace: Option<TraceHeaders>,
 ) -> Result<Vec<Receipt>, Rejection> {
     let result = match admitted {
         Ok(admission) => {
@@ -52,6 +63,7 @@ pub(crate) async fn append_admitted<I: Ingest>(
                     events,
                     reservation: ingest.budget().empty(),
                     queued,
+                    trace,
                 })
                 .await
         }

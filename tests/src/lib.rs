@@ -7,6 +7,7 @@ pub mod http;
 pub mod inproc;
 pub mod kafka;
 pub mod mqtt;
+pub mod otlp;
 pub mod pki;
 pub mod redis;
 pub mod registry;

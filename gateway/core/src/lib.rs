@@ -108,6 +108,32 @@ pub fn apply_idempotency_key(key: &[u8], events: &mut [Event]) -> Result<(), Rej
     Ok(())
 }
 
+/// The W3C Trace Context header that names an event's trace and its parent span
+/// (`00-{trace id}-{span id}-{flags}`): read from HTTP headers, gRPC metadata, MQTT 5 user
+/// properties and event headers, and stored with each event when tracing is on.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C Trace Context header with vendors' trace state, passed on unchanged.
+pub const TRACESTATE: &str = "tracestate";
+
+/// A request's trace context as the producer sent it (HTTP `traceparent`/`tracestate`
+/// headers, gRPC metadata): raw bytes, checked by the gateway only when tracing is on, so
+/// adapters pay nothing for it otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub parent: Bytes,
+    pub state: Option<Bytes>,
+}
+
+impl TraceHeaders {
+    /// The context in `traceparent` and `tracestate` values, when there is a `traceparent`.
+    pub fn from_values(parent: Option<&[u8]>, state: Option<&[u8]>) -> Option<Self> {
+        parent.map(|p| Self {
+            parent: Bytes::copy_from_slice(p),
+            state: state.map(Bytes::copy_from_slice),
+        })
+    }
+}
+
 /// The protocol an event arrived over (recorded with it and used as a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -233,6 +259,9 @@ pub struct IngestRequest {
     /// queue, i.e. their order in the log is fixed, before they reach their ack point. Lets a
     /// connection pipeline its batches of one stream without reordering them.
     pub queued: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The request's trace context (HTTP headers, gRPC metadata); an event's own `traceparent`
+    /// header wins over it for that event.
+    pub trace: Option<TraceHeaders>,
 }
 
 impl IngestRequest {

@@ -223,15 +223,30 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             r.refresh().await
         });
     }
-    let gateway = Arc::new(Gateway::new(
-        config.streams.clone(),
-        sink,
-        config.limits.max_in_flight_bytes,
-        &config.quotas,
-        metrics.clone(),
-        dedup,
-        schemas,
-    ));
+    let traces = if config.telemetry.traces.enabled {
+        let m = crate::traces::TraceMetrics::default();
+        m.register(&mut registry);
+        let instance = instance_id(&config.log.data_dir).ok();
+        Some(Arc::new(crate::traces::Traces::new(
+            &config.telemetry.traces,
+            instance,
+            m,
+        )?))
+    } else {
+        None
+    };
+    let gateway = Arc::new(
+        Gateway::new(
+            config.streams.clone(),
+            sink,
+            config.limits.max_in_flight_bytes,
+            &config.quotas,
+            metrics.clone(),
+            dedup,
+            schemas,
+        )
+        .with_traces(traces),
+    );
     // With Redis as the state store, every gateway on it says once a second that it shares
     // cluster-wide quotas, which tells each how many do.
     if let Some(c) = gateway.cluster() {
@@ -847,6 +862,10 @@ impl Running {
         // The other gateways' local shares (should Redis go away) count one gateway less.
         if let Some(c) = self.gateway.cluster() {
             let _ = tokio::time::timeout(Duration::from_secs(1), c.announce(true)).await;
+        }
+        // The spans of what was drained go out before the process exits.
+        if let Some(t) = self.gateway.traces() {
+            t.shutdown(Duration::from_secs(2)).await;
         }
         if !in_time {
             tracing::warn!(

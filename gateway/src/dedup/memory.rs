@@ -693,6 +693,7 @@ mod tests {
             protocol: Protocol::Http,
             content_type: Bytes::new(),
             record_headers: Vec::new(),
+            trace: None,
             events: ids
                 .iter()
                 .map(|id| Event {

@@ -534,6 +534,7 @@ fn spawn_batch<I: Ingest>(
     content_type: String,
     events: Vec<pb::Event>,
     idempotency_key: String,
+    trace: Option<sluice_core::TraceHeaders>,
 ) -> JoinHandle<Result<Vec<Receipt>, Rejection>> {
     tokio::spawn(async move {
         let stream = match StreamName::parse(&stream) {
@@ -551,17 +552,26 @@ fn spawn_batch<I: Ingest>(
                 return Err(r);
             }
         };
-        crate::append_batch(
+        let admitted = ingest.admit(&principal, &stream);
+        crate::append_admitted(
             &*ingest,
-            &principal,
+            admitted,
             Protocol::Grpc,
-            &stream,
             Bytes::from(content_type),
             events,
             None,
+            trace,
         )
         .await
     })
+}
+
+/// The call's W3C trace context (`traceparent`/`tracestate` metadata), when it has one.
+fn trace_of(m: &tonic::metadata::MetadataMap) -> Option<sluice_core::TraceHeaders> {
+    sluice_core::TraceHeaders::from_values(
+        m.get(sluice_core::TRACEPARENT).map(|v| v.as_bytes()),
+        m.get(sluice_core::TRACESTATE).map(|v| v.as_bytes()),
+    )
 }
 
 fn joined(
@@ -581,6 +591,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         request: tonic::Request<pb::PublishRequest>,
     ) -> Result<tonic::Response<pb::PublishResponse>, Status> {
         let deadline = deadline_of(request.metadata());
+        let trace = trace_of(request.metadata());
         let principal = principal_of(&request)?;
         let req = request.into_inner();
         let span = tracing::info_span!(
@@ -599,6 +610,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
                     req.content_type,
                     req.events,
                     req.idempotency_key,
+                    trace,
                 );
                 let result = match deadline {
                     Some(d) => tokio::time::timeout_at(d, task)
@@ -728,6 +740,7 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
         request: tonic::Request<tonic::Streaming<pb::PublishStreamRequest>>,
     ) -> Result<tonic::Response<Self::PublishStreamStream>, Status> {
         let deadline = deadline_of(request.metadata());
+        let trace = trace_of(request.metadata());
         let principal = principal_of(&request)?;
         let mut auth = request
             .extensions()
@@ -751,7 +764,8 @@ impl<I: Ingest> IngestService for GrpcIngest<I> {
             self.ingest.clone(),
             Protocol::Grpc,
             self.max_batches_in_flight,
-        );
+        )
+        .with_trace(trace);
         let ingest = self.ingest.clone();
         tokio::spawn(tracing::Instrument::instrument(
             async move {

@@ -686,9 +686,18 @@ async fn publish_admitted<I: Ingest>(
             events,
             reservation,
             queued: None,
+            trace: trace_headers(&parts.headers),
         })
         .await?;
     Ok(receipts_response(&with_invalid(receipts, invalid)))
+}
+
+/// The request's W3C trace context headers, when it has a `traceparent`.
+pub(crate) fn trace_headers(h: &http::HeaderMap) -> Option<sluice_core::TraceHeaders> {
+    sluice_core::TraceHeaders::from_values(
+        h.get(sluice_core::TRACEPARENT).map(|v| v.as_bytes()),
+        h.get(sluice_core::TRACESTATE).map(|v| v.as_bytes()),
+    )
 }
 
 /// The answers of a request's valid events with its invalid events' refusals put back at their

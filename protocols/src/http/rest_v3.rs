@@ -439,6 +439,7 @@ async fn take<I: Ingest>(
     records: Vec<&RawValue>,
     cluster_id: &str,
     topic: &str,
+    trace: Option<sluice_core::TraceHeaders>,
 ) -> Vec<(StatusCode, Value)> {
     let mut events = Vec::with_capacity(records.len());
     let mut shapes = Vec::with_capacity(records.len());
@@ -475,6 +476,7 @@ async fn take<I: Ingest>(
                     events,
                     reservation,
                     queued: None,
+                    trace,
                 })
                 .await
         }
@@ -532,6 +534,7 @@ async fn produce<I: Ingest>(
     // A record's JSON: its event at most, base64 and JSON framing included.
     let max_record = settings.max_event_bytes as usize * 4 / 3 + 64 * 1024;
     let streaming = !req.headers().contains_key(http::header::CONTENT_LENGTH);
+    let trace = super::trace_headers(req.headers());
     let body = req.into_body();
     if !streaming {
         let collected = tokio::time::timeout(
@@ -563,7 +566,16 @@ async fn produce<I: Ingest>(
                 return whole(rejection(&r), r.code());
             }
         };
-        let mut results = take(&*ingest, &principal, &stream, vec![raw], cluster_id, topic).await;
+        let mut results = take(
+            &*ingest,
+            &principal,
+            &stream,
+            vec![raw],
+            cluster_id,
+            topic,
+            trace,
+        )
+        .await;
         let (status, v) = results.pop().expect("one record");
         let outcome = if status == StatusCode::OK {
             "ok"
@@ -630,6 +642,7 @@ async fn produce<I: Ingest>(
                         chunk.to_vec(),
                         &cluster_id,
                         &topic,
+                        trace.clone(),
                     )
                     .await;
                     let mut out = String::new();

@@ -386,6 +386,7 @@ pub(super) async fn upgrade<I: Ingest>(
     {
         return (rejection_response(&r), r.code());
     }
+    let trace = super::trace_headers(req.headers());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let Ok(sessions) = ctx.ws_sessions.clone().try_read_owned() else {
         let r = Rejection::unavailable(Duration::from_secs(1), "the gateway is shutting down");
@@ -422,6 +423,7 @@ pub(super) async fn upgrade<I: Ingest>(
                         stream,
                         opts,
                         cloudevents,
+                        trace,
                     }
                     .run(ws, shutdown, gate, auth)
                     .await;
@@ -446,6 +448,8 @@ struct Session<I> {
     opts: WsOptions,
     /// Text frames are CloudEvents (`?format=cloudevents`).
     cloudevents: bool,
+    /// The upgrade request's trace context, for events without their own `traceparent`.
+    trace: Option<sluice_core::TraceHeaders>,
 }
 
 pub(super) fn close(code: CloseCode, reason: &str) -> Message {
@@ -527,7 +531,8 @@ impl<I: Ingest> Session<I> {
             session.ingest.clone(),
             Protocol::WebSocket,
             opts.max_pending_frames,
-        );
+        )
+        .with_trace(session.trace.clone());
         let mut ping = (!opts.ping_interval.is_zero()).then(|| {
             let mut i = tokio::time::interval(opts.ping_interval);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

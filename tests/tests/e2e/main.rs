@@ -31,4 +31,5 @@ mod reload;
 mod schema_formats;
 mod schemas;
 mod spool;
+mod traces;
 mod websocket;
