@@ -291,21 +291,24 @@ impl Traces {
                 }
             }
         }
-        let span = self
+        let mut span = self
             .tracer
             .span_builder("sluice.receive")
             .with_kind(SpanKind::Server)
             .with_start_time(started)
-            .with_attributes([
+            .with_links(links)
+            .start_with_context(&self.tracer, &parent_cx);
+        // Attributes only for spans that are kept (an unsampled batch allocates none).
+        if span.is_recording() {
+            span.set_attributes([
                 KeyValue::new("messaging.system", "sluice"),
                 KeyValue::new("messaging.operation.type", "send"),
                 KeyValue::new("messaging.destination.name", req.stream().to_string()),
                 KeyValue::new("messaging.batch.message_count", req.events.len() as i64),
                 KeyValue::new("network.protocol.name", req.protocol.as_str()),
                 KeyValue::new("sluice.principal", req.principal().name().to_string()),
-            ])
-            .with_links(links)
-            .start_with_context(&self.tracer, &parent_cx);
+            ]);
+        }
         let sc = span.span_context().clone();
         let value = Bytes::from(format!(
             "00-{}-{}-{:02x}",

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod attack;
 mod mqtt;
+mod otlp;
 mod read;
 
 #[derive(Parser)]
@@ -57,6 +58,12 @@ enum Cmd {
     /// The read side: SSE subscribers of one stream while producers write at a target rate;
     /// fan-out throughput and ack → receipt latency.
     ReadTail(read::TailArgs),
+    /// An OTLP/gRPC trace receiver that accepts every export and counts its spans (for
+    /// `bench-traces.sh`); prints `otlp=ADDR`, and the spans received when it ends (SIGTERM).
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
     /// A peer: an HTTP server that reads each request body and answers 200 at once.
     Sink {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -311,6 +318,7 @@ fn main() -> Result<()> {
         Cmd::ReadTail(a) => rt.block_on(read::tail(a)),
         Cmd::AttackRss(a) => rt.block_on(attack::run(a)),
         Cmd::Sink { listen } => rt.block_on(sink(listen)),
+        Cmd::OtlpSink { listen } => rt.block_on(otlp::sink(listen)),
         Cmd::Token {
             hs256_secret,
             iss,

@@ -18,6 +18,9 @@ use sluice_tests::{Sluice, api_key_entry, metric, wait_until};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The producer's trace id of the first test's requests.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
 fn client() -> reqwest::Client {
     sluice_tests::http::client(Duration::from_secs(60))
 }
@@ -51,7 +54,7 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
     let tmp = tempfile::tempdir().unwrap();
     let key = "k1.secret-one-secret-one";
     let toml = format!(
-        "{}{}\n[http.auth]\nmethods = [\"api_key\"]\n[streams.declare.orders]\npartitions = 4\n",
+        "{}{}\n[http.auth]\nmethods = [\"api_key\"]\n[streams.declare.orders]\npartitions = 4\n[telemetry.traces]\nenabled = true\n",
         kafka_config(
             &tansu.bootstrap,
             "topic = \"sluice.{stream}\"\ncreate_topics = true\nlinger_ms = 2\n[log.kafka.overrides]\n\"statistics.interval.ms\" = \"200\""
@@ -76,6 +79,8 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
         let r = c
             .post(s.events_url("orders"))
             .header("x-api-key", key)
+            // The producer's trace goes into Kafka under Sluice's span (docs/operations.md).
+            .header("traceparent", format!("00-{TRACE}-b7ad6b7169203331-01"))
             .json(&events)
             .send()
             .await
@@ -87,6 +92,7 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
     let records = read_topic(&tansu.bootstrap, "sluice.orders", sent.len(), READ_TIMEOUT).unwrap();
     assert_eq!(records.len(), sent.len(), "{records:#?}");
     let at = by_position(&records);
+    let mut span_ids = HashSet::new();
     let mut last_offset: BTreeMap<String, i64> = BTreeMap::new();
     for ((key, id, value), (p, o)) in sent.iter().zip(&receipts) {
         // Kafka's murmur2, as the Java client computes it, picks the partition.
@@ -109,6 +115,14 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
             Some("application/json")
         );
         assert_eq!(r.header("site").as_deref(), Some("north"));
+        let tp = r.header("traceparent").unwrap_or_else(|| panic!("{r:?}"));
+        assert!(
+            tp.starts_with(&format!("00-{TRACE}-"))
+                && tp.ends_with("-01")
+                && !tp.contains("b7ad6b7169203331"),
+            "{tp}"
+        );
+        span_ids.insert(tp);
         let received: i64 = r.header("sluice-received-at").unwrap().parse().unwrap();
         assert_eq!(
             r.timestamp,
@@ -120,6 +134,8 @@ async fn events_land_in_their_topic_and_partition_with_key_headers_and_value() {
             assert!(*o > prev, "key {key}: offset {o} after {prev}");
         }
     }
+    // One Sluice span per request, named by each of its records.
+    assert_eq!(span_ids.len(), 3, "{span_ids:?}");
     assert!(
         receipts
             .iter()
