@@ -51,6 +51,9 @@ pub struct RedisConfig {
     pub timeout_ms: u64,
     /// Prefix of every key Sluice writes, so several deployments can share one Redis.
     pub key_prefix: String,
+    /// Fault injection for tests of crashes between an append and its settlement: each
+    /// settlement of stored keys waits this long first. Never set this in production.
+    pub fault_settle_delay_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -60,6 +63,7 @@ impl Default for RedisConfig {
             connections: 4,
             timeout_ms: 500,
             key_prefix: "sluice:".into(),
+            fault_settle_delay_ms: 0,
         }
     }
 }

@@ -149,13 +149,39 @@ pub async fn start(config: Config, path: Option<std::path::PathBuf>) -> anyhow::
             Dedup::redis(&config.dedup.redis, instance, dedup_metrics)?
         }
     });
-    if let (Sink::Kafka(..), true) = (&sink, dedup.is_redis()) {
-        // Over Kafka there is no log to reconcile: the heartbeat of this boot is published at
-        // once, and other gateways take over the claims an earlier boot left (their events
-        // may be in Kafka: the at-least-once case of docs/exactly-once.md, now resolved when
-        // the gateway is back instead of after the claims' 60 s).
-        // (The probe below refreshes it every second.)
-        let _ = dedup.restore(&[]).await;
+    if let (Sink::Kafka(k, _), Some(redis)) = (&sink, dedup.redis_store()) {
+        // Over Kafka the claims an earlier boot left are reconciled from its journal: the
+        // keys it had in flight are looked up in their topics, the ones found are marked
+        // stored, and only then is this boot's heartbeat published, after which other
+        // gateways take over the rest (docs/exactly-once.md). The probe below refreshes the
+        // heartbeat every second.
+        let (journal, earlier) = crate::dedup::journal::Journal::open(
+            &config.log.data_dir,
+            redis.boot(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        )
+        .context("the dedup journal")?;
+        let restored = if earlier.keys.is_empty() {
+            Vec::new()
+        } else {
+            find_in_kafka(k, &config.streams, &earlier).await
+        };
+        dedup.set_journal(journal);
+        let dedup = dedup.clone();
+        let reconcile = async move {
+            let mut pause = Duration::from_millis(500);
+            while let Err(why) = dedup.restore(&restored).await {
+                tracing::warn!(error = %why, "could not reconcile the dedup journal into Redis yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            earlier.forget();
+        };
+        // Before serving when Redis answers; else in the background (streams with dedup answer
+        // 503 until it does, and no other gateway takes the earlier claims over meanwhile).
+        let _ = tokio::time::timeout(Duration::from_secs(5), tokio::spawn(reconcile)).await;
     }
     if let Sink::Embedded(log) = &sink {
         let events = read_dedup_keys(log, &config).await?;
@@ -722,6 +748,57 @@ fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
+/// The events of the keys an earlier boot journaled that are in Kafka, as restored keys: each
+/// journaled stream's topic read from its oldest entry's time to its end. Retried while Kafka
+/// does not answer, for up to 30 s; then the gateway starts without them (their claims are
+/// taken over, and their events may be stored twice: docs/exactly-once.md).
+async fn find_in_kafka(
+    k: &KafkaSink,
+    streams: &sluice_config::StreamsConfig,
+    earlier: &crate::dedup::journal::Earlier,
+) -> Vec<Restored> {
+    let started = std::time::Instant::now();
+    let give_up = started + Duration::from_secs(30);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let (k, streams, journaled) = (k.clone(), streams.clone(), earlier.clone());
+        let found = tokio::task::spawn_blocking(move || -> Result<Vec<Restored>, String> {
+            let earlier = journaled;
+            let mut out = Vec::new();
+            for (stream, from) in &earlier.from_ms {
+                let settings = streams.settings(stream);
+                let name: Arc<str> = Arc::from(stream.as_str());
+                k.scan(stream, from - 1_000, give_up, |p, r| {
+                    out.extend(earlier.matching(&name, &settings, p, r));
+                })?;
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match found {
+            Ok(found) => {
+                tracing::info!(
+                    journaled = earlier.keys.len(),
+                    found = found.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "dedup journal of the last run reconciled with Kafka"
+                );
+                return found;
+            }
+            Err(why) if std::time::Instant::now() + pause < give_up => {
+                tracing::warn!(error = %why, "could not read Kafka to reconcile the dedup journal yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(why) => {
+                tracing::error!(error = %why, keys = earlier.keys.len(), "could not read Kafka to reconcile the dedup journal; starting without it (events in flight at the last stop may be stored twice)");
+                return Vec::new();
+            }
+        }
+    }
+}
+
 /// The events still in the dedup window of each stream with `dedup = true`, read back from the
 /// embedded log, oldest first: each partition from `dedup_window_ms` ago, at most its newest
 /// `dedup_window_events` records with a key. An acked event is in the log, so the window
@@ -858,7 +935,12 @@ impl Running {
         answer.abort();
         // Dedup settlements that run after their answers (Redis): recorded before exiting, so
         // a retry after the restart is recognised without waiting for the claims to expire.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.gateway.dedup().settled()).await;
+        let settled =
+            tokio::time::timeout(Duration::from_secs(2), self.gateway.dedup().settled()).await;
+        // Everything answered and settled: the next start has no claim of this run to look up.
+        if in_time && settled.is_ok() {
+            self.gateway.dedup().clear_journal();
+        }
         // The other gateways' local shares (should Redis go away) count one gateway less.
         if let Some(c) = self.gateway.cluster() {
             let _ = tokio::time::timeout(Duration::from_secs(1), c.announce(true)).await;

@@ -11,6 +11,7 @@
 //! in the gateway and rebuilt from the embedded log at start, or [`redis`], shared by every
 //! gateway that points at the same Redis.
 
+pub mod journal;
 pub mod memory;
 pub mod redis;
 
@@ -250,6 +251,8 @@ enum Store {
 pub struct Dedup {
     store: Store,
     metrics: DedupMetrics,
+    /// Over Kafka with Redis: the claims written down before their events are produced.
+    journal: std::sync::OnceLock<journal::Journal>,
 }
 
 /// The claims of a request's new events; an event's claim is released (its retries may append)
@@ -286,6 +289,7 @@ impl Dedup {
         Self {
             store: Store::Memory(memory::Window::new(max_entries)),
             metrics,
+            journal: Default::default(),
         }
     }
 
@@ -299,7 +303,20 @@ impl Dedup {
         Ok(Self {
             store: Store::Redis(Arc::new(redis::RedisStore::new(config, instance)?)),
             metrics,
+            journal: Default::default(),
         })
+    }
+
+    /// After a clean stop (every claim settled): the journal has nothing left to say.
+    pub fn clear_journal(&self) {
+        if let Some(j) = self.journal.get() {
+            j.clear();
+        }
+    }
+
+    /// Writes this boot's claims to `journal` from now on (a gateway over Kafka with Redis).
+    pub fn set_journal(&self, journal: journal::Journal) {
+        let _ = self.journal.set(journal);
     }
 
     /// The Redis store behind the window, if it is Redis (MQTT sessions share it).
@@ -415,6 +432,32 @@ impl Dedup {
                     }
                 }
             });
+        }
+        if let Some(j) = self.journal.get()
+            && s.ack != sluice_config::AckMode::Spooled
+        {
+            // Written before the events are produced (docs/exactly-once.md).
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let claimed = || {
+                outcome
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, o)| matches!(o, Some(Ok(_))))
+                    .map(|(i, _)| i)
+            };
+            let from_ms = claimed()
+                .filter_map(|i| events[i].timestamp_ms)
+                .fold(now_ms, i64::min)
+                .max(now_ms - 2 * journal::KEEP.as_millis() as i64);
+            j.record(
+                from_ms,
+                now_ms,
+                &stream,
+                principal.as_bytes(),
+                claimed().filter_map(|i| materials[i].as_ref().map(|m| (m.kind, m.bytes))),
+            );
         }
         let mut tickets = Tickets {
             dedup: Some(self.clone()),
@@ -597,6 +640,55 @@ pub struct Restored {
     pub mqtt_packet: Option<Vec<u8>>,
     pub position: Position,
     pub ts_ms: i64,
+}
+
+impl journal::Earlier {
+    /// `r`, read back from partition `partition` of `stream`, as a restored key, if it is one
+    /// of the keys earlier boots journaled.
+    pub fn matching(
+        &self,
+        stream: &Arc<str>,
+        settings: &StreamSettings,
+        partition: u32,
+        r: sluice_log::Record,
+    ) -> Option<Restored> {
+        let header = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| v.clone())
+        };
+        let request_key = header(IDEMPOTENCY_HEADER);
+        let mqtt_packet = header(sluice_core::MQTT_PACKET_HEADER);
+        let m = Material::of_record(
+            settings,
+            r.id.as_deref(),
+            request_key.as_deref(),
+            mqtt_packet.as_deref(),
+        )?;
+        let entry = journal::Entry {
+            stream: stream.to_string(),
+            principal: r.principal.clone(),
+            kind: m.kind,
+            bytes: m.bytes.to_vec(),
+        };
+        if !self.keys.contains(&entry) {
+            return None;
+        }
+        Some(Restored {
+            stream: stream.clone(),
+            settings: *settings,
+            principal: r.principal,
+            id: r.id,
+            request_key,
+            mqtt_packet,
+            position: Position {
+                partition,
+                offset: Some(r.offset),
+            },
+            ts_ms: r.timestamp_ms,
+        })
+    }
 }
 
 /// Whose keys a request claims: its stream, its principal, the stream's settings.

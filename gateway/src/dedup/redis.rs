@@ -209,8 +209,20 @@ return false
 /// ARGV: window_ms, share, then key, value pairs.
 const RECONCILE: &str = r"
 local window, share = tonumber(ARGV[1]), tonumber(ARGV[2])
-local cur = current(KEYS[1], now_ms(), window, share)
-redis.call('HSET', cur, unpack(ARGV, 3))
+local cur, n = current(KEYS[1], now_ms(), window, share)
+-- Stored in the generation that holds the key's claim, if one does: a retry waiting on that
+-- claim reads it there (and must find it stored, not take it over).
+for i = 3, #ARGV, 2 do
+  local at = cur
+  for g = n, math.max(0, n - GENS + 1), -1 do
+    local gen = KEYS[1] .. ':' .. g
+    if redis.call('HEXISTS', gen, ARGV[i]) == 1 then
+      at = gen
+      break
+    end
+  end
+  redis.call('HSET', at, ARGV[i], ARGV[i + 1])
+end
 keep(cur, window, share)
 return 0
 ";
@@ -359,6 +371,8 @@ pub struct RedisStore {
     slots: Vec<Mutex<Option<MultiplexedConnection>>>,
     next: AtomicUsize,
     timeout: Duration,
+    /// `fault_settle_delay_ms` (tests only).
+    fault_settle_delay: Duration,
     prefix: String,
     /// Since the last failure: when a connection may be tried again, and why it failed.
     down: Mutex<Option<(Instant, String)>>,
@@ -400,6 +414,7 @@ impl RedisStore {
             slots: (0..config.connections).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             timeout: Duration::from_millis(config.timeout_ms),
+            fault_settle_delay: Duration::from_millis(config.fault_settle_delay_ms),
             prefix: config.key_prefix.clone(),
             down: Mutex::new(None),
             instance: instance.unwrap_or_else(|| "-".into()),
@@ -880,6 +895,9 @@ impl RedisStore {
 
     /// Records one group of settlements: one script call per generation and [`CHUNK`] keys.
     async fn settle_group(&self, jobs: Vec<SettleJob>, metrics: &DedupMetrics) {
+        if !self.fault_settle_delay.is_zero() {
+            tokio::time::sleep(self.fault_settle_delay).await;
+        }
         let mut calls: Calls = Vec::new();
         for job in &jobs {
             for (kind, bytes, value) in &job.pairs {
@@ -939,6 +957,11 @@ impl RedisStore {
     }
 
     /// The prefix of every key Sluice writes in this Redis.
+    /// This boot's id (its claims carry it).
+    pub(crate) fn boot(&self) -> &str {
+        &self.boot
+    }
+
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }

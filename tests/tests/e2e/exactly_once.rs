@@ -673,6 +673,87 @@ async fn a_claim_left_by_a_killed_gateway_is_taken_over_once_it_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_events_a_killed_gateway_had_stored_are_found_at_its_restart_not_stored_again() {
+    let tansu = Tansu::start().unwrap();
+    let redis = Redis::start().unwrap();
+    create_topic(&tansu.bootstrap, "orders", 3).await.unwrap();
+    let kafka = kafka_config(&tansu.bootstrap, "");
+    let normal = format!("{kafka}{}", redis_config(&redis, ""));
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("a");
+    // Kafka takes the events at once; their settlement in Redis waits 30 s. Killed in between,
+    // the gateway leaves their keys claimed in Redis with the events in Kafka: the state a
+    // SIGKILL right after Kafka's ack leaves, made certain.
+    let slow = format!(
+        "{kafka}{}",
+        redis_config(&redis, "fault_settle_delay_ms = 30000\n")
+    );
+    let mut a = kafka_start_ready(&data, &slow).await;
+    let batch = json!([
+        {"id": "doubt-1", "key": "x", "value": 1},
+        {"id": "doubt-2", "key": "y", "value": 2},
+    ]);
+    let first = post(&a.events_url("orders"), &batch, None).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let original = positions(&first.body);
+    assert_eq!(
+        read_topic(&tansu.bootstrap, "orders", 2, Duration::from_secs(20))
+            .unwrap()
+            .len(),
+        2
+    );
+    a.kill().unwrap();
+    // The claims were written down before the events were produced.
+    let journal = data.join("dedup-journal");
+    let written: Vec<std::path::PathBuf> = std::fs::read_dir(&journal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let text: String = written
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        text.contains(&format!("i{}", hex(b"doubt-1")))
+            && text.contains(&format!("i{}", hex(b"doubt-2"))),
+        "{text:?}"
+    );
+
+    // Another gateway gets the producer's retry meanwhile: the keys are claimed by a gateway
+    // that is gone, so it waits.
+    let b = kafka_start_ready(&tmp.path().join("b"), &normal).await;
+    let url = b.events_url("orders");
+    let body = batch.clone();
+    let on_b = tokio::spawn(async move { post(&url, &body, None).await });
+    // The killed gateway comes back: it finds its journaled keys in Kafka and marks them
+    // stored before it says it is back, so neither gateway takes the claims over and appends.
+    let a = kafka_start_ready(&data, &normal).await;
+    let on_b = on_b.await.unwrap();
+    let dup: Vec<(u64, u64, bool)> = original.iter().map(|&(p, o, _)| (p, o, true)).collect();
+    assert_eq!(on_b.status, StatusCode::OK, "{:?}", on_b.body);
+    assert_eq!(positions(&on_b.body), dup, "{:?}", on_b.body);
+    let on_a = post(&a.events_url("orders"), &batch, None).await;
+    assert_eq!(positions(&on_a.body), dup, "{:?}", on_a.body);
+    for g in [&a, &b] {
+        let m = g.metrics().await;
+        assert_eq!(
+            metric_or_zero(&m, "sluice_dedup_claims_taken_over_total", ""),
+            0.0
+        );
+    }
+    // Kafka still holds each event once; the last run's journal was read and deleted.
+    let records = read_topic(&tansu.bootstrap, "orders", 2, Duration::from_secs(5)).unwrap();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for p in &written {
+        assert!(!p.exists(), "{} was not deleted", p.display());
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_redis_a_producer_sending_unique_ids_pushes_out_only_its_own_oldest_keys() {
     let redis = Redis::start().unwrap();
     let config = format!(

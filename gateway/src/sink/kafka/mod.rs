@@ -166,6 +166,18 @@ impl KafkaSink {
         self.inner.readers.read(req).await
     }
 
+    /// Every record of `stream` from `from_ms` to its end now, blocking (see
+    /// [`read::Readers::scan`]).
+    pub(crate) fn scan(
+        &self,
+        stream: &str,
+        from_ms: i64,
+        deadline: std::time::Instant,
+        f: impl FnMut(u32, sluice_log::Record),
+    ) -> Result<(), String> {
+        self.inner.readers.scan(stream, from_ms, deadline, f)
+    }
+
     /// Whether the brokers answer and the producer can take events; the reason if not.
     pub fn health(&self) -> Result<(), String> {
         if let Some((code, why)) = self.inner.producer.client().fatal_error() {

@@ -411,6 +411,104 @@ impl Readers {
     }
 }
 
+impl Readers {
+    /// Every record of `stream`'s topic from the first at or after `from_ms` in each partition
+    /// to the partition's end as the fetch reports it now, passed to `f` with its partition
+    /// (blocking; the dedup reconciliation at start, docs/exactly-once.md). A topic that does
+    /// not exist has no records. Fails past `deadline`.
+    pub(crate) fn scan(
+        &self,
+        stream: &str,
+        from_ms: i64,
+        deadline: Instant,
+        mut f: impl FnMut(u32, sluice_log::Record),
+    ) -> Result<(), String> {
+        let topic = topics::topic_name(&self.topic, stream);
+        let consumer = self
+            .config
+            .create::<BaseConsumer>()
+            .map_err(|e| e.to_string())?;
+        let md = consumer
+            .fetch_metadata(Some(&topic), META_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let count = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as i32);
+        if count == 0 {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..count {
+            tpl.add_partition_offset(&topic, p, Offset::Offset(from_ms))
+                .map_err(|e| e.to_string())?;
+        }
+        let found = consumer
+            .offsets_for_times(tpl, META_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        // Partitions with a record at or after the time, from that record on, to their high
+        // watermark as of now.
+        let mut assign = TopicPartitionList::new();
+        let mut open: Vec<(i32, i64)> = Vec::new();
+        for e in found.elements() {
+            if let Offset::Offset(o) = e.offset()
+                && o >= 0
+            {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, e.partition(), META_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                assign
+                    .add_partition_offset(&topic, e.partition(), Offset::Offset(o))
+                    .map_err(|e| e.to_string())?;
+                if o < high {
+                    open.push((e.partition(), high));
+                }
+            }
+        }
+        if assign.count() == 0 {
+            return Ok(());
+        }
+        consumer.assign(&assign).map_err(|e| e.to_string())?;
+        // A partition is read once a record at its high watermark or the fetch's end-of-
+        // partition was seen; then what is still coming is read for a moment more (a broker
+        // that lists the watermark per batch, like Tansu 0.6, may list it short of a batch's
+        // last records, which come in the same fetch). What producers send meanwhile is new,
+        // and not waited for.
+        let mut tail_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if now > deadline {
+                return Err(format!(
+                    "topic `{topic}` was not read to its end in time ({} partitions left)",
+                    open.len()
+                ));
+            }
+            if open.is_empty() {
+                let until = *tail_until.get_or_insert(now + Duration::from_millis(300));
+                if now >= until {
+                    break;
+                }
+            }
+            match consumer.poll(POLL) {
+                None if open.is_empty() => break,
+                None => {}
+                Some(Ok(m)) if m.topic() == topic => {
+                    let (p, o) = (m.partition(), m.offset());
+                    open.retain(|(q, high)| !(*q == p && o + 1 >= *high));
+                    f(p as u32, record_of(&m));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    open.retain(|(q, _)| *q != p)
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How a read's consumer starts: positioned and assigned, or where a parked one was.
 enum Start {
     Fresh,
