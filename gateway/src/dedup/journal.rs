@@ -69,8 +69,14 @@ struct State {
     failing: bool,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Appends `b` to `out` in lowercase hex (a table, not `format!`: this runs per key).
+fn hex_into(out: &mut Vec<u8>, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(b.len() * 2);
+    for x in b {
+        out.push(DIGITS[(x >> 4) as usize]);
+        out.push(DIGITS[(x & 15) as usize]);
+    }
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -164,20 +170,23 @@ impl Journal {
         principal: &[u8],
         keys: impl Iterator<Item = (u8, &'a [u8])>,
     ) {
-        let mut line = format!("{from_ms}\t{stream}\t{}\t{now_ms}", hex(principal));
+        let mut line = Vec::with_capacity(128);
+        line.extend_from_slice(format!("{from_ms}\t{stream}\t").as_bytes());
+        hex_into(&mut line, principal);
+        line.extend_from_slice(format!("\t{now_ms}").as_bytes());
         let mut any = false;
         for (kind, bytes) in keys {
-            line.push('\t');
-            line.push(kind as char);
-            line.push_str(&hex(bytes));
+            line.push(b'\t');
+            line.push(kind);
+            hex_into(&mut line, bytes);
             any = true;
         }
         if !any {
             return;
         }
-        line.push('\n');
+        line.push(b'\n');
         let mut st = self.state.lock().unwrap();
-        let result = self.write(&mut st, line.as_bytes());
+        let result = self.write(&mut st, &line);
         match result {
             Ok(()) => st.failing = false,
             Err(e) if !st.failing => {
