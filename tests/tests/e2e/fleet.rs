@@ -291,7 +291,46 @@ struct Ports {
     mqtt: u16,
 }
 
+/// Starts gateway `i` on ports nobody else holds: fresh ones until it binds them (another test
+/// may take a port between [`free_port`] finding it and the gateway binding it); the HAProxy
+/// configuration is written from the ports that worked.
+fn start_gateway_on_free_ports(
+    tmp: &std::path::Path,
+    i: usize,
+    config: &str,
+    taken: &mut HashSet<u16>,
+) -> (Ports, Sluice) {
+    let mut fresh = || loop {
+        let p = free_port();
+        if taken.insert(p) {
+            break p;
+        }
+    };
+    let mut last = None;
+    for _ in 0..3 {
+        let ports = Ports {
+            http: fresh(),
+            grpc: fresh(),
+            mqtt: fresh(),
+        };
+        match try_start_gateway(tmp, i, &ports, config) {
+            Ok(s) => return (ports, s),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("gateway {i} did not start on free ports: {last:?}");
+}
+
 fn start_gateway(tmp: &std::path::Path, i: usize, ports: &Ports, config: &str) -> Sluice {
+    try_start_gateway(tmp, i, ports, config).unwrap()
+}
+
+fn try_start_gateway(
+    tmp: &std::path::Path,
+    i: usize,
+    ports: &Ports,
+    config: &str,
+) -> anyhow::Result<Sluice> {
     let data = tmp.join(format!("g{i}"));
     let config_path = data.with_extension("toml");
     std::fs::write(&config_path, config).unwrap();
@@ -309,7 +348,6 @@ fn start_gateway(tmp: &std::path::Path, i: usize, ports: &Ports, config: &str) -
             ("SLUICE_MQTT__LISTEN", &m),
         ],
     )
-    .unwrap()
 }
 
 /// Sends events `{protocol}-{n}`, one at a time, each until it is acked, through the balancer
@@ -625,16 +663,10 @@ async fn three_gateways_behind_haproxy_lose_nothing_through_a_sigkill_and_a_roll
         kafka_config(&tansu.bootstrap, ""),
         redis.port
     );
-    let ports: Vec<Ports> = (0..3)
-        .map(|_| Ports {
-            http: free_port(),
-            grpc: free_port(),
-            mqtt: free_port(),
-        })
-        .collect();
-    let mut gateways: Vec<Sluice> = (0..3)
-        .map(|i| start_gateway(tmp.path(), i, &ports[i], &config))
-        .collect();
+    let mut taken = HashSet::new();
+    let (ports, mut gateways): (Vec<Ports>, Vec<Sluice>) = (0..3)
+        .map(|i| start_gateway_on_free_ports(tmp.path(), i, &config, &mut taken))
+        .unzip();
     for g in &gateways {
         assert!(g.wait_readyz(200, sluice_tests::DEADLINE).await);
     }
