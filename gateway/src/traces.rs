@@ -274,22 +274,31 @@ impl Traces {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
-        // The span is created first (its id is what the records carry); links to other
-        // traces are found while the records are marked and added as events cannot be
-        // linked after the start, so they are collected before it.
+        // Events with a context of their own: each parsed once. One in the parent's trace gets
+        // Sluice's context in its place (below); one in another trace keeps its own, and the
+        // span links to it (links are given at the start, so they are found first).
+        let parent_trace = parent_cx
+            .has_active_span()
+            .then(|| parent_cx.span().span_context().trace_id());
         let mut links = Vec::new();
-        let mut any_own = false;
-        let parent_trace = parent_cx.span().span_context().trace_id();
-        for e in &req.events {
-            if let Some(p) = own(e, TRACEPARENT) {
-                any_own = true;
-                if links.len() < MAX_LINKS
-                    && let Some(sc) = self.extract(p, own(e, TRACESTATE).map(|s| &s[..]))
-                    && (!parent_cx.has_active_span() || sc.trace_id() != parent_trace)
-                {
-                    links.push(Link::with_context(sc));
-                }
-            }
+        let mut own_trace: Vec<Option<Option<opentelemetry::trace::TraceId>>> = Vec::new();
+        if req.events.iter().any(|e| own(e, TRACEPARENT).is_some()) {
+            own_trace = req
+                .events
+                .iter()
+                .map(|e| {
+                    let p = own(e, TRACEPARENT)?;
+                    let sc = self.extract(p, own(e, TRACESTATE).map(|s| &s[..]));
+                    let id = sc.as_ref().map(SpanContext::trace_id);
+                    if let Some(sc) = sc
+                        && links.len() < MAX_LINKS
+                        && Some(sc.trace_id()) != parent_trace
+                    {
+                        links.push(Link::with_context(sc));
+                    }
+                    Some(id)
+                })
+                .collect();
         }
         let mut span = self
             .tracer
@@ -320,23 +329,26 @@ impl Traces {
         let state = (!state.is_empty()).then(|| Bytes::from(state));
         let name = Bytes::from_static(TRACEPARENT.as_bytes());
         let state_name = Bytes::from_static(TRACESTATE.as_bytes());
-        if any_own {
-            for e in &mut req.events {
-                let mut has = false;
-                for (k, v) in &mut e.headers {
-                    if k.eq_ignore_ascii_case(TRACEPARENT.as_bytes()) {
-                        has = true;
-                        if self.extract(v, None).map(|o| o.trace_id()) == Some(sc.trace_id()) {
-                            *v = value.clone();
+        if !own_trace.is_empty() {
+            for (e, own_id) in req.events.iter_mut().zip(&own_trace) {
+                match own_id {
+                    // Its own context, in Sluice's trace (the parent's): Sluice's span instead.
+                    Some(Some(id)) if *id == sc.trace_id() => {
+                        for (k, v) in &mut e.headers {
+                            if k.eq_ignore_ascii_case(TRACEPARENT.as_bytes()) {
+                                *v = value.clone();
+                            }
                         }
                     }
-                }
-                if !has {
-                    e.headers.push((name.clone(), value.clone()));
-                    if let Some(s) = &state
-                        && own(e, TRACESTATE).is_none()
-                    {
-                        e.headers.push((state_name.clone(), s.clone()));
+                    // Another trace's, or one that is not W3C: kept as sent.
+                    Some(_) => {}
+                    None => {
+                        e.headers.push((name.clone(), value.clone()));
+                        if let Some(s) = &state
+                            && own(e, TRACESTATE).is_none()
+                        {
+                            e.headers.push((state_name.clone(), s.clone()));
+                        }
                     }
                 }
             }

@@ -825,36 +825,13 @@ async fn read_dedup_keys(log: &Log, config: &Config) -> anyhow::Result<Vec<Resto
                 let mut reader = sluice_log::PartitionReader::from_time(&dir, from)?;
                 let mut newest = std::collections::VecDeque::new();
                 while let Some(r) = reader.next_record()? {
-                    let header = |name: &str| {
-                        r.headers
-                            .iter()
-                            .find(|(k, _)| k == name.as_bytes())
-                            .map(|(_, v)| v.clone())
-                    };
-                    let request_key = header(crate::dedup::IDEMPOTENCY_HEADER);
-                    let mqtt_packet = header(sluice_core::MQTT_PACKET_HEADER);
-                    if r.id.as_ref().is_none_or(Vec::is_empty)
-                        && request_key.is_none()
-                        && mqtt_packet.is_none()
-                    {
+                    let Some(restored) = Restored::of_record(&stream, s, partition, r) else {
                         continue;
-                    }
+                    };
                     if newest.len() == cap {
                         newest.pop_front();
                     }
-                    newest.push_back(Restored {
-                        stream: stream.clone(),
-                        settings: s,
-                        principal: r.principal,
-                        id: r.id,
-                        request_key,
-                        mqtt_packet,
-                        position: crate::dedup::Position {
-                            partition,
-                            offset: Some(r.offset),
-                        },
-                        ts_ms: r.timestamp_ms,
-                    });
+                    newest.push_back(restored);
                 }
                 records.extend(newest);
             }

@@ -642,13 +642,13 @@ pub struct Restored {
     pub ts_ms: i64,
 }
 
-impl journal::Earlier {
-    /// `r`, read back from partition `partition` of `stream`, as a restored key, if it is one
-    /// of the keys earlier boots journaled.
-    pub fn matching(
-        &self,
+impl Restored {
+    /// A record read back from partition `partition` of `stream` (the embedded log at start,
+    /// or Kafka for the journal), if it carries a dedup key at all: an `id`, a request's
+    /// idempotency key or an MQTT packet.
+    pub fn of_record(
         stream: &Arc<str>,
-        settings: &StreamSettings,
+        settings: StreamSettings,
         partition: u32,
         r: sluice_log::Record,
     ) -> Option<Restored> {
@@ -660,24 +660,13 @@ impl journal::Earlier {
         };
         let request_key = header(IDEMPOTENCY_HEADER);
         let mqtt_packet = header(sluice_core::MQTT_PACKET_HEADER);
-        let m = Material::of_record(
-            settings,
-            r.id.as_deref(),
-            request_key.as_deref(),
-            mqtt_packet.as_deref(),
-        )?;
-        let entry = journal::Entry {
-            stream: stream.to_string(),
-            principal: r.principal.clone(),
-            kind: m.kind,
-            bytes: m.bytes.to_vec(),
-        };
-        if !self.keys.contains(&entry) {
+        if r.id.as_ref().is_none_or(Vec::is_empty) && request_key.is_none() && mqtt_packet.is_none()
+        {
             return None;
         }
         Some(Restored {
             stream: stream.clone(),
-            settings: *settings,
+            settings,
             principal: r.principal,
             id: r.id,
             request_key,
@@ -688,6 +677,33 @@ impl journal::Earlier {
             },
             ts_ms: r.timestamp_ms,
         })
+    }
+}
+
+impl journal::Earlier {
+    /// `r`, read back from partition `partition` of `stream`, as a restored key, if it is one
+    /// of the keys earlier boots journaled.
+    pub fn matching(
+        &self,
+        stream: &Arc<str>,
+        settings: &StreamSettings,
+        partition: u32,
+        r: sluice_log::Record,
+    ) -> Option<Restored> {
+        let restored = Restored::of_record(stream, *settings, partition, r)?;
+        let m = Material::of_record(
+            settings,
+            restored.id.as_deref(),
+            restored.request_key.as_deref(),
+            restored.mqtt_packet.as_deref(),
+        )?;
+        let entry = journal::Entry {
+            stream: stream.to_string(),
+            principal: restored.principal.clone(),
+            kind: m.kind,
+            bytes: m.bytes.to_vec(),
+        };
+        self.keys.contains(&entry).then_some(restored)
     }
 }
 

@@ -285,7 +285,7 @@ fn helm_run(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The manifests `helm template` renders with `values`, by kind (one of each kind but Service).
+/// Every manifest `helm template` renders with `values` and `--set` overrides `sets`.
 fn render(values: &str, sets: &[&str]) -> Vec<serde_norway::Value> {
     let mut args = vec!["template", "rel", "sluice", "-f"];
     let path = format!("sluice/{values}");

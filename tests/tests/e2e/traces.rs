@@ -340,16 +340,13 @@ async fn a_collector_that_never_answers_costs_producers_nothing_and_overflow_is_
         assert_eq!(r.status(), 200);
     }
     assert_eq!(records(&s, "hung", 10).await.len(), 10);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let (counted, last) = loop {
+    let counted = wait_until(WAIT, || async {
         let m = s.metrics().await;
-        let done = metric_or_zero(&m, "sluice_trace_spans_total", "result=\"failed\"") >= 4.0
-            && metric_or_zero(&m, "sluice_trace_spans_total", "result=\"dropped\"") >= 1.0;
-        if done || tokio::time::Instant::now() > deadline {
-            break (done, m);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        metric_or_zero(&m, "sluice_trace_spans_total", "result=\"failed\"") >= 4.0
+            && metric_or_zero(&m, "sluice_trace_spans_total", "result=\"dropped\"") >= 1.0
+    })
+    .await;
+    let last = s.metrics().await;
     assert!(counted, "{last}");
     assert_eq!(
         metric_or_zero(&last, "sluice_trace_spans_total", "result=\"exported\""),
