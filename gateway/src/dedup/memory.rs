@@ -3,16 +3,19 @@
 //! window (`dedup.max_entries`), oldest first in each, and by time (`dedup_window_ms`).
 //!
 //! Keys are 128-bit digests: 64 bits of SipHash under a key chosen at random at start (which
-//! places the key in the table, so a producer cannot aim its keys at one spot of it) and 64 bits
+//! places the key in a table, so a producer cannot aim its keys at one spot of it) and 64 bits
 //! of foldhash seeded per stream and principal from a second random SipHash key (so a producer
-//! cannot make two of its keys collide without colliding both), and every entry costs the same:
-//! 40 bytes in the table (the
-//! digest, a sequence number, the owner's index and the position) plus 32 in each of two FIFOs.
-//! The table is where the time goes (a cache miss per lookup once it outgrows the caches), so
-//! its slots are kept small: the (stream, principal) owning a key is an index into a table of
-//! owners, and the channel a retry waits on exists only while one waits. The window is rebuilt
-//! at start from the embedded log, which stores each event's id, its principal and (as
-//! headers) its request or packet key, so a restart — even SIGKILL — keeps it.
+//! cannot make two of its keys collide without colliding both). Each (stream, principal) owns
+//! its keys: a FIFO of entries (digest and the original's position, 32 bytes) numbered
+//! consecutively, and two generations of tables from digest to entry number (24-byte slots).
+//! The tables are where the time goes (a cache miss per new key once they outgrow the
+//! caches), so nothing else touches them: a request's answers are written into its consecutive
+//! entries, an eviction only moves a FIFO's front, and the tables' garbage goes a generation
+//! at a time ([`Owner`]). Each stream keeps a FIFO of its owners' entries (24 bytes each) for
+//! its window and its expiry. The channel a retry waits on exists only while one waits. The
+//! window is rebuilt at start from the embedded log, which stores each event's id, its
+//! principal and (as headers) its request or packet key, so a restart — even SIGKILL — keeps
+//! it.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
@@ -59,7 +62,8 @@ impl Hasher for DigestHasher {
     }
 }
 
-type Map = HashMap<Key, Slot, BuildHasherDefault<DigestHasher>>;
+/// An owner's keys: the number of each one's entry.
+type Map = HashMap<Key, u64, BuildHasherDefault<DigestHasher>>;
 
 /// FNV-1a for the tables of stream and principal names: short strings, looked up once per
 /// request or per removal; their number is bounded (`streams.max_streams`, authenticated
@@ -86,67 +90,123 @@ impl Hasher for Fnv {
 
 type Names<V> = HashMap<Arc<str>, V, BuildHasherDefault<Fnv>>;
 
-/// A claimed key: its digest and the sequence number of its slot.
-pub(crate) struct Token(Key, u64);
+/// A claimed key: its owner and its number there.
+pub(crate) struct Token {
+    owner: u32,
+    seq: u64,
+}
 
 /// `partition` of a key whose original is still in flight.
 const PENDING: u32 = u32::MAX;
+/// `partition` of a key released (its original failed): it answers nothing.
+const RELEASED: u32 = u32::MAX - 1;
 /// `offset` of an event acked on receipt (no offset yet).
 const NO_OFFSET: u64 = u64::MAX;
 
-struct Slot {
-    seq: u64,
-    /// Index into [`Inner::owners`].
-    owner: u32,
-    /// The original's position; [`PENDING`] while it is in flight.
+/// A key in its owner's FIFO, with what its retries are answered.
+struct Held {
+    key: Key,
+    /// The original's partition; [`PENDING`] while it is in flight, [`RELEASED`] once failed.
     partition: u32,
     offset: u64,
 }
 
-impl Slot {
+impl Held {
     fn position(&self) -> Option<Position> {
-        (self.partition != PENDING).then_some(Position {
+        (self.partition < RELEASED).then_some(Position {
             partition: self.partition,
             offset: (self.offset != NO_OFFSET).then_some(self.offset),
         })
     }
 }
 
-/// Keys in insertion order, with stale entries (keys removed by another path) skipped lazily
-/// and compacted away when they outnumber the live ones.
-#[derive(Default)]
-struct Fifo(VecDeque<(Key, u64, u64)>);
-
-impl Fifo {
-    fn push(&mut self, key: Key, seq: u64, at_ms: u64) {
-        self.0.push_back((key, seq, at_ms));
-    }
-
-    fn compact(&mut self, live: usize, map: &Map) {
-        if self.0.len() > 2 * live + 64 {
-            self.0.retain(|(k, s, _)| is_live(map, k, *s));
-        }
-    }
-}
-
-fn is_live(map: &Map, key: &Key, seq: u64) -> bool {
-    map.get(key).is_some_and(|s| s.seq == seq)
+/// An entry of a stream's FIFO: a key's owner, its number there, and when it was put.
+#[derive(Clone, Copy)]
+struct Entry {
+    seq: u64,
+    at_ms: u64,
+    owner: u32,
 }
 
 /// A stream's keys: their FIFO (for its window and its expiry) and its owners by principal.
+/// Entries its owners evicted stay behind until they reach the front (or a compaction).
 #[derive(Default)]
 struct StreamWindow {
-    fifo: Fifo,
+    fifo: VecDeque<Entry>,
     count: usize,
     principals: Names<u32>,
 }
 
-/// One principal's keys on one stream.
+/// One principal's keys on one stream, oldest first, numbered consecutively from `floor`:
+/// the entry numbered `n` is `fifo[n - floor]`. Each counts against the bounds until it is
+/// evicted from the front (a released key too, until its turn). Appends are answered here —
+/// a request's keys are consecutive, so settling them is one sequential write, not a lookup
+/// per key — and an eviction only moves the front, without touching the tables (that lookup
+/// was a cache miss per new key once the window outgrew the caches).
+///
+/// The tables map keys to entry numbers in two generations: `current` holds the keys put
+/// since `gen_start`, `previous` older ones. Slots numbered below `floor` are garbage that
+/// lookups skip; once `floor` passes `gen_start`, all of `previous` is garbage and it is
+/// cleared at once (no lookup per evicted key, no sweep), and `current` becomes `previous`
+/// when it holds at least as many keys as the FIFO. So each table holds at most about the
+/// owner's share of keys. A freed owner's index keeps its `floor`, so a token of its earlier
+/// owner never finds an entry.
 struct Owner {
     stream: Arc<str>,
     principal: Arc<str>,
-    fifo: Fifo,
-    count: usize,
+    fifo: VecDeque<Held>,
+    floor: u64,
+    current: Map,
+    previous: Map,
+    gen_start: u64,
+}
+
+impl Owner {
+    /// The live entry of `key`, if it is in this owner's window.
+    fn get(&self, key: &Key) -> Option<&Held> {
+        // The newest slot of a key is in `current` if it is anywhere there.
+        let seq = self.current.get(key).or_else(|| self.previous.get(key))?;
+        self.held(*seq).filter(|h| h.key == *key)
+    }
+
+    /// Adds a key's entry; returns its number.
+    fn push(&mut self, held: Held) -> u64 {
+        let seq = self.next();
+        self.current.insert(held.key, seq);
+        self.fifo.push_back(held);
+        seq
+    }
+
+    /// Clears `previous` once it holds only garbage, and starts a new generation when
+    /// `current` is at least as large as the window it serves.
+    fn rotate(&mut self) {
+        if self.floor >= self.gen_start && !self.previous.is_empty() {
+            // Keeps its allocation for the next generation, unless the owner's window shrank
+            // (so an owner that once held many keys does not keep their memory).
+            self.previous.clear();
+            if self.previous.capacity() > 2 * self.fifo.len() + 64 {
+                self.previous.shrink_to(self.fifo.len());
+            }
+        }
+        if self.previous.is_empty() && self.current.len() >= self.fifo.len().max(16) {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.gen_start = self.next();
+        }
+    }
+
+    fn held(&self, seq: u64) -> Option<&Held> {
+        self.fifo
+            .get(usize::try_from(seq.checked_sub(self.floor)?).ok()?)
+    }
+
+    fn held_mut(&mut self, seq: u64) -> Option<&mut Held> {
+        self.fifo
+            .get_mut(usize::try_from(seq.checked_sub(self.floor)?).ok()?)
+    }
+
+    fn next(&self) -> u64 {
+        self.floor + self.fifo.len() as u64
+    }
 }
 
 /// Evictions counted under the lock and added to the metric once per call (a counter lookup
@@ -174,16 +234,44 @@ impl Evicted {
     }
 }
 
+type Waiters = HashMap<Key, watch::Sender<Option<Position>>, BuildHasherDefault<DigestHasher>>;
+
 struct Inner {
-    map: Map,
     streams: Names<StreamWindow>,
     /// Owners by index; one without keys is freed by the next sweep (not at once, so an index
     /// a request resolved stays valid while it inserts).
     owners: Vec<Owner>,
     free: Vec<u32>,
     /// The channels retries wait on, for keys in flight that have a waiter.
-    waiters: HashMap<Key, watch::Sender<Option<Position>>, BuildHasherDefault<DigestHasher>>,
-    seq: u64,
+    waiters: Waiters,
+    /// Entries in the owners' FIFOs: what the bounds count.
+    live: usize,
+}
+
+/// Evicts owner `o`'s oldest entry (of stream window `w`) without touching its tables.
+fn evict_front(
+    owners: &mut [Owner],
+    o: u32,
+    w: &mut StreamWindow,
+    waiters: &mut Waiters,
+    live: &mut usize,
+) -> bool {
+    let owner = &mut owners[o as usize];
+    let Some(held) = owner.fifo.pop_front() else {
+        return false;
+    };
+    let seq = owner.floor;
+    owner.floor += 1;
+    *live -= 1;
+    w.count -= 1;
+    if w.fifo.front().is_some_and(|e| e.owner == o && e.seq == seq) {
+        w.fifo.pop_front();
+    }
+    // Its waiters (if it is pending) are told the original failed, as when it is released.
+    if held.partition == PENDING && !waiters.is_empty() {
+        waiters.remove(&held.key);
+    }
+    true
 }
 
 impl Inner {
@@ -196,19 +284,24 @@ impl Inner {
         {
             return o;
         }
-        let owner = Owner {
-            stream: stream.clone(),
-            principal: principal.clone(),
-            fifo: Fifo::default(),
-            count: 0,
-        };
         let o = match self.free.pop() {
             Some(o) => {
-                self.owners[o as usize] = owner;
+                let owner = &mut self.owners[o as usize];
+                owner.stream = stream.clone();
+                owner.principal = principal.clone();
+                owner.gen_start = owner.floor;
                 o
             }
             None => {
-                self.owners.push(owner);
+                self.owners.push(Owner {
+                    stream: stream.clone(),
+                    principal: principal.clone(),
+                    fifo: VecDeque::new(),
+                    floor: 0,
+                    current: Map::default(),
+                    previous: Map::default(),
+                    gen_start: 0,
+                });
                 (self.owners.len() - 1) as u32
             }
         };
@@ -220,103 +313,74 @@ impl Inner {
         o
     }
 
-    /// Removes `key` and its counts; its waiters (if pending) are told the original failed.
-    fn remove(&mut self, key: &Key) -> Option<Slot> {
-        let slot = self.map.remove(key)?;
-        if !self.waiters.is_empty() {
-            self.waiters.remove(key);
-        }
-        let o = &mut self.owners[slot.owner as usize];
-        o.count -= 1;
-        if let Some(w) = self.streams.get_mut(&o.stream) {
-            w.count -= 1;
-        }
-        Some(slot)
-    }
-
-    /// Forgets the oldest live key of a FIFO chosen by `pick`. The key's entry in its other FIFO
-    /// is left to be skipped later, unless it is at that FIFO's front too (as when one principal
-    /// sends all of a stream's keys): then it goes at once, so no stale entry costs a lookup.
-    fn evict_oldest(&mut self, pick: impl Fn(&mut Inner) -> Option<&mut Fifo>) -> bool {
-        loop {
-            let Some(fifo) = pick(self) else {
-                return false;
-            };
-            let Some((k, s, _)) = fifo.0.pop_front() else {
-                return false;
-            };
-            if let Some(slot) = self.remove_if(&k, s) {
-                let o = &mut self.owners[slot.owner as usize];
-                if o.fifo.0.front().is_some_and(|e| e.0 == k && e.1 == s) {
-                    o.fifo.0.pop_front();
-                }
-                if let Some(w) = self.streams.get_mut(&o.stream)
-                    && w.fifo.0.front().is_some_and(|e| e.0 == k && e.1 == s)
-                {
-                    w.fifo.0.pop_front();
-                }
-                return true;
+    /// Releases the entry of `token`: its retries are appended from now on (its place in the
+    /// FIFOs is kept until its turn); its waiters are told the original failed.
+    fn release(&mut self, token: &Token) {
+        if let Some(held) = self.owners[token.owner as usize].held_mut(token.seq) {
+            held.partition = RELEASED;
+            if !self.waiters.is_empty() {
+                self.waiters.remove(&held.key);
             }
         }
     }
 
-    /// Removes `key` if its slot is still the one numbered `seq`.
-    fn remove_if(&mut self, key: &Key, seq: u64) -> Option<Slot> {
-        if is_live(&self.map, key, seq) {
-            self.remove(key)
-        } else {
-            None
-        }
-    }
-
-    /// Forgets the stream's keys older than its window.
-    fn expire(&mut self, stream: &str, now_ms: u64, window_ms: u64, evicted: &mut Evicted) {
-        loop {
-            let Some(w) = self.streams.get_mut(stream) else {
-                return;
-            };
-            let Some(&(k, s, at)) = w.fifo.0.front() else {
-                return;
-            };
-            // Time first: the front is the oldest entry, so if it is young enough nothing here
-            // is expired, and no lookup (a cache miss in a large window) is needed.
-            if at.saturating_add(window_ms) > now_ms {
-                return;
-            }
-            w.fifo.0.pop_front();
-            let Some(slot) = self.map.get(&k).filter(|slot| slot.seq == s) else {
+    /// Evicts the oldest live entry of `stream`.
+    fn evict_stream_oldest(&mut self, stream: &str) -> bool {
+        let Inner {
+            streams,
+            owners,
+            waiters,
+            live,
+            ..
+        } = self;
+        let Some(w) = streams.get_mut(stream) else {
+            return false;
+        };
+        while let Some(e) = w.fifo.front().copied() {
+            if e.seq < owners[e.owner as usize].floor {
+                w.fifo.pop_front();
                 continue;
-            };
-            // A pending key is its original still in flight: it stays until answered.
-            if slot.partition != PENDING {
-                self.remove(&k);
-                evicted.expired += 1;
-            } else {
-                w.fifo.0.push_back((k, s, now_ms));
             }
+            debug_assert_eq!(owners[e.owner as usize].floor, e.seq);
+            return evict_front(owners, e.owner, w, waiters, live);
         }
+        false
     }
 
-    /// Adds `key` for `owner` (of `stream`), making room within the three bounds first.
-    #[allow(clippy::too_many_arguments)]
-    fn insert(
-        &mut self,
-        key: Key,
-        owner: u32,
-        stream: &str,
-        position: Option<Position>,
-        at_ms: u64,
-        s: &StreamSettings,
-        max_entries: usize,
-        evicted: &mut Evicted,
-    ) -> u64 {
-        self.make_room(owner, stream, 1, s, max_entries, evicted);
-        self.put(key, owner, stream, position, at_ms)
+    /// Forgets the stream's keys older than its window. A key still pending (its original in
+    /// flight) stops the expiry until it is answered, so it keeps answering its retries.
+    fn expire(&mut self, stream: &str, now_ms: u64, window_ms: u64, evicted: &mut Evicted) {
+        let Inner {
+            streams,
+            owners,
+            waiters,
+            live,
+            ..
+        } = self;
+        let Some(w) = streams.get_mut(stream) else {
+            return;
+        };
+        while let Some(e) = w.fifo.front().copied() {
+            // The front is the oldest entry: if it is young enough nothing here is expired.
+            if e.at_ms.saturating_add(window_ms) > now_ms {
+                return;
+            }
+            let owner = &owners[e.owner as usize];
+            match owner.held(e.seq) {
+                None => {
+                    w.fifo.pop_front();
+                }
+                Some(h) if h.partition == PENDING => return,
+                Some(_) => {
+                    evict_front(owners, e.owner, w, waiters, live);
+                    evicted.expired += 1;
+                }
+            }
+        }
     }
 
     /// Forgets the oldest keys so that `n` new keys of `owner` (of `stream`) fit within the
-    /// three bounds. A request's evictions run together, before its inserts: each is a lookup
-    /// of a key last touched long ago (a cache miss), and in one loop the misses overlap.
+    /// three bounds. Evictions only move FIFO fronts: no table is read.
     fn make_room(
         &mut self,
         owner: u32,
@@ -327,35 +391,44 @@ impl Inner {
         evicted: &mut Evicted,
     ) {
         let share = usize::try_from(s.dedup_principal_events).unwrap_or(usize::MAX);
-        let over = (self.owners[owner as usize].count + n).saturating_sub(share);
-        for _ in 0..over {
-            if !self.evict_oldest(|w| Some(&mut w.owners[owner as usize].fifo)) {
-                break;
+        let over = (self.owners[owner as usize].fifo.len() + n).saturating_sub(share);
+        if over > 0 {
+            let Inner {
+                streams,
+                owners,
+                waiters,
+                live,
+                ..
+            } = self;
+            let w = streams
+                .get_mut(stream)
+                .expect("an owner's stream has a window");
+            for _ in 0..over {
+                if !evict_front(owners, owner, w, waiters, live) {
+                    break;
+                }
+                evicted.principal_share += 1;
             }
-            evicted.principal_share += 1;
         }
         let window = usize::try_from(s.dedup_window_events).unwrap_or(usize::MAX);
         let stream_count = self.streams.get(stream).map_or(0, |w| w.count);
         for _ in 0..(stream_count + n).saturating_sub(window) {
-            if !self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo)) {
+            if !self.evict_stream_oldest(stream) {
                 break;
             }
             evicted.stream_window += 1;
         }
         // The whole window: this stream's oldest key goes first; a stream holding none takes
         // the place of the oldest key of the stream holding the most.
-        while self.map.len() + n > max_entries {
-            let made_room = self.evict_oldest(|w| w.streams.get_mut(stream).map(|w| &mut w.fifo))
-                || {
-                    let largest = self
-                        .streams
-                        .iter()
-                        .max_by_key(|(_, w)| w.count)
-                        .map(|(name, _)| name.clone());
-                    largest.is_some_and(|name| {
-                        self.evict_oldest(|w| w.streams.get_mut(&name).map(|w| &mut w.fifo))
-                    })
-                };
+        while self.live + n > max_entries {
+            let made_room = self.evict_stream_oldest(stream) || {
+                let largest = self
+                    .streams
+                    .iter()
+                    .max_by_key(|(_, w)| w.count)
+                    .map(|(name, _)| name.clone());
+                largest.is_some_and(|name| self.evict_stream_oldest(&name))
+            };
             if !made_room {
                 break;
             }
@@ -363,7 +436,7 @@ impl Inner {
         }
     }
 
-    /// Adds `key` for `owner` (of `stream`); room was made first.
+    /// Adds `key` for `owner` (of `stream`); room was made first. Its number.
     fn put(
         &mut self,
         key: Key,
@@ -372,49 +445,45 @@ impl Inner {
         position: Option<Position>,
         at_ms: u64,
     ) -> u64 {
-        self.seq += 1;
-        let seq = self.seq;
         let (partition, offset) = match position {
             Some(p) => (p.partition, p.offset.unwrap_or(NO_OFFSET)),
             None => (PENDING, NO_OFFSET),
         };
         let Inner {
-            map,
             owners,
             streams,
+            live,
             ..
         } = self;
-        map.insert(
+        let seq = owners[owner as usize].push(Held {
             key,
-            Slot {
-                seq,
-                owner,
-                partition,
-                offset,
-            },
-        );
-        let o = &mut owners[owner as usize];
-        o.count += 1;
-        o.fifo.push(key, seq, at_ms);
-        o.fifo.compact(o.count, map);
+            partition,
+            offset,
+        });
+        *live += 1;
         let w = streams
             .get_mut(stream)
             .expect("an owner's stream has a window");
         w.count += 1;
-        w.fifo.push(key, seq, at_ms);
-        w.fifo.compact(w.count, map);
+        w.fifo.push_back(Entry { seq, at_ms, owner });
+        // Entries evicted through their owner pile up behind a front another owner holds.
+        if w.fifo.len() > 2 * w.count + 64 {
+            w.fifo.retain(|e| e.seq >= owners[e.owner as usize].floor);
+        }
         seq
     }
 
     /// Frees owners and streams without keys.
     fn free_empty(&mut self) {
         for (i, o) in self.owners.iter_mut().enumerate() {
-            if o.count == 0 && !o.stream.is_empty() {
+            if o.fifo.is_empty() && !o.stream.is_empty() {
                 if let Some(w) = self.streams.get_mut(&o.stream) {
                     w.principals.remove(&o.principal);
                 }
                 o.stream = Arc::from("");
-                o.fifo = Fifo::default();
+                o.fifo = VecDeque::new();
+                o.current = Map::default();
+                o.previous = Map::default();
                 self.free.push(i as u32);
             }
         }
@@ -439,12 +508,11 @@ impl Window {
             .map_or(0, |d| d.as_millis() as u64);
         Self {
             inner: Mutex::new(Inner {
-                map: Map::default(),
                 streams: Names::default(),
                 owners: Vec::new(),
                 free: Vec::new(),
                 waiters: HashMap::default(),
-                seq: 0,
+                live: 0,
             }),
             hashers: (RandomState::new(), RandomState::new()),
             epoch: Instant::now(),
@@ -456,7 +524,6 @@ impl Window {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
-
     /// The digests of keys of one stream and principal: stream, principal identity, kind and
     /// the key's bytes, each length-prefixed so no two tuples share an encoding; the hashers'
     /// state after the stream and the principal is computed once.
@@ -513,16 +580,19 @@ impl Window {
         w.expire(scope.stream, now, s.dedup_window_ms, &mut evicted);
         let owner = w.owner(scope.stream, scope.principal);
         // Three passes: every lookup, then the evictions that make room for the new keys, then
-        // the inserts — so the cache misses of each pass overlap instead of queueing one by one.
+        // the inserts — so the cache misses of the lookups and of the inserts overlap instead
+        // of queueing one by one.
         let mut claims: Vec<Option<Claim>> = Vec::with_capacity(keys.len());
         let mut fresh = 0;
         for (key, m) in digests.iter().zip(keys) {
-            let found = w.map.get(key).map(Slot::position);
+            let found = w.owners[owner as usize]
+                .get(key)
+                .filter(|h| h.partition != RELEASED)
+                .map(Held::position);
             claims.push(match found {
                 // A new MQTT publish reusing a packet id takes the key over from the earlier
                 // publish, once that one is stored.
                 Some(Some(_)) if m.replace => {
-                    w.remove(key);
                     fresh += 1;
                     None
                 }
@@ -556,11 +626,12 @@ impl Window {
             .map(|(claim, key)| {
                 claim.unwrap_or_else(|| {
                     let seq = w.put(key, owner, scope.stream, None, now);
-                    Claim::New(AnyToken::Memory(Token(key, seq)))
+                    Claim::New(AnyToken::Memory(Token { owner, seq }))
                 })
             })
             .collect();
-        metrics.keys.set(w.map.len() as i64);
+        w.owners[owner as usize].rotate();
+        metrics.keys.set(w.live as i64);
         drop(guard);
         evicted.record(metrics);
         claims
@@ -568,36 +639,31 @@ impl Window {
 
     /// Records the outcome of claimed events: an appended event's key now answers its
     /// retries with its position; a failed one's (or one without a receipt) is released.
-    pub(crate) fn settle(
-        &self,
-        claims: Vec<Option<AnyToken>>,
-        receipts: &[Receipt],
-        metrics: &DedupMetrics,
-    ) {
-        let mut w = self.inner.lock().expect("dedup window poisoned");
+    /// A request's keys are consecutive entries of one owner: no table lookups.
+    pub(crate) fn settle(&self, claims: Vec<Option<AnyToken>>, receipts: &[Receipt]) {
+        let mut guard = self.inner.lock().expect("dedup window poisoned");
+        let w = &mut *guard;
         for (i, claim) in claims.into_iter().enumerate() {
-            let Some(AnyToken::Memory(Token(key, seq))) = claim else {
+            let Some(AnyToken::Memory(token)) = claim else {
                 continue;
-            };
-            let Some(slot) = w.map.get_mut(&key).filter(|slot| slot.seq == seq) else {
-                continue; // pushed out of the window meanwhile
             };
             match receipts.get(i).and_then(Position::of) {
                 Some(p) => {
-                    slot.partition = p.partition;
-                    slot.offset = p.offset.unwrap_or(NO_OFFSET);
+                    // None: pushed out of the window meanwhile.
+                    let Some(held) = w.owners[token.owner as usize].held_mut(token.seq) else {
+                        continue;
+                    };
+                    held.partition = p.partition;
+                    held.offset = p.offset.unwrap_or(NO_OFFSET);
                     if !w.waiters.is_empty()
-                        && let Some(tx) = w.waiters.remove(&key)
+                        && let Some(tx) = w.waiters.remove(&held.key)
                     {
                         tx.send_replace(Some(p));
                     }
                 }
-                None => {
-                    w.remove(&key);
-                }
+                None => w.release(&token),
             }
         }
-        metrics.keys.set(w.map.len() as i64);
     }
 
     /// Puts back the key of an event read from the log at start, appended at wall-clock
@@ -624,20 +690,13 @@ impl Window {
         let mut guard = self.inner.lock().expect("dedup window poisoned");
         let w = &mut *guard;
         let mut evicted = Evicted::default();
-        w.remove(&key);
         let owner = w.owner(stream, &principal);
-        w.insert(
-            key,
-            owner,
-            stream,
-            Some(position),
-            at,
-            s,
-            self.max_entries,
-            &mut evicted,
-        );
+        w.make_room(owner, stream, 1, s, self.max_entries, &mut evicted);
+        // A later event with the same key takes the slot over.
+        w.put(key, owner, stream, Some(position), at);
+        w.owners[owner as usize].rotate();
         metrics.restored.inc();
-        metrics.keys.set(w.map.len() as i64);
+        metrics.keys.set(w.live as i64);
         drop(guard);
         evicted.record(metrics);
     }
@@ -652,17 +711,19 @@ impl Window {
             w.expire(&name, now, window_ms(&name), &mut evicted);
         }
         w.free_empty();
-        metrics.keys.set(w.map.len() as i64);
+        for o in &mut w.owners {
+            o.rotate();
+        }
+        metrics.keys.set(w.live as i64);
         drop(w);
         evicted.record(metrics);
     }
 
-    /// Keys in the window.
+    /// Keys in the window (what its bounds count).
     pub(crate) fn len(&self) -> usize {
-        self.inner.lock().expect("dedup window poisoned").map.len()
+        self.inner.lock().expect("dedup window poisoned").live
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::super::Dedup;
@@ -980,5 +1041,122 @@ mod tests {
         sluice_core::apply_idempotency_key(b"batch-1", &mut req.events).unwrap();
         let plan = d.plan(&mut req).await.unwrap();
         assert_eq!(plan.receipts(Vec::new()), vec![dup(8)]);
+    }
+
+    /// Until `n` retries have waited for their originals (a real-time deadline: these tests
+    /// may run on a paused clock).
+    async fn waited(d: &Dedup, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.metrics().waits.get() < n {
+            assert!(std::time::Instant::now() < deadline, "no retry waited");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The embedded window behind `d`.
+    fn window(d: &Dedup) -> &Window {
+        match &d.store {
+            super::super::Store::Memory(w) => w,
+            super::super::Store::Redis(_) => unreachable!("an embedded window"),
+        }
+    }
+
+    #[tokio::test]
+    async fn evicted_keys_leave_the_tables_by_generation_and_answer_nothing() {
+        let share = 1_000;
+        let s = StreamSettings {
+            dedup_principal_events: share,
+            ..settings()
+        };
+        let d = dedup(1_000_000);
+        let ids: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+        let mut largest = 0;
+        for (n, batch) in ids.chunks(100).enumerate() {
+            let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+            let first = 100 * n as u64;
+            assert_eq!(send(&d, "p", s, &batch, first).await, appended(first, 100));
+            let inner = window(&d).inner.lock().unwrap();
+            let o = &inner.owners[0];
+            largest = largest.max(o.current.len() + o.previous.len());
+        }
+        // The window holds the newest share; the tables never held more than two generations
+        // of it (evictions do not touch them: whole generations are cleared).
+        assert_eq!(d.len(), share as usize);
+        assert!(largest <= 2 * share as usize + 100, "{largest}");
+        assert!(
+            largest > share as usize,
+            "{largest}: no garbage was ever kept"
+        );
+        // Evicted keys are garbage in the tables until their generation goes: never answered.
+        assert_eq!(
+            send(&d, "p", s, &["k0", "k18999"], 50_000).await,
+            appended(50_000, 2)
+        );
+        assert_eq!(
+            send(&d, "p", s, &["k19999"], 60_000).await,
+            vec![dup(19_999)]
+        );
+        assert_eq!(
+            d.metrics()
+                .evictions
+                .get_or_create(&EvictLabels {
+                    reason: "principal_share"
+                })
+                .get(),
+            20_002 - share
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_in_flight_outlives_its_window_until_it_is_answered() {
+        let s = StreamSettings {
+            dedup_window_ms: 1_000,
+            ..settings()
+        };
+        let d = dedup(1000);
+        let mut original = request("a", s, &["1"]);
+        let mut plan = d.plan(&mut original).await.unwrap();
+        let tickets = plan.take_tickets();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Another request expires the stream's old keys: "1" is still in flight, so it stays,
+        // and so does the key behind it.
+        send(&d, "a", s, &["2"], 7).await;
+        let d2 = d.clone();
+        let retry = tokio::spawn(async move { send(&d2, "a", s, &["1"], 99).await });
+        waited(&d, 1).await;
+        tickets.settle(&appended(3, 1)).await;
+        assert_eq!(retry.await.unwrap(), vec![dup(3)]);
+        assert_eq!(d.len(), 2);
+        // Once answered, it expires like any other key.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(send(&d, "a", s, &["1", "2"], 20).await, appended(20, 2));
+        assert_eq!(d.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_of_a_freed_owner_does_not_answer_for_the_next_owner_of_its_index() {
+        let s = settings();
+        let d = dedup(1);
+        // "a" claims "x"; "b" pushes it out of the (one key) window before it is answered.
+        let mut original = request("a", s, &["x"]);
+        let mut plan = d.plan(&mut original).await.unwrap();
+        let stale = plan.take_tickets();
+        assert_eq!(send(&d, "b", s, &["y"], 1).await, appended(1, 1));
+        // The sweep frees "a"'s owner; "c" takes its index and claims "z".
+        window(&d).sweep(|_| s.dedup_window_ms, d.metrics());
+        let mut next = request("c", s, &["z"]);
+        let mut plan = d.plan(&mut next).await.unwrap();
+        let tickets = plan.take_tickets();
+        {
+            let inner = window(&d).inner.lock().unwrap();
+            assert_eq!(inner.streams["orders"].principals["c"], 0, "index reused");
+        }
+        // The stale token's answer lands nowhere: "z" is still in flight.
+        stale.settle(&appended(500, 1)).await;
+        let d2 = d.clone();
+        let retry = tokio::spawn(async move { send(&d2, "c", s, &["z"], 99).await });
+        waited(&d, 1).await;
+        tickets.settle(&appended(2, 1)).await;
+        assert_eq!(retry.await.unwrap(), vec![dup(2)]);
     }
 }

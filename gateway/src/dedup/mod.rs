@@ -525,7 +525,7 @@ impl Dedup {
     /// position; a failed one's is released so a retry can append.
     async fn settle(&self, claims: Vec<Option<Token>>, receipts: &[Receipt]) {
         match &self.store {
-            Store::Memory(w) => w.settle(claims, receipts, &self.metrics),
+            Store::Memory(w) => w.settle(claims, receipts),
             Store::Redis(r) => r.settle(claims, receipts, &self.metrics).await,
         }
     }
@@ -536,7 +536,7 @@ impl Dedup {
             return;
         }
         match &self.store {
-            Store::Memory(w) => w.settle(claims, &[], &self.metrics),
+            Store::Memory(w) => w.settle(claims, &[]),
             Store::Redis(_) => {
                 let d = self.clone();
                 tokio::spawn(async move {
