@@ -92,6 +92,18 @@ impl Table {
         }
     }
 
+    /// Reads the home slot of each key, so the lookups that follow find them in the cache: a
+    /// loop this short keeps many cache misses in flight at once, where the lookups (longer,
+    /// branchy) would wait for them one or two at a time.
+    fn touch(&self, keys: &[Key]) -> u64 {
+        if self.len == 0 {
+            return 0;
+        }
+        let mask = self.slots.len() - 1;
+        keys.iter()
+            .fold(0, |acc, k| acc ^ self.slots[k.0[0] as usize & mask].1)
+    }
+
     fn get(&self, key: &Key) -> Option<u64> {
         if self.len == 0 {
             return None;
@@ -655,9 +667,11 @@ impl Window {
         let mut evicted = Evicted::default();
         w.expire(scope.stream, now, s.dedup_window_ms, &mut evicted);
         let owner = w.owner(scope.stream, scope.principal);
-        // Three passes: every lookup, then the evictions that make room for the new keys, then
-        // the inserts — so the cache misses of the lookups and of the inserts overlap instead
-        // of queueing one by one.
+        // Four passes: the home slots of every key are read in both tables, then every lookup,
+        // then the evictions that make room for the new keys, then the inserts — so the cache
+        // misses overlap instead of queueing one by one.
+        let o = &w.owners[owner as usize];
+        std::hint::black_box(o.current.touch(&digests) ^ o.previous.touch(&digests));
         let mut claims: Vec<Option<Claim>> = Vec::with_capacity(keys.len());
         let mut fresh = 0;
         for (key, m) in digests.iter().zip(keys) {
