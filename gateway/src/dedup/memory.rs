@@ -114,7 +114,8 @@ impl Table {
 
     fn insert(&mut self, key: Key, seq: u64) {
         if 5 * (self.len + 1) > 4 * self.slots.len() {
-            self.resize((2 * self.slots.len()).max(16));
+            // From 4 slots: a device holding a key or two costs 96 bytes of table, not more.
+            self.resize((2 * self.slots.len()).max(4));
         }
         let i = self.find(&key);
         if self.slots[i].1 == EMPTY {
@@ -1282,5 +1283,17 @@ mod tests {
         t.clear(16);
         assert!(t.is_empty() && t.slots.is_empty());
         assert_eq!(t.get(&keys[1]), None);
+    }
+    #[tokio::test]
+    async fn a_producer_holding_one_key_costs_a_table_of_four_slots() {
+        let d = dedup(1_000_000);
+        for p in 0..1_000 {
+            send(&d, &format!("device-{p}"), settings(), &["1"], p).await;
+        }
+        let inner = window(&d).inner.lock().unwrap();
+        assert_eq!(inner.owners.len(), 1_000);
+        for o in &inner.owners {
+            assert_eq!((o.current.slots.len(), o.previous.slots.len()), (4, 0));
+        }
     }
 }
