@@ -229,6 +229,21 @@ struct StreamWindow {
     principals: Names<u32>,
 }
 
+impl StreamWindow {
+    /// The oldest entry not evicted yet (those evicted through their owner are dropped here):
+    /// its owner's oldest entry too.
+    fn front(&mut self, owners: &[Owner]) -> Option<Entry> {
+        while let Some(e) = self.fifo.front().copied() {
+            if e.seq >= owners[e.owner as usize].floor {
+                debug_assert_eq!(owners[e.owner as usize].floor, e.seq);
+                return Some(e);
+            }
+            self.fifo.pop_front();
+        }
+        None
+    }
+}
+
 /// One principal's keys on one stream, oldest first, numbered consecutively from `floor`:
 /// the entry numbered `n` is `fifo[n - floor]`. Each counts against the bounds until it is
 /// evicted from the front (a released key too, until its turn). Appends are answered here —
@@ -425,15 +440,8 @@ impl Inner {
         let Some(w) = streams.get_mut(stream) else {
             return false;
         };
-        while let Some(e) = w.fifo.front().copied() {
-            if e.seq < owners[e.owner as usize].floor {
-                w.fifo.pop_front();
-                continue;
-            }
-            debug_assert_eq!(owners[e.owner as usize].floor, e.seq);
-            return evict_front(owners, e.owner, w, waiters, live);
-        }
-        false
+        w.front(owners)
+            .is_some_and(|e| evict_front(owners, e.owner, w, waiters, live))
     }
 
     /// Forgets the stream's keys older than its window. A key still pending (its original in
@@ -449,22 +457,17 @@ impl Inner {
         let Some(w) = streams.get_mut(stream) else {
             return;
         };
-        while let Some(e) = w.fifo.front().copied() {
+        while let Some(e) = w.front(owners) {
             // The front is the oldest entry: if it is young enough nothing here is expired.
-            if e.at_ms.saturating_add(window_ms) > now_ms {
+            if e.at_ms.saturating_add(window_ms) > now_ms
+                || owners[e.owner as usize]
+                    .held(e.seq)
+                    .is_some_and(|h| h.partition == PENDING)
+            {
                 return;
             }
-            let owner = &owners[e.owner as usize];
-            match owner.held(e.seq) {
-                None => {
-                    w.fifo.pop_front();
-                }
-                Some(h) if h.partition == PENDING => return,
-                Some(_) => {
-                    evict_front(owners, e.owner, w, waiters, live);
-                    evicted.expired += 1;
-                }
-            }
+            evict_front(owners, e.owner, w, waiters, live);
+            evicted.expired += 1;
         }
     }
 
