@@ -220,7 +220,8 @@ impl DedupMetrics {
 /// A claimed key, for the store that holds it.
 pub(crate) enum Token {
     Memory(memory::Token),
-    Redis(redis::Token),
+    // Boxed: the embedded window's tokens (16 bytes) are what a batch moves around most.
+    Redis(Box<redis::Token>),
 }
 
 /// What a claimed key turned out to be.
@@ -236,7 +237,7 @@ pub(crate) enum Claim {
 /// How to wait for an original in flight.
 pub(crate) enum Waiter {
     Memory(tokio::sync::watch::Receiver<Option<Position>>),
-    Redis(redis::Held),
+    Redis(Box<redis::Held>),
 }
 
 /// The store behind the window.
@@ -399,9 +400,22 @@ impl Dedup {
         };
         // Per event: the index of its claim in `held`, or the original's position.
         let mut outcome: Vec<Option<Result<usize, Position>>> = vec![None; materials.len()];
+        // New and stored keys first, without an await between them (the common case stays out
+        // of this future's state); then the retries whose originals are in flight, one by one.
+        let mut waiting = Vec::new();
         for ((i, m), claim) in unique.iter().zip(claims) {
+            match claim {
+                Claim::New(t) => {
+                    held.claims.push(Some(t));
+                    outcome[*i] = Some(Ok(held.claims.len() - 1));
+                }
+                Claim::Done(p) => outcome[*i] = Some(Err(p)),
+                wait @ Claim::Wait(_) => waiting.push((*i, *m, wait)),
+            }
+        }
+        for (i, m, claim) in waiting {
             let mut claim = claim;
-            outcome[*i] = Some(loop {
+            outcome[i] = Some(loop {
                 match claim {
                     Claim::New(t) => {
                         held.claims.push(Some(t));
@@ -415,7 +429,7 @@ impl Dedup {
                             // The original failed (its claim was released): claim again.
                             Ok(None) => {
                                 claim = self
-                                    .claim(&scope, &[*m], None)
+                                    .claim(&scope, &[m], None)
                                     .await?
                                     .pop()
                                     .expect("one claim per key");

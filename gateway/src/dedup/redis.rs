@@ -607,17 +607,19 @@ impl RedisStore {
         let mut claims = Vec::with_capacity(keys.len());
         for ((m, f), bytes) in keys.iter().zip(found).zip(owned) {
             claims.push(match f.value {
-                None => Claim::New(AnyToken::Redis(Token {
+                None => Claim::New(AnyToken::Redis(Box::new(Token {
                     generation: f.generation,
                     kind: m.kind,
                     bytes,
                     claim: f.claim,
-                })),
+                }))),
                 Some(v) => match parse(&String::from_utf8_lossy(&v)) {
                     Some(p) => Claim::Done(p),
                     // Pending: wait where the lookup found it (the newest generation holding
                     // the key).
-                    None => Claim::Wait(Waiter::Redis(self.locate(&base, m, &v, metrics).await?)),
+                    None => Claim::Wait(Waiter::Redis(Box::new(
+                        self.locate(&base, m, &v, metrics).await?,
+                    ))),
                 },
             });
         }
@@ -726,12 +728,12 @@ impl RedisStore {
                         self.query(&pipe, "wait", metrics).await.map_err(|_| ())?;
                     if let Some(claim) = taken {
                         metrics.taken_over.inc();
-                        return Ok(Some(Claim::New(AnyToken::Redis(Token {
+                        return Ok(Some(Claim::New(AnyToken::Redis(Box::new(Token {
                             generation: held.generation.clone(),
                             kind: held.kind,
                             bytes: held.bytes.clone(),
                             claim: Arc::from(claim),
-                        }))));
+                        })))));
                     }
                     continue;
                 }
@@ -1199,12 +1201,12 @@ impl RedisStore {
                         orphans.extend(job.keys.into_iter().zip(found).filter_map(
                             |((kind, bytes, _), f)| {
                                 f.value.is_none().then(|| {
-                                    Some(AnyToken::Redis(Token {
+                                    Some(AnyToken::Redis(Box::new(Token {
                                         generation: f.generation,
                                         kind,
                                         bytes,
                                         claim: f.claim,
-                                    }))
+                                    })))
                                 })
                             },
                         ));
