@@ -428,8 +428,11 @@ impl Inner {
         }
     }
 
-    /// Evicts the oldest live entry of `stream`.
-    fn evict_stream_oldest(&mut self, stream: &str) -> bool {
+    /// The window of `stream`, with what evicting from it needs.
+    fn evicting(
+        &mut self,
+        stream: &str,
+    ) -> Option<(&mut StreamWindow, &mut [Owner], &mut Waiters, &mut usize)> {
         let Inner {
             streams,
             owners,
@@ -437,7 +440,12 @@ impl Inner {
             live,
             ..
         } = self;
-        let Some(w) = streams.get_mut(stream) else {
+        Some((streams.get_mut(stream)?, owners, waiters, live))
+    }
+
+    /// Evicts the oldest live entry of `stream`.
+    fn evict_stream_oldest(&mut self, stream: &str) -> bool {
+        let Some((w, owners, waiters, live)) = self.evicting(stream) else {
             return false;
         };
         w.front(owners)
@@ -447,14 +455,7 @@ impl Inner {
     /// Forgets the stream's keys older than its window. A key still pending (its original in
     /// flight) stops the expiry until it is answered, so it keeps answering its retries.
     fn expire(&mut self, stream: &str, now_ms: u64, window_ms: u64, evicted: &mut Evicted) {
-        let Inner {
-            streams,
-            owners,
-            waiters,
-            live,
-            ..
-        } = self;
-        let Some(w) = streams.get_mut(stream) else {
+        let Some((w, owners, waiters, live)) = self.evicting(stream) else {
             return;
         };
         while let Some(e) = w.front(owners) {
@@ -485,15 +486,8 @@ impl Inner {
         let share = usize::try_from(s.dedup_principal_events).unwrap_or(usize::MAX);
         let over = (self.owners[owner as usize].fifo.len() + n).saturating_sub(share);
         if over > 0 {
-            let Inner {
-                streams,
-                owners,
-                waiters,
-                live,
-                ..
-            } = self;
-            let w = streams
-                .get_mut(stream)
+            let (w, owners, waiters, live) = self
+                .evicting(stream)
                 .expect("an owner's stream has a window");
             for _ in 0..over {
                 if !evict_front(owners, owner, w, waiters, live) {

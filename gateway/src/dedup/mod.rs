@@ -185,7 +185,7 @@ impl DedupMetrics {
         );
         registry.register(
             "dedup_keys",
-            "Keys in the embedded dedup window (pending and done)",
+            "Keys in the embedded dedup window, as its bounds count them (pending, stored, and released until their turn)",
             self.keys.clone(),
         );
         registry.register(
