@@ -478,30 +478,13 @@ impl Dedup {
             claims: Vec::with_capacity(events.len()),
         };
         let mut answers = Vec::with_capacity(events.len());
-        // The common case: every event goes on, and the request keeps its events where they are
-        // (an event is large enough for moving each one to show in a profile).
-        if same.iter().all(Option::is_none) && !outcome.iter().any(|o| matches!(o, Some(Err(_)))) {
-            for (i, o) in outcome.iter().enumerate() {
-                answers.push(Answer::Append(i));
-                tickets.claims.push(match o {
-                    Some(Ok(k)) => held.claims[*k].take(),
-                    _ => None,
-                });
-            }
-            req.events = events;
-            return Ok(Plan {
-                answers,
-                tickets,
-                spooled: s.ack == sluice_config::AckMode::Spooled,
-            });
-        }
-        let mut kept = Vec::with_capacity(events.len());
-        for (i, e) in events.drain(..).enumerate() {
+        let mut kept = 0;
+        for (i, o) in outcome.iter().enumerate() {
             if let Some(j) = same[i] {
                 answers.push(Answer::Same(j));
                 continue;
             }
-            let claim = match outcome[i] {
+            let claim = match *o {
                 Some(Err(p)) => {
                     answers.push(Answer::Duplicate(p));
                     continue;
@@ -509,11 +492,17 @@ impl Dedup {
                 Some(Ok(k)) => held.claims[k].take(),
                 None => None,
             };
-            answers.push(Answer::Append(kept.len()));
+            answers.push(Answer::Append(kept));
             tickets.claims.push(claim);
-            kept.push(e);
+            kept += 1;
         }
-        req.events = kept;
+        // The events that go on stay where they are (when all do, as usual, none moves: an
+        // event is large enough for moving each one to show in a profile).
+        if kept < events.len() {
+            let mut goes_on = answers.iter().map(|a| matches!(a, Answer::Append(_)));
+            events.retain(|_| goes_on.next() == Some(true));
+        }
+        req.events = events;
         Ok(Plan {
             answers,
             tickets,
